@@ -1,0 +1,614 @@
+"""Collapse, utilization and entropy indicators for one routed MoE layer.
+
+Pure functions on numpy arrays: no torch, no streamlit, no file I/O.
+
+Shapes, for one layer and T routed positions over E experts with top-k routing:
+
+* ``logits``   float [T, E]  router logits over all experts
+* ``probs``    float [T, E]  ``softmax(logits)``
+* ``topk_ids`` int   [T, k]  chosen experts, column 0 the top-1 (``torch.topk`` sorts by default)
+* ``combine``  float [T, E]  weights actually applied to each expert's output (dense, 0 where unused)
+
+``topk_ids`` says what the router chose; ``combine`` says what the layer really did with it.
+They agree for the standard gate (softmax, top-k, renormalise over the k) but not for the
+published MMoE ``SwitchGate`` (``gate="mmoe_reference"``), whose ``scatter_`` along the sequence
+axis leaves many positions with no weight at all, puts weight on experts outside the top-k and never
+weights the experts whose id is >= k.  Both views are reported so that this stays visible.
+
+Entropies and mutual information are in nats.  ``layer_summary`` gathers every scalar indicator
+of a layer into a JSON-friendly dict; ``verdict`` turns a summary into
+("healthy" | "warning" | "collapsed", a reason that quotes the numbers) using ``THRESHOLDS``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import logsumexp
+from scipy.special import softmax as _scipy_softmax
+from scipy.stats import entropy as _entropy
+from sklearn.metrics import mutual_info_score, normalized_mutual_info_score
+
+__all__ = [
+    "THRESHOLDS",
+    "Thresholds",
+    "batch_dependence",
+    "co_selection",
+    "cross_layer_pairs",
+    "dead_experts",
+    "effective_experts",
+    "effective_experts_ratio",
+    "experts_never_weighted",
+    "gini",
+    "importance",
+    "layer_summary",
+    "load_cv",
+    "load_fraction",
+    "marginal_entropy",
+    "max_load_ratio",
+    "mean_token_entropy",
+    "nearly_dead_experts",
+    "router_confidence",
+    "router_z_loss",
+    "softmax",
+    "specialisation",
+    "specialisation_vs_shuffled",
+    "summaries_by_slice",
+    "switch_balance_loss",
+    "token_entropy",
+    "top1",
+    "unrouted_positions",
+    "verdict",
+    "weight_share",
+    "weighted_outside_topk",
+]
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Every threshold the verdict uses, in one place.
+
+    The verdict is k-aware: under top-k routing each position picks k *distinct* experts, so an
+    expert can hold at most 1/k of the routing slots, the max-load ratio is at most E/k and the
+    load CV at most sqrt(E/k - 1).  Absolute limits that make sense for top-1 would never fire
+    for top-3 of 4 (max-load ratio can never exceed 1.33 there), so the load limits are
+    "the absolute limit, or a fraction of the way to what top-k allows, whichever is stricter".
+
+    Numbers below are quoted for the families the dashboard serves (E = 4, k = 1..3).
+    """
+
+    nearly_dead_share: float = 0.1
+    """An expert is *nearly dead* when 0 < f_i < nearly_dead_share / E, i.e. it receives less
+    than a tenth of its fair share of routing slots: it barely trains and barely contributes."""
+
+    unused_experts_collapse: float = 0.5
+    """Collapsed when at least this fraction of the E experts does no work (dead, nearly dead
+    or never weighted): half the layer's capacity is wasted and routing degenerates to a choice
+    among the few survivors.  This is why "two experts of four take everything" is *collapsed*.
+    With top-3 of 4 at most one expert can be dead, so there a dead expert stays a warning."""
+
+    dominant_share_collapse: float = 0.9
+    """Collapsed when one expert takes at least this share of the routing slots (only possible
+    for top-1: with k >= 2 no expert can hold more than 1/k of the slots) or of the total combine
+    weight (possible for any k: the renormalised weights concentrate on one expert even when
+    top-k must name k of them).  At 90% the other experts only see a sliver of the data."""
+
+    effective_spread_collapse: float = 0.2
+    """Collapsed when the effective number of experts exp(H(P)) sits in the bottom 20% of its
+    range [1, E], i.e. (eff - 1) / (E - 1) <= 0.2.  For E = 4 this is eff <= 1.6, the
+    effective_experts_ratio <= 0.4 of the design notes: the mean router distribution is closer
+    to one expert than to two.  Measured on the span [1, E] rather than the ratio eff/E so that
+    it can fire for E = 2 too (eff/E can never be below 1/2 there)."""
+
+    effective_spread_warning: float = 2.0 / 3.0
+    """Warning when (eff - 1) / (E - 1) < 2/3; for E = 4 that is fewer than 3 effective experts
+    (effective_experts_ratio < 0.75): one or more experts get clearly less router mass."""
+
+    load_cv_warning: float = 0.5
+    """Warning when the load CV (std / mean of f) exceeds 0.5 ..."""
+
+    load_cv_warning_of_max: float = 0.5
+    """... or half of the largest CV top-k allows, sqrt(E/k - 1), whichever is smaller.
+    For top-1 of 4 the limit is 0.5 (about one expert with twice its share); for top-3 of 4 it
+    is 0.29, since there the CV cannot exceed 0.58 at all."""
+
+    max_load_ratio_warning: float = 2.0
+    """Warning when the busiest expert gets more than twice its fair share of slots ..."""
+
+    max_load_excess_warning: float = 0.5
+    """... or is more than half-way from balanced (ratio 1) to what top-k allows (ratio E/k),
+    whichever is smaller.  Top-1 of 4: ratio > 2; top-2 of 4: > 1.5 (chosen by 75% of positions
+    instead of 50%); top-3 of 4: > 1.17 (chosen by 88% instead of 75%)."""
+
+    unrouted_collapse: float = 0.5
+    """Collapsed when at least half of the positions get no expert output at all (all-zero
+    combine row): the layer is mostly a pass-through, whatever the router says."""
+
+    unrouted_warning: float = 0.0
+    """Warning when any position is unrouted: the standard gate never does this, so any
+    occurrence means the gate differs from what top-k reports."""
+
+    outside_topk_warning: float = 0.0
+    """Warning when any position puts combine weight on an expert outside its top-k: the
+    routing shown by top-k ids is then not the routing that was applied."""
+
+    min_slots_per_expert: float = 5.0
+    """Below this many routing slots per expert (T * k / E), a note says the numbers rest on too
+    few positions (dead experts are expected by chance).  The note does not change the verdict."""
+
+
+THRESHOLDS = Thresholds()
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Router probabilities: softmax over the expert axis (last)."""
+    return _scipy_softmax(np.asarray(logits, dtype=np.float64), axis=-1)
+
+
+def top1(topk_ids: np.ndarray) -> np.ndarray:
+    """Top-1 expert per position: column 0 of ``topk_ids`` (or the array itself if 1-D)."""
+    ids = np.asarray(topk_ids)
+    return ids if ids.ndim == 1 else ids[:, 0]
+
+
+def _as_topk(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
+    ids = np.asarray(topk_ids)
+    if ids.ndim == 1:
+        ids = ids[:, None]
+    if ids.ndim != 2:
+        raise ValueError(f"topk_ids must be [T, k], got shape {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= num_experts):
+        # Dropped tokens are sometimes marked -1; they are not routing slots of any expert.
+        raise ValueError(f"topk_ids must lie in [0, {num_experts}), got {ids.min()}..{ids.max()}")
+    return ids.astype(np.int64, copy=False)
+
+
+def load_fraction(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """f_i: share of the T*k routing slots given to expert i (sums to 1; zeros if T = 0)."""
+    ids = _as_topk(topk_ids, num_experts)
+    counts = np.bincount(ids.ravel(), minlength=num_experts).astype(np.float64)
+    return counts / counts.sum() if counts.sum() else counts
+
+
+def importance(probs: np.ndarray) -> np.ndarray:
+    """P_i: mean router probability of expert i over positions."""
+    return np.asarray(probs, dtype=np.float64).mean(axis=0)
+
+
+def switch_balance_loss(f: np.ndarray, P: np.ndarray) -> float:
+    """Switch Transformer balance loss E * sum_i f_i P_i; 1 when balanced, E when collapsed.
+
+    f here is the share of *slots* (sums to 1 for any k), so no extra 1/k is needed for top-k.
+    Implementations that count f as the share of *positions* choosing i (sums to k, e.g. Hugging
+    Face's Mixtral loss) give k at balance and must be divided by k to compare.
+    """
+    f, P = np.asarray(f, dtype=np.float64), np.asarray(P, dtype=np.float64)
+    return float(len(f) * np.sum(f * P))
+
+
+def router_z_loss(logits: np.ndarray) -> float:
+    """ST-MoE router z-loss: mean over positions of logsumexp(logits)^2."""
+    return float(np.mean(logsumexp(np.asarray(logits, dtype=np.float64), axis=-1) ** 2))
+
+
+# --------------------------------------------------------------------------- entropy
+
+
+def token_entropy(probs: np.ndarray) -> np.ndarray:
+    """H(p) per position (nats): how undecided the router is for that position."""
+    return _entropy(np.asarray(probs, dtype=np.float64), axis=-1)
+
+
+def mean_token_entropy(probs: np.ndarray, normalised: bool = False) -> float:
+    """Mean per-position entropy; with ``normalised`` divided by log E (1 = uniform router)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    mean = float(np.mean(token_entropy(probs)))
+    if not normalised:
+        return mean
+    num_experts = probs.shape[-1]
+    return mean / math.log(num_experts) if num_experts > 1 else 0.0
+
+
+def marginal_entropy(P: np.ndarray) -> float:
+    """H(P) of the mean routing distribution (nats): log E when balanced, 0 when collapsed."""
+    return float(_entropy(np.asarray(P, dtype=np.float64)))
+
+
+def effective_experts(P: np.ndarray) -> float:
+    """exp(H(P)): how many equally used experts would give the same marginal entropy."""
+    return float(math.exp(marginal_entropy(P)))
+
+
+def effective_experts_ratio(P: np.ndarray) -> float:
+    """exp(H(P)) / E: 1 when uniform, 1/E when all router mass is on one expert."""
+    return effective_experts(P) / len(P)
+
+
+# --------------------------------------------------------------------------- load shape
+
+
+def load_cv(f: np.ndarray) -> float:
+    """Coefficient of variation std(f) / mean(f) (population std); 0 when balanced."""
+    f = np.asarray(f, dtype=np.float64)
+    mean = f.mean()
+    return float(f.std() / mean) if mean > 0 else 0.0
+
+
+def max_load_ratio(f: np.ndarray) -> float:
+    """max_i f_i / (1/E): 1 when balanced, at most E/k under top-k."""
+    f = np.asarray(f, dtype=np.float64)
+    return float(f.max() * len(f))
+
+
+def dead_experts(f: np.ndarray) -> list[int]:
+    """Experts that receive no routing slot at all."""
+    return [int(i) for i in np.flatnonzero(np.asarray(f) == 0)]
+
+
+def nearly_dead_experts(f: np.ndarray, share: float = THRESHOLDS.nearly_dead_share) -> list[int]:
+    """Experts with 0 < f_i < share / E (default: under a tenth of their fair share)."""
+    f = np.asarray(f, dtype=np.float64)
+    return [int(i) for i in np.flatnonzero((f > 0) & (f < share / len(f)))]
+
+
+def gini(f: np.ndarray) -> float:
+    """Gini coefficient of the load: 0 when balanced, (E-1)/E when one expert takes all."""
+    x = np.sort(np.asarray(f, dtype=np.float64))
+    n, total = len(x), x.sum()
+    if n == 0 or total == 0:
+        return 0.0
+    rank = np.arange(1, n + 1)
+    return float(2.0 * np.sum(rank * x) / (n * total) - (n + 1) / n)
+
+
+def router_confidence(probs: np.ndarray) -> tuple[float, float]:
+    """(mean top-1 probability, mean gap between top-1 and top-2 probability)."""
+    probs = np.sort(np.asarray(probs, dtype=np.float64), axis=-1)
+    first = probs[:, -1]
+    second = probs[:, -2] if probs.shape[1] > 1 else np.zeros_like(first)
+    return float(first.mean()), float((first - second).mean())
+
+
+# --------------------------------------------------------------------------- co-selection
+
+
+def co_selection(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """E x E counts of expert pairs chosen for the same position; diagonal = times chosen."""
+    ids = _as_topk(topk_ids, num_experts)
+    chosen = np.zeros((ids.shape[0], num_experts), dtype=np.int64)
+    np.add.at(chosen, (np.arange(ids.shape[0])[:, None], ids), 1)
+    return chosen.T @ chosen
+
+
+def cross_layer_pairs(
+    topk_a: np.ndarray, topk_b: np.ndarray, num_experts_a: int, num_experts_b: int
+) -> np.ndarray:
+    """[E_a, E_b] counts of (top-1 expert in layer a, top-1 in layer b) for the same positions."""
+    a = top1(_as_topk(topk_a, num_experts_a))
+    b = top1(_as_topk(topk_b, num_experts_b))
+    if len(a) != len(b):
+        raise ValueError(f"layers must cover the same positions, got {len(a)} and {len(b)}")
+    pairs = np.zeros((num_experts_a, num_experts_b), dtype=np.int64)
+    np.add.at(pairs, (a, b), 1)
+    return pairs
+
+
+# --------------------------------------------------------------------------- specialisation
+
+
+def specialisation(chosen_expert: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Mutual information (nats) between the chosen expert and a categorical label.
+
+    Returns ``{"mi": ..., "nmi": ...}``; nmi is sklearn's arithmetic-mean normalisation
+    (0 = independent, 1 = the expert determines the label and vice versa).
+    """
+    chosen, labels = np.asarray(chosen_expert), np.asarray(labels)
+    return {
+        "mi": float(mutual_info_score(labels, chosen)),
+        "nmi": float(normalized_mutual_info_score(labels, chosen)),
+    }
+
+
+def specialisation_vs_shuffled(
+    chosen: np.ndarray, labels: np.ndarray, n_shuffles: int = 20, seed: int = 0
+) -> dict[str, float]:
+    """MI against a shuffled-label baseline, since MI on finite samples is biased upward.
+
+    Returns ``{"mi", "shuffled_mean", "shuffled_max"}``: MI well above ``shuffled_max`` is
+    specialisation that chance does not explain.
+    """
+    chosen, labels = np.asarray(chosen), np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    shuffled = [mutual_info_score(rng.permutation(labels), chosen) for _ in range(n_shuffles)]
+    return {
+        "mi": float(mutual_info_score(labels, chosen)),
+        "shuffled_mean": float(np.mean(shuffled)),
+        "shuffled_max": float(np.max(shuffled)),
+    }
+
+
+# --------------------------------------------------------------------------- weighted reality
+
+
+def batch_dependence(combine_alone: np.ndarray, combine_in_batch: np.ndarray) -> dict[str, float]:
+    """How much the combine weights of the same positions change when run alone vs in a batch.
+
+    Returns ``{"mean_abs_change", "max_abs_change"}`` over all (position, expert) entries.
+    Zero for per-position gates; positive for gates that normalise across the batch.
+    """
+    alone = np.asarray(combine_alone, dtype=np.float64)
+    in_batch = np.asarray(combine_in_batch, dtype=np.float64)
+    if alone.shape != in_batch.shape:
+        raise ValueError(f"shapes differ: {alone.shape} vs {in_batch.shape}")
+    change = np.abs(alone - in_batch)
+    return {"mean_abs_change": float(change.mean()), "max_abs_change": float(change.max())}
+
+
+def unrouted_positions(combine: np.ndarray, tol: float = 0.0) -> np.ndarray:
+    """Bool [T]: positions whose combine row is all zero (no expert output reaches them)."""
+    return np.all(np.abs(np.asarray(combine)) <= tol, axis=-1)
+
+
+def weight_share(combine: np.ndarray) -> np.ndarray:
+    """Share of the total combine weight that each expert receives (zeros if none at all)."""
+    per_expert = np.abs(np.asarray(combine, dtype=np.float64)).sum(axis=0)
+    total = per_expert.sum()
+    return per_expert / total if total > 0 else per_expert
+
+
+def experts_never_weighted(combine: np.ndarray, tol: float = 0.0) -> list[int]:
+    """Experts whose combine weight is zero at every position."""
+    unused = np.all(np.abs(np.asarray(combine)) <= tol, axis=0)
+    return [int(i) for i in np.flatnonzero(unused)]
+
+
+def weighted_outside_topk(combine: np.ndarray, topk_ids: np.ndarray, tol: float = 0.0) -> np.ndarray:
+    """Bool [T]: positions that put combine weight on an expert that is not in their top-k."""
+    combine = np.asarray(combine)
+    ids = _as_topk(topk_ids, combine.shape[1])
+    in_topk = np.zeros(combine.shape, dtype=bool)
+    in_topk[np.arange(len(ids))[:, None], ids] = True
+    return np.any((np.abs(combine) > tol) & ~in_topk, axis=-1)
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def layer_summary(
+    logits: np.ndarray, topk_ids: np.ndarray, combine: np.ndarray | None = None
+) -> dict:
+    """Every scalar indicator of one layer, as plain Python values (JSON / Parquet friendly).
+
+    Without ``combine`` the weighted-reality fields (``unrouted_fraction``,
+    ``experts_never_weighted``, ``weight_share``, ``weighted_outside_topk_fraction``) are None:
+    they are unknown, not assumed to follow the standard gate.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or logits.shape[0] == 0:
+        raise ValueError(f"logits must be [T, E] with T > 0, got shape {logits.shape}")
+    num_positions, num_experts = logits.shape
+    ids = _as_topk(topk_ids, num_experts)
+    if ids.shape[0] != num_positions:
+        raise ValueError(f"topk_ids covers {ids.shape[0]} positions, logits {num_positions}")
+
+    probs = softmax(logits)
+    f, P = load_fraction(ids, num_experts), importance(probs)
+    top1_prob, top1_gap = router_confidence(probs)
+    summary = {
+        "num_positions": int(num_positions),
+        "num_experts": int(num_experts),
+        "top_k": int(ids.shape[1]),
+        "load": f.tolist(),
+        "importance": P.tolist(),
+        "switch_balance_loss": switch_balance_loss(f, P),
+        "z_loss": router_z_loss(logits),
+        "token_entropy": mean_token_entropy(probs),
+        "token_entropy_norm": mean_token_entropy(probs, normalised=True),
+        "marginal_entropy": marginal_entropy(P),
+        "effective_experts": effective_experts(P),
+        "effective_experts_ratio": effective_experts_ratio(P),
+        "load_cv": load_cv(f),
+        "max_load_ratio": max_load_ratio(f),
+        "dead_experts": dead_experts(f),
+        "nearly_dead_experts": nearly_dead_experts(f),
+        "gini": gini(f),
+        "top1_prob": top1_prob,
+        "top1_gap": top1_gap,
+        "unrouted_fraction": None,
+        "experts_never_weighted": None,
+        "weight_share": None,
+        "weighted_outside_topk_fraction": None,
+    }
+    if combine is not None:
+        combine = np.asarray(combine, dtype=np.float64)
+        if combine.shape != logits.shape:
+            raise ValueError(f"combine must match logits {logits.shape}, got {combine.shape}")
+        summary["unrouted_fraction"] = float(unrouted_positions(combine).mean())
+        summary["experts_never_weighted"] = experts_never_weighted(combine)
+        summary["weight_share"] = weight_share(combine).tolist()
+        summary["weighted_outside_topk_fraction"] = float(weighted_outside_topk(combine, ids).mean())
+    return summary
+
+
+def summaries_by_slice(
+    logits: np.ndarray,
+    topk_ids: np.ndarray,
+    combine: np.ndarray | None,
+    slice_labels: np.ndarray,
+) -> dict:
+    """``layer_summary`` per slice (modality, position kind, entity / question type, ...).
+
+    Keys are the distinct labels in sorted order; each slice is summarised on its own positions.
+    """
+    labels = np.asarray(slice_labels)
+    logits, ids = np.asarray(logits), np.asarray(topk_ids)
+    if len(labels) != len(logits):
+        raise ValueError(f"slice_labels has {len(labels)} entries, logits {len(logits)} positions")
+    out = {}
+    for label in np.unique(labels):
+        rows = labels == label
+        key = label.item() if hasattr(label, "item") else label
+        out[key] = layer_summary(
+            logits[rows], ids[rows], None if combine is None else np.asarray(combine)[rows]
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- verdict
+
+_SEVERITY = {"note": 0, "warning": 1, "collapsed": 2}
+
+
+def _pct(share: float) -> str:
+    """Percent with one decimal below 10%, so that small shares do not print as 0%."""
+    return f"{100 * share:.1f}%" if 0 < share < 0.1 else f"{100 * share:.0f}%"
+
+
+def _ids(experts: list[int]) -> str:
+    return ", ".join(str(i) for i in experts)
+
+
+def _experts_phrase(experts: list[int], what: str) -> str:
+    """'1 dead expert (3)' / '3 dead experts (0, 1, 3)'."""
+    noun = "expert" if len(experts) == 1 else "experts"
+    return f"{len(experts)} {what} {noun} ({_ids(experts)})"
+
+
+def _load_clauses(s: dict, t: Thresholds) -> list[tuple[str, str]]:
+    """Dominance / overload of the busiest expert, by slots and by combine weight."""
+    E, k = s["num_experts"], s["top_k"]
+    load, ratio = np.asarray(s["load"]), s["max_load_ratio"]
+    busiest, ratio_max = int(np.argmax(load)), E / k
+    clauses = []
+    weights = s["weight_share"]
+    heavy = int(np.argmax(weights)) if weights else None
+    heavy_share = float(np.max(weights)) if weights else 0.0
+    weight_dominant = heavy_share >= t.dominant_share_collapse
+
+    slots = f"expert {busiest} takes {_pct(load[busiest])} of routing slots"
+    if k > 1:
+        slots += f", chosen by {_pct(load[busiest] * k)} of positions"
+    if load[busiest] >= t.dominant_share_collapse:
+        slots += f" (max-load ratio {ratio:.2f} of {ratio_max:.3g})"
+        if weight_dominant and heavy == busiest:
+            slots += f" and {_pct(heavy_share)} of the combine weight"
+            weight_dominant = False  # said once
+        clauses.append(("collapsed", slots))
+    else:
+        limit = min(t.max_load_ratio_warning, 1 + t.max_load_excess_warning * (ratio_max - 1))
+        if k < E and ratio > limit:
+            clauses.append(("warning", f"{slots} (max-load ratio {ratio:.2f} > {limit:.3g}; "
+                                       f"at most {ratio_max:.3g})"))
+    if weight_dominant:
+        clauses.append(("collapsed", f"expert {heavy} carries {_pct(heavy_share)} of the combine weight"))
+
+    cv_limit = min(t.load_cv_warning, t.load_cv_warning_of_max * math.sqrt(max(E / k - 1, 0)))
+    if k < E and s["load_cv"] > cv_limit:
+        clauses.append(("warning", f"load CV {s['load_cv']:.2f} > {cv_limit:.2f}"))
+    return clauses
+
+
+def _effective_clause(s: dict, t: Thresholds) -> list[tuple[str, str]]:
+    E, eff = s["num_experts"], s["effective_experts"]
+    if E < 2:
+        return []
+    spread = (eff - 1) / (E - 1)
+    text = f"effective experts {eff:.2f} of {E}"
+    if spread <= t.effective_spread_collapse:
+        return [("collapsed", text + " (router mass on about one expert)")]
+    if spread < t.effective_spread_warning:
+        return [("warning", text)]
+    return []
+
+
+def _unused_clauses(s: dict, t: Thresholds) -> list[tuple[str, str]]:
+    """Dead, nearly dead and never-weighted experts, named; collapsed when they are many."""
+    E, k, load = s["num_experts"], s["top_k"], s["load"]
+    dead, nearly = s["dead_experts"], s["nearly_dead_experts"]
+    # A dead expert is trivially never weighted; name only those that top-k does pick.
+    unweighted = [i for i in (s["experts_never_weighted"] or []) if i not in dead]
+    unused = sorted(set(dead) | set(nearly) | set(unweighted))
+    if not unused:
+        return []
+    severity = "collapsed" if len(unused) >= t.unused_experts_collapse * E else "warning"
+    clauses = []
+    if dead:
+        clauses.append((severity, _experts_phrase(dead, "dead")))
+    if nearly:
+        shares = ", ".join(f"{i}: {_pct(load[i])}" for i in nearly)
+        noun = "expert" if len(nearly) == 1 else "experts"
+        clauses.append((severity, f"{len(nearly)} nearly dead {noun} ({shares} of slots)"))
+    if unweighted:
+        one = len(unweighted) == 1
+        subject = f"expert {unweighted[0]}" if one else f"experts {_ids(unweighted)}"
+        picked = ", ".join(_pct(load[i] * k) for i in unweighted)
+        clauses.append((severity, f"{subject} never {'gets' if one else 'get'} combine weight "
+                                  f"although top-k picks {'it' if one else 'them'} for "
+                                  f"{picked} of positions"))
+    if severity == "collapsed" and len(clauses) > 1:
+        # The collapse comes from the clauses together: say so before listing them.
+        clauses.insert(0, (severity, f"{len(unused)} of {E} experts do no work ({_ids(unused)})"))
+    used = [i for i in range(E) if load[i] > 0]
+    if 1 < k == len(used) < E:
+        # The only way k experts can hold every slot: each position picks the same set.
+        clauses.append(("warning", f"every position picks the same {k} experts ({_ids(used)}): "
+                                   "the top-k choice ignores the input"))
+    return clauses
+
+
+def _gate_clauses(s: dict, t: Thresholds) -> list[tuple[str, str]]:
+    """Where the combine weights disagree with what top-k reports."""
+    clauses = []
+    T, unrouted = s["num_positions"], s["unrouted_fraction"]
+    if unrouted is not None and unrouted > t.unrouted_warning:
+        severity = "collapsed" if unrouted >= t.unrouted_collapse else "warning"
+        count = round(unrouted * T)
+        clauses.append((severity, f"{_pct(unrouted)} of positions ({count} of {T}) "
+                                  "get no expert weight (unrouted)"))
+    outside = s["weighted_outside_topk_fraction"]
+    if outside is not None and outside > t.outside_topk_warning:
+        clauses.append(("warning", f"{_pct(outside)} of positions put combine weight on "
+                                   "experts outside their top-k"))
+    return clauses
+
+
+def _sample_note(s: dict, t: Thresholds) -> list[tuple[str, str]]:
+    slots_per_expert = s["num_positions"] * s["top_k"] / s["num_experts"]
+    if slots_per_expert >= t.min_slots_per_expert:
+        return []
+    return [("note", f"only {s['num_positions'] * s['top_k']} routing slots for "
+                     f"{s['num_experts']} experts: too few to judge reliably")]
+
+
+def verdict(summary: dict, thresholds: Thresholds = THRESHOLDS) -> tuple[str, str]:
+    """("healthy" | "warning" | "collapsed", reason) for one ``layer_summary``.
+
+    Every rule that fires adds a clause quoting its numbers; the worst clause sets the verdict,
+    and clauses are listed worst first.  A healthy layer's reason quotes effective experts, load
+    CV and max-load ratio.  A note about too few positions never changes the verdict.
+    """
+    s, t = summary, thresholds
+    clauses = (
+        _load_clauses(s, t) + _effective_clause(s, t) + _unused_clauses(s, t)
+        + _gate_clauses(s, t) + _sample_note(s, t)
+    )
+    worst = max((_SEVERITY[severity] for severity, _ in clauses), default=0)
+    if worst == 0:
+        E, k = s["num_experts"], s["top_k"]
+        healthy = (f"effective experts {s['effective_experts']:.2f} of {E}, "
+                   f"load CV {s['load_cv']:.2f}, "
+                   f"max-load ratio {s['max_load_ratio']:.2f} of {E / k:.3g}, no dead experts")
+        clauses = [("healthy", healthy)] + clauses
+        label = "healthy"
+    else:
+        label = "collapsed" if worst == 2 else "warning"
+    ordered = sorted(clauses, key=lambda c: -_SEVERITY.get(c[0], 0))
+    return label, f"{label}: " + "; ".join(text for _, text in ordered)
