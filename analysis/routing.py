@@ -7,7 +7,7 @@ Shapes, for one layer and T routed positions over E experts with top-k routing:
 * ``logits``   float [T, E]  router logits over all experts
 * ``probs``    float [T, E]  ``softmax(logits)``
 * ``topk_ids`` int   [T, k]  chosen experts, column 0 the top-1 (``torch.topk`` sorts by default)
-* ``combine``  float [T, E]  weights actually applied to each expert's output (dense, 0 where unused)
+* ``combine``  float [T, E]  weights actually applied to each expert's output (0 where unused)
 
 ``topk_ids`` says what the router chose; ``combine`` says what the layer really did with it.
 They agree for the standard gate (softmax, top-k, renormalise over the k) but not for the
@@ -370,7 +370,9 @@ def experts_never_weighted(combine: np.ndarray, tol: float = 0.0) -> list[int]:
     return [int(i) for i in np.flatnonzero(unused)]
 
 
-def weighted_outside_topk(combine: np.ndarray, topk_ids: np.ndarray, tol: float = 0.0) -> np.ndarray:
+def weighted_outside_topk(
+    combine: np.ndarray, topk_ids: np.ndarray, tol: float = 0.0
+) -> np.ndarray:
     """Bool [T]: positions that put combine weight on an expert that is not in their top-k."""
     combine = np.asarray(combine)
     ids = _as_topk(topk_ids, combine.shape[1])
@@ -434,7 +436,8 @@ def layer_summary(
         summary["unrouted_fraction"] = float(unrouted_positions(combine).mean())
         summary["experts_never_weighted"] = experts_never_weighted(combine)
         summary["weight_share"] = weight_share(combine).tolist()
-        summary["weighted_outside_topk_fraction"] = float(weighted_outside_topk(combine, ids).mean())
+        outside = weighted_outside_topk(combine, ids)
+        summary["weighted_outside_topk_fraction"] = float(outside.mean())
     return summary
 
 
@@ -508,7 +511,8 @@ def _load_clauses(s: dict, t: Thresholds) -> list[tuple[str, str]]:
             clauses.append(("warning", f"{slots} (max-load ratio {ratio:.2f} > {limit:.3g}; "
                                        f"at most {ratio_max:.3g})"))
     if weight_dominant:
-        clauses.append(("collapsed", f"expert {heavy} carries {_pct(heavy_share)} of the combine weight"))
+        text = f"expert {heavy} carries {_pct(heavy_share)} of the combine weight"
+        clauses.append(("collapsed", text))
 
     cv_limit = min(t.load_cv_warning, t.load_cv_warning_of_max * math.sqrt(max(E / k - 1, 0)))
     if k < E and s["load_cv"] > cv_limit:

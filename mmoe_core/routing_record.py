@@ -40,11 +40,15 @@ class PositionMeta:
     gate_modality: Sequence[str]
     tokens: Sequence[Sequence[str]] | None = None
     valid: Tensor | None = None  # optional bool [B, L]: False for padding positions (not recorded)
+    # "example" for the run's own examples; "kb" for knowledge-base items routed on the other side
+    # (e.g. MMoE entities), whose ids index the KB, not the examples.
+    subject: str = "example"
 
     @staticmethod
     def uniform(call: str, example_ids: Sequence[int], length: int, kind: str, routed: str, gate: str,
                 first_kind: str | None = None, first_routed: str | None = None,
-                first_gate: str | None = None, tokens=None, valid=None) -> "PositionMeta":
+                first_gate: str | None = None, tokens=None, valid=None,
+                subject: str = "example") -> "PositionMeta":
         """Meta for the common layout [first position; length-1 positions of one kind]."""
         kinds = [kind] * length
         routed_m = [routed] * length
@@ -55,7 +59,7 @@ class PositionMeta:
             routed_m[0] = first_routed
         if first_gate is not None:
             gate_m[0] = first_gate
-        return PositionMeta(call, list(example_ids), kinds, routed_m, gate_m, tokens, valid)
+        return PositionMeta(call, list(example_ids), kinds, routed_m, gate_m, tokens, valid, subject)
 
 
 @dataclass
@@ -125,6 +129,7 @@ def flatten_call(call: LayerCall) -> dict:
     bl, ll = bi.tolist(), li.tolist()
     tokens = meta.tokens
     return {
+        "subject": [meta.subject] * len(bl),
         "layer": [call.layer] * len(bl),
         "call": [meta.call] * len(bl),
         "example_index": [int(meta.example_ids[i]) for i in bl],

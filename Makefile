@@ -1,0 +1,33 @@
+# The two commands a user needs (see README): `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv build-demo serve clean-artifacts
+
+venv: $(STAMP)
+
+# Reinstall whenever a requirements file changes.
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+# Build the demo worlds, runs and artifacts if missing, then serve the app on 127.0.0.1:8501.
+demo: venv build-demo serve
+
+build-demo: venv
+	$(BIN)/python -m mmoe_core.demo
+
+serve: venv
+	$(BIN)/python -m streamlit run app.py --server.address 127.0.0.1 --server.port 8501 \
+		--server.headless true --browser.gatherUsageStats false
+
+# The whole test suite (tiny worlds and short trainings; the browser test needs chromium + chromedriver).
+test: venv
+	$(BIN)/python -m pytest -q -ra
+
+clean-artifacts:
+	rm -rf artifacts/data artifacts/checkpoints artifacts/runs
