@@ -5,7 +5,9 @@ All hashes are lowercase hex SHA-256 strings.
 * :func:`file_sha256` hashes one file's bytes. Results are memoised in-process, keyed by
   (resolved path, size, mtime_ns, inode): a page that checks staleness on every rerun pays a ``stat``,
   not a re-read of a large ``model.safetensors``; any rewrite of the file changes mtime/size and so is
-  re-hashed.
+  re-hashed. As in git's "racily clean" rule, a file modified less than ``_SETTLE_S`` seconds before it
+  was hashed is not memoised (file timestamps are coarse, so a same-size rewrite within one timestamp
+  tick would otherwise go unnoticed).
 * :func:`dir_hash` hashes a directory tree as a sorted list of ``relative/posix/path``, size and (for
   files whose suffix is in ``content_suffixes``) the SHA-256 of the content. Everything else (images,
   archives, ...) contributes its name and size only: a dataset with 100k images hashes in seconds, at the
@@ -22,6 +24,7 @@ import fnmatch
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -34,6 +37,7 @@ CONTENT_SUFFIXES = frozenset({".json", ".jsonl", ".parquet", ".safetensors", ".c
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 
 _CHUNK = 1 << 20
+_SETTLE_S = 2.0
 _cache: dict[tuple, str] = {}
 _cache_lock = threading.Lock()
 
@@ -52,6 +56,8 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             h.update(chunk)
     digest = h.hexdigest()
+    if time.time() - st.st_mtime < _SETTLE_S:
+        return digest  # too fresh to trust the (size, mtime) key; hash again next time
     with _cache_lock:
         if len(_cache) > 4096:  # bounded; entries are tiny but a long-lived app should not grow forever
             _cache.clear()

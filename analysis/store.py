@@ -46,7 +46,9 @@ complete, a listed file missing or of the wrong size; with ``verify=True`` also 
 ``stale`` (the checkpoint named in the manifest, or the one passed, now hashes differently from
 ``checkpoint_hash``; same for the dataset when its path exists) or ``ready``. Messages name what changed
 and the rebuild command ``python -m analysis.precompute --run <run>``. Checkpoint hashes are memoised on
-(path, size, mtime) so checking on every page render costs a ``stat``.
+(path, size, mtime) so checking on every page render costs a ``stat``; dataset hashes (a walk over the
+tree) are reused for :data:`DATASET_HASH_TTL_S` seconds by the status check (not by
+:func:`needs_rebuild`, which always hashes afresh).
 
 Routing table
 -------------
@@ -65,12 +67,12 @@ import datetime as _dt
 import fcntl
 import functools
 import json
-import math
 import os
 import re
 import shutil
 import subprocess
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,6 +221,11 @@ def _cast_routing(table: pa.Table) -> pa.Table:
     if target.equals(table.schema.remove_metadata()):
         return table.replace_schema_metadata(None)
     return table.replace_schema_metadata(None).cast(target)
+
+
+def _is_routing_table(name: str) -> bool:
+    """``routing`` and ``<something>_routing`` (e.g. ``kb_routing``) get the routing types and sort order."""
+    return name == "routing" or name.endswith("_routing")
 
 
 def _sort_routing(table: pa.Table) -> pa.Table:
@@ -455,9 +462,14 @@ class RunWriter:
         self._files.add(filename)
         return self.staging_dir / filename
 
+    def _unclaim(self, path: Path) -> None:
+        """Forget a file whose write failed (so the caller may catch the error and carry on)."""
+        self._files.discard(path.name)
+        path.unlink(missing_ok=True)
+
     def _prepare(self, name: str, data: Any, sort: bool = True) -> pa.Table:
         table = _to_arrow(data)
-        if name == "routing":
+        if _is_routing_table(name):
             table = _cast_routing(table)
             if sort:
                 table = _sort_routing(table)
@@ -466,12 +478,17 @@ class RunWriter:
     def write_table(self, name: str, data: Any) -> int:
         """Write ``<name>.parquet`` from a DataFrame / Arrow table / dict of columns; return the row count.
 
-        ``routing`` is cast to :data:`ROUTING_TYPES` and sorted by (example_index, layer, call, position).
+        ``routing`` (and ``*_routing``, e.g. ``kb_routing``) is cast to :data:`ROUTING_TYPES` and sorted by
+        (example_index, layer, call, position).
         """
         _check_table_name(name)
         path = self._claim(f"{name}.parquet")
-        table = self._prepare(name, data)
-        pq.write_table(table, path, row_group_size=self.row_group_size, compression=self.compression)
+        try:
+            table = self._prepare(name, data)
+            pq.write_table(table, path, row_group_size=self.row_group_size, compression=self.compression)
+        except BaseException:
+            self._unclaim(path)
+            raise
         return table.num_rows
 
     def append_table(self, name: str, data: Any) -> None:
@@ -484,7 +501,7 @@ class RunWriter:
             path = self._claim(f"{name}.parquet")
             s = self._streams[name] = {"path": path, "writer": None, "buf": [], "rows": 0, "schema": None}
         table = _to_arrow(data)
-        if name == "routing":
+        if _is_routing_table(name):
             table = _cast_routing(table)
         else:
             table = table.replace_schema_metadata(None)
@@ -502,7 +519,7 @@ class RunWriter:
         if not s["buf"]:
             return
         table = pa.concat_tables(s["buf"])
-        if name == "routing":
+        if _is_routing_table(name):
             table = _sort_routing(table)
         n = table.num_rows if final else (table.num_rows // self.row_group_size) * self.row_group_size
         head, rest = table.slice(0, n), table.slice(n)
@@ -527,7 +544,11 @@ class RunWriter:
         """Write ``<name>.json`` (``name`` may already end in ``.json``)."""
         filename = name if name.endswith(".json") else f"{name}.json"
         path = self._claim(filename)
-        path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+        try:
+            path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+        except BaseException:
+            self._unclaim(path)
+            raise
         return path
 
     def write_bytes(self, name: str, data: bytes) -> Path:
@@ -736,6 +757,23 @@ def _resolve_input_path(p: str | os.PathLike, root: Path) -> Path:
     return path
 
 
+# Hashing a dataset walks its whole tree (a stat per image); pages check status on every rerun, so the
+# status check reuses a dataset hash for this many seconds. Checkpoints need no TTL (see hashing.py).
+DATASET_HASH_TTL_S = 30.0
+_dataset_memo: dict[str, tuple[float, str]] = {}
+
+
+def _dataset_hash_memo(path: Path) -> str:
+    key = str(path.resolve())
+    hit = _dataset_memo.get(key)
+    now = time.monotonic()
+    if hit is not None and now - hit[0] < DATASET_HASH_TTL_S:
+        return hit[1]
+    h = dataset_hash(path)
+    _dataset_memo[key] = (now, h)
+    return h
+
+
 def _short(h: str | None) -> str:
     return (h or "none")[:12]
 
@@ -786,7 +824,7 @@ def _status_of_dir(run: str, run_dir: Path, root: Path, checkpoint_dir=None, dat
     if ds is not None and m.get("dataset_hash"):
         dsp = _resolve_input_path(ds, root)
         if dsp.exists():
-            now = dataset_hash(dsp)
+            now = _dataset_hash_memo(dsp)
             if now != m["dataset_hash"]:
                 changes.append(f"dataset {ds} changed (now {_short(now)}, run built from "
                                f"{_short(m['dataset_hash'])})")
@@ -920,8 +958,13 @@ class RunStore:
         except OSError:
             return False
 
-    def status(self, checkpoint_dir=None, dataset_dir=None, verify: bool = False) -> RunStatus:
-        """:class:`RunStatus` of the version this store reads."""
+    @property
+    def status(self) -> RunStatus:
+        """:class:`RunStatus` of the version this store reads (checked afresh on each access; cheap)."""
+        return self.check_status()
+
+    def check_status(self, checkpoint_dir=None, dataset_dir=None, verify: bool = False) -> RunStatus:
+        """:class:`RunStatus` of this version against the given (or the recorded) checkpoint/dataset."""
         return _status_of_dir(self.run, self.dir, self.root, checkpoint_dir, dataset_dir, verify)
 
     def has(self, name: str) -> bool:
@@ -1082,10 +1125,9 @@ class RunStore:
         keys = ["layer", *by]
         if self.has("routing_loads"):
             self._check_cols("routing_loads", keys)
-            src, args = "routing_loads", []
             w, args = self._where("routing_loads", {"layer": layers} if layers is not None else None, None)
-            inner = f"SELECT {', '.join(map(_qi, keys))}, expert, sum(slots) AS slots, sum(weight) AS weight " \
-                    f"FROM {src}{w} GROUP BY ALL"
+            inner = (f"SELECT {', '.join(map(_qi, keys))}, expert, sum(slots) AS slots, sum(weight) AS weight "
+                     f"FROM routing_loads{w} GROUP BY ALL")
         else:
             self._check_cols("routing", [*keys, "topk_ids", "combine"])
             w, args = self._where("routing", {"layer": layers} if layers is not None else None, None)
@@ -1148,8 +1190,10 @@ class RunStore:
         return self._cached(("sample_counts",), counts).get(layer, (0, -1))
 
     def examples(self, filters: Mapping[str, Any] | None = None, limit: int | None = None) -> pd.DataFrame:
-        """Rows of ``examples`` matching ``filters`` ({column: value or list of values}), by example_index."""
-        order = "example_index" if "example_index" in self.columns("examples") else None
+        """Rows of ``examples`` matching ``filters`` ({column: value or list of values}), in example order
+        (``example_index``, or ``index`` as the precompute names it)."""
+        cols = self.columns("examples")
+        order = next((c for c in ("example_index", "index") if c in cols), None)
         return self.table("examples", where=dict(filters) if filters else None, order_by=order, limit=limit)
 
     def predictions(self) -> pd.DataFrame:

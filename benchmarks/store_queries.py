@@ -221,7 +221,11 @@ def machine() -> dict:
                 mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
     except OSError:
         pass
-    return {"cpu": cpu, "cores": cores, "memory": mem, "python": platform.python_version(),
+    try:
+        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        load = None
+    return {"cpu": cpu, "cores": cores, "memory": mem, "load_avg_1_5_15": load, "python": platform.python_version(),
             "duckdb": duckdb.__version__, "pyarrow": pa.__version__, "pandas": pd.__version__,
             "platform": platform.platform()}
 
@@ -248,7 +252,8 @@ def record(results: list[dict], info: dict, command: str, path: Path) -> None:
     header = "# Benchmarks\n\nResults appended by the scripts in `benchmarks/` (`--record`). Newest last.\n"
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = [f"\n## Artifact store queries ({now})\n",
-               f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM; Python {info['python']}, "
+               f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM, load average "
+               f"{info['load_avg_1_5_15']} at start (shared machine); Python {info['python']}, "
                f"DuckDB {info['duckdb']}, pyarrow {info['pyarrow']}, pandas {info['pandas']} "
                f"({info['platform']}).\n",
                f"Command: `{command}`\n", markdown(results)]
@@ -271,11 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sizes = args.positions or ([1_000_000] if args.quick else [1_000_000, 10_000_000])
     repeats = args.repeats or (10 if args.quick else 30)
+    info = machine()  # load average before the benchmark's own work
     results = []
     for n in sizes:
         print(f"benchmarking {n:,} positions ...", file=sys.stderr, flush=True)
         results.append(bench_one(n, repeats, args.workdir))
-    info = machine()
     if args.json:
         print(json.dumps({"machine": info, "target_p95_ms": TARGET_P95_MS, "results": results}, indent=2))
     else:

@@ -120,7 +120,9 @@ class ClipTowers(nn.Module):
         if spec.kind == "tiny":
             if spec.name not in TINY_CONFIGS:
                 raise ValueError(f"unknown tiny encoder {spec.name!r}; registered: {sorted(TINY_CONFIGS)}")
-            self.clip = _tiny_clip(TINY_CONFIGS[spec.name])
+            # ``extra`` may override sizes of the registered config (e.g. a longer text context).
+            base = TINY_CONFIGS[spec.name]
+            self.clip = _tiny_clip({**base, **{k: v for k, v in spec.extra.items() if k in base}})
         elif spec.kind == "open_clip":
             self.clip = _pretrained_clip(spec)
         else:

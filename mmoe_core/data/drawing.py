@@ -45,6 +45,9 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "beige": (222, 205, 165),
 }
 
+# The product QA world photographs every product on this flat light grey.
+PRODUCT_BACKGROUND = (200, 200, 200)
+
 SHAPES = ("circle", "square", "triangle", "diamond", "pentagon", "hexagon", "star", "cross", "ring", "crescent")
 PATTERNS = ("plain", "striped", "dotted", "checked", "zigzag")
 FINISHES = ("matte", "glossy", "metallic")
@@ -214,10 +217,10 @@ def draw_picture(
     canvas = Image.new("RGB", (big, big), background)
 
     if trim is not None:
-        outline = shape_mask(shape, big, cx, cy, r * 1.2).rotate(pose.angle, Image.Resampling.BILINEAR, center=(cx, cy))
-        canvas.paste(Image.new("RGB", (big, big), SHAPE_COLOURS[trim]), mask=outline)
+        outline = _rotated(shape_mask(shape, big, cx, cy, r * 1.2), pose.angle, (cx, cy))
+        canvas.paste(SHAPE_COLOURS[trim], mask=outline)
 
-    mask = shape_mask(shape, big, cx, cy, r).rotate(pose.angle, Image.Resampling.BILINEAR, center=(cx, cy))
+    mask = _rotated(shape_mask(shape, big, cx, cy, r), pose.angle, (cx, cy))
     body = pattern_fill(pattern, big, SHAPE_COLOURS[colour], period=max(8, int(r * 0.42)))
     overlay = _finish_overlay(finish, big, cx, cy, r)
     if overlay is not None:
@@ -225,8 +228,13 @@ def draw_picture(
         body = Image.composite(ink, body, alpha)
     canvas.paste(body, mask=mask)
 
-    picture = canvas.resize((size, size), Image.Resampling.LANCZOS)
+    picture = canvas.reduce(SUPERSAMPLE)  # box-filter downsampling: the anti-aliasing step
     return corrupt(picture, corruption, rng)
+
+
+def _rotated(mask: Image.Image, angle: float, center: tuple[float, float]) -> Image.Image:
+    # Nearest is enough on the supersampled mask: the final reduce() smooths the edges.
+    return mask if angle == 0 else mask.rotate(angle, Image.Resampling.NEAREST, center=center)
 
 
 def corrupt(picture: Image.Image, corruption: Corruption, rng: np.random.Generator | None) -> Image.Image:

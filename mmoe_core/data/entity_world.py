@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -412,7 +412,7 @@ def build_group(name: str, size: int, qids: list[str], rng: np.random.Generator)
 
 def unique_qids(n: int, rng: np.random.Generator) -> list[str]:
     """Wikidata-like ids of varying length (so that string order differs from numeric order, as in real KBs)."""
-    numbers = rng.choice(np.arange(100, 10_000_000), size=n, replace=False)
+    numbers = rng.choice(10_000_000 - 100, size=n, replace=False) + 100
     return [f"Q{int(x)}" for x in numbers]
 
 
@@ -460,7 +460,7 @@ def mention_sentence(label: str, entity: EntitySpec, group: list[EntitySpec], rn
 
 
 def split_of(position: int, total: int) -> str:
-    """Split by position in a shuffled list: first 70% train, next 10% dev, last 20% test."""
+    """Split of the item at ``position`` of ``total`` shuffled items: first 70% train, next 10% dev, last 20% test."""
     train_end = round(total * SPLIT_SHARES[0])
     dev_end = train_end + round(total * SPLIT_SHARES[1])
     return "train" if position < train_end else "dev" if position < dev_end else "test"
@@ -484,26 +484,36 @@ def build_mentions(entities: list[EntitySpec], scale: EntityScale, rng: np.rando
     reps = -(-n_linked // len(entities))
     golds = np.concatenate([rng.permutation(len(entities)) for _ in range(reps)])[:n_linked]
 
-    drafts: list[tuple[str, str | None, str | None, dict[str, str], bool, str]] = []
+    # Drafts first; ids and splits are given once the order is shuffled.
+    drafts: list[MentionSpec] = []
     for gold_index, (label, has_image) in zip(golds, mention_labels(n_linked, rng)):
         entity = entities[int(gold_index)]
         sentence, stated = mention_sentence(label, entity, groups[entity.name], rng)
-        drafts.append((sentence, entity.qid, label, stated, has_image, entity.name))
+        drafts.append(MentionSpec(id="", name=entity.name, split="", sentence=sentence, gold=entity.qid,
+                                  decisive=label, stated=stated, has_image=has_image))
     group_names = sorted(groups)
     for _ in range(n_nil):
         name = group_names[int(rng.integers(len(group_names)))]
         template = NIL_TEMPLATES[int(rng.integers(len(NIL_TEMPLATES)))]
-        drafts.append((_fill(template, name), None, None, {}, False, name))
+        drafts.append(MentionSpec(id="", name=name, split="", sentence=_fill(template, name), gold=None,
+                                  decisive=None))
 
+    splits = stratified_splits([(d.decisive, d.has_image) for d in drafts], rng)
     order = rng.permutation(len(drafts))
-    mentions = []
-    for position, draft_index in enumerate(order):
-        sentence, gold, label, stated, has_image, name = drafts[int(draft_index)]
-        mentions.append(MentionSpec(
-            id=f"M{position:05d}", name=name, split=split_of(position, len(drafts)), sentence=sentence,
-            gold=gold, decisive=label, stated=stated, has_image=has_image,
-        ))
-    return mentions
+    return [replace(drafts[int(i)], id=f"M{position:05d}", split=splits[int(i)]) for position, i in enumerate(order)]
+
+
+def stratified_splits(strata: list[tuple], rng: np.random.Generator) -> list[str]:
+    """A split per item, 70/10/20 inside every stratum, so each split has the same label and image mix."""
+    members: dict[tuple, list[int]] = defaultdict(list)
+    for i, key in enumerate(strata):
+        members[key].append(i)
+    splits = [""] * len(strata)
+    for key in sorted(members, key=repr):
+        group = members[key]
+        for position, i in enumerate(rng.permutation(len(group))):
+            splits[group[int(i)]] = split_of(position, len(group))
+    return splits
 
 
 def build_entity_world(seed: int = 0, scale: str = "default") -> EntityWorld:

@@ -1,0 +1,893 @@
+"""MoEMoE: question-guided dense + sparse mixture of experts for multi-source multimodal QA.
+
+Built from the description of arXiv 2503.06296 (no public code), at demo size:
+
+* **Encoders.** An unshared question encoder Q (the text half of its own open_clip CLIP), and a
+  context encoder C plus an image encoder I (the text and image halves of a second CLIP).
+* **Lengths.** The joint sequence has the context's text length L. Image tokens ([CLS; P patches])
+  are *repeated* to L (nearest index), not interpolated: linear interpolation along the row-major
+  patch sequence would blend patches that are not spatial neighbours (the end of one row with the
+  start of the next, the CLS with the first patch); repetition keeps every patch feature intact.
+  The question is short, so Q runs at its own short length and each example's *question tokens*
+  (SOT..EOT, no padding) are stretched over L the same way: every question token governs an equal
+  share of the joint sequence, so the per-token weights shown are exactly the weights used.
+* **QGA.** One linear layer on the question embedding ([token state; pooled question]) gives two
+  logits per question token; a softmax over the two sources gives alpha (image) and beta (context),
+  alpha + beta = 1, both in [0, 1]. The softmax (rather than two sigmoids) makes the sources
+  compete: the model cannot simply switch both on and let the decoder sort them out, so the
+  dominant weight says which source the question relies on. I and C are layer-normed before
+  mixing so that feature norms cannot override the weights. e = alpha * I + beta * C.
+* **Decoder.** Pre-norm transformer decoder over memory [Q tokens; e]. The question part tells the
+  decoder *what* is asked; the answer itself can only come from e (Q never holds it), which is what
+  forces QGA to weight the right source (and contexts that contradict the picture punish beta on
+  visual questions). Odd layers (``decoder.1``, ``decoder.3``, ...) have a sparse switch-MoE FFN,
+  even layers a dense FFN. Answers are 1-3 words of a closed vocabulary built from the training
+  answers (stored in config.json); decoding is greedy.
+* **Loss.** CE + L_QCA + L_QIA + lambda * L_aux, with L_Q?A = 1 - cos(projected mean Q, mean C or I)
+  and L_aux the switch balance loss summed over the decoder MoE layers (valid decoder steps only).
+* **expert_only.** Encoders, QGA, attention, embeddings, dense FFNs and the answer head are frozen;
+  only the experts and routers of the MoE layers train (encoding then also runs without autograd).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmoe_core.adapter import (AttributionTarget, InputSpec, ModelAdapter, PredictionSpec, RoutedLayerSpec,
+                               RunOutput, register_family)
+from mmoe_core.encoders import ClipTowers, EncoderSpec, build_towers
+from mmoe_core.moe import FeedForward, SwitchMoE, switch_balance_loss
+from mmoe_core.qa_text import AnswerVocab, SPECIAL_TOKENS, exact_match, normalise_answer
+from mmoe_core.routing_record import PositionMeta, RoutingRecorder
+
+FAMILY = "moemoe"
+DECODER_CALL = "decoder"
+SLICE_LABELS = ("question_type", "answer_source", "category")
+SOURCES = ("image", "context")
+
+
+def default_model_config(answer_vocab: Sequence[str] | None = None, **overrides) -> dict:
+    """The ``model`` section of config.json; ``overrides`` replace its keys."""
+    config = {
+        # Questions are <= 12 BPE tokens; demo contexts up to ~118: C and the joint sequence use 120.
+        "question_encoder": EncoderSpec(kind="tiny", name="tiny-32",
+                                        extra={"context_length": 16, "text_layers": 1}).to_dict(),
+        "source_encoder": EncoderSpec(kind="tiny", name="tiny-32",
+                                      extra={"context_length": 120, "text_layers": 1, "vision_layers": 1,
+                                             "patch_size": 8}).to_dict(),
+        "model_dim": 64,
+        "decoder_layers": 4,
+        "decoder_heads": 4,
+        "ffn_mult": 2.0,
+        "num_experts": 4,
+        "top_k": 2,
+        "gate": "topk_softmax",
+        "max_answer_words": 3,
+        "answer_vocab": list(answer_vocab) if answer_vocab is not None else list(SPECIAL_TOKENS),
+        "aux_weight": 0.1,        # lambda: 0.01 ignores the MoE, 0.5 over-balances (paper)
+        "align_weight": 1.0,
+        "expert_only": False,
+        "expert_only_after_steps": None,
+    }
+    config.update(overrides)
+    return config
+
+
+def default_config(answer_vocab: Sequence[str] | None = None, **overrides) -> dict:
+    """A whole config.json (family + model section), as the training loop writes it."""
+    return {"family": FAMILY, "model": default_model_config(answer_vocab, **overrides)}
+
+
+def model_section(config: dict) -> dict:
+    """The model sizes of a config.json (its ``model`` section; a bare section is accepted too)."""
+    return config["model"] if "model" in config else config
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pure functions (the math of the model).
+# ---------------------------------------------------------------------------------------------
+
+def repeat_to_length(x: Tensor, length: int) -> Tensor:
+    """[B, N, ...] -> [B, length, ...] by nearest-index repetition (each item kept intact).
+
+    When ``length < N`` items are averaged in equal areas instead, so that none is dropped.
+    """
+    n = x.shape[1]
+    if length >= n:
+        index = torch.arange(length, device=x.device) * n // length
+        return x[:, index]
+    flat = x.reshape(x.shape[0], n, -1).transpose(1, 2)
+    return F.adaptive_avg_pool1d(flat, length).transpose(1, 2).reshape(x.shape[0], length, *x.shape[2:])
+
+
+def stretch_valid_tokens(x: Tensor, counts: Tensor, length: int) -> Tensor:
+    """Per example b, repeat its first ``counts[b]`` items of x [B, N, ...] over ``length`` positions."""
+    positions = torch.arange(length, device=x.device)
+    index = positions[None, :] * counts.clamp_min(1)[:, None] // length          # [B, length]
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    return x[rows, index]
+
+
+def qga_weights(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Two source logits per token [..., 2] -> (alpha image, beta context), a softmax over the sources."""
+    weights = F.softmax(logits, dim=-1)
+    return weights[..., 0], weights[..., 1]
+
+
+def joint_embedding(alpha: Tensor, beta: Tensor, image_tokens: Tensor, context_tokens: Tensor) -> Tensor:
+    """e = alpha * I + beta * C, with per-position weights [B, L] and token features [B, L, D]."""
+    return alpha.unsqueeze(-1) * image_tokens + beta.unsqueeze(-1) * context_tokens
+
+
+def alignment_loss(projected_question: Tensor, source: Tensor) -> Tensor:
+    """1 - cos(projected question, source), averaged over the batch (0 aligned, 1 orthogonal, 2 opposite)."""
+    return (1.0 - F.cosine_similarity(projected_question, source, dim=-1)).mean()
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of x [B, L, D] over the positions where mask [B, L] is True."""
+    weights = mask.to(x.dtype).unsqueeze(-1)
+    return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def decoder_balance_loss(recorder: RoutingRecorder, valid: Tensor) -> Tensor:
+    """Switch balance loss summed over the recorded MoE calls, over valid decoder steps only."""
+    total = valid.new_zeros((), dtype=torch.float32)
+    for call in recorder.calls:
+        router = call.router
+        keep = valid.to(router.probs.device)
+        total = total + switch_balance_loss(router.probs[keep], router.topk_ids[keep], router.probs.shape[-1])
+    return total
+
+
+def dominant_source(alpha: Sequence[float] | np.ndarray, beta: Sequence[float] | np.ndarray) -> str:
+    """'image' when mean alpha over the question's tokens exceeds mean beta, else 'context'."""
+    return "image" if float(np.mean(alpha)) > float(np.mean(beta)) else "context"
+
+
+def is_expert_or_router(parameter_name: str) -> bool:
+    """Parameters that stay trainable in expert_only mode: the MoE experts and their routers."""
+    return ".moe.experts." in parameter_name or ".moe.gate." in parameter_name
+
+
+# ---------------------------------------------------------------------------------------------
+# The model.
+# ---------------------------------------------------------------------------------------------
+
+class QuestionGuidedAttention(nn.Module):
+    """QGA: per question token, softmax over (image, context) of a linear map of [token; pooled question].
+
+    The pooled question is appended because the text tower is causal: early tokens ("what") have
+    not yet seen the words that say what is asked.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.score = nn.Linear(2 * dim, len(SOURCES))
+
+    def forward(self, question_tokens: Tensor, question_pooled: Tensor) -> tuple[Tensor, Tensor]:
+        pooled = question_pooled.unsqueeze(1).expand_as(question_tokens)
+        return qga_weights(self.score(torch.cat([question_tokens, pooled], dim=-1)))
+
+
+@dataclass
+class Encoded:
+    """Encoder side of a batch of B questions over U distinct sources (product context + picture).
+
+    The decoder memory is [question tokens; e] with e = alpha * I + beta * C over the joint length L.
+    It is kept factorised (sources once, weights per question) because keys and values are linear in
+    e: W e = alpha * (W I) + beta * (W C), so each source is projected once for all its questions.
+    """
+    question: Tensor          # [B, Lq, D] projected question tokens (+ segment embedding)
+    question_valid: Tensor    # [B, Lq] True for the question's own tokens (SOT..EOT)
+    question_pooled: Tensor   # [B, D] the question at its EOT
+    alpha: Tensor             # [B, Lq] image weight per question position (padding included)
+    beta: Tensor              # [B, Lq] context weight
+    alpha_joint: Tensor       # [B, L] alpha stretched over the joint sequence
+    beta_joint: Tensor        # [B, L]
+    image: Tensor             # [U, L, D] image tokens repeated to L (layer-normed)
+    context: Tensor           # [U, L, D] context tokens (layer-normed)
+    source_index: Tensor      # [B] source row of each question
+    joint_segment: Tensor     # [D] segment embedding added to every position of e
+    qca_loss: Tensor          # L_QCA
+    qia_loss: Tensor          # L_QIA
+
+    @property
+    def batch_size(self) -> int:
+        return self.question.shape[0]
+
+    def joint(self) -> Tensor:
+        """e [B, L, D], materialised (the decoder never needs it whole)."""
+        return joint_embedding(self.alpha_joint, self.beta_joint, self.image[self.source_index],
+                               self.context[self.source_index]) + self.joint_segment
+
+    def memory_padding(self) -> Tensor:
+        """[B, Lq + L] True where attention must not look (question padding)."""
+        joint = torch.zeros(self.alpha_joint.shape, dtype=torch.bool, device=self.alpha_joint.device)
+        return torch.cat([~self.question_valid, joint], dim=1)
+
+    def project(self, linear: nn.Linear) -> Tensor:
+        """``linear`` applied to the memory [B, Lq + L, D_out], projecting each source only once."""
+        image = F.linear(self.image, linear.weight)[self.source_index]
+        context = F.linear(self.context, linear.weight)[self.source_index]
+        joint = joint_embedding(self.alpha_joint, self.beta_joint, image, context) + linear(self.joint_segment)
+        return torch.cat([linear(self.question), joint], dim=1)  # alpha + beta = 1: one bias
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from decoder steps to precomputed memory keys and values."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"model_dim {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def keys_values(self, encoded: Encoded) -> tuple[Tensor, Tensor]:
+        return self._heads(encoded.project(self.key)), self._heads(encoded.project(self.value))
+
+    def _heads(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)   # [B, H, N, d_head]
+
+    def forward(self, x: Tensor, keys: Tensor, values: Tensor, padding: Tensor) -> Tensor:
+        b, t, d = x.shape
+        if keys.shape[0] != b:  # one encoded example, several decoder rows
+            keys, values, padding = keys.expand(b, -1, -1, -1), values.expand(b, -1, -1, -1), padding.expand(b, -1)
+        attend = ~padding[:, None, None, :]
+        out = F.scaled_dot_product_attention(self._heads(self.query(x)), keys, values, attn_mask=attend)
+        return self.out(out.transpose(1, 2).reshape(b, t, d))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer: causal self-attention, cross-attention to [Q; e], FFN (dense or MoE)."""
+
+    def __init__(self, dim: int, heads: int, mult: float, moe: SwitchMoE | None = None):
+        super().__init__()
+        self.self_norm = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.cross_norm = nn.LayerNorm(dim)
+        self.cross_attn = CrossAttention(dim, heads)
+        self.ffn_norm = nn.LayerNorm(dim)
+        if moe is not None:
+            self.moe = moe
+        else:
+            self.ffn = FeedForward(dim, dim, mult)
+
+    @property
+    def is_moe(self) -> bool:
+        return hasattr(self, "moe")
+
+    def forward(self, x: Tensor, memory_kv: tuple[Tensor, Tensor], memory_padding: Tensor, causal: Tensor,
+                recorder: RoutingRecorder | None = None, meta: PositionMeta | None = None,
+                capture: dict | None = None) -> Tensor:
+        h = self.self_norm(x)
+        x = x + self.self_attn(h, h, h, attn_mask=causal, need_weights=False)[0]
+        x = x + self.cross_attn(self.cross_norm(x), *memory_kv, memory_padding)
+        h = self.ffn_norm(x)
+        if not self.is_moe:
+            return x + self.ffn(h)
+        if capture is not None:
+            capture.setdefault(self.moe.name, h)
+        return x + self.moe(h, recorder=recorder, meta=meta)
+
+
+def _text_only(towers: ClipTowers) -> ClipTowers:
+    """Drop the image half of a CLIP used as a text encoder only (no dead weights in checkpoints)."""
+    towers.clip.visual = None
+    return towers
+
+
+class MoEMoEModel(nn.Module):
+    """Q, C, I encoders -> QGA joint e -> decoder with sparse-MoE odd layers -> answer words."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = config = model_section(config)
+        self.vocab = AnswerVocab(config["answer_vocab"])
+        self.question_encoder = _text_only(build_towers(config["question_encoder"]))
+        self.source_encoder = build_towers(config["source_encoder"])  # text half = C, image half = I
+        dim = int(config["model_dim"])
+        self.question_proj = nn.Linear(self.question_encoder.text_width, dim)
+        self.context_proj = nn.Linear(self.source_encoder.text_width, dim)
+        self.image_proj = nn.Linear(self.source_encoder.vision_width, dim)
+        self.context_norm = nn.LayerNorm(dim)
+        self.image_norm = nn.LayerNorm(dim)
+        self.qga = QuestionGuidedAttention(dim)
+        self.align_question_context = nn.Linear(dim, dim)
+        self.align_question_image = nn.Linear(dim, dim)
+        self.segment = nn.Embedding(2, dim)  # 0: question part of the memory, 1: joint e
+        self.max_answer_words = int(config["max_answer_words"])
+        self.answer_embedding = nn.Embedding(len(self.vocab), dim)
+        self.step_embedding = nn.Embedding(self.max_answer_words + 1, dim)
+        # The decoder is told the question (what is asked) at every step; the answer can only come from e.
+        self.question_to_decoder = nn.Linear(dim, dim)
+        layers = []
+        for i in range(int(config["decoder_layers"])):
+            moe = None
+            if i % 2 == 1:
+                moe = SwitchMoE(dim, dim, int(config["num_experts"]), int(config["top_k"]), gate=config["gate"],
+                                mult=float(config["ffn_mult"]), name=f"decoder.{i}.moe")
+            layers.append(DecoderLayer(dim, int(config["decoder_heads"]), float(config["ffn_mult"]), moe))
+        self.decoder = nn.ModuleList(layers)
+        self.final_norm = nn.LayerNorm(dim)
+        self.answer_head = nn.Linear(dim, len(self.vocab))
+        self.expert_only = False
+        self.set_expert_only(bool(config.get("expert_only", False)))
+
+    # ---- training modes ------------------------------------------------------------------------
+    def set_expert_only(self, enabled: bool) -> None:
+        """Freeze everything but the experts and routers (True), or train everything (False)."""
+        self.expert_only = enabled
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(is_expert_or_router(name) or not enabled)
+        # CLIP's contrastive temperature is never used here
+        self.source_encoder.clip.logit_scale.requires_grad_(False)
+        self.question_encoder.clip.logit_scale.requires_grad_(False)
+
+    def moe_layers(self) -> list[SwitchMoE]:
+        return [layer.moe for layer in self.decoder if layer.is_moe]
+
+    # ---- encoder side --------------------------------------------------------------------------
+    def encode(self, question_ids: Tensor, context_ids: Tensor, pixels: Tensor, source_index: Tensor | None = None,
+               question_embeds: Tensor | None = None, context_embeds: Tensor | None = None,
+               patch_embeds: Tensor | None = None) -> Encoded:
+        """Encode Q, C, I and weight the sources; ``*_embeds`` replace the input embeddings (attribution).
+
+        ``context_ids``/``pixels`` may hold each distinct (context, picture) source once, with
+        ``source_index`` [B] naming each question's source row: a product's picture and context are
+        then encoded once for all its questions (same result as one row per question).
+        """
+        if source_index is None:
+            source_index = torch.arange(question_ids.shape[0], device=question_ids.device)
+        _, question_states = self.question_encoder.encode_text(question_ids, question_embeds)
+        _, context_states = self.source_encoder.encode_text(context_ids, context_embeds)
+        _, image_states = self.source_encoder.encode_image(pixels, patch_embeds)
+        question = self.question_proj(question_states)                     # [B, Lq, D]
+        context = self.context_norm(self.context_proj(context_states))      # [U, L, D]
+        image = self.image_norm(self.image_proj(image_states))              # [U, 1 + P, D]
+        question_valid = question_ids != 0
+        rows = torch.arange(question.shape[0], device=question.device)
+        question_pooled = question[rows, question_ids.argmax(dim=-1)]      # EOT has the largest id
+        alpha, beta = self.qga(question, question_pooled)
+        length = context.shape[1]
+        counts = question_valid.sum(dim=1)
+        question_mean = masked_mean(question, question_valid)
+        context_mean = masked_mean(context, context_ids != 0)[source_index]
+        qca = alignment_loss(self.align_question_context(question_mean), context_mean)
+        qia = alignment_loss(self.align_question_image(question_mean), image.mean(dim=1)[source_index])
+        return Encoded(
+            question=question + self.segment.weight[0], question_valid=question_valid,
+            question_pooled=question_pooled, alpha=alpha, beta=beta,
+            alpha_joint=stretch_valid_tokens(alpha, counts, length),
+            beta_joint=stretch_valid_tokens(beta, counts, length),
+            image=repeat_to_length(image, length), context=context, source_index=source_index,
+            joint_segment=self.segment.weight[1], qca_loss=qca, qia_loss=qia)
+
+    # ---- decoder side --------------------------------------------------------------------------
+    def memory_keys_values(self, encoded: Encoded) -> list[tuple[Tensor, Tensor]]:
+        """Per decoder layer, the cross-attention keys and values of the memory (reusable across steps)."""
+        return [layer.cross_attn.keys_values(encoded) for layer in self.decoder]
+
+    def decode(self, encoded: Encoded, decoder_input: Tensor, recorder: RoutingRecorder | None = None,
+               meta: PositionMeta | None = None, capture: dict | None = None,
+               memory_kv: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        """Teacher-forced logits [B, T, V] for decoder inputs [B, T] (<bos> first)."""
+        steps = decoder_input.shape[1]
+        positions = torch.arange(steps, device=decoder_input.device)
+        question = self.question_to_decoder(encoded.question_pooled).unsqueeze(1)
+        x = self.answer_embedding(decoder_input) + self.step_embedding(positions) + question
+        causal = torch.ones(steps, steps, dtype=torch.bool, device=x.device).triu(1)
+        memory_kv = memory_kv if memory_kv is not None else self.memory_keys_values(encoded)
+        padding = encoded.memory_padding()
+        for layer, kv in zip(self.decoder, memory_kv):
+            x = layer(x, kv, padding, causal, recorder, meta, capture)
+        return self.answer_head(self.final_norm(x))
+
+    @torch.no_grad()
+    def greedy(self, encoded: Encoded) -> tuple[Tensor, Tensor]:
+        """Greedy answer words: (ids [B, S] ending in <eos> or truncated, log-prob of each step [B, S]).
+
+        After an example's <eos>, its later steps repeat <eos> with log-prob 0.
+        """
+        batch, device = encoded.batch_size, encoded.question.device
+        memory_kv = self.memory_keys_values(encoded)
+        decoder_input = torch.full((batch, 1), self.vocab.bos_id, dtype=torch.long, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        chosen, scores = [], []
+        for _ in range(self.max_answer_words + 1):
+            logits = self.decode(encoded, decoder_input, memory_kv=memory_kv)[:, -1]
+            logits[:, [self.vocab.pad_id, self.vocab.bos_id]] = float("-inf")  # never valid outputs
+            log_probs = logits.log_softmax(dim=-1)
+            step_score, step_ids = log_probs.max(dim=-1)
+            step_ids = torch.where(finished, torch.full_like(step_ids, self.vocab.eos_id), step_ids)
+            scores.append(torch.where(finished, torch.zeros_like(step_score), step_score))
+            chosen.append(step_ids)
+            finished = finished | (step_ids == self.vocab.eos_id)
+            if bool(finished.all()):
+                break
+            decoder_input = torch.cat([decoder_input, step_ids[:, None]], dim=1)
+        return torch.stack(chosen, dim=1), torch.stack(scores, dim=1)
+
+    def decoder_input_for(self, answer_ids: Tensor) -> Tensor:
+        """Teacher-forcing input: <bos> followed by all but the last answer id."""
+        bos = torch.full_like(answer_ids[:, :1], self.vocab.bos_id)
+        return torch.cat([bos, answer_ids[:, :-1]], dim=1)
+
+
+def valid_steps(answer_ids: Tensor, eos_id: int) -> Tensor:
+    """[B, S] True up to and including each row's first <eos> (all True when there is none)."""
+    is_eos = answer_ids == eos_id
+    seen_before = torch.cumsum(is_eos.int(), dim=1) - is_eos.int()
+    return seen_before == 0
+
+
+def build_model(config: dict) -> MoEMoEModel:
+    return MoEMoEModel(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples -> tensors.
+# ---------------------------------------------------------------------------------------------
+
+def examples_from_dataset(items, split_offset: int = 0) -> list[dict]:
+    """QAItems (from :func:`mmoe_core.data.readers.read_qa_dataset`) -> adapter examples."""
+    examples = []
+    for i, item in enumerate(items):
+        examples.append({
+            "index": split_offset + i, "id": item.id,
+            "labels": {"question_type": item.question_type or "unknown",
+                       "answer_source": item.answer_source or "unknown", "category": item.category or "unknown"},
+            "question": item.question, "context": item.context,
+            "image_path": str(item.image) if item.image is not None else None,
+            "answer": item.answer, "product_id": item.product_id,
+            "context_conflict": bool(item.context_conflict) if item.context_conflict is not None else None,
+        })
+    return examples
+
+
+def load_qa_examples(data_dir: Path | str, split: str = "test") -> list[dict]:
+    from mmoe_core.data.readers import read_qa_dataset
+    dataset = read_qa_dataset(data_dir, check_images=True, splits=(split,))
+    return examples_from_dataset(dataset.splits[split])
+
+
+def source_key(example: dict) -> tuple:
+    """What identifies an example's sources: its context and its picture (path, or the object itself)."""
+    picture = example.get("image")
+    return (example.get("context") or "", id(picture) if picture is not None else example.get("image_path"))
+
+
+class QAFeaturizer:
+    """Turns examples into tensors for a model: BPE ids for Q and C, pixels for I, answer word ids.
+
+    Pictures are read once and cached by path (a product's picture serves all its questions).
+    """
+
+    def __init__(self, model: MoEMoEModel):
+        self.model = model
+        self._pixels: dict[str, Tensor] = {}
+
+    def pixels_of(self, example: dict) -> Tensor:
+        towers = self.model.source_encoder
+        if example.get("image") is not None:  # a PIL image built by hand (live playground)
+            return towers.preprocess([example["image"]])[0]
+        path = example.get("image_path")
+        if not path:
+            return towers.preprocess([None])[0]
+        if path not in self._pixels:
+            from mmoe_core.data.readers import load_image
+            self._pixels[path] = towers.preprocess([load_image(path)])[0]
+        return self._pixels[path]
+
+    def answer_ids(self, answers: Sequence[str]) -> Tensor:
+        steps = self.model.max_answer_words + 1
+        rows = [self.model.vocab.encode(a, self.model.max_answer_words) for a in answers]
+        out = torch.full((len(rows), steps), self.model.vocab.pad_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, :len(row)] = torch.tensor(row)
+        return out
+
+    def batch(self, examples: Sequence[dict], with_answers: bool = True) -> dict:
+        """Tensors of the examples; each distinct (context, picture) source appears once."""
+        rows: dict[tuple, int] = {}
+        sources, source_index = [], []
+        for e in examples:
+            key = source_key(e)
+            if key not in rows:
+                rows[key] = len(sources)
+                sources.append(e)
+            source_index.append(rows[key])
+        batch = {
+            "question_ids": self.model.question_encoder.tokenize([e["question"] for e in examples]),
+            "context_ids": self.model.source_encoder.tokenize([e.get("context") or "" for e in sources]),
+            "pixels": torch.stack([self.pixels_of(e) for e in sources]),
+            "source_index": torch.tensor(source_index, dtype=torch.long),
+            "example_ids": [int(e["index"]) for e in examples],
+        }
+        if with_answers:
+            batch["answer_ids"] = self.answer_ids([e.get("answer") or "" for e in examples])
+        return batch
+
+
+def batch_to(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+
+
+def encode_batch(model: MoEMoEModel, batch: dict) -> Encoded:
+    return model.encode(batch["question_ids"], batch["context_ids"], batch["pixels"], batch.get("source_index"))
+
+
+def decoder_meta(model: MoEMoEModel, example_ids: Sequence[int], decoder_input: Tensor,
+                 valid: Tensor | None) -> PositionMeta:
+    """Routing metadata of the decoder MoE calls: one ``decoder_step`` position per answer step."""
+    tokens = [[model.vocab.words[i] for i in row] for row in decoder_input.tolist()]
+    return PositionMeta.uniform(DECODER_CALL, list(example_ids), decoder_input.shape[1], "decoder_step",
+                                routed="decoder", gate="decoder", tokens=tokens,
+                                valid=None if valid is None else valid.cpu())
+
+
+def loss_parts(model: MoEMoEModel, batch: dict, recorder: RoutingRecorder | None = None) -> dict[str, Tensor]:
+    """CE + L_QCA + L_QIA + lambda * L_aux (balance over decoder MoE layers), as separate parts."""
+    config = model.config
+    if model.expert_only:  # frozen backbone: no graph through the encoders
+        with torch.no_grad():
+            encoded = encode_batch(model, batch)
+    else:
+        encoded = encode_batch(model, batch)
+    answer_ids = batch["answer_ids"]
+    decoder_input = model.decoder_input_for(answer_ids)
+    valid = answer_ids != model.vocab.pad_id
+    recorder = recorder if recorder is not None else RoutingRecorder(keep_graph=True)
+    meta = decoder_meta(model, batch["example_ids"], decoder_input, valid)
+    logits = model.decode(encoded, decoder_input, recorder=recorder, meta=meta)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answer_ids.reshape(-1),
+                         ignore_index=model.vocab.pad_id)
+    moe_calls = RoutingRecorder(keep_graph=True,
+                                calls=[c for c in recorder.calls if c.layer.startswith("decoder.")])
+    align = float(config.get("align_weight", 1.0))
+    return {
+        "ce": ce,
+        "qca": align * encoded.qca_loss,
+        "qia": align * encoded.qia_loss,
+        "aux": float(config.get("aux_weight", 0.1)) * decoder_balance_loss(moe_calls, valid),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapter.
+# ---------------------------------------------------------------------------------------------
+
+def exact_match_summary(rows: Sequence[tuple[bool, dict]], slice_labels: Sequence[str] = SLICE_LABELS) -> dict:
+    """{"overall": {exact_match, n}, "by_<label>": {value: {exact_match, n}}} from (correct, labels) rows."""
+    def block(flags: list[bool]) -> dict:
+        return {"exact_match": float(np.mean(flags)) if flags else float("nan"), "n": len(flags)}
+
+    summary = {"overall": block([c for c, _ in rows])}
+    for label in slice_labels:
+        groups: dict[str, list[bool]] = {}
+        for correct, labels in rows:
+            groups.setdefault(str(labels.get(label, "unknown")), []).append(correct)
+        summary[f"by_{label}"] = {value: block(flags) for value, flags in sorted(groups.items())}
+    return summary
+
+
+def qga_agreement(qga_rows: Sequence[dict], examples: Sequence[dict]) -> dict:
+    """Share of single-source questions (image or context) whose dominant QGA source is the gold one."""
+    by_index = {int(e["index"]): e for e in examples}
+    hits: dict[str, list[bool]] = {s: [] for s in SOURCES}
+    for row in qga_rows:
+        source = by_index[int(row["index"])]["labels"].get("answer_source")
+        if source in hits:
+            hits[source].append(dominant_source(row["alpha"], row["beta"]) == source)
+    flags = hits["image"] + hits["context"]
+    return {"agreement": float(np.mean(flags)) if flags else float("nan"), "n": len(flags),
+            **{f"agreement_{s}": float(np.mean(v)) if v else float("nan") for s, v in hits.items()}}
+
+
+class MoEMoEAdapter(ModelAdapter):
+    family = FAMILY
+    model: MoEMoEModel
+
+    def __init__(self, model: nn.Module, config: dict, device: torch.device | str = "cpu"):
+        super().__init__(model, config, device)
+        self.featurizer = QAFeaturizer(self.model)
+
+    # ---- declarations --------------------------------------------------------------------------
+    def input_spec(self) -> list[InputSpec]:
+        return [InputSpec("question", "text_tokens", "question BPE tokens (question encoder Q)"),
+                InputSpec("context", "text_tokens", "product context BPE tokens (context encoder C)"),
+                InputSpec("image", "image_patches", "product picture patches (image encoder I)")]
+
+    def routed_layers(self) -> list[RoutedLayerSpec]:
+        return [RoutedLayerSpec(moe.name, moe.num_experts, moe.top_k, moe.gate_kind,
+                                routed="decoder hidden state at each answer step",
+                                gate_sees="the same decoder hidden state", calls=(DECODER_CALL,))
+                for moe in self.model.moe_layers()]
+
+    def prediction_spec(self) -> PredictionSpec:
+        return PredictionSpec("answer", "greedy answer words; exact match after normalisation")
+
+    def attribution_targets(self) -> list[AttributionTarget]:
+        return [AttributionTarget("answer_logit", "logit of the first answer word (gold if in the vocabulary, "
+                                                  "else predicted) at decoder step 0"),
+                AttributionTarget("router_logit", "router logit of (layer, expert, decoder step)", needs_layer=True)]
+
+    def output_spec(self) -> dict[str, str]:
+        return {"qga": "per example: QGA weights alpha (image) and beta (context) over the question's tokens "
+                       "(SOT..EOT), with the token strings; alpha + beta = 1"}
+
+    def slice_labels(self) -> list[str]:
+        return list(SLICE_LABELS)
+
+    # ---- data ----------------------------------------------------------------------------------
+    def load_examples(self, data_dir: Path, split: str = "test") -> list[dict]:
+        return load_qa_examples(data_dir, split)
+
+    # ---- running -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, examples: Sequence[dict], record: bool = True, batch_size: int = 32,
+            progress: bool = False) -> RunOutput:
+        model = self.model.eval()
+        recorder = RoutingRecorder(keep_graph=False) if record else None
+        predictions, qga_rows, representations = [], [], []
+        starts = range(0, len(examples), batch_size)
+        if progress:
+            from tqdm import tqdm
+            starts = tqdm(starts, desc="moemoe run", unit="batch")
+        first_moe = model.moe_layers()[0].name if model.moe_layers() else None
+        for start in starts:
+            chunk = list(examples[start:start + batch_size])
+            batch = batch_to(self.featurizer.batch(chunk, with_answers=False), self.device)
+            encoded = encode_batch(model, batch)
+            answer_ids, step_scores = model.greedy(encoded)
+            # One more teacher-forced pass over the chosen words: same states as the greedy steps
+            # (causal decoder), so each step is recorded exactly once.
+            decoder_input = model.decoder_input_for(answer_ids)
+            valid = valid_steps(answer_ids, model.vocab.eos_id)
+            capture: dict = {}
+            meta = decoder_meta(model, batch["example_ids"], decoder_input, valid)
+            model.decode(encoded, decoder_input, recorder=recorder, meta=meta, capture=capture)
+            if first_moe is not None:
+                representations.append(capture[first_moe][:, 0].float().cpu())
+            question_tokens = model.question_encoder.token_strings(batch["question_ids"].cpu())
+            for row, example in enumerate(chunk):
+                answer = model.vocab.decode(answer_ids[row].tolist())
+                gold = example.get("answer")
+                predictions.append({
+                    "index": int(example["index"]), "id": example.get("id"),
+                    "prediction": answer, "answer": answer, "gold": gold,
+                    "correct": bool(exact_match(answer, gold)) if gold is not None else None,
+                    "score": float(step_scores[row].sum()),
+                })
+                keep = encoded.question_valid[row].cpu()
+                qga_rows.append({
+                    "index": int(example["index"]),
+                    "tokens": [t for t, k in zip(question_tokens[row], keep.tolist()) if k],
+                    "alpha": encoded.alpha[row].cpu()[keep].float().tolist(),
+                    "beta": encoded.beta[row].cpu()[keep].float().tolist(),
+                })
+        reps = torch.cat(representations) if representations else None
+        return RunOutput(predictions, recorder, {"qga": qga_rows}, reps)
+
+    def summarize(self, predictions: Sequence[dict], examples: Sequence[dict]) -> dict:
+        """Exact match overall and by question type, answer source and category."""
+        by_index = {int(e["index"]): e for e in examples}
+        rows = []
+        for p in predictions:
+            example = by_index.get(int(p["index"]), {})
+            gold = example.get("answer", p.get("gold"))
+            rows.append((bool(exact_match(p.get("prediction"), gold)), example.get("labels", {})))
+        return exact_match_summary(rows)
+
+    # ---- attribution ---------------------------------------------------------------------------
+    def _single_batch(self, example: dict) -> dict:
+        return batch_to(self.featurizer.batch([example], with_answers=False), self.device)
+
+    def attribution_inputs(self, example: dict) -> dict[str, Tensor]:
+        batch = self._single_batch(example)
+        model = self.model
+        with torch.no_grad():
+            return {
+                "question": model.question_encoder.embed_text_tokens(batch["question_ids"]).detach(),
+                "context": model.source_encoder.embed_text_tokens(batch["context_ids"]).detach(),
+                "image": model.source_encoder.embed_image_patches(batch["pixels"]).detach(),
+            }
+
+    def attribution_forward(self, example: dict, target: str, layer: str | None = None,
+                            expert: int | None = None, position: int | None = None,
+                            call: str | None = None) -> Callable[..., Tensor]:
+        model = self.model.eval()
+        batch = self._single_batch(example)
+        with torch.no_grad():
+            predicted, _ = model.greedy(encode_batch(model, batch))
+
+        def encode(question_embeds: Tensor, context_embeds: Tensor, patch_embeds: Tensor) -> Encoded:
+            n = question_embeds.shape[0]
+            return model.encode(batch["question_ids"].expand(n, -1), batch["context_ids"].expand(n, -1),
+                                batch["pixels"].expand(n, -1, -1, -1), None,
+                                question_embeds, context_embeds, patch_embeds)
+
+        if target == "answer_logit":
+            gold_first = model.vocab.encode(example.get("answer") or "", 1)[0]
+            first_word = gold_first if gold_first not in (model.vocab.unk_id, model.vocab.eos_id) \
+                else int(predicted[0, 0])
+
+            def answer_logit(question_embeds, context_embeds, patch_embeds):
+                encoded = encode(question_embeds, context_embeds, patch_embeds)
+                bos = torch.full((question_embeds.shape[0], 1), model.vocab.bos_id, device=question_embeds.device)
+                return model.decode(encoded, bos)[:, 0, first_word]
+            return answer_logit
+
+        if target == "router_logit":
+            layers = {moe.name: moe for moe in model.moe_layers()}
+            if layer not in layers:
+                raise KeyError(f"unknown routed layer {layer!r}; layers: {sorted(layers)}")
+            if call not in (None, DECODER_CALL):
+                raise ValueError(f"{layer} is only called as {DECODER_CALL!r}, not {call!r}")
+            decoder_input = model.decoder_input_for(predicted)
+            steps = int(valid_steps(predicted, model.vocab.eos_id)[0].sum())
+            if position is None or not 0 <= position < steps:
+                raise ValueError(f"position must be a decoder step in 0..{steps - 1}, got {position}")
+            if expert is None or not 0 <= expert < layers[layer].num_experts:
+                raise ValueError(f"expert must be in 0..{layers[layer].num_experts - 1}, got {expert}")
+
+            def router_logit(question_embeds, context_embeds, patch_embeds):
+                encoded = encode(question_embeds, context_embeds, patch_embeds)
+                recorder = RoutingRecorder(keep_graph=True)
+                rows = decoder_input.expand(question_embeds.shape[0], -1)
+                model.decode(encoded, rows, recorder=recorder)
+                logits = next(c.router.logits for c in recorder.calls if c.layer == layer)
+                return logits[:, position, expert]
+            return router_logit
+
+        raise ValueError(f"unknown attribution target {target!r}; choose answer_logit or router_logit")
+
+    def input_labels(self, example: dict) -> dict[str, list[str]]:
+        batch = self._single_batch(example)
+        side = self.model.source_encoder.clip.visual.grid_size[0]
+        return {
+            "question": self.model.question_encoder.token_strings(batch["question_ids"].cpu())[0],
+            "context": self.model.source_encoder.token_strings(batch["context_ids"].cpu())[0],
+            "image": [f"patch {r},{c}" for r in range(side) for c in range(side)],
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer hooks for ``python -m mmoe_core.train --family moemoe``.
+# ---------------------------------------------------------------------------------------------
+
+class MoEMoETrainer:
+    """:class:`mmoe_core.training.FamilyTrainer` of the family.
+
+    Batches hold whole products (every question of a product), ``batch_size`` questions on average,
+    so that each picture and context is encoded once per step for all its questions.
+
+    ``options.family_options`` (all optional): any key of :func:`default_model_config` (sizes,
+    ``aux_weight`` = lambda, ``align_weight``); ``expert_only_after_steps`` (None: never; 0: expert-only
+    from the start; N: backbone warm-up for N steps, then only experts and routers train);
+    ``init_from`` (a checkpoint directory whose weights start the run, e.g. for an expert-only phase).
+    lambda defaults to ``options.balance`` when that is set, else 0.1; the loop's own balance loss is
+    then switched off (``options.balance = 0``) because it would also count the padding steps.
+    """
+
+    family = FAMILY
+
+    def __init__(self, options):
+        from mmoe_core.data.readers import read_qa_dataset
+        self.options = options
+        family_options = dict(options.family_options or {})
+        self.expert_only_after = family_options.pop("expert_only_after_steps", None)
+        self.init_from = family_options.pop("init_from", None)
+        dataset = read_qa_dataset(options.data_dir, check_images=True, splits=("train",))
+        self.examples = examples_from_dataset(dataset.splits["train"])
+        if not self.examples:
+            raise ValueError(f"{options.data_dir}: no training questions")
+        vocab = AnswerVocab.build(e["answer"] for e in self.examples)
+        aux_weight = family_options.pop("aux_weight", options.balance or 0.1)
+        options.balance = 0.0
+        unknown = sorted(set(family_options) - set(default_model_config()))
+        if unknown:
+            raise ValueError(f"unknown moemoe family options {unknown}")
+        self._model_config = default_model_config(
+            vocab.words, gate=options.gate, num_experts=options.experts, top_k=min(options.top_k, options.experts),
+            aux_weight=float(aux_weight), expert_only=self.expert_only_after == 0,
+            expert_only_after_steps=self.expert_only_after, **family_options)
+        self.by_source: dict[tuple, list[int]] = {}
+        for i, e in enumerate(self.examples):
+            self.by_source.setdefault(source_key(e), []).append(i)
+        self.model: MoEMoEModel | None = None
+        self._steps = 0
+
+    # -- protocol --------------------------------------------------------------------------------
+    def model_config(self) -> dict:
+        return self._model_config
+
+    def data_config(self) -> dict:
+        return {"root": str(self.options.data_dir), "world": "qa", "split": "train",
+                "questions": len(self.examples), "sources": len(self.by_source)}
+
+    def build_model(self, config: dict) -> MoEMoEModel:
+        model = MoEMoEModel(config)
+        if self.init_from:
+            from mmoe_core.checkpoint import load_config, load_into, load_state
+            if model_section(load_config(self.init_from))["answer_vocab"] != model.vocab.words:
+                raise ValueError(f"{self.init_from}: its answer vocabulary differs from this dataset's")
+            load_into(model, load_state(self.init_from), source=str(self.init_from))
+        return model
+
+    def setup(self, model: MoEMoEModel, device) -> None:
+        """Tokenise every question and source once; the batches then only index tensors."""
+        self.model = model
+        featurizer = QAFeaturizer(model)
+        sources = [self.examples[questions[0]] for questions in self.by_source.values()]
+        self.context_ids = model.source_encoder.tokenize([e["context"] for e in sources])
+        self.pixels = torch.stack([featurizer.pixels_of(e) for e in sources])
+        self.question_ids = model.question_encoder.tokenize([e["question"] for e in self.examples])
+        self.answer_ids = featurizer.answer_ids([e["answer"] for e in self.examples])
+        self.source_groups = list(self.by_source.values())
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.source_groups) / self._sources_per_batch())
+
+    def _sources_per_batch(self) -> int:
+        per_source = len(self.examples) / max(1, len(self.source_groups))
+        return max(1, round(self.options.batch_size / per_source))
+
+    def train_batches(self, rng: np.random.Generator, epoch: int):
+        per_batch = self._sources_per_batch()
+        order = rng.permutation(len(self.source_groups))
+        for start in range(0, len(order), per_batch):
+            if self.expert_only_after is not None and self._steps >= self.expert_only_after \
+                    and not self.model.expert_only:
+                self.model.set_expert_only(True)
+            self._steps += 1
+            chosen = order[start:start + per_batch]
+            questions, source_index = [], []
+            for row, g in enumerate(chosen):
+                questions += self.source_groups[g]
+                source_index += [row] * len(self.source_groups[g])
+            q = torch.as_tensor(questions)
+            src = torch.as_tensor(chosen)
+            yield {
+                "question_ids": self.question_ids[q],
+                "context_ids": self.context_ids[src],
+                "pixels": self.pixels[src],
+                "source_index": torch.as_tensor(source_index),
+                "answer_ids": self.answer_ids[q],
+                "example_ids": questions,
+            }
+
+    def loss_parts(self, model: MoEMoEModel, batch: dict, recorder: RoutingRecorder | None) -> dict[str, Tensor]:
+        return loss_parts(model, batch, recorder)
+
+    def trainable_parameters(self, model: MoEMoEModel, options) -> list[tuple[str, nn.Parameter]]:
+        """Every parameter that may train in this run (the experts and routers alone if expert-only
+        from the start); a later expert-only switch freezes the rest through ``requires_grad``."""
+        if self.expert_only_after == 0:
+            return [(n, p) for n, p in model.named_parameters() if is_expert_or_router(n)]
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _register_trainer() -> None:
+    try:
+        from mmoe_core.training import register_trainer
+    except ImportError:  # the training loop is optional for inference-only installs
+        return
+    register_trainer(FAMILY, MoEMoETrainer)
+
+
+register_family(FAMILY, build_model, MoEMoEAdapter)
+_register_trainer()
