@@ -37,7 +37,7 @@ from captum.attr import IntegratedGradients, Occlusion
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from analysis.embedding import stratified_indices
+from analysis.sampling import stratified_indices
 from mmoe_core.adapter import ModelAdapter
 from mmoe_core.routing_record import flatten_call
 

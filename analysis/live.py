@@ -381,16 +381,21 @@ def top1_grid(routing: pd.DataFrame, call: str | None = None) -> dict[str, pd.Da
 
 
 def routing_changes(before: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
-    """Per layer: how many positions changed their top-1 expert between two live runs of one example
-    (e.g. without and with a knockout): layer, positions, changed, changed_share."""
+    """Per layer, between two live runs of one example (e.g. without and with a knockout): positions,
+    ``changed`` (top-1 expert differs), ``changed_share``, ``topk_changed`` (the set of chosen experts
+    differs)."""
     keys = ["layer", "call", "position"]
+    columns = ["layer", "positions", "changed", "changed_share", "topk_changed"]
     if before is None or after is None or before.empty or after.empty:
-        return pd.DataFrame(columns=["layer", "positions", "changed", "changed_share"])
-    joined = before[keys + ["top1"]].merge(after[keys + ["top1"]], on=keys, suffixes=("_before", "_after"))
+        return pd.DataFrame(columns=columns)
+    joined = before[keys + ["top1", "topk_ids"]].merge(after[keys + ["top1", "topk_ids"]], on=keys,
+                                                       suffixes=("_before", "_after"))
     joined["changed"] = joined["top1_before"] != joined["top1_after"]
-    out = joined.groupby("layer", sort=True).agg(positions=("changed", "size"), changed=("changed", "sum"))
+    joined["topk_changed"] = [set(a) != set(b) for a, b in zip(joined["topk_ids_before"], joined["topk_ids_after"])]
+    out = joined.groupby("layer", sort=True).agg(positions=("changed", "size"), changed=("changed", "sum"),
+                                                 topk_changed=("topk_changed", "sum"))
     out["changed_share"] = out["changed"] / out["positions"].clip(lower=1)
-    return out.reset_index()
+    return out.reset_index()[columns]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis import routing as R
+from analysis.sampling import stratified_indices
 from analysis.store import RunWriter, inputs_manifest, needs_rebuild, rebuild_reasons
 from mmoe_core.adapter import ModelAdapter, load_adapter
 from mmoe_core.checkpoint import list_snapshots, load_config, load_state, load_train_log
@@ -271,21 +272,9 @@ def merge_parts(parts: list[dict]) -> dict:
 
 
 def stratified_sample(examples: Sequence[dict], size: int, label: str | None, seed: int = 0) -> list[dict]:
-    """Up to ``size`` examples, spread evenly over the values of ``label`` (never the head)."""
-    rng = np.random.default_rng(seed)
-    if size >= len(examples):
-        return list(examples)
-    groups: dict[str, list[int]] = {}
-    for i, ex in enumerate(examples):
-        groups.setdefault(str(ex.get("labels", {}).get(label)) if label else "", []).append(i)
-    for g in groups.values():
-        rng.shuffle(g)
-    chosen: list[int] = []
-    while len(chosen) < size:  # round-robin over strata keeps small strata represented
-        for g in groups.values():
-            if g and len(chosen) < size:
-                chosen.append(g.pop())
-    return [examples[i] for i in sorted(chosen)]
+    """Up to ``size`` examples spread over the values of ``label`` (seeded; never the head)."""
+    strata = [str(ex.get("labels", {}).get(label)) for ex in examples] if label else None
+    return [examples[i] for i in stratified_indices(len(examples), size, strata, seed)]
 
 
 def batch_dependence_by_layer(adapter: ModelAdapter, examples: Sequence[dict], batch_size: int) -> dict[str, float]:
@@ -412,8 +401,9 @@ def _write_run(run, root, adapter, ckpt, data_dir, examples, merged, params, pro
     if reps is not None and len(reps) >= 5:
         strata = examples_df[labels[0]].astype(str).to_numpy() if labels and labels[0] in examples_df else None
         projection = fit_projection(reps, method=params["projection"], seed=seed, strata=strata)
-        xy = projection.embedding_
-        projection_df = pd.DataFrame({"example_index": examples_df["index"].to_numpy(), "x": xy[:, 0], "y": xy[:, 1]})
+        xy = projection.coords
+        projection_df = pd.DataFrame({"example_index": examples_df["index"].to_numpy(), "x": xy[:, 0], "y": xy[:, 1],
+                                      "in_fit": np.isin(np.arange(len(xy)), projection.fit_index)})
     summary = adapter.summarize(merged["predictions"], examples)
     manifest = inputs_manifest(ckpt, data_dir, params, family=adapter.family, split=params["split"],
                                layers=[spec.__dict__ for spec in adapter.routed_layers()],

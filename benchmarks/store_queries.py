@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -175,7 +176,7 @@ def bench_one(n: int, repeats: int, workdir: str | None) -> dict:
         fresh = [RunStore("bench", root) for _ in range(repeats)]
         res["layer_loads cold"] = timed(lambda i: fresh[i].layer_loads(), repeats)
         res["layer_loads warm"] = timed(lambda i: store.layer_loads(), repeats)
-        res["layer_loads(by=routed_modality) cold"] = timed(
+        res["open + layer_loads(by=routed_modality)"] = timed(
             lambda i: RunStore("bench", root).layer_loads(by="routed_modality"), repeats)
         res["entropy_values(layer, 20000) cold"] = timed(
             lambda i: fresh[i].entropy_values(layers[i], 20_000), repeats)
@@ -248,7 +249,7 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(out)
 
 
-def record(results: list[dict], info: dict, command: str, path: Path) -> None:
+def record(results: list[dict], info: dict, command: str, path: Path, note: str | None = None) -> None:
     header = "# Benchmarks\n\nResults appended by the scripts in `benchmarks/` (`--record`). Newest last.\n"
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = [f"\n## Artifact store queries ({now})\n",
@@ -256,7 +257,10 @@ def record(results: list[dict], info: dict, command: str, path: Path) -> None:
                f"{info['load_avg_1_5_15']} at start (shared machine); Python {info['python']}, "
                f"DuckDB {info['duckdb']}, pyarrow {info['pyarrow']}, pandas {info['pandas']} "
                f"({info['platform']}).\n",
-               f"Command: `{command}`\n", markdown(results)]
+               f"Command: `{command}`\n"]
+    if note:
+        section.append(f"Note: {note}\n")
+    section.append(markdown(results))
     new = not path.exists()
     with open(path, "a") as f:
         if new:
@@ -273,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--record", action="store_true", help=f"append the results to {REPO / 'BENCHMARKS.md'}")
     ap.add_argument("--workdir", default=None, help="where the temporary artifacts root goes")
+    ap.add_argument("--note", default=None, help="a line to add to the recorded section")
     args = ap.parse_args(argv)
     sizes = args.positions or ([1_000_000] if args.quick else [1_000_000, 10_000_000])
     repeats = args.repeats or (10 if args.quick else 30)
@@ -286,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(markdown(results))
     if args.record:
-        command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else ""] + sys.argv[1:])
-        record(results, info, command.strip(), REPO / "BENCHMARKS.md")
+        command = shlex.join(["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+        record(results, info, command, REPO / "BENCHMARKS.md", args.note)
     return 0 if all(r["within_target"] for r in results) else 1
 
 

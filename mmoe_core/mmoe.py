@@ -160,7 +160,7 @@ class MentionFeatures(_Rows):
     image_value: Tensor       # [B, 1+P, Hv]
     cross_text_image: Tensor  # [B, C]
     cross_image_text: Tensor  # [B, C]
-    representation: Tensor    # [B, Ht+Hv+2C] mean routed MoE output per layer (for the embedding map)
+    representation: Tensor    # [B, Ht+Hv+C] mean routed MoE output of each layer (for the embedding map)
 
 
 @dataclass
@@ -218,6 +218,11 @@ class SideLayout:
         return PositionMeta(f"{self.role}:{IMAGE_TO_TEXT}", self.example_ids, ["cls"] + ["text_token"] * (n - 1),
                             ["image"] + ["text"] * (n - 1), ["text"] + ["image"] * (n - 1), tokens=tokens,
                             valid=self.text_valid)
+
+
+def text_valid_mask(ids: Tensor) -> Tensor:
+    """[N, 1+L] bool for [CLS; text tokens]: the CLS and every non-padding token (id 0 pads)."""
+    return torch.cat([torch.ones_like(ids[:, :1], dtype=torch.bool), ids != 0], dim=1)
 
 
 def _valid_mean(x: Tensor, valid: Tensor | None) -> Tensor:
@@ -280,12 +285,16 @@ class IntraUnit(nn.Module):
 
     def match(self, ent_cls: Tensor, ent_cls_moe: Tensor, ent_query: Tensor,
               men_cls: Tensor, men_key: Tensor, men_value: Tensor) -> Tensor:
-        """[B mentions, N entities]. The mean over queries of softmax(QK^T)V is computed as the mean
-        attention row times V (equal in exact arithmetic, and avoids an [N, B, L, H] tensor)."""
-        scores = torch.einsum("nqh,bkh->nbqk", ent_query, men_key) / math.sqrt(self.hidden)
-        mean_attention = scores.softmax(dim=-1).mean(dim=2)                    # [N, B, Lk]
-        context = self.layer_norm(torch.einsum("nbk,bkh->nbh", mean_attention, men_value))
-        global_to_local = torch.einsum("nh,nbh->bn", ent_cls_moe, context)
+        """[B mentions, N entities]. The mean over queries of softmax(QK^T/sqrt(H))V is computed as the
+        mean attention row times V, and QK^T as one matrix product laid out [N, Lq, B, Lk] (equal in exact
+        arithmetic; avoids an [N, B, Lq, H] tensor and a permuted copy of the [.., Lq, Lk] scores)."""
+        n, lq, h = ent_query.shape
+        b, lk, _ = men_key.shape
+        scores = ((ent_query / math.sqrt(self.hidden)).reshape(n * lq, h) @ men_key.reshape(b * lk, h).T)
+        mean_attention = scores.view(n, lq, b, lk).softmax(dim=-1).mean(dim=1)         # [N, B, Lk]
+        context = torch.bmm(mean_attention.transpose(0, 1), men_value).transpose(0, 1)  # [N, B, H]
+        context = self.layer_norm(context)
+        global_to_local = (ent_cls_moe.unsqueeze(1) * context).sum(dim=-1).T            # [B, N]
         global_to_global = men_cls @ ent_cls.T
         return (global_to_local + global_to_global) / 2
 
@@ -331,9 +340,9 @@ class CrossUnit(nn.Module):
         probs = (cls @ tokens.transpose(-1, -2)).softmax(dim=-1)
         return (probs @ tokens).squeeze(1)
 
-    def side(self, enc: EncodedSide, role: str, recorder, layout: SideLayout | None
+    def side(self, enc: EncodedSide, role: str, text_valid: Tensor, recorder, layout: SideLayout | None
              ) -> tuple[Tensor, Tensor, Tensor]:
-        """(text->image context, image->text context, mean routed output) of one side, each [N, *]."""
+        """(text->image context, image->text context, mean routed output over valid positions), each [N, *]."""
         text_cls, text_tokens = self.text_fc(enc.text_cls), self.text_fc(enc.text_tokens)
         image_cls, image_tokens = self.image_fc(enc.image_cls), self.image_fc(enc.image_tokens)
         text_cls_image_tokens = torch.cat([text_cls.unsqueeze(1), image_tokens], dim=1)
@@ -350,8 +359,7 @@ class CrossUnit(nn.Module):
             gate_ti, gate_it = self.gate_act(self.gate_fc(text_cls)), self.gate_act(self.gate_fc(image_cls))
         out_ti = self.gate_layer_norm(text_cls * gate_ti + context_ti)
         out_it = self.gate_layer_norm(image_cls * gate_it + context_it)
-        valid = layout.text_valid.to(routed_it.device) if layout is not None else None
-        mean_routed = (routed_ti.mean(dim=1) + _valid_mean(routed_it, valid)) / 2
+        mean_routed = (routed_ti.mean(dim=1) + _valid_mean(routed_it, text_valid)) / 2
         return out_ti, out_it, mean_routed
 
     @staticmethod
@@ -416,7 +424,7 @@ class MMoEModel(nn.Module):
 
     # ---- sides ----------------------------------------------------------------------------------
     def layout(self, role: str, ids: Tensor, example_ids: Sequence[int], token_strings: bool) -> SideLayout:
-        valid = torch.cat([torch.ones(ids.shape[0], 1, dtype=torch.bool, device=ids.device), ids != 0], dim=1)
+        valid = text_valid_mask(ids)
         strings = None
         if token_strings:
             strings = [["[CLS]"] + row for row in self.towers.token_strings(ids.cpu())]
@@ -453,7 +461,7 @@ class MMoEModel(nn.Module):
         layout = self.layout("entity", ids, index.tolist(), strings) if recorder is not None else None
         text, image = self._route_side(enc, layout, recorder)
         m = self.matcher
-        cross_ti, cross_it, _ = m.cross_module.side(enc, "entity", recorder, layout)
+        cross_ti, cross_it, _ = m.cross_module.side(enc, "entity", text_valid_mask(ids), recorder, layout)
         return EntityFeatures(
             index=index.to(ids.device),
             text_cls=enc.text_cls, text_cls_moe=text[:, 0], text_query=m.text_module.fc_query(text[:, 1:]),
@@ -473,9 +481,9 @@ class MMoEModel(nn.Module):
         text, image = self._route_side(enc, layout, recorder)
         m = self.matcher
         text_tokens, image_tokens = text[:, 1:], image[:, 1:]  # the mention's routed CLS is unused, as published
-        cross_ti, cross_it, cross_mean = m.cross_module.side(enc, "mention", recorder, layout)
-        text_valid = torch.cat([torch.ones_like(ids[:, :1], dtype=torch.bool), ids != 0], dim=1)
-        representation = torch.cat([_valid_mean(text, text_valid), image.mean(dim=1), cross_ti, cross_mean], dim=-1)
+        text_valid = text_valid_mask(ids)
+        cross_ti, cross_it, cross_mean = m.cross_module.side(enc, "mention", text_valid, recorder, layout)
+        representation = torch.cat([_valid_mean(text, text_valid), image.mean(dim=1), cross_mean], dim=-1)
         return MentionFeatures(
             text_cls=enc.text_cls, text_key=m.text_module.fc_key(text_tokens),
             text_value=m.text_module.fc_value(text_tokens),
@@ -578,24 +586,29 @@ class KBInputs:
     """Tokenised texts and preprocessed images of every KB entity (row = entity index)."""
     ids: Tensor                   # [N, L]
     first_pixels: Tensor          # [N, 3, S, S] the first image (eval, as published), zeros if none
-    all_pixels: Tensor            # [M, 3, S, S] every image of every entity
+    all_pixels: Tensor            # [M, 3, S, S] every image of every entity (training only; else empty)
     image_rows: list[list[int]]   # rows of all_pixels per entity (empty: no image)
     names: list[str]
     qids: list[str]
 
 
-def kb_inputs(towers: ClipTowers, entities: Sequence) -> KBInputs:
-    """Entities sorted by index; every image loaded once."""
+def kb_inputs(towers: ClipTowers, entities: Sequence, all_images: bool = False) -> KBInputs:
+    """Entities sorted by index, each image loaded once; ``all_images`` keeps every image (training
+    picks one at random), else only the first one (evaluation, as published)."""
     entities = sorted(entities, key=lambda e: e.index)
     if [e.index for e in entities] != list(range(len(entities))):
         raise ValueError("entity indices must be 0..N-1")
     ids = towers.tokenize([entity_text(e.name, e.desc) for e in entities])
+    zero = torch.zeros(1, 3, towers.image_size, towers.image_size)
+    if not all_images:
+        first = pixels_for(towers, [e.images[0] if e.images else None for e in entities])
+        return KBInputs(ids, first, zero[:0], [[] for _ in entities], [e.name for e in entities],
+                        [e.id for e in entities])
     paths, rows = [], []
     for e in entities:
         rows.append(list(range(len(paths), len(paths) + len(e.images))))
         paths.extend(e.images)
     all_pixels = pixels_for(towers, paths)
-    zero = torch.zeros(1, 3, towers.image_size, towers.image_size)
     first = torch.cat([all_pixels[r[0]:r[0] + 1] if r else zero for r in rows]) if rows else zero[:0]
     return KBInputs(ids, first, all_pixels, rows, [e.name for e in entities], [e.id for e in entities])
 
@@ -941,7 +954,7 @@ class MMoETrainer:
         fam = dict(options.family_options or {})
         self.per_name = int(fam.pop("per_name", 4))
         encoder = fam.pop("encoder", None)
-        cfg = MMoEConfig(**{k: v for k, v in fam.items()})
+        cfg = MMoEConfig.from_dict(fam)
         if isinstance(encoder, str):
             cfg.encoder = EncoderSpec(name=encoder).to_dict()
         elif isinstance(encoder, dict):
@@ -972,7 +985,7 @@ class MMoETrainer:
         """Tokenise and load every training input once (steps then only index tensors)."""
         self.device = device
         towers = model.towers
-        self.kb = kb_inputs(towers, self.dataset.entities)
+        self.kb = kb_inputs(towers, self.dataset.entities, all_images=True)
         self.mention_pixels = pixels_for(towers, [m.image for m in self.train_mentions])
         if self.cfg.mention_desc == "dme":
             self.refresh_dme(model)
@@ -1004,7 +1017,7 @@ class MMoETrainer:
             # Training picks one entity image at random, evaluation the first one (as published).
             picks = [(self.kb.image_rows[g][int(rng.integers(len(self.kb.image_rows[g])))]
                       if self.kb.image_rows[g] else -1) for g in golds]
-            zero = torch.zeros_like(self.kb.all_pixels[:1]) if len(self.kb.all_pixels) else None
+            zero = self.kb.first_pixels[:1].new_zeros(1, *self.kb.first_pixels.shape[1:])
             ent_pixels = torch.cat([self.kb.all_pixels[p:p + 1] if p >= 0 else zero for p in picks])
             yield {"mention_ids": self.mention_ids[rows_t], "mention_pixels": self.mention_pixels[rows_t],
                    "entity_ids": self.kb.ids[torch.tensor(golds)], "entity_pixels": ent_pixels,

@@ -250,8 +250,8 @@ def ref_encoder(sd, input_ids, attention_mask, pixels):
     x = sd[c + "text_model.embeddings.token_embedding.weight"][input_ids]
     x = x + sd[c + "text_model.embeddings.position_embedding.weight"][:n]
     neg = torch.finfo(x.dtype).min
-    causal = torch.full((n, n), neg).triu(1)
-    pad = (1.0 - attention_mask[:, None, :].float()) * neg
+    causal = torch.full((n, n), neg, dtype=x.dtype).triu(1)
+    pad = (1.0 - attention_mask[:, None, :].to(x.dtype)) * neg
     x = _hf_layers(sd, c + "text_model", x, TEXT_LAYERS, TEXT_HEADS, causal.unsqueeze(0) + pad)
     text_tokens = _layer_norm(sd, c + "text_model.final_layer_norm", x)
     pooled = text_tokens[torch.arange(b), input_ids.argmax(dim=-1)]
@@ -402,6 +402,22 @@ def test_end_to_end_scores_equal_published_forward(state, imported):
     d = maxdiff(got.overall, ref)
     print("end-to-end score max abs diff:", d)
     assert d < TOL
+
+
+def test_end_to_end_exact_in_float64(state, imported):
+    """In float64 the two forwards agree to rounding: the arithmetic is the same, not merely close."""
+    import copy
+    model = copy.deepcopy(imported[0]).double()
+    sd64 = {k: (v.double() if v.is_floating_point() else v) for k, v in state.items()}
+    ids_e, mask_e, zp_e, pix_e = hf_inputs(5, [4, TEXT_LEN, 6, 3, 12], seed=7)
+    ids_m, mask_m, zp_m, pix_m = hf_inputs(3, [7, 5, 10], seed=8)
+    pix_e, pix_m = pix_e.double(), pix_m.double()
+    with torch.no_grad():
+        ref, _ = ref_matcher(sd64, ref_encoder(sd64, ids_e, mask_e, pix_e), ref_encoder(sd64, ids_m, mask_m, pix_m))
+        got = model.match(model.encode_entities(zp_e, pix_e, chunk_size=5), model.encode_mentions(zp_m, pix_m))
+    d = maxdiff(got.overall, ref)
+    print("end-to-end float64 max abs diff:", d)
+    assert d < 1e-9
 
 
 def test_against_transformers_clip_if_installed(state, imported):

@@ -13,12 +13,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+Job = TypeVar("Job")
 
 IMAGE_SIZE = 64
-SUPERSAMPLE = 4
+SUPERSAMPLE = 3
 
 # Named RGB colours for shapes. Chosen to stay distinguishable from each other after mild noise,
 # and to contrast with every entry of BACKGROUNDS.
@@ -283,3 +287,13 @@ def save_png(picture: Image.Image, path: Path) -> None:
 def save_jpeg(picture: Image.Image, path: Path) -> None:
     """Write a JPEG with fixed settings (quality 95, no chroma subsampling, no EXIF)."""
     picture.save(path, format="JPEG", quality=95, subsampling=0, optimize=False, progressive=False)
+
+
+def write_pictures(jobs: Sequence[Job], write_one: Callable[[Job], None], *, desc: str = "pictures",
+                   progress: bool = True) -> None:
+    """Run ``write_one(job)`` for every job (each draws and saves one picture) under a progress bar on stderr.
+
+    Each picture depends only on its job (its random generator is seeded from the job), never on the order.
+    """
+    for job in tqdm(jobs, desc=desc, unit="img", disable=not progress):
+        write_one(job)

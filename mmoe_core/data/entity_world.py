@@ -42,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from . import drawing
 
@@ -553,7 +552,8 @@ def mention_image_name(mention: MentionSpec) -> str:
     return f"{mention.id}.jpg"
 
 
-def _write_json(path: Path, obj: object, indent: int | None = 1) -> None:
+def _write_json(path: Path, obj: object, indent: int | None = None) -> None:
+    # Compact by default, like the published MEL files (and json's fast C encoder only runs without indent).
     path.write_text(json.dumps(obj, ensure_ascii=False, indent=indent) + "\n", encoding="utf-8")
 
 
@@ -638,28 +638,45 @@ def world_counts(world: EntityWorld) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class PictureJob:
+    """One picture to draw: KB picture ``k`` of entity number ``index``, or (k None) mention number ``index``."""
+
+    entity: EntitySpec
+    seed: int
+    index: int
+    k: int | None
+    path: Path
+
+
+def write_picture(job: PictureJob) -> None:
+    if job.k is None:
+        drawing.save_jpeg(mention_picture(job.entity, job.seed, job.index), job.path)
+    else:
+        drawing.save_png(entity_picture(job.entity, job.seed, job.index, job.k), job.path)
+
+
+def picture_jobs(world: EntityWorld, directory: Path) -> list[PictureJob]:
+    by_qid = {e.qid: e for e in world.entities}
+    jobs = [PictureJob(entity, world.seed, index, k, directory / "kb_image" / file_name)
+            for index, entity in enumerate(world.entities)
+            for k, file_name in enumerate(entity_image_names(entity))]
+    jobs += [PictureJob(by_qid[m.gold], world.seed, int(m.id[1:]), None,
+                        directory / "mention_image" / mention_image_name(m))
+             for m in world.mentions if m.has_image]
+    return jobs
+
+
 def write_entity_world(world: EntityWorld, directory: Path, progress: bool = True) -> None:
     """Write the world into an existing empty ``directory`` in the MIMIC / MEL-MMoE layout."""
-    kb_dir, mention_dir = directory / "kb_image", directory / "mention_image"
-    kb_dir.mkdir()
-    mention_dir.mkdir()
+    (directory / "kb_image").mkdir()
+    (directory / "mention_image").mkdir()
+    drawing.write_pictures(picture_jobs(world, directory), write_picture, desc="entity world pictures",
+                           progress=progress)
     by_qid = {e.qid: e for e in world.entities}
-    pictured = [m for m in world.mentions if m.has_image]
-    total = sum(e.n_images for e in world.entities) + len(pictured)
-    with tqdm(total=total, desc="entity world pictures", unit="img", disable=not progress) as bar:
-        for index, entity in enumerate(world.entities):
-            for k, file_name in enumerate(entity_image_names(entity)):
-                drawing.save_png(entity_picture(entity, world.seed, index, k), kb_dir / file_name)
-                bar.update()
-        for mention in pictured:
-            picture = mention_picture(by_qid[mention.gold], world.seed, int(mention.id[1:]))
-            drawing.save_jpeg(picture, mention_dir / mention_image_name(mention))
-            bar.update()
-
     _write_json(directory / "kb_entity.json", kb_records(world.entities))
-    # One line, mapping each QID to its position in the id-sorted KB (the published loader sorts by id).
-    qid2id = {qid: i for i, qid in enumerate(sorted(by_qid))}
-    (directory / "qid2id.json").write_text(json.dumps(qid2id) + "\n", encoding="utf-8")
+    # One line (the published loader reads only the first), mapping each QID to its row in the id-sorted KB.
+    _write_json(directory / "qid2id.json", {qid: i for i, qid in enumerate(sorted(by_qid))})
     for split in SPLITS:
         records = [mention_record(m, by_qid) for m in world.mentions if m.split == split]
         _write_json(directory / f"{DATASET_NAME}_{split}.json", records)
@@ -673,7 +690,7 @@ def write_entity_world(world: EntityWorld, directory: Path, progress: bool = Tru
         "counts": world_counts(world),
         "notes": ("Mention 'desc' is the gold entity's description, as in the MEL-MMoE release of WikiMEL; "
                   "a model that reads it sees the answer, so decisive labels hold for mention sentence + image."),
-    })
+    }, indent=1)
 
 
 # ------------------------------------------------------------------------------------------ checking

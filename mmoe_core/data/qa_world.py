@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from . import drawing
 
@@ -377,11 +376,16 @@ def world_counts(world: QAWorld) -> dict:
     }
 
 
+def write_picture(job: tuple[ProductSpec, int, int, Path]) -> None:
+    product, seed, index, path = job
+    drawing.save_png(product_picture(product, seed, index), path)
+
+
 def write_qa_world(world: QAWorld, directory: Path, progress: bool = True) -> None:
     """Write the world into an existing empty ``directory``."""
     (directory / "images").mkdir()
-    for index, product in enumerate(tqdm(world.products, desc="qa world pictures", unit="img", disable=not progress)):
-        drawing.save_png(product_picture(product, world.seed, index), directory / image_path(product))
+    jobs = [(p, world.seed, index, directory / image_path(p)) for index, p in enumerate(world.products)]
+    drawing.write_pictures(jobs, write_picture, desc="qa world pictures", progress=progress)
     by_id = {p.id: p for p in world.products}
     for split in SPLITS:
         rows = [question_record(q, by_id[q.product_id]) for q in world.questions
