@@ -240,18 +240,7 @@ def code_version() -> str:
     Never fails: without an installed package the version is ``0.0.0``; without git (or a commit) the
     commit part is left out.
     """
-    version = None
-    try:
-        from importlib.metadata import version as _v
-        version = _v("moescope")
-    except Exception:
-        pass
-    if version is None:
-        try:
-            import analysis as _pkg
-            version = getattr(_pkg, "__version__", None)
-        except Exception:
-            version = None
+    from mmoe_core import __version__ as version  # one version for the whole project
     version = str(version or "0.0.0")
     repo = Path(__file__).resolve().parents[1]
     try:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-CODE_VERSION = "0.1.0"
+from mmoe_core import __version__ as CODE_VERSION
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 SNAPSHOT_DIR = "snapshots"

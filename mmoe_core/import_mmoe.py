@@ -378,6 +378,8 @@ def infer_model_config(mapping: KeyMapping, hyper_parameters: Any = None, *, top
 def _check_fit(model_state: Mapping[str, Tensor], mapping: KeyMapping) -> None:
     own, given = set(model_state), set(mapping.target)
     missing = sorted(own - given)
+    missing = [f"{k} (published {HF_PREFIX + _hf_source(k[len(TOWERS_PREFIX):])})" if k.startswith(TOWERS_PREFIX)
+               else k for k in missing]
     unexpected = sorted(mapping.source_of.get(k, k) for k in given - own)
     wrong = sorted((mapping.source_of.get(k, k), tuple(mapping.target[k].shape), tuple(model_state[k].shape))
                    for k in own & given if tuple(mapping.target[k].shape) != tuple(model_state[k].shape))

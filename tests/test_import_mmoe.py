@@ -502,6 +502,7 @@ def test_refusal_lists_missing_and_unexpected_keys(tmp_path, state):
                 "encoder.clip.vision_model.encoder.layers.1.self_attn.q_proj.bias",  # an incomplete q/k/v triple
                 "matcher.cross_module.gate_fc.weight",                               # missing
                 "encoder.towers.clip.visual.transformer.resblocks.1.attn.in_proj_bias",
+                "encoder.clip.vision_model.encoder.layers.1.self_attn.{q,k,v}_proj.bias",
                 "matcher.vision_module.fc_key.weight"):                              # wrong shape
         assert key in msg, key
     assert not out.exists()
@@ -566,6 +567,7 @@ class SomeObject:
         self.x = 1
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_arbitrary_objects_are_refused(tmp_path, state):
     marker = tmp_path / "pwned"
     for name, extra in (("payload", Payload(marker)), ("object", SomeObject())):
