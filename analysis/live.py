@@ -30,9 +30,9 @@ __all__ = [
     "UploadError", "check_upload", "sniff_image_type", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS",
     "draw_image", "drawing_options",
     "run_inputs", "load_live_adapter", "load_base_examples", "text_fields", "live_example", "example_picture",
-    "LiveResult", "run_live", "live_attribution", "routing_rows", "top1_grid", "routing_changes", "project_live",
+    "LiveResult", "run_live", "live_attribution", "routing_rows", "routing_changes", "project_live", "projection_info",
     "QGA_AGREEMENT_DEFINITION", "QGASummary", "qga_tokens", "qga_summary", "attribution_choices",
-    "attribution_rows", "convergence_delta", "patch_grid", "majority_expert", "embedding_frame",
+    "attribution_rows", "convergence_delta", "patch_grid", "majority_expert", "layer_calls", "embedding_frame",
 ]
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024          # 5 MB
@@ -330,17 +330,22 @@ ROUTING_COLUMNS = ["layer", "call", "position", "position_kind", "token", "route
                    "top1", "topk_ids", "topk_weights", "combine", "probs", "entropy", "top1_prob", "routed"]
 
 
-def routing_rows(recorder, subject: str = "example") -> pd.DataFrame:
+def routing_rows(recorder, subject: str = "example", example_ids: list[int] | None = None) -> pd.DataFrame:
     """One row per routed position and layer call of ``subject`` ("example": the run's own examples;
     "kb": knowledge-base items routed on the other side), via :func:`flatten_call`. Columns:
     example_index, layer, call, position, position_kind, token, routed/gate modality, top1, topk_ids,
     topk_weights (combine weight of each chosen expert), combine, probs, entropy (nats), top1_prob,
-    routed (some expert got weight)."""
+    routed (some expert got weight). ``example_ids``: keep only the calls made on exactly these examples
+    (a live run of one example: calls on other batches, e.g. a knowledge base encoded on the side, are
+    skipped before any work)."""
     from analysis.routing import token_entropy
     from mmoe_core.routing_record import flatten_call
     parts = []
     for call in (recorder.calls if recorder is not None else []):
         if call.meta is not None and call.meta.subject != subject:
+            continue
+        if example_ids is not None and call.meta is not None and \
+                [int(i) for i in call.meta.example_ids] != [int(i) for i in example_ids]:
             continue
         flat = flatten_call(call)
         n = len(flat["position"])
@@ -364,20 +369,6 @@ def routing_rows(recorder, subject: str = "example") -> pd.DataFrame:
         return pd.DataFrame(columns=["example_index", *ROUTING_COLUMNS])
     out = pd.concat(parts, ignore_index=True)
     return out.sort_values(["example_index", "layer", "call", "position"], kind="stable").reset_index(drop=True)
-
-
-def top1_grid(routing: pd.DataFrame, call: str | None = None) -> dict[str, pd.DataFrame]:
-    """Per layer call (``"<layer> · <call>"``): a one-row frame over positions with top-1 expert, token
-    and position kind, ready for a colour-coded strip. ``call`` keeps only the calls containing it."""
-    out: dict[str, pd.DataFrame] = {}
-    if routing is None or routing.empty:
-        return out
-    for (layer, c), part in routing.groupby(["layer", "call"], sort=True):
-        if call is not None and call not in str(c):
-            continue
-        key = f"{layer} · {c}" if c else str(layer)
-        out[key] = part[["position", "token", "position_kind", "top1", "top1_prob", "routed"]].reset_index(drop=True)
-    return out
 
 
 def routing_changes(before: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
@@ -435,22 +426,27 @@ class LiveResult:
 TOP_N = 10
 
 
-def _entity_names(adapter) -> list[str] | None:
-    """Display names of the ranked items, when the adapter can say (``entity_names()`` or a KB)."""
-    for attr in ("entity_names",):
+def _ranked_item_labels(adapter) -> tuple[list[str] | None, list[str] | None]:
+    """(display names, ids) of the ranked items by index, when the adapter can say: an ``entity_names()`` /
+    ``entity_ids()`` pair, else a knowledge base from ``kb()`` with ``names`` / ``qids``."""
+    names = ids = None
+    for attr, kind in (("entity_names", "names"), ("entity_ids", "ids")):
         fn = getattr(adapter, attr, None)
         if callable(fn):
             try:
-                return list(fn())
+                value = list(fn())
             except Exception:
-                return None
+                value = None
+            names, ids = (value, ids) if kind == "names" else (names, value)
     kb = getattr(adapter, "kb", None)
-    if callable(kb):
+    if (names is None or ids is None) and callable(kb):
         try:
-            return list(kb().names)
+            base = kb()
+            names = names if names is not None else list(getattr(base, "names", None) or []) or None
+            ids = ids if ids is not None else list(getattr(base, "qids", None) or []) or None
         except Exception:
-            return None
-    return None
+            pass
+    return names, ids
 
 
 def _ranking_frame(adapter, prediction: Mapping[str, Any], top_n: int = TOP_N) -> pd.DataFrame:
@@ -466,14 +462,16 @@ def _ranking_frame(adapter, prediction: Mapping[str, Any], top_n: int = TOP_N) -
         scores = [prediction.get("score")]
     ids = ids[:top_n]
     scores = list(scores)[:top_n] if scores is not None else [None] * len(ids)
-    names = prediction.get("topk_names") or None
-    all_names = None if names else _entity_names(adapter)
+    all_names, all_ids = _ranked_item_labels(adapter)
+
+    def label(table, i):
+        return table[int(i)] if table is not None and i is not None and 0 <= int(i) < len(table) else None
+
     gold = prediction.get("gold")
     rows = []
-    for r, (i, s) in enumerate(zip(ids, scores), start=1):
-        name = names[r - 1] if names and r - 1 < len(names) else (
-            all_names[int(i)] if all_names is not None and i is not None and 0 <= int(i) < len(all_names) else str(i))
-        rows.append({"rank": r, "entity": i, "name": name, "score": s, "gold": gold is not None and i == gold})
+    for r, (i, score) in enumerate(zip(ids, scores), start=1):
+        rows.append({"rank": r, "entity": i, "id": label(all_ids, i) or str(i), "name": label(all_names, i) or str(i),
+                     "score": score, "gold": gold is not None and i == gold})
     return pd.DataFrame(rows)
 
 
@@ -515,25 +513,29 @@ def live_attribution(adapter, example: Mapping[str, Any], method: str = "ig", ta
 
 
 def run_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int] | None = None,
-             attribution: bool | str = True, attribution_method: str = "ig", ig_steps: int = 16) -> LiveResult:
+             attribution: bool = True, attribution_method: str = "ig", ig_steps: int = 16) -> LiveResult:
     """Run one example now: routing (top-k per position per layer), prediction, attribution, timings.
 
     ``knockout=(layer, expert)`` forbids that expert in that layer for this run only (the adapter's
-    knockout context). ``attribution``: False for none, True for the family's prediction target (score
-    or answer logit) by ``attribution_method`` ("ig" with ``ig_steps`` steps, or "occlusion")."""
+    knockout context; the attribution is of the knocked-out model too). ``attribution``: the family's
+    prediction target (score or answer logit) by ``attribution_method`` ("ig" with ``ig_steps`` steps, or
+    "occlusion"); a failure there is reported in ``attribution_error`` and the rest stands.
+    ``timings`` (seconds): forward (the adapter's run with routing records), routing (flattening the
+    records), attribution, total."""
     import contextlib
 
     import torch
     example = dict(example)
+    index = int(example.get("index", 0))
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     ctx = adapter.knockout(*knockout) if knockout else contextlib.nullcontext()
+    attr_frame, attr_error = None, None
     with ctx:
         t = time.perf_counter()
         with torch.no_grad():  # not inference_mode: adapters cache tensors that attribution differentiates through
             out = adapter.run([example], record=True, batch_size=1)
         timings["forward"] = time.perf_counter() - t
-        attr_frame, attr_error = None, None
         if attribution:
             t = time.perf_counter()
             try:
@@ -541,15 +543,13 @@ def run_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int] | No
             except Exception as exc:  # shown beside the rest; the live run itself stands
                 attr_error = f"{type(exc).__name__}: {exc}"
             timings["attribution"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    routing = routing_rows(out.recorder, "example", [index])
     prediction = dict(out.predictions[0]) if out.predictions else {}
     kind = adapter.prediction_spec().kind
-    index = int(example.get("index", 0))
-    result = LiveResult(example=example, family=adapter.family, kind=kind, prediction=prediction,
-                        routing=routing_rows(out.recorder, "example"), attribution=attr_frame,
-                        attribution_error=attr_error, extras=_extras_for(out.extras, index),
-                        knockout=tuple(knockout) if knockout else None, timings=timings,
-                        device=str(adapter.device))
+    result = LiveResult(example=example, family=adapter.family, kind=kind, prediction=prediction, routing=routing,
+                        attribution=attr_frame, attribution_error=attr_error, extras=_extras_for(out.extras, index),
+                        knockout=tuple(knockout) if knockout else None, timings=timings, device=str(adapter.device))
     if out.representations is not None and len(out.representations):
         result.representation = out.representations[0].detach().float().cpu().numpy()
     if kind == "ranking":
@@ -558,248 +558,6 @@ def run_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int] | No
         result.answer = prediction.get("answer", prediction.get("prediction"))
         result.gold_answer = prediction.get("gold", example.get("answer"))
         result.correct = prediction.get("correct")
+    timings["routing"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
     return result
-
-
-# ------------------------------------------------------------------------------------------------
-# A live example on the run's embedding map
-# ------------------------------------------------------------------------------------------------
-
-PROJECTION_FILE = "projection_model.npz"
-_projection_cache: dict[tuple, Any] = {}
-
-
-def _open_store(run_store, root=None):
-    from analysis.store import RunStore
-    if isinstance(run_store, RunStore):
-        return run_store, False
-    return RunStore(str(run_store), root), True
-
-
-def project_live(run_store, representation, root: str | os.PathLike | None = None) -> dict | None:
-    """Place one representation (a :class:`LiveResult`'s, [D]) on the run's fitted map.
-
-    ``run_store`` is a :class:`~analysis.store.RunStore` or a run name (then ``root`` is the artifacts
-    root). Returns {"x", "y", "distance" (to the nearest fitted row: large means unlike anything the map
-    was fitted on), "method"}, or None when the run has no fitted projection or no representation."""
-    from analysis.embedding import FittedProjection
-    if representation is None:
-        return None
-    store, opened = _open_store(run_store, root)
-    try:
-        try:
-            path = store.path(PROJECTION_FILE)
-        except FileNotFoundError:
-            return None
-        st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns)
-        projection = _projection_cache.get(key)
-        if projection is None:
-            projection = _projection_cache[key] = FittedProjection.load(path)
-    finally:
-        if opened:
-            store.close()
-    x = np.asarray(representation, dtype=np.float64).reshape(1, -1)
-    coords, distance = projection.transform(x, return_distance=True)
-    return {"x": float(coords[0, 0]), "y": float(coords[0, 1]) if coords.shape[1] > 1 else 0.0,
-            "distance": float(distance[0]), "method": projection.method}
-
-
-# ------------------------------------------------------------------------------------------------
-# Summaries the QGA, attribution and embedding pages show (pure functions over run tables).
-# They live here until they find a module of their own (analysis/qga.py, ...); no Streamlit.
-# ------------------------------------------------------------------------------------------------
-
-QGA_AGREEMENT_DEFINITION = (
-    "Over single-source questions (answer source image or context): the share whose dominant QGA source "
-    "matches the answer source. The dominant source of a question is image when its mean alpha over the "
-    "question's tokens (SOT..EOT) exceeds its mean beta, else context.")
-
-
-def qga_tokens(qga: pd.DataFrame) -> pd.DataFrame:
-    """The QGA table as one row per question token: example_index, position, token, alpha, beta.
-
-    Accepts the long form (already one row per token) or the per-example form the MoEMoE adapter
-    declares (index, tokens [list], alpha [list], beta [list])."""
-    if qga is None or qga.empty:
-        return pd.DataFrame(columns=["example_index", "position", "token", "alpha", "beta"])
-    df = qga.rename(columns={"index": "example_index"}) if "example_index" not in qga else qga
-    first_alpha = df["alpha"].iloc[0]
-    if isinstance(first_alpha, (list, tuple, np.ndarray)):
-        rows = []
-        for r in df.itertuples(index=False):
-            alpha, beta = np.asarray(r.alpha, dtype=float), np.asarray(r.beta, dtype=float)
-            tokens = list(getattr(r, "tokens", None) if getattr(r, "tokens", None) is not None else [""] * len(alpha))
-            for p in range(len(alpha)):
-                rows.append((int(r.example_index), p, str(tokens[p]) if p < len(tokens) else "", alpha[p], beta[p]))
-        return pd.DataFrame(rows, columns=["example_index", "position", "token", "alpha", "beta"])
-    out = df.copy()
-    if "position" not in out:
-        out["position"] = out.groupby("example_index").cumcount()
-    if "token" not in out:
-        out["token"] = ""
-    return out[["example_index", "position", "token", "alpha", "beta"]].sort_values(
-        ["example_index", "position"], kind="stable").reset_index(drop=True)
-
-
-@dataclass
-class QGASummary:
-    per_example: pd.DataFrame      # example_index, mean_alpha, mean_beta, dominant, + example labels
-    by_question_type: pd.DataFrame  # question_type, questions, mean_alpha, mean_beta
-    by_answer_source: pd.DataFrame  # answer_source, questions, mean_alpha, mean_beta
-    agreement: float                # see QGA_AGREEMENT_DEFINITION (nan when no single-source question)
-    agreement_n: int
-    agreement_by_source: dict       # {"image": share, "context": share}
-    confusion: pd.DataFrame         # rows answer_source (gold), columns dominant source, counts
-    definition: str = QGA_AGREEMENT_DEFINITION
-
-
-def qga_summary(qga: pd.DataFrame, examples: pd.DataFrame, source_label: str = "answer_source",
-                type_label: str = "question_type") -> QGASummary:
-    """Averages by question type and answer source, agreement with the gold answer source, confusion."""
-    tokens = qga_tokens(qga)
-    per = tokens.groupby("example_index").agg(tokens=("alpha", "size"), mean_alpha=("alpha", "mean"),
-                                              mean_beta=("beta", "mean")).reset_index()
-    per["dominant"] = np.where(per["mean_alpha"] > per["mean_beta"], "image", "context")
-    ex = examples.rename(columns={"index": "example_index"}) if "example_index" not in examples else examples
-    keep = [c for c in ("example_index", "id", "question", "answer", type_label, source_label, "category")
-            if c in ex]
-    per = per.merge(ex[keep], on="example_index", how="left")
-
-    def by(label: str) -> pd.DataFrame:
-        if label not in per:
-            return pd.DataFrame(columns=[label, "questions", "mean_alpha", "mean_beta"])
-        return per.groupby(label, sort=True).agg(questions=("example_index", "size"), mean_alpha=("mean_alpha", "mean"),
-                                                 mean_beta=("mean_beta", "mean")).reset_index()
-
-    agreement, n, by_source = float("nan"), 0, {}
-    confusion = pd.DataFrame()
-    if source_label in per:
-        single = per[per[source_label].isin(["image", "context"])]
-        n = len(single)
-        if n:
-            hits = single["dominant"] == single[source_label]
-            agreement = float(hits.mean())
-            by_source = {s: float(hits[single[source_label] == s].mean()) if (single[source_label] == s).any()
-                         else float("nan") for s in ("image", "context")}
-        confusion = pd.crosstab(per[source_label].rename("answer source"), per["dominant"].rename("dominant QGA source"))
-        for col in ("image", "context"):
-            if col not in confusion:
-                confusion[col] = 0
-        confusion = confusion[["image", "context"]]
-    return QGASummary(per, by(type_label), by(source_label), agreement, n, by_source, confusion)
-
-
-# -- attributions
-
-ATTRIBUTION_KEYS = ["method", "target", "layer", "expert"]
-
-
-def attribution_choices(attributions: pd.DataFrame) -> pd.DataFrame:
-    """Distinct (method, target, layer, expert) of an attributions table, with how many examples each."""
-    if attributions is None or attributions.empty:
-        return pd.DataFrame(columns=[*ATTRIBUTION_KEYS, "examples"])
-    keys = [k for k in ATTRIBUTION_KEYS if k in attributions]
-    df = attributions[keys + ["example_index"]].copy()
-    for k in keys:
-        df[k] = df[k].astype(object).where(df[k].notna(), None)
-    out = df.groupby(keys, dropna=False, sort=True)["example_index"].nunique().reset_index(name="examples")
-    return out
-
-
-def _match(df: pd.DataFrame, column: str, value) -> pd.Series:
-    if column not in df:
-        return pd.Series(True, index=df.index)
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return df[column].isna()
-    return df[column] == value
-
-
-def attribution_rows(attributions: pd.DataFrame, example_index: int | None = None, method: str | None = None,
-                     target: str | None = None, layer: str | None = None, expert: int | None = None) -> pd.DataFrame:
-    """Rows of one attribution (example, method, target[, layer, expert]) sorted by input and position.
-    A router-logit attribution is picked by layer and expert; the score/answer one by layer=None."""
-    df = attributions
-    mask = pd.Series(True, index=df.index)
-    if example_index is not None:
-        mask &= df["example_index"] == int(example_index)
-    if method is not None:
-        mask &= df["method"] == method
-    if target is not None:
-        mask &= df["target"] == target
-        mask &= _match(df, "layer", layer)
-        mask &= _match(df, "expert", None if expert is None else int(expert))
-    return df[mask].sort_values(["input", "position"], kind="stable").reset_index(drop=True)
-
-
-def convergence_delta(rows: pd.DataFrame) -> float | None:
-    """The IG convergence delta of one attribution's rows (sum of attributions minus the difference of
-    the target between input and baseline); None when the method has none."""
-    if rows is None or rows.empty or "delta" not in rows or rows["delta"].isna().all():
-        return None
-    return float(rows["delta"].dropna().iloc[0])
-
-
-def patch_grid(rows: pd.DataFrame, column: str = "value") -> np.ndarray:
-    """Patch attributions of one image input as a [rows, cols] grid, from labels "patch r,c" (else a
-    square grid in position order)."""
-    values = rows[column].to_numpy(dtype=float)
-    labels = rows["label"].astype(str).tolist() if "label" in rows else []
-    coords = []
-    for lab in labels:
-        try:
-            r, c = lab.replace("patch", "").strip().split(",")
-            coords.append((int(r), int(c)))
-        except ValueError:
-            coords = []
-            break
-    if coords and len(coords) == len(values):
-        grid = np.full((max(r for r, _ in coords) + 1, max(c for _, c in coords) + 1), np.nan)
-        for (r, c), v in zip(coords, values):
-            grid[r, c] = v
-        return grid
-    side = int(np.ceil(np.sqrt(len(values))))
-    grid = np.full(side * side, np.nan)
-    grid[:len(values)] = values
-    return grid.reshape(side, side)
-
-
-# -- the embedding map
-
-def majority_expert(store, layer: str, call: str | None = None) -> pd.DataFrame:
-    """Per example: the expert most often top-1 over the example's positions in ``layer`` (optionally
-    one call); ties go to the lower expert id. Columns example_index, expert, share (of positions)."""
-    where, params = "layer = ?", [layer]
-    if call is not None:
-        where += " AND call = ?"
-        params.append(call)
-    counts = store.sql(f"SELECT example_index, top1 AS expert, count(*) AS n FROM routing WHERE {where} "
-                       "GROUP BY example_index, top1", params)
-    if counts.empty:
-        return pd.DataFrame(columns=["example_index", "expert", "share"])
-    counts = counts.sort_values(["example_index", "n", "expert"], ascending=[True, False, True], kind="stable")
-    total = counts.groupby("example_index")["n"].transform("sum")
-    counts["share"] = counts["n"] / total
-    top = counts.groupby("example_index", sort=True).head(1)
-    return top[["example_index", "expert", "share"]].reset_index(drop=True)
-
-
-def embedding_frame(store, layer: str | None = None) -> pd.DataFrame:
-    """The run's projection joined with example fields and labels, correctness (``correct``) and, when a
-    layer is given, the majority top-1 expert of each example (``expert``, as a string)."""
-    proj = store.table("projection")
-    ex = store.examples().rename(columns={"index": "example_index"})
-    frame = proj.merge(ex, on="example_index", how="left")
-    if store.has("predictions"):
-        pred = store.table("predictions")
-        pred = pred.rename(columns={"index": "example_index"}) if "example_index" not in pred else pred
-        cols = [c for c in ("correct", "prediction", "rank", "answer") if c in pred and c not in frame]
-        if cols:
-            frame = frame.merge(pred[["example_index", *cols]], on="example_index", how="left")
-    if "correct" in frame:
-        frame["correct"] = frame["correct"].map({True: "correct", False: "wrong"}).fillna("no gold")
-    if layer is not None:
-        maj = majority_expert(store, layer)
-        frame = frame.merge(maj.rename(columns={"share": "expert_share"}), on="example_index", how="left")
-        frame["expert"] = frame["expert"].map(lambda e: "none" if pd.isna(e) else f"expert {int(e)}")
-    return frame

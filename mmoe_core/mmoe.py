@@ -493,9 +493,11 @@ class MMoEModel(nn.Module):
 
     # ---- pairs ----------------------------------------------------------------------------------
     def match(self, entities: EntityFeatures, mentions: MentionFeatures,
-              modalities: Sequence[str] = MODALITIES, chunk_size: int = 512) -> UnitScores:
+              modalities: Sequence[str] = MODALITIES, chunk_size: int = 128) -> UnitScores:
         """Scores [B, N] of every mention against every entity; ``modalities`` picks the units averaged
-        into ``overall`` (an ablation: ("text",) scores with the text unit alone)."""
+        into ``overall`` (an ablation: ("text",) scores with the text unit alone). Entities are matched
+        ``chunk_size`` at a time (no routing happens here, so chunks only bound the memory of the
+        [chunk, L, B, L] attention scores)."""
         modalities = tuple(modalities)
         bad = set(modalities) - set(MODALITIES)
         if bad or not modalities:

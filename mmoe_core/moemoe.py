@@ -881,6 +881,44 @@ class MoEMoETrainer:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+# ---------------------------------------------------------------------------------------------
+# The demo run.
+# ---------------------------------------------------------------------------------------------
+
+# Sizes small enough for the test suite (seconds on 2 CPU cores); the demo model uses the defaults.
+TINY_MODEL = {
+    "question_encoder": EncoderSpec(kind="tiny", name="tiny-32", extra={"context_length": 16, "text_layers": 1,
+                                                                        "text_width": 16, "embed_dim": 16}).to_dict(),
+    "source_encoder": EncoderSpec(kind="tiny", name="tiny-32",
+                                  extra={"context_length": 48, "text_layers": 1, "text_width": 16,
+                                         "vision_layers": 1, "vision_width": 16, "patch_size": 16,
+                                         "embed_dim": 16}).to_dict(),
+    "model_dim": 16, "decoder_heads": 2, "ffn_mult": 1.0,
+}
+
+DEMO_WARMUP_STEPS = 400
+DEMO_EXPERT_ONLY_STEPS = 100
+
+DEMO_RECIPE = dict(
+    run="moemoe-qa", world="qa",
+    options=dict(family=FAMILY, steps=DEMO_WARMUP_STEPS + DEMO_EXPERT_ONLY_STEPS, batch_size=64, lr=3e-3,
+                 lr_schedule="cosine", warmup_steps=30, weight_decay=0.01, grad_clip=1.0, experts=4, top_k=2,
+                 balance=0.0, snapshot_every=50, log_every=10, seed=0,
+                 family_options={"aux_weight": 0.1, "expert_only_after_steps": DEMO_WARMUP_STEPS}),
+    tiny=dict(steps=12, batch_size=20, warmup_steps=2, snapshot_every=4, log_every=2,
+              family_options={"expert_only_after_steps": 8, **TINY_MODEL}),
+    description=f"MoEMoE on the product QA world: {DEMO_WARMUP_STEPS} steps of backbone warm-up (everything "
+                f"trains), then {DEMO_EXPERT_ONLY_STEPS} expert-only steps (encoders, QGA, attention frozen; "
+                "experts and routers train) with lambda = 0.1",
+)
+
+
+def demo_recipe(scale: str = "default"):
+    """The ``moemoe-qa`` demo run for :mod:`mmoe_core.demo` (``scale`` "tiny" is applied by the demo)."""
+    from mmoe_core.demo import Recipe
+    return Recipe(**DEMO_RECIPE)
+
+
 def _register_trainer() -> None:
     try:
         from mmoe_core.training import register_trainer

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--dme", action="store_true", help="description-aware mention enhancement (MMoE)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="family-specific option")
@@ -72,7 +73,7 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
         grad_clip=args.grad_clip, gate=args.gate, experts=args.experts, top_k=args.top_k, balance=args.balance,
         z_loss=args.z_loss, two_stage=args.two_stage, two_stage_weight=args.two_stage_weight,
         trigger_entropy=args.trigger_entropy, trigger_step=args.trigger_step, snapshot_every=args.snapshot_every,
-        log_every=args.log_every, seed=args.seed, device=args.device, dme=args.dme,
+        log_every=args.log_every, seed=args.seed, device=args.device, threads=args.threads, dme=args.dme,
         progress=not args.no_progress, family_options=parse_opt(args.opt))
 
 

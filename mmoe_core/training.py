@@ -95,6 +95,7 @@ class TrainOptions:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"
+    threads: int = 0                  # CPU threads for torch during training; 0 = torch's default
     dme: bool = False
     progress: bool = True
     family_options: dict = field(default_factory=dict)
@@ -295,11 +296,21 @@ def build_config(trainer, options: TrainOptions, extra: dict | None = None) -> d
 def train(trainer, options: TrainOptions, out_dir: str | Path | None = None,
           extra_config: dict | None = None) -> TrainResult:
     """Train ``trainer``'s model with ``options`` and write the checkpoint into ``out_dir``."""
+    out_dir = Path(out_dir or options.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads_before = torch.get_num_threads()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    try:
+        return _train(trainer, options, out_dir, extra_config)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(trainer, options: TrainOptions, out_dir: Path, extra_config: dict | None) -> TrainResult:
     import pandas as pd
     from tqdm import tqdm
 
-    out_dir = Path(out_dir or options.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     _clear_outputs(out_dir)
     rng = seed_everything(options.seed)
     device = resolve_device(options.device)

@@ -14,7 +14,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from analysis.live import attribution_choices, attribution_rows, convergence_delta, example_picture, patch_grid
+from analysis.live import attribution_choices, attribution_rows, convergence_delta, patch_grid
 from pages import common
 
 PREDICTION_TARGETS = ("score", "answer_logit")
@@ -84,7 +84,11 @@ def show_inputs(rows, picture, key: str) -> None:
         share = part["share"].iloc[0] if "share" in part else float("nan")
         st.markdown(f"**{name}** · share of |attribution| {share:.0%}" if share == share else f"**{name}**")
         if is_image_input(part):
-            st.plotly_chart(patch_figure(picture, part), key=f"{key}_{name}")
+            if picture is None and not part["value"].abs().gt(0).any():
+                st.caption("No picture: the model sees an all-zero image, which the zero baseline gives no "
+                           "attribution.")
+            else:
+                st.plotly_chart(patch_figure(picture, part), key=f"{key}_{name}")
         else:
             st.markdown(token_html(part), unsafe_allow_html=True)
 
@@ -98,47 +102,77 @@ def show_delta(rows, label: str = "IG convergence delta") -> None:
                    "(f(input) − f(baseline)). Near 0: the path integral converged; large: use more steps.")
 
 
-# -- run selection (pages.common's helpers when present) ---------------------------------------------
+def _tables(run: str, version: str):
+    return common.table(run, "attributions"), common.examples(run)
 
-def _selected_store():
-    getter = getattr(common, "selected_run", None)
-    opener = getattr(common, "run_store", None) or getattr(common, "get_store", None)
-    from analysis.store import list_runs
-    run = getter() if callable(getter) else None
-    if not run:
-        runs = list_runs()
-        if not runs:
-            st.info("No runs are built yet. Build the demo runs with `python -m mmoe_core.demo` (or `make demo`).")
-            st.stop()
-        wanted = st.query_params.get(getattr(common, "RUN_PARAM", "run"))
-        run = st.selectbox("Run", runs, index=runs.index(wanted) if wanted in runs else 0, key="attr_run")
+
+# -- the live model (shared with the playground): one per (run, checkpoint hash), used under a lock ----------
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+def live_model(run: str, checkpoint_hash: str | None, root: str):
+    """(adapter, base examples by index, lock). The lock serialises live runs: a knockout changes the
+    shared model for the length of a run."""
+    import threading
+
+    from analysis.live import load_base_examples, load_live_adapter
+    adapter = load_live_adapter(run, root)
+    examples = load_base_examples(adapter, run, root)
+    return adapter, {int(ex["index"]): ex for ex in examples}, threading.Lock()
+
+
+def open_live_model(run: str):
+    """The run's live model, or None after an error message (checkpoint or dataset gone)."""
+    from analysis.live import run_inputs
     try:
-        store = opener(run) if callable(opener) else _fallback_store(run)
-    except FileNotFoundError as exc:
-        st.error(str(exc))
-        st.stop()
-    if store is None:
-        st.stop()
-    return run, store
+        inputs = run_inputs(run, common.artifacts_root())
+        return live_model(run, inputs.checkpoint_hash, str(common.artifacts_root()))
+    except Exception as exc:  # a missing checkpoint / dataset: say so, keep the page alive
+        st.error(f"Cannot load the model of run `{run}` for a live run: {exc}")
+        return None
 
 
-@st.cache_resource(show_spinner=False)
-def _fallback_store_cached(run: str, target: str):
-    from analysis.store import RunStore
-    return RunStore(run)
-
-
-def _fallback_store(run: str):
-    import os
-    from analysis.store import runs_dir
-    return _fallback_store_cached(run, os.path.realpath(runs_dir() / run))
-
-
-@st.cache_data(show_spinner="Reading attributions…", max_entries=8)
-def _tables(run: str, version: str, _store):
-    attributions = _store.table("attributions")
-    examples = _store.examples()
-    return attributions, examples
+def _router_now(run: str, index: int, picture) -> None:
+    """Attribute any router logit of this example now (layer, call, expert, position), with the live model."""
+    from analysis.live import live_attribution
+    with st.expander("Attribute another router logit now"):
+        routing = common.example_routing(run, index)
+        specs = common.layer_specs(run)
+        if routing is None or routing.empty or not specs:
+            st.caption("This run has no routing rows for the example.")
+            return
+        c = st.columns(4)
+        layer = c[0].selectbox("Layer", list(specs), key="attr_now_layer")
+        part = routing[routing["layer"] == layer]
+        calls = list(dict.fromkeys(part["call"]))
+        call = c[1].selectbox("Call", calls, key="attr_now_call")
+        rows = part[part["call"] == call]
+        positions = rows["position"].astype(int).tolist()
+        labels = {int(p): f"{int(p)}: {t}" if t else str(int(p)) for p, t in zip(rows["position"], rows["token"])}
+        position = c[2].selectbox("Position", positions, format_func=labels.get, key="attr_now_position")
+        top1 = int(rows.loc[rows["position"] == position, "top1"].iloc[0])
+        n_experts = int(specs[layer].get("num_experts") or (max(part["top1"]) + 1))
+        expert = c[3].selectbox("Expert", list(range(n_experts)), index=top1, key="attr_now_expert",
+                                help=f"The router chose expert {top1} first at this position.")
+        key = ("attr_now", run, index, layer, call, int(position), int(expert))
+        if st.button("Compute (integrated gradients, 16 steps)", key="attr_now_go"):
+            model = open_live_model(run)
+            if model is None:
+                return
+            adapter, examples, lock = model
+            if index not in examples:
+                st.error(f"Example {index} is not in the run's dataset split any more.")
+                return
+            try:
+                with lock:
+                    st.session_state[key] = live_attribution(adapter, examples[index], "ig", layer=layer,
+                                                             expert=int(expert), position=int(position), call=call)
+            except Exception as exc:  # e.g. a call the adapter cannot attribute to its inputs
+                st.error(f"Cannot attribute that router logit: {exc}")
+                return
+        if key in st.session_state:
+            result = st.session_state[key]
+            show_delta(result)
+            show_inputs(result, picture, "attr_now")
 
 
 def _target_label(row) -> str:
@@ -156,12 +190,12 @@ def main() -> None:
     st.title("Attributions")
     st.caption("Which inputs move the prediction (score / answer logit) and a router's logit. Red: pushes it up; "
                "blue: pushes it down. Integrated gradients (zero baseline) and occlusion of image patches.")
-    run, store = _selected_store()
+    run, store = common.require_run()
     if not store.has("attributions"):
         st.info(f"Run **{run}** has no attributions table; rebuild it with "
                 f"`python -m analysis.precompute --run {run}`.", icon=":material/info:")
         return
-    attributions, examples = _tables(run, str(store.dir), store)
+    attributions, examples = _tables(run, common.run_version(run))
     ex_by_index = examples.set_index("index") if "index" in examples else examples.set_index("example_index")
 
     # -- one example
@@ -178,14 +212,17 @@ def main() -> None:
         return f"#{i} · {text} ({tags})"
 
     wanted = st.query_params.get("example")
-    default = sampled.index(int(wanted)) if wanted and wanted.isdigit() and int(wanted) in sampled else 0
+    with_picture = [i for i in sampled if i in ex_by_index.index and isinstance(ex_by_index.loc[i].get("image_path"), str)]
+    default = sampled.index(with_picture[0]) if with_picture else 0  # open on an example with a picture
+    if wanted and wanted.isdigit() and int(wanted) in sampled:
+        default = sampled.index(int(wanted))
     c1, c2 = st.columns([3, 1])
     index = c1.selectbox("Example (attributed sample)", sampled, index=default, format_func=describe,
                          key="attr_example")
     mine = attributions[attributions["example_index"] == index]
     methods = [m for m in ("ig", "occlusion") if m in set(mine["method"])]
     method = c2.radio("Method", methods, format_func=METHOD_NAMES.get, key="attr_method", horizontal=True)
-    picture = example_picture(ex_by_index.loc[index].to_dict()) if index in ex_by_index.index else None
+    picture = common.example_picture(ex_by_index.loc[index].to_dict()) if index in ex_by_index.index else None
 
     choices = attribution_choices(mine[mine["method"] == method])
     merged = choices.merge(mine[["method", "target", "layer", "expert", "call", "target_position"]]
@@ -217,6 +254,7 @@ def main() -> None:
             rows = attribution_rows(mine, None, method, ROUTER_TARGET, chosen["layer"], int(chosen["expert"]))
             show_delta(rows)
             show_inputs(rows, picture, f"attr_router_{method}")
+        _router_now(run, index, picture)
 
     # -- modality share by label
     st.subheader("Modality share by label")

@@ -1,25 +1,409 @@
-"""Widgets shared by every page: the run picker (kept in the URL) and the device badge.
+"""Widgets and cached reads shared by every page.
 
-Pages only lay out widgets and figures; everything they show comes from `analysis` (cached
-artifacts) or a small live-run function. This module is the one place that caches those reads.
+* the run picker (sidebar), kept in the URL as ``?run=NAME`` so a link opens the same run;
+* the device badge (GPU or CPU for live runs);
+* cached access to a run: :func:`run_store` (one ``RunStore`` per run and manifest hash,
+  ``st.cache_resource``) and cached tables / JSON / per-example routing (``st.cache_data`` keyed by run
+  and manifest hash, so a republished run is never served from a stale cache);
+* clear states: no runs yet (the exact build command), a stale or partial run (what changed and the
+  rebuild command, from ``analysis.store.run_status``), a bad ``?run=`` / ``?example=`` (a message; the
+  page goes on with a valid choice);
+* links from any example to the routing explorer (``?run=..&example=..``).
+
+Pages only lay out widgets and figures; everything they show comes from ``analysis`` through here.
 """
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import urlencode
+
+import pandas as pd
 import streamlit as st
 
+from analysis import figures as F
+from analysis.store import RunStore, list_runs, resolve_root, run_status
+
 RUN_PARAM = "run"
+EXAMPLE_PARAM = "example"
+MAKE_COMMAND = "make demo"
+BUILD_COMMAND = "python -m mmoe_core.demo"
+EXPLORER_PAGE = "pages/routing_explorer.py"
+EXPLORER_URL_PATH = "routing_explorer"
+
+_PICKER_KEY = "moescope_run_picker"
+_URL_ERRORS_KEY = "moescope_url_errors"
 
 
-@st.cache_resource
+# ----------------------------------------------------------------------------------------- device
+
+def _gpu_driver_present() -> bool:
+    """Cheap check (no torch import): an NVIDIA or ROCm driver on this machine."""
+    return os.path.exists("/proc/driver/nvidia/gpus") or os.path.exists("/dev/nvidia0") or os.path.exists("/dev/kfd")
+
+
+@st.cache_resource(show_spinner=False)
 def device_label() -> str:
+    """"GPU: <name>" or "CPU (no GPU found)": where live runs go. Imports torch only when a GPU driver is
+    present (or torch is already loaded), so a CPU-only first render does not pay torch's import."""
+    if "torch" not in sys.modules and not _gpu_driver_present():
+        return "CPU (no GPU found)"
     import torch
     if torch.cuda.is_available():
         return f"GPU: {torch.cuda.get_device_name(0)}"
     return "CPU (no GPU found)"
 
 
+# ----------------------------------------------------------------------------------------- runs
+
+def artifacts_root() -> Path:
+    return resolve_root()
+
+
+def available_runs() -> list[str]:
+    """Published runs under the artifacts root (a directory listing: cheap, not cached)."""
+    return list_runs(artifacts_root())
+
+
+def no_runs_message() -> None:
+    """The "nothing built yet" state, with the exact commands."""
+    st.info(f"No runs are built yet under `{artifacts_root() / 'runs'}`. Build the demo worlds, runs and "
+            f"artifacts with\n\n```\n{MAKE_COMMAND}\n```\n\nor, without serving the app,\n\n"
+            f"```\n{BUILD_COMMAND}\n```\n\nthen reload this page.", icon=":material/info:")
+
+
+def _on_pick() -> None:
+    st.query_params[RUN_PARAM] = st.session_state[_PICKER_KEY]
+
+
+def _sync_run_picker(runs: list[str]) -> list[str]:
+    """Make the picker follow ``?run=`` when it names a run; return messages about bad URL values."""
+    errors = []
+    wanted = st.query_params.get(RUN_PARAM)
+    state = st.session_state
+    if wanted is not None and wanted in runs:
+        if state.get(_PICKER_KEY) != wanted:
+            state[_PICKER_KEY] = wanted
+    else:
+        if wanted is not None:
+            errors.append(f"The link asks for run `{wanted}`, which does not exist here. Showing "
+                          f"`{state.get(_PICKER_KEY) if state.get(_PICKER_KEY) in runs else runs[0]}` instead; "
+                          f"available runs: {', '.join(f'`{r}`' for r in runs)}.")
+        if state.get(_PICKER_KEY) not in runs:
+            state[_PICKER_KEY] = runs[0]
+    return errors
+
+
 def render_sidebar() -> None:
+    """The sidebar every page shares: title, device badge and run picker (+ URL messages in the main area)."""
+    runs = available_runs()
+    errors: list[str] = []
+    if runs:
+        errors = _sync_run_picker(runs)
     with st.sidebar:
         st.markdown("### MoEscope")
         label = device_label()
         st.badge(label, icon=":material/memory:", color="green" if label.startswith("GPU") else "gray")
+        if runs:
+            st.selectbox("Run", runs, key=_PICKER_KEY, on_change=_on_pick,
+                         help="The run every page shows; kept in the URL (?run=...) so links open the same run.")
+            run = st.session_state[_PICKER_KEY]
+            if st.query_params.get(RUN_PARAM) != run:
+                st.query_params[RUN_PARAM] = run
+            info = _sidebar_info(run)
+            if info:
+                st.caption(info)
+        else:
+            st.caption(f"No runs yet: `{MAKE_COMMAND}`")
+    st.session_state[_URL_ERRORS_KEY] = errors
+    for message in errors:
+        st.warning(message, icon=":material/link_off:")
+
+
+def _sidebar_info(run: str) -> str:
+    try:
+        m = manifest(run)
+    except (FileNotFoundError, ValueError):
+        return ""
+    family = m.get("family", "?")
+    n = m.get("num_examples")
+    return f"{family} · {n} examples · split {m.get('split', '?')}" if n is not None else str(family)
+
+
+def selected_run() -> str | None:
+    """The run picked in the sidebar (None when no run is built)."""
+    runs = available_runs()
+    if not runs:
+        return None
+    run = st.session_state.get(_PICKER_KEY)
+    if run in runs:
+        return run
+    wanted = st.query_params.get(RUN_PARAM)
+    return wanted if wanted in runs else runs[0]
+
+
+# ----------------------------------------------------------------------------------------- caching
+
+_manifest_memo: dict[tuple, str] = {}
+
+
+def run_version(run: str) -> str:
+    """Hash of the run's published manifest (memoised on the resolved path, mtime and size: a stat per
+    call). A republish (new version dir, new manifest) gives a new value, so every cache keyed by it
+    refreshes."""
+    from analysis.hashing import file_sha256
+    link = artifacts_root() / "runs" / run
+    path = Path(os.path.realpath(link)) / "manifest.json"
+    try:
+        st_ = path.stat()
+    except FileNotFoundError:
+        return "missing"
+    key = (str(path), st_.st_mtime_ns, st_.st_size)
+    h = _manifest_memo.get(key)
+    if h is None:
+        h = _manifest_memo[key] = file_sha256(path)[:16]
+    return h
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _open_store(run: str, root: str, version: str) -> RunStore:
+    return RunStore(run, root)
+
+
+def store_for(run: str) -> RunStore:
+    """The cached :class:`RunStore` of ``run`` (reopened when the run is republished)."""
+    store = _open_store(run, str(artifacts_root()), run_version(run))
+    if not store.is_current():  # republished between the version check and now
+        _open_store.clear()
+        store = _open_store(run, str(artifacts_root()), run_version(run))
+    return store
+
+
+@st.cache_data(show_spinner=False, ttl=15, max_entries=32)
+def _status(run: str, root: str, version: str):
+    s = run_status(run, root)
+    return s.state, s.message
+
+
+def show_status(run: str) -> str:
+    """Warn (with the rebuild command) when ``run`` is stale or partial; return its state."""
+    state, message = _status(run, str(artifacts_root()), run_version(run))
+    if state == "stale":
+        st.warning(f"**Stale run.** {message}", icon=":material/update:")
+    elif state in ("partial", "missing"):
+        st.warning(f"**Partial run: some tables may be missing.** {message}", icon=":material/warning:")
+    return state
+
+
+def run_store(run: str, warn: bool = True) -> RunStore | None:
+    """The cached store of ``run``; shows the stale/partial warning (``warn``) and returns None, after an
+    error message, when the run cannot be opened."""
+    try:
+        if warn:
+            show_status(run)
+        return store_for(run)
+    except (FileNotFoundError, ValueError) as exc:
+        st.error(f"Cannot open run `{run}`: {exc}")
+        return None
+
+
+def require_run() -> tuple[str, RunStore]:
+    """(run, store) of the selected run, or stop the page with the "no runs yet" message."""
+    run = selected_run()
+    if run is None:
+        no_runs_message()
+        st.stop()
+    store = run_store(run)
+    if store is None:
+        st.stop()
+    return run, store
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def _table(run: str, version: str, name: str, columns: tuple | None, _store: RunStore) -> pd.DataFrame:
+    return _store.table(name, columns=list(columns) if columns else None)
+
+
+def table(run: str, name: str, columns: Sequence[str] | None = None) -> pd.DataFrame | None:
+    """A whole table of ``run`` (cached); None when the run has no such table."""
+    store = store_for(run)
+    if not store.has(name):
+        return None
+    return _table(run, run_version(run), name, tuple(columns) if columns else None, store)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _json(run: str, version: str, name: str, _store: RunStore) -> Any:
+    return _store.read_json(name)
+
+
+def read_json(run: str, name: str) -> Any:
+    """``<name>.json`` of ``run`` (cached); None when absent or unreadable."""
+    try:
+        return _json(run, run_version(run), name, store_for(run))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def manifest(run: str) -> dict:
+    return dict(store_for(run).manifest or {})
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _loads(run: str, version: str, by: tuple, _store: RunStore) -> pd.DataFrame:
+    return _store.layer_loads(by=list(by) or None)
+
+
+def layer_loads(run: str, by: Sequence[str] = ()) -> pd.DataFrame | None:
+    """Per (layer, expert) slots and combine weight with their shares (cached); None without routing."""
+    store = store_for(run)
+    if not (store.has("routing_loads") or store.has("routing")):
+        return None
+    return _loads(run, run_version(run), tuple(by), store)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _entropies(run: str, version: str, layers: tuple, sample: int, _store: RunStore) -> dict:
+    return {layer: _store.entropy_values(layer, sample=sample) for layer in layers}
+
+
+def entropy_values(run: str, layers: Sequence[str], sample: int = 20_000) -> dict:
+    """{layer: per-position router entropies} (a uniform sample of at most ``sample``), cached."""
+    store = store_for(run)
+    if not store.has("routing") and not store.has("routing_entropy_sample"):
+        return {}
+    return _entropies(run, run_version(run), tuple(layers), int(sample), store)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _example_routing(run: str, version: str, example_index: int, _store: RunStore) -> pd.DataFrame:
+    return _store.example_routing(example_index)
+
+
+def example_routing(run: str, example_index: int) -> pd.DataFrame | None:
+    """Every routed position of one example in every layer (cached); None without a routing table."""
+    store = store_for(run)
+    if not store.has("routing"):
+        return None
+    return _example_routing(run, run_version(run), int(example_index), store)
+
+
+def examples(run: str) -> pd.DataFrame | None:
+    return table(run, "examples")
+
+
+def example_index_column(frame: pd.DataFrame) -> str:
+    return "example_index" if "example_index" in frame else "index"
+
+
+# ----------------------------------------------------------------------------------------- links
+
+def example_url(run: str, example_index: int) -> str:
+    """Relative URL of the routing explorer showing one example (for markdown links / link columns)."""
+    return f"{EXPLORER_URL_PATH}?{urlencode({RUN_PARAM: run, EXAMPLE_PARAM: int(example_index)})}"
+
+
+def example_link(run: str, example_index: int, label: str | None = None) -> None:
+    """A link that opens ``example_index`` of ``run`` in the routing explorer."""
+    st.page_link(EXPLORER_PAGE, label=label or f"Open example {int(example_index)} in the routing explorer",
+                 icon=":material/route:", query_params={RUN_PARAM: run, EXAMPLE_PARAM: str(int(example_index))})
+
+
+def open_example(run: str, example_index: int) -> None:
+    """Switch to the routing explorer on ``example_index`` of ``run`` (e.g. after a row selection)."""
+    st.switch_page(EXPLORER_PAGE, query_params={RUN_PARAM: run, EXAMPLE_PARAM: str(int(example_index))})
+
+
+def example_table(frame: pd.DataFrame, run: str, key: str, height: int | None = None, **kwargs) -> None:
+    """A dataframe of examples (it must carry ``example_index`` or ``index``); selecting a row opens that
+    example in the routing explorer."""
+    column = example_index_column(frame)
+    event = st.dataframe(frame, key=key, hide_index=True, on_select="rerun", selection_mode="single-row",
+                         height=height if height is not None else "auto", **kwargs)
+    rows = getattr(getattr(event, "selection", None), "rows", None) or []
+    if rows:
+        open_example(run, int(frame.iloc[rows[0]][column]))
+    st.caption("Select a row to open that example in the routing explorer.")
+
+
+def url_example(frame: pd.DataFrame) -> tuple[int | None, str | None]:
+    """The example ``?example=`` names in ``frame`` (its index, or its id), and a message when the value
+    is not one of them."""
+    raw = st.query_params.get(EXAMPLE_PARAM)
+    if raw is None:
+        return None, None
+    column = example_index_column(frame)
+    indices = set(int(i) for i in frame[column])
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        value = None
+    if value is not None and value in indices:
+        return value, None
+    if "id" in frame:
+        hit = frame.loc[frame["id"].astype(str) == str(raw), column]
+        if len(hit):
+            return int(hit.iloc[0]), None
+    return None, (f"The link asks for example `{raw}`, which this run does not have (examples are numbered "
+                  f"{min(indices) if indices else 0}..{max(indices) if indices else 0}). Showing the first example "
+                  "instead.")
+
+
+# ----------------------------------------------------------------------------------------- routing views
+
+def layer_specs(run: str) -> dict[str, dict]:
+    """{layer name: RoutedLayerSpec dict} from the run's manifest, in declaration order."""
+    return {s.get("name"): dict(s) for s in manifest(run).get("layers") or [] if s.get("name")}
+
+
+def call_label(rows: pd.DataFrame, call: str) -> str:
+    """"<call>: routes <modality> · gate sees <modality>" for a layer call's rows (majority over positions)."""
+    part = rows[rows["call"] == call]
+    if part.empty:
+        return str(call)
+    body = part[part["position_kind"] != "cls"] if (part["position_kind"] != "cls").any() else part
+    routed = body["routed_modality"].mode().iloc[0] if "routed_modality" in body else "?"
+    gate = body["gate_modality"].mode().iloc[0] if "gate_modality" in body else "?"
+    kinds = ", ".join(sorted(set(body["position_kind"])))
+    return f"{call}: routes {routed} ({kinds}) · gate sees {gate}"
+
+
+def example_picture(example: dict | pd.Series | None):
+    """The example's picture (PIL) when it has one, via analysis.live; else None."""
+    if example is None:
+        return None
+    from analysis.live import example_picture as _picture
+    row = {k: v for k, v in dict(example).items() if not (isinstance(v, float) and v != v)}
+    return _picture(row)
+
+
+def show_call_routing(rows: pd.DataFrame, layer: str, call: str, num_experts: int | None, key: str,
+                      picture=None, title_prefix: str = "") -> None:
+    """The routing of one layer call of one example: image patches on their grid (beside the example's
+    picture when given), other positions (text tokens, CLS, decoder steps) as a strip, coloured by top-1
+    expert; grey cells are positions the layer did not route (all-zero combine weights)."""
+    part = rows[(rows["layer"] == layer) & (rows["call"] == call)]
+    if part.empty:
+        st.info(f"No routed positions for {layer} / {call} in this example.")
+        return
+    patches, others = F.split_call_rows(part)
+    prefix = f"{title_prefix} · " if title_prefix else ""
+    if len(patches):
+        if picture is not None:
+            left, right = st.columns([1, 2])
+            left.image(picture, caption="the example's image", width=240)
+        else:
+            right = st.container()
+        with right:
+            st.plotly_chart(F.patch_grid(part, f"{prefix}{layer} · {call}: image patches by top-1 expert",
+                                         num_experts), key=f"{key}_grid")
+    if len(others):
+        what = "tokens" if (others["position_kind"] != "cls").any() else "CLS positions"
+        st.plotly_chart(F.token_strip(others, f"{prefix}{layer} · {call}: {what} by top-1 expert", num_experts),
+                        key=f"{key}_strip")
+    unrouted = int((~part["routed"].astype(bool)).sum()) if "routed" in part else 0
+    if unrouted:
+        st.caption(f"{unrouted} of {len(part)} positions are **{F.NOT_ROUTED_LABEL}** (grey): their combine "
+                   "weights are all zero, so the layer passed them through with no expert output.")

@@ -11,7 +11,8 @@ from pathlib import Path
 import plotly.express as px
 import streamlit as st
 
-from analysis.live import embedding_frame
+from analysis import figures as F
+from analysis.live import embedding_frame, layer_calls, projection_info
 from pages import common
 
 ROUTING_EXPLORER = "pages/routing_explorer.py"
@@ -19,68 +20,32 @@ MODALITY_LABELS = ("decisive", "answer_source", "has_image")  # the label that s
 HOVER_TEXT_FIELDS = ("sentence", "question", "mention", "answer")
 
 
-# -- run selection (pages.common's helpers when present) ---------------------------------------------
-
-def _selected_store():
-    getter = getattr(common, "selected_run", None)
-    opener = getattr(common, "run_store", None) or getattr(common, "get_store", None)
-    from analysis.store import list_runs
-    run = getter() if callable(getter) else None
-    if not run:
-        runs = list_runs()
-        if not runs:
-            st.info("No runs are built yet. Build the demo runs with `python -m mmoe_core.demo` (or `make demo`).")
-            st.stop()
-        wanted = st.query_params.get(getattr(common, "RUN_PARAM", "run"))
-        run = st.selectbox("Run", runs, index=runs.index(wanted) if wanted in runs else 0, key="emb_run")
-    try:
-        store = opener(run) if callable(opener) else _fallback_store(run)
-    except FileNotFoundError as exc:
-        st.error(str(exc))
-        st.stop()
-    if store is None:
-        st.stop()
-    return run, store
-
-
-@st.cache_resource(show_spinner=False)
-def _fallback_store_cached(run: str, target: str):
-    from analysis.store import RunStore
-    return RunStore(run)
-
-
-def _fallback_store(run: str):
-    import os
-    from analysis.store import runs_dir
-    return _fallback_store_cached(run, os.path.realpath(runs_dir() / run))
-
-
 @st.cache_data(show_spinner="Reading the map…", max_entries=16)
-def _frame(run: str, version: str, layer: str | None, _store):
-    return embedding_frame(_store, layer)
+def _frame(run: str, version: str, layer: str | None, call: str | None, _store):
+    return embedding_frame(_store, layer, call)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _calls(run: str, version: str, layer: str, _store) -> list[str]:
+    return layer_calls(_store, layer)
 
 
 def _open_in_explorer(run: str, index: int) -> None:
-    params = {getattr(common, "RUN_PARAM", "run"): run, "example": str(index)}
     try:
-        st.switch_page(ROUTING_EXPLORER, query_params=params)
+        common.open_example(run, index)
     except st.errors.StreamlitAPIException as exc:  # the explorer page is not in this app's navigation
         st.error(f"Cannot open the routing explorer here ({exc}).")
 
 
 def main() -> None:
     st.title("Embedding map")
-    run, store = _selected_store()
+    run, store = common.require_run()
     if not store.has("projection"):
         st.info(f"Run **{run}** has no fitted projection (the model gave no representations, or the run is too "
                 f"small); rebuild it with `python -m analysis.precompute --run {run}`.", icon=":material/info:")
         return
-    method = "map"
-    try:
-        from analysis.embedding import FittedProjection
-        method = FittedProjection.load(store.path("projection_model.npz")).method.upper()
-    except (FileNotFoundError, ValueError, OSError):
-        pass
+    info = projection_info(store)
+    method = info["method"].upper() if info else "2-D"
     st.caption(f"A {method} map of each example's routed representation (fitted once by the precompute). "
                "Click a point (or lasso several) to open it in the routing explorer.")
 
@@ -96,15 +61,21 @@ def main() -> None:
         if c != modality:
             options[f"label: {c}"] = c
     options["correctness"] = "correct"
-    c1, c2 = st.columns(2)
+    version = common.run_version(run)
+    c1, c2, c3 = st.columns(3)
     colour_name = c1.selectbox("Colour by", list(options), key="emb_colour")
     colour = options[colour_name]
-    layer = None
+    layer = call = None
     if colour == "expert":
         layer = c2.selectbox("Layer", layers, key="emb_layer",
                              help="Each example's colour is the expert most often top-1 over its positions in this "
                                   "layer (majority; ties to the lower id).")
-    frame = _frame(run, str(store.dir), layer, store)
+        calls = _calls(run, version, layer, store)
+        if len(calls) > 1:
+            picked = c3.selectbox("Positions of", ["all calls", *calls], key="emb_call",
+                                  help="Which calls of the layer count (e.g. the mention side, one InterMoE direction).")
+            call = None if picked == "all calls" else picked
+    frame = _frame(run, version, layer, call, store)
     if colour not in frame:
         st.warning(f"This run has no `{colour}` column; colouring by example instead.")
         colour = None
@@ -112,12 +83,16 @@ def main() -> None:
     hover.update({"x": False, "y": False})
     if colour == "expert" and "expert_share" in frame:
         hover["expert_share"] = ":.0%"
-    frame = frame.sort_values(colour) if colour else frame
+    orders = {}
+    if colour == "expert":
+        orders["expert"] = sorted(frame["expert"].unique(), key=lambda e: (e == "none", len(e), e))
+    colour_map = {f"expert {i}": F.expert_colour(i) for i in range(64)} if colour == "expert" else None
     fig = px.scatter(frame, x="x", y="y", color=colour, custom_data=["example_index"], hover_data=hover,
-                     color_discrete_sequence=px.colors.qualitative.Bold, height=560)
+                     color_discrete_sequence=px.colors.qualitative.Bold, color_discrete_map=colour_map,
+                     category_orders=orders, height=560)
     fig.update_traces(marker=dict(size=8, line=dict(width=0.5, color="white")))
-    fig.update_layout(xaxis_title=None, yaxis_title=None, legend_title=colour_name,
-                      margin=dict(t=10, b=10, l=10, r=10))
+    fig.update_layout(xaxis_title=None, yaxis_title=None, legend_title=None, legend_orientation="h",
+                      legend_y=-0.02, legend_yanchor="top", margin=dict(t=30, b=10, l=10, r=10))
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False)
     event = st.plotly_chart(fig, key="emb_map", on_select="rerun", selection_mode=("points", "lasso", "box"))

@@ -6,106 +6,45 @@ example, run it with routing records, attribution and timings, place it on the r
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
-import pandas as pd
-import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from analysis.live import (MAX_UPLOAD_BYTES, UploadError, check_upload, drawing_options, example_picture,
-                           live_example, load_base_examples, load_live_adapter, project_live, routing_changes,
-                           run_inputs, run_live, text_fields, top1_grid)
+from analysis.live import (MAX_UPLOAD_BYTES, TOP_N, UploadError, check_upload, drawing_options, example_picture,
+                           live_example, project_live, routing_changes, run_live, text_fields)
 from pages import common
-from pages.attributions import show_delta, show_inputs
+from pages.attributions import open_live_model, show_delta, show_inputs
 
-EXPERT_COLOURS = px.colors.qualitative.Bold
 TEXT_LABELS = {"mention_text": "Mention sentence", "question": "Question", "context": "Context"}
 IMAGE_SOURCES = ("the example's picture", "upload a picture", "draw a picture")
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "webp"]
 
 
-# -- run selection (pages.common's helpers when present) ---------------------------------------------
-
-def _selected_store():
-    getter = getattr(common, "selected_run", None)
-    opener = getattr(common, "run_store", None) or getattr(common, "get_store", None)
-    from analysis.store import list_runs
-    run = getter() if callable(getter) else None
-    if not run:
-        runs = list_runs()
-        if not runs:
-            st.info("No runs are built yet. Build the demo runs with `python -m mmoe_core.demo` (or `make demo`).")
-            st.stop()
-        wanted = st.query_params.get(getattr(common, "RUN_PARAM", "run"))
-        run = st.selectbox("Run", runs, index=runs.index(wanted) if wanted in runs else 0, key="pg_run")
-    try:
-        store = opener(run) if callable(opener) else _fallback_store(run)
-    except FileNotFoundError as exc:
-        st.error(str(exc))
-        st.stop()
-    if store is None:
-        st.stop()
-    return run, store
+def _fingerprint(example: dict) -> str:
+    """Identifies a live example's content (text fields and picture pixels) for the session cache."""
+    import hashlib
+    h = hashlib.sha256()
+    for key in sorted(example):
+        value = example[key]
+        if key == "image" and value is not None:
+            h.update(value.tobytes())
+        elif isinstance(value, (str, int, float)) or value is None:
+            h.update(f"{key}={value!r};".encode())
+    return h.hexdigest()
 
 
-@st.cache_resource(show_spinner=False)
-def _fallback_store_cached(run: str, target: str):
-    from analysis.store import RunStore
-    return RunStore(run)
-
-
-def _fallback_store(run: str):
-    import os
-    from analysis.store import runs_dir
-    return _fallback_store_cached(run, os.path.realpath(runs_dir() / run))
-
-
-# -- the live model: one per (run, checkpoint hash), shared by sessions, used under a lock ---------------
-
-@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
-def live_model(run: str, checkpoint_hash: str | None, root: str):
-    """(adapter, base examples, lock). The lock serialises live runs: a knockout changes the shared model."""
-    adapter = load_live_adapter(run, root)
-    examples = load_base_examples(adapter, run, root)
-    return adapter, examples, threading.Lock()
-
-
-@st.cache_data(show_spinner=False, max_entries=8)
-def _projection(run: str, version: str, _store):
-    return _store.table("projection") if _store.has("projection") else None
+def _baseline(run: str, adapter, example: dict):
+    """The same example without the knockout (no attribution), kept per session for the last few examples."""
+    cache = st.session_state.setdefault("pg_baselines", {})
+    key = (run, _fingerprint(example))
+    if key not in cache:
+        if len(cache) >= 8:
+            cache.pop(next(iter(cache)))
+        cache[key] = run_live(adapter, example, knockout=None, attribution=False)
+    return cache[key]
 
 
 # -- figures -------------------------------------------------------------------------------------------
-
-def routing_strip(part: pd.DataFrame, num_experts: int, knocked: int | None) -> go.Figure:
-    """One layer call: a strip of positions coloured by their top-1 expert (hover: token, probability)."""
-    z = [part["top1"].astype(int).tolist()]
-    scale = []
-    for e in range(num_experts):  # a discrete colour scale: expert e owns [e, e+1) / E
-        c = EXPERT_COLOURS[e % len(EXPERT_COLOURS)]
-        scale += [[e / num_experts, c], [(e + 1) / num_experts, c]]
-    text = [[f"pos {p} · {t or kind}<br>top-1 expert {e} (p={q:.2f}){'' if r else '<br>no combine weight'}"
-             for p, t, kind, e, q, r in zip(part["position"], part["token"], part["position_kind"], part["top1"],
-                                            part["top1_prob"], part["routed"])]]
-    fig = go.Figure(go.Heatmap(z=z, x=part["position"], zmin=0, zmax=num_experts, colorscale=scale, text=text,
-                               hoverinfo="text", xgap=1, showscale=False))
-    fig.update_yaxes(visible=False)
-    fig.update_xaxes(title=None, showgrid=False)
-    fig.update_layout(height=90, margin=dict(t=5, b=20, l=5, r=5))
-    return fig
-
-
-def expert_legend(num_experts: int, knocked: int | None) -> str:
-    chips = []
-    for e in range(num_experts):
-        c = EXPERT_COLOURS[e % len(EXPERT_COLOURS)]
-        mark = " (knocked out)" if knocked == e else ""
-        chips.append(f'<span style="background:{c};color:white;padding:2px 8px;border-radius:10px;'
-                     f'margin-right:6px">expert {e}{mark}</span>')
-    return "".join(chips)
-
 
 def _ms(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds * 1000:.0f} ms"
@@ -119,7 +58,7 @@ def _example_label(ex: dict) -> str:
     return f"#{ex['index']} · {text[:90]} ({tags})"
 
 
-def _picture_controls(run: str, base: dict):
+def _picture_controls():
     """The picture for the live example: (PIL image or None, drawn attributes or None, caption)."""
     source = st.radio("Picture", IMAGE_SOURCES, horizontal=True, key="pg_image_source")
     if source == IMAGE_SOURCES[1]:
@@ -157,22 +96,14 @@ def main() -> None:
     st.title("Live playground")
     st.caption("Edit an example, swap its picture, knock out an expert: the model runs now and the routing, "
                "prediction and attribution below follow.")
-    run, store = _selected_store()
-    from analysis.store import resolve_root
-    try:
-        inputs = run_inputs(run)
-    except FileNotFoundError as exc:
-        st.error(str(exc))
+    run, store = common.require_run()
+    model = open_live_model(run)
+    if model is None:
         return
-    try:
-        adapter, examples, lock = live_model(run, inputs.checkpoint_hash, str(resolve_root()))
-    except Exception as exc:  # a missing dataset / unloadable checkpoint: say so, keep the app alive
-        st.error(f"Cannot load the model of run {run}: {exc}")
-        return
-    if not examples:
+    adapter, by_index, lock = model
+    if not by_index:
         st.info("This run's split has no examples.")
         return
-    by_index = {int(ex["index"]): ex for ex in examples}
     wanted = st.query_params.get("example")
     keys = list(by_index)
     default = keys.index(int(wanted)) if wanted and wanted.isdigit() and int(wanted) in by_index else 0
@@ -190,7 +121,7 @@ def main() -> None:
             height = 140 if field == "context" else 68
             edits[field] = st.text_area(label, value=str(base.get(field) or ""), height=height,
                                         key=f"pg_text_{run}_{index}_{field}")
-        image, drawn, image_caption = _picture_controls(run, base)
+        image, drawn, image_caption = _picture_controls()
     with side:
         st.markdown("##### Knock out an expert")
         layers = adapter.routed_layers()
@@ -211,7 +142,7 @@ def main() -> None:
     example = live_example(adapter, base, image=image, drawn_attributes=drawn, **kwargs)
     with lock:
         result = run_live(adapter, example, knockout=knockout, attribution=want_attr)
-        baseline = run_live(adapter, example, knockout=None, attribution=False) if knockout else None
+        baseline = _baseline(run, adapter, example) if knockout else None
 
     t = result.timings
     st.badge(f"{result.device.upper()} · forward {_ms(t.get('forward'))} · attribution "
@@ -238,17 +169,17 @@ def main() -> None:
         st.dataframe(changes.rename(columns={"changed_share": "share changed"}), hide_index=True,
                      column_config={"share changed": st.column_config.ProgressColumn(min_value=0, max_value=1,
                                                                                       format="percent")})
-    strips = top1_grid(result.routing)
-    for spec in adapter.routed_layers():
-        st.markdown(f"**{spec.name}** · {spec.num_experts} experts, top-{spec.top_k} · routes {spec.routed}; "
-                    f"gate sees {spec.gate_sees}", help=None)
-        st.markdown(expert_legend(spec.num_experts, knocked_expert if spec.name == knocked_layer else None),
-                    unsafe_allow_html=True)
-        for key, part in strips.items():
-            if key.split(" · ")[0] != spec.name:
-                continue
-            st.caption(key)
-            st.plotly_chart(routing_strip(part, spec.num_experts, None), key=f"pg_strip_{key}")
+    specs = adapter.routed_layers()
+    tabs = st.tabs([spec.name for spec in specs])
+    for spec, tab in zip(specs, tabs):
+        with tab:
+            st.caption(f"{spec.num_experts} experts, top-{spec.top_k}, gate {spec.gate_kind} · routes {spec.routed}; "
+                       f"the gate sees {spec.gate_sees}"
+                       + (f" · **expert {knocked_expert} is knocked out**" if spec.name == knocked_layer else ""))
+            rows = result.routing[result.routing["layer"] == spec.name]
+            for call in dict.fromkeys(rows["call"]):
+                common.show_call_routing(rows, spec.name, call, spec.num_experts, key=f"pg_route_{spec.name}_{call}",
+                                         picture=picture)
 
     qga = result.extras.get("qga")
     if qga:
@@ -282,9 +213,12 @@ def _prediction(result, baseline, knockout) -> None:
         table = result.ranking.copy()
         table["gold"] = table["gold"].map({True: "gold", False: ""})
         if baseline is not None and baseline.ranking is not None:
-            table["without knockout"] = baseline.ranking["name"].to_numpy()[:len(table)]
-        st.dataframe(table, hide_index=True, height=250,
+            before = baseline.ranking["id"].astype(str).to_numpy()[:len(table)]
+            table["without knockout"] = list(before) + [""] * (len(table) - len(before))
+        st.dataframe(table.drop(columns=["entity"]), hide_index=True,
                      column_config={"score": st.column_config.NumberColumn(format="%.3f")})
+        if len(table) < TOP_N:
+            st.caption(f"The model reports its top {len(table)}.")
     else:
         m = st.columns(3)
         m[0].metric("answer", result.answer or "–")
@@ -307,7 +241,7 @@ def _qga_chart(row: dict) -> None:
 
 def _on_the_map(run: str, store, result) -> None:
     with st.expander("This example on the run's embedding map"):
-        proj = _projection(run, str(store.dir), store)
+        proj = common.table(run, "projection")
         point = project_live(store, result.representation) if proj is not None else None
         if point is None:
             st.caption("The run has no fitted map (or the model gives no representation).")

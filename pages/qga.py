@@ -14,50 +14,12 @@ from pages import common
 SOURCE_COLOURS = {"alpha (image)": "#1f77b4", "beta (context)": "#ff7f0e"}
 
 
-# -- run selection (pages.common's helpers when present) ---------------------------------------------
-
-def _selected_store():
-    """(run, RunStore) of the run picked in the sidebar; stops the page with a hint when there is none."""
-    getter = getattr(common, "selected_run", None)
-    opener = getattr(common, "run_store", None) or getattr(common, "get_store", None)
-    from analysis.store import RunStore, list_runs
-    run = getter() if callable(getter) else None
-    if not run:
-        runs = list_runs()
-        if not runs:
-            st.info("No runs are built yet. Build the demo runs with `python -m mmoe_core.demo` (or `make demo`).")
-            st.stop()
-        wanted = st.query_params.get(getattr(common, "RUN_PARAM", "run"))
-        run = st.selectbox("Run", runs, index=runs.index(wanted) if wanted in runs else 0, key="qga_run")
-    try:
-        store = opener(run) if callable(opener) else _fallback_store(run)
-    except FileNotFoundError as exc:
-        st.error(str(exc))
-        st.stop()
-    if store is None:
-        st.stop()
-    return run, store
-
-
-@st.cache_resource(show_spinner=False)
-def _fallback_store_cached(run: str, target: str):
-    from analysis.store import RunStore
-    return RunStore(run)
-
-
-def _fallback_store(run: str):
-    import os
-    from analysis.store import runs_dir
-    link = runs_dir() / run
-    return _fallback_store_cached(run, os.path.realpath(link))
-
-
 # -- cached reads ----------------------------------------------------------------------------------------
 
 @st.cache_data(show_spinner="Summarising QGA weights…", max_entries=8)
-def _qga(run: str, version: str, _store):
-    qga = _store.table("qga")
-    examples = _store.examples()
+def _qga(run: str, version: str):
+    qga = common.table(run, "qga")
+    examples = common.examples(run)
     return qga_tokens(qga), qga_summary(qga, examples)
 
 
@@ -73,7 +35,9 @@ def _averages_chart(frame, label: str, title: str) -> go.Figure:
     fig.add_bar(x=names, y=frame["mean_beta"], name="beta (context)", marker_color=SOURCE_COLOURS["beta (context)"],
                 customdata=frame["questions"], hovertemplate="%{x}<br>mean beta %{y:.3f}<br>%{customdata} questions")
     fig.update_layout(barmode="group", title=title, yaxis_title="mean weight over question tokens",
-                      yaxis_range=[0, 1], height=340, margin=dict(t=50, b=10, l=10, r=10), legend_orientation="h")
+                      yaxis_range=[0, 1], height=380, margin=dict(t=50, b=10, l=10, r=10), legend_orientation="h",
+                      legend_y=1.12)
+    fig.update_xaxes(tickangle=-40 if len(names) > 6 else 0)
     return fig
 
 
@@ -81,7 +45,7 @@ def main() -> None:
     st.title("QGA source weights")
     st.caption("Question-guided attention (MoEMoE): for every question token, a weight alpha on the image and "
                "beta on the context (alpha + beta = 1); the joint input is e = alpha·I + beta·C.")
-    run, store = _selected_store()
+    run, store = common.require_run()
     outputs = store.manifest.get("outputs") or {}
     family = store.manifest.get("family", "unknown")
     if "qga" not in outputs or not store.has("qga"):
@@ -89,7 +53,7 @@ def main() -> None:
                 "with question-guided attention (the MoEMoE family, e.g. the `moemoe-qa` demo run).",
                 icon=":material/info:")
         return
-    tokens, summary = _qga(run, str(store.dir), store)
+    tokens, summary = _qga(run, common.run_version(run))
 
     st.subheader("Does the dominant source match where the answer lives?")
     c1, c2, c3 = st.columns(3)

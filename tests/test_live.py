@@ -126,17 +126,28 @@ def _build_tiny_demo(root: Path) -> None:
                        cwd=REPO, env=env, check=True)
 
 
-@pytest.fixture(scope="session")
-def built_demo_root(request, tmp_path_factory) -> Path:
-    """The lead's ``demo_artifacts`` fixture when tests/conftest.py has it, else a tiny demo built here."""
+_FALLBACK: dict[str, Path] = {}
+
+
+def demo_root(request) -> Path:
+    """The lead's session fixture ``demo_artifacts`` (tests/conftest.py) when it exists; else tiny demo runs
+    built here once per process (shared by tests/test_pages_b_apptest.py) and MOESCOPE_ARTIFACTS set."""
     try:
         return Path(request.getfixturevalue("demo_artifacts"))
     except pytest.FixtureLookupError:
         pass
-    root = tmp_path_factory.mktemp("live_demo_artifacts")
-    _build_tiny_demo(root)
-    os.environ["MOESCOPE_ARTIFACTS"] = str(root)
-    return root
+    if "root" not in _FALLBACK:
+        import tempfile
+        root = Path(tempfile.mkdtemp(prefix="moescope_live_demo_"))
+        _build_tiny_demo(root)
+        os.environ["MOESCOPE_ARTIFACTS"] = str(root)
+        _FALLBACK["root"] = root
+    return _FALLBACK["root"]
+
+
+@pytest.fixture(scope="session")
+def built_demo_root(request) -> Path:
+    return demo_root(request)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,345 @@
+"""A self-contained HTML report of one run, for stakeholders (no server, no internet needed to open it).
+
+    python -m analysis.report --run NAME [--out report.html] [--root ARTIFACTS]
+
+:func:`build_report` reads the run through :class:`analysis.store.RunStore` and lays out the model card,
+the headline metrics, the per-layer verdict table with its reasons, and the main figures (built by
+:mod:`analysis.figures`, the same builders the pages use), with plotly.js inlined once.
+
+The small helpers that arrange a run's manifest / config / metrics for display (:func:`model_card`,
+:func:`layers_frame`, :func:`verdict_frame`, :func:`headline_tables`) are shared with the overview page,
+so the report and the dashboard always say the same thing.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import html
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis import figures as F
+
+__all__ = ["build_report", "model_card", "layers_frame", "training_options", "verdict_frame", "headline_tables",
+           "rate_measures", "main"]
+
+# Fields of the checkpoint config's "training" block worth a line on the model card (when present).
+TRAINING_KEYS = ("steps", "steps_done", "batch_size", "lr", "lr_schedule", "gate", "experts", "top_k", "balance",
+                 "z_loss", "router_lr_mult", "two_stage", "trigger_entropy", "trigger_step", "two_stage_weight",
+                 "dme", "frozen", "expert_only", "aux_weight", "device", "train_seconds", "seed")
+VERDICT_COLUMNS = {
+    "layer": "layer", "verdict": "verdict", "reason": "reason", "effective_experts": "effective experts",
+    "token_entropy": "token entropy (nats)", "load_cv": "load CV", "max_load_ratio": "max-load ratio",
+    "dead_experts": "dead experts", "dead_expert_ids": "dead expert ids", "unrouted_fraction": "unrouted share",
+    "experts_never_weighted": "never weighted", "switch_balance_loss": "balance loss", "z_loss": "z-loss",
+    "batch_dependence": "batch dependence",
+}
+
+
+# ------------------------------------------------------------------------------------- display helpers
+
+def _short_hash(h: Any) -> str:
+    return str(h)[:12] if h else "n/a"
+
+
+def _encoder(config: Mapping[str, Any]) -> str:
+    enc = (config.get("model") or {}).get("encoder") or config.get("encoder")
+    if isinstance(enc, Mapping):
+        parts = [str(enc.get("name") or enc.get("kind") or "?")]
+        if enc.get("pretrained"):
+            parts.append(f"pretrained {enc['pretrained']}")
+        else:
+            parts.append("from scratch")
+        if enc.get("frozen"):
+            parts.append("frozen")
+        return ", ".join(parts)
+    if isinstance(config.get("model"), Mapping):  # families with several towers name them separately
+        towers = {k: v for k, v in config["model"].items() if "encoder" in k and isinstance(v, Mapping)}
+        if towers:
+            return "; ".join(f"{k}: {v.get('name') or v.get('kind') or '?'}" for k, v in towers.items())
+    return str(enc) if enc else "n/a"
+
+
+def training_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The training options of a checkpoint config worth showing (missing ones left out)."""
+    block = config.get("training") or (config.get("recipe") or {}).get("options") or {}
+    return {k: block[k] for k in TRAINING_KEYS if k in block and block[k] is not None}
+
+
+def model_card(manifest: Mapping[str, Any], config: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """(field, value) lines of a run's model card: family, description, encoder, prediction, code version,
+    checkpoint and dataset hashes, split, size and build time."""
+    config = config or {}
+    prediction = manifest.get("prediction") or {}
+    code = manifest.get("code_version") or "n/a"
+    if config.get("code_version") and config.get("code_version") != code:
+        code = f"{code} (checkpoint trained with {config['code_version']})"
+    lines = [
+        ("family", str(manifest.get("family") or config.get("family") or "n/a")),
+        ("description", str(config.get("description") or "n/a")),
+        ("encoder", _encoder(config)),
+        ("prediction", f"{prediction.get('kind', 'n/a')}: {prediction.get('description', '')}".strip(": ")),
+        ("code version", str(code)),
+        ("checkpoint", f"{manifest.get('checkpoint', 'n/a')} (hash {_short_hash(manifest.get('checkpoint_hash'))})"),
+        ("dataset", f"{manifest.get('dataset', 'n/a')} (hash {_short_hash(manifest.get('dataset_hash'))})"),
+        ("split", f"{manifest.get('split', 'n/a')}, {manifest.get('num_examples', 'n/a')} examples"),
+        ("built", str(manifest.get("created", "n/a"))),
+    ]
+    outputs = manifest.get("outputs") or {}
+    if outputs:
+        lines.append(("declared outputs", "; ".join(f"{k}: {v}" for k, v in outputs.items())))
+    return lines
+
+
+def layers_frame(manifest: Mapping[str, Any]) -> pd.DataFrame:
+    """The routed layers a run declares: E, k, gate kind, what is routed and what the gate sees."""
+    rows = []
+    for spec in manifest.get("layers") or []:
+        rows.append({"layer": spec.get("name"), "E": spec.get("num_experts"), "k": spec.get("top_k"),
+                     "gate": spec.get("gate_kind"), "routed": spec.get("routed"), "gate sees": spec.get("gate_sees"),
+                     "calls": ", ".join(spec.get("calls") or [])})
+    return pd.DataFrame(rows, columns=["layer", "E", "k", "gate", "routed", "gate sees", "calls"])
+
+
+def _ids(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return ", ".join(str(int(x)) for x in v) or "none"
+    return str(v)
+
+
+def verdict_frame(layer_metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per layer: verdict, its reason (which quotes the numbers) and the main indicators, display-named."""
+    if layer_metrics is None or layer_metrics.empty:
+        return pd.DataFrame(columns=["layer", "verdict", "reason"])
+    cols = [c for c in VERDICT_COLUMNS if c in layer_metrics]
+    out = layer_metrics[cols].copy()
+    for c in ("dead_expert_ids", "experts_never_weighted"):
+        if c in out:
+            out[c] = out[c].map(_ids)
+    for c in out.columns:
+        if pd.api.types.is_float_dtype(out[c]):
+            out[c] = out[c].round(3)
+    return out.rename(columns=VERDICT_COLUMNS)
+
+
+def rate_measures(block: Mapping[str, Any]) -> list[str]:
+    """Measures of a metrics block that are shares in [0, 1] (MRR, Hits@k, exact match...)."""
+    out = []
+    for k in order_measures(block):
+        v = block[k]
+        if k in ("n", "MR") or not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if isinstance(v, float) and (math.isnan(v) or 0.0 <= v <= 1.0):
+            out.append(k)
+    return out
+
+
+def _measure_order(name: str) -> tuple:
+    """MRR / exact match first, then Hits@k by k, then MR, then the count n."""
+    m = re.fullmatch(r"(?i)hits@(\d+)", name)
+    if name in ("MRR", "exact_match", "accuracy"):
+        return (0, 0, name)
+    if m:
+        return (1, int(m.group(1)), name)
+    if name == "n":
+        return (4, 0, name)
+    if name == "MR":
+        return (3, 0, name)
+    return (2, 0, name)
+
+
+def order_measures(names) -> list[str]:
+    return sorted(names, key=_measure_order)
+
+
+def headline_tables(metrics: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
+    """(overall metrics, {label: table of metrics by that label's values}) of ``metrics.json``; measures in
+    reading order (MRR / exact match, Hits@1, @3, ..., MR, n)."""
+    if not metrics:
+        return {}, {}
+    block = metrics.get("overall") or {}
+    overall = {k: block[k] for k in order_measures(block) if isinstance(block[k], (int, float))}
+    by = {}
+    for key, block in metrics.items():
+        if key.startswith("by_") and isinstance(block, Mapping) and block:
+            frame = pd.DataFrame({str(v): dict(m) for v, m in block.items() if isinstance(m, Mapping)}).T
+            frame = frame[order_measures(frame.columns)]
+            if "n" in frame:
+                frame["n"] = frame["n"].astype(int)
+            frame.index.name = key[3:]
+            by[key[3:]] = frame.reset_index()
+    return overall, by
+
+
+def format_metric(name: str, value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        if name in ("MR",) or not (0.0 <= value <= 1.0):
+            return f"{value:.2f}"
+        return f"{value:.1%}"
+    return str(value)
+
+
+# ------------------------------------------------------------------------------------- HTML
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 2rem auto;
+       max-width: 1200px; color: #1f2328; line-height: 1.45; padding: 0 1rem; }
+h1 { margin-bottom: 0.2rem; } h2 { border-bottom: 1px solid #d0d7de; padding-bottom: 0.3rem; margin-top: 2.2rem; }
+table { border-collapse: collapse; margin: 0.6rem 0 1rem; font-size: 0.9rem; }
+th, td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f6f8fa; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.muted { color: #59636e; font-size: 0.9rem; }
+.warn { background: #fff8c5; border: 1px solid #d4a72c; padding: 0.6rem 0.8rem; border-radius: 6px; }
+.metrics { display: flex; flex-wrap: wrap; gap: 0.8rem; margin: 0.6rem 0; }
+.metric { border: 1px solid #d0d7de; border-radius: 6px; padding: 0.4rem 0.9rem; min-width: 90px; }
+.metric .v { font-size: 1.4rem; font-weight: 600; } .metric .k { color: #59636e; font-size: 0.85rem; }
+"""
+
+
+def _table_html(frame: pd.DataFrame, verdict_col: str | None = None, table_id: str | None = None) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = []
+    for _, row in frame.iterrows():
+        cells = []
+        for c in frame.columns:
+            v = row[c]
+            num = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+            text = "" if v is None or (isinstance(v, float) and math.isnan(v)) else (
+                f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v))
+            style = f' style="{F.verdict_css(v)}"' if c == verdict_col else ""
+            cells.append(f'<td{" class=num" if num else ""}{style}>{html.escape(text)}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    tid = f' id="{table_id}"' if table_id else ""
+    return f"<table{tid}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+class _Figures:
+    """Figures to HTML; plotly.js is inlined with the first one only."""
+
+    def __init__(self) -> None:
+        self.first = True
+
+    def __call__(self, fig) -> str:
+        out = fig.to_html(full_html=False, include_plotlyjs="inline" if self.first else False,
+                          config={"displaylogo": False, "responsive": True})
+        self.first = False
+        return f'<div class="figure">{out}</div>'
+
+
+def build_report(run: str, root: str | os.PathLike | None = None) -> str:
+    """The self-contained HTML report of ``run`` (under ``root``, default the artifacts root)."""
+    from analysis.store import RunStore, resolve_root, run_status
+
+    root = resolve_root(root)
+    status = run_status(run, root)
+    with RunStore(run, root) as store:
+        manifest = dict(store.manifest or {})
+        config = _json(store, "config") or {}
+        metrics = _json(store, "metrics") or {}
+        lm = store.layer_metrics() if store.has("layer_metrics") else pd.DataFrame()
+        loads = store.layer_loads() if (store.has("routing_loads") or store.has("routing")) else pd.DataFrame()
+        layers = list(lm["layer"]) if len(lm) else sorted(loads["layer"].unique()) if len(loads) else []
+        entropies = {l: store.entropy_values(l, sample=20_000) for l in layers} if store.has("routing") else {}
+        spec = store.table("specialisation") if store.has("specialisation") else pd.DataFrame()
+        dyn = store.dynamics() if store.has("dynamics") else pd.DataFrame()
+    num_experts = {s.get("name"): int(s.get("num_experts") or 0) for s in manifest.get("layers") or []}
+    fig = _Figures()
+    parts: list[str] = []
+    title = f"MoEscope report: {html.escape(run)}"
+    parts.append(f"<h1>{title}</h1>")
+    parts.append(f'<p class="muted">Generated {_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")} '
+                 f"from the run's artifacts; status: {html.escape(status.state)}.</p>")
+    if status.state != "ready":
+        parts.append(f'<p class="warn">{html.escape(status.message)}</p>')
+
+    parts.append("<h2>Model card</h2>")
+    card = pd.DataFrame(model_card(manifest, config), columns=["field", "value"])
+    parts.append(_table_html(card, table_id="model-card"))
+    layer_table = layers_frame(manifest)
+    if len(layer_table):
+        parts.append("<h3>Routed layers</h3>")
+        parts.append(_table_html(layer_table, table_id="layers"))
+    opts = training_options(config)
+    if opts:
+        parts.append("<h3>Training options</h3>")
+        parts.append(_table_html(pd.DataFrame({"option": list(opts), "value": [str(v) for v in opts.values()]}),
+                                 table_id="training"))
+
+    parts.append("<h2>Headline metrics</h2>")
+    overall, by = headline_tables(metrics)
+    if overall:
+        cells = "".join(f'<div class="metric"><div class="v">{html.escape(format_metric(k, v))}</div>'
+                        f'<div class="k">{html.escape(k)}</div></div>' for k, v in overall.items())
+        parts.append(f'<div class="metrics">{cells}</div>')
+        for label, frame in by.items():
+            parts.append(f"<h3>By {html.escape(label)}</h3>")
+            parts.append(_table_html(frame))
+            rates = rate_measures(metrics.get("overall") or {})
+            block = metrics.get(f"by_{label}") or {}
+            if rates and block:
+                parts.append(fig(F.headline_bars(block, rates[:4], f"Headline metrics by {label}")))
+    else:
+        parts.append('<p class="muted">This run has no metrics.json.</p>')
+
+    parts.append("<h2>Per-layer verdicts</h2>")
+    parts.append('<p class="muted">healthy / warning / collapsed from the documented thresholds '
+                 "(analysis.routing.THRESHOLDS); the reason quotes the numbers that decided it.</p>")
+    parts.append(_table_html(verdict_frame(lm), verdict_col="verdict", table_id="verdicts"))
+
+    parts.append("<h2>Utilization</h2>")
+    parts.append(fig(F.load_bars(loads)))
+    parts.append(fig(F.load_heatmap(loads)))
+    if entropies:
+        parts.append(fig(F.entropy_histograms(entropies, num_experts)))
+    if len(spec):
+        parts.append(fig(F.specialisation_bars(spec)))
+    if len(dyn):
+        parts.append("<h2>Training dynamics</h2>")
+        parts.append(fig(F.dynamics_lines(dyn, manifest.get("trigger_step"))))
+    body = "\n".join(parts)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{_CSS}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def _json(store, name: str):
+    try:
+        return store.read_json(name)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="run name (artifacts/runs/<run>/)")
+    p.add_argument("--out", help="output file (default <run>-report.html)")
+    p.add_argument("--root", help="artifacts root (default artifacts/ or $MOESCOPE_ARTIFACTS)")
+    a = p.parse_args(argv)
+    try:
+        text = build_report(a.run, a.root)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(a.out or f"{a.run}-report.html")
+    out.write_text(text, encoding="utf-8")
+    print(f"{out} ({len(text) / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

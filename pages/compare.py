@@ -1,0 +1,164 @@
+"""Compare two runs side by side: headline metrics, per-layer verdicts, expert loads, and the same
+example routed by both (the routing explorer's figures for each run).
+
+Run A is the run picked in the sidebar; run B is picked here and kept in the URL as ``?compare=NAME``.
+Layout only: everything comes from the two runs' artifacts through pages.common.
+"""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from analysis import figures as F
+from analysis.report import format_metric, headline_tables
+from pages import common
+
+COMPARE_PARAM = "compare"
+
+
+def pick_other(run: str, runs: list[str]) -> str | None:
+    others = [r for r in runs if r != run]
+    if not others:
+        return None
+    key = "compare_run_b"
+    wanted = st.query_params.get(COMPARE_PARAM)
+    if wanted is not None and wanted not in others:
+        st.warning(f"The link asks to compare with run `{wanted}`, which is not available here; pick another.",
+                   icon=":material/link_off:")
+    elif wanted is not None and st.session_state.get(key) != wanted:
+        st.session_state[key] = wanted
+    if st.session_state.get(key) not in others:
+        # Prefer a run of the same family (its examples and layers line up).
+        family = common.manifest(run).get("family")
+        same = [r for r in others if common.manifest(r).get("family") == family]
+        st.session_state[key] = (same or others)[0]
+
+    def on_change() -> None:
+        st.query_params[COMPARE_PARAM] = st.session_state[key]
+
+    st.selectbox("Compare with (run B)", others, key=key, on_change=on_change)
+    other = st.session_state[key]
+    if st.query_params.get(COMPARE_PARAM) != other:
+        st.query_params[COMPARE_PARAM] = other
+    return other
+
+
+def metrics_side_by_side(a: str, b: str) -> None:
+    overall_a, _ = headline_tables(common.read_json(a, "metrics"))
+    overall_b, _ = headline_tables(common.read_json(b, "metrics"))
+    names = list(dict.fromkeys([*overall_a, *overall_b]))
+    if not names:
+        st.info("Neither run has headline metrics.")
+        return
+    st.dataframe(pd.DataFrame({"measure": names,
+                               a: [format_metric(n, overall_a[n]) if n in overall_a else "" for n in names],
+                               b: [format_metric(n, overall_b[n]) if n in overall_b else "" for n in names]}),
+                 hide_index=True)
+
+
+def verdicts_side_by_side(a: str, b: str) -> None:
+    frames = []
+    for run in (a, b):
+        lm = common.table(run, "layer_metrics")
+        if lm is not None and len(lm):
+            frames.append(lm[["layer", "verdict", "reason"]].rename(columns={"verdict": f"{run}", "reason": f"reason ({run})"}))
+        else:
+            frames.append(pd.DataFrame(columns=["layer", run, f"reason ({run})"]))
+    merged = frames[0].merge(frames[1], on="layer", how="outer")
+    merged = merged[["layer", a, b, f"reason ({a})", f"reason ({b})"]]
+    st.dataframe(merged.style.map(F.verdict_css, subset=[a, b]), hide_index=True,
+                 column_config={f"reason ({a})": st.column_config.TextColumn(width="large"),
+                                f"reason ({b})": st.column_config.TextColumn(width="large")})
+
+
+def same_example(a: str, b: str) -> None:
+    ex_a, ex_b = common.examples(a), common.examples(b)
+    if ex_a is None or ex_b is None:
+        st.info("Both runs need an examples table.")
+        return
+    col_a, col_b = common.example_index_column(ex_a), common.example_index_column(ex_b)
+    key_col = "id" if "id" in ex_a and "id" in ex_b else None
+    if key_col:
+        shared = ex_a[[key_col, col_a]].merge(ex_b[[key_col, col_b]], on=key_col, suffixes=("_a", "_b"))
+    else:
+        shared = pd.DataFrame()
+    if shared.empty:
+        st.info(f"`{a}` and `{b}` share no examples (different datasets or families), so one example cannot be "
+                "routed by both.")
+        return
+    index_a = f"{col_a}_a" if f"{col_a}_a" in shared else col_a
+    index_b = f"{col_b}_b" if f"{col_b}_b" in shared else col_b
+    ids = shared[key_col].astype(str).tolist()
+    wanted, message = common.url_example(ex_a)
+    if message:
+        st.warning(message, icon=":material/link_off:")
+    key = f"compare_example_{a}_{b}"
+    if wanted is not None:
+        hit = ex_a.loc[ex_a[col_a] == wanted, key_col]
+        if len(hit) and str(hit.iloc[0]) in ids and st.session_state.get(key) != str(hit.iloc[0]):
+            st.session_state[key] = str(hit.iloc[0])
+    if st.session_state.get(key) not in ids:
+        st.session_state[key] = ids[0]
+    text = dict(zip(ex_a[key_col].astype(str), ex_a.get("sentence", ex_a.get("question", ex_a[key_col])).astype(str)))
+    chosen = st.selectbox("Example (shared by both runs)", ids, key=key,
+                          format_func=lambda i: f"{i} · {text.get(i, '')[:70]}")
+    pair = shared[shared[key_col].astype(str) == chosen].iloc[0]
+    idx_a, idx_b = int(pair[index_a]), int(pair[index_b])
+    rows_a, rows_b = common.example_routing(a, idx_a), common.example_routing(b, idx_b)
+    if rows_a is None or rows_b is None or rows_a.empty or rows_b.empty:
+        st.info("One of the runs has no routing for this example.")
+        return
+    specs_a, specs_b = common.layer_specs(a), common.layer_specs(b)
+    layers = [l for l in specs_a if l in set(rows_a["layer"]) and l in set(rows_b["layer"])]
+    if not layers:
+        st.info("The two runs have no routed layer in common.")
+        return
+    left, right = st.columns([1, 2])
+    layer = left.radio("Layer", layers, horizontal=True, key="compare_layer")
+    calls = [c for c in dict.fromkeys(rows_a.loc[rows_a["layer"] == layer, "call"])
+             if c in set(rows_b.loc[rows_b["layer"] == layer, "call"])]
+    call = right.radio("Call", calls, key=f"compare_call_{layer}",
+                       format_func=lambda c: common.call_label(rows_a[rows_a["layer"] == layer], c))
+    picture = common.example_picture(ex_a[ex_a[col_a] == idx_a].iloc[0])
+    if picture is not None:
+        st.image(picture, caption="the example's image", width=160)
+    col_left, col_right = st.columns(2)
+    for column, run, rows, specs, idx in ((col_left, a, rows_a, specs_a, idx_a), (col_right, b, rows_b, specs_b, idx_b)):
+        with column:
+            spec = specs.get(layer, {})
+            st.markdown(f"**{run}** · {spec.get('gate_kind', '?')}, top-{spec.get('top_k', '?')} of "
+                        f"{spec.get('num_experts', '?')}")
+            common.show_call_routing(rows, layer, call, spec.get("num_experts"), key=f"compare_{run}_{layer}_{call}",
+                                     title_prefix=run)
+            common.example_link(run, idx, label=f"Open in the routing explorer ({run})")
+
+
+def main() -> None:
+    st.title("Compare runs")
+    run, store = common.require_run()
+    runs = common.available_runs()
+    other = pick_other(run, runs)
+    if other is None:
+        st.info(f"Only one run (`{run}`) is built: build another to compare, e.g. with `{common.BUILD_COMMAND}`.")
+        return
+    if common.run_store(other) is None:
+        return
+    st.caption(f"Run A: **{run}** (the sidebar's run) · run B: **{other}**")
+
+    st.subheader("Headline metrics")
+    metrics_side_by_side(run, other)
+    st.subheader("Per-layer verdicts")
+    verdicts_side_by_side(run, other)
+
+    st.subheader("Expert loads")
+    left, right = st.columns(2)
+    for column, name in ((left, run), (right, other)):
+        loads = common.layer_loads(name)
+        with column:
+            st.plotly_chart(F.load_heatmap(loads, title=f"{name}: share of top-k slots"), key=f"compare_loads_{name}")
+
+    st.subheader("The same example, routed by both")
+    same_example(run, other)
+
+
+main()

@@ -1,0 +1,73 @@
+"""Training dynamics: routing indicators of a fixed example sample at every training snapshot.
+
+Effective experts, token entropy, max-load ratio and balance loss per layer against the step, with the
+step the entropy-triggered two-stage schedule switched marked (manifest ``trigger_step``); the per-expert
+load of one layer over training; the verdict at every snapshot; and the training log when the run carries
+one (``train_log`` table). Layout only: the precompute measured everything (``dynamics`` table).
+"""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from analysis import figures as F
+from pages import common
+
+LOG_GROUPS = {
+    "losses": lambda c: c == "loss" or c.startswith("loss."),
+    "routing (from the training batches)": lambda c: c.startswith("route."),
+    "learning rate": lambda c: c == "lr",
+}
+
+
+def main() -> None:
+    st.title("Training dynamics")
+    run, store = common.require_run()
+    manifest = common.manifest(run)
+    trigger = manifest.get("trigger_step")
+    config = common.read_json(run, "config") or {}
+    training = config.get("training") or {}
+    st.caption(f"Run **{run}**. Snapshots every {training.get('snapshot_every', '?')} steps of "
+               f"{training.get('steps_done', training.get('steps', '?'))}; each measured on the same stratified "
+               f"sample of {manifest.get('params', {}).get('dynamics_sample', '?')} examples.")
+    if trigger is not None:
+        st.markdown(f"The entropy-triggered two-stage schedule switched to its specialisation phase at "
+                    f"**step {trigger}** (dotted red line).")
+    elif training.get("two_stage"):
+        st.markdown("Two-stage routing was on, but training never reached the entropy trigger.")
+
+    dyn = common.table(run, "dynamics")
+    if dyn is None or dyn.empty:
+        st.info(f"Run `{run}` has no training snapshots (no `dynamics` table): train with `snapshot_every` > 0 "
+                f"and rebuild with `python -m analysis.precompute --run {run}`.")
+    else:
+        st.plotly_chart(F.dynamics_lines(dyn, trigger, title="Routing indicators per layer over training snapshots"),
+                        key="dynamics_lines")
+        layers = list(dict.fromkeys(dyn["layer"]))
+        layer = st.radio("Layer for the per-expert load", layers, horizontal=True, key="dyn_layer")
+        st.plotly_chart(F.dynamics_load_area(dyn, layer, trigger), key="dynamics_load")
+        verdicts = dyn.pivot_table(index="step", columns="layer", values="verdict", aggfunc="first").reset_index()
+        st.markdown("**Verdict at each snapshot**")
+        st.dataframe(verdicts.style.map(F.verdict_css, subset=[c for c in verdicts.columns if c != "step"]),
+                     hide_index=True)
+        with st.expander("Reasons at each snapshot"):
+            st.dataframe(dyn[["step", "layer", "verdict", "reason"]], hide_index=True,
+                         column_config={"reason": st.column_config.TextColumn(width="large")})
+
+    st.subheader("Training log")
+    log = common.table(run, "train_log")
+    if log is None or log.empty:
+        st.info("This run carries no training log (`train_log` table); the checkpoint's train_log.parquet is "
+                "not part of the run's artifacts yet.")
+        return
+    for i, (name, keep) in enumerate(LOG_GROUPS.items()):
+        cols = [c for c in log.columns if keep(c)]
+        if not cols:
+            continue
+        if name.startswith("routing"):
+            metric = st.selectbox("Routing indicator", sorted({c.rsplit(".", 1)[-1] for c in cols}), key="dyn_log_metric")
+            cols = [c for c in cols if c.endswith("." + metric)]
+        st.plotly_chart(F.train_log_lines(log, cols[:8], trigger, title=f"Training log: {name}"), key=f"log_{i}")
+
+
+main()

@@ -1,0 +1,117 @@
+"""Utilization and collapse: how the work is spread over the experts of every routed layer.
+
+Per-layer load bars (share of the top-k slots and of the combine weight), a layers x experts heatmap,
+router token-entropy histograms, co-selection, specialisation against labels (mutual information vs
+shuffled labels), metrics per slice, and the verdict reasons with their numbers. Layout only: every
+number is precomputed in the run's tables and read through pages.common.
+"""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from analysis import figures as F
+from analysis.report import verdict_frame
+from pages import common
+
+SLICE_COLUMNS = ["layer", "slice", "value", "verdict", "num_positions", "effective_experts", "token_entropy",
+                 "load_cv", "max_load_ratio", "unrouted_fraction", "switch_balance_loss", "reason"]
+
+
+def main() -> None:
+    st.title("Utilization and collapse")
+    run, store = common.require_run()
+    specs = common.layer_specs(run)
+    st.caption(f"Run **{run}**: {len(specs)} routed layers; every number is over the run's "
+               f"{common.manifest(run).get('num_examples', '?')} examples and all their routed positions.")
+
+    lm = common.table(run, "layer_metrics")
+    st.subheader("Verdicts and their reasons")
+    if lm is not None and len(lm):
+        for row in lm.itertuples(index=False):
+            colour = {"healthy": "green", "warning": "orange", "collapsed": "red"}.get(row.verdict, "gray")
+            reason = str(row.reason)
+            reason = reason[len(row.verdict) + 2:] if reason.startswith(f"{row.verdict}: ") else reason
+            st.markdown(f"**{row.layer}** · :{colour}-background[{row.verdict}] {reason}")
+        with st.expander("All indicators per layer"):
+            st.dataframe(verdict_frame(lm).style.map(F.verdict_css, subset=["verdict"]), hide_index=True)
+    else:
+        st.info("This run has no layer_metrics table.")
+
+    loads = common.layer_loads(run)
+    st.subheader("Load per expert")
+    if loads is None or loads.empty:
+        st.info("This run has no routing table, so no loads.")
+    else:
+        st.plotly_chart(F.load_bars(loads, "Load per expert: share of top-k slots (solid) and of combine weight "
+                                           "(hatched), per layer"), key="load_bars")
+        value = st.radio("Heatmap of", ["slot_fraction", "weight_fraction"], horizontal=True, key="util_heat_value",
+                         format_func=lambda v: {"slot_fraction": "share of top-k slots",
+                                                "weight_fraction": "share of combine weight"}[v])
+        title = ("Share of top-k slots: layers \u00d7 experts" if value == "slot_fraction"
+                 else "Share of combine weight: layers \u00d7 experts")
+        st.plotly_chart(F.load_heatmap(loads, value, title), key="load_heatmap")
+        with st.expander("Loads split by call / position kind / modality"):
+            by = st.selectbox("Split by", ["call", "position_kind", "routed_modality", "gate_modality"],
+                              key="util_loads_by")
+            split = common.layer_loads(run, by=[by])
+            if split is not None:
+                wide = split.pivot_table(index=["layer", by], columns="expert", values="slot_fraction").round(3)
+                wide.columns = [f"expert {int(c)}" for c in wide.columns]
+                st.dataframe(wide.reset_index(), hide_index=True)
+
+    st.subheader("Router token entropy")
+    layers = list(specs) or (sorted(loads["layer"].unique()) if loads is not None else [])
+    values = common.entropy_values(run, layers)
+    st.plotly_chart(F.entropy_histograms(values, {l: s.get("num_experts") for l, s in specs.items()},
+                                         "Router token entropy per position (nats), per layer"), key="entropy")
+    st.caption("0 = the router puts all its probability on one expert; log E (dashed) = uniform over all experts.")
+
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Co-selection")
+        cosel = common.table(run, "coselection")
+        if cosel is None or cosel.empty:
+            st.info("This run has no co-selection table.")
+        else:
+            layer = st.selectbox("Layer", list(dict.fromkeys(cosel["layer"])), key="util_cosel_layer")
+            st.plotly_chart(F.coselection_heatmap(cosel, layer), key="coselection")
+    with right:
+        st.subheader("Specialisation")
+        spec = common.table(run, "specialisation")
+        if spec is None or spec.empty:
+            st.info("This run has no specialisation table.")
+        else:
+            st.plotly_chart(F.specialisation_bars(spec, "MI(top-1 expert; label) vs shuffled labels"),
+                            key="specialisation")
+    if spec is not None and len(spec):
+        with st.expander("Specialisation numbers"):
+            st.dataframe(spec.round(4), hide_index=True)
+
+    st.subheader("Metrics per slice")
+    slices = common.table(run, "slice_metrics")
+    if slices is None or slices.empty:
+        st.info("This run has no slice_metrics table.")
+        return
+    a, b, c = st.columns(3)
+    layer = a.selectbox("Layer", ["all"] + list(dict.fromkeys(slices["layer"])), key="util_slice_layer")
+    kinds = list(dict.fromkeys(slices["slice"]))
+    kind = b.selectbox("Slice by", ["all"] + kinds, key="util_slice_kind")
+    verdicts = c.multiselect("Verdict", ["healthy", "warning", "collapsed"], key="util_slice_verdicts")
+    shown = slices
+    if layer != "all":
+        shown = shown[shown["layer"] == layer]
+    if kind != "all":
+        shown = shown[shown["slice"] == kind]
+    if verdicts:
+        shown = shown[shown["verdict"].isin(verdicts)]
+    cols = [col for col in SLICE_COLUMNS if col in shown]
+    table = shown[cols].copy()
+    for col in table.columns:
+        if pd.api.types.is_float_dtype(table[col]):
+            table[col] = table[col].round(3)
+    st.dataframe(table.style.map(F.verdict_css, subset=["verdict"]), hide_index=True,
+                 column_config={"reason": st.column_config.TextColumn(width="large")})
+
+
+main()

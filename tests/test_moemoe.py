@@ -1,0 +1,279 @@
+"""MoEMoE: QGA, alignment losses, expert-only training, checkpoints, routing records, the adapter,
+the trainer hooks and the CLIs, all at tiny sizes on the tiny product QA world."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mmoe_core.adapter import load_adapter
+from mmoe_core.checkpoint import load_state, save_checkpoint
+from mmoe_core.moemoe import (DECODER_CALL, TINY_MODEL, MoEMoEAdapter, QAFeaturizer, alignment_loss, build_model,
+                              default_config, demo_recipe, dominant_source, encode_batch, examples_from_dataset,
+                              is_expert_or_router, loss_parts, qga_agreement, qga_weights, repeat_to_length,
+                              stretch_valid_tokens, valid_steps)
+from mmoe_core.qa_text import AnswerVocab, exact_match, normalise_answer
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from mmoe_core.data.generate import generate_qa_world
+    return generate_qa_world(tmp_path_factory.mktemp("qa") / "qa", scale="tiny", progress=False)
+
+
+@pytest.fixture(scope="module")
+def examples(world):
+    from mmoe_core.data.readers import read_qa_dataset
+    dataset = read_qa_dataset(world)
+    return {split: examples_from_dataset(items) for split, items in dataset.splits.items()}
+
+
+@pytest.fixture(scope="module")
+def config(examples):
+    vocab = AnswerVocab.build(e["answer"] for e in examples["train"])
+    return default_config(vocab.words, **TINY_MODEL)
+
+
+def _model(config, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(config)
+
+
+# ------------------------------------------------------------------------------------ pure functions
+
+def test_normalised_exact_match():
+    assert normalise_answer("  Navy   Blue. ") == "navy blue"
+    assert exact_match("oeko-tex", "OEKO-TEX") and exact_match("6 months", "6 Months!")
+    assert not exact_match("6", "6 months")
+
+
+def test_answer_vocab_round_trip():
+    vocab = AnswerVocab.build(["Extra large", "red", "red", "USB"])
+    ids = vocab.encode("extra large", max_words=3)
+    assert ids[-1] == vocab.eos_id and vocab.decode(ids) == "extra large"
+    assert vocab.decode(vocab.encode("purple", 3)) == "<unk>"
+
+
+def test_qga_weights_are_a_softmax_over_two_sources():
+    alpha, beta = qga_weights(torch.randn(3, 7, 2) * 5)
+    assert alpha.shape == beta.shape == (3, 7)
+    assert torch.all((alpha >= 0) & (alpha <= 1)) and torch.all((beta >= 0) & (beta <= 1))
+    torch.testing.assert_close(alpha + beta, torch.ones(3, 7))
+    assert dominant_source([0.9, 0.6], [0.1, 0.4]) == "image"
+    assert dominant_source([0.2, 0.6], [0.8, 0.4]) == "context"
+
+
+def test_alignment_loss_on_hand_built_embeddings():
+    a = torch.tensor([[1.0, 0.0, 0.0]])
+    assert alignment_loss(a, a.clone() * 3).item() == pytest.approx(0.0, abs=1e-6)      # identical direction
+    assert alignment_loss(a, torch.tensor([[0.0, 2.0, 0.0]])).item() == pytest.approx(1.0)  # orthogonal
+    assert alignment_loss(a, -a).item() == pytest.approx(2.0)                             # opposite
+
+
+def test_resizing_keeps_items_intact():
+    x = torch.arange(2 * 3).float().view(2, 3, 1)
+    repeated = repeat_to_length(x, 7)
+    assert repeated.shape == (2, 7, 1)
+    assert set(repeated[0, :, 0].tolist()) == {0.0, 1.0, 2.0}  # every item survives, none is blended
+    assert repeated[0, :, 0].tolist() == sorted(repeated[0, :, 0].tolist())
+    assert repeat_to_length(torch.ones(1, 8, 2), 4).shape == (1, 4, 2)  # shrinking averages
+    stretched = stretch_valid_tokens(torch.tensor([[1.0, 2.0, 9.0, 9.0], [5.0, 6.0, 7.0, 9.0]]),
+                                     torch.tensor([2, 3]), 6)
+    assert stretched.tolist() == [[1, 1, 1, 2, 2, 2], [5, 5, 6, 6, 7, 7]]  # padding never used
+
+
+def test_valid_steps_stop_after_eos():
+    ids = torch.tensor([[7, 2, 2], [7, 8, 9]])
+    assert valid_steps(ids, eos_id=2).tolist() == [[True, True, False], [True, True, True]]
+
+
+# ---------------------------------------------------------------------------------------- the model
+
+def test_qga_shapes_range_and_factorised_memory(config, examples):
+    model = _model(config).eval()
+    batch = QAFeaturizer(model).batch(examples["train"][:12])
+    assert batch["context_ids"].shape[0] < 12  # a product's sources are encoded once
+    with torch.no_grad():
+        encoded = encode_batch(model, batch)
+    lq = model.question_encoder.context_length
+    assert encoded.alpha.shape == encoded.beta.shape == (12, lq)
+    assert torch.all((encoded.alpha >= 0) & (encoded.alpha <= 1))
+    torch.testing.assert_close(encoded.alpha + encoded.beta, torch.ones_like(encoded.alpha))
+    # the decoder projects each source once; that must equal projecting the materialised memory
+    linear = model.decoder[0].cross_attn.key
+    explicit = linear(torch.cat([encoded.question, encoded.joint()], dim=1))
+    torch.testing.assert_close(encoded.project(linear), explicit, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_layers_alternate_dense_and_moe(config):
+    model = _model(config)
+    assert [layer.is_moe for layer in model.decoder] == [False, True, False, True]
+    assert [m.name for m in model.moe_layers()] == ["decoder.1.moe", "decoder.3.moe"]
+    assert model.get_submodule("decoder.1.moe") is model.moe_layers()[0]
+
+
+def test_loss_parts(config, examples):
+    model = _model(config)
+    batch = QAFeaturizer(model).batch(examples["train"][:10])
+    parts = loss_parts(model, batch)
+    assert set(parts) == {"ce", "qca", "qia", "aux"}
+    assert all(torch.isfinite(v) for v in parts.values())
+    assert 0 <= parts["qca"].item() <= 2 and 0 <= parts["qia"].item() <= 2
+    assert parts["aux"].item() == pytest.approx(0.1 * 2, rel=0.6)  # lambda * (two layers, each ~1 balanced)
+
+
+def test_expert_only_freezes_the_backbone(config, examples):
+    model = _model(config)
+    model.set_expert_only(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = QAFeaturizer(model).batch(examples["train"][:16])
+    sum(loss_parts(model, batch).values()).backward()
+    optimizer.step()
+    trained = {n for n in before if is_expert_or_router(n)}
+    assert trained and any(".gate.w_gate." in n for n in trained)
+    for name, parameter in model.named_parameters():
+        if name in trained:
+            assert not torch.equal(parameter, before[name]), f"{name} did not train"
+        else:
+            assert torch.equal(parameter, before[name]), f"backbone parameter {name} changed"
+    model.set_expert_only(False)
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.endswith("logit_scale"))
+
+
+# ------------------------------------------------------------------------------ adapter + checkpoint
+
+@pytest.fixture(scope="module")
+def saved(config, tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("ckpt") / "moemoe"
+    model = _model(config, seed=3)
+    save_checkpoint(model, config, ckpt)
+    return ckpt, model
+
+
+def test_save_load_round_trip_is_bit_exact(saved, examples):
+    ckpt, model = saved
+    adapter = load_adapter(ckpt, device="cpu")
+    assert isinstance(adapter, MoEMoEAdapter)
+    reference = model.state_dict()
+    for name, tensor in adapter.model.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
+    assert load_state(ckpt).keys() == reference.keys()
+    test = examples["test"][:20]
+    fresh = MoEMoEAdapter(model, adapter.config, "cpu")
+    a, b = adapter.run(test, record=False), fresh.run(test, record=False)
+    assert [p["prediction"] for p in a.predictions] == [p["prediction"] for p in b.predictions]
+    assert [p["score"] for p in a.predictions] == [p["score"] for p in b.predictions]
+
+
+def test_run_records_decoder_steps_and_qga(saved, examples):
+    adapter = load_adapter(saved[0], device="cpu")
+    test = examples["test"][:9]
+    out = adapter.run(test, record=True, batch_size=4)
+    assert len(out.predictions) == 9 and out.representations.shape[0] == 9
+    layers = {c.layer for c in out.recorder.calls}
+    assert layers == {"decoder.1.moe", "decoder.3.moe"} == {s.name for s in adapter.routed_layers()}
+    for call in out.recorder.calls:
+        assert call.meta.call == DECODER_CALL and set(call.meta.kinds) == {"decoder_step"}
+        assert call.meta.valid[:, 0].all()  # step 0 is always a real step
+    indices = sorted({i for c in out.recorder.calls for i in c.meta.example_ids})
+    assert indices == sorted(e["index"] for e in test)
+    for row, example in zip(out.extras["qga"], test):
+        assert row["index"] == example["index"]
+        assert len(row["tokens"]) == len(row["alpha"]) == len(row["beta"]) >= 3
+        assert row["tokens"][0] == "<start_of_text>" and row["tokens"][-1] == "<end_of_text>"
+        assert np.allclose(np.add(row["alpha"], row["beta"]), 1.0)
+    for p, example in zip(out.predictions, test):
+        assert p["gold"] == example["answer"] and p["correct"] == exact_match(p["prediction"], example["answer"])
+    summary = adapter.summarize(out.predictions, test)
+    assert summary["overall"]["n"] == 9
+
+
+def test_summarize_hand_made_predictions():
+    examples = [
+        {"index": 0, "answer": "Red", "labels": {"question_type": "colour", "answer_source": "image", "category": "mug"}},
+        {"index": 1, "answer": "Norvik", "labels": {"question_type": "brand", "answer_source": "context", "category": "mug"}},
+        {"index": 2, "answer": "6 months", "labels": {"question_type": "warranty", "answer_source": "context", "category": "hat"}},
+        {"index": 3, "answer": "blue", "labels": {"question_type": "colour", "answer_source": "both", "category": "hat"}},
+    ]
+    predictions = [{"index": 0, "prediction": "red"}, {"index": 1, "prediction": "norvik"},
+                   {"index": 2, "prediction": "6"}, {"index": 3, "prediction": "green"}]
+    summary = MoEMoEAdapter.summarize(None, predictions, examples)
+    assert summary["overall"] == {"exact_match": 0.5, "n": 4}
+    assert summary["by_question_type"]["colour"] == {"exact_match": 0.5, "n": 2}
+    assert summary["by_question_type"]["brand"]["exact_match"] == 1.0
+    assert summary["by_answer_source"]["context"] == {"exact_match": 0.5, "n": 2}
+    assert summary["by_answer_source"]["both"]["exact_match"] == 0.0
+    assert summary["by_category"]["mug"]["exact_match"] == 1.0
+    qga = [{"index": 0, "alpha": [0.9, 0.8], "beta": [0.1, 0.2]}, {"index": 1, "alpha": [0.7], "beta": [0.3]},
+           {"index": 2, "alpha": [0.1], "beta": [0.9]}, {"index": 3, "alpha": [0.1], "beta": [0.9]}]
+    agreement = qga_agreement(qga, examples)
+    assert agreement["n"] == 3 and agreement["agreement"] == pytest.approx(2 / 3)
+
+
+def test_declarations_and_attribution(saved, examples):
+    adapter = load_adapter(saved[0], device="cpu")
+    assert [s.name for s in adapter.input_spec()] == ["question", "context", "image"]
+    assert adapter.prediction_spec().kind == "answer"
+    assert {t.name for t in adapter.attribution_targets()} == {"answer_logit", "router_logit"}
+    assert "qga" in adapter.output_spec()
+    assert adapter.slice_labels() == ["question_type", "answer_source", "category"]
+    example = examples["test"][0]
+    inputs = adapter.attribution_inputs(example)
+    labels = adapter.input_labels(example)
+    for name, tensor in inputs.items():
+        assert tensor.shape[0] == 1 and tensor.shape[1] == len(labels[name])
+    doubled = [torch.cat([t, t * 0.5]).requires_grad_(True) for t in inputs.values()]
+    for fn in (adapter.attribution_forward(example, "answer_logit"),
+               adapter.attribution_forward(example, "router_logit", layer="decoder.1.moe", expert=2, position=0)):
+        out = fn(*doubled)
+        assert out.shape == (2,)
+        grads = torch.autograd.grad(out.sum(), doubled, allow_unused=True)
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    with pytest.raises(ValueError):
+        adapter.attribution_forward(example, "router_logit", layer="decoder.1.moe", expert=0, position=99)
+
+
+def test_knockout_removes_an_expert(saved, examples):
+    adapter = load_adapter(saved[0], device="cpu")
+    with adapter.knockout("decoder.3.moe", 1):
+        out = adapter.run(examples["test"][:6])
+    chosen = {int(e) for c in out.recorder.calls if c.layer == "decoder.3.moe" for e in c.router.topk_ids.flatten()}
+    assert 1 not in chosen
+
+
+# -------------------------------------------------------------------------- trainer, CLIs and demo
+
+def test_train_cli_phases_and_evaluate_cli(world, tmp_path, capsys):
+    from mmoe_core import evaluate, train
+    out = tmp_path / "run"
+    opts = [f"--opt={k}={json.dumps(v)}" for k, v in TINY_MODEL.items()]
+    assert train.main(["--family", "moemoe", "--data", str(world), "--out", str(out), "--steps", "6",
+                       "--batch-size", "20", "--lr", "3e-3", "--top-k", "2", "--snapshot-every", "3",
+                       "--no-progress", "--opt", "expert_only_after_steps=3", *opts]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["family"] == "moemoe" and config["model"]["aux_weight"] == 0.1
+    assert config["model"]["answer_vocab"][:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step_3.safetensors", "step_6.safetensors"]
+    # the expert-only phase changed experts/routers only
+    early, final = load_state(out, snapshot=3), load_state(out)
+    changed = {k for k in final if not torch.equal(early[k], final[k])}
+    assert changed and all(is_expert_or_router(k) for k in changed)
+    capsys.readouterr()
+    assert evaluate.main([str(out), "--data", str(world), "--json", "--no-progress", "--limit", "30"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["family"] == "moemoe" and result["overall"]["n"] == 30
+    assert {"by_question_type", "by_answer_source"} <= set(result)
+    assert math.isfinite(result["overall"]["exact_match"])
+
+
+def test_demo_recipe_resolves_at_both_scales():
+    recipe = demo_recipe("default")
+    assert recipe.run == "moemoe-qa" and recipe.world == "qa"
+    default, tiny = recipe.resolved("default"), recipe.resolved("tiny")
+    assert default["family_options"]["expert_only_after_steps"] < default["steps"]
+    assert default["family_options"]["aux_weight"] == 0.1 and tiny["steps"] < 30
+    assert tiny["family_options"]["expert_only_after_steps"] < tiny["steps"]

@@ -1,0 +1,386 @@
+"""The dashboard's own pages (overview, routing explorer, utilization, dynamics, compare, export) rendered
+with Streamlit's AppTest against REAL tiny demo runs, plus the HTML report and its CLI.
+
+Runs come from the session fixture ``demo_artifacts`` (tests/conftest.py) when it exists; otherwise
+:func:`runs_root` builds them itself (see :func:`_build_tiny_runs`). First-render times of every page are
+written to ``test-output/apptest_timings.json`` (reported, never asserted).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+APP = str(REPO / "app.py")
+TIMINGS = REPO / "test-output" / "apptest_timings.json"
+MMOE_RUNS = ("mmoe-balanced", "mmoe-collapsing", "mmoe-reference-gate")
+MY_PAGES = ("overview", "routing_explorer", "utilization", "dynamics", "compare", "export")
+TIMEOUT = 120
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+
+def _build_tiny_runs(root: Path) -> None:
+    """Fallback when conftest has no ``demo_artifacts``: the tiny demo (worlds + short trainings) with
+    ``python -m mmoe_core.demo --scale tiny``, then ``python -m analysis.precompute --run R --data W`` for
+    every demo run, all with MOESCOPE_ARTIFACTS=root."""
+    env = {**os.environ, "MOESCOPE_ARTIFACTS": str(root), "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "mmoe_core.demo", "--scale", "tiny", "--no-progress"], cwd=REPO, env=env,
+                   check=True, timeout=3600)
+    from mmoe_core.demo import all_recipes
+    for recipe in all_recipes("tiny"):
+        if not (root / "checkpoints" / recipe.run / "config.json").is_file():
+            continue
+        subprocess.run([sys.executable, "-m", "analysis.precompute", "--run", recipe.run,
+                        "--data", str(root / "data" / recipe.world)], cwd=REPO, env=env, check=True, timeout=3600)
+
+
+_BUILT: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def runs_root(request, tmp_path_factory) -> Path:
+    """Artifacts root holding the real tiny demo runs: the lead's ``demo_artifacts`` when conftest has it,
+    else ``$MOESCOPE_TEST_RUNS_ROOT`` (an already built root, to iterate quickly), else built here."""
+    try:
+        return Path(request.getfixturevalue("demo_artifacts"))
+    except pytest.FixtureLookupError:
+        pass
+    reuse = os.environ.get("MOESCOPE_TEST_RUNS_ROOT")
+    if reuse and (Path(reuse) / "runs").is_dir():
+        return Path(reuse)
+    if "root" not in _BUILT:  # shared with tests/test_browser.py, which imports this fixture
+        root = tmp_path_factory.mktemp("demo_artifacts")
+        _build_tiny_runs(root)
+        _BUILT["root"] = root
+    return _BUILT["root"]
+
+
+@pytest.fixture
+def root(runs_root, monkeypatch) -> Path:
+    monkeypatch.setenv("MOESCOPE_ARTIFACTS", str(runs_root))
+    _clear_caches()
+    return runs_root
+
+
+def _clear_caches() -> None:
+    import streamlit as st
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def _runs(root: Path) -> list[str]:
+    from analysis.store import list_runs
+    return list_runs(root)
+
+
+def _need(root: Path, *runs: str) -> None:
+    missing = [r for r in runs if r not in _runs(root)]
+    if missing:
+        pytest.fail(f"demo runs {missing} are not built under {root}")
+
+
+_timings: dict[str, float] = {}
+
+
+def _record(name: str, seconds: float) -> None:
+    _timings[name] = round(seconds, 3)
+    TIMINGS.parent.mkdir(parents=True, exist_ok=True)
+    TIMINGS.write_text(json.dumps(_timings, indent=2, sort_keys=True) + "\n")
+
+
+def render(page: str, run: str | None = None, **params: str) -> AppTest:
+    """Run the app with ``?run=..`` (+ params), switch to ``pages/<page>.py`` and render it with cold page
+    caches; records the page's render time."""
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    if run is not None:
+        at.query_params["run"] = run
+    for key, value in params.items():
+        at.query_params[key] = value
+    if page == "overview":  # the default page: its first run is the one to time
+        _clear_caches()
+        started = time.perf_counter()
+        at.run()
+    else:
+        at.run()
+        _clear_caches()
+        at.switch_page(f"pages/{page}.py")
+        started = time.perf_counter()
+        at.run()
+    _record(f"{page}[{run}]" + "".join(f"[{k}={v}]" for k, v in params.items()), time.perf_counter() - started)
+    return at
+
+
+def no_exceptions(at: AppTest) -> None:
+    assert not at.exception, "\n\n".join(f"{e.message}\n{''.join(e.stack_trace)}" for e in at.exception)
+    assert not at.error, [e.value for e in at.error]
+
+
+def markdown_text(at: AppTest) -> str:
+    return "\n".join(str(m.value) for m in at.markdown) + "\n" + "\n".join(str(c.value) for c in at.caption)
+
+
+def frames(at: AppTest) -> list[pd.DataFrame]:
+    return [d.value.data if hasattr(d.value, "data") else d.value for d in at.dataframe]
+
+
+def plotly_count(at: AppTest) -> int:
+    return len(at.get("plotly_chart"))
+
+
+def _store(root: Path, run: str):
+    from analysis.store import RunStore
+    return RunStore(run, root)
+
+
+# ------------------------------------------------------------------------------------------- overview
+
+@pytest.mark.parametrize("run", MMOE_RUNS)
+def test_overview_renders_model_card_metrics_and_verdicts(root, run):
+    _need(root, run)
+    at = render("overview", run)
+    no_exceptions(at)
+    text = markdown_text(at)
+    store = _store(root, run)
+    lm = store.layer_metrics()
+    for layer in lm["layer"]:
+        assert f"**{layer}**" in text
+    tables = frames(at)
+    card = next(t for t in tables if list(t.columns) == ["field", "value"])
+    assert "family" in set(card["field"]) and "mmoe" in set(card["value"])
+    layers = next(t for t in tables if "gate sees" in t.columns)
+    assert set(layers["layer"]) == set(s["name"] for s in store.manifest["layers"])
+    assert [m.label for m in at.metric], "headline metrics are shown"
+    assert any(m.label == "MRR" for m in at.metric)
+    assert at.query_params.get("run") in (run, [run])
+
+
+def test_overview_collapsing_run_says_collapsed_and_why(root):
+    _need(root, "mmoe-collapsing")
+    at = render("overview", "mmoe-collapsing")
+    no_exceptions(at)
+    lm = _store(root, "mmoe-collapsing").layer_metrics()
+    collapsed = lm[lm["verdict"] == "collapsed"]
+    assert len(collapsed), "the collapsing demo run has a collapsed layer"
+    text = markdown_text(at)
+    assert "collapsed" in text
+    for reason in collapsed["reason"]:
+        assert reason.split(": ", 1)[1][:60] in text  # the reason itself, with its numbers
+    verdicts = next(t for t in frames(at) if "verdict" in t.columns and "reason" in t.columns)
+    assert "collapsed" in set(verdicts["verdict"])
+
+
+def test_reference_gate_overview_explains_the_gate(root):
+    _need(root, "mmoe-reference-gate")
+    at = render("overview", "mmoe-reference-gate")
+    no_exceptions(at)
+    assert any("not routed" in str(i.value) for i in at.info)
+
+
+# ------------------------------------------------------------------------------------------- explorer
+
+def _explorer_table(at: AppTest) -> pd.DataFrame:
+    return next(t for t in frames(at) if "top-k experts" in t.columns)
+
+
+@pytest.mark.parametrize("run", ["mmoe-balanced", "mmoe-collapsing"])
+def test_explorer_shows_k_experts_per_routed_position(root, run):
+    _need(root, run)
+    store = _store(root, run)
+    index = int(store.examples(limit=3)["index"].iloc[2])
+    at = render("routing_explorer", run, example=str(index))
+    no_exceptions(at)
+    assert not at.warning, [w.value for w in at.warning]
+    table = _explorer_table(at)
+    layer = at.radio[0].value
+    k = next(s["top_k"] for s in store.manifest["layers"] if s["name"] == layer)
+    routed = table[table["routed"] == "routed"]
+    assert len(routed) > 0
+    assert all(len(ids.split(", ")) == k for ids in routed["top-k experts"])
+    assert all(len(w.split(", ")) == k for w in routed["top-k weights"])
+    assert f"The {k} experts of every routed position" in [s.value for s in at.subheader]
+    assert plotly_count(at) >= 1
+    assert at.query_params.get("example") in (str(index), [str(index)])
+    assert at.selectbox(key=f"explorer_example_{run}").value == index  # the picker follows ?example=
+
+
+def test_explorer_image_call_draws_patch_grid(root):
+    _need(root, "mmoe-balanced")
+    at = render("routing_explorer", "mmoe-balanced", example="1")
+    no_exceptions(at)
+    at.radio[0].set_value("image_intra").run()
+    no_exceptions(at)
+    table = _explorer_table(at)
+    assert (table["kind"] == "image_patch").sum() >= 4
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+    assert any("image patches" in t for t in titles), titles
+
+
+def test_explorer_reference_gate_shows_not_routed_positions(root):
+    _need(root, "mmoe-reference-gate")
+    at = render("routing_explorer", "mmoe-reference-gate", example="0")
+    no_exceptions(at)
+    table = _explorer_table(at)
+    assert (table["routed"] == "not routed").any()
+    assert "not routed" in markdown_text(at)
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert any(t.get("name") == "not routed" for t in spec["data"]), "the figure has a 'not routed' legend entry"
+
+
+def test_explorer_bad_example_param_warns_and_still_renders(root):
+    _need(root, "mmoe-balanced")
+    at = render("routing_explorer", "mmoe-balanced", example="not-an-example")
+    no_exceptions(at)
+    assert any("not-an-example" in str(w.value) for w in at.warning)
+    assert _explorer_table(at) is not None
+
+
+def test_bad_run_param_warns_and_falls_back(root):
+    runs = _runs(root)
+    at = render("overview", "no-such-run")
+    no_exceptions(at)
+    assert any("no-such-run" in str(w.value) for w in at.warning)
+    picked = at.selectbox(key="moescope_run_picker").value
+    assert picked in runs
+    assert any(f"**{l}**" in markdown_text(at) for l in _store(root, picked).layer_metrics()["layer"])
+
+
+# ------------------------------------------------------------------------------------------- other pages
+
+@pytest.mark.parametrize("run", MMOE_RUNS)
+def test_utilization_page(root, run):
+    _need(root, run)
+    at = render("utilization", run)
+    no_exceptions(at)
+    assert plotly_count(at) >= 5  # load bars, heatmap, entropy, co-selection, specialisation
+    text = markdown_text(at)
+    for row in _store(root, run).layer_metrics().itertuples():
+        assert f"**{row.layer}**" in text and row.verdict in text
+    slices = next(t for t in frames(at) if "slice" in t.columns)
+    assert len(slices) > 0
+
+
+@pytest.mark.parametrize("run", ["mmoe-balanced", "mmoe-collapsing"])
+def test_dynamics_page(root, run):
+    _need(root, run)
+    at = render("dynamics", run)
+    no_exceptions(at)
+    store = _store(root, run)
+    if store.has("dynamics"):
+        assert plotly_count(at) >= 2
+        spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+        trigger = store.manifest.get("trigger_step")
+        if trigger is not None:
+            assert any(t.get("name", "").startswith("entropy trigger") for t in spec["data"])
+    else:
+        assert any("no training snapshots" in str(i.value) for i in at.info)
+
+
+def test_compare_page_routes_the_same_example_with_both_runs(root):
+    _need(root, "mmoe-balanced", "mmoe-collapsing")
+    at = render("compare", "mmoe-balanced", compare="mmoe-collapsing")
+    no_exceptions(at)
+    verdicts = next(t for t in frames(at) if "mmoe-balanced" in t.columns and "mmoe-collapsing" in t.columns
+                    and "layer" in t.columns)
+    assert "collapsed" in set(verdicts["mmoe-collapsing"])
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+    assert any(t.startswith("mmoe-balanced ·") for t in titles) and any(t.startswith("mmoe-collapsing ·") for t in titles)
+    assert at.query_params.get("compare") in ("mmoe-collapsing", ["mmoe-collapsing"])
+
+
+def test_export_page_offers_the_report(root):
+    _need(root, "mmoe-collapsing")
+    at = render("export", "mmoe-collapsing")
+    no_exceptions(at)
+    assert any("python -m analysis.report --run mmoe-collapsing" in c.value for c in at.code)
+    assert at.get("download_button"), "a download button is shown"
+
+
+# ------------------------------------------------------------------------------------------- report
+
+def test_build_report_is_self_contained_with_verdict_table(root):
+    _need(root, "mmoe-collapsing")
+    from analysis.report import build_report
+    html = build_report("mmoe-collapsing", root)
+    assert html.startswith("<!DOCTYPE html>")
+    assert '<table id="verdicts">' in html
+    assert not re.search(r"<script[^>]*\bsrc=", html)  # plotly.js inlined, nothing fetched
+    assert html.count("Plotly.newPlot") >= 3 and "plotly.js" in html.lower()
+    lm = _store(root, "mmoe-collapsing").layer_metrics()
+    for row in lm.itertuples():
+        assert f">{row.layer}<" in html and row.verdict in html
+    assert html.count("Plotly.newPlot") >= 3
+    assert 'id="model-card"' in html and "mmoe" in html
+
+
+def test_report_cli_writes_the_file(root, tmp_path):
+    _need(root, "mmoe-balanced")
+    out = tmp_path / "report.html"
+    env = {**os.environ, "MOESCOPE_ARTIFACTS": str(root), "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "analysis.report", "--run", "mmoe-balanced", "--out", str(out)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert '<table id="verdicts">' in out.read_text()
+    bad = subprocess.run([sys.executable, "-m", "analysis.report", "--run", "no-such-run"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no-such-run" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------- clear states
+
+def test_no_runs_yet_shows_the_build_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOESCOPE_ARTIFACTS", str(tmp_path / "empty"))
+    _clear_caches()
+    for page in ("overview", "routing_explorer", "utilization", "dynamics", "compare", "export"):
+        at = render(page, None)
+        no_exceptions(at)
+        infos = " ".join(str(i.value) for i in at.info)
+        assert "make demo" in infos and "python -m mmoe_core.demo" in infos, page
+
+
+def _copy_run(src_root: Path, dst_root: Path, run: str) -> Path:
+    """A private copy of a published run (a plain directory under dst_root/runs) to damage safely."""
+    src = Path(os.path.realpath(src_root / "runs" / run))
+    dst = dst_root / "runs" / run
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_stale_run_says_so_with_the_rebuild_command(root, tmp_path, monkeypatch):
+    _need(root, "mmoe-balanced")
+    run_dir = _copy_run(root, tmp_path, "mmoe-balanced")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["checkpoint_hash"] = "0" * 64  # as if the checkpoint had been retrained since
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("MOESCOPE_ARTIFACTS", str(tmp_path))
+    _clear_caches()
+    at = render("overview", "mmoe-balanced")
+    no_exceptions(at)
+    warnings = " ".join(str(w.value) for w in at.warning)
+    assert "stale" in warnings.lower() and "python -m analysis.precompute --run mmoe-balanced" in warnings
+
+
+def test_partial_run_says_so_and_the_page_still_renders(root, tmp_path, monkeypatch):
+    _need(root, "mmoe-balanced")
+    run_dir = _copy_run(root, tmp_path, "mmoe-balanced")
+    (run_dir / "coselection.parquet").unlink()
+    monkeypatch.setenv("MOESCOPE_ARTIFACTS", str(tmp_path))
+    _clear_caches()
+    at = render("utilization", "mmoe-balanced")
+    no_exceptions(at)
+    warnings = " ".join(str(w.value) for w in at.warning)
+    assert "partial" in warnings.lower() and "coselection.parquet is missing" in warnings
+    assert "python -m analysis.precompute --run mmoe-balanced" in warnings
+    assert any("co-selection" in str(i.value) for i in at.info)
