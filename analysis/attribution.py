@@ -147,7 +147,10 @@ def _restricted_forward(forward: Callable[..., Tensor], names: Sequence[str], at
         given = dict(zip(attributed, tensors))
         batch = tensors[0].shape[0]
         args = [given[n] if n in given else fixed[n].expand(batch, *fixed[n].shape[1:]) for n in names]
-        return forward(*args).reshape(batch)
+        # Adding 0 * each input keeps every attributed input in the graph: a target that ignores one
+        # (a text-side router logit vs image patches) then gets exact zeros instead of an autograd error.
+        unused_guard = sum((t * 0).reshape(batch, -1).sum(dim=1) for t in tensors)
+        return forward(*args).reshape(batch) + unused_guard
     return restricted
 
 
@@ -307,18 +310,17 @@ RouterTargetChooser = Callable[[ModelAdapter, dict], "ExplainedOutput | None"]
 
 
 def default_router_target(adapter: ModelAdapter, example: dict) -> ExplainedOutput | None:
-    """The top-1 expert of the first routed position of the first call of the first routed layer
-    (e.g. the mention-side CLS of the first MoE). "Routed": a non-zero combine weight, which the
-    published MMoE gate denies to most positions. None when the example routes nothing there."""
+    """The top-1 expert of the first routed position of the example's own first call of the first
+    routed layer (e.g. the mention-side CLS of the first MoE; knowledge-base calls, subject "kb", are
+    skipped). "Routed": a non-zero combine weight, which the published MMoE gate denies to most
+    positions. None when the example routes nothing there."""
     layers = adapter.routed_layers()
     if not layers:
         return None
     layer = layers[0]
-    wanted_call = layer.calls[0] if layer.calls else None
     recorder = adapter.run([example], record=True, batch_size=1).recorder
     for recorded in recorder.calls if recorder is not None else []:
-        if recorded.layer != layer.name or (wanted_call is not None and recorded.meta is not None
-                                            and recorded.meta.call != wanted_call):
+        if recorded.layer != layer.name or (recorded.meta is not None and recorded.meta.subject != "example"):
             continue
         rows = flatten_call(recorded)
         for i, position in enumerate(rows["position"]):

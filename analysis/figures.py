@@ -66,8 +66,18 @@ def verdict_css(verdict: object) -> str:
     return f"color: {VERDICT_COLOURS[v]}; background-color: {VERDICT_BACKGROUNDS[v]}; font-weight: 600"
 
 
-def _layout(fig: go.Figure, title: str, height: int, **kw) -> go.Figure:
+# Legends go under the plot (container coordinates), clear of subplot titles and of the mode bar.
+LEGEND_BELOW = dict(orientation="h", yref="container", y=0.0, yanchor="bottom", x=0.0, xanchor="left",
+                    traceorder="normal")
+_BELOW_MARGIN = 90  # px under the plot: tick labels, axis title, then the legend
+
+
+def _layout(fig: go.Figure, title: str, height: int, legend_below: bool = False, **kw) -> go.Figure:
     margin = kw.pop("margin", dict(t=60, b=40, l=50, r=20))
+    if legend_below:
+        kw["legend"] = LEGEND_BELOW
+        margin = {**margin, "b": max(margin.get("b", 0), _BELOW_MARGIN)}
+        height += _BELOW_MARGIN - 40
     fig.update_layout(title=dict(text=title, x=0.0, xanchor="left", font=dict(size=15)), height=height,
                       font=FONT, margin=margin, template="plotly_white", **kw)
     return fig
@@ -220,7 +230,7 @@ def token_strip(rows: pd.DataFrame, title: str, num_experts: int | None = None, 
     _legend_swatches(fig, E, not_routed=not routed.all(), used=rows.loc[routed, "top1"].unique())
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False, autorange="reversed")
-    return _layout(fig, title, height=110 + 46 * nrows, legend=dict(orientation="h", y=-0.02, yanchor="top"),
+    return _layout(fig, title, height=110 + 46 * nrows, legend_below=True,
                    margin=dict(t=50, b=50, l=10, r=10))
 
 
@@ -339,7 +349,7 @@ def load_bars(loads: pd.DataFrame, title: str = "Load per expert, per layer") ->
                              line=dict(dash="dash", color="#555")))
     fig.update_layout(shapes=shapes)
     return _layout(fig, title, height=300 * nr + 60, barmode="group",
-                   legend=dict(orientation="h", y=1.0, yanchor="bottom", x=1, xanchor="right"))
+                   legend_below=True)
 
 
 def load_heatmap(loads: pd.DataFrame, value: str = "slot_fraction",
@@ -391,7 +401,7 @@ def entropy_histograms(values: Mapping[str, np.ndarray], num_experts: Mapping[st
                              line=dict(dash="dash", color="#555")))
     fig.update_layout(shapes=shapes)
     return _layout(fig, title, height=290 * nr + 60,
-                   legend=dict(orientation="h", y=1.0, yanchor="bottom", x=1, xanchor="right"))
+                   legend_below=True)
 
 
 def coselection_heatmap(cosel: pd.DataFrame, layer: str, title: str | None = None) -> go.Figure:
@@ -437,12 +447,13 @@ def specialisation_bars(spec: pd.DataFrame, title: str = "Specialisation: MI(top
                                      hovertemplate="%{x}: shuffled max %{y:.4f}<extra></extra>"),
                           row=r + 1, col=c + 1)
         fig.layout[_axis_ref("yaxis", i)].update(title_text="MI (nats)" if c == 0 else None, rangemode="tozero")
+        fig.layout[_axis_ref("xaxis", i)].update(tickangle=-30)
     fig.add_trace(go.Bar(x=[None], y=[None], name="MI above chance", marker_color="#4c72b0"))
     fig.add_trace(go.Bar(x=[None], y=[None], name="MI within chance", marker_color="#b0b7c3"))
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="max MI, shuffled labels",
                              marker=dict(symbol="line-ew-open", size=18, color="#c62828", line=dict(width=3))))
     return _layout(fig, title, height=320 * nr + 60,
-                   legend=dict(orientation="h", y=1.0, yanchor="bottom", x=1, xanchor="right"))
+                   legend_below=True)
 
 
 # ------------------------------------------------------------------------------------ dynamics
@@ -488,7 +499,7 @@ def dynamics_lines(dyn: pd.DataFrame, trigger_step: int | None = None,
         fig.layout[_axis_ref("xaxis", j)].update(title_text="step")
     _trigger(fig, trigger_step, len(names))
     return _layout(fig, title, height=300 * nr + 80,
-                   legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"))
+                   legend_below=True)
 
 
 def dynamics_load_area(dyn: pd.DataFrame, layer: str, trigger_step: int | None = None) -> go.Figure:
@@ -531,7 +542,7 @@ def train_log_lines(log: pd.DataFrame, columns: Sequence[str], trigger_step: int
                       row=r + 1, col=c + 1)
         fig.layout[_axis_ref("xaxis", j)].update(title_text="step")
     _trigger(fig, trigger_step, len(columns))
-    return _layout(fig, title, height=280 * nr + 80, legend=dict(orientation="h", y=1.02, yanchor="bottom"))
+    return _layout(fig, title, height=280 * nr + 80, legend_below=True)
 
 
 # ------------------------------------------------------------------------------------ headline metrics
@@ -553,4 +564,4 @@ def headline_bars(by_label: Mapping[str, Mapping[str, float]], measures: Sequenc
     if percent:
         fig.update_yaxes(tickformat=".0%", range=[0, 1.12])
     return _layout(fig, title, height=340, barmode="group",
-                   legend=dict(orientation="h", y=1.0, yanchor="bottom", x=1, xanchor="right"))
+                   legend_below=True)

@@ -561,3 +561,275 @@ def run_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int] | No
     timings["routing"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# A live example on the run's embedding map
+# ------------------------------------------------------------------------------------------------
+
+PROJECTION_FILE = "projection_model.npz"
+_projection_cache: dict[tuple, Any] = {}
+
+
+def _open_store(run_store, root=None):
+    from analysis.store import RunStore
+    if isinstance(run_store, RunStore):
+        return run_store, False
+    return RunStore(str(run_store), root), True
+
+
+def _projection_of(store):
+    try:
+        path = store.path(PROJECTION_FILE)
+    except FileNotFoundError:
+        return None
+    from analysis.embedding import FittedProjection
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    projection = _projection_cache.get(key)
+    if projection is None:
+        projection = _projection_cache[key] = FittedProjection.load(path)
+    return projection
+
+
+def projection_info(run_store, root: str | os.PathLike | None = None) -> dict | None:
+    """Method ("umap" / "pca") and fit sizes of the run's fitted map; None when it has none."""
+    store, opened = _open_store(run_store, root)
+    try:
+        projection = _projection_of(store)
+    finally:
+        if opened:
+            store.close()
+    if projection is None:
+        return None
+    return {"method": projection.method, "n_fit": int(projection.params.get("n_fit", 0)),
+            "n_total": int(projection.params.get("n_total", 0))}
+
+
+def project_live(run_store, representation, root: str | os.PathLike | None = None) -> dict | None:
+    """Place one representation (a :class:`LiveResult`'s, [D]) on the run's fitted map.
+
+    ``run_store`` is a :class:`~analysis.store.RunStore` or a run name (then ``root`` is the artifacts
+    root). Returns {"x", "y", "distance" (to the nearest fitted row: large means unlike anything the map
+    was fitted on), "method"}, or None when the run has no fitted projection or no representation."""
+    if representation is None:
+        return None
+    store, opened = _open_store(run_store, root)
+    try:
+        projection = _projection_of(store)
+    finally:
+        if opened:
+            store.close()
+    if projection is None:
+        return None
+    x = np.asarray(representation, dtype=np.float64).reshape(1, -1)
+    coords, distance = projection.transform(x, return_distance=True)
+    return {"x": float(coords[0, 0]), "y": float(coords[0, 1]) if coords.shape[1] > 1 else 0.0,
+            "distance": float(distance[0]), "method": projection.method}
+
+
+# ------------------------------------------------------------------------------------------------
+# Summaries the QGA, attribution and embedding pages show (pure functions over run tables).
+# They live here until they find a module of their own (analysis/qga.py, ...); no Streamlit.
+# ------------------------------------------------------------------------------------------------
+
+QGA_AGREEMENT_DEFINITION = (
+    "Over single-source questions (answer source image or context): the share whose dominant QGA source "
+    "matches the answer source. The dominant source of a question is image when its mean alpha over the "
+    "question's tokens (SOT..EOT) exceeds its mean beta, else context.")
+
+
+def qga_tokens(qga: pd.DataFrame) -> pd.DataFrame:
+    """The QGA table as one row per question token: example_index, position, token, alpha, beta.
+
+    Accepts the long form (already one row per token) or the per-example form the MoEMoE adapter
+    declares (index, tokens [list], alpha [list], beta [list])."""
+    if qga is None or qga.empty:
+        return pd.DataFrame(columns=["example_index", "position", "token", "alpha", "beta"])
+    df = qga.rename(columns={"index": "example_index"}) if "example_index" not in qga else qga
+    first_alpha = df["alpha"].iloc[0]
+    if isinstance(first_alpha, (list, tuple, np.ndarray)):
+        rows = []
+        for r in df.itertuples(index=False):
+            alpha, beta = np.asarray(r.alpha, dtype=float), np.asarray(r.beta, dtype=float)
+            tokens = getattr(r, "tokens", None)
+            tokens = list(tokens) if tokens is not None else [""] * len(alpha)
+            for p in range(len(alpha)):
+                rows.append((int(r.example_index), p, str(tokens[p]) if p < len(tokens) else "", alpha[p], beta[p]))
+        return pd.DataFrame(rows, columns=["example_index", "position", "token", "alpha", "beta"])
+    out = df.copy()
+    if "position" not in out:
+        out["position"] = out.groupby("example_index").cumcount()
+    if "token" not in out:
+        out["token"] = ""
+    return out[["example_index", "position", "token", "alpha", "beta"]].sort_values(
+        ["example_index", "position"], kind="stable").reset_index(drop=True)
+
+
+@dataclass
+class QGASummary:
+    per_example: pd.DataFrame       # example_index, tokens, mean_alpha, mean_beta, dominant, + example fields
+    by_question_type: pd.DataFrame  # question_type, questions, mean_alpha, mean_beta
+    by_answer_source: pd.DataFrame  # answer_source, questions, mean_alpha, mean_beta
+    agreement: float                # see QGA_AGREEMENT_DEFINITION (nan when no single-source question)
+    agreement_n: int
+    agreement_by_source: dict       # {"image": share, "context": share}
+    confusion: pd.DataFrame         # rows answer source (gold), columns dominant source, counts
+    definition: str = QGA_AGREEMENT_DEFINITION
+
+
+def qga_summary(qga: pd.DataFrame, examples: pd.DataFrame, source_label: str = "answer_source",
+                type_label: str = "question_type") -> QGASummary:
+    """Averages by question type and answer source, agreement with the gold answer source, confusion."""
+    tokens = qga_tokens(qga)
+    per = tokens.groupby("example_index").agg(tokens=("alpha", "size"), mean_alpha=("alpha", "mean"),
+                                              mean_beta=("beta", "mean")).reset_index()
+    per["dominant"] = np.where(per["mean_alpha"] > per["mean_beta"], "image", "context")
+    ex = examples.rename(columns={"index": "example_index"}) if "example_index" not in examples else examples
+    keep = [c for c in ("example_index", "id", "question", "answer", type_label, source_label, "category")
+            if c in ex]
+    per = per.merge(ex[keep], on="example_index", how="left")
+
+    def by(label: str) -> pd.DataFrame:
+        if label not in per:
+            return pd.DataFrame(columns=[label, "questions", "mean_alpha", "mean_beta"])
+        return per.groupby(label, sort=True).agg(questions=("example_index", "size"), mean_alpha=("mean_alpha", "mean"),
+                                                 mean_beta=("mean_beta", "mean")).reset_index()
+
+    agreement, n, by_source = float("nan"), 0, {}
+    confusion = pd.DataFrame()
+    if source_label in per:
+        single = per[per[source_label].isin(["image", "context"])]
+        n = len(single)
+        if n:
+            hits = single["dominant"] == single[source_label]
+            agreement = float(hits.mean())
+            by_source = {s: float(hits[single[source_label] == s].mean()) if (single[source_label] == s).any()
+                         else float("nan") for s in ("image", "context")}
+        confusion = pd.crosstab(per[source_label].rename("answer source"), per["dominant"].rename("dominant QGA source"))
+        for col in ("image", "context"):
+            if col not in confusion:
+                confusion[col] = 0
+        confusion = confusion[["image", "context"]]
+    return QGASummary(per, by(type_label), by(source_label), agreement, n, by_source, confusion)
+
+
+# -- attributions
+
+ATTRIBUTION_KEYS = ["method", "target", "layer", "expert"]
+
+
+def attribution_choices(attributions: pd.DataFrame) -> pd.DataFrame:
+    """Distinct (method, target, layer, expert) of an attributions table, with how many examples each."""
+    if attributions is None or attributions.empty:
+        return pd.DataFrame(columns=[*ATTRIBUTION_KEYS, "examples"])
+    keys = [k for k in ATTRIBUTION_KEYS if k in attributions]
+    df = attributions[keys + ["example_index"]].copy()
+    for k in keys:
+        df[k] = df[k].astype(object).where(df[k].notna(), None)
+    return df.groupby(keys, dropna=False, sort=True)["example_index"].nunique().reset_index(name="examples")
+
+
+def _match(df: pd.DataFrame, column: str, value) -> pd.Series:
+    if column not in df:
+        return pd.Series(True, index=df.index)
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return df[column].isna()
+    return df[column] == value
+
+
+def attribution_rows(attributions: pd.DataFrame, example_index: int | None = None, method: str | None = None,
+                     target: str | None = None, layer: str | None = None, expert: int | None = None) -> pd.DataFrame:
+    """Rows of one attribution (example, method, target[, layer, expert]) sorted by input and position.
+    A router-logit attribution is picked by layer and expert; the score/answer one by layer=None."""
+    df = attributions
+    mask = pd.Series(True, index=df.index)
+    if example_index is not None:
+        mask &= df["example_index"] == int(example_index)
+    if method is not None:
+        mask &= df["method"] == method
+    if target is not None:
+        mask &= df["target"] == target
+        mask &= _match(df, "layer", layer)
+        mask &= _match(df, "expert", None if expert is None else int(expert))
+    return df[mask].sort_values(["input", "position"], kind="stable").reset_index(drop=True)
+
+
+def convergence_delta(rows: pd.DataFrame) -> float | None:
+    """The IG convergence delta of one attribution's rows (sum of attributions minus the difference of
+    the target between input and baseline); None when the method has none."""
+    if rows is None or rows.empty or "delta" not in rows or rows["delta"].isna().all():
+        return None
+    return float(rows["delta"].dropna().iloc[0])
+
+
+def patch_grid(rows: pd.DataFrame, column: str = "value") -> np.ndarray:
+    """Patch attributions of one image input as a [rows, cols] grid, from labels "patch r,c" (else a
+    square grid in position order)."""
+    values = rows[column].to_numpy(dtype=float)
+    labels = rows["label"].astype(str).tolist() if "label" in rows else []
+    coords = []
+    for lab in labels:
+        try:
+            r, c = lab.replace("patch", "").strip().split(",")
+            coords.append((int(r), int(c)))
+        except ValueError:
+            coords = []
+            break
+    if coords and len(coords) == len(values):
+        grid = np.full((max(r for r, _ in coords) + 1, max(c for _, c in coords) + 1), np.nan)
+        for (r, c), v in zip(coords, values):
+            grid[r, c] = v
+        return grid
+    side = int(np.ceil(np.sqrt(len(values))))
+    grid = np.full(side * side, np.nan)
+    grid[:len(values)] = values
+    return grid.reshape(side, side)
+
+
+# -- the embedding map
+
+def majority_expert(store, layer: str, call: str | None = None) -> pd.DataFrame:
+    """Per example: the expert most often top-1 over the example's positions in ``layer`` (optionally
+    one call); ties go to the lower expert id. Columns example_index, expert, share (of positions)."""
+    where, params = "layer = ?", [layer]
+    if call is not None:
+        where += " AND call = ?"
+        params.append(call)
+    counts = store.sql(f"SELECT example_index, top1 AS expert, count(*) AS n FROM routing WHERE {where} "
+                       "GROUP BY example_index, top1", params)
+    if counts.empty:
+        return pd.DataFrame(columns=["example_index", "expert", "share"])
+    counts = counts.sort_values(["example_index", "n", "expert"], ascending=[True, False, True], kind="stable")
+    total = counts.groupby("example_index")["n"].transform("sum")
+    counts["share"] = counts["n"] / total
+    top = counts.groupby("example_index", sort=True).head(1)
+    return top[["example_index", "expert", "share"]].reset_index(drop=True)
+
+
+def layer_calls(store, layer: str) -> list[str]:
+    """The calls a layer was recorded with in the run's routing table (e.g. "mention", "decoder")."""
+    df = store.sql("SELECT DISTINCT call FROM routing WHERE layer = ? ORDER BY call", [layer])
+    return [str(c) for c in df["call"] if c is not None]
+
+
+def embedding_frame(store, layer: str | None = None, call: str | None = None) -> pd.DataFrame:
+    """The run's projection joined with example fields and labels, correctness (``correct``) and, when a
+    layer is given, the majority top-1 expert of each example over that layer's positions (all its calls, or
+    ``call``): ``expert`` as a string ("expert 2", "none") and ``expert_share``."""
+    proj = store.table("projection")
+    ex = store.examples().rename(columns={"index": "example_index"})
+    frame = proj.merge(ex, on="example_index", how="left")
+    if store.has("predictions"):
+        pred = store.table("predictions")
+        pred = pred.rename(columns={"index": "example_index"}) if "example_index" not in pred else pred
+        cols = [c for c in ("correct", "prediction", "rank", "answer") if c in pred and c not in frame]
+        if cols:
+            frame = frame.merge(pred[["example_index", *cols]], on="example_index", how="left")
+    if "correct" in frame:
+        frame["correct"] = frame["correct"].map({True: "correct", False: "wrong"}).fillna("no gold")
+    if layer is not None:
+        maj = majority_expert(store, layer, call)
+        frame = frame.merge(maj.rename(columns={"share": "expert_share"}), on="example_index", how="left")
+        frame["expert"] = frame["expert"].map(lambda e: "none" if pd.isna(e) else f"expert {int(e)}")
+    return frame

@@ -27,7 +27,7 @@ import pandas as pd
 
 from analysis import figures as F
 
-__all__ = ["build_report", "model_card", "layers_frame", "training_options", "verdict_frame", "headline_tables",
+__all__ = ["build_report", "model_card", "trigger_step", "layers_frame", "training_options", "verdict_frame", "headline_tables",
            "rate_measures", "main"]
 
 # Fields of the checkpoint config's "training" block worth a line on the model card (when present).
@@ -71,6 +71,18 @@ def training_options(config: Mapping[str, Any]) -> dict[str, Any]:
     """The training options of a checkpoint config worth showing (missing ones left out)."""
     block = config.get("training") or (config.get("recipe") or {}).get("options") or {}
     return {k: block[k] for k in TRAINING_KEYS if k in block and block[k] is not None}
+
+
+def trigger_step(manifest: Mapping[str, Any], config: Mapping[str, Any] | None) -> int | None:
+    """The step the entropy-triggered two-stage schedule switched to specialisation: the manifest's
+    ``trigger_step``, else the one training recorded in the run's config.json (``training`` block)."""
+    if manifest.get("trigger_step") is not None:
+        return int(manifest["trigger_step"])
+    training = (config or {}).get("training") or {}
+    for key in ("two_stage_trigger_step", "entropy_trigger_step"):
+        if training.get(key) is not None:
+            return int(training[key])
+    return None
 
 
 def model_card(manifest: Mapping[str, Any], config: Mapping[str, Any] | None) -> list[tuple[str, str]]:
@@ -268,19 +280,6 @@ def build_report(run: str, root: str | os.PathLike | None = None) -> str:
     if status.state != "ready":
         parts.append(f'<p class="warn">{html.escape(status.message)}</p>')
 
-    parts.append("<h2>Model card</h2>")
-    card = pd.DataFrame(model_card(manifest, config), columns=["field", "value"])
-    parts.append(_table_html(card, table_id="model-card"))
-    layer_table = layers_frame(manifest)
-    if len(layer_table):
-        parts.append("<h3>Routed layers</h3>")
-        parts.append(_table_html(layer_table, table_id="layers"))
-    opts = training_options(config)
-    if opts:
-        parts.append("<h3>Training options</h3>")
-        parts.append(_table_html(pd.DataFrame({"option": list(opts), "value": [str(v) for v in opts.values()]}),
-                                 table_id="training"))
-
     parts.append("<h2>Headline metrics</h2>")
     overall, by = headline_tables(metrics)
     if overall:
@@ -302,6 +301,19 @@ def build_report(run: str, root: str | os.PathLike | None = None) -> str:
                  "(analysis.routing.THRESHOLDS); the reason quotes the numbers that decided it.</p>")
     parts.append(_table_html(verdict_frame(lm), verdict_col="verdict", table_id="verdicts"))
 
+    parts.append("<h2>Model card</h2>")
+    card = pd.DataFrame(model_card(manifest, config), columns=["field", "value"])
+    parts.append(_table_html(card, table_id="model-card"))
+    layer_table = layers_frame(manifest)
+    if len(layer_table):
+        parts.append("<h3>Routed layers</h3>")
+        parts.append(_table_html(layer_table, table_id="layers"))
+    opts = training_options(config)
+    if opts:
+        parts.append("<h3>Training options</h3>")
+        parts.append(_table_html(pd.DataFrame({"option": list(opts), "value": [str(v) for v in opts.values()]}),
+                                 table_id="training"))
+
     parts.append("<h2>Utilization</h2>")
     parts.append(fig(F.load_bars(loads)))
     parts.append(fig(F.load_heatmap(loads)))
@@ -311,7 +323,7 @@ def build_report(run: str, root: str | os.PathLike | None = None) -> str:
         parts.append(fig(F.specialisation_bars(spec)))
     if len(dyn):
         parts.append("<h2>Training dynamics</h2>")
-        parts.append(fig(F.dynamics_lines(dyn, manifest.get("trigger_step"))))
+        parts.append(fig(F.dynamics_lines(dyn, trigger_step(manifest, config))))
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f"<style>{_CSS}</style></head><body>\n{body}\n</body></html>\n")

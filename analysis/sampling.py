@@ -33,6 +33,8 @@ def stratified_indices(n: int, size: int, strata: Sequence[Any] | None = None, s
         raise ValueError(f"strata has {len(strata)} labels for {n} rows")
     if size >= n:
         return np.arange(n)
+    if size <= 0:
+        return np.arange(0)
     rng = np.random.default_rng(seed)
     if strata is None:
         return np.sort(rng.choice(n, size=size, replace=False))

@@ -32,7 +32,6 @@ import argparse
 import collections
 import hashlib
 import json
-import math
 import os
 import pickle
 import re

@@ -41,13 +41,12 @@ the published model behaves, and the dashboard shows it rather than hiding it.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -650,11 +649,6 @@ def read_dataset(data_dir: Path, splits: Sequence[str] = ("train", "dev", "test"
 # Adapter
 # ---------------------------------------------------------------------------------------------
 
-def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
-    for a in range(0, len(items), size):
-        yield items[a:a + size]
-
-
 class MMoEAdapter(ModelAdapter):
     """MMoE for the dashboard: ranks each mention against the whole KB.
 
@@ -777,7 +771,7 @@ class MMoEAdapter(ModelAdapter):
         if recorder is not None:
             self._record_entities(recorder)
         texts = self.example_texts(examples)
-        predictions, reps, unit_top = [], [], []
+        predictions, reps = [], []
         bar = tqdm(total=len(examples), desc="mmoe run", unit="ex", disable=not progress, file=sys.stderr)
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):

@@ -76,6 +76,7 @@ def default_model_config(answer_vocab: Sequence[str] | None = None, **overrides)
         "align_weight": 1.0,
         "expert_only": False,
         "expert_only_after_steps": None,
+        "qga_warmup_steps": 0,
     }
     config.update(overrides)
     return config
@@ -172,6 +173,9 @@ class QuestionGuidedAttention(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.score = nn.Linear(2 * dim, len(SOURCES))
+        # Start neutral (alpha = beta = 0.5 for every token): which source wins must be learned.
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
 
     def forward(self, question_tokens: Tensor, question_pooled: Tensor) -> tuple[Tensor, Tensor]:
         pooled = question_pooled.unsqueeze(1).expand_as(question_tokens)
@@ -778,7 +782,10 @@ class MoEMoETrainer:
     ``options.family_options`` (all optional): any key of :func:`default_model_config` (sizes,
     ``aux_weight`` = lambda, ``align_weight``); ``expert_only_after_steps`` (None: never; 0: expert-only
     from the start; N: backbone warm-up for N steps, then only experts and routers train);
-    ``init_from`` (a checkpoint directory whose weights start the run, e.g. for an expert-only phase).
+    ``init_from`` (a checkpoint directory whose weights start the run, e.g. for an expert-only phase);
+    ``qga_warmup_steps`` (QGA held at its neutral start, alpha = beta = 0.5, for the first N steps: the
+    decoder first learns to read *both* sources; otherwise the source that is easier to learn early
+    (the picture) takes all the weight, the other becomes invisible and is never learned).
     lambda defaults to ``options.balance`` when that is set, else 0.1; the loop's own balance loss is
     then switched off (``options.balance = 0``) because it would also count the padding steps.
     """
@@ -791,6 +798,7 @@ class MoEMoETrainer:
         family_options = dict(options.family_options or {})
         self.expert_only_after = family_options.pop("expert_only_after_steps", None)
         self.init_from = family_options.pop("init_from", None)
+        self.qga_warmup = int(family_options.pop("qga_warmup_steps", 0) or 0)
         dataset = read_qa_dataset(options.data_dir, check_images=True, splits=("train",))
         self.examples = examples_from_dataset(dataset.splits["train"])
         if not self.examples:
@@ -804,7 +812,7 @@ class MoEMoETrainer:
         self._model_config = default_model_config(
             vocab.words, gate=options.gate, num_experts=options.experts, top_k=min(options.top_k, options.experts),
             aux_weight=float(aux_weight), expert_only=self.expert_only_after == 0,
-            expert_only_after_steps=self.expert_only_after, **family_options)
+            expert_only_after_steps=self.expert_only_after, qga_warmup_steps=self.qga_warmup, **family_options)
         self.by_source: dict[tuple, list[int]] = {}
         for i, e in enumerate(self.examples):
             self.by_source.setdefault(source_key(e), []).append(i)
@@ -850,9 +858,7 @@ class MoEMoETrainer:
         per_batch = self._sources_per_batch()
         order = rng.permutation(len(self.source_groups))
         for start in range(0, len(order), per_batch):
-            if self.expert_only_after is not None and self._steps >= self.expert_only_after \
-                    and not self.model.expert_only:
-                self.model.set_expert_only(True)
+            self._apply_phase(self._steps)
             self._steps += 1
             chosen = order[start:start + per_batch]
             questions, source_index = [], []
@@ -869,6 +875,15 @@ class MoEMoETrainer:
                 "answer_ids": self.answer_ids[q],
                 "example_ids": questions,
             }
+
+    def _apply_phase(self, step: int) -> None:
+        """Switch the training phase before the batch of ``step`` (0-based) is trained."""
+        model = self.model
+        if self.expert_only_after is not None and step >= self.expert_only_after:
+            if not model.expert_only:
+                model.set_expert_only(True)
+        elif not model.expert_only:
+            model.qga.requires_grad_(step >= self.qga_warmup)
 
     def loss_parts(self, model: MoEMoEModel, batch: dict, recorder: RoutingRecorder | None) -> dict[str, Tensor]:
         return loss_parts(model, batch, recorder)

@@ -37,6 +37,27 @@ _PICKER_KEY = "moescope_run_picker"
 _URL_ERRORS_KEY = "moescope_url_errors"
 
 
+def _route_through_app() -> None:
+    """Deep links on a fresh server must run through app.py.
+
+    With a ``pages/`` folder beside app.py, Streamlit starts every server in its v1 multipage mode and
+    stays there until app.py has called ``st.navigation`` once. A first visit straight to
+    ``/routing_explorer?run=..`` therefore ran the page file alone: no page config, no sidebar (run
+    picker, device badge) and a navigation listing every file in pages/. When a page imports this module
+    in that mode, switch the v1 mode off and rerun: the rerun executes app.py, whose navigation opens the
+    same page (same URL path), with the query params kept."""
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # a Streamlit without the v1 shim
+        return
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+_route_through_app()
+
+
 # ----------------------------------------------------------------------------------------- device
 
 def _gpu_driver_present() -> bool:
@@ -380,16 +401,18 @@ def example_picture(example: dict | pd.Series | None):
 
 
 def show_call_routing(rows: pd.DataFrame, layer: str, call: str, num_experts: int | None, key: str,
-                      picture=None, title_prefix: str = "") -> None:
+                      picture=None, title_prefix: str = "", wrap: int = 12) -> None:
     """The routing of one layer call of one example: image patches on their grid (beside the example's
-    picture when given), other positions (text tokens, CLS, decoder steps) as a strip, coloured by top-1
-    expert; grey cells are positions the layer did not route (all-zero combine weights)."""
+    picture when given), other positions (text tokens, CLS, decoder steps) as a strip of ``wrap`` cells per
+    row, coloured by top-1 expert; grey cells are positions the layer did not route (all-zero combine
+    weights). ``title_prefix`` (e.g. a run name) replaces "<layer> · <call>" in the figure titles."""
     part = rows[(rows["layer"] == layer) & (rows["call"] == call)]
     if part.empty:
         st.info(f"No routed positions for {layer} / {call} in this example.")
         return
     patches, others = F.split_call_rows(part)
-    prefix = f"{title_prefix} · " if title_prefix else ""
+    prefix = title_prefix or f"{layer} · {call}"
+    config = {"displaylogo": False, "modeBarButtonsToRemove": ["select2d", "lasso2d"]}
     if len(patches):
         if picture is not None:
             left, right = st.columns([1, 2])
@@ -397,13 +420,36 @@ def show_call_routing(rows: pd.DataFrame, layer: str, call: str, num_experts: in
         else:
             right = st.container()
         with right:
-            st.plotly_chart(F.patch_grid(part, f"{prefix}{layer} · {call}: image patches by top-1 expert",
-                                         num_experts), key=f"{key}_grid")
+            st.plotly_chart(F.patch_grid(part, f"{prefix}: image patches by top-1 expert", num_experts),
+                            key=f"{key}_grid", config=config)
     if len(others):
         what = "tokens" if (others["position_kind"] != "cls").any() else "CLS positions"
-        st.plotly_chart(F.token_strip(others, f"{prefix}{layer} · {call}: {what} by top-1 expert", num_experts),
-                        key=f"{key}_strip")
+        st.plotly_chart(F.token_strip(others, f"{prefix}: {what} by top-1 expert", num_experts, wrap=wrap),
+                        key=f"{key}_strip", config=config)
     unrouted = int((~part["routed"].astype(bool)).sum()) if "routed" in part else 0
     if unrouted:
         st.caption(f"{unrouted} of {len(part)} positions are **{F.NOT_ROUTED_LABEL}** (grey): their combine "
                    "weights are all zero, so the layer passed them through with no expert output.")
+
+
+TEXT_FIELDS = ("sentence", "mention", "text", "question", "answer", "context")
+
+
+def own_side(rows: pd.DataFrame, example: pd.Series | dict) -> str | None:
+    """The call prefix (the part before ':') whose token strings overlap the example's own text the most:
+    its calls are shown first (e.g. a mention's own positions before those of a paired knowledge-base item)."""
+    words = {w.strip(".,;:!?'\"()").lower() for f in TEXT_FIELDS if isinstance(example.get(f), str)
+             for w in example[f].split()}
+    words.discard("")
+    if not words or "token" not in rows or rows.empty:
+        return None
+    side = rows["call"].astype(str).str.split(":").str[0]
+    tokens = rows["token"].astype(str).str.lower().str.strip("\u0120 ")
+    overlap = tokens.isin(words).groupby(side).sum()
+    return str(overlap.idxmax()) if len(overlap) and overlap.max() > 0 else None
+
+
+def order_calls(calls: Sequence[str], side: str | None) -> list[str]:
+    """``calls`` with those of ``side`` first (stable)."""
+    calls = list(calls)
+    return calls if side is None else sorted(calls, key=lambda c: str(c).split(":")[0] != side)

@@ -117,9 +117,11 @@ def same_example(a: str, b: str) -> None:
     layer = left.radio("Layer", layers, horizontal=True, key="compare_layer")
     calls = [c for c in dict.fromkeys(rows_a.loc[rows_a["layer"] == layer, "call"])
              if c in set(rows_b.loc[rows_b["layer"] == layer, "call"])]
+    example_row = ex_a[ex_a[col_a] == idx_a].iloc[0]
+    calls = common.order_calls(calls, common.own_side(rows_a, example_row))  # the example's own positions first
     call = right.radio("Call", calls, key=f"compare_call_{layer}",
                        format_func=lambda c: common.call_label(rows_a[rows_a["layer"] == layer], c))
-    picture = common.example_picture(ex_a[ex_a[col_a] == idx_a].iloc[0])
+    picture = common.example_picture(example_row)
     if picture is not None:
         st.image(picture, caption="the example's image", width=160)
     col_left, col_right = st.columns(2)
@@ -129,7 +131,7 @@ def same_example(a: str, b: str) -> None:
             st.markdown(f"**{run}** · {spec.get('gate_kind', '?')}, top-{spec.get('top_k', '?')} of "
                         f"{spec.get('num_experts', '?')}")
             common.show_call_routing(rows, layer, call, spec.get("num_experts"), key=f"compare_{run}_{layer}_{call}",
-                                     title_prefix=run)
+                                     title_prefix=run, wrap=8)
             common.example_link(run, idx, label=f"Open in the routing explorer ({run})")
 
 

@@ -11,6 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis import figures as F
+from analysis.report import trigger_step
 from pages import common
 
 LOG_GROUPS = {
@@ -24,9 +25,9 @@ def main() -> None:
     st.title("Training dynamics")
     run, store = common.require_run()
     manifest = common.manifest(run)
-    trigger = manifest.get("trigger_step")
     config = common.read_json(run, "config") or {}
     training = config.get("training") or {}
+    trigger = trigger_step(manifest, config)
     st.caption(f"Run **{run}**. Snapshots every {training.get('snapshot_every', '?')} steps of "
                f"{training.get('steps_done', training.get('steps', '?'))}; each measured on the same stratified "
                f"sample of {manifest.get('params', {}).get('dynamics_sample', '?')} examples.")
@@ -34,7 +35,8 @@ def main() -> None:
         st.markdown(f"The entropy-triggered two-stage schedule switched to its specialisation phase at "
                     f"**step {trigger}** (dotted red line).")
     elif training.get("two_stage"):
-        st.markdown("Two-stage routing was on, but training never reached the entropy trigger.")
+        st.markdown("Two-stage routing was on; the run records no step at which it switched (the router entropy "
+                    f"never fell below the trigger {training.get('trigger_entropy', '?')}, or the step was not logged).")
 
     dyn = common.table(run, "dynamics")
     if dyn is None or dyn.empty:

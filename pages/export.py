@@ -22,7 +22,7 @@ def main() -> None:
     st.markdown(f"A single HTML file for **{run}**: model card, headline metrics, the per-layer verdict table "
                 "with its reasons, and the utilization and dynamics figures. plotly.js is embedded, so it opens "
                 "anywhere without a server or internet access.")
-    left, right = st.columns([1, 2])
+    left, right = st.columns([1, 3])
     left.download_button("Download the HTML report", data=html.encode("utf-8"), file_name=f"{run}-report.html",
                          mime="text/html", icon=":material/download:", type="primary", key="export_download",
                          on_click="ignore")

@@ -28,7 +28,7 @@ def verdict_table(run: str) -> None:
         if reason.startswith(f"{row.verdict}: "):
             reason = reason[len(row.verdict) + 2:]
         st.markdown(f"**{row.layer}** · :{colour}-background[{row.verdict}] {reason}")
-    st.dataframe(frame.style.map(F.verdict_css, subset=["verdict"]), hide_index=True,
+    st.dataframe(frame.style.map(F.verdict_css, subset=["verdict"]).format(precision=3), hide_index=True,
                  column_config={"reason": st.column_config.TextColumn(width="large")})
 
 
@@ -47,16 +47,38 @@ def headline(run: str, family: str) -> None:
     if not by:
         return
     rates = rate_measures(metrics.get("overall") or {})
-    tabs = st.tabs([f"by {label}" for label in by])
+    tabs = st.tabs([f"by {label.replace('_', ' ')}" for label in by])
     for tab, (label, frame) in zip(tabs, by.items()):
         with tab:
             left, right = st.columns([3, 2])
             with left:
                 chosen = [m for m in ("MRR", "Hits@1", "Hits@5", "exact_match") if m in rates] or rates[:3]
                 st.plotly_chart(F.headline_bars(metrics[f"by_{label}"], chosen,
-                                                f"{', '.join(chosen)} by {label}"), key=f"headline_{label}")
+                                                f"{', '.join(chosen)} by {label.replace('_', ' ')}"),
+                                key=f"headline_{label}")
             with right:
                 st.dataframe(frame, hide_index=True)
+
+
+EXAMPLE_COLUMNS = ("id", "sentence", "question", "mention", "answer", "gold_name", "prediction_name", "prediction",
+                   "rank", "correct")
+
+
+def examples_section(run: str) -> None:
+    """Every example with its prediction; selecting a row opens it in the routing explorer."""
+    examples = common.examples(run)
+    if examples is None or examples.empty:
+        return
+    column = common.example_index_column(examples)
+    shown = examples.rename(columns={column: "example_index"})
+    predictions = common.table(run, "predictions")
+    if predictions is not None and "index" in predictions:
+        keep = [c for c in ("prediction_name", "prediction", "rank", "correct") if c in predictions]
+        extra = predictions[["index", *keep]].rename(columns={"index": "example_index"})
+        shown = shown.merge(extra, on="example_index", how="left", suffixes=("", " (predicted)"))
+    labels = [l for l in common.manifest(run).get("slice_labels") or [] if l in shown]
+    cols = ["example_index", *[c for c in EXAMPLE_COLUMNS if c in shown], *labels]
+    common.example_table(shown[list(dict.fromkeys(cols))], run, key=f"overview_examples_{run}", height=320)
 
 
 def main() -> None:
@@ -75,6 +97,9 @@ def main() -> None:
 
     st.subheader("Headline metrics")
     headline(run, family)
+
+    st.subheader("Examples")
+    examples_section(run)
 
     st.subheader("Model card")
     card, opts = st.columns([3, 2])

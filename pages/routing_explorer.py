@@ -14,7 +14,7 @@ import streamlit as st
 from analysis import figures as F
 from pages import common
 
-TEXT_FIELDS = ("sentence", "mention", "text", "question", "answer", "context")
+TEXT_FIELDS = common.TEXT_FIELDS
 
 
 def describe(row: pd.Series) -> str:
@@ -49,19 +49,6 @@ def pick_example(run: str, examples: pd.DataFrame) -> int:
     return index
 
 
-def own_side(rows: pd.DataFrame, row: pd.Series) -> str | None:
-    """The call prefix (``side`` before ':') whose token strings overlap the example's own text most: the
-    default calls to show (e.g. a mention's own positions before those of a paired knowledge-base item)."""
-    words = {w.strip(".,;:!?'\"()").lower() for f in TEXT_FIELDS if isinstance(row.get(f), str) for w in row[f].split()}
-    words.discard("")
-    if not words or "token" not in rows:
-        return None
-    side = rows["call"].astype(str).str.split(":").str[0]
-    tokens = rows["token"].astype(str).str.lower().str.strip("\u0120 ")
-    overlap = tokens.isin(words).groupby(side).sum()
-    return str(overlap.idxmax()) if len(overlap) and overlap.max() > 0 else None
-
-
 def example_details(run: str, row: pd.Series, labels: list[str]) -> None:
     texts = [(f, row[f]) for f in TEXT_FIELDS if f in row and isinstance(row[f], str) and row[f]]
     for name, value in texts:
@@ -92,15 +79,10 @@ def main() -> None:
     row = examples[examples[column] == index].iloc[0]
     specs = common.layer_specs(run)
     picture = common.example_picture(row)
-
+    rows_all = common.example_routing(run, index)
     info, pic = st.columns([3, 1])
     with info:
         example_details(run, row, list(common.manifest(run).get("slice_labels") or []))
-    with pic:
-        if picture is not None:
-            st.image(picture, caption="the example's image", width=180)
-
-    rows_all = common.example_routing(run, index)
     if rows_all is None or rows_all.empty:
         st.info("This example has no routed positions in this run.")
         return
@@ -111,15 +93,16 @@ def main() -> None:
                                              f"{specs[l]['num_experts']})" if l in specs else l)
     layer_rows = rows_all[rows_all["layer"] == layer]
     calls = list(dict.fromkeys(layer_rows["call"]))
-    side = own_side(rows_all, row)
-    if side is not None:  # the example's own positions first
-        calls = sorted(calls, key=lambda c: str(c).split(":")[0] != side)
+    calls = common.order_calls(calls, common.own_side(rows_all, row))  # the example's own positions first
     call = right.radio("Call (what is routed, what the gate sees)", calls, key=f"explorer_call_{run}_{layer}",
                        format_func=lambda c: common.call_label(layer_rows, c))
     spec = specs.get(layer, {})
     if spec:
         st.caption(f"**{layer}** routes {spec.get('routed')}; its gate sees {spec.get('gate_sees')}.")
     E = int(spec.get("num_experts") or 0) or None
+    has_patches = bool((layer_rows.loc[layer_rows["call"] == call, "position_kind"] == "image_patch").any())
+    if picture is not None and not has_patches:  # image calls show the picture beside their patch grid
+        pic.image(picture, caption="the example's image", width=180)
     common.show_call_routing(rows_all, layer, call, E, key=f"explorer_{layer}_{call}",
                              picture=picture)
 
@@ -132,7 +115,7 @@ def main() -> None:
                "applied; under a faithful reference gate they can differ from the top-k ids.")
     table = F.routing_table(part)
     st.dataframe(table.style.map(lambda v: f"color: #777; background-color: {F.NOT_ROUTED_COLOUR}"
-                                 if v == F.NOT_ROUTED_LABEL else "", subset=["routed"]),
+                                 if v == F.NOT_ROUTED_LABEL else "", subset=["routed"]).format(precision=3),
                  hide_index=True, key=f"explorer_table_{layer}_{call}")
 
     with st.expander("Every layer and call of this example (top-1 expert per position)"):

@@ -34,7 +34,7 @@ def main() -> None:
             reason = reason[len(row.verdict) + 2:] if reason.startswith(f"{row.verdict}: ") else reason
             st.markdown(f"**{row.layer}** · :{colour}-background[{row.verdict}] {reason}")
         with st.expander("All indicators per layer"):
-            st.dataframe(verdict_frame(lm).style.map(F.verdict_css, subset=["verdict"]), hide_index=True)
+            st.dataframe(verdict_frame(lm).style.map(F.verdict_css, subset=["verdict"]).format(precision=3), hide_index=True)
     else:
         st.info("This run has no layer_metrics table.")
 
@@ -67,24 +67,28 @@ def main() -> None:
                                          "Router token entropy per position (nats), per layer"), key="entropy")
     st.caption("0 = the router puts all its probability on one expert; log E (dashed) = uniform over all experts.")
 
-    left, right = st.columns(2)
-    with left:
-        st.subheader("Co-selection")
-        cosel = common.table(run, "coselection")
-        if cosel is None or cosel.empty:
-            st.info("This run has no co-selection table.")
-        else:
-            layer = st.selectbox("Layer", list(dict.fromkeys(cosel["layer"])), key="util_cosel_layer")
+    st.subheader("Co-selection")
+    cosel = common.table(run, "coselection")
+    if cosel is None or cosel.empty:
+        st.info("This run has no co-selection table.")
+    else:
+        left, right = st.columns([3, 2])
+        layer = right.selectbox("Layer", list(dict.fromkeys(cosel["layer"])), key="util_cosel_layer")
+        right.caption("How often two experts are chosen together for one position (off the diagonal) and how "
+                      "often each is chosen at all (the diagonal). With top-1 routing only the diagonal is filled; "
+                      "a pair that is always chosen together behaves like one wide expert.")
+        with left:
             st.plotly_chart(F.coselection_heatmap(cosel, layer), key="coselection")
-    with right:
-        st.subheader("Specialisation")
-        spec = common.table(run, "specialisation")
-        if spec is None or spec.empty:
-            st.info("This run has no specialisation table.")
-        else:
-            st.plotly_chart(F.specialisation_bars(spec, "MI(top-1 expert; label) vs shuffled labels"),
-                            key="specialisation")
-    if spec is not None and len(spec):
+
+    st.subheader("Specialisation")
+    spec = common.table(run, "specialisation")
+    if spec is None or spec.empty:
+        st.info("This run has no specialisation table.")
+    else:
+        st.plotly_chart(F.specialisation_bars(spec, "Mutual information between the top-1 expert and each label, "
+                                                    "vs the same with shuffled labels"), key="specialisation")
+        st.caption("A blue bar above its red mark: the chosen expert tells more about the label than chance "
+                   "(the largest MI over 20 label shuffles) does.")
         with st.expander("Specialisation numbers"):
             st.dataframe(spec.round(4), hide_index=True)
 
@@ -110,7 +114,7 @@ def main() -> None:
     for col in table.columns:
         if pd.api.types.is_float_dtype(table[col]):
             table[col] = table[col].round(3)
-    st.dataframe(table.style.map(F.verdict_css, subset=["verdict"]), hide_index=True,
+    st.dataframe(table.style.map(F.verdict_css, subset=["verdict"]).format(precision=3), hide_index=True,
                  column_config={"reason": st.column_config.TextColumn(width="large")})
 
 

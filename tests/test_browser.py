@@ -131,6 +131,7 @@ def _wait_idle(driver, expected: list[str], timeout: float) -> tuple[float, list
 
     busy = ('[data-testid="stStatusWidget"], [data-testid="stAppSkeleton"], [data-testid="stSkeleton"], '
             '[data-testid="stSpinner"]')
+    failed = '[data-testid="stException"], [data-testid="stAlertContentError"]'
     start = time.monotonic()
     quiet_since = None
     missing = list(expected)
@@ -138,10 +139,11 @@ def _wait_idle(driver, expected: list[str], timeout: float) -> tuple[float, list
         has_title = bool(driver.find_elements(By.CSS_SELECTOR, '[data-testid="stMain"] h1'))
         running = bool(driver.find_elements(By.CSS_SELECTOR, busy))
         missing = [sel for sel in expected if not driver.find_elements(By.CSS_SELECTOR, sel)]
-        if has_title and not running and not missing:
+        broken = bool(driver.find_elements(By.CSS_SELECTOR, failed))  # a failed page stops the wait early
+        if not running and ((has_title and not missing) or broken):
             quiet_since = quiet_since or time.monotonic()
             if time.monotonic() - quiet_since >= QUIET_S:
-                return quiet_since - start, []
+                return quiet_since - start, missing
         else:
             quiet_since = None
         time.sleep(0.25)
@@ -175,3 +177,29 @@ def test_every_page_renders_in_the_browser(server, browser, runs_root):  # noqa:
             problems.append(f"{name}: error alert: {box.text[:600]}")
     (REPO / "test-output" / "browser_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     assert not problems, "\n".join(problems)
+
+
+def test_example_row_opens_the_routing_explorer(server, browser, runs_root):  # noqa: F811
+    """Selecting an example row on the overview opens that example in the routing explorer (?example=)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    examples = '.st-key-overview_examples_mmoe-balanced [data-testid="stDataFrame"]'  # the element's key class
+    browser.get(f"{server}/overview?run=mmoe-balanced")
+    _, missing = _wait_idle(browser, [TABLE, examples], PAGE_TIMEOUT)
+    assert not missing, missing
+    table = browser.find_element(By.CSS_SELECTOR, examples)
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", table)
+    time.sleep(0.5)
+    # The row-selection checkbox column is the grid's first column; the third data row sits below the header.
+    height = table.size["height"]
+    ActionChains(browser).move_to_element_with_offset(table, -table.size["width"] // 2 + 14,
+                                                      -height // 2 + 35 * 3 + 17).click().perform()
+    deadline = time.monotonic() + PAGE_TIMEOUT
+    while time.monotonic() < deadline and "routing_explorer" not in browser.current_url:
+        time.sleep(0.25)
+    assert "routing_explorer" in browser.current_url and "example=" in browser.current_url, browser.current_url
+    _, missing = _wait_idle(browser, [PLOT, TABLE], PAGE_TIMEOUT)
+    browser.save_screenshot(str(SHOTS / "overview_row_to_explorer.png"))
+    assert not missing, missing
+    assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')

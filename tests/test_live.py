@@ -1,16 +1,12 @@
 """analysis.live: upload checks, live examples (edited / drawn), live runs with a knockout, the QGA summary.
 
-The live-run tests use real demo runs: the session fixture ``demo_artifacts`` (tests/conftest.py) when
-it exists, else :func:`built_demo_root` below, which builds tiny runs with the CLIs once per session.
+The live-run tests use the real tiny demo runs of the session fixture ``demo_artifacts`` (tests/conftest.py).
 """
 from __future__ import annotations
 
 import io
 import math
-import os
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -22,9 +18,7 @@ from PIL import Image
 from analysis import live
 from analysis.live import UploadError, check_upload
 
-REPO = Path(__file__).resolve().parents[1]
 MMOE_RUN, QA_RUN = "mmoe-balanced", "moemoe-qa"
-DEMO_RUNS = ("mmoe-balanced", "mmoe-collapsing", "mmoe-reference-gate", "moemoe-qa")
 
 
 # ------------------------------------------------------------------------------------------ uploads
@@ -113,41 +107,10 @@ def test_draw_image_and_unknown_attributes():
 
 # ------------------------------------------------------------------------------------------ real runs
 
-def _build_tiny_demo(root: Path) -> None:
-    """Tiny worlds, short trainings and small precomputes with the project's CLIs."""
-    env = {**os.environ, "MOESCOPE_ARTIFACTS": str(root), "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "mmoe_core.demo", "--scale", "tiny", "--no-progress"], cwd=REPO,
-                   env=env, check=True)
-    for run in DEMO_RUNS:
-        if not (root / "checkpoints" / run / "config.json").is_file():
-            continue
-        subprocess.run([sys.executable, "-m", "analysis.precompute", "--run", run, "--max-examples", "48",
-                        "--attribution-sample", "6", "--dynamics-sample", "16", "--batch-size", "16"],
-                       cwd=REPO, env=env, check=True)
-
-
-_FALLBACK: dict[str, Path] = {}
-
-
-def demo_root(request) -> Path:
-    """The lead's session fixture ``demo_artifacts`` (tests/conftest.py) when it exists; else tiny demo runs
-    built here once per process (shared by tests/test_pages_b_apptest.py) and MOESCOPE_ARTIFACTS set."""
-    try:
-        return Path(request.getfixturevalue("demo_artifacts"))
-    except pytest.FixtureLookupError:
-        pass
-    if "root" not in _FALLBACK:
-        import tempfile
-        root = Path(tempfile.mkdtemp(prefix="moescope_live_demo_"))
-        _build_tiny_demo(root)
-        os.environ["MOESCOPE_ARTIFACTS"] = str(root)
-        _FALLBACK["root"] = root
-    return _FALLBACK["root"]
-
-
 @pytest.fixture(scope="session")
-def built_demo_root(request) -> Path:
-    return demo_root(request)
+def built_demo_root(demo_artifacts) -> Path:
+    """The tiny demo runs (tests/conftest.py builds them once per session and sets MOESCOPE_ARTIFACTS)."""
+    return Path(demo_artifacts)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import torch
 from mmoe_core.adapter import load_adapter
 from mmoe_core.checkpoint import save_checkpoint
 from mmoe_core.encoders import EncoderSpec
-from mmoe_core.mmoe import (LAYER_NAMES, MMoEConfig, MMoEModel, build_model, hard_negative_batches, matching_loss,
+from mmoe_core.mmoe import (LAYER_NAMES, MMoEModel, build_model, hard_negative_batches, matching_loss,
                             mention_text)
 from mmoe_core.ranking import gold_ranks, metrics_by_label, rank_matrix, ranking_metrics, top_k
 from mmoe_core.routing_record import RoutingRecorder, flatten_call
@@ -269,3 +269,22 @@ def test_attribution_inputs_and_forwards(adapter, examples):
         grads = {id(text): text_in.grad, id(image): image_in.grad}
         assert out.shape == (1,)
         assert grads[id(moves)].abs().sum() > 0 and grads[id(still)].abs().sum() == 0
+
+
+def test_dme_appends_the_chosen_candidate_description(adapter, examples):
+    ex = {k: v for k, v in examples[0].items() if k != "text"}
+    plain = adapter.example_texts([ex])[0]
+    assert plain == mention_text(ex["mention"], ex["sentence"])  # default: no description (it would leak the gold)
+    seen = []
+
+    def last_candidate(mention, candidates):
+        seen.append((mention, len(candidates)))
+        return len(candidates) - 1
+    adapter.model.cfg.mention_desc, adapter.dme_chooser = "dme", last_candidate
+    try:
+        enhanced = adapter.example_texts([ex])[0]
+    finally:
+        adapter.model.cfg.mention_desc, adapter.dme_chooser = "none", None
+    group = adapter.dataset.name_groups[ex["mention"]]
+    assert enhanced == mention_text(ex["mention"], ex["sentence"], group[-1].desc)
+    assert seen == [(plain, len(group))]

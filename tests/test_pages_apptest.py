@@ -1,8 +1,8 @@
 """The dashboard's own pages (overview, routing explorer, utilization, dynamics, compare, export) rendered
 with Streamlit's AppTest against REAL tiny demo runs, plus the HTML report and its CLI.
 
-Runs come from the session fixture ``demo_artifacts`` (tests/conftest.py) when it exists; otherwise
-:func:`runs_root` builds them itself (see :func:`_build_tiny_runs`). First-render times of every page are
+Runs come from the session fixture ``demo_artifacts`` (tests/conftest.py: the tiny demo built once per
+session), or from ``$MOESCOPE_TEST_RUNS_ROOT`` when set (an already built root). First-render times of every page are
 written to ``test-output/apptest_timings.json`` (reported, never asserted).
 """
 from __future__ import annotations
@@ -32,40 +32,14 @@ TIMEOUT = 120
 
 # ------------------------------------------------------------------------------------------- fixtures
 
-def _build_tiny_runs(root: Path) -> None:
-    """Fallback when conftest has no ``demo_artifacts``: the tiny demo (worlds + short trainings) with
-    ``python -m mmoe_core.demo --scale tiny``, then ``python -m analysis.precompute --run R --data W`` for
-    every demo run, all with MOESCOPE_ARTIFACTS=root."""
-    env = {**os.environ, "MOESCOPE_ARTIFACTS": str(root), "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "mmoe_core.demo", "--scale", "tiny", "--no-progress"], cwd=REPO, env=env,
-                   check=True, timeout=3600)
-    from mmoe_core.demo import all_recipes
-    for recipe in all_recipes("tiny"):
-        if not (root / "checkpoints" / recipe.run / "config.json").is_file():
-            continue
-        subprocess.run([sys.executable, "-m", "analysis.precompute", "--run", recipe.run,
-                        "--data", str(root / "data" / recipe.world)], cwd=REPO, env=env, check=True, timeout=3600)
-
-
-_BUILT: dict[str, Path] = {}
-
-
 @pytest.fixture(scope="session")
-def runs_root(request, tmp_path_factory) -> Path:
-    """Artifacts root holding the real tiny demo runs: the lead's ``demo_artifacts`` when conftest has it,
-    else ``$MOESCOPE_TEST_RUNS_ROOT`` (an already built root, to iterate quickly), else built here."""
-    try:
-        return Path(request.getfixturevalue("demo_artifacts"))
-    except pytest.FixtureLookupError:
-        pass
+def runs_root(request) -> Path:
+    """Artifacts root holding the real tiny demo runs: conftest's ``demo_artifacts`` (builds them once per
+    session), unless ``$MOESCOPE_TEST_RUNS_ROOT`` names an already built root (to iterate on pages quickly)."""
     reuse = os.environ.get("MOESCOPE_TEST_RUNS_ROOT")
     if reuse and (Path(reuse) / "runs").is_dir():
         return Path(reuse)
-    if "root" not in _BUILT:  # shared with tests/test_browser.py, which imports this fixture
-        root = tmp_path_factory.mktemp("demo_artifacts")
-        _build_tiny_runs(root)
-        _BUILT["root"] = root
-    return _BUILT["root"]
+    return Path(request.getfixturevalue("demo_artifacts"))
 
 
 @pytest.fixture
@@ -281,8 +255,10 @@ def test_dynamics_page(root, run):
     if store.has("dynamics"):
         assert plotly_count(at) >= 2
         spec = json.loads(at.get("plotly_chart")[0].proto.spec)
-        trigger = store.manifest.get("trigger_step")
+        from analysis.report import trigger_step
+        trigger = trigger_step(store.manifest, store.read_json("config"))
         if trigger is not None:
+            assert f"step {trigger}" in markdown_text(at)
             assert any(t.get("name", "").startswith("entropy trigger") for t in spec["data"])
     else:
         assert any("no training snapshots" in str(i.value) for i in at.info)
@@ -296,7 +272,7 @@ def test_compare_page_routes_the_same_example_with_both_runs(root):
                     and "layer" in t.columns)
     assert "collapsed" in set(verdicts["mmoe-collapsing"])
     titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
-    assert any(t.startswith("mmoe-balanced ·") for t in titles) and any(t.startswith("mmoe-collapsing ·") for t in titles)
+    assert any(t.startswith("mmoe-balanced:") for t in titles) and any(t.startswith("mmoe-collapsing:") for t in titles)
     assert at.query_params.get("compare") in ("mmoe-collapsing", ["mmoe-collapsing"])
 
 

@@ -131,8 +131,10 @@ def test_cli_train_then_evaluate_json(world, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     opts = [f"--opt={k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in SMALL_MMOE.items()]
     assert train_cli.main(["--family", "mmoe", "--data", str(world), "--out", str(ckpt), "--steps", "2",
-                           "--batch-size", "8", "--gate", "mmoe_reference", "--top-k", "2", "--no-progress", *opts]) == 0
-    assert load_config(ckpt)["model"]["gate"] == "mmoe_reference" and load_config(ckpt)["model"]["top_k"] == 2
+                           "--batch-size", "8", "--gate", "mmoe_reference", "--top-k", "2", "--dme", "--no-progress",
+                           *opts]) == 0
+    model_config = load_config(ckpt)["model"]
+    assert (model_config["gate"], model_config["top_k"], model_config["mention_desc"]) == ("mmoe_reference", 2, "dme")
     capsys.readouterr()
     assert evaluate.main([str(ckpt), "--data", str(world), "--split", "test", "--json", "--limit", "10",
                           "--modalities", "text,image"]) == 0
