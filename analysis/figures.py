@@ -24,7 +24,7 @@ __all__ = [
     "expert_colour", "expert_colours", "layer_colour", "verdict_css", "format_ids", "format_weights",
     "routing_table", "token_strip", "patch_grid", "patch_cells", "split_call_rows", "load_bars", "load_heatmap",
     "entropy_histograms", "coselection_heatmap", "specialisation_bars", "dynamics_lines", "dynamics_load_area",
-    "train_log_lines", "headline_bars", "DYNAMICS_INDICATORS", "empty_figure",
+    "train_log_lines", "headline_bars", "DYNAMICS_INDICATORS", "empty_figure", "in_layer_order",
 ]
 
 # One categorical palette for experts everywhere (tab10 without its grey, then tab20b/c darks): no grey,
@@ -72,15 +72,26 @@ LEGEND_BELOW = dict(orientation="h", yref="container", y=0.0, yanchor="bottom", 
 _BELOW_MARGIN = 90  # px under the plot: tick labels, axis title, then the legend
 
 
-def _layout(fig: go.Figure, title: str, height: int, legend_below: bool = False, **kw) -> go.Figure:
+def _layout(fig: go.Figure, title: str, height: int, legend_below: bool = False, below: int = _BELOW_MARGIN,
+            **kw) -> go.Figure:
     margin = kw.pop("margin", dict(t=60, b=40, l=50, r=20))
     if legend_below:
         kw["legend"] = LEGEND_BELOW
-        margin = {**margin, "b": max(margin.get("b", 0), _BELOW_MARGIN)}
-        height += _BELOW_MARGIN - 40
+        margin = {**margin, "b": max(margin.get("b", 0), below)}
+        height += below - 40
     fig.update_layout(title=dict(text=title, x=0.0, xanchor="left", font=dict(size=15)), height=height,
                       font=FONT, margin=margin, template="plotly_white", **kw)
     return fig
+
+
+def in_layer_order(frame: pd.DataFrame | None, layers: Sequence[str]) -> pd.DataFrame | None:
+    """``frame`` with its rows ordered by ``layers`` (e.g. the run's declared layer order; layers not named
+    go last), stable within a layer, so every figure lists layers in the same order."""
+    if frame is None or frame.empty or "layer" not in frame:
+        return frame
+    rank = {name: i for i, name in enumerate(layers)}
+    key = frame["layer"].map(lambda l: rank.get(l, len(rank)))
+    return frame.assign(_order=key.to_numpy()).sort_values("_order", kind="stable").drop(columns="_order")
 
 
 def empty_figure(title: str, message: str, height: int = 220) -> go.Figure:
@@ -213,7 +224,7 @@ def token_strip(rows: pd.DataFrame, title: str, num_experts: int | None = None, 
     E = _num_experts(rows, num_experts)
     routed = _routed(rows)
     n = len(rows)
-    width = max(1, min(int(wrap), n))
+    width = max(1, int(wrap))  # a fixed cell width: a short call fills part of one row
     nrows = math.ceil(n / width)
     z = np.full((nrows, width), np.nan)
     text = [["" for _ in range(width)] for _ in range(nrows)]
@@ -230,8 +241,8 @@ def token_strip(rows: pd.DataFrame, title: str, num_experts: int | None = None, 
     _legend_swatches(fig, E, not_routed=not routed.all(), used=rows.loc[routed, "top1"].unique())
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False, autorange="reversed")
-    return _layout(fig, title, height=110 + 46 * nrows, legend_below=True,
-                   margin=dict(t=50, b=50, l=10, r=10))
+    return _layout(fig, title, height=90 + 46 * nrows, legend_below=True, below=45,
+                   margin=dict(t=50, b=45, l=10, r=10))
 
 
 def patch_cells(rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:

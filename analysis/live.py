@@ -29,8 +29,8 @@ import pandas as pd
 __all__ = [
     "UploadError", "check_upload", "sniff_image_type", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS",
     "draw_image", "drawing_options",
-    "run_inputs", "load_live_adapter", "load_base_examples", "text_fields", "live_example", "example_picture",
-    "LiveResult", "run_live", "live_attribution", "routing_rows", "routing_changes", "project_live", "projection_info",
+    "run_inputs", "load_live_adapter", "load_base_examples", "warm_up", "text_fields", "live_example", "example_picture",
+    "LiveResult", "run_live", "attribute_live", "live_attribution", "routing_rows", "routing_changes", "project_live", "projection_info",
     "QGA_AGREEMENT_DEFINITION", "QGASummary", "qga_tokens", "qga_summary", "attribution_choices",
     "attribution_rows", "convergence_delta", "patch_grid", "majority_expert", "layer_calls", "embedding_frame",
 ]
@@ -216,6 +216,14 @@ def load_live_adapter(run: str, root: str | os.PathLike | None = None, device: s
     return load_adapter(inputs.checkpoint, device=device or default_device())
 
 
+def warm_up(adapter, example: Mapping[str, Any], attribution: bool = True) -> float:
+    """One throw-away live run (and attribution) so that lazy imports, tokenizers and caches are paid while
+    the model loads, not by the first live example. Returns the seconds it took."""
+    t = time.perf_counter()
+    run_live(adapter, example, attribution=attribution)
+    return time.perf_counter() - t
+
+
 def load_base_examples(adapter, run: str, root: str | os.PathLike | None = None) -> list[dict]:
     """The run's examples (its dataset and split, as the precompute read them) in the adapter's own form:
     the base examples a live run starts from. Also gives the adapter its dataset (e.g. MMoE's KB)."""
@@ -357,10 +365,10 @@ def routing_rows(recorder, subject: str = "example", example_ids: list[int] | No
         frame = pd.DataFrame({k: flat[k] for k in ("example_index", "layer", "call", "position", "position_kind",
                                                     "token", "routed_modality", "gate_modality")})
         frame["top1"] = topk[:, 0]
-        frame["topk_ids"] = [row.tolist() for row in topk]
-        frame["topk_weights"] = [row.tolist() for row in np.take_along_axis(combine, topk, axis=1)]
-        frame["combine"] = [row.tolist() for row in combine]
-        frame["probs"] = [row.tolist() for row in probs]
+        frame["topk_ids"] = list(topk)
+        frame["topk_weights"] = list(np.take_along_axis(combine, topk, axis=1))
+        frame["combine"] = list(combine)
+        frame["probs"] = list(probs)
         frame["entropy"] = token_entropy(probs).astype(np.float32)
         frame["top1_prob"] = probs.max(axis=1)
         frame["routed"] = combine.sum(axis=1) > 0
@@ -512,6 +520,22 @@ def live_attribution(adapter, example: Mapping[str, Any], method: str = "ig", ta
     return pd.DataFrame(result.to_rows(int(example.get("index", 0))))
 
 
+def attribute_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int] | None = None,
+                   method: str = "ig", ig_steps: int = 16) -> tuple[pd.DataFrame | None, str | None, float]:
+    """Attribution of the family's prediction target for one live example (under ``knockout`` when given),
+    as (rows like the run's ``attributions`` table or None, error message or None, seconds). A page can
+    call it after showing :func:`run_live` ``(attribution=False)``, so routing and prediction appear first."""
+    import contextlib
+    t = time.perf_counter()
+    ctx = adapter.knockout(*knockout) if knockout else contextlib.nullcontext()
+    try:
+        with ctx:
+            frame = live_attribution(adapter, example, method=method, ig_steps=ig_steps)
+        return frame, None, time.perf_counter() - t
+    except Exception as exc:  # reported beside the rest; the live run itself stands
+        return None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t
+
+
 def run_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int] | None = None,
              attribution: bool = True, attribution_method: str = "ig", ig_steps: int = 16) -> LiveResult:
     """Run one example now: routing (top-k per position per layer), prediction, attribution, timings.
@@ -521,7 +545,7 @@ def run_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int] | No
     prediction target (score or answer logit) by ``attribution_method`` ("ig" with ``ig_steps`` steps, or
     "occlusion"); a failure there is reported in ``attribution_error`` and the rest stands.
     ``timings`` (seconds): forward (the adapter's run with routing records), routing (flattening the
-    records), attribution, total."""
+    records, prediction tables), attribution, total."""
     import contextlib
 
     import torch
@@ -530,26 +554,17 @@ def run_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int] | No
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     ctx = adapter.knockout(*knockout) if knockout else contextlib.nullcontext()
-    attr_frame, attr_error = None, None
     with ctx:
-        t = time.perf_counter()
         with torch.no_grad():  # not inference_mode: adapters cache tensors that attribution differentiates through
             out = adapter.run([example], record=True, batch_size=1)
-        timings["forward"] = time.perf_counter() - t
-        if attribution:
-            t = time.perf_counter()
-            try:
-                attr_frame = live_attribution(adapter, example, method=attribution_method, ig_steps=ig_steps)
-            except Exception as exc:  # shown beside the rest; the live run itself stands
-                attr_error = f"{type(exc).__name__}: {exc}"
-            timings["attribution"] = time.perf_counter() - t
+    timings["forward"] = time.perf_counter() - t0
     t = time.perf_counter()
     routing = routing_rows(out.recorder, "example", [index])
     prediction = dict(out.predictions[0]) if out.predictions else {}
     kind = adapter.prediction_spec().kind
     result = LiveResult(example=example, family=adapter.family, kind=kind, prediction=prediction, routing=routing,
-                        attribution=attr_frame, attribution_error=attr_error, extras=_extras_for(out.extras, index),
-                        knockout=tuple(knockout) if knockout else None, timings=timings, device=str(adapter.device))
+                        extras=_extras_for(out.extras, index), knockout=tuple(knockout) if knockout else None,
+                        timings=timings, device=str(adapter.device))
     if out.representations is not None and len(out.representations):
         result.representation = out.representations[0].detach().float().cpu().numpy()
     if kind == "ranking":
@@ -559,6 +574,9 @@ def run_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int] | No
         result.gold_answer = prediction.get("gold", example.get("answer"))
         result.correct = prediction.get("correct")
     timings["routing"] = time.perf_counter() - t
+    if attribution:
+        result.attribution, result.attribution_error, timings["attribution"] = attribute_live(
+            adapter, example, knockout, attribution_method, ig_steps)
     timings["total"] = time.perf_counter() - t0
     return result
 

@@ -67,10 +67,19 @@ def _encoder(config: Mapping[str, Any]) -> str:
     return str(enc) if enc else "n/a"
 
 
+# Options that live in the model block of some families (e.g. MoEMoE's lambda and expert-only schedule).
+MODEL_OPTION_KEYS = ("aux_weight", "align_weight", "expert_only", "expert_only_after_steps", "capacity_factor",
+                     "dispatch", "mention_desc")
+
+
 def training_options(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The training options of a checkpoint config worth showing (missing ones left out)."""
+    """The training options of a checkpoint config worth showing (missing ones left out), plus the
+    routing-relevant options a family keeps in its model block (as ``model.<name>``)."""
     block = config.get("training") or (config.get("recipe") or {}).get("options") or {}
-    return {k: block[k] for k in TRAINING_KEYS if k in block and block[k] is not None}
+    out = {k: block[k] for k in TRAINING_KEYS if k in block and block[k] is not None}
+    model = config.get("model") if isinstance(config.get("model"), Mapping) else {}
+    out.update({f"model.{k}": model[k] for k in MODEL_OPTION_KEYS if model.get(k) is not None})
+    return out
 
 
 def trigger_step(manifest: Mapping[str, Any], config: Mapping[str, Any] | None) -> int | None:
@@ -271,6 +280,9 @@ def build_report(run: str, root: str | os.PathLike | None = None) -> str:
         spec = store.table("specialisation") if store.has("specialisation") else pd.DataFrame()
         dyn = store.dynamics() if store.has("dynamics") else pd.DataFrame()
     num_experts = {s.get("name"): int(s.get("num_experts") or 0) for s in manifest.get("layers") or []}
+    order = list(num_experts)
+    lm, loads, spec, dyn = (F.in_layer_order(f, order) for f in (lm, loads, spec, dyn))
+    entropies = {l: entropies[l] for l in sorted(entropies, key=lambda l: order.index(l) if l in order else len(order))}
     fig = _Figures()
     parts: list[str] = []
     title = f"MoEscope report: {html.escape(run)}"

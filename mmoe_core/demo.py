@@ -56,9 +56,11 @@ class Recipe:
 # Shared by the three MMoE runs: tiny-64 towers trained from scratch together with the matcher. The
 # learning rate (2e-3, warm-up then cosine decay) is far above the published 5e-6, which fine-tunes a
 # pretrained CLIP: here nothing is pretrained. Batches carry hard negatives (4 entities of a name each).
-# 200 steps of 32 mentions (~2.9 epochs) take ~0.27 s a step on 2 idle CPU cores (BENCHMARKS.md).
+# 200 steps of 32 mentions (~2.9 epochs). One CPU thread: ~0.4 s a step whatever else runs, where two
+# threads take ~0.27 s on 2 idle cores but 5-20x longer when the cores are shared (OpenMP threads wait
+# on each other's barriers), so the demo build stays predictable (BENCHMARKS.md, "Demo model quality").
 _MMOE_BASE = dict(
-    family="mmoe", steps=200, batch_size=32, lr=2e-3, lr_schedule="cosine", warmup_steps=20,
+    family="mmoe", steps=200, batch_size=32, lr=2e-3, lr_schedule="cosine", warmup_steps=20, threads=1,
     weight_decay=1e-4, grad_clip=1.0, experts=4, top_k=3, snapshot_every=50, log_every=10, seed=0,
     family_options={"encoder": "tiny-64", "image_dim": 32, "text_hidden": 32, "image_hidden": 32,
                     "cross_hidden": 32, "expert_mult": 2, "per_name": 4},
@@ -99,7 +101,16 @@ def family_recipes(scale: str) -> list[Recipe]:
         return []
     recipe = supply(scale)
     recipes = recipe if isinstance(recipe, (list, tuple)) else [recipe]
-    return [r if isinstance(r, Recipe) else Recipe(**r) for r in recipes if r is not None]
+    return [_as_recipe(r) for r in recipes if r is not None]
+
+
+def _as_recipe(r) -> Recipe:
+    """A Recipe from a Recipe, a dict, or a Recipe of another copy of this module (``python -m``)."""
+    if isinstance(r, Recipe):
+        return r
+    if dataclasses.is_dataclass(r):
+        r = {f.name: getattr(r, f.name) for f in dataclasses.fields(r)}
+    return Recipe(**r)
 
 
 def all_recipes(scale: str) -> list[Recipe]:
@@ -220,4 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, so that family modules importing mmoe_core.demo (for Recipe)
+    # share its classes with this run instead of a second copy living in __main__.
+    from mmoe_core.demo import main as _main
+    sys.exit(_main())

@@ -40,8 +40,8 @@ logged and stored), tqdm progress, a snapshot every ``snapshot_every`` steps, an
 
 train_log.parquet: one row per logging step with ``step``, ``epoch``, ``time_s``, ``lr``, ``loss`` (the
 total), ``loss.<part>`` (task parts and aux parts: ``loss.balance``, ``loss.z_loss``, ``loss.entropy_stage``),
-``two_stage_phase`` and, for every routed layer, ``route.<layer>.<indicator>`` with indicators
-``token_entropy`` (nats), ``token_entropy_norm`` (/ log E), ``effective_experts`` (exp of the entropy of the
+``two_stage_phase``, ``two_stage_trigger_step`` (None until it switches) and, for every routed layer,
+``route.<layer>.<indicator>`` with indicators ``token_entropy`` (nats), ``token_entropy_norm`` (/ log E), ``effective_experts`` (exp of the entropy of the
 mean router distribution), ``max_load`` (max_i f_i * E, f = share of top-k slots), ``balance_loss``
 (E * sum f_i P_i) and ``max_weight_share`` (max_i of expert i's share of the combine weight, times E),
 over the valid positions of that step's batch.
@@ -391,6 +391,7 @@ def _log_row(step: int, epoch: int, started: float, lr: float, loss: float, part
                            "lr": lr, "loss": loss}
     row.update({f"loss.{name}": float(value.detach()) for name, value in parts.items()})
     row["two_stage_phase"] = two_stage.phase if two_stage is not None else ""
+    row["two_stage_trigger_step"] = (two_stage.trigger_at if two_stage is not None else None)
     for layer, indicators in recorder_indicators(recorder).items():
         row.update({f"route.{layer}.{name}": value for name, value in indicators.items()})
     return row

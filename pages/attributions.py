@@ -114,9 +114,11 @@ def live_model(run: str, checkpoint_hash: str | None, root: str):
     shared model for the length of a run."""
     import threading
 
-    from analysis.live import load_base_examples, load_live_adapter
+    from analysis.live import load_base_examples, load_live_adapter, warm_up
     adapter = load_live_adapter(run, root)
     examples = load_base_examples(adapter, run, root)
+    if examples:
+        warm_up(adapter, examples[0])  # lazy imports and caches are paid here, under the loading spinner
     return adapter, {int(ex["index"]): ex for ex in examples}, threading.Lock()
 
 

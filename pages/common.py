@@ -34,7 +34,6 @@ EXPLORER_PAGE = "pages/routing_explorer.py"
 EXPLORER_URL_PATH = "routing_explorer"
 
 _PICKER_KEY = "moescope_run_picker"
-_URL_ERRORS_KEY = "moescope_url_errors"
 
 
 def _route_through_app() -> None:
@@ -138,7 +137,6 @@ def render_sidebar() -> None:
                 st.caption(info)
         else:
             st.caption(f"No runs yet: `{MAKE_COMMAND}`")
-    st.session_state[_URL_ERRORS_KEY] = errors
     for message in errors:
         st.warning(message, icon=":material/link_off:")
 
@@ -171,20 +169,23 @@ _manifest_memo: dict[tuple, str] = {}
 
 
 def run_version(run: str) -> str:
-    """Hash of the run's published manifest (memoised on the resolved path, mtime and size: a stat per
-    call). A republish (new version dir, new manifest) gives a new value, so every cache keyed by it
-    refreshes."""
+    """The cache key of a run's published version: the hash of its manifest plus a hash of the version
+    directory's path (memoised on path, mtime and size: a stat per call). A republish (new version dir,
+    new manifest) or another artifacts root gives a new value, so every cache keyed by it refreshes."""
+    import hashlib
+
     from analysis.hashing import file_sha256
     link = artifacts_root() / "runs" / run
     path = Path(os.path.realpath(link)) / "manifest.json"
     try:
         st_ = path.stat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return "missing"
     key = (str(path), st_.st_mtime_ns, st_.st_size)
     h = _manifest_memo.get(key)
     if h is None:
-        h = _manifest_memo[key] = file_sha256(path)[:16]
+        where = hashlib.sha256(str(path.parent).encode()).hexdigest()[:8]
+        h = _manifest_memo[key] = f"{file_sha256(path)[:16]}-{where}"
     return h
 
 
@@ -248,11 +249,18 @@ def _table(run: str, version: str, name: str, columns: tuple | None, _store: Run
 
 
 def table(run: str, name: str, columns: Sequence[str] | None = None) -> pd.DataFrame | None:
-    """A whole table of ``run`` (cached); None when the run has no such table."""
+    """A whole table of ``run`` (cached); None when the run has no such table. Tables with a ``layer``
+    column come in the run's declared layer order (the order of the manifest's layers)."""
     store = store_for(run)
     if not store.has(name):
         return None
-    return _table(run, run_version(run), name, tuple(columns) if columns else None, store)
+    frame = _table(run, run_version(run), name, tuple(columns) if columns else None, store)
+    return F.in_layer_order(frame, layer_names(run))
+
+
+def layer_names(run: str) -> list[str]:
+    """The run's routed layers in declaration order (manifest)."""
+    return [s.get("name") for s in manifest(run).get("layers") or [] if s.get("name")]
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -282,7 +290,7 @@ def layer_loads(run: str, by: Sequence[str] = ()) -> pd.DataFrame | None:
     store = store_for(run)
     if not (store.has("routing_loads") or store.has("routing")):
         return None
-    return _loads(run, run_version(run), tuple(by), store)
+    return F.in_layer_order(_loads(run, run_version(run), tuple(by), store), layer_names(run))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -400,6 +408,10 @@ def example_picture(example: dict | pd.Series | None):
     return _picture(row)
 
 
+_KIND_WORDS = {"text_token": "tokens", "question_token": "question tokens", "context_token": "context tokens",
+               "joint_token": "joint tokens", "decoder_step": "decoder steps", "image_patch": "image patches"}
+
+
 def show_call_routing(rows: pd.DataFrame, layer: str, call: str, num_experts: int | None, key: str,
                       picture=None, title_prefix: str = "", wrap: int = 12) -> None:
     """The routing of one layer call of one example: image patches on their grid (beside the example's
@@ -412,7 +424,7 @@ def show_call_routing(rows: pd.DataFrame, layer: str, call: str, num_experts: in
         return
     patches, others = F.split_call_rows(part)
     prefix = title_prefix or f"{layer} · {call}"
-    config = {"displaylogo": False, "modeBarButtonsToRemove": ["select2d", "lasso2d"]}
+    config = {"displayModeBar": False}  # hover is the interaction here; the bar would cover the title
     if len(patches):
         if picture is not None:
             left, right = st.columns([1, 2])
@@ -423,7 +435,9 @@ def show_call_routing(rows: pd.DataFrame, layer: str, call: str, num_experts: in
             st.plotly_chart(F.patch_grid(part, f"{prefix}: image patches by top-1 expert", num_experts),
                             key=f"{key}_grid", config=config)
     if len(others):
-        what = "tokens" if (others["position_kind"] != "cls").any() else "CLS positions"
+        kinds = set(others["position_kind"]) - {"cls"}
+        what = (_KIND_WORDS.get(kinds.pop(), "positions") if len(kinds) == 1 else
+                "positions" if kinds else "CLS positions")
         st.plotly_chart(F.token_strip(others, f"{prefix}: {what} by top-1 expert", num_experts, wrap=wrap),
                         key=f"{key}_strip", config=config)
     unrouted = int((~part["routed"].astype(bool)).sum()) if "routed" in part else 0
@@ -453,3 +467,30 @@ def order_calls(calls: Sequence[str], side: str | None) -> list[str]:
     """``calls`` with those of ``side`` first (stable)."""
     calls = list(calls)
     return calls if side is None else sorted(calls, key=lambda c: str(c).split(":")[0] != side)
+
+
+def synced_radio(label: str, options: Sequence[str], key: str, param: str, clears: Sequence[str] = (),
+                 **kwargs) -> str:
+    """A radio whose choice is kept in the URL as ``?<param>=<value>`` (a link opens the same choice);
+    a value the options do not have gets a message and the first option. A change by the user drops the
+    URL params named in ``clears`` (choices that depend on this one)."""
+    options = [str(o) for o in options]
+    wanted = st.query_params.get(param)
+    if wanted is not None and wanted not in options:
+        st.warning(f"The link asks for {label.split(' (')[0].lower()} `{wanted}`, which is not one of "
+                   f"{', '.join(f'`{o}`' for o in options)}; showing `{options[0]}`.", icon=":material/link_off:")
+        st.session_state[key] = options[0]
+    elif wanted is not None and st.session_state.get(key) != wanted:
+        st.session_state[key] = wanted
+    if st.session_state.get(key) not in options:
+        st.session_state[key] = options[0]
+
+    def on_change() -> None:
+        st.query_params[param] = st.session_state[key]
+        for name in clears:
+            st.query_params.pop(name, None)
+
+    value = st.radio(label, options, key=key, on_change=on_change, **kwargs)
+    if st.query_params.get(param) != value:
+        st.query_params[param] = value
+    return value

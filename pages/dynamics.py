@@ -7,7 +7,6 @@ one (``train_log`` table). Layout only: the precompute measured everything (``dy
 """
 from __future__ import annotations
 
-import pandas as pd
 import streamlit as st
 
 from analysis import figures as F
@@ -48,7 +47,9 @@ def main() -> None:
         layers = list(dict.fromkeys(dyn["layer"]))
         layer = st.radio("Layer for the per-expert load", layers, horizontal=True, key="dyn_layer")
         st.plotly_chart(F.dynamics_load_area(dyn, layer, trigger), key="dynamics_load")
-        verdicts = dyn.pivot_table(index="step", columns="layer", values="verdict", aggfunc="first").reset_index()
+        verdicts = dyn.pivot_table(index="step", columns="layer", values="verdict", aggfunc="first")
+        verdicts = verdicts[[l for l in layers if l in verdicts.columns]].reset_index()
+        verdicts.columns.name = None
         st.markdown("**Verdict at each snapshot**")
         st.dataframe(verdicts.style.map(F.verdict_css, subset=[c for c in verdicts.columns if c != "step"]),
                      hide_index=True)

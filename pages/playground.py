@@ -10,10 +10,11 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from analysis.live import (MAX_UPLOAD_BYTES, TOP_N, UploadError, check_upload, drawing_options, example_picture,
-                           live_example, project_live, routing_changes, run_live, text_fields)
+from analysis.live import (MAX_UPLOAD_BYTES, TOP_N, UploadError, attribute_live, check_upload, drawing_options,
+                           example_picture, live_example, project_live, routing_changes, run_live, text_fields)
 from pages import common
 from pages.attributions import open_live_model, show_delta, show_inputs
+from pages.qga import SOURCE_COLOURS
 
 TEXT_LABELS = {"mention_text": "Mention sentence", "question": "Question", "context": "Context"}
 IMAGE_SOURCES = ("the example's picture", "upload a picture", "draw a picture")
@@ -48,6 +49,15 @@ def _baseline(run: str, adapter, example: dict):
 
 def _ms(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+def _timing_badge(slot, result, want_attr: bool) -> None:
+    t = result.timings
+    attribution = _ms(t.get("attribution")) if want_attr and "attribution" in t else ("…" if want_attr else "off")
+    with slot.container():
+        st.badge(f"{result.device.upper()} · forward {_ms(t.get('forward'))} · routing {_ms(t.get('routing'))} · "
+                 f"attribution {attribution} · total {_ms(t.get('total'))}",
+                 icon=":material/timer:", color="green" if result.device.startswith("cuda") else "gray")
 
 
 # -- page ----------------------------------------------------------------------------------------------
@@ -140,14 +150,11 @@ def main() -> None:
         if value != str(base.get(field) or ""):
             kwargs[field if field in ("question", "context") else "text"] = value
     example = live_example(adapter, base, image=image, drawn_attributes=drawn, **kwargs)
-    with lock:
-        result = run_live(adapter, example, knockout=knockout, attribution=want_attr)
+    with lock:  # routing and prediction first; the attribution follows below, once they are on screen
+        result = run_live(adapter, example, knockout=knockout, attribution=False)
         baseline = _baseline(run, adapter, example) if knockout else None
-
-    t = result.timings
-    st.badge(f"{result.device.upper()} · forward {_ms(t.get('forward'))} · attribution "
-             f"{_ms(t.get('attribution')) if want_attr else 'off'} · total {_ms(t.get('total'))}",
-             icon=":material/timer:", color="green" if result.device.startswith("cuda") else "gray")
+    badge = st.empty()
+    _timing_badge(badge, result, want_attr)
 
     picture = example_picture(example)
     p1, p2 = st.columns([1, 3])
@@ -186,6 +193,12 @@ def main() -> None:
         _qga_chart(qga[0])
 
     st.subheader("Attribution")
+    if want_attr:
+        with lock, st.spinner("Integrated gradients…"):
+            result.attribution, result.attribution_error, seconds = attribute_live(adapter, example, knockout)
+        result.timings["attribution"] = seconds
+        result.timings["total"] += seconds
+        _timing_badge(badge, result, want_attr)
     if not want_attr:
         st.caption("Attribution is off.")
     elif result.attribution is None:
@@ -232,8 +245,8 @@ def _qga_chart(row: dict) -> None:
     st.subheader("QGA source weights of this question")
     tokens = [f"{i}: {t}" for i, t in enumerate(row.get("tokens", []))]
     fig = go.Figure()
-    fig.add_bar(x=tokens, y=np.asarray(row["alpha"]), name="alpha (image)")
-    fig.add_bar(x=tokens, y=np.asarray(row["beta"]), name="beta (context)")
+    fig.add_bar(x=tokens, y=np.asarray(row["alpha"]), name="alpha (image)", marker_color=SOURCE_COLOURS["alpha (image)"])
+    fig.add_bar(x=tokens, y=np.asarray(row["beta"]), name="beta (context)", marker_color=SOURCE_COLOURS["beta (context)"])
     fig.update_layout(barmode="group", yaxis_range=[0, 1], height=280, margin=dict(t=10, b=10, l=10, r=10),
                       legend_orientation="h")
     st.plotly_chart(fig, key="pg_qga")

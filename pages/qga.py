@@ -112,4 +112,5 @@ def main() -> None:
         st.caption(f"Gold answer: **{row['answer']}** · question type: {row.get('question_type', '?')}")
 
 
-main()
+if __name__ == "__main__":
+    main()

@@ -61,7 +61,8 @@ def example_details(run: str, row: pd.Series, labels: list[str]) -> None:
         hit = predictions[predictions["index"] == int(row[common.example_index_column(row.to_frame().T)])]
         if len(hit):
             p = hit.iloc[0]
-            parts = [f"{c}: **{p[c]}**" for c in ("prediction", "gold", "rank", "correct") if c in p and p[c] is not None]
+            parts = [f"{c}: **{p[c]}**" if str(p[c]).strip() else f"{c}: (empty)"
+                     for c in ("prediction", "gold", "rank", "correct") if c in p and pd.notna(p[c])]
             if parts:
                 st.markdown("Prediction · " + " · ".join(parts))
 
@@ -88,14 +89,17 @@ def main() -> None:
         return
     layers = [l for l in specs if l in set(rows_all["layer"])] + sorted(set(rows_all["layer"]) - set(specs))
     left, right = st.columns([1, 2])
-    layer = left.radio("Layer", layers, key=f"explorer_layer_{run}", horizontal=True,
-                       format_func=lambda l: f"{l} ({specs[l]['gate_kind']}, top-{specs[l]['top_k']} of "
+    with left:
+        layer = common.synced_radio("Layer", layers, key=f"explorer_layer_{run}", param="layer", clears=("call",),
+                                    horizontal=True,
+                                    format_func=lambda l: f"{l} ({specs[l]['gate_kind']}, top-{specs[l]['top_k']} of "
                                              f"{specs[l]['num_experts']})" if l in specs else l)
     layer_rows = rows_all[rows_all["layer"] == layer]
     calls = list(dict.fromkeys(layer_rows["call"]))
     calls = common.order_calls(calls, common.own_side(rows_all, row))  # the example's own positions first
-    call = right.radio("Call (what is routed, what the gate sees)", calls, key=f"explorer_call_{run}_{layer}",
-                       format_func=lambda c: common.call_label(layer_rows, c))
+    with right:
+        call = common.synced_radio("Call (what is routed, what the gate sees)", calls, key=f"explorer_call_{run}_{layer}",
+                                   param="call", format_func=lambda c: common.call_label(layer_rows, c))
     spec = specs.get(layer, {})
     if spec:
         st.caption(f"**{layer}** routes {spec.get('routed')}; its gate sees {spec.get('gate_sees')}.")

@@ -45,6 +45,8 @@ TABLE = '[data-testid="stDataFrame"]'
 PAGES = [
     ("overview", "overview", "mmoe-collapsing", {}, [PLOT, TABLE]),
     ("routing_explorer", "routing_explorer", "mmoe-reference-gate", {"example": "1"}, [PLOT, TABLE]),
+    ("routing_explorer_patches", "routing_explorer", "mmoe-balanced",
+     {"example": "1", "layer": "image_intra", "call": "mention"}, [PLOT, TABLE]),
     ("utilization", "utilization", "mmoe-collapsing", {}, [PLOT, TABLE]),
     ("dynamics", "dynamics", "mmoe-collapsing", {}, [PLOT]),
     ("compare", "compare", "mmoe-balanced", {"compare": "mmoe-collapsing"}, [PLOT, TABLE]),
@@ -193,11 +195,14 @@ def test_example_row_opens_the_routing_explorer(server, browser, runs_root):  # 
     time.sleep(0.5)
     # The row-selection checkbox column is the grid's first column; the third data row sits below the header.
     height = table.size["height"]
-    ActionChains(browser).move_to_element_with_offset(table, -table.size["width"] // 2 + 14,
-                                                      -height // 2 + 35 * 3 + 17).click().perform()
-    deadline = time.monotonic() + PAGE_TIMEOUT
-    while time.monotonic() < deadline and "routing_explorer" not in browser.current_url:
-        time.sleep(0.25)
+    for _ in range(3):  # the grid can take a moment to accept clicks after it is drawn
+        ActionChains(browser).move_to_element_with_offset(table, -table.size["width"] // 2 + 14,
+                                                          -height // 2 + 35 * 3 + 17).click().perform()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "routing_explorer" not in browser.current_url:
+            time.sleep(0.25)
+        if "routing_explorer" in browser.current_url:
+            break
     assert "routing_explorer" in browser.current_url and "example=" in browser.current_url, browser.current_url
     _, missing = _wait_idle(browser, [PLOT, TABLE], PAGE_TIMEOUT)
     browser.save_screenshot(str(SHOTS / "overview_row_to_explorer.png"))

@@ -7,6 +7,7 @@ written to ``test-output/apptest_timings.json`` (reported, never asserted).
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -26,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "app.py")
 TIMINGS = REPO / "test-output" / "apptest_timings.json"
 MMOE_RUNS = ("mmoe-balanced", "mmoe-collapsing", "mmoe-reference-gate")
+ALL_RUNS = (*MMOE_RUNS, "moemoe-qa")
 MY_PAGES = ("overview", "routing_explorer", "utilization", "dynamics", "compare", "export")
 TIMEOUT = 120
 
@@ -114,6 +117,15 @@ def plotly_count(at: AppTest) -> int:
     return len(at.get("plotly_chart"))
 
 
+def _array(value) -> "np.ndarray":
+    """A plotly figure array from its JSON (plain lists, or plotly's typed-array encoding)."""
+    if isinstance(value, dict) and "bdata" in value:
+        data = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        shape = [int(x) for x in str(value.get("shape", len(data))).split(",")]
+        return data.reshape(shape)
+    return np.asarray(value, dtype=float)
+
+
 def _store(root: Path, run: str):
     from analysis.store import RunStore
     return RunStore(run, root)
@@ -121,7 +133,7 @@ def _store(root: Path, run: str):
 
 # ------------------------------------------------------------------------------------------- overview
 
-@pytest.mark.parametrize("run", MMOE_RUNS)
+@pytest.mark.parametrize("run", ALL_RUNS)
 def test_overview_renders_model_card_metrics_and_verdicts(root, run):
     _need(root, run)
     at = render("overview", run)
@@ -133,11 +145,14 @@ def test_overview_renders_model_card_metrics_and_verdicts(root, run):
         assert f"**{layer}**" in text
     tables = frames(at)
     card = next(t for t in tables if list(t.columns) == ["field", "value"])
-    assert "family" in set(card["field"]) and "mmoe" in set(card["value"])
+    family = store.manifest["family"]
+    assert "family" in set(card["field"]) and family in set(card["value"])
     layers = next(t for t in tables if "gate sees" in t.columns)
     assert set(layers["layer"]) == set(s["name"] for s in store.manifest["layers"])
     assert [m.label for m in at.metric], "headline metrics are shown"
-    assert any(m.label == "MRR" for m in at.metric)
+    headline = {"mmoe": "MRR", "moemoe": "exact match"}.get(family)
+    if headline:
+        assert any(m.label == headline for m in at.metric), [m.label for m in at.metric]
     assert at.query_params.get("run") in (run, [run])
 
 
@@ -169,7 +184,7 @@ def _explorer_table(at: AppTest) -> pd.DataFrame:
     return next(t for t in frames(at) if "top-k experts" in t.columns)
 
 
-@pytest.mark.parametrize("run", ["mmoe-balanced", "mmoe-collapsing"])
+@pytest.mark.parametrize("run", ["mmoe-balanced", "mmoe-collapsing", "moemoe-qa"])
 def test_explorer_shows_k_experts_per_routed_position(root, run):
     _need(root, run)
     store = _store(root, run)
@@ -178,7 +193,7 @@ def test_explorer_shows_k_experts_per_routed_position(root, run):
     no_exceptions(at)
     assert not at.warning, [w.value for w in at.warning]
     table = _explorer_table(at)
-    layer = at.radio[0].value
+    layer = at.radio(key=f"explorer_layer_{run}").value
     k = next(s["top_k"] for s in store.manifest["layers"] if s["name"] == layer)
     routed = table[table["routed"] == "routed"]
     assert len(routed) > 0
@@ -192,14 +207,31 @@ def test_explorer_shows_k_experts_per_routed_position(root, run):
 
 def test_explorer_image_call_draws_patch_grid(root):
     _need(root, "mmoe-balanced")
-    at = render("routing_explorer", "mmoe-balanced", example="1")
+    at = render("routing_explorer", "mmoe-balanced", example="1", layer="image_intra", call="mention")
     no_exceptions(at)
-    at.radio[0].set_value("image_intra").run()
-    no_exceptions(at)
+    assert at.radio(key="explorer_layer_mmoe-balanced").value == "image_intra"
     table = _explorer_table(at)
-    assert (table["kind"] == "image_patch").sum() >= 4
-    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
-    assert any("image patches" in t for t in titles), titles
+    patches = table[table["kind"] == "image_patch"]
+    assert len(patches) >= 4
+    spec = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                if "image patches" in json.loads(c.proto.spec)["layout"]["title"]["text"])
+    grid = _array(spec["data"][0]["z"])
+    side = round(len(patches) ** 0.5)
+    assert grid.shape == (side, side)  # sqrt(P) x sqrt(P), row-major
+    assert grid[0][0] == int(patches["top-1 expert"].iloc[0])  # the first patch position is cell 0,0
+    assert at.query_params.get("layer") in ("image_intra", ["image_intra"])
+    # a layer choice by the user drops the call of the previous layer from the URL
+    at.radio(key="explorer_layer_mmoe-balanced").set_value("cross_inter").run()
+    no_exceptions(at)
+    assert not at.warning, [w.value for w in at.warning]
+
+
+def test_explorer_bad_layer_param_warns_and_still_renders(root):
+    _need(root, "mmoe-balanced")
+    at = render("routing_explorer", "mmoe-balanced", example="1", layer="no_such_layer")
+    no_exceptions(at)
+    assert any("no_such_layer" in str(w.value) for w in at.warning)
+    assert plotly_count(at) >= 1
 
 
 def test_explorer_reference_gate_shows_not_routed_positions(root):
@@ -233,7 +265,7 @@ def test_bad_run_param_warns_and_falls_back(root):
 
 # ------------------------------------------------------------------------------------------- other pages
 
-@pytest.mark.parametrize("run", MMOE_RUNS)
+@pytest.mark.parametrize("run", ALL_RUNS)
 def test_utilization_page(root, run):
     _need(root, run)
     at = render("utilization", run)
@@ -246,7 +278,7 @@ def test_utilization_page(root, run):
     assert len(slices) > 0
 
 
-@pytest.mark.parametrize("run", ["mmoe-balanced", "mmoe-collapsing"])
+@pytest.mark.parametrize("run", ["mmoe-balanced", "mmoe-collapsing", "moemoe-qa"])
 def test_dynamics_page(root, run):
     _need(root, run)
     at = render("dynamics", run)
@@ -360,3 +392,20 @@ def test_partial_run_says_so_and_the_page_still_renders(root, tmp_path, monkeypa
     assert "partial" in warnings.lower() and "coselection.parquet is missing" in warnings
     assert "python -m analysis.precompute --run mmoe-balanced" in warnings
     assert any("co-selection" in str(i.value) for i in at.info)
+
+
+def test_dynamics_shows_the_training_log_when_the_run_carries_one(root, tmp_path, monkeypatch):
+    """The checkpoint's train_log.parquet, carried by the run as a ``train_log`` table (what the precompute
+    is asked to add), is plotted: losses and per-layer routing indicators against the step."""
+    _need(root, "mmoe-collapsing")
+    log = Path(_store(root, "mmoe-collapsing").manifest["checkpoint"]) / "train_log.parquet"
+    if not log.is_file():
+        pytest.skip(f"the checkpoint has no {log.name}")
+    run_dir = _copy_run(root, tmp_path, "mmoe-collapsing")
+    shutil.copy(log, run_dir / "train_log.parquet")
+    monkeypatch.setenv("MOESCOPE_ARTIFACTS", str(tmp_path))
+    _clear_caches()
+    at = render("dynamics", "mmoe-collapsing")
+    no_exceptions(at)
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+    assert "Training log: losses" in titles and any(t.startswith("Training log: routing") for t in titles), titles
