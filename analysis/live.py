@@ -1,16 +1,24 @@
 """Small live-run functions for the playground (and any page that runs one example now).
 
-No Streamlit here. A page asks these functions, never a model's internals:
+No Streamlit here. A page asks these functions, never a model's internals; nothing here names a model
+family: everything goes through the run's manifest and the family's adapter (input_spec, run, knockout,
+attribution_inputs / attribution_forward).
 
-* :func:`load_live_adapter`: open the checkpoint a run was built from (path from its manifest) on the
-  GPU when there is one, else the CPU;
-* :func:`live_example`: a copy of a base example with edited text / question / context and an
-  uploaded or drawn picture, in the form the family's adapter accepts;
-* :func:`run_live`: forward one example (optionally with an expert knocked out) and return routing
-  rows, the prediction (top-10 ranking with entity names, or the answer), attributions and timings;
+* :func:`run_inputs` / :func:`load_live_adapter` / :func:`load_base_examples`: the checkpoint, dataset and
+  split a run was built from (its manifest), the adapter on the GPU when there is one (else the CPU),
+  and the base examples in the adapter's own form; :func:`warm_up` pays first-call costs up front;
+* :func:`live_example`: a copy of a base example with edited text / question / context and an uploaded
+  or drawn (:func:`draw_image`) picture; :func:`text_fields` says which fields are editable;
+* :func:`run_live`: forward one example (optionally with an expert knocked out) and return routing rows,
+  the prediction (top-10 ranking with entity names, or the answer), attribution and timings;
+  :func:`attribute_live` / :func:`live_attribution` for the attribution alone (a page can show routing
+  first); :func:`routing_changes` compares two live runs;
 * :func:`check_upload`: validate an uploaded image (type by magic bytes, byte size, pixel count) before
-  anything decodes it;
+  anything decodes it; raises :class:`UploadError`;
 * :func:`project_live`: place a live example's representation on the run's fitted embedding map.
+
+The last section holds the small summaries the QGA, attribution and embedding-map pages show over a
+run's stored tables (:func:`qga_summary`, :func:`attribution_rows`, :func:`embedding_frame`, ...).
 """
 from __future__ import annotations
 
@@ -30,14 +38,13 @@ __all__ = [
     "UploadError", "check_upload", "sniff_image_type", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS",
     "draw_image", "drawing_options",
     "run_inputs", "load_live_adapter", "load_base_examples", "warm_up", "text_fields", "live_example", "example_picture",
-    "LiveResult", "run_live", "attribute_live", "live_attribution", "routing_rows", "routing_changes", "project_live", "projection_info",
+    "LiveResult", "run_live", "attribute_live", "live_attribution", "routing_rows", "routing_changes", "project_live",
     "QGA_AGREEMENT_DEFINITION", "QGASummary", "qga_tokens", "qga_summary", "attribution_choices",
     "attribution_rows", "convergence_delta", "patch_grid", "majority_expert", "layer_calls", "embedding_frame",
 ]
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024          # 5 MB
 MAX_UPLOAD_PIXELS = 25_000_000              # 25 megapixels
-ACCEPTED_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -608,20 +615,6 @@ def _projection_of(store):
     if projection is None:
         projection = _projection_cache[key] = FittedProjection.load(path)
     return projection
-
-
-def projection_info(run_store, root: str | os.PathLike | None = None) -> dict | None:
-    """Method ("umap" / "pca") and fit sizes of the run's fitted map; None when it has none."""
-    store, opened = _open_store(run_store, root)
-    try:
-        projection = _projection_of(store)
-    finally:
-        if opened:
-            store.close()
-    if projection is None:
-        return None
-    return {"method": projection.method, "n_fit": int(projection.params.get("n_fit", 0)),
-            "n_total": int(projection.params.get("n_total", 0))}
 
 
 def project_live(run_store, representation, root: str | os.PathLike | None = None) -> dict | None:

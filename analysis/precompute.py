@@ -1,7 +1,7 @@
 """Precompute: checkpoint + dataset -> artifacts/runs/<run>/ (what the app reads instantly).
 
     python -m analysis.precompute --run NAME [--checkpoint DIR] [--data DIR] [--split test]
-    torchrun --nproc_per_node 2 -m analysis.precompute --run NAME ...   # same artifacts, split work
+    torchrun --nproc_per_node 2 -m analysis.precompute --run-name NAME ...   # same artifacts, split work
 
 Everything goes through the family's model adapter; nothing here knows MMoE from MoEMoE. Tables
 written (see analysis/store.py for the publish protocol):
@@ -248,7 +248,8 @@ def run_examples(adapter: ModelAdapter, examples: list[dict], batch_size: int, d
         "predictions": out.predictions,
         "extras": {k: declared_output_frame(k, v) for k, v in out.extras.items()},
         "indices": [int(ex["index"]) for ex in mine],
-        "representations": None if out.representations is None else out.representations.detach().cpu().numpy(),
+        "representations": None if out.representations is None or not mine
+        else out.representations.detach().cpu().numpy(),
     }
 
 
@@ -266,8 +267,9 @@ def merge_parts(parts: list[dict]) -> dict:
         frame = pd.concat([p["extras"][name] for p in parts], ignore_index=True)
         sort_cols = [c for c in ("example_index", "position") if c in frame]
         merged["extras"][name] = frame.sort_values(sort_cols, kind="stable").reset_index(drop=True) if sort_cols else frame
-    if parts[0]["representations"] is not None:
-        merged["representations"] = np.concatenate([p["representations"] for p in parts])[order]
+    reps = [p["representations"] for p in parts if p["representations"] is not None]
+    if reps:
+        merged["representations"] = np.concatenate(reps)[order]
     return merged
 
 
@@ -297,7 +299,7 @@ def dynamics_frame(adapter: ModelAdapter, ckpt: Path, examples: Sequence[dict], 
                    progress: bool = True) -> pd.DataFrame:
     """Routing indicators of a fixed example sample at every training snapshot (and the final model)."""
     steps = list_snapshots(ckpt)
-    if not steps:
+    if not steps or not examples:
         return pd.DataFrame()
     final_state = {k: v.clone() for k, v in adapter.model.state_dict().items()}
     rows = []
@@ -317,14 +319,13 @@ def dynamics_frame(adapter: ModelAdapter, ckpt: Path, examples: Sequence[dict], 
 
 
 def trigger_step(ckpt: Path) -> int | None:
-    """The step the entropy two-stage schedule switched phase, if training logged one."""
-    config = load_config(ckpt)
-    for key in ("entropy_trigger_step", "two_stage_trigger_step"):
-        if config.get(key) is not None:
-            return int(config[key])
+    """The step the entropy two-stage schedule switched phase, if training recorded one."""
+    training = load_config(ckpt).get("training", {})
+    if training.get("two_stage_trigger_step") is not None:
+        return int(training["two_stage_trigger_step"])
     log = load_train_log(ckpt)
-    if log is not None and "phase" in log:
-        switched = log.loc[log["phase"] == "specialisation", "step"]
+    if log is not None and "two_stage_phase" in log:
+        switched = log.loc[log["two_stage_phase"] == "specialisation", "step"]
         return int(switched.min()) if len(switched) else None
     return None
 
@@ -338,7 +339,8 @@ def resolve_inputs(run: str, checkpoint: str | None, data: str | None, root: Pat
     if not (ckpt / "config.json").is_file():
         raise SystemExit(f"error: no checkpoint at {ckpt} (expected config.json + model.safetensors). Train one "
                          f"with `python -m mmoe_core.train ...` or build the demo runs with `python -m mmoe_core.demo`.")
-    recorded = load_config(ckpt).get("data_dir")
+    config = load_config(ckpt)
+    recorded = config.get("data_dir") or config.get("training", {}).get("data_dir")
     if data is None and not recorded:
         raise SystemExit(f"error: {ckpt}/config.json names no dataset; pass --data DIR")
     data_dir = Path(data or recorded)
@@ -394,8 +396,10 @@ def _write_run(run, root, adapter, ckpt, data_dir, examples, merged, params, pro
     batch_dep = batch_dependence_by_layer(adapter, bd_sample, int(params["batch_size"])) if needs_bd else {}
     dyn_sample = stratified_sample(examples, int(params["dynamics_sample"]), _first(labels), seed)
     dynamics = dynamics_frame(adapter, ckpt, dyn_sample, int(params["batch_size"]), progress)
-    attributions = attribution_table(adapter, examples, sample_size=int(params["attribution_sample"]),
-                                     stratify_by=_first(labels), seed=seed, progress=progress)
+    attributions = pd.DataFrame()
+    if int(params["attribution_sample"]) > 0:
+        attributions = attribution_table(adapter, examples, sample_size=int(params["attribution_sample"]),
+                                         stratify_by=_first(labels), seed=seed, progress=progress)
     reps = merged["representations"]
     projection_df, projection = None, None
     if reps is not None and len(reps) >= 5:
@@ -429,6 +433,9 @@ def _write_run(run, root, adapter, ckpt, data_dir, examples, merged, params, pro
         if projection_df is not None:
             w.write_table("projection", projection_df)
             projection.save(w.file_path("projection_model.npz"))
+        train_log = load_train_log(ckpt)
+        if train_log is not None:
+            w.write_table("train_log", train_log)
         w.write_json("metrics", summary)
         w.write_json("config", load_config(ckpt))
     print(f"{run}: published {root / 'runs' / run} ({len(routing)} routed positions, {len(examples)} examples)",
@@ -438,7 +445,9 @@ def _write_run(run, root, adapter, ckpt, data_dir, examples, merged, params, pro
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.precompute", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="run name: artifacts/runs/<run>/ (and default checkpoint)")
+    # --run-name is the spelling to use under torchrun, whose own parser takes --run for --run-path.
+    p.add_argument("--run", "--run-name", dest="run", required=True,
+                   help="run name: artifacts/runs/<run>/ (and default checkpoint)")
     p.add_argument("--checkpoint", help="checkpoint dir (default artifacts/checkpoints/<run>)")
     p.add_argument("--data", help="dataset dir (default: the one the checkpoint was trained on)")
     p.add_argument("--split", default="test")

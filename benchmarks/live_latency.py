@@ -86,6 +86,10 @@ def main(argv=None) -> int:
     runs = a.runs or built_runs(root)
     n = a.n or (5 if a.quick else 20)
     info = machine()
+    if not runs:
+        print(f"no built run (runs/*/manifest.json) under {root}: build one with `python -m analysis.precompute`",
+              file=sys.stderr)
+        return 1
     modes = {"no": [False], "yes": [True], "both": [False, True]}[a.attribution]
     results = [bench_run(run, root, n, attr) for run in runs for attr in modes]
     body = markdown(results) + (f"\n\nRoot: `{root}`; CPU; end-to-end = live_example + run_live. Target p95 <= "

@@ -185,8 +185,12 @@ def train_run(recipe: Recipe, scale: str, data_dir: Path, progress: bool = True)
 
 
 def after_training(recipe: Recipe, ckpt: Path, data_dir: Path, scale: str) -> None:
-    """Hook run after each demo run is trained or found up to date (e.g. precompute its artifacts).
-    Nothing yet."""
+    """Precompute the run's artifacts (analysis.precompute skips them when nothing changed).
+
+    Imported lazily: analysis sits above mmoe_core, and training alone must not need it."""
+    from analysis.precompute import precompute
+    small = dict(attribution_sample=8, dynamics_sample=48, batch_dependence_sample=4) if scale == "tiny" else {}
+    precompute(recipe.run, checkpoint=str(ckpt), data=str(data_dir), **small)
 
 
 def build(only: str | None = None, force: bool = False, scale: str = "default", progress: bool = True) -> dict:

@@ -186,20 +186,27 @@ class SideLayout:
     num_patches: int
     grid: int
 
+    @property
+    def subject(self) -> str:
+        """Entities are knowledge-base items, not the run's examples: their ids index the KB."""
+        return "kb" if self.role == "entity" else "example"
+
     def image_labels(self) -> list[str]:
         return ["[CLS]", "[ViT CLS]"] + [f"patch {r},{c}" for r in range(self.grid) for c in range(self.grid)]
 
     def text_intra(self) -> PositionMeta:
         length = self.text_valid.shape[1]
         return PositionMeta.uniform(self.role, self.example_ids, length, "text_token", "text", "text",
-                                    first_kind="cls", tokens=self.text_strings, valid=self.text_valid)
+                                    first_kind="cls", tokens=self.text_strings, valid=self.text_valid,
+                                    subject=self.subject)
 
     def image_intra(self) -> PositionMeta:
         labels = self.image_labels()
         kinds = ["cls", "cls"] + ["image_patch"] * self.num_patches
         n = len(labels)
         return PositionMeta(self.role, self.example_ids, kinds, ["image"] * n, ["image"] * n,
-                            tokens=[labels] * len(self.example_ids) if self.text_strings is not None else None)
+                            tokens=[labels] * len(self.example_ids) if self.text_strings is not None else None,
+                            subject=self.subject)
 
     def cross_text_image(self) -> PositionMeta:
         """[text CLS; image tokens] routed by [image CLS; text tokens]."""
@@ -208,7 +215,8 @@ class SideLayout:
         kinds = ["cls", "cls"] + ["image_patch"] * self.num_patches
         return PositionMeta(f"{self.role}:{TEXT_TO_IMAGE}", self.example_ids, kinds, ["text"] + ["image"] * (n - 1),
                             ["image"] + ["text"] * (n - 1),
-                            tokens=[labels] * len(self.example_ids) if self.text_strings is not None else None)
+                            tokens=[labels] * len(self.example_ids) if self.text_strings is not None else None,
+                            subject=self.subject)
 
     def cross_image_text(self) -> PositionMeta:
         """[image CLS; text tokens] routed by [text CLS; image tokens]; text padding is invalid."""
@@ -216,7 +224,7 @@ class SideLayout:
         tokens = None if self.text_strings is None else [["[image CLS]"] + row[1:] for row in self.text_strings]
         return PositionMeta(f"{self.role}:{IMAGE_TO_TEXT}", self.example_ids, ["cls"] + ["text_token"] * (n - 1),
                             ["image"] + ["text"] * (n - 1), ["text"] + ["image"] * (n - 1), tokens=tokens,
-                            valid=self.text_valid)
+                            valid=self.text_valid, subject=self.subject)
 
 
 def text_valid_mask(ids: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import plotly.express as px
 import streamlit as st
 
 from analysis import figures as F
-from analysis.live import embedding_frame, layer_calls, projection_info
+from analysis.live import embedding_frame, layer_calls
 from pages import common
 
 ROUTING_EXPLORER = "pages/routing_explorer.py"
@@ -44,8 +44,7 @@ def main() -> None:
         st.info(f"Run **{run}** has no fitted projection (the model gave no representations, or the run is too "
                 f"small); rebuild it with `python -m analysis.precompute --run {run}`.", icon=":material/info:")
         return
-    info = projection_info(store)
-    method = info["method"].upper() if info else "2-D"
+    method = str((store.manifest.get("params") or {}).get("projection") or "2-D").upper()
     st.caption(f"A {method} map of each example's routed representation (fitted once by the precompute). "
                "Click a point (or lasso several) to open it in the routing explorer.")
 
