@@ -189,7 +189,7 @@ def after_training(recipe: Recipe, ckpt: Path, data_dir: Path, scale: str) -> No
 
     Imported lazily: analysis sits above mmoe_core, and training alone must not need it."""
     from analysis.precompute import precompute
-    small = dict(attribution_sample=8, dynamics_sample=48, batch_dependence_sample=4) if scale == "tiny" else {}
+    small = dict(attribution_sample=4, dynamics_sample=48, batch_dependence_sample=4) if scale == "tiny" else {}
     precompute(recipe.run, checkpoint=str(ckpt), data=str(data_dir), **small)
 
 
