@@ -27,9 +27,10 @@ import io
 import os
 import time
 import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -38,7 +39,7 @@ __all__ = [
     "UploadError", "check_upload", "sniff_image_type", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS",
     "draw_image", "drawing_options",
     "run_inputs", "load_live_adapter", "load_base_examples", "warm_up", "text_fields", "live_example", "example_picture",
-    "LiveResult", "run_live", "attribute_live", "live_attribution", "routing_rows", "routing_changes", "project_live",
+    "LiveResult", "run_live", "attribute_live", "cpu_threads", "LIVE_CPU_THREADS", "live_attribution", "routing_rows", "routing_changes", "project_live",
     "QGA_AGREEMENT_DEFINITION", "QGASummary", "qga_tokens", "qga_summary", "attribution_choices",
     "attribution_rows", "convergence_delta", "patch_grid", "majority_expert", "layer_calls", "embedding_frame",
 ]
@@ -527,16 +528,41 @@ def live_attribution(adapter, example: Mapping[str, Any], method: str = "ig", ta
     return pd.DataFrame(result.to_rows(int(example.get("index", 0))))
 
 
+# Intra-op CPU threads for live runs. The demo models are small: one example gains nothing from more
+# threads, and on a busy 2-core machine OpenMP's spin-waiting made 2 threads ~30x slower than 1
+# (mmoe-balanced: p50 1.4-1.7 s vs 52 ms, same process, back to back).
+LIVE_CPU_THREADS = 1
+
+
+@contextmanager
+def cpu_threads(adapter, threads: int | None = LIVE_CPU_THREADS) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads when the adapter is on the CPU (restored
+    afterwards; torch's setting is process-wide, so pages serialise live runs under one lock)."""
+    import torch
+    if threads is None or getattr(adapter, "device", None) is None or adapter.device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    if before == threads:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def attribute_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int] | None = None,
-                   method: str = "ig", ig_steps: int = 16) -> tuple[pd.DataFrame | None, str | None, float]:
+                   method: str = "ig", ig_steps: int = 16, threads: int | None = LIVE_CPU_THREADS
+                   ) -> tuple[pd.DataFrame | None, str | None, float]:
     """Attribution of the family's prediction target for one live example (under ``knockout`` when given),
     as (rows like the run's ``attributions`` table or None, error message or None, seconds). A page can
     call it after showing :func:`run_live` ``(attribution=False)``, so routing and prediction appear first."""
-    import contextlib
     t = time.perf_counter()
-    ctx = adapter.knockout(*knockout) if knockout else contextlib.nullcontext()
+    ctx = adapter.knockout(*knockout) if knockout else nullcontext()
     try:
-        with ctx:
+        with ctx, cpu_threads(adapter, threads):
             frame = live_attribution(adapter, example, method=method, ig_steps=ig_steps)
         return frame, None, time.perf_counter() - t
     except Exception as exc:  # reported beside the rest; the live run itself stands
@@ -544,7 +570,8 @@ def attribute_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int
 
 
 def run_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int] | None = None,
-             attribution: bool = True, attribution_method: str = "ig", ig_steps: int = 16) -> LiveResult:
+             attribution: bool = True, attribution_method: str = "ig", ig_steps: int = 16,
+             threads: int | None = LIVE_CPU_THREADS) -> LiveResult:
     """Run one example now: routing (top-k per position per layer), prediction, attribution, timings.
 
     ``knockout=(layer, expert)`` forbids that expert in that layer for this run only (the adapter's
@@ -552,16 +579,15 @@ def run_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int] | No
     prediction target (score or answer logit) by ``attribution_method`` ("ig" with ``ig_steps`` steps, or
     "occlusion"); a failure there is reported in ``attribution_error`` and the rest stands.
     ``timings`` (seconds): forward (the adapter's run with routing records), routing (flattening the
-    records, prediction tables), attribution, total."""
-    import contextlib
-
+    records, prediction tables), attribution, total. On the CPU the run uses ``threads`` torch threads
+    (:data:`LIVE_CPU_THREADS`; None keeps torch's setting)."""
     import torch
     example = dict(example)
     index = int(example.get("index", 0))
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    ctx = adapter.knockout(*knockout) if knockout else contextlib.nullcontext()
-    with ctx:
+    ctx = adapter.knockout(*knockout) if knockout else nullcontext()
+    with ctx, cpu_threads(adapter, threads):
         with torch.no_grad():  # not inference_mode: adapters cache tensors that attribution differentiates through
             out = adapter.run([example], record=True, batch_size=1)
     timings["forward"] = time.perf_counter() - t0
@@ -583,7 +609,7 @@ def run_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int] | No
     timings["routing"] = time.perf_counter() - t
     if attribution:
         result.attribution, result.attribution_error, timings["attribution"] = attribute_live(
-            adapter, example, knockout, attribution_method, ig_steps)
+            adapter, example, knockout, attribution_method, ig_steps, threads)
     timings["total"] = time.perf_counter() - t0
     return result
 

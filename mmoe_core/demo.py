@@ -71,7 +71,7 @@ _MMOE_TINY = dict(steps=24, batch_size=16, warmup_steps=3, snapshot_every=8, log
                                   "cross_hidden": 16, "expert_mult": 1})
 
 MMOE_RECIPES: list[Recipe] = [
-    Recipe("mmoe-balanced", "entity", {**_MMOE_BASE, "gate": "topk_softmax", "balance": 0.05},
+    Recipe("mmoe-balanced", "entity", {**_MMOE_BASE, "gate": "topk_softmax", "balance": 0.1},
            _MMOE_TINY, "standard gate (softmax, top-3 of 4, renormalised) with the switch balance loss"),
     # What it takes to collapse honestly: top-1 (the renormalised top-1 weight is always 1, so the task
     # never pulls the routers back), no balance loss, a specialisation-only entropy penalty from step 0

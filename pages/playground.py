@@ -37,7 +37,7 @@ def _fingerprint(example: dict) -> str:
 def _baseline(run: str, adapter, example: dict):
     """The same example without the knockout (no attribution), kept per session for the last few examples."""
     cache = st.session_state.setdefault("pg_baselines", {})
-    key = (run, _fingerprint(example))
+    key = (run, id(adapter), _fingerprint(example))
     if key not in cache:
         if len(cache) >= 8:
             cache.pop(next(iter(cache)))

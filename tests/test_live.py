@@ -130,22 +130,25 @@ def _image_example(examples):
     return next(ex for ex in examples if ex.get("image_path"))
 
 
-def test_knockout_changes_the_live_run_and_the_expert_is_never_chosen(live_models):
-    adapter, examples = live_models(MMOE_RUN)
-    base = _image_example(examples)
+@pytest.mark.parametrize("run", ["mmoe-balanced", "mmoe-collapsing", "mmoe-reference-gate", "moemoe-qa"])
+def test_knockout_changes_the_live_run_and_the_expert_is_never_chosen(live_models, run):
+    adapter, examples = live_models(run)
+    base = next((ex for ex in examples if ex.get("image_path")), examples[0])
     before = live.run_live(adapter, base, attribution=False)
     assert not before.routing.empty
     layer = adapter.routed_layers()[0].name
-    mention = before.routing[(before.routing["layer"] == layer) & (before.routing["call"] == "mention")]
-    expert = int(mention["top1"].value_counts().idxmax())  # the expert this example uses most in the layer
+    mine = before.routing[before.routing["layer"] == layer]
+    call = mine["call"].iloc[0]
+    in_call = mine[mine["call"] == call]
+    expert = int(in_call["top1"].value_counts().idxmax())  # the expert this example uses most there
     after = live.run_live(adapter, base, knockout=(layer, expert), attribution=False)
 
     knocked = after.routing[after.routing["layer"] == layer]
-    assert len(knocked) == len(before.routing[before.routing["layer"] == layer])
+    assert len(knocked) == len(mine)
     assert all(expert not in ids for ids in knocked["topk_ids"]), "a knocked-out expert was still chosen"
     assert all(p[expert] == 0 for p in knocked["probs"])
     changes = live.routing_changes(before.routing, after.routing).set_index("layer")
-    assert changes.loc[layer, "changed"] >= (mention["top1"] == expert).sum() > 0
+    assert changes.loc[layer, "changed"] >= (in_call["top1"] == expert).sum() > 0
     assert after.knockout == (layer, expert)
     # the knockout is scoped to the call: the model is whole again afterwards
     again = live.run_live(adapter, base, attribution=False)

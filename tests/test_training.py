@@ -155,6 +155,8 @@ def test_parse_opt():
 def test_demo_builds_a_tiny_run_once(tmp_path, monkeypatch):
     from mmoe_core import demo
     monkeypatch.setenv("MOESCOPE_ARTIFACTS", str(tmp_path))
+    hooked = []  # the precompute behind the hook has its own tests
+    monkeypatch.setattr(demo, "after_training", lambda recipe, ckpt, data, scale: hooked.append(recipe.run))
     first = demo.build(only="mmoe-balanced", scale="tiny", progress=False)
     run = first["runs"]["mmoe-balanced"]
     assert run["trained"] and (tmp_path / "checkpoints" / "mmoe-balanced" / "model.safetensors").is_file()
@@ -162,4 +164,5 @@ def test_demo_builds_a_tiny_run_once(tmp_path, monkeypatch):
     assert load_config(run["checkpoint"])["recipe"]["scale"] == "tiny"
     second = demo.build(only="mmoe-balanced", scale="tiny", progress=False)
     assert not second["runs"]["mmoe-balanced"]["trained"]
+    assert hooked == ["mmoe-balanced", "mmoe-balanced"]  # the hook runs for built and up-to-date runs
     assert {r.run for r in demo.MMOE_RECIPES} == {"mmoe-balanced", "mmoe-collapsing", "mmoe-reference-gate"}
