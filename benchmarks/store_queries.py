@@ -14,19 +14,14 @@ Project target: p95 <= 300 ms at 10M positions on 2 CPU cores for every page que
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from _common import command_line, machine as common_machine, record  # also puts the repo on sys.path
 
 import duckdb  # noqa: E402
 import numpy as np  # noqa: E402
@@ -203,32 +198,7 @@ def bench_one(n: int, repeats: int, workdir: str | None) -> dict:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-    except OSError:
-        pass
-    try:
-        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        load = None
-    return {"cpu": cpu, "cores": cores, "memory": mem, "load_avg_1_5_15": load, "python": platform.python_version(),
-            "duckdb": duckdb.__version__, "pyarrow": pa.__version__, "pandas": pd.__version__,
-            "platform": platform.platform()}
+    return {**common_machine(), "duckdb": duckdb.__version__, "pyarrow": pa.__version__, "pandas": pd.__version__}
 
 
 def markdown(results: list[dict]) -> str:
@@ -249,25 +219,6 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(out)
 
 
-def record(results: list[dict], info: dict, command: str, path: Path, note: str | None = None) -> None:
-    header = "# Benchmarks\n\nResults appended by the scripts in `benchmarks/` (`--record`). Newest last.\n"
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = [f"\n## Artifact store queries ({now})\n",
-               f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM, load average "
-               f"{info['load_avg_1_5_15']} at start (shared machine); Python {info['python']}, "
-               f"DuckDB {info['duckdb']}, pyarrow {info['pyarrow']}, pandas {info['pandas']} "
-               f"({info['platform']}).\n",
-               f"Command: `{command}`\n"]
-    if note:
-        section.append(f"Note: {note}\n")
-    section.append(markdown(results))
-    new = not path.exists()
-    with open(path, "a") as f:
-        if new:
-            f.write(header)
-        f.write("\n".join(section))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--positions", type=int, nargs="+", default=None,
@@ -275,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="timings per query (default 30; --quick 10)")
     ap.add_argument("--quick", action="store_true", help="1M positions only, fewer repeats")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    ap.add_argument("--record", action="store_true", help=f"append the results to {REPO / 'BENCHMARKS.md'}")
+    ap.add_argument("--record", action="store_true", help="append the results to BENCHMARKS.md")
     ap.add_argument("--workdir", default=None, help="where the temporary artifacts root goes")
     ap.add_argument("--note", default=None, help="a line to add to the recorded section")
     args = ap.parse_args(argv)
@@ -291,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(markdown(results))
     if args.record:
-        command = shlex.join(["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
-        record(results, info, command, REPO / "BENCHMARKS.md", args.note)
+        record("Artifact store queries", info, command_line(), markdown(results), args.note)
     return 0 if all(r["within_target"] for r in results) else 1
 
 

@@ -72,10 +72,10 @@ OPAQUE_NAMES = ("argparse.Namespace", "pathlib.Path", "pathlib.PosixPath", "path
                 "pathlib._local.WindowsPath", "pathlib._local.Path")
 
 EXPORT_RECIPE = (
-    "Export a plain state dict where the file is trusted (e.g. on the machine that trained it):\n"
-    "    python -c \"import torch; ck = torch.load('IN.ckpt', map_location='cpu', weights_only=False); "
-    "torch.save(ck['state_dict'], 'OUT.pt')\"\n"
-    "then import OUT.pt (or save it as .safetensors with safetensors.torch.save_file).")
+    "Export a plain state dict where the file is trusted (e.g. on the machine that trained it): open the "
+    ".ckpt there with torch's full unpickler (only for a file you trust: unpickling runs code), take its "
+    "'state_dict' entry and torch.save it as OUT.pt (or safetensors.torch.save_file it as OUT.safetensors); "
+    "then import that file.")
 
 
 class ImportRefused(ValueError):

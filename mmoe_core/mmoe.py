@@ -673,6 +673,7 @@ class MMoEAdapter(ModelAdapter):
         self.dataset = None
         self._kb: KBInputs | None = None
         self._entity_cache: dict[tuple, EntityFeatures] = {}
+        self._entity_calls: dict[tuple, list] = {}
         self.dme_chooser = None  # optional chooser(mention_text, candidate_descs) -> index (e.g. an LLM)
 
     @property
@@ -719,6 +720,7 @@ class MMoEAdapter(ModelAdapter):
             self.dataset = dataset
             self._kb = None
             self._entity_cache.clear()
+            self._entity_calls.clear()
 
     def load_examples(self, data_dir: Path, split: str = "test") -> list[dict]:
         self.set_dataset(read_dataset(data_dir, splits=(split,)))
@@ -737,9 +739,12 @@ class MMoEAdapter(ModelAdapter):
             self._kb = kb_inputs(self.towers, self._ensure_dataset().entities)
         return self._kb
 
+    def _knockout_key(self) -> tuple:
+        return tuple(sorted((name, tuple(sorted(m.knocked_out))) for name, m in self.moe_layers().items()))
+
     def entity_features(self) -> EntityFeatures:
         """Entity side of the whole KB, computed once per (KB, knockout state)."""
-        key = tuple(sorted((name, tuple(sorted(m.knocked_out))) for name, m in self.moe_layers().items()))
+        key = self._knockout_key()
         if key not in self._entity_cache:
             kb = self.kb()
             with torch.no_grad():
@@ -747,10 +752,21 @@ class MMoEAdapter(ModelAdapter):
                     kb.ids.to(self.device), kb.first_pixels.to(self.device), recorder=None)
         return self._entity_cache[key]
 
-    def _record_entities(self, recorder: RoutingRecorder) -> None:
-        kb = self.kb()
-        with torch.no_grad():
-            self.model.encode_entities(kb.ids.to(self.device), kb.first_pixels.to(self.device), recorder=recorder)
+    def entity_routing_calls(self) -> list:
+        """The KB side's routing records, recorded once per (KB, knockout state) on first request.
+
+        Kept apart from :meth:`entity_features` because most callers never ask for them (they grow with
+        the KB); a live example that records its routing then costs one mention forward, not a KB's.
+        """
+        key = self._knockout_key()
+        if key not in self._entity_calls:
+            kb, recorder = self.kb(), RoutingRecorder()
+            with torch.no_grad():
+                features = self.model.encode_entities(kb.ids.to(self.device), kb.first_pixels.to(self.device),
+                                                      recorder=recorder)
+            self._entity_cache.setdefault(key, features)
+            self._entity_calls[key] = list(recorder.calls)
+        return self._entity_calls[key]
 
     def example_texts(self, examples: Sequence[dict]) -> list[str]:
         """What the model reads for each example (``text`` when given, else built per ``mention_desc``)."""
@@ -775,9 +791,9 @@ class MMoEAdapter(ModelAdapter):
         from tqdm import tqdm
         recorder = RoutingRecorder() if record else None
         kb = self.kb()
-        entities = self.entity_features()
         if recorder is not None:
-            self._record_entities(recorder)
+            recorder.calls.extend(self.entity_routing_calls())
+        entities = self.entity_features()
         texts = self.example_texts(examples)
         predictions, reps = [], []
         bar = tqdm(total=len(examples), desc="mmoe run", unit="ex", disable=not progress, file=sys.stderr)

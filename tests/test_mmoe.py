@@ -244,6 +244,21 @@ def test_knockout_changes_routing(adapter, examples):
     assert torch.equal(before, after)
 
 
+def test_kb_routing_is_recorded_once_per_knockout_state(adapter, examples, monkeypatch):
+    def kb_calls(out):
+        return [c for c in out.recorder.calls if c.meta.call.startswith("entity")]
+    first = kb_calls(adapter.run(examples[:2]))
+    assert first and {c.meta.subject for c in first} == {"kb"}
+    encoded = []
+    original = adapter.model.encode_entities
+    monkeypatch.setattr(adapter.model, "encode_entities", lambda *a, **k: encoded.append(1) or original(*a, **k))
+    again = kb_calls(adapter.run(examples[2:4]))
+    assert not encoded and [id(c) for c in again] == [id(c) for c in first]   # reused, not re-run
+    expert = int(first[0].router.topk_ids.reshape(-1)[0])
+    with adapter.knockout(first[0].layer, expert):
+        knocked = kb_calls(adapter.run(examples[:2]))
+    assert encoded and all((c.router.topk_ids != expert).all() for c in knocked if c.layer == first[0].layer)
+
 def test_attribution_inputs_and_forwards(adapter, examples):
     ex = examples[0]
     inputs_ = adapter.attribution_inputs(ex)
