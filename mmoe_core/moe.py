@@ -236,11 +236,28 @@ def aux_losses(recorder: RoutingRecorder, balance: float = 0.0, z_loss: float = 
     parts: dict[str, Tensor] = {}
     for call in recorder.calls:
         r = call.router
+        keep = valid_positions(call)
+        probs, logits = _flat(r.probs)[keep], _flat(r.logits)[keep]
+        topk_ids = _flat(r.topk_ids)[keep]
         e = num_experts or r.probs.shape[-1]
         if balance:
-            parts["balance"] = parts.get("balance", 0) + balance * switch_balance_loss(r.probs, r.topk_ids, e)
+            parts["balance"] = parts.get("balance", 0) + balance * switch_balance_loss(probs, topk_ids, e)
         if z_loss:
-            parts["z_loss"] = parts.get("z_loss", 0) + z_loss * router_z_loss(r.logits)
+            parts["z_loss"] = parts.get("z_loss", 0) + z_loss * router_z_loss(logits)
         if two_stage is not None and two_stage_weight:
-            parts["entropy_stage"] = parts.get("entropy_stage", 0) + two_stage_weight * two_stage.loss(r.probs)
+            parts["entropy_stage"] = parts.get("entropy_stage", 0) + two_stage_weight * two_stage.loss(probs)
     return parts
+
+
+def valid_positions(call) -> slice | Tensor:
+    """Rows of a call's flattened router tensors that are real positions (padding excluded).
+
+    The losses then balance the positions the dashboard measures: with padding counted, most of a
+    short mention's text positions are padding, which route alike, and balancing them leaves the
+    real tokens free to crowd onto one expert.
+    """
+    valid = getattr(call.meta, "valid", None) if call.meta is not None else None
+    rows = call.router.probs.reshape(-1, call.router.probs.shape[-1]).shape[0]
+    if valid is None or valid.numel() != rows:
+        return slice(None)
+    return valid.reshape(-1).to(call.router.probs.device)

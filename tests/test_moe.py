@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from mmoe_core.moe import (EntropyTwoStage, SwitchMoE, coverage_loss, mmoe_reference_gate, router_z_loss,
+from mmoe_core.moe import (EntropyTwoStage, SwitchMoE, aux_losses, coverage_loss, mmoe_reference_gate, router_z_loss,
                            specialisation_loss, switch_balance_loss, topk_softmax_gate)
-from mmoe_core.routing_record import PositionMeta, RoutingRecorder
+from mmoe_core.routing_record import PositionMeta, RouterOutput, RoutingRecorder
 from mmoe_core.training import routing_indicators
 
 
@@ -142,6 +142,22 @@ def collapsed_routing(t: int = 8):
 def test_switch_balance_loss_is_1_balanced_and_e_collapsed():
     assert float(switch_balance_loss(*balanced_routing(), E)) == pytest.approx(1.0)
     assert float(switch_balance_loss(*collapsed_routing(), E)) == pytest.approx(E)
+
+
+def test_aux_losses_skip_padding_positions():
+    # 2 examples x 6 positions: the 4 real ones per example are balanced, the 2 padding ones collapsed
+    probs, ids = balanced_routing(12)
+    probs, ids = probs.reshape(2, 6, E).clone(), ids.reshape(2, 6, 1).clone()
+    valid = torch.tensor([[True] * 4 + [False] * 2] * 2)
+    probs[~valid], ids[~valid] = torch.tensor([1.0, 0, 0, 0]), 0
+    ids[valid] = torch.arange(8).remainder(E).unsqueeze(1)
+    router = RouterOutput(logits=probs.clamp_min(1e-9).log(), probs=probs, topk_ids=ids, combine=probs)
+    recorder = RoutingRecorder()
+    recorder.add("layer", router, PositionMeta.uniform("call", [0, 1], 6, "text_token", "text", "text", valid=valid))
+    assert float(aux_losses(recorder, balance=1.0)["balance"]) == pytest.approx(1.0)
+    unmasked = RoutingRecorder()
+    unmasked.add("layer", router, PositionMeta.uniform("call", [0, 1], 6, "text_token", "text", "text"))
+    assert float(aux_losses(unmasked, balance=1.0)["balance"]) > 1.2
 
 
 def test_router_z_loss_values():

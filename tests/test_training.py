@@ -156,7 +156,7 @@ def test_demo_builds_a_tiny_run_once(tmp_path, monkeypatch):
     from mmoe_core import demo
     monkeypatch.setenv("MOESCOPE_ARTIFACTS", str(tmp_path))
     hooked = []  # the precompute behind the hook has its own tests
-    monkeypatch.setattr(demo, "after_training", lambda recipe, ckpt, data, scale: hooked.append(recipe.run))
+    monkeypatch.setattr(demo, "after_training", lambda recipe, ckpt, data, scale, progress=True: hooked.append(recipe.run))
     first = demo.build(only="mmoe-balanced", scale="tiny", progress=False)
     run = first["runs"]["mmoe-balanced"]
     assert run["trained"] and (tmp_path / "checkpoints" / "mmoe-balanced" / "model.safetensors").is_file()
