@@ -212,6 +212,16 @@ class ClipTowers(nn.Module):
         return pooled, x
 
 
+def token_mask(ids: Tensor) -> Tensor:
+    """[B, L] True for SOT .. EOT of each row of tokenised ids, False for the padding after EOT.
+
+    Found from EOT's place (it has the largest id in CLIP's vocabulary), not from ``ids != 0``:
+    id 0 is also a real BPE token ("!").
+    """
+    eot = ids.argmax(dim=-1, keepdim=True)
+    return torch.arange(ids.shape[1], device=ids.device)[None, :] <= eot
+
+
 def build_towers(spec: EncoderSpec | dict) -> ClipTowers:
     """Factory: one call from a spec (or its dict, as stored in a checkpoint's config.json)."""
     return ClipTowers(EncoderSpec.from_dict(spec) if isinstance(spec, dict) else spec)

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from mmoe_core.adapter import (AttributionTarget, InputSpec, ModelAdapter, PredictionSpec, RoutedLayerSpec,
                                RunOutput, register_family)
-from mmoe_core.encoders import ClipTowers, EncoderSpec, build_towers
+from mmoe_core.encoders import ClipTowers, EncoderSpec, build_towers, token_mask
 from mmoe_core.moe import SwitchMoE
 from mmoe_core.ranking import gold_ranks, summarize_ranks, top_k
 from mmoe_core.routing_record import PositionMeta, RoutingRecorder
@@ -228,8 +228,8 @@ class SideLayout:
 
 
 def text_valid_mask(ids: Tensor) -> Tensor:
-    """[N, 1+L] bool for [CLS; text tokens]: the CLS and every non-padding token (id 0 pads)."""
-    return torch.cat([torch.ones_like(ids[:, :1], dtype=torch.bool), ids != 0], dim=1)
+    """[N, 1+L] bool for [CLS; text tokens]: the CLS and every token up to EOT (the rest is padding)."""
+    return torch.cat([torch.ones_like(ids[:, :1], dtype=torch.bool), token_mask(ids)], dim=1)
 
 
 def _valid_mean(x: Tensor, valid: Tensor | None) -> Tensor:

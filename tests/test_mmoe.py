@@ -9,7 +9,7 @@ from mmoe_core.adapter import load_adapter
 from mmoe_core.checkpoint import save_checkpoint
 from mmoe_core.encoders import EncoderSpec
 from mmoe_core.mmoe import (LAYER_NAMES, MMoEModel, build_model, hard_negative_batches, matching_loss,
-                            mention_text)
+                            mention_text, text_valid_mask)
 from mmoe_core.ranking import gold_ranks, metrics_by_label, rank_matrix, ranking_metrics, top_k
 from mmoe_core.routing_record import RoutingRecorder, flatten_call
 
@@ -35,6 +35,15 @@ def inputs(model: MMoEModel, n: int, seed: int = 0):
 
 
 # ---------------------------------------------------------------------------------- ranking
+
+def test_token_mask_keeps_the_real_token_with_id_0(model):
+    ids = model.towers.tokenize(["wow! what a band", ""])
+    eot = int(ids[0].argmax())
+    assert (ids[0, :eot] == 0).any()               # "!" is BPE id 0 ...
+    mask = text_valid_mask(ids)
+    assert mask[0, 1:eot + 2].all() and not mask[0, eot + 2:].any()   # ... and still a real token
+    assert mask[1].sum() == 3                      # CLS, SOT, EOT of the empty text
+
 
 def test_rank_matrix_is_argsort_of_argsort_with_ties_by_index():
     scores = torch.tensor([[0.125, 0.75, 0.5, 0.75]])
