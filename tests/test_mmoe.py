@@ -37,7 +37,7 @@ def inputs(model: MMoEModel, n: int, seed: int = 0):
 # ---------------------------------------------------------------------------------- ranking
 
 def test_token_mask_keeps_the_real_token_with_id_0(model):
-    ids = model.towers.tokenize(["wow! what a band", ""])
+    ids = model.towers.tokenize(["wow!( what a band", ""])
     eot = int(ids[0].argmax())
     assert (ids[0, :eot] == 0).any()               # "!" is BPE id 0 ...
     mask = text_valid_mask(ids)
