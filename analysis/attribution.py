@@ -353,7 +353,8 @@ def attribution_table(adapter: ModelAdapter, examples: Sequence[dict], sample_si
                       stratify_by: str | None = "decisive", seed: int = 0, progress: bool = True, *,
                       target: str | None = None, n_steps: int = 32, internal_batch_size: int = 8,
                       occlusion_window: int = 1,
-                      router_target: RouterTargetChooser | None = default_router_target) -> pd.DataFrame:
+                      router_target: RouterTargetChooser | None = default_router_target,
+                      shard: tuple[int, int] = (0, 1)) -> pd.DataFrame:
     """Attributions of a stratified random sample of ``examples`` in one long table.
 
     Per sampled example: IG of the prediction target, occlusion of the image inputs (when the adapter
@@ -361,10 +362,13 @@ def attribution_table(adapter: ModelAdapter, examples: Sequence[dict], sample_si
     :func:`default_router_target`; None to skip). Columns: :data:`TABLE_COLUMNS`, ``example_id`` and
     one column per example label (e.g. ``decisive``). The sample is stratified by
     ``example["labels"][stratify_by]`` (None: uniform) and is never simply the head of ``examples``.
+    ``shard`` = (rank, world) keeps that rank's contiguous block of the sample (precompute under torchrun).
     """
     strata = ([str((ex.get("labels") or {}).get(stratify_by)) for ex in examples]
               if stratify_by is not None else None)
     chosen = stratified_indices(len(examples), sample_size, strata, seed)
+    rank, world = shard
+    chosen = chosen[rank * len(chosen) // world:(rank + 1) * len(chosen) // world]
     rows: list[dict] = []
     for i in tqdm(chosen, desc="attributions", unit="example", disable=not progress):
         rows.extend(_example_rows(adapter, examples[i], target, n_steps, internal_batch_size, occlusion_window,

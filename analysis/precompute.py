@@ -262,6 +262,8 @@ def merge_parts(parts: list[dict]) -> dict:
         "predictions": sorted((p for part in parts for p in part["predictions"]), key=lambda p: p["index"]),
         "extras": {},
         "representations": None,
+        **{name: _concat_nonempty([p.get(name, pd.DataFrame()) for p in parts])
+           for name in ("dynamics", "attributions")},
     }
     for name in parts[0]["extras"]:
         frame = pd.concat([p["extras"][name] for p in parts], ignore_index=True)
@@ -271,6 +273,11 @@ def merge_parts(parts: list[dict]) -> dict:
     if reps:
         merged["representations"] = np.concatenate(reps)[order]
     return merged
+
+
+def _concat_nonempty(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def stratified_sample(examples: Sequence[dict], size: int, label: str | None, seed: int = 0) -> list[dict]:
@@ -295,10 +302,18 @@ def batch_dependence_by_layer(adapter: ModelAdapter, examples: Sequence[dict], b
     return out
 
 
+def contiguous_share(items: Sequence, rank: int, world: int) -> list:
+    """Rank ``rank``'s contiguous block of ``items``: concatenating the blocks in rank order gives ``items``."""
+    n = len(items)
+    return list(items[rank * n // world:(rank + 1) * n // world])
+
+
 def dynamics_frame(adapter: ModelAdapter, ckpt: Path, examples: Sequence[dict], batch_size: int,
-                   progress: bool = True) -> pd.DataFrame:
-    """Routing indicators of a fixed example sample at every training snapshot (and the final model)."""
-    steps = list_snapshots(ckpt)
+                   progress: bool = True, shard: tuple[int, int] = (0, 1)) -> pd.DataFrame:
+    """Routing indicators of a fixed example sample at every training snapshot (and the final model).
+
+    ``shard`` = (rank, world): this rank's contiguous block of the snapshots only."""
+    steps = contiguous_share(list_snapshots(ckpt), *shard)
     if not steps or not examples:
         return pd.DataFrame()
     final_state = {k: v.clone() for k, v in adapter.model.state_dict().items()}
@@ -373,10 +388,28 @@ def precompute(run: str, checkpoint: str | None = None, data: str | None = None,
             examples = stratified_sample(examples, int(params["max_examples"]), _first(adapter.slice_labels()),
                                          params["seed"])
         part = run_examples(adapter, examples, int(params["batch_size"]), d, progress)
+        part.update(sampled_extras(adapter, ckpt, examples, params, d, progress))
         parts = gather_to_main(part, d)
         if not d.is_main:
             return None
         return _write_run(run, root, adapter, ckpt, data_dir, examples, merge_parts(parts), params, progress)
+
+
+def sampled_extras(adapter: ModelAdapter, ckpt: Path, examples: list[dict], params: dict, d: Dist,
+                   progress: bool) -> dict:
+    """This rank's share of the sampled, model-heavy tables: training dynamics (a block of the snapshots)
+    and attributions (a block of the attribution sample). Blocks are contiguous, so rank 0 rebuilds
+    the one-process tables by concatenating them in rank order."""
+    from analysis.attribution import attribution_table
+    label, seed, batch_size = _first(adapter.slice_labels()), int(params["seed"]), int(params["batch_size"])
+    show = progress and d.is_main
+    dyn_sample = stratified_sample(examples, int(params["dynamics_sample"]), label, seed)
+    dynamics = dynamics_frame(adapter, ckpt, dyn_sample, batch_size, show, shard=(d.rank, d.world))
+    attributions = pd.DataFrame()
+    if int(params["attribution_sample"]) > 0:
+        attributions = attribution_table(adapter, examples, sample_size=int(params["attribution_sample"]),
+                                         stratify_by=label, seed=seed, progress=show, shard=(d.rank, d.world))
+    return {"dynamics": dynamics, "attributions": attributions}
 
 
 def _first(items: Sequence[str]) -> str | None:
@@ -384,7 +417,6 @@ def _first(items: Sequence[str]) -> str | None:
 
 
 def _write_run(run, root, adapter, ckpt, data_dir, examples, merged, params, progress) -> Path:
-    from analysis.attribution import attribution_table
     from analysis.embedding import fit_projection
 
     labels = adapter.slice_labels()
@@ -394,12 +426,7 @@ def _write_run(run, root, adapter, ckpt, data_dir, examples, merged, params, pro
     bd_sample = stratified_sample(examples, int(params["batch_dependence_sample"]), _first(labels), seed)
     needs_bd = any(spec.gate_kind == "mmoe_reference" for spec in adapter.routed_layers())
     batch_dep = batch_dependence_by_layer(adapter, bd_sample, int(params["batch_size"])) if needs_bd else {}
-    dyn_sample = stratified_sample(examples, int(params["dynamics_sample"]), _first(labels), seed)
-    dynamics = dynamics_frame(adapter, ckpt, dyn_sample, int(params["batch_size"]), progress)
-    attributions = pd.DataFrame()
-    if int(params["attribution_sample"]) > 0:
-        attributions = attribution_table(adapter, examples, sample_size=int(params["attribution_sample"]),
-                                         stratify_by=_first(labels), seed=seed, progress=progress)
+    dynamics, attributions = merged["dynamics"], merged["attributions"]
     reps = merged["representations"]
     projection_df, projection = None, None
     if reps is not None and len(reps) >= 5:

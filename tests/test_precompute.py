@@ -26,20 +26,24 @@ def _precompute(cmd_prefix, run, ckpt, data, root, *extra):
     return done
 
 
-def _tables(root: Path, run: str) -> dict[str, pd.DataFrame]:
+def _tables(root: Path, run: str, names=("routing", "predictions", "layer_metrics", "examples")) -> dict:
     store = RunStore(run, root=root)
-    return {name: store.table(name) for name in ("routing", "predictions", "layer_metrics", "examples")}
+    return {name: store.table(name) for name in names}
 
 
 def test_torchrun_two_ranks_give_the_same_artifacts(demo_artifacts, tmp_path):
     # The reference gate normalises over the batch: equal artifacts need identical batches on the ranks.
+    # Attributions and dynamics are sharded too (blocks of the sample and of the snapshots).
     ckpt, data = demo_artifacts / "checkpoints" / "mmoe-reference-gate", demo_artifacts / "data" / "entity"
-    _precompute([sys.executable, "-m", "analysis.precompute"], "one", ckpt, data, tmp_path / "one")
+    sampled = ["--attribution-sample", "3", "--dynamics-sample", "8"]
+    _precompute([sys.executable, "-m", "analysis.precompute"], "one", ckpt, data, tmp_path / "one", *sampled)
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     _precompute([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "analysis.precompute"], "one", ckpt, data,
-                tmp_path / "two")
-    single, sharded = _tables(tmp_path / "one", "one"), _tables(tmp_path / "two", "one")
+                tmp_path / "two", *sampled)
+    names = ("routing", "predictions", "layer_metrics", "examples", "attributions", "dynamics")
+    single, sharded = _tables(tmp_path / "one", "one", names), _tables(tmp_path / "two", "one", names)
     assert len(single["routing"]) > 0
+    assert single["attributions"]["example_index"].nunique() == 3 and single["dynamics"]["step"].nunique() >= 2
     for name in single:
         pd.testing.assert_frame_equal(single[name], sharded[name], check_exact=False, rtol=1e-6, atol=1e-6)
 
