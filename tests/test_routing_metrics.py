@@ -435,3 +435,12 @@ def test_thresholds_are_frozen_and_replaceable():
     assert r.verdict(s, lenient) == ("warning", "warning: 1 dead expert (3)")
     strict = dataclasses.replace(r.THRESHOLDS, unused_experts_collapse=0.25)
     assert r.verdict(s, strict)[0] == "collapsed"
+
+
+def test_mutual_information_of_codes_equals_sklearn():
+    from sklearn.metrics import mutual_info_score
+    rng = np.random.default_rng(3)
+    for n, na, nb in ((1, 1, 1), (50, 3, 4), (5000, 7, 2)):
+        a, b = rng.integers(0, na, size=n), rng.integers(0, nb, size=n)
+        b = np.where(rng.random(n) < 0.5, a % nb, b)  # some dependence
+        assert r.mutual_information_of_codes(a, b) == pytest.approx(mutual_info_score(a, b), abs=1e-12)
