@@ -23,6 +23,13 @@ Built from the description of arXiv 2503.06296 (no public code), at demo size:
   visual questions). Odd layers (``decoder.1``, ``decoder.3``, ...) have a sparse switch-MoE FFN,
   even layers a dense FFN. Answers are 1-3 words of a closed vocabulary built from the training
   answers (stored in config.json); decoding is greedy.
+* **Copy pointer** (``copy``, on by default): the output is a pointer-generator mixture,
+  g * P_gen(w) + (1 - g) * P_copy(w), where P_copy attends over the positions of e and puts each
+  position's weight on the answer word written at that context position. Without it a from-scratch
+  decoder has to learn, for every value word, that a context token spells an answer word: it stayed
+  at the per-question-type answer prior (exact match 0.25 after 1,500 steps); with it, questions
+  answered by the context reach 0.98 in 600 steps. The pointer looks at e, not at C, so QGA still
+  decides what it can see (with beta near 0 the context's words are invisible to it).
 * **Loss.** CE + L_QCA + L_QIA + lambda * L_aux, with L_Q?A = 1 - cos(projected mean Q, mean C or I)
   and L_aux the switch balance loss summed over the decoder MoE layers (valid decoder steps only).
 * **expert_only.** Encoders, QGA, attention, embeddings, dense FFNs and the answer head are frozen;
@@ -45,7 +52,7 @@ from mmoe_core.adapter import (AttributionTarget, InputSpec, ModelAdapter, Predi
                                RunOutput, register_family)
 from mmoe_core.encoders import ClipTowers, EncoderSpec, build_towers
 from mmoe_core.moe import FeedForward, SwitchMoE, switch_balance_loss
-from mmoe_core.qa_text import AnswerVocab, SPECIAL_TOKENS, exact_match, normalise_answer
+from mmoe_core.qa_text import AnswerVocab, SPECIAL_TOKENS, answer_words, exact_match, normalise_answer
 from mmoe_core.routing_record import PositionMeta, RoutingRecorder
 
 FAMILY = "moemoe"
@@ -77,6 +84,7 @@ def default_model_config(answer_vocab: Sequence[str] | None = None, **overrides)
         "expert_only": False,
         "expert_only_after_steps": None,
         "qga_warmup_steps": 0,
+        "copy": True,             # pointer over the joint sequence: answer words copied from C's positions
     }
     config.update(overrides)
     return config
@@ -117,6 +125,39 @@ def stretch_valid_tokens(x: Tensor, counts: Tensor, length: int) -> Tensor:
     return x[rows, index]
 
 
+def copy_targets(word_pieces: Sequence[tuple[str, int]], vocab: AnswerVocab, length: int) -> Tensor:
+    """[length] answer-vocabulary id written at each position of a tokenised text (``vocab.pad_id``: none).
+
+    ``word_pieces`` lists the text's whitespace-separated words with the number of BPE tokens each
+    becomes; position 0 is the start token, as in the tokenised text. Every piece of a word gets the
+    word's id (normalised as answers are: "OEKO-TEX." -> "oeko-tex"), so a pointer at any piece copies
+    the whole word: CLIP's BPE splits digits and hyphens ("300" -> 3 pieces), so pieces are not words.
+    Positions past ``length - 1`` (the end token's place after truncation) are dropped.
+    """
+    out = torch.full((length,), vocab.pad_id, dtype=torch.long)
+    position = 1
+    for word, pieces in word_pieces:
+        end = min(position + pieces, length - 1)
+        normalised = normalise_answer(word)
+        if end > position and normalised in vocab.index:
+            out[position:end] = vocab.index[normalised]
+        position += pieces
+        if position >= length - 1:
+            break
+    return out
+
+
+def text_copy_targets(texts: Sequence[str], towers: ClipTowers, vocab: AnswerVocab) -> Tensor:
+    """[U, L] :func:`copy_targets` of texts as ``towers.tokenize`` lays them out (L = its context length)."""
+    from open_clip.tokenizer import basic_clean, whitespace_clean
+    tokenizer = towers.tokenizer
+    rows = []
+    for text in texts:
+        words = whitespace_clean(basic_clean(text or "")).lower().split(" ")
+        rows.append(copy_targets([(w, len(tokenizer.encode(w))) for w in words if w], vocab, towers.context_length))
+    return torch.stack(rows) if rows else torch.zeros(0, towers.context_length, dtype=torch.long)
+
+
 def qga_weights(logits: Tensor) -> tuple[Tensor, Tensor]:
     """Two source logits per token [..., 2] -> (alpha image, beta context), a softmax over the sources."""
     weights = F.softmax(logits, dim=-1)
@@ -152,6 +193,22 @@ def decoder_balance_loss(recorder: RoutingRecorder, valid: Tensor) -> Tensor:
 def dominant_source(alpha: Sequence[float] | np.ndarray, beta: Sequence[float] | np.ndarray) -> str:
     """'image' when mean alpha over the question's tokens exceeds mean beta, else 'context'."""
     return "image" if float(np.mean(alpha)) > float(np.mean(beta)) else "context"
+
+
+def start_in_complementary_halves(image_proj: nn.Linear, context_proj: nn.Linear) -> None:
+    """Initialise the two source projections to write into complementary halves of the joint space.
+
+    e_t = alpha_t * I_t + beta_t * C_t puts a picture patch and a context token on the same position;
+    started in one shared space, the decoder's keys at a position mix both and the context's
+    strongly structured tokens drown the patches. Started in disjoint halves, I and C stay
+    separable at QGA's neutral start (alpha = beta = 0.5). Only the start is split: training may mix.
+    """
+    half = image_proj.out_features // 2
+    with torch.no_grad():
+        image_proj.weight[half:].zero_()
+        image_proj.bias[half:].zero_()
+        context_proj.weight[:half].zero_()
+        context_proj.bias[:half].zero_()
 
 
 def is_expert_or_router(parameter_name: str) -> bool:
@@ -203,6 +260,7 @@ class Encoded:
     joint_segment: Tensor     # [D] segment embedding added to every position of e
     qca_loss: Tensor          # L_QCA
     qia_loss: Tensor          # L_QIA
+    copy_ids: Tensor | None = None   # [U, L] answer word id at each context position (pad_id: none)
 
     @property
     def batch_size(self) -> int:
@@ -305,10 +363,11 @@ class MoEMoEModel(nn.Module):
         self.source_encoder = build_towers(config["source_encoder"])  # text half = C, image half = I
         dim = int(config["model_dim"])
         self.question_proj = nn.Linear(self.question_encoder.text_width, dim)
+        self.context_norm = nn.LayerNorm(self.source_encoder.text_width)
+        self.image_norm = nn.LayerNorm(self.source_encoder.vision_width)
         self.context_proj = nn.Linear(self.source_encoder.text_width, dim)
         self.image_proj = nn.Linear(self.source_encoder.vision_width, dim)
-        self.context_norm = nn.LayerNorm(dim)
-        self.image_norm = nn.LayerNorm(dim)
+        start_in_complementary_halves(self.image_proj, self.context_proj)
         self.qga = QuestionGuidedAttention(dim)
         self.align_question_context = nn.Linear(dim, dim)
         self.align_question_image = nn.Linear(dim, dim)
@@ -328,6 +387,12 @@ class MoEMoEModel(nn.Module):
         self.decoder = nn.ModuleList(layers)
         self.final_norm = nn.LayerNorm(dim)
         self.answer_head = nn.Linear(dim, len(self.vocab))
+        self.copy = bool(config.get("copy", False))
+        if self.copy:  # pointer-generator: P(w) = g * P_gen(w) + (1 - g) * attention mass on C positions of w
+            self.pointer_query = nn.Linear(dim, dim)
+            self.pointer_key = nn.Linear(dim, dim)
+            self.copy_gate = nn.Linear(dim, 1)
+
         self.expert_only = False
         self.set_expert_only(bool(config.get("expert_only", False)))
 
@@ -347,8 +412,10 @@ class MoEMoEModel(nn.Module):
     # ---- encoder side --------------------------------------------------------------------------
     def encode(self, question_ids: Tensor, context_ids: Tensor, pixels: Tensor, source_index: Tensor | None = None,
                question_embeds: Tensor | None = None, context_embeds: Tensor | None = None,
-               patch_embeds: Tensor | None = None) -> Encoded:
+               patch_embeds: Tensor | None = None, copy_ids: Tensor | None = None) -> Encoded:
         """Encode Q, C, I and weight the sources; ``*_embeds`` replace the input embeddings (attribution).
+
+        ``copy_ids`` [U, L] (:func:`text_copy_targets` of the contexts) enables the copy pointer.
 
         ``context_ids``/``pixels`` may hold each distinct (context, picture) source once, with
         ``source_index`` [B] naming each question's source row: a product's picture and context are
@@ -360,8 +427,8 @@ class MoEMoEModel(nn.Module):
         _, context_states = self.source_encoder.encode_text(context_ids, context_embeds)
         _, image_states = self.source_encoder.encode_image(pixels, patch_embeds)
         question = self.question_proj(question_states)                     # [B, Lq, D]
-        context = self.context_norm(self.context_proj(context_states))      # [U, L, D]
-        image = self.image_norm(self.image_proj(image_states))              # [U, 1 + P, D]
+        context = self.context_proj(self.context_norm(context_states))      # [U, L, D]
+        image = self.image_proj(self.image_norm(image_states))              # [U, 1 + P, D]
         question_valid = question_ids != 0
         rows = torch.arange(question.shape[0], device=question.device)
         question_pooled = question[rows, question_ids.argmax(dim=-1)]      # EOT has the largest id
@@ -378,7 +445,9 @@ class MoEMoEModel(nn.Module):
             alpha_joint=stretch_valid_tokens(alpha, counts, length),
             beta_joint=stretch_valid_tokens(beta, counts, length),
             image=repeat_to_length(image, length), context=context, source_index=source_index,
-            joint_segment=self.segment.weight[1], qca_loss=qca, qia_loss=qia)
+            joint_segment=self.segment.weight[1], qca_loss=qca, qia_loss=qia,
+            copy_ids=copy_ids if self.copy else None)
+
 
     # ---- decoder side --------------------------------------------------------------------------
     def memory_keys_values(self, encoded: Encoded) -> list[tuple[Tensor, Tensor]]:
@@ -398,7 +467,33 @@ class MoEMoEModel(nn.Module):
         padding = encoded.memory_padding()
         for layer, kv in zip(self.decoder, memory_kv):
             x = layer(x, kv, padding, causal, recorder, meta, capture)
-        return self.answer_head(self.final_norm(x))
+        h = self.final_norm(x)
+        generated = self.answer_head(h)
+        if not self.copy or encoded.copy_ids is None:
+            return generated
+        return self.mix_in_copies(encoded, h, generated)
+
+    def mix_in_copies(self, encoded: Encoded, h: Tensor, generated: Tensor) -> Tensor:
+        """Log-probabilities [B, T, V] of the pointer-generator mixture g * P_gen + (1 - g) * P_copy.
+
+        P_copy points at positions of the joint sequence e (so QGA's weights shape what the pointer
+        sees: with beta near 0 the context's words are invisible to it) and puts each position's
+        attention on the answer word written at that context position. Returned as log-probabilities,
+        so the cross-entropy and greedy decoding downstream are unchanged.
+        """
+        keys = encoded.project(self.pointer_key)[:, encoded.question.shape[1]:]      # [B_enc, L, D]
+        targets = encoded.copy_ids[encoded.source_index]                              # [B_enc, L]
+        b, steps, dim = h.shape
+        if keys.shape[0] != b:  # one encoded example, several decoder rows (attribution)
+            keys, targets = keys.expand(b, -1, -1), targets.expand(b, -1)
+        copyable = targets != self.vocab.pad_id
+        scores = self.pointer_query(h) @ keys.transpose(1, 2) / math.sqrt(dim)          # [B, T, L]
+        attention = scores.masked_fill(~copyable[:, None, :], float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+        copied = torch.zeros_like(generated).scatter_add(2, targets[:, None, :].expand(-1, steps, -1), attention)
+        gate = torch.sigmoid(self.copy_gate(h))
+        gate = torch.where(copyable.any(dim=-1)[:, None, None], gate, torch.ones_like(gate))
+        probs = gate * generated.softmax(dim=-1) + (1 - gate) * copied
+        return probs.clamp_min(1e-12).log()
 
     @torch.no_grad()
     def greedy(self, encoded: Encoded) -> tuple[Tensor, Tensor]:
@@ -521,6 +616,9 @@ class QAFeaturizer:
             "source_index": torch.tensor(source_index, dtype=torch.long),
             "example_ids": [int(e["index"]) for e in examples],
         }
+        if self.model.copy:
+            batch["copy_ids"] = text_copy_targets([e.get("context") or "" for e in sources],
+                                                  self.model.source_encoder, self.model.vocab)
         if with_answers:
             batch["answer_ids"] = self.answer_ids([e.get("answer") or "" for e in examples])
         return batch
@@ -531,7 +629,8 @@ def batch_to(batch: dict, device: torch.device) -> dict:
 
 
 def encode_batch(model: MoEMoEModel, batch: dict) -> Encoded:
-    return model.encode(batch["question_ids"], batch["context_ids"], batch["pixels"], batch.get("source_index"))
+    return model.encode(batch["question_ids"], batch["context_ids"], batch["pixels"], batch.get("source_index"),
+                        copy_ids=batch.get("copy_ids"))
 
 
 def decoder_meta(model: MoEMoEModel, example_ids: Sequence[int], decoder_input: Tensor,
@@ -720,9 +819,11 @@ class MoEMoEAdapter(ModelAdapter):
 
         def encode(question_embeds: Tensor, context_embeds: Tensor, patch_embeds: Tensor) -> Encoded:
             n = question_embeds.shape[0]
+            copy_ids = batch.get("copy_ids")
             return model.encode(batch["question_ids"].expand(n, -1), batch["context_ids"].expand(n, -1),
                                 batch["pixels"].expand(n, -1, -1, -1), None,
-                                question_embeds, context_embeds, patch_embeds)
+                                question_embeds, context_embeds, patch_embeds,
+                                copy_ids=None if copy_ids is None else copy_ids.expand(n, -1))
 
         if target == "answer_logit":
             gold_first = model.vocab.encode(example.get("answer") or "", 1)[0]
@@ -783,7 +884,7 @@ class MoEMoETrainer:
     ``aux_weight`` = lambda, ``align_weight``); ``expert_only_after_steps`` (None: never; 0: expert-only
     from the start; N: backbone warm-up for N steps, then only experts and routers train);
     ``init_from`` (a checkpoint directory whose weights start the run, e.g. for an expert-only phase);
-    ``qga_warmup_steps`` (QGA held at its neutral start, alpha = beta = 0.5, for the first N steps: the
+    ``questions_per_source`` (questions of one product per batch; default all); ``qga_warmup_steps`` (QGA held at its neutral start, alpha = beta = 0.5, for the first N steps: the
     decoder first learns to read *both* sources; otherwise the source that is easier to learn early
     (the picture) takes all the weight, the other becomes invisible and is never learned).
     lambda defaults to ``options.balance`` when that is set, else 0.1; the loop's own balance loss is
@@ -799,6 +900,9 @@ class MoEMoETrainer:
         self.expert_only_after = family_options.pop("expert_only_after_steps", None)
         self.init_from = family_options.pop("init_from", None)
         self.qga_warmup = int(family_options.pop("qga_warmup_steps", 0) or 0)
+        # Questions per product in a batch (None: all of them). Fewer means more distinct pictures and
+        # contexts per step, which the encoders need to learn from, at more encoding cost per question.
+        self.questions_per_source = family_options.pop("questions_per_source", None)
         dataset = read_qa_dataset(options.data_dir, check_images=True, splits=("train",))
         self.examples = examples_from_dataset(dataset.splits["train"])
         if not self.examples:
@@ -842,6 +946,8 @@ class MoEMoETrainer:
         featurizer = QAFeaturizer(model)
         sources = [self.examples[questions[0]] for questions in self.by_source.values()]
         self.context_ids = model.source_encoder.tokenize([e["context"] for e in sources])
+        self.copy_ids = (text_copy_targets([e["context"] for e in sources], model.source_encoder, model.vocab)
+                         if model.copy else None)
         self.pixels = torch.stack([featurizer.pixels_of(e) for e in sources])
         self.question_ids = model.question_encoder.tokenize([e["question"] for e in self.examples])
         self.answer_ids = featurizer.answer_ids([e["answer"] for e in self.examples])
@@ -850,9 +956,12 @@ class MoEMoETrainer:
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.source_groups) / self._sources_per_batch())
 
-    def _sources_per_batch(self) -> int:
+    def _questions_per_source(self) -> float:
         per_source = len(self.examples) / max(1, len(self.source_groups))
-        return max(1, round(self.options.batch_size / per_source))
+        return min(per_source, self.questions_per_source or per_source)
+
+    def _sources_per_batch(self) -> int:
+        return max(1, round(self.options.batch_size / self._questions_per_source()))
 
     def train_batches(self, rng: np.random.Generator, epoch: int):
         per_batch = self._sources_per_batch()
@@ -863,14 +972,18 @@ class MoEMoETrainer:
             chosen = order[start:start + per_batch]
             questions, source_index = [], []
             for row, g in enumerate(chosen):
-                questions += self.source_groups[g]
-                source_index += [row] * len(self.source_groups[g])
+                group = self.source_groups[g]
+                if self.questions_per_source and len(group) > self.questions_per_source:
+                    group = [group[i] for i in rng.choice(len(group), self.questions_per_source, replace=False)]
+                questions += group
+                source_index += [row] * len(group)
             q = torch.as_tensor(questions)
             src = torch.as_tensor(chosen)
             yield {
                 "question_ids": self.question_ids[q],
                 "context_ids": self.context_ids[src],
                 "pixels": self.pixels[src],
+                **({"copy_ids": self.copy_ids[src]} if self.copy_ids is not None else {}),
                 "source_index": torch.as_tensor(source_index),
                 "answer_ids": self.answer_ids[q],
                 "example_ids": questions,
@@ -911,17 +1024,18 @@ TINY_MODEL = {
     "model_dim": 16, "decoder_heads": 2, "ffn_mult": 1.0,
 }
 
-DEMO_WARMUP_STEPS = 400
-DEMO_EXPERT_ONLY_STEPS = 100
+DEMO_WARMUP_STEPS = 900
+DEMO_EXPERT_ONLY_STEPS = 300
 
 DEMO_RECIPE = dict(
     run="moemoe-qa", world="qa",
     options=dict(family=FAMILY, steps=DEMO_WARMUP_STEPS + DEMO_EXPERT_ONLY_STEPS, batch_size=64, lr=3e-3,
                  lr_schedule="cosine", warmup_steps=30, weight_decay=0.01, grad_clip=1.0, experts=4, top_k=2,
-                 balance=0.0, snapshot_every=50, log_every=10, seed=0,
-                 family_options={"aux_weight": 0.1, "expert_only_after_steps": DEMO_WARMUP_STEPS}),
+                 balance=0.0, snapshot_every=150, log_every=10, seed=0,
+                 family_options={"aux_weight": 0.1, "expert_only_after_steps": DEMO_WARMUP_STEPS,
+                                 "qga_warmup_steps": 300}),
     tiny=dict(steps=12, batch_size=20, warmup_steps=2, snapshot_every=4, log_every=2,
-              family_options={"expert_only_after_steps": 8, **TINY_MODEL}),
+              family_options={"expert_only_after_steps": 8, "qga_warmup_steps": 2, **TINY_MODEL}),
     description=f"MoEMoE on the product QA world: {DEMO_WARMUP_STEPS} steps of backbone warm-up (everything "
                 f"trains), then {DEMO_EXPERT_ONLY_STEPS} expert-only steps (encoders, QGA, attention frozen; "
                 "experts and routers train) with lambda = 0.1",

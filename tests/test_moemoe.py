@@ -14,7 +14,7 @@ from mmoe_core.checkpoint import load_state, save_checkpoint
 from mmoe_core.moemoe import (DECODER_CALL, TINY_MODEL, MoEMoEAdapter, QAFeaturizer, alignment_loss, build_model,
                               default_config, demo_recipe, dominant_source, encode_batch, examples_from_dataset,
                               is_expert_or_router, loss_parts, qga_agreement, qga_weights, repeat_to_length,
-                              stretch_valid_tokens, valid_steps)
+                              stretch_valid_tokens, text_copy_targets, valid_steps)
 from mmoe_core.qa_text import AnswerVocab, exact_match, normalise_answer
 
 
@@ -106,6 +106,40 @@ def test_qga_shapes_range_and_factorised_memory(config, examples):
     linear = model.decoder[0].cross_attn.key
     explicit = linear(torch.cat([encoded.question, encoded.joint()], dim=1))
     torch.testing.assert_close(encoded.project(linear), explicit, atol=1e-5, rtol=1e-5)
+
+
+def test_copy_targets_put_each_answer_word_on_all_its_pieces(config):
+    model = _model(config)
+    vocab = AnswerVocab.build(["300 ml", "OEKO-TEX", "purple"])
+    text = "It holds 300 ml. Certification: OEKO-TEX. Colour: purple."
+    targets = text_copy_targets([text], model.source_encoder, vocab)[0]
+    ids = model.source_encoder.tokenize([text])[0]
+    pieces = [model.source_encoder.tokenizer.decoder.get(int(t), "") for t in ids]
+    by_word = {}
+    for piece, target in zip(pieces, targets.tolist()):
+        if target != vocab.pad_id:
+            by_word.setdefault(vocab.words[target], []).append(piece)
+    # CLIP's BPE splits digits and hyphens: the word is spread over its pieces, all of which point to it
+    assert by_word["300"] == ["3</w>", "0</w>", "0</w>"]
+    assert "".join(by_word["oeko-tex"]).replace("</w>", "").startswith("oeko-tex")
+    assert by_word["ml"][0] == "ml</w>" and by_word["purple"][0] == "purple</w>"
+    assert targets[0] == vocab.pad_id and (targets[len([p for p in pieces if p]) - 1:] == vocab.pad_id).all()
+
+
+def test_copy_pointer_gives_a_distribution_and_can_copy(config, examples):
+    model = _model(config).eval()
+    batch = QAFeaturizer(model).batch(examples["train"][:6])
+    assert batch["copy_ids"].shape == batch["context_ids"].shape
+    with torch.no_grad():
+        encoded = encode_batch(model, batch)
+        log_probs = model.decode(encoded, model.decoder_input_for(batch["answer_ids"]))
+        torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(log_probs.shape[:2]))
+        # close the generator: all the mass comes from words written in each question's context
+        model.copy_gate.bias.fill_(-50.0)
+        copied = model.decode(encoded, model.decoder_input_for(batch["answer_ids"])).exp()
+    for row, src in enumerate(batch["source_index"].tolist()):
+        in_context = set(batch["copy_ids"][src].tolist()) - {model.vocab.pad_id}
+        assert set(torch.nonzero(copied[row, 0] > 1e-6).flatten().tolist()) <= in_context
 
 
 def test_decoder_layers_alternate_dense_and_moe(config):
