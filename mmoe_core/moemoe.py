@@ -52,7 +52,7 @@ from mmoe_core.adapter import (AttributionTarget, InputSpec, ModelAdapter, Predi
                                RunOutput, register_family)
 from mmoe_core.encoders import ClipTowers, EncoderSpec, build_towers
 from mmoe_core.moe import FeedForward, SwitchMoE, switch_balance_loss
-from mmoe_core.qa_text import AnswerVocab, SPECIAL_TOKENS, answer_words, exact_match, normalise_answer
+from mmoe_core.qa_text import AnswerVocab, SPECIAL_TOKENS, exact_match, normalise_answer
 from mmoe_core.routing_record import PositionMeta, RoutingRecorder
 
 FAMILY = "moemoe"
@@ -884,9 +884,9 @@ class MoEMoETrainer:
     ``aux_weight`` = lambda, ``align_weight``); ``expert_only_after_steps`` (None: never; 0: expert-only
     from the start; N: backbone warm-up for N steps, then only experts and routers train);
     ``init_from`` (a checkpoint directory whose weights start the run, e.g. for an expert-only phase);
-    ``questions_per_source`` (questions of one product per batch; default all); ``qga_warmup_steps`` (QGA held at its neutral start, alpha = beta = 0.5, for the first N steps: the
-    decoder first learns to read *both* sources; otherwise the source that is easier to learn early
-    (the picture) takes all the weight, the other becomes invisible and is never learned).
+    ``qga_warmup_steps`` (QGA held at its neutral start, alpha = beta = 0.5, for the first N steps: the
+    decoder first learns to read *both* sources; otherwise whichever source pays off first takes all the
+    weight and the other, invisible to the decoder, is never learned).
     lambda defaults to ``options.balance`` when that is set, else 0.1; the loop's own balance loss is
     then switched off (``options.balance = 0``) because it would also count the padding steps.
     """
@@ -900,9 +900,6 @@ class MoEMoETrainer:
         self.expert_only_after = family_options.pop("expert_only_after_steps", None)
         self.init_from = family_options.pop("init_from", None)
         self.qga_warmup = int(family_options.pop("qga_warmup_steps", 0) or 0)
-        # Questions per product in a batch (None: all of them). Fewer means more distinct pictures and
-        # contexts per step, which the encoders need to learn from, at more encoding cost per question.
-        self.questions_per_source = family_options.pop("questions_per_source", None)
         dataset = read_qa_dataset(options.data_dir, check_images=True, splits=("train",))
         self.examples = examples_from_dataset(dataset.splits["train"])
         if not self.examples:
@@ -956,12 +953,9 @@ class MoEMoETrainer:
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.source_groups) / self._sources_per_batch())
 
-    def _questions_per_source(self) -> float:
-        per_source = len(self.examples) / max(1, len(self.source_groups))
-        return min(per_source, self.questions_per_source or per_source)
-
     def _sources_per_batch(self) -> int:
-        return max(1, round(self.options.batch_size / self._questions_per_source()))
+        per_source = len(self.examples) / max(1, len(self.source_groups))
+        return max(1, round(self.options.batch_size / per_source))
 
     def train_batches(self, rng: np.random.Generator, epoch: int):
         per_batch = self._sources_per_batch()
@@ -972,11 +966,8 @@ class MoEMoETrainer:
             chosen = order[start:start + per_batch]
             questions, source_index = [], []
             for row, g in enumerate(chosen):
-                group = self.source_groups[g]
-                if self.questions_per_source and len(group) > self.questions_per_source:
-                    group = [group[i] for i in rng.choice(len(group), self.questions_per_source, replace=False)]
-                questions += group
-                source_index += [row] * len(group)
+                questions += self.source_groups[g]
+                source_index += [row] * len(self.source_groups[g])
             q = torch.as_tensor(questions)
             src = torch.as_tensor(chosen)
             yield {
