@@ -11,9 +11,10 @@ import torch
 
 from mmoe_core.adapter import load_adapter
 from mmoe_core.checkpoint import load_state, save_checkpoint
-from mmoe_core.moemoe import (DECODER_CALL, TINY_MODEL, MoEMoEAdapter, QAFeaturizer, alignment_loss, build_model,
-                              default_config, demo_recipe, dominant_source, encode_batch, examples_from_dataset,
-                              is_expert_or_router, loss_parts, qga_agreement, qga_weights, repeat_to_length,
+from mmoe_core.moemoe import (DECODER_CALL, TINY_MODEL, MoEMoEAdapter, QAFeaturizer, alignment_loss,
+                              augment_pictures, build_model, default_config, demo_recipe, dominant_source,
+                              encode_batch, examples_from_dataset, is_expert_or_router, loss_parts,
+                              picture_questions, qga_agreement, qga_weights, repeat_to_length,
                               stretch_valid_tokens, text_copy_targets, valid_steps)
 from mmoe_core.qa_text import AnswerVocab, exact_match, normalise_answer
 
@@ -71,6 +72,25 @@ def test_alignment_loss_on_hand_built_embeddings():
     assert alignment_loss(a, a.clone() * 3).item() == pytest.approx(0.0, abs=1e-6)      # identical direction
     assert alignment_loss(a, torch.tensor([[0.0, 2.0, 0.0]])).item() == pytest.approx(1.0)  # orthogonal
     assert alignment_loss(a, -a).item() == pytest.approx(2.0)                             # opposite
+
+
+def test_augmented_pictures_are_turned_or_mirrored_copies():
+    pixels = torch.randn(6, 3, 8, 8)
+    turned = augment_pictures(pixels, np.random.default_rng(0))
+    assert turned.shape == pixels.shape
+    for before, after in zip(pixels, turned):
+        variants = [torch.rot90(before, k, dims=(1, 2)) for k in range(4)]
+        variants += [v.flip(2) for v in variants]
+        assert any(torch.equal(after, v) for v in variants)
+    assert not torch.equal(turned, pixels)  # seed 0 turns at least one of six
+    assert torch.equal(augment_pictures(pixels, np.random.default_rng(0)), turned)  # the rng decides
+
+
+def test_picture_questions_by_answer_source():
+    examples = [{"labels": {"answer_source": s}} for s in ("image", "context", "both", "context")]
+    assert picture_questions(examples, [[0, 1], [2, 3]]) == [[0], [2]]
+    unlabelled = [{"labels": {"answer_source": "unknown"}} for _ in range(3)]
+    assert picture_questions(unlabelled, [[0, 1], [2]]) == [[0, 1], [2]]
 
 
 def test_resizing_keeps_items_intact():
@@ -157,6 +177,19 @@ def test_loss_parts(config, examples):
     assert all(torch.isfinite(v) for v in parts.values())
     assert 0 <= parts["qca"].item() <= 2 and 0 <= parts["qia"].item() <= 2
     assert parts["aux"].item() == pytest.approx(0.1 * 2, rel=0.6)  # lambda * (two layers, each ~1 balanced)
+
+
+@pytest.mark.parametrize("fixed_sources", [True, False])
+def test_alignment_reaches_the_source_encoders_only_when_asked(config, examples, fixed_sources):
+    model = _model({**config, "model": {**config["model"], "align_to_fixed_sources": fixed_sources}})
+    batch = QAFeaturizer(model).batch(examples["train"][:10])
+    encoded = encode_batch(model, batch)
+    (encoded.qca_loss + encoded.qia_loss).backward()
+    source_grads = [p.grad for p in model.source_encoder.parameters() if p.requires_grad]
+    reached = any(g is not None and g.abs().sum() > 0 for g in source_grads)
+    assert reached is not fixed_sources
+    question_grads = [p.grad for p in model.question_encoder.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in question_grads)  # the question is pulled either way
 
 
 def test_expert_only_freezes_the_backbone(config, examples):
@@ -304,6 +337,34 @@ def test_train_cli_phases_and_evaluate_cli(world, tmp_path, capsys):
     assert math.isfinite(result["overall"]["exact_match"])
 
 
+def test_image_warmup_trains_the_tower_first_then_freezes_it(world, tmp_path):
+    from mmoe_core import train
+    out = tmp_path / "warm"
+    opts = [f"--opt={k}={json.dumps(v)}" for k, v in TINY_MODEL.items()]
+    assert train.main(["--family", "moemoe", "--data", str(world), "--out", str(out), "--steps", "5",
+                       "--batch-size", "20", "--lr", "3e-3", "--top-k", "2", "--snapshot-every", "1",
+                       "--no-progress", "--opt", "image_warmup_steps=2", "--opt", "image_warmup_products=4",
+                       *opts]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["image_warmup_steps"] == 2
+    states = {step: load_state(out, snapshot=step) for step in (1, 2, 3, 5)}
+    final = load_state(out)
+    assert not any(k.startswith("image_reading_head") for k in final)  # training-only head
+
+    def changed(a, b):
+        return {k for k in a if not torch.equal(a[k], b[k])}
+
+    tower = lambda k: k.startswith("source_encoder.clip.visual.")  # noqa: E731
+    warmup_step = changed(states[1], states[2])
+    assert any(tower(k) for k in warmup_step)
+    assert not any(k.startswith(("decoder.", "answer_head.", "qga.")) for k in warmup_step)
+    qa_steps = changed(states[3], states[5])
+    assert any(k.startswith("decoder.") for k in qa_steps)
+    assert not any(tower(k) for k in qa_steps)  # frozen after the warm-up
+    log = __import__("pandas").read_parquet(out / "train_log.parquet").set_index("step")
+    assert np.isfinite(log.loc[1, "loss.image_reading"]) and np.isfinite(log.loc[5, "loss.ce"])
+
+
 def test_demo_recipe_resolves_at_both_scales():
     recipe = demo_recipe("default")
     assert recipe.run == "moemoe-qa" and recipe.world == "qa"
@@ -311,3 +372,6 @@ def test_demo_recipe_resolves_at_both_scales():
     assert default["family_options"]["expert_only_after_steps"] < default["steps"]
     assert default["family_options"]["aux_weight"] == 0.1 and tiny["steps"] < 30
     assert tiny["family_options"]["expert_only_after_steps"] < tiny["steps"]
+    for options in (default, tiny):  # warm-up, then QA steps with QGA free, then expert-only
+        family = options["family_options"]
+        assert 0 < family["image_warmup_steps"] < family["qga_warmup_steps"] < family["expert_only_after_steps"]
