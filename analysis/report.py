@@ -68,8 +68,8 @@ def _encoder(config: Mapping[str, Any]) -> str:
 
 
 # Options that live in the model block of some families (e.g. MoEMoE's lambda and expert-only schedule).
-MODEL_OPTION_KEYS = ("aux_weight", "align_weight", "expert_only", "expert_only_after_steps", "capacity_factor",
-                     "dispatch", "mention_desc")
+MODEL_OPTION_KEYS = ("aux_weight", "align_weight", "expert_only", "expert_only_after_steps", "image_warmup_steps",
+                     "qga_warmup_steps", "capacity_factor", "dispatch", "mention_desc")
 
 
 def training_options(config: Mapping[str, Any]) -> dict[str, Any]:
