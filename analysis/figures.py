@@ -477,20 +477,33 @@ DYNAMICS_INDICATORS: dict[str, str] = {
 }
 
 
-def _trigger(fig: go.Figure, trigger_step: int | None, panels: int) -> None:
-    if trigger_step is None:
+TRIGGER_LINE = dict(dash="dot", color="#c62828", width=2)
+PHASE_LINE = dict(dash="dash", color="#777", width=1)
+
+
+def _markers(trigger_step: int | None, phases: Sequence[tuple[int, str]]) -> list[tuple[int, str, dict]]:
+    """(step, legend name, line style) of every vertical marker: the entropy trigger, then schedule phases."""
+    out = [] if trigger_step is None else [(int(trigger_step), f"entropy trigger (step {trigger_step})", TRIGGER_LINE)]
+    return out + [(int(step), f"{label} (step {step})", PHASE_LINE) for step, label in phases]
+
+
+def _mark_steps(fig: go.Figure, trigger_step: int | None, phases: Sequence[tuple[int, str]], panels: int) -> None:
+    markers = _markers(trigger_step, phases)
+    if not markers:
         return
     fig.update_layout(shapes=list(fig.layout.shapes or ()) + [
-        _line_shape(i, x=trigger_step, dash="dot", color="#c62828", width=2) for i in range(panels)])
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=f"entropy trigger (step {trigger_step})",
-                             line=dict(dash="dot", color="#c62828", width=2)))
+        _line_shape(i, x=step, **line) for step, _, line in markers for i in range(panels)])
+    for _, name, line in markers:
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=name, line=line))
 
 
 def dynamics_lines(dyn: pd.DataFrame, trigger_step: int | None = None,
                    indicators: Mapping[str, str] = DYNAMICS_INDICATORS,
-                   title: str = "Routing indicators over training snapshots") -> go.Figure:
+                   title: str = "Routing indicators over training snapshots",
+                   phases: Sequence[tuple[int, str]] = ()) -> go.Figure:
     """One panel per indicator, one line per layer, x = training step; a dotted line marks the step
-    the entropy-triggered two-stage schedule switched (when the run has one)."""
+    the entropy-triggered two-stage schedule switched (when the run has one), dashed lines the
+    training schedule's ``phases`` ((step, what starts there), :func:`analysis.report.training_phases`)."""
     if dyn is None or dyn.empty:
         return empty_figure(title, "this run has no training snapshots")
     names = [k for k in indicators if k in dyn]
@@ -508,12 +521,13 @@ def dynamics_lines(dyn: pd.DataFrame, trigger_step: int | None = None,
                                      hovertemplate="step %{x}: %{y:.3f}<extra>" + html.escape(layer) + "</extra>"),
                           row=r + 1, col=c + 1)
         fig.layout[_axis_ref("xaxis", j)].update(title_text="step")
-    _trigger(fig, trigger_step, len(names))
+    _mark_steps(fig, trigger_step, phases, len(names))
     return _layout(fig, title, height=300 * nr + 80,
                    legend_below=True)
 
 
-def dynamics_load_area(dyn: pd.DataFrame, layer: str, trigger_step: int | None = None) -> go.Figure:
+def dynamics_load_area(dyn: pd.DataFrame, layer: str, trigger_step: int | None = None,
+                       phases: Sequence[tuple[int, str]] = ()) -> go.Figure:
     """Stacked share of top-k slots per expert over training snapshots, for one layer."""
     title = f"Expert load over training in {layer}"
     part = dyn[dyn["layer"] == layer].sort_values("step") if dyn is not None and "load" in dyn else None
@@ -526,17 +540,18 @@ def dynamics_load_area(dyn: pd.DataFrame, layer: str, trigger_step: int | None =
         fig.add_trace(go.Scatter(x=part["step"], y=loads[:, e], mode="lines", stackgroup="load", name=f"expert {e}",
                                  line=dict(color=expert_colour(e), width=0.5), fillcolor=expert_colour(e),
                                  hovertemplate="step %{x}: %{y:.1%}<extra>expert " + str(e) + "</extra>"))
-    if trigger_step is not None:
-        fig.update_layout(shapes=[_line_shape(0, x=trigger_step, dash="dot", color="#c62828", width=2)])
-        fig.add_annotation(x=trigger_step, y=1, yref="paper", text=f"trigger (step {trigger_step})",
-                           showarrow=False, xanchor="left", yanchor="bottom")
+    markers = _markers(trigger_step, phases)
+    fig.update_layout(shapes=[_line_shape(0, x=step, **line) for step, _, line in markers])
+    for step, name, _ in markers:
+        fig.add_annotation(x=step, y=1, yref="paper", text=name.split(" (")[0], showarrow=False,
+                           xanchor="left", yanchor="bottom")
     fig.update_yaxes(tickformat=".0%", range=[0, 1], title_text="share of slots")
     fig.update_xaxes(title_text="step")
     return _layout(fig, title, height=340)
 
 
 def train_log_lines(log: pd.DataFrame, columns: Sequence[str], trigger_step: int | None = None,
-                    title: str = "Training log") -> go.Figure:
+                    title: str = "Training log", phases: Sequence[tuple[int, str]] = ()) -> go.Figure:
     """Chosen train_log columns against the step, one panel each."""
     columns = [c for c in columns if c in log]
     if log is None or log.empty or not columns:
@@ -552,7 +567,7 @@ def train_log_lines(log: pd.DataFrame, columns: Sequence[str], trigger_step: int
                                  hovertemplate="step %{x}: %{y:.4g}<extra>" + html.escape(col) + "</extra>"),
                       row=r + 1, col=c + 1)
         fig.layout[_axis_ref("xaxis", j)].update(title_text="step")
-    _trigger(fig, trigger_step, len(columns))
+    _mark_steps(fig, trigger_step, phases, len(columns))
     return _layout(fig, title, height=280 * nr + 80, legend_below=True)
 
 

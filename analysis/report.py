@@ -94,6 +94,26 @@ def trigger_step(manifest: Mapping[str, Any], config: Mapping[str, Any] | None) 
     return None
 
 
+# Schedule steps some families keep in their model block, and what happens at each.
+PHASE_KEYS = (("image_warmup_steps", "image tower frozen"), ("qga_warmup_steps", "QGA free"),
+              ("expert_only_after_steps", "expert-only"))
+
+
+def training_phases(config: Mapping[str, Any] | None) -> list[tuple[int, str]]:
+    """(step, what starts there) of a run's training schedule, in step order: the model block's phase
+    switches (e.g. MoEMoE's image warm-up, QGA warm-up and expert-only steps) that fall inside the run."""
+    config = config or {}
+    model = config.get("model") if isinstance(config.get("model"), Mapping) else {}
+    training = config.get("training") or {}
+    last = training.get("steps_done") or training.get("steps")
+    phases = []
+    for key, label in PHASE_KEYS:
+        step = model.get(key)
+        if isinstance(step, (int, float)) and step > 0 and (last is None or step < last):
+            phases.append((int(step), label))
+    return sorted(phases)
+
+
 def model_card(manifest: Mapping[str, Any], config: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     """(field, value) lines of a run's model card: family, description, encoder, prediction, code version,
     checkpoint and dataset hashes, split, size and build time."""
@@ -335,7 +355,7 @@ def build_report(run: str, root: str | os.PathLike | None = None) -> str:
         parts.append(fig(F.specialisation_bars(spec)))
     if len(dyn):
         parts.append("<h2>Training dynamics</h2>")
-        parts.append(fig(F.dynamics_lines(dyn, trigger_step(manifest, config))))
+        parts.append(fig(F.dynamics_lines(dyn, trigger_step(manifest, config), phases=training_phases(config))))
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f"<style>{_CSS}</style></head><body>\n{body}\n</body></html>\n")

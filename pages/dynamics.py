@@ -1,7 +1,8 @@
 """Training dynamics: routing indicators of a fixed example sample at every training snapshot.
 
 Effective experts, token entropy, max-load ratio and balance loss per layer against the step, with the
-step the entropy-triggered two-stage schedule switched marked (manifest ``trigger_step``); the per-expert
+step the entropy-triggered two-stage schedule switched marked (manifest ``trigger_step``), and the steps where
+the training schedule changes phase (e.g. MoEMoE's image warm-up, QGA warm-up, expert-only); the per-expert
 load of one layer over training; the verdict at every snapshot; and the training log when the run carries
 one (``train_log`` table). Layout only: the precompute measured everything (``dynamics`` table).
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis import figures as F
-from analysis.report import trigger_step
+from analysis.report import training_phases, trigger_step
 from pages import common
 
 LOG_GROUPS = {
@@ -27,6 +28,7 @@ def main() -> None:
     config = common.read_json(run, "config") or {}
     training = config.get("training") or {}
     trigger = trigger_step(manifest, config)
+    phases = training_phases(config)
     st.caption(f"Run **{run}**. Snapshots every {training.get('snapshot_every', '?')} steps of "
                f"{training.get('steps_done', training.get('steps', '?'))}; each measured on the same stratified "
                f"sample of {manifest.get('params', {}).get('dynamics_sample', '?')} examples.")
@@ -36,17 +38,22 @@ def main() -> None:
     elif training.get("two_stage"):
         st.markdown("Two-stage routing was on; the run records no step at which it switched (the router entropy "
                     f"never fell below the trigger {training.get('trigger_entropy', '?')}, or the step was not logged).")
+    if phases:
+        st.markdown("Training phases (dashed grey lines): " + "; ".join(
+            f"from **step {step}**, {label}" for step, label in phases) + ". Snapshots before a phase show the "
+            "model as it was then (e.g. an untrained decoder during an image warm-up).")
 
     dyn = common.table(run, "dynamics")
     if dyn is None or dyn.empty:
         st.info(f"Run `{run}` has no training snapshots (no `dynamics` table): train with `snapshot_every` > 0 "
                 f"and rebuild with `python -m analysis.precompute --run {run}`.")
     else:
-        st.plotly_chart(F.dynamics_lines(dyn, trigger, title="Routing indicators per layer over training snapshots"),
+        st.plotly_chart(F.dynamics_lines(dyn, trigger, title="Routing indicators per layer over training snapshots",
+                                          phases=phases),
                         key="dynamics_lines")
         layers = list(dict.fromkeys(dyn["layer"]))
         layer = st.radio("Layer for the per-expert load", layers, horizontal=True, key="dyn_layer")
-        st.plotly_chart(F.dynamics_load_area(dyn, layer, trigger), key="dynamics_load")
+        st.plotly_chart(F.dynamics_load_area(dyn, layer, trigger, phases), key="dynamics_load")
         verdicts = dyn.pivot_table(index="step", columns="layer", values="verdict", aggfunc="first")
         verdicts = verdicts[[l for l in layers if l in verdicts.columns]].reset_index()
         verdicts.columns.name = None
@@ -70,7 +77,8 @@ def main() -> None:
         if name.startswith("routing"):
             metric = st.selectbox("Routing indicator", sorted({c.rsplit(".", 1)[-1] for c in cols}), key="dyn_log_metric")
             cols = [c for c in cols if c.endswith("." + metric)]
-        st.plotly_chart(F.train_log_lines(log, cols[:8], trigger, title=f"Training log: {name}"), key=f"log_{i}")
+        st.plotly_chart(F.train_log_lines(log, cols[:8], trigger, title=f"Training log: {name}",
+                                          phases=phases), key=f"log_{i}")
 
 
 main()

@@ -292,8 +292,25 @@ def test_dynamics_page(root, run):
         if trigger is not None:
             assert f"step {trigger}" in markdown_text(at)
             assert any(t.get("name", "").startswith("entropy trigger") for t in spec["data"])
+        from analysis.report import training_phases
+        phases = training_phases(store.read_json("config"))
+        assert bool(phases) == (run == "moemoe-qa")  # the demo's MoEMoE recipe has three phase switches
+        for step, label in phases:
+            assert f"from **step {step}**, {label}" in markdown_text(at)
+            assert any(t.get("name") == f"{label} (step {step})" for t in spec["data"])
     else:
         assert any("no training snapshots" in str(i.value) for i in at.info)
+
+
+def test_training_phases_from_a_config():
+    from analysis.report import training_phases
+    config = {"model": {"image_warmup_steps": 800, "qga_warmup_steps": 1100, "expert_only_after_steps": 1700},
+              "training": {"steps_done": 2000}}
+    assert training_phases(config) == [(800, "image tower frozen"), (1100, "QGA free"), (1700, "expert-only")]
+    config["model"].update(image_warmup_steps=0, expert_only_after_steps=None, qga_warmup_steps=2000)
+    assert training_phases(config) == []  # off, unset, or at the very end: no phase switch inside the run
+    assert training_phases({"model": {"expert_only_after_steps": 5}}) == [(5, "expert-only")]
+    assert training_phases(None) == []
 
 
 def test_compare_page_routes_the_same_example_with_both_runs(root):
