@@ -976,6 +976,9 @@ class MoEMoETrainer:
         self.qga_warmup = int(family_options.pop("qga_warmup_steps", 0) or 0)
         self.image_warmup = int(family_options.pop("image_warmup_steps", 0) or 0)
         self.image_warmup_products = int(family_options.pop("image_warmup_products", 32))
+        if self.image_warmup and self.expert_only_after is not None and self.expert_only_after < self.image_warmup:
+            raise ValueError(f"image_warmup_steps={self.image_warmup} needs the backbone trainable during the warm-up; "
+                             f"expert_only_after_steps={self.expert_only_after} freezes it before the warm-up ends")
         dataset = read_qa_dataset(options.data_dir, check_images=True, splits=("train",))
         self.examples = examples_from_dataset(dataset.splits["train"])
         if not self.examples:

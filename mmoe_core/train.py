@@ -83,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown family {args.family!r}; registered: {trainer_families()}", file=sys.stderr)
         return 2
     options = options_from_args(args)
-    result = train(get_trainer(args.family)(options), options)
+    try:
+        trainer = get_trainer(args.family)(options)
+    except (ValueError, FileNotFoundError) as exc:  # bad data or options: say what, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = train(trainer, options)
     trigger = "" if result.trigger_step is None else f", two-stage switched at step {result.trigger_step}"
     print(f"trained {args.family}: {result.steps} steps, {result.epochs} epochs in {result.seconds:.1f} s, "
           f"final loss {result.final_loss:.4f}{trigger}", file=sys.stderr)

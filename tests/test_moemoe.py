@@ -337,7 +337,7 @@ def test_train_cli_phases_and_evaluate_cli(world, tmp_path, capsys):
     assert math.isfinite(result["overall"]["exact_match"])
 
 
-def test_image_warmup_trains_the_tower_first_then_freezes_it(world, tmp_path):
+def test_image_warmup_trains_the_tower_first_then_freezes_it(world, tmp_path, capsys):
     from mmoe_core import train
     out = tmp_path / "warm"
     opts = [f"--opt={k}={json.dumps(v)}" for k, v in TINY_MODEL.items()]
@@ -363,6 +363,12 @@ def test_image_warmup_trains_the_tower_first_then_freezes_it(world, tmp_path):
     assert not any(tower(k) for k in qa_steps)  # frozen after the warm-up
     log = __import__("pandas").read_parquet(out / "train_log.parquet").set_index("step")
     assert np.isfinite(log.loc[1, "loss.image_reading"]) and np.isfinite(log.loc[5, "loss.ce"])
+    capsys.readouterr()
+    assert train.main(["--family", "moemoe", "--data", str(world), "--out", str(tmp_path / "bad"), "--steps", "4",
+                       "--no-progress", "--opt", "image_warmup_steps=3", "--opt", "expert_only_after_steps=2",
+                       *opts]) == 2
+    assert "freezes it before the warm-up ends" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
 
 
 def test_demo_recipe_resolves_at_both_scales():
