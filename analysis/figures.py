@@ -482,9 +482,9 @@ PHASE_LINE = dict(dash="dash", color="#777", width=1)
 
 
 def _markers(trigger_step: int | None, phases: Sequence[tuple[int, str]]) -> list[tuple[int, str, dict]]:
-    """(step, legend name, line style) of every vertical marker: the entropy trigger, then schedule phases."""
-    out = [] if trigger_step is None else [(int(trigger_step), f"entropy trigger (step {trigger_step})", TRIGGER_LINE)]
-    return out + [(int(step), f"{label} (step {step})", PHASE_LINE) for step, label in phases]
+    """(step, label, line style) of every vertical marker: the entropy trigger, then schedule phases."""
+    out = [] if trigger_step is None else [(int(trigger_step), "entropy trigger", TRIGGER_LINE)]
+    return out + [(int(step), label, PHASE_LINE) for step, label in phases]
 
 
 def _mark_steps(fig: go.Figure, trigger_step: int | None, phases: Sequence[tuple[int, str]], panels: int) -> None:
@@ -493,8 +493,8 @@ def _mark_steps(fig: go.Figure, trigger_step: int | None, phases: Sequence[tuple
         return
     fig.update_layout(shapes=list(fig.layout.shapes or ()) + [
         _line_shape(i, x=step, **line) for step, _, line in markers for i in range(panels)])
-    for _, name, line in markers:
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=name, line=line))
+    for step, label, line in markers:
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=f"{label} (step {step})", line=line))
 
 
 def dynamics_lines(dyn: pd.DataFrame, trigger_step: int | None = None,
@@ -542,8 +542,8 @@ def dynamics_load_area(dyn: pd.DataFrame, layer: str, trigger_step: int | None =
                                  hovertemplate="step %{x}: %{y:.1%}<extra>expert " + str(e) + "</extra>"))
     markers = _markers(trigger_step, phases)
     fig.update_layout(shapes=[_line_shape(0, x=step, **line) for step, _, line in markers])
-    for step, name, _ in markers:
-        fig.add_annotation(x=step, y=1, yref="paper", text=name.split(" (")[0], showarrow=False,
+    for step, label, _ in markers:
+        fig.add_annotation(x=step, y=1, yref="paper", text=label, showarrow=False,
                            xanchor="left", yanchor="bottom")
     fig.update_yaxes(tickformat=".0%", range=[0, 1], title_text="share of slots")
     fig.update_xaxes(title_text="step")

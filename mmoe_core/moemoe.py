@@ -281,13 +281,8 @@ class ImageReadingHead(nn.Module):
         self.out = nn.Linear(dim, vocab_size)
 
     def forward(self, model: "MoEMoEModel", batch: dict) -> Tensor:
-        _, image_states = model.source_encoder.encode_image(batch["pixels"])
-        image = model.image_proj(model.image_norm(image_states))[batch["source_index"]]      # [B, 1 + P, D]
-        question_ids = batch["question_ids"]
-        _, question_states = model.question_encoder.encode_text(question_ids)
-        question = model.question_proj(question_states)
-        rows = torch.arange(question.shape[0], device=question.device)
-        query = question[rows, question_ids.argmax(dim=-1)].unsqueeze(1)                  # at EOT
+        image = model.encode_image_tokens(batch["pixels"])[batch["source_index"]]      # [B, 1 + P, D]
+        query = model.encode_question(batch["question_ids"])[1].unsqueeze(1)          # the question at EOT
         read, _ = self.attention(query, image, image, need_weights=False)
         return self.out((read + query)[:, 0])
 
@@ -464,6 +459,18 @@ class MoEMoEModel(nn.Module):
         return [layer.moe for layer in self.decoder if layer.is_moe]
 
     # ---- encoder side --------------------------------------------------------------------------
+    def encode_question(self, question_ids: Tensor, question_embeds: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(question tokens [B, Lq, D], the question at its EOT [B, D]) in the model's width."""
+        _, states = self.question_encoder.encode_text(question_ids, question_embeds)
+        question = self.question_proj(states)
+        rows = torch.arange(question.shape[0], device=question.device)
+        return question, question[rows, question_ids.argmax(dim=-1)]     # EOT has the largest id
+
+    def encode_image_tokens(self, pixels: Tensor, patch_embeds: Tensor | None = None) -> Tensor:
+        """Image tokens [U, 1 + P, D] ([CLS; patches]) in the model's width, before repetition to L."""
+        _, states = self.source_encoder.encode_image(pixels, patch_embeds)
+        return self.image_proj(self.image_norm(states))
+
     def encode(self, question_ids: Tensor, context_ids: Tensor, pixels: Tensor, source_index: Tensor | None = None,
                question_embeds: Tensor | None = None, context_embeds: Tensor | None = None,
                patch_embeds: Tensor | None = None, copy_ids: Tensor | None = None) -> Encoded:
@@ -477,15 +484,11 @@ class MoEMoEModel(nn.Module):
         """
         if source_index is None:
             source_index = torch.arange(question_ids.shape[0], device=question_ids.device)
-        _, question_states = self.question_encoder.encode_text(question_ids, question_embeds)
+        question, question_pooled = self.encode_question(question_ids, question_embeds)
         _, context_states = self.source_encoder.encode_text(context_ids, context_embeds)
-        _, image_states = self.source_encoder.encode_image(pixels, patch_embeds)
-        question = self.question_proj(question_states)                     # [B, Lq, D]
         context = self.context_proj(self.context_norm(context_states))      # [U, L, D]
-        image = self.image_proj(self.image_norm(image_states))              # [U, 1 + P, D]
+        image = self.encode_image_tokens(pixels, patch_embeds)             # [U, 1 + P, D]
         question_valid = question_ids != 0
-        rows = torch.arange(question.shape[0], device=question.device)
-        question_pooled = question[rows, question_ids.argmax(dim=-1)]      # EOT has the largest id
         alpha, beta = self.qga(question, question_pooled)
         length = context.shape[1]
         counts = question_valid.sum(dim=1)

@@ -49,6 +49,7 @@ PAGES = [
      {"example": "1", "layer": "image_intra", "call": "mention"}, [PLOT, TABLE]),
     ("utilization", "utilization", "mmoe-collapsing", {}, [PLOT, TABLE]),
     ("dynamics", "dynamics", "mmoe-collapsing", {}, [PLOT]),
+    ("dynamics_moemoe", "dynamics", "moemoe-qa", {}, [PLOT]),  # the training schedule's phase lines
     ("compare", "compare", "mmoe-balanced", {"compare": "mmoe-collapsing"}, [PLOT, TABLE]),
     ("export", "export", "mmoe-balanced", {}, ['[data-testid="stIFrame"]']),
     ("qga", "qga", "moemoe-qa", {}, []),

@@ -361,7 +361,8 @@ def test_image_warmup_trains_the_tower_first_then_freezes_it(world, tmp_path, ca
     qa_steps = changed(states[3], states[5])
     assert any(k.startswith("decoder.") for k in qa_steps)
     assert not any(tower(k) for k in qa_steps)  # frozen after the warm-up
-    log = __import__("pandas").read_parquet(out / "train_log.parquet").set_index("step")
+    import pandas as pd
+    log = pd.read_parquet(out / "train_log.parquet").set_index("step")
     assert np.isfinite(log.loc[1, "loss.image_reading"]) and np.isfinite(log.loc[5, "loss.ce"])
     capsys.readouterr()
     assert train.main(["--family", "moemoe", "--data", str(world), "--out", str(tmp_path / "bad"), "--steps", "4",
