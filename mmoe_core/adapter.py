@@ -3,7 +3,7 @@
 Like LIT's ``input_spec``/``output_spec``, each family declares its inputs, its routed layers, its
 prediction and its attribution targets, and offers a forward that records routing plus a knockout of
 (layer, expert). ``analysis/`` and ``pages/`` only ever talk to a :class:`ModelAdapter`; adding a
-family means writing one adapter and registering it with :func:`register_family`.
+family means writing one adapter package and registering it (see :mod:`mmoe_core.registry`).
 
 Vocabulary
 ----------
@@ -21,43 +21,14 @@ import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from mmoe_core.routing_record import RoutingRecorder
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str            # e.g. "mention_text", "mention_image", "question", "context", "image"
-    kind: str            # "text_tokens" | "image_patches"
-    description: str
-
-
-@dataclass(frozen=True)
-class RoutedLayerSpec:
-    name: str            # the SwitchMoE.name, as it appears in routing records
-    num_experts: int
-    top_k: int
-    gate_kind: str       # "topk_softmax" | "mmoe_reference"
-    routed: str          # what is routed, in words
-    gate_sees: str       # what the gate input is, in words
-    calls: tuple[str, ...] = ()  # the PositionMeta.call values this layer is called with
-
-
-@dataclass(frozen=True)
-class PredictionSpec:
-    kind: str            # "ranking" (MMoE: rank of the gold entity over the KB) | "answer" (QA)
-    description: str
-
-
-@dataclass(frozen=True)
-class AttributionTarget:
-    name: str            # "score" | "answer_logit" | "router_logit"
-    description: str
-    needs_layer: bool = False  # router_logit: needs (layer, expert, position)
+from mmoe_core.spec import (AttributionTarget, ExampleField, ImageGrid, InputSpec, LabelSpec, ModelSpec,  # noqa: F401
+                            OutputSpec, PredictionSpec, RoutedLayerSpec, TrainingPhase)
 
 
 @dataclass
@@ -79,7 +50,13 @@ class ModelAdapter(ABC):
         self.config = config
         self.device = torch.device(device)
 
-    # ---- declarations --------------------------------------------------------------------------
+    # ---- declarations (see mmoe_core.spec) -----------------------------------------------------
+    title: str = ""                      # the family in words, e.g. "MMoE: multimodal entity linking"
+
+    @abstractmethod
+    def fields(self) -> list[ExampleField]:
+        """Display fields of an example (and which the playground may edit)."""
+
     @abstractmethod
     def input_spec(self) -> list[InputSpec]: ...
 
@@ -92,13 +69,37 @@ class ModelAdapter(ABC):
     @abstractmethod
     def attribution_targets(self) -> list[AttributionTarget]: ...
 
-    def output_spec(self) -> dict[str, str]:
-        """Declared extra outputs (name -> description), e.g. {"qga": "..."}; none by default."""
+    def output_spec(self) -> list[OutputSpec]:
+        """Typed extra outputs (keys of RunOutput.extras); none by default."""
+        return []
+
+    def label_spec(self) -> list[LabelSpec]:
+        """The example labels worth slicing by (keys of example['labels']), ground truth marked."""
+        return []
+
+    def training_phases(self) -> list[TrainingPhase]:
+        """Steps where this checkpoint's training schedule changed phase; none by default."""
+        return []
+
+    def model_card(self) -> dict[str, str]:
+        """A few facts about this checkpoint to show a person (encoder, sizes, options)."""
         return {}
 
-    def slice_labels(self) -> list[str]:
-        """Names of the example labels worth slicing routing by (keys of example['labels'])."""
+    def notes(self) -> list[str]:
+        """Warnings every page showing this model must carry (e.g. a batch-dependent gate)."""
         return []
+
+    def spec(self) -> ModelSpec:
+        """Everything declared above, as one JSON-able object (precompute stores it in the manifest)."""
+        return ModelSpec(family=self.family, title=self.title or self.family, fields=tuple(self.fields()),
+                         inputs=tuple(self.input_spec()), routed_layers=tuple(self.routed_layers()),
+                         prediction=self.prediction_spec(), outputs=tuple(self.output_spec()),
+                         labels=tuple(self.label_spec()), attribution_targets=tuple(self.attribution_targets()),
+                         training_phases=tuple(self.training_phases()), model_card=dict(self.model_card()),
+                         notes=tuple(self.notes()))
+
+    def slice_labels(self) -> list[str]:
+        return [label.name for label in self.label_spec()]
 
     # ---- data ----------------------------------------------------------------------------------
     @abstractmethod
@@ -117,26 +118,31 @@ class ModelAdapter(ABC):
         """Headline metrics of a run: {"overall": {...}, "by_<label>": {value: {...}}} (MMoE: MRR, MR,
         Hits@k over the whole KB; MoEMoE: exact match). Used by the evaluate CLI and the pages."""
 
-    def moe_layers(self) -> dict[str, nn.Module]:
-        """Every SwitchMoE of the model by its record name."""
-        from mmoe_core.moe import SwitchMoE
-        return {m.name: m for m in self.model.modules() if isinstance(m, SwitchMoE)}
+    def routed_modules(self) -> dict[str, "RoutedModule"]:
+        """Every routed layer of the model by its record name: any module that follows the
+        :class:`RoutedModule` protocol (``SwitchMoE`` does; a family may wrap foreign gates)."""
+        return {m.name: m for m in self.model.modules() if isinstance(m, RoutedModule)}
 
     @contextlib.contextmanager
     def knockout(self, layer: str, expert: int) -> Iterator[None]:
-        """Within the block, ``expert`` of ``layer`` can never be chosen (its router probability is 0)."""
-        layers = self.moe_layers()
+        """Within the block, ``expert`` of ``layer`` can never be chosen: the gate re-makes its choice
+        over the other experts (renormalised as the gate normally does)."""
+        layers = self.routed_modules()
         if layer not in layers:
             raise KeyError(f"unknown routed layer {layer!r}; layers: {sorted(layers)}")
         moe = layers[layer]
         if not 0 <= expert < moe.num_experts:
             raise ValueError(f"expert must be in 0..{moe.num_experts - 1}, got {expert}")
         before = moe.knocked_out
-        moe.knocked_out = before | {expert}
+        moe.knocked_out = frozenset(before) | {expert}
         try:
             yield
         finally:
             moe.knocked_out = before
+
+    def knockout_state(self) -> tuple:
+        """A hashable description of every knocked-out expert (cache key for derived features)."""
+        return tuple(sorted((name, tuple(sorted(m.knocked_out))) for name, m in self.routed_modules().items()))
 
     # ---- attribution ---------------------------------------------------------------------------
     @abstractmethod
@@ -154,29 +160,21 @@ class ModelAdapter(ABC):
         ``layer``, ``expert``, ``position`` in that layer's ``call``)."""
 
     def input_labels(self, example: dict) -> dict[str, list[str]]:
-        """Human-readable label of each position of each attribution input (tokens, 'patch r,c')."""
+        """Human-readable label of each position of each attribution input (token strings; patches)."""
         return {}
 
-
-_FAMILIES: dict[str, tuple[Callable[[dict], nn.Module], type[ModelAdapter]]] = {}
-
-
-def register_family(name: str, build_model: Callable[[dict], nn.Module], adapter: type[ModelAdapter]) -> None:
-    """Register a model family: how to build its model from config.json and its adapter class."""
-    _FAMILIES[name] = (build_model, adapter)
+    def input_grids(self, example: dict) -> dict[str, ImageGrid]:
+        """The patch grid of each image input for this example (default: the declared one)."""
+        return {spec.name: spec.grid for spec in self.input_spec() if spec.grid is not None}
 
 
-def _ensure_builtin_families() -> None:
-    # Importing the family modules registers them (kept lazy so mmoe_core imports stay cheap).
-    import importlib
-    for module in ("mmoe_core.mmoe", "mmoe_core.moemoe"):
-        with contextlib.suppress(ModuleNotFoundError):
-            importlib.import_module(module)
-
-
-def families() -> list[str]:
-    _ensure_builtin_families()
-    return sorted(_FAMILIES)
+@runtime_checkable
+class RoutedModule(Protocol):
+    """What recording and knockout need of a routed layer, whatever its class: a record ``name``, its
+    expert count, and a set of knocked-out experts that its gate honours on the next forward."""
+    name: str
+    num_experts: int
+    knocked_out: frozenset[int]
 
 
 def default_device() -> torch.device:
@@ -184,20 +182,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_model(config: dict) -> nn.Module:
-    _ensure_builtin_families()
-    family = config.get("family")
-    if family not in _FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; registered: {sorted(_FAMILIES)}")
-    return _FAMILIES[family][0](config)
-
-
 def load_adapter(ckpt_dir: Path, device: torch.device | str | None = None,
                  snapshot: int | None = None) -> ModelAdapter:
-    """Open a checkpoint directory (safetensors only) and wrap it in its family's adapter."""
-    from mmoe_core.checkpoint import load_config, load_into, load_state
-    config = load_config(ckpt_dir)
-    model = build_model(config)
-    load_into(model, load_state(ckpt_dir, snapshot), source=str(ckpt_dir))
-    adapter_cls = _FAMILIES[config["family"]][1]
-    return adapter_cls(model, config, device or default_device())
+    """Open a checkpoint directory with the family that recognises it (see mmoe_core.registry)."""
+    from mmoe_core.registry import family_for_checkpoint, load_own_checkpoint
+    family = family_for_checkpoint(Path(ckpt_dir))
+    device = device or default_device()
+    if family.load is not None:
+        return family.load(Path(ckpt_dir), device, snapshot)
+    return load_own_checkpoint(family, Path(ckpt_dir), device, snapshot)

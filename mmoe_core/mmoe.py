@@ -53,8 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmoe_core.adapter import (AttributionTarget, InputSpec, ModelAdapter, PredictionSpec, RoutedLayerSpec,
-                               RunOutput, register_family)
+from mmoe_core.adapter import ModelAdapter, RunOutput
+from mmoe_core.spec import (AttributionTarget, ExampleField, GateSpec, ImageGrid, InputSpec, LabelSpec, OutputSpec,
+                            PredictionSpec, RoutedLayerSpec)
 from mmoe_core.encoders import ClipTowers, EncoderSpec, build_towers, token_mask
 from mmoe_core.moe import SwitchMoE
 from mmoe_core.ranking import gold_ranks, summarize_ranks, top_k
@@ -681,13 +682,35 @@ class MMoEAdapter(ModelAdapter):
         return self.model.towers
 
     # ---- declarations ----------------------------------------------------------------------------
+    title = "MMoE: multimodal entity linking"
+
+    def fields(self) -> list[ExampleField]:
+        return [ExampleField("sentence", "Mention sentence", "text", editable=True, role="title", max_chars=300),
+                ExampleField("mention", "Mention", "text"),
+                ExampleField("image", "Mention picture", "image", editable=True),
+                ExampleField("gold_name", "Gold entity", "text", role="gold"),
+                ExampleField("gold_qid", "Gold entity id", "id")]
+
+    def _gate(self) -> GateSpec:
+        cfg = self.model.cfg
+        if cfg.gate == "mmoe_reference":
+            return GateSpec("mmoe_reference", "softmax", "batch_column", batch_dependent=True,
+                            capacity=cfg.capacity_factor,
+                            note="published SwitchGate: top-k mask scattered along the sequence axis, columns "
+                                 "normalised over the batch and multiplied by int(capacity x batch size); only "
+                                 f"positions 0..{cfg.num_experts - 1} and expert columns 0..{cfg.top_k - 1} "
+                                 "can get weight")
+        return GateSpec("topk_softmax", "softmax", "topk_renormalised")
+
     def input_spec(self) -> list[InputSpec]:
-        return [InputSpec("mention_text", "text_tokens", "mention [SEP] sentence (token embeddings)"),
-                InputSpec("mention_image", "image_patches", "mention picture (patch embeddings)")]
+        side = int(round(math.sqrt(self.towers.num_patches)))
+        return [InputSpec("mention_text", "text_tokens", "mention [SEP] sentence (token embeddings)", field="sentence"),
+                InputSpec("mention_image", "image_patches", "mention picture (patch embeddings)", field="image",
+                          grid=ImageGrid(side, side, 0))]
 
     def routed_layers(self) -> list[RoutedLayerSpec]:
         cfg = self.model.cfg
-        e, k, g = cfg.num_experts, cfg.top_k, cfg.gate
+        e, k, g = cfg.num_experts, cfg.top_k, self._gate()
         return [
             RoutedLayerSpec("text_intra", e, k, g, "[text CLS; text tokens]", "the same sequence",
                             ("entity", "mention")),
@@ -700,7 +723,8 @@ class MMoEAdapter(ModelAdapter):
         ]
 
     def prediction_spec(self) -> PredictionSpec:
-        return PredictionSpec("ranking", "rank of the gold entity among all KB entities (1 = best)")
+        return PredictionSpec("ranking", "rank of the gold entity among all KB entities (1 = best)",
+                              headline=("hits@1", "mrr", "hits@5", "mr"), item="entity")
 
     def attribution_targets(self) -> list[AttributionTarget]:
         return [AttributionTarget("score", "matching score of the gold entity (the predicted one when there is "
@@ -708,11 +732,29 @@ class MMoEAdapter(ModelAdapter):
                 AttributionTarget("router_logit", "router logit of (layer, expert, position) on the mention side",
                                   needs_layer=True)]
 
-    def output_spec(self) -> dict[str, str]:
-        return {"unit_scores": "text, image and cross unit scores of the top-1 entity per example"}
+    def output_spec(self) -> list[OutputSpec]:
+        return [OutputSpec("unit_scores", "named_scores",
+                           "text, image and cross unit scores of the top-1 entity per example")]
 
-    def slice_labels(self) -> list[str]:
-        return ["decisive", "entity_type", "has_image"]
+    def label_spec(self) -> list[LabelSpec]:
+        return [LabelSpec("decisive", "which modality decides the mention (generated with the world)",
+                          ground_truth=True,
+                          decides={"text": ("mention_text",), "image": ("mention_image",)}),
+                LabelSpec("entity_type", "type of the gold entity", ground_truth=True),
+                LabelSpec("has_image", "whether the mention has a picture")]
+
+    def model_card(self) -> dict[str, str]:
+        cfg = self.model.cfg
+        return {"encoder": str(cfg.encoder.get("name", cfg.encoder.get("kind", ""))),
+                "experts": f"{cfg.num_experts} per layer, top-{cfg.top_k}", "gate": cfg.gate,
+                "mention text": cfg.mention_desc, "dispatch": cfg.dispatch}
+
+    def notes(self) -> list[str]:
+        if self.model.cfg.gate != "mmoe_reference":
+            return []
+        return ["This run uses the published MEL-MMoE `SwitchGate` (`gate=\"mmoe_reference\"`): it normalises "
+                "each expert column over the batch and scatters its top-k mask along the sequence axis, so most "
+                "positions get no expert weight and one example's routing depends on its batch."]
 
     # ---- data ------------------------------------------------------------------------------------
     def set_dataset(self, dataset) -> None:
@@ -740,7 +782,7 @@ class MMoEAdapter(ModelAdapter):
         return self._kb
 
     def _knockout_key(self) -> tuple:
-        return tuple(sorted((name, tuple(sorted(m.knocked_out))) for name, m in self.moe_layers().items()))
+        return self.knockout_state()
 
     def entity_features(self) -> EntityFeatures:
         """Entity side of the whole KB, computed once per (KB, knockout state)."""
@@ -821,14 +863,17 @@ class MMoEAdapter(ModelAdapter):
             pred = int(top_ids[row, 0])
             gold = golds[row]
             units = {u: float(getattr(scores, u)[row, pred]) for u in scores.modalities}
+            top = [int(i) for i in top_ids[row]]
             out.append({
                 "index": ex["index"], "id": ex.get("id", str(ex["index"])),
-                "prediction": pred, "prediction_qid": kb.qids[pred], "prediction_name": kb.names[pred],
+                "prediction": kb.names[pred], "prediction_id": pred, "prediction_qid": kb.qids[pred],
                 "score": float(top_scores[row, 0]),
-                "gold": gold, "gold_score": float(overall[row, gold]) if has_gold[row] else None,
+                "gold": kb.names[gold] if has_gold[row] else None, "gold_id": gold,
+                "gold_score": float(overall[row, gold]) if has_gold[row] else None,
                 "rank": int(ranks[row]) if has_gold[row] else None,
                 "correct": (int(ranks[row]) == 1) if has_gold[row] else None,
-                "top5": [int(i) for i in top_ids[row]], "top5_scores": [float(s) for s in top_scores[row]],
+                "top_ids": top, "top_names": [kb.names[i] for i in top], "top_qids": [kb.qids[i] for i in top],
+                "top_scores": [float(s) for s in top_scores[row]],
                 "unit_scores": units,
             })
         return out
@@ -865,7 +910,7 @@ class MMoEAdapter(ModelAdapter):
         for key in ("target_entity", "gold_index"):
             if example.get(key) is not None:
                 return int(example[key])
-        return int(self.run([example], record=False).predictions[0]["prediction"])
+        return int(self.run([example], record=False).predictions[0]["prediction_id"])
 
     def attribution_forward(self, example: dict, target: str, layer: str | None = None,
                             expert: int | None = None, position: int | None = None,
@@ -910,7 +955,6 @@ class MMoEAdapter(ModelAdapter):
         return row_by_row
 
 
-register_family(FAMILY, build_model, MMoEAdapter)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1057,9 +1101,3 @@ class MMoETrainer:
             self._tokenise_mentions(model.towers)
 
 
-def _register_trainer() -> None:
-    from mmoe_core.training import register_trainer
-    register_trainer(FAMILY, MMoETrainer)
-
-
-_register_trainer()

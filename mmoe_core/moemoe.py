@@ -56,8 +56,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmoe_core.adapter import (AttributionTarget, InputSpec, ModelAdapter, PredictionSpec, RoutedLayerSpec,
-                               RunOutput, register_family)
+from mmoe_core.adapter import ModelAdapter, RunOutput
+from mmoe_core.spec import (AttributionTarget, ExampleField, GateSpec, ImageGrid, InputSpec, LabelSpec, OutputSpec,
+                            PredictionSpec, RoutedLayerSpec, SourceSpec, TrainingPhase)
 from mmoe_core.encoders import ClipTowers, EncoderSpec, build_towers
 from mmoe_core.moe import FeedForward, SwitchMoE, switch_balance_loss
 from mmoe_core.qa_text import AnswerVocab, SPECIAL_TOKENS, exact_match, normalise_answer
@@ -781,31 +782,71 @@ class MoEMoEAdapter(ModelAdapter):
         self.featurizer = QAFeaturizer(self.model)
 
     # ---- declarations --------------------------------------------------------------------------
+    title = "MoEMoE: multi-source multimodal QA"
+
+    def fields(self) -> list[ExampleField]:
+        return [ExampleField("question", "Question", "text", editable=True, role="title", max_chars=200),
+                ExampleField("context", "Context", "long_text", editable=True, max_chars=1500),
+                ExampleField("image", "Product picture", "image", editable=True),
+                ExampleField("answer", "Gold answer", "text", role="gold"),
+                ExampleField("product_id", "Product", "id")]
+
     def input_spec(self) -> list[InputSpec]:
-        return [InputSpec("question", "text_tokens", "question BPE tokens (question encoder Q)"),
-                InputSpec("context", "text_tokens", "product context BPE tokens (context encoder C)"),
-                InputSpec("image", "image_patches", "product picture patches (image encoder I)")]
+        side = self.model.source_encoder.clip.visual.grid_size[0]
+        return [InputSpec("question", "text_tokens", "question BPE tokens (question encoder Q)", field="question"),
+                InputSpec("context", "text_tokens", "product context BPE tokens (context encoder C)", field="context"),
+                InputSpec("image", "image_patches", "product picture patches (image encoder I)", field="image",
+                          grid=ImageGrid(side, side, 0))]
 
     def routed_layers(self) -> list[RoutedLayerSpec]:
-        return [RoutedLayerSpec(moe.name, moe.num_experts, moe.top_k, moe.gate_kind,
+        gate = GateSpec("topk_softmax", "softmax", "topk_renormalised")
+        return [RoutedLayerSpec(moe.name, moe.num_experts, moe.top_k, gate,
                                 routed="decoder hidden state at each answer step",
                                 gate_sees="the same decoder hidden state", calls=(DECODER_CALL,))
                 for moe in self.model.moe_layers()]
 
     def prediction_spec(self) -> PredictionSpec:
-        return PredictionSpec("answer", "greedy answer words; exact match after normalisation")
+        return PredictionSpec("answer", "greedy answer words; exact match after normalisation",
+                              headline=("exact_match",), item="answer")
 
     def attribution_targets(self) -> list[AttributionTarget]:
         return [AttributionTarget("answer_logit", "logit of the first answer word (gold if in the vocabulary, "
                                                   "else predicted) at decoder step 0"),
                 AttributionTarget("router_logit", "router logit of (layer, expert, decoder step)", needs_layer=True)]
 
-    def output_spec(self) -> dict[str, str]:
-        return {"qga": "per example: QGA weights alpha (image) and beta (context) over the question's tokens "
-                       "(SOT..EOT), with the token strings; alpha + beta = 1"}
+    def output_spec(self) -> list[OutputSpec]:
+        return [OutputSpec("qga", "source_weights",
+                           "question-guided attention: per question token (SOT..EOT), a weight alpha on the image "
+                           "and beta on the context (alpha + beta = 1); the joint input is e = alpha I + beta C",
+                           sources=(SourceSpec("image", "alpha", "alpha (image)", "#1f77b4"),
+                                    SourceSpec("context", "beta", "beta (context)", "#ff7f0e")),
+                           truth_label="answer_source", positions="tokens")]
 
-    def slice_labels(self) -> list[str]:
-        return list(SLICE_LABELS)
+    def label_spec(self) -> list[LabelSpec]:
+        return [LabelSpec("question_type", "what the question asks (colour, brand, size ...)", ground_truth=True),
+                LabelSpec("answer_source", "where the answer lives (generated with the world)", ground_truth=True,
+                          decides={"image": ("image",), "context": ("context",)}),
+                LabelSpec("category", "product category", ground_truth=True)]
+
+    def training_phases(self) -> list[TrainingPhase]:
+        """Phase switches of the schedule; each option holds the (absolute) step its phase starts."""
+        cfg = model_section(self.config)
+        last = (self.config.get("training") or {}).get("steps_done") or (self.config.get("training") or {}).get("steps")
+        phases = []
+        for option, label in (("image_warmup_steps", "image tower frozen"), ("qga_warmup_steps", "QGA free"),
+                              ("expert_only_after_steps", "expert-only")):
+            step = cfg.get(option)
+            if isinstance(step, (int, float)) and step > 0 and (last is None or step < last):
+                phases.append(TrainingPhase(option, int(step), label))
+        return sorted(phases, key=lambda p: p.step)
+
+    def model_card(self) -> dict[str, str]:
+        cfg = model_section(self.config)
+        return {"decoder": f"{cfg.get('decoder_layers')} layers, width {cfg.get('model_dim')}",
+                "experts": f"{cfg.get('num_experts')} per MoE layer, top-{cfg.get('top_k')}",
+                "lambda (aux weight)": str(cfg.get("aux_weight")), "copy pointer": str(cfg.get("copy")),
+                "image warm-up steps": str(cfg.get("image_warmup_steps")),
+                "QGA warm-up steps": str(cfg.get("qga_warmup_steps"))}
 
     # ---- data ----------------------------------------------------------------------------------
     def load_examples(self, data_dir: Path, split: str = "test") -> list[dict]:
@@ -1159,14 +1200,3 @@ def demo_recipe(scale: str = "default"):
     from mmoe_core.demo import Recipe
     return Recipe(**DEMO_RECIPE)
 
-
-def _register_trainer() -> None:
-    try:
-        from mmoe_core.training import register_trainer
-    except ImportError:  # the training loop is optional for inference-only installs
-        return
-    register_trainer(FAMILY, MoEMoETrainer)
-
-
-register_family(FAMILY, build_model, MoEMoEAdapter)
-_register_trainer()

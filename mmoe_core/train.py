@@ -1,6 +1,6 @@
 """Training CLI: ``python -m mmoe_core.train --family {mmoe,moemoe} --data DIR --out CKPT_DIR [options]``.
 
-Every family plugs in through :func:`mmoe_core.training.register_trainer`; family-specific options pass
+Every family plugs in through its mmoe_core.registry entry (trainer=...); family-specific options pass
 through ``--opt key=value`` (repeatable; the value is read as JSON when it parses, else as a string),
 e.g. ``--opt encoder=tiny-32 --opt text_hidden=32`` for MMoE. Progress goes to stderr; the last line on
 stdout names the checkpoint.

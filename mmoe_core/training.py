@@ -1,9 +1,9 @@
 """A generic training loop for every model family, with routing regularisers and routing logs.
 
 A family plugs in with a small *trainer* object (duck-typed; :class:`FamilyTrainer` documents it)
-registered under its family name::
+registered with its family (mmoe_core.registry)::
 
-    register_trainer("mmoe", MMoETrainer)            # factory: TrainOptions -> FamilyTrainer
+    registry.register(Family("mmoe", ..., trainer=MMoETrainer))  # factory: TrainOptions -> FamilyTrainer
     result = train(get_trainer("mmoe")(options), options)
 
 The FamilyTrainer protocol
@@ -129,32 +129,21 @@ class FamilyTrainer(Protocol):
     def loss_parts(self, model: nn.Module, batch: Any, recorder: RoutingRecorder | None) -> dict[str, Tensor]: ...
 
 
-_TRAINERS: dict[str, Callable[[TrainOptions], FamilyTrainer]] = {}
-
-
-def register_trainer(family: str, factory: Callable[[TrainOptions], FamilyTrainer]) -> None:
-    """Register how to make a family's trainer from the options (a family module calls this at import)."""
-    _TRAINERS[family] = factory
-
-
-def _ensure_builtin_trainers() -> None:
-    import contextlib
-    import importlib
-    for module in ("mmoe_core.mmoe", "mmoe_core.moemoe"):
-        with contextlib.suppress(ModuleNotFoundError):
-            importlib.import_module(module)
-
-
 def trainer_families() -> list[str]:
-    _ensure_builtin_trainers()
-    return sorted(_TRAINERS)
+    """Families of the registry that can be trained here."""
+    from mmoe_core import registry
+    return [name for name in registry.families() if registry.get(name).trainer is not None]
 
 
 def get_trainer(family: str) -> Callable[[TrainOptions], FamilyTrainer]:
-    _ensure_builtin_trainers()
-    if family not in _TRAINERS:
-        raise ValueError(f"no trainer for family {family!r}; registered: {sorted(_TRAINERS)}")
-    return _TRAINERS[family]
+    from mmoe_core import registry
+    try:
+        entry = registry.get(family)
+    except KeyError as exc:
+        raise ValueError(str(exc).strip("'\"")) from None
+    if entry.trainer is None:
+        raise ValueError(f"the {family!r} family cannot be trained here; trainable: {trainer_families()}")
+    return entry.trainer
 
 
 # ---------------------------------------------------------------------------------------------

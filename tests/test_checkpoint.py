@@ -47,7 +47,7 @@ def test_round_trip_is_bit_exact_and_predicts_the_same(tmp_path, world):
     examples = adapter.load_examples(world, "test")[:8]
     a = adapter.run(examples, record=False).predictions
     b = fresh.run(examples, record=False).predictions
-    assert [(p["rank"], p["top5"], p["top5_scores"]) for p in a] == [(p["rank"], p["top5"], p["top5_scores"]) for p in b]
+    assert [(p["rank"], p["top_ids"], p["top_scores"]) for p in a] == [(p["rank"], p["top_ids"], p["top_scores"]) for p in b]
 
 
 def test_snapshots_are_listed_and_loadable(tmp_path):

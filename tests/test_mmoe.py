@@ -229,8 +229,8 @@ def test_run_ranks_over_the_whole_kb(adapter, examples):
     assert len(out.predictions) == len(examples)
     for p, ex in zip(out.predictions, examples):
         assert 1 <= p["rank"] <= n_entities and p["correct"] == (p["rank"] == 1)
-        assert len(p["top5"]) == 5 and p["prediction"] == p["top5"][0]
-        assert p["top5_scores"] == sorted(p["top5_scores"], reverse=True)
+        assert len(p["top_ids"]) == 5 and p["prediction_id"] == p["top_ids"][0]
+        assert p["top_scores"] == sorted(p["top_scores"], reverse=True)
         assert p["index"] == ex["index"]
     assert out.representations.shape[0] == len(examples)
     mention_calls = [c for c in out.recorder.calls if c.meta.call.startswith("mention")]

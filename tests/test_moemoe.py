@@ -286,7 +286,8 @@ def test_declarations_and_attribution(saved, examples):
     assert [s.name for s in adapter.input_spec()] == ["question", "context", "image"]
     assert adapter.prediction_spec().kind == "answer"
     assert {t.name for t in adapter.attribution_targets()} == {"answer_logit", "router_logit"}
-    assert "qga" in adapter.output_spec()
+    assert [o.name for o in adapter.output_spec()] == ["qga"]
+    assert adapter.spec().output("source_weights")[0].truth_label == "answer_source"
     assert adapter.slice_labels() == ["question_type", "answer_source", "category"]
     example = examples["test"][0]
     inputs = adapter.attribution_inputs(example)

@@ -9,10 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from mmoe_core.adapter import load_adapter
+from mmoe_core import registry
+from mmoe_core.adapter import ModelAdapter, load_adapter
+from mmoe_core.registry import Family
 from mmoe_core.checkpoint import list_snapshots, load_config
 from mmoe_core.moe import SwitchMoE
-from mmoe_core.training import (TrainOptions, get_trainer, lr_factor, parameter_groups, register_trainer, train,
+from mmoe_core.training import (TrainOptions, get_trainer, lr_factor, parameter_groups, train,
                                 trainer_families)
 
 SMALL_MMOE = {"encoder": "tiny-32", "image_dim": 8, "text_hidden": 8, "image_hidden": 8, "cross_hidden": 8,
@@ -71,7 +73,7 @@ class ToyTrainer:
         self.epochs_seen.append((epoch, step))
 
 
-register_trainer("toy", ToyTrainer)
+registry.register(Family("toy", "a toy family (tests)", ModelAdapter, trainer=ToyTrainer))
 
 
 def test_generic_loop_with_a_toy_family(tmp_path):

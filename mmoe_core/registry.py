@@ -1,0 +1,104 @@
+"""The one family registry: loading, training, the demo build and every CLI ask it, and nothing else.
+
+A family is a package under ``mmoe_core/families/<name>/`` whose ``__init__`` calls :func:`register`
+with a :class:`Family`; the built-in packages are found by listing that folder (no list to keep in
+sync). A family defined elsewhere (a test's toy family, a user's plug-in) calls :func:`register` itself.
+
+Which family opens a checkpoint directory: ``config.json``'s ``"family"`` key names it (MoEscope's own
+checkpoints); a directory without one (a Hugging Face model folder, say) goes to the first family
+whose ``recognises(path)`` says yes.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+if TYPE_CHECKING:  # the adapter module imports this one lazily; no cycle at run time
+    from mmoe_core.adapter import ModelAdapter
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    title: str                                              # in words, for the pages and CLIs
+    adapter: type                                            # a ModelAdapter subclass
+    build_model: Callable[[dict], torch.nn.Module] | None = None  # config.json -> model (random weights)
+    trainer: Callable[[Any], Any] | None = None              # TrainOptions -> FamilyTrainer
+    # (ckpt_dir, device, snapshot) -> adapter; default: config.json + model.safetensors into build_model
+    load: Callable[..., "ModelAdapter"] | None = None
+    recognises: Callable[[Path], bool] | None = None         # a foreign checkpoint layout this family opens
+    demo_recipes: Callable[[str], list] | None = None        # scale -> the family's demo runs (JSON data)
+
+
+_FAMILIES: dict[str, Family] = {}
+_BUILTINS_LOADED = False
+
+
+def register(family: Family) -> Family:
+    """Add (or replace) a family. Returns it, so a package can keep a handle."""
+    _FAMILIES[family.name] = family
+    return family
+
+
+def _load_builtins() -> None:
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True
+    import mmoe_core.families as pkg
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.ispkg:
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
+
+
+def families() -> list[str]:
+    _load_builtins()
+    return sorted(_FAMILIES)
+
+
+def get(name: str) -> Family:
+    _load_builtins()
+    if name not in _FAMILIES:
+        raise KeyError(f"unknown model family {name!r}; registered: {', '.join(sorted(_FAMILIES)) or 'none'}")
+    return _FAMILIES[name]
+
+
+def build_model(config: dict) -> torch.nn.Module:
+    family = get(str(config.get("family")))
+    if family.build_model is None:
+        raise ValueError(f"the {family.name!r} family builds its models in its own load()")
+    return family.build_model(config)
+
+
+def family_for_checkpoint(ckpt_dir: Path) -> Family:
+    """The family that opens ``ckpt_dir`` (see the module docstring); a clear error when none does."""
+    _load_builtins()
+    ckpt_dir = Path(ckpt_dir)
+    config_path = ckpt_dir / "config.json"
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{config_path} is not readable JSON ({exc})") from exc
+        if isinstance(config, dict) and "family" in config:
+            return get(str(config["family"]))
+    for family in _FAMILIES.values():
+        if family.recognises is not None and family.recognises(ckpt_dir):
+            return family
+    raise ValueError(f"{ckpt_dir} is not a checkpoint any family opens (no config.json with a 'family', and no "
+                     f"family recognises its layout; families: {', '.join(sorted(_FAMILIES))})")
+
+
+def load_own_checkpoint(family: Family, ckpt_dir: Path, device, snapshot: int | None = None) -> "ModelAdapter":
+    """The default load(): MoEscope's own layout (config.json + model.safetensors [+ snapshots])."""
+    from mmoe_core.checkpoint import load_config, load_into, load_state
+    config = load_config(ckpt_dir)
+    model = build_model(config)
+    load_into(model, load_state(ckpt_dir, snapshot), source=str(ckpt_dir))
+    return family.adapter(model, config, device)
