@@ -13,14 +13,35 @@ from __future__ import annotations
 import importlib
 import json
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
 if TYPE_CHECKING:  # the adapter module imports this one lazily; no cycle at run time
     from mmoe_core.adapter import ModelAdapter
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """One run the demo build makes: train a checkpoint from a data world, then precompute it."""
+    name: str                                  # the run: artifacts/checkpoints/<name>, artifacts/runs/<name>
+    family: str
+    world: str                                 # a registered World: its data under artifacts/data/<world>
+    fingerprint: Mapping[str, Any]             # JSON-able: what makes the run; a change rebuilds it
+    train: Callable[[Path, Path, str, bool], None]  # (data_dir, ckpt_dir, scale, progress) -> writes ckpt_dir
+    precompute: Mapping[str, Any] = field(default_factory=dict)  # analysis.precompute options (split, ...)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class World:
+    """A generated data world with ground truth (written in a real dataset layout)."""
+    name: str
+    build: Callable[[Path, str, int], None]    # (out_dir, scale, seed): write the world
+    is_built: Callable[[Path, str, int], bool]  # (out_dir, scale, seed): already there, same scale and seed
+    description: str = ""
 
 
 @dataclass(frozen=True)
@@ -33,10 +54,11 @@ class Family:
     # (ckpt_dir, device, snapshot) -> adapter; default: config.json + model.safetensors into build_model
     load: Callable[..., "ModelAdapter"] | None = None
     recognises: Callable[[Path], bool] | None = None         # a foreign checkpoint layout this family opens
-    demo_recipes: Callable[[str], list] | None = None        # scale -> the family's demo runs (JSON data)
+    demo_runs: Callable[[str], list[DemoRun]] | None = None  # scale ("default" | "tiny") -> its demo runs
 
 
 _FAMILIES: dict[str, Family] = {}
+_WORLDS: dict[str, World] = {}
 _BUILTINS_LOADED = False
 
 
@@ -44,6 +66,23 @@ def register(family: Family) -> Family:
     """Add (or replace) a family. Returns it, so a package can keep a handle."""
     _FAMILIES[family.name] = family
     return family
+
+
+def register_world(world: World) -> World:
+    _WORLDS[world.name] = world
+    return world
+
+
+def worlds() -> dict[str, World]:
+    _load_builtins()
+    return dict(_WORLDS)
+
+
+def demo_runs(scale: str) -> list[DemoRun]:
+    """Every registered family's demo runs, in family-name order."""
+    _load_builtins()
+    return [run for name in sorted(_FAMILIES) if _FAMILIES[name].demo_runs is not None
+            for run in _FAMILIES[name].demo_runs(scale)]
 
 
 def _load_builtins() -> None:

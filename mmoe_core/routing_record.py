@@ -29,7 +29,10 @@ class PositionMeta:
     """Describes the positions of one routed call whose routed input has shape [B, L, D] (or [N, D]).
 
     ``example_ids`` names the example of each row b (length B); ``kinds``/``routed_modality``/
-    ``gate_modality`` describe each sequence position l (length L; length 1 for 2-D inputs).
+    ``gate_modality`` describe each sequence position l (length L; length 1 for 2-D inputs), or each
+    (b, l) when given as B nested sequences of length L (rows laid out differently, e.g. an image's
+    tokens at a different place in each prompt). ``grid`` optionally gives the (row, col) image patch
+    of each position (None where it is not a patch), in the same two shapes.
     ``call`` tells apart several calls of the same layer (e.g. "mention" vs "entity" side).
     ``tokens`` optionally carries the surface string of each (b, l) position for display.
     """
@@ -43,6 +46,7 @@ class PositionMeta:
     # "example" for the run's own examples; "kb" for knowledge-base items routed on the other side
     # (e.g. MMoE entities), whose ids index the KB, not the examples.
     subject: str = "example"
+    grid: Sequence | None = None
 
     @staticmethod
     def uniform(call: str, example_ids: Sequence[int], length: int, kind: str, routed: str, gate: str,
@@ -60,6 +64,18 @@ class PositionMeta:
         if first_gate is not None:
             gate_m[0] = first_gate
         return PositionMeta(call, list(example_ids), kinds, routed_m, gate_m, tokens, valid, subject)
+
+
+def _per_position(values, i: int, j: int, default=None):
+    """values[j] (one per position) or values[i][j] (one per row and position)."""
+    if values is None or len(values) == 0:
+        return default
+    first = values[0]
+    nested = isinstance(first, (list, tuple)) and not (len(first) == 2 and all(isinstance(v, int) for v in first))
+    if nested:
+        row = values[i]
+        return row[j] if j < len(row) else default
+    return values[j] if j < len(values) else default
 
 
 @dataclass
@@ -110,7 +126,8 @@ def flatten_call(call: LayerCall) -> dict:
     """Flatten one recorded call to per-position rows (numpy-friendly columns).
 
     Returns a dict of equal-length lists/arrays: layer, call, example_index, position, position_kind,
-    routed_modality, gate_modality, token, logits [N,E], combine [N,E], topk_ids [N,k].
+    routed_modality, gate_modality, grid_row / grid_col (-1 unless an image patch), token, logits [N,E],
+    probs [N,E] (the gate's own scores: softmax or sigmoid), combine [N,E], topk_ids [N,k].
     Padding positions (meta.valid False) are dropped.
     """
     r = call.router
@@ -134,12 +151,24 @@ def flatten_call(call: LayerCall) -> dict:
         "call": [meta.call] * len(bl),
         "example_index": [int(meta.example_ids[i]) for i in bl],
         "position": ll,
-        "position_kind": [meta.kinds[j] for j in ll],
-        "routed_modality": [meta.routed_modality[j] for j in ll],
-        "gate_modality": [meta.gate_modality[j] for j in ll],
+        "position_kind": [_per_position(meta.kinds, i, j, "position") for i, j in zip(bl, ll)],
+        "routed_modality": [_per_position(meta.routed_modality, i, j, "unknown") for i, j in zip(bl, ll)],
+        "gate_modality": [_per_position(meta.gate_modality, i, j, "unknown") for i, j in zip(bl, ll)],
+        "grid_row": [_grid_part(meta.grid, i, j, 0) for i, j in zip(bl, ll)],
+        "grid_col": [_grid_part(meta.grid, i, j, 1) for i, j in zip(bl, ll)],
         "token": [(tokens[i][j] if tokens is not None and j < len(tokens[i]) else "") for i, j in zip(bl, ll)],
         "logits": logits[bi, li].float().numpy(),
         "probs": probs[bi, li].float().numpy(),
         "combine": combine[bi, li].float().numpy(),
         "topk_ids": topk[bi, li].numpy(),
     }
+
+
+def _grid_part(grid, i: int, j: int, part: int) -> int:
+    """Row (part 0) or column (part 1) of position (i, j)'s image patch; -1 when it is not a patch."""
+    if grid is None:
+        return -1
+    first = next((g for g in grid if g is not None), None)
+    nested = isinstance(first, (list, tuple)) and first and isinstance(first[0], (list, tuple, type(None)))
+    cell = (grid[i][j] if j < len(grid[i]) else None) if nested else (grid[j] if j < len(grid) else None)
+    return -1 if cell is None else int(cell[part])
