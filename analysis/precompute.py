@@ -34,12 +34,13 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis import routing as R
+from analysis.routing_table import layer_arrays, routing_frame
+from analysis.routing_table import stack as _stack
 from analysis.sampling import stratified_indices
 from analysis.store import RunWriter, inputs_manifest, needs_rebuild, rebuild_reasons
 from mmoe_core.adapter import ModelAdapter, load_adapter
 from mmoe_core.checkpoint import list_snapshots, load_config, load_state, load_train_log
 from mmoe_core.paths import artifacts_root
-from mmoe_core.routing_record import RoutingRecorder, flatten_call
 
 DEFAULT_PARAMS = dict(split="test", batch_size=32, attribution_sample=48, projection="umap",
                       dynamics_sample=256, batch_dependence_sample=16, max_examples=None, seed=0)
@@ -49,54 +50,17 @@ DEFAULT_PARAMS = dict(split="test", batch_size=32, attribution_sample=48, projec
 # Pure table builders
 # --------------------------------------------------------------------------------------------
 
-def routing_frame(recorder: RoutingRecorder, subject: str = "example",
-                  example_ids: dict[int, str] | None = None) -> pd.DataFrame:
-    """One row per routed position per layer call, in the store's routing schema."""
-    parts = []
-    for call in recorder.calls:
-        if call.meta is not None and call.meta.subject != subject:
-            continue
-        flat = flatten_call(call)
-        n = len(flat["position"])
-        if n == 0:
-            continue
-        topk = flat["topk_ids"].astype(np.int64)
-        combine = flat["combine"].astype(np.float32)
-        probs = flat["probs"].astype(np.float32)
-        frame = pd.DataFrame({k: flat[k] for k in ("layer", "call", "example_index", "position", "position_kind",
-                                                    "token", "routed_modality", "gate_modality")})
-        frame["top1"] = topk[:, 0].astype(np.int16)
-        frame["topk_ids"] = list(topk.astype(np.int16))
-        frame["topk_weights"] = list(np.take_along_axis(combine, topk, axis=1))
-        frame["combine"] = list(combine)
-        frame["logits"] = list(flat["logits"].astype(np.float32))
-        frame["entropy"] = R.token_entropy(probs).astype(np.float32)
-        frame["top1_prob"] = probs.max(axis=1).astype(np.float32)
-        frame["routed"] = combine.sum(axis=1) > 0
-        parts.append(frame)
-    if not parts:
-        return pd.DataFrame()
-    out = pd.concat(parts, ignore_index=True)
-    ids = example_ids or {}
-    out.insert(3, "example_id", [ids.get(int(i), str(int(i))) for i in out["example_index"]])
-    return out.sort_values(["example_index", "layer", "call", "position"], kind="stable").reset_index(drop=True)
-
-
-def _stack(column: pd.Series) -> np.ndarray:
-    return np.stack(column.to_numpy()) if len(column) else np.zeros((0, 0))
-
-
-def layer_arrays(routing: pd.DataFrame, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rows = routing[routing["layer"] == layer]
-    return _stack(rows["logits"]), _stack(rows["topk_ids"]).astype(np.int64), _stack(rows["combine"])
+def _summary(rows: pd.DataFrame) -> dict:
+    """layer_summary of routing rows, from the gate's recorded probabilities."""
+    a = layer_arrays(rows)
+    return R.layer_summary(a["probs"], a["topk_ids"], a["combine"], a["logits"])
 
 
 def layer_metrics_frame(routing: pd.DataFrame, batch_dependence: dict[str, float] | None = None) -> pd.DataFrame:
     """Indicators, verdict and reason per layer (over the examples' routed positions)."""
     rows = []
     for layer in sorted(routing["layer"].unique()):
-        logits, topk, combine = layer_arrays(routing, layer)
-        summary = R.layer_summary(logits, topk, combine)
+        summary = _summary(routing[routing["layer"] == layer])
         label, reason = R.verdict(summary)
         row = {"layer": layer, "verdict": label, "reason": reason, **summary,
                "dead_experts": len(summary["dead_experts"]), "dead_expert_ids": summary["dead_experts"]}
@@ -117,10 +81,11 @@ def slice_metrics_frame(routing: pd.DataFrame, examples: pd.DataFrame, labels: S
     slice_columns = ["position_kind", "routed_modality", "gate_modality", *[c for c in labels if c in joined]]
     rows = []
     for layer, part in joined.groupby("layer", sort=True):
-        logits, topk, combine = _stack(part["logits"]), _stack(part["topk_ids"]).astype(np.int64), _stack(part["combine"])
+        a = layer_arrays(part)
         for column in slice_columns:
             values = part[column].astype(str).to_numpy()
-            for value, summary in R.summaries_by_slice(logits, topk, combine, values).items():
+            for value, summary in R.summaries_by_slice(a["probs"], a["topk_ids"], a["combine"], values,
+                                                       a["logits"]).items():
                 label, reason = R.verdict(summary)
                 rows.append({"layer": layer, "slice": column, "value": value, "verdict": label, "reason": reason,
                              **{k: v for k, v in summary.items() if not isinstance(v, list)},
@@ -243,8 +208,8 @@ def run_examples(adapter: ModelAdapter, examples: list[dict], batch_size: int, d
     out = adapter.run(mine, record=True, batch_size=batch_size, progress=progress and d.is_main)
     ids = {int(ex["index"]): str(ex.get("id", ex["index"])) for ex in mine}
     return {
-        "routing": routing_frame(out.recorder, "example", ids),
-        "kb_routing": routing_frame(out.recorder, "kb") if d.is_main else pd.DataFrame(),
+        "routing": routing_frame(out.recorder.calls, "example", ids),
+        "kb_routing": routing_frame(out.recorder.calls, "kb") if d.is_main else pd.DataFrame(),
         "predictions": out.predictions,
         "extras": {k: declared_output_frame(k, v) for k, v in out.extras.items()},
         "indices": [int(ex["index"]) for ex in mine],
@@ -323,7 +288,7 @@ def dynamics_frame(adapter: ModelAdapter, ckpt: Path, examples: Sequence[dict], 
             adapter.model.load_state_dict(load_state(ckpt, snapshot=step))
             routing = routing_frame(adapter.run(list(examples), record=True, batch_size=batch_size).recorder)
             for layer in sorted(routing["layer"].unique()):
-                summary = R.layer_summary(*layer_arrays(routing, layer))
+                summary = _summary(routing[routing["layer"] == layer])
                 label, reason = R.verdict(summary)
                 rows.append({"step": step, "layer": layer, "verdict": label, "reason": reason,
                              **{k: v for k, v in summary.items() if not isinstance(v, list)},

@@ -4,8 +4,9 @@ Pure functions on numpy arrays: no torch, no streamlit, no file I/O.
 
 Shapes, for one layer and T routed positions over E experts with top-k routing:
 
-* ``logits``   float [T, E]  router logits over all experts
-* ``probs``    float [T, E]  ``softmax(logits)``
+* ``probs``    float [T, E]  the gate's own scores over all experts, as recorded (softmax, or sigmoid
+  for gates such as DeepSeek-V3's): never re-derived from logits here
+* ``logits``   float [T, E]  router logits over all experts (only the z-loss reads them)
 * ``topk_ids`` int   [T, k]  chosen experts, column 0 the top-1 (``torch.topk`` sorts by default)
 * ``combine``  float [T, E]  weights actually applied to each expert's output (0 where unused)
 
@@ -14,6 +15,10 @@ They agree for the standard gate (softmax, top-k, renormalise over the k) but no
 published MMoE ``SwitchGate`` (``gate="mmoe_reference"``), whose ``scatter_`` along the sequence
 axis leaves many positions with no weight at all, puts weight on experts outside the top-k and never
 weights the experts whose id is >= k.  Both views are reported so that this stays visible.
+
+Indicators that need a distribution over experts (importance, entropies, confidence) use the
+*routing distribution* p = probs / sum_e probs (``routing_distribution``): the softmax itself for a
+softmax gate, the normalised scores for a sigmoid gate (whose scores need not sum to 1).
 
 Entropies and mutual information are in nats.  ``layer_summary`` gathers every scalar indicator
 of a layer into a JSON-friendly dict; ``verdict`` turns a summary into
@@ -53,6 +58,7 @@ __all__ = [
     "nearly_dead_experts",
     "router_confidence",
     "router_z_loss",
+    "routing_distribution",
     "softmax",
     "specialisation",
     "specialisation_vs_shuffled",
@@ -150,8 +156,17 @@ THRESHOLDS = Thresholds()
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Router probabilities: softmax over the expert axis (last)."""
+    """softmax over the expert axis (last); for building test patterns, not for reading a gate."""
     return _scipy_softmax(np.asarray(logits, dtype=np.float64), axis=-1)
+
+
+def routing_distribution(probs: np.ndarray) -> np.ndarray:
+    """p_e = s_e / sum_e' s_e' of the gate's recorded scores s (float64); unchanged for a softmax gate.
+
+    A row whose scores are all zero stays all zero (it has no distribution)."""
+    s = np.asarray(probs, dtype=np.float64)
+    total = s.sum(axis=-1, keepdims=True)
+    return np.divide(s, total, out=np.zeros_like(s), where=total > 0)
 
 
 def top1(topk_ids: np.ndarray) -> np.ndarray:
@@ -180,7 +195,8 @@ def load_fraction(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 def importance(probs: np.ndarray) -> np.ndarray:
-    """P_i: mean router probability of expert i over positions."""
+    """P_i: mean over positions of the routing distribution's share of expert i (pass p, not raw
+    sigmoid scores, so that P sums to 1)."""
     return np.asarray(probs, dtype=np.float64).mean(axis=0)
 
 
@@ -403,25 +419,30 @@ def weighted_outside_topk(
 
 
 def layer_summary(
-    logits: np.ndarray, topk_ids: np.ndarray, combine: np.ndarray | None = None
+    probs: np.ndarray, topk_ids: np.ndarray, combine: np.ndarray | None = None,
+    logits: np.ndarray | None = None,
 ) -> dict:
     """Every scalar indicator of one layer, as plain Python values (JSON / Parquet friendly).
 
+    ``probs`` are the gate's recorded scores (softmax or sigmoid); distributions over experts come
+    from ``routing_distribution(probs)``.  ``logits`` feed the router z-loss only (None without them).
     Without ``combine`` the weighted-reality fields (``unrouted_fraction``,
     ``experts_never_weighted``, ``weight_share``, ``weighted_outside_topk_fraction``) are None:
     they are unknown, not assumed to follow the standard gate.
     """
-    logits = np.asarray(logits, dtype=np.float64)
-    if logits.ndim != 2 or logits.shape[0] == 0:
-        raise ValueError(f"logits must be [T, E] with T > 0, got shape {logits.shape}")
-    num_positions, num_experts = logits.shape
+    scores = np.asarray(probs, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[0] == 0:
+        raise ValueError(f"probs must be [T, E] with T > 0, got shape {scores.shape}")
+    num_positions, num_experts = scores.shape
     ids = _as_topk(topk_ids, num_experts)
     if ids.shape[0] != num_positions:
-        raise ValueError(f"topk_ids covers {ids.shape[0]} positions, logits {num_positions}")
+        raise ValueError(f"topk_ids covers {ids.shape[0]} positions, probs {num_positions}")
+    if logits is not None and np.shape(logits) != scores.shape:
+        raise ValueError(f"logits must match probs {scores.shape}, got {np.shape(logits)}")
 
-    probs = softmax(logits)
-    f, P = load_fraction(ids, num_experts), importance(probs)
-    top1_prob, top1_gap = router_confidence(probs)
+    dist = routing_distribution(scores)
+    f, P = load_fraction(ids, num_experts), importance(dist)
+    top1_prob, top1_gap = router_confidence(dist)
     summary = {
         "num_positions": int(num_positions),
         "num_experts": int(num_experts),
@@ -429,9 +450,9 @@ def layer_summary(
         "load": f.tolist(),
         "importance": P.tolist(),
         "switch_balance_loss": switch_balance_loss(f, P),
-        "z_loss": router_z_loss(logits),
-        "token_entropy": mean_token_entropy(probs),
-        "token_entropy_norm": mean_token_entropy(probs, normalised=True),
+        "z_loss": None if logits is None else router_z_loss(logits),
+        "token_entropy": mean_token_entropy(dist),
+        "token_entropy_norm": mean_token_entropy(dist, normalised=True),
         "marginal_entropy": marginal_entropy(P),
         "effective_experts": effective_experts(P),
         "effective_experts_ratio": effective_experts_ratio(P),
@@ -449,8 +470,8 @@ def layer_summary(
     }
     if combine is not None:
         combine = np.asarray(combine, dtype=np.float64)
-        if combine.shape != logits.shape:
-            raise ValueError(f"combine must match logits {logits.shape}, got {combine.shape}")
+        if combine.shape != scores.shape:
+            raise ValueError(f"combine must match probs {scores.shape}, got {combine.shape}")
         summary["unrouted_fraction"] = float(unrouted_positions(combine).mean())
         summary["experts_never_weighted"] = experts_never_weighted(combine)
         summary["weight_share"] = weight_share(combine).tolist()
@@ -460,25 +481,27 @@ def layer_summary(
 
 
 def summaries_by_slice(
-    logits: np.ndarray,
+    probs: np.ndarray,
     topk_ids: np.ndarray,
     combine: np.ndarray | None,
     slice_labels: np.ndarray,
+    logits: np.ndarray | None = None,
 ) -> dict:
     """``layer_summary`` per slice (modality, position kind, entity / question type, ...).
 
     Keys are the distinct labels in sorted order; each slice is summarised on its own positions.
     """
     labels = np.asarray(slice_labels)
-    logits, ids = np.asarray(logits), np.asarray(topk_ids)
-    if len(labels) != len(logits):
-        raise ValueError(f"slice_labels has {len(labels)} entries, logits {len(logits)} positions")
+    probs, ids = np.asarray(probs), np.asarray(topk_ids)
+    if len(labels) != len(probs):
+        raise ValueError(f"slice_labels has {len(labels)} entries, probs {len(probs)} positions")
     out = {}
     for label in np.unique(labels):
         rows = labels == label
         key = label.item() if hasattr(label, "item") else label
         out[key] = layer_summary(
-            logits[rows], ids[rows], None if combine is None else np.asarray(combine)[rows]
+            probs[rows], ids[rows], None if combine is None else np.asarray(combine)[rows],
+            None if logits is None else np.asarray(logits)[rows],
         )
     return out
 

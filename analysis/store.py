@@ -110,9 +110,11 @@ ROUTING_GROUPS = ("layer", "call", "position_kind", "routed_modality", "gate_mod
 ROUTING_TYPES: dict[str, pa.DataType] = {
     "layer": pa.string(), "call": pa.string(), "example_index": pa.int64(), "example_id": pa.string(),
     "position": pa.int32(), "position_kind": pa.string(), "token": pa.string(),
-    "routed_modality": pa.string(), "gate_modality": pa.string(), "top1": pa.int16(),
+    "routed_modality": pa.string(), "gate_modality": pa.string(), "grid_row": pa.int16(),
+    "grid_col": pa.int16(), "top1": pa.int16(),
     "topk_ids": pa.list_(pa.int16()), "topk_weights": pa.list_(pa.float32()),
-    "combine": pa.list_(pa.float32()), "logits": pa.list_(pa.float32()), "entropy": pa.float32(),
+    "combine": pa.list_(pa.float32()), "probs": pa.list_(pa.float32()), "logits": pa.list_(pa.float32()),
+    "entropy": pa.float32(),
     "top1_prob": pa.float32(), "routed": pa.bool_(),
 }
 

@@ -12,6 +12,11 @@ from analysis import routing as r
 E = 4
 
 
+def summary_of(logits, ids, combine=None):
+    """layer_summary of a softmax gate built from ``logits`` (probs recorded as softmax(logits))."""
+    return r.layer_summary(r.softmax(logits), ids, combine, logits=logits)
+
+
 def standard_gate(logits, k):
     """Per-position softmax, top-k, renormalised over the k chosen (the standard gate)."""
     probs = r.softmax(logits)
@@ -214,7 +219,7 @@ SUMMARY_KEYS = {
 
 def test_layer_summary_uniform_routing():
     ids, combine = round_robin(40, 2)
-    s = r.layer_summary(np.zeros((40, E)), ids, combine)
+    s = summary_of(np.zeros((40, E)), ids, combine)
     assert set(s) == SUMMARY_KEYS
     json.dumps(s)  # plain Python values only
     assert (s["num_positions"], s["num_experts"], s["top_k"]) == (40, 4, 2)
@@ -234,7 +239,7 @@ def test_layer_summary_uniform_routing():
 
 def test_layer_summary_without_combine_leaves_weighted_fields_unknown():
     ids, _ = round_robin(8, 1)
-    s = r.layer_summary(np.zeros((8, E)), ids)
+    s = summary_of(np.zeros((8, E)), ids)
     assert s["unrouted_fraction"] is None and s["weight_share"] is None
     assert s["experts_never_weighted"] is None and s["weighted_outside_topk_fraction"] is None
     assert r.verdict(s)[0] == "healthy"
@@ -242,11 +247,11 @@ def test_layer_summary_without_combine_leaves_weighted_fields_unknown():
 
 def test_layer_summary_rejects_mismatched_inputs():
     with pytest.raises(ValueError):
-        r.layer_summary(np.zeros((0, E)), np.zeros((0, 1), dtype=int))
+        summary_of(np.zeros((0, E)), np.zeros((0, 1), dtype=int))
     with pytest.raises(ValueError):
-        r.layer_summary(np.zeros((4, E)), np.zeros((3, 1), dtype=int))
+        summary_of(np.zeros((4, E)), np.zeros((3, 1), dtype=int))
     with pytest.raises(ValueError):
-        r.layer_summary(np.zeros((4, E)), np.zeros((4, 1), dtype=int), np.zeros((4, 3)))
+        summary_of(np.zeros((4, E)), np.zeros((4, 1), dtype=int), np.zeros((4, 3)))
 
 
 def test_summaries_by_slice_separate_modalities():
@@ -254,12 +259,12 @@ def test_summaries_by_slice_separate_modalities():
     logits[:3, 0] = logits[3:, 1] = 4.0
     ids, combine = standard_gate(logits, 1)
     labels = np.array(["text"] * 3 + ["image"] * 3)
-    by_slice = r.summaries_by_slice(logits, ids, combine, labels)
+    by_slice = r.summaries_by_slice(r.softmax(logits), ids, combine, labels)
     assert list(by_slice) == ["image", "text"]
     assert by_slice["text"]["load"] == [1.0, 0.0, 0.0, 0.0]
     assert by_slice["image"]["load"] == [0.0, 1.0, 0.0, 0.0]
     assert by_slice["image"]["num_positions"] == 3
-    assert r.summaries_by_slice(logits, ids, None, labels)["text"]["weight_share"] is None
+    assert r.summaries_by_slice(r.softmax(logits), ids, None, labels)["text"]["weight_share"] is None
 
 
 # --------------------------------------------------------------------------- verdicts
@@ -268,7 +273,7 @@ def test_summaries_by_slice_separate_modalities():
 @pytest.mark.parametrize("k, ratio_max", [(1, "4"), (2, "2"), (3, "1.33")])
 def test_uniform_routing_is_healthy(k, ratio_max):
     ids, combine = round_robin(40, k)
-    label, reason = r.verdict(r.layer_summary(np.zeros((40, E)), ids, combine))
+    label, reason = r.verdict(summary_of(np.zeros((40, E)), ids, combine))
     assert label == "healthy"
     assert reason == (
         "healthy: effective experts 4.00 of 4, load CV 0.00, "
@@ -279,7 +284,7 @@ def test_uniform_routing_is_healthy(k, ratio_max):
 def test_one_expert_takes_all_is_collapsed_and_named():
     logits = dominant_logits(100)
     ids, combine = standard_gate(logits, 1)
-    s = r.layer_summary(logits, ids, combine)
+    s = summary_of(logits, ids, combine)
     p = math.exp(5) / (math.exp(5) + 3)  # hand-computed probability of expert 2
     q = (1 - p) / 3
     eff = math.exp(-(p * math.log(p) + 3 * q * math.log(q)))
@@ -297,7 +302,7 @@ def test_nearly_all_on_one_expert_names_the_nearly_dead_one():
     logits = dominant_logits(100)
     logits[0, 0] = 10.0  # one position in 100 goes to expert 0
     ids, combine = standard_gate(logits, 1)
-    label, reason = r.verdict(r.layer_summary(logits, ids, combine))
+    label, reason = r.verdict(summary_of(logits, ids, combine))
     assert label == "collapsed"
     assert reason.startswith(
         "collapsed: expert 2 takes 99% of routing slots (max-load ratio 3.96 of 4)"
@@ -311,7 +316,7 @@ def test_one_dead_expert_is_a_warning_naming_it():
     ids = (np.arange(30) % 3)[:, None]  # experts 0, 1, 2 in turn; 3 never
     combine = np.zeros((30, E))
     combine[np.arange(30), ids[:, 0]] = 1.0
-    label, reason = r.verdict(r.layer_summary(logits, ids, combine))
+    label, reason = r.verdict(summary_of(logits, ids, combine))
     assert label == "warning"
     assert reason == "warning: load CV 0.58 > 0.50; 1 dead expert (3)"
 
@@ -322,12 +327,12 @@ def test_two_expert_collapse_of_four_is_collapsed():
     ids = (np.arange(40) % 2)[:, None]
     combine = np.zeros((40, E))
     combine[np.arange(40), ids[:, 0]] = 1.0
-    label, reason = r.verdict(r.layer_summary(logits, ids, combine))
+    label, reason = r.verdict(summary_of(logits, ids, combine))
     assert label == "collapsed"
     assert "2 dead experts (2, 3)" in reason
     # Top-2 over the same two experts: every position picks {0, 1}.
     ids2, combine2 = standard_gate(logits, 2)
-    label2, reason2 = r.verdict(r.layer_summary(logits, ids2, combine2))
+    label2, reason2 = r.verdict(summary_of(logits, ids2, combine2))
     assert label2 == "collapsed"
     assert "2 dead experts (2, 3)" in reason2
     assert (
@@ -340,7 +345,7 @@ def test_top3_of_four_with_fourth_dead_is_a_warning():
     logits = np.tile([1.0, 1.0, 1.0, -2.0], (30, 1))
     logits[:, :3] += np.random.default_rng(0).normal(0, 0.1, size=(30, 3))
     ids, combine = standard_gate(logits, 3)
-    label, reason = r.verdict(r.layer_summary(logits, ids, combine))
+    label, reason = r.verdict(summary_of(logits, ids, combine))
     assert label == "warning"
     assert reason == (
         "warning: expert 0 takes 33% of routing slots, chosen by 100% of positions "
@@ -355,7 +360,7 @@ def test_topk_router_on_one_expert_collapses_by_weight(k):
     rng = np.random.default_rng(k)
     logits = dominant_logits(200) + rng.normal(0, 0.1, size=(200, E))
     ids, combine = standard_gate(logits, k)
-    s = r.layer_summary(logits, ids, combine)
+    s = summary_of(logits, ids, combine)
     assert max(s["load"]) == pytest.approx(1 / k)
     label, reason = r.verdict(s)
     assert label == "collapsed"
@@ -370,7 +375,7 @@ def test_topk_router_on_one_expert_collapses_by_weight(k):
 def test_random_router_is_healthy(k):
     logits = np.random.default_rng(0).normal(size=(400, E))
     ids, combine = standard_gate(logits, k)
-    assert r.verdict(r.layer_summary(logits, ids, combine))[0] == "healthy"
+    assert r.verdict(summary_of(logits, ids, combine))[0] == "healthy"
 
 
 def published_switch_gate_combine(logits, k):
@@ -387,7 +392,7 @@ def published_switch_gate_combine(logits, k):
 def test_published_gate_flags_unrouted_and_never_weighted_expert():
     logits = np.tile([0.0, 0.1, 0.2, 0.3], (12, 1))  # top-3 = (3, 2, 1) everywhere
     ids, combine = published_switch_gate_combine(logits, 3)
-    s = r.layer_summary(logits, ids, combine)
+    s = summary_of(logits, ids, combine)
     assert s["experts_never_weighted"] == [3]
     # Only positions 1, 2, 3 (the expert ids) get a mask entry, in expert columns 0, 1, 2.
     assert s["unrouted_fraction"] == pytest.approx(9 / 12)
@@ -405,7 +410,7 @@ def test_published_gate_flags_unrouted_and_never_weighted_expert():
 def test_few_unrouted_positions_are_a_warning():
     ids, combine = round_robin(40, 1)
     combine[7] = 0.0
-    label, reason = r.verdict(r.layer_summary(np.zeros((40, E)), ids, combine))
+    label, reason = r.verdict(summary_of(np.zeros((40, E)), ids, combine))
     assert label == "warning"
     assert reason == "warning: 2.5% of positions (1 of 40) get no expert weight (unrouted)"
 
@@ -413,14 +418,14 @@ def test_few_unrouted_positions_are_a_warning():
 def test_weight_outside_topk_is_a_warning():
     ids, combine = round_robin(40, 1)
     combine[5] = [0.5, 0.5, 0.0, 0.0]  # position 5 chose expert 1 only
-    label, reason = r.verdict(r.layer_summary(np.zeros((40, E)), ids, combine))
+    label, reason = r.verdict(summary_of(np.zeros((40, E)), ids, combine))
     assert label == "warning"
     assert reason == "warning: 2.5% of positions put combine weight on experts outside their top-k"
 
 
 def test_too_few_positions_adds_a_note_without_changing_the_verdict():
     ids, combine = round_robin(8, 1)
-    label, reason = r.verdict(r.layer_summary(np.zeros((8, E)), ids, combine))
+    label, reason = r.verdict(summary_of(np.zeros((8, E)), ids, combine))
     assert label == "healthy"
     assert reason.endswith("; only 8 routing slots for 4 experts: too few to judge reliably")
 
@@ -430,7 +435,7 @@ def test_thresholds_are_frozen_and_replaceable():
         r.THRESHOLDS.load_cv_warning = 1.0
     logits = np.tile([0.0, 0.0, 0.0, -1.0], (30, 1))
     ids = (np.arange(30) % 3)[:, None]
-    s = r.layer_summary(logits, ids)
+    s = summary_of(logits, ids)
     lenient = dataclasses.replace(r.THRESHOLDS, load_cv_warning=0.6)
     assert r.verdict(s, lenient) == ("warning", "warning: 1 dead expert (3)")
     strict = dataclasses.replace(r.THRESHOLDS, unused_experts_collapse=0.25)
