@@ -1,4 +1,4 @@
-"""Tests for the artifact store (analysis/store.py) and hashing (analysis/hashing.py)."""
+"""Tests for the artifact store (analysis/store/) and hashing (analysis/hashing.py)."""
 from __future__ import annotations
 
 import json
@@ -14,12 +14,33 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from analysis import store as store_mod
+from analysis.store import aggregates as store_aggregates
+from analysis.store import publish as store_publish
+from analysis.store import status as store_status
 from analysis.hashing import checkpoint_hash, dataset_hash, dir_hash, file_sha256
 from analysis.store import (RunStore, RunWriter, code_version, inputs_manifest, list_runs, needs_rebuild,
                             rebuild_reasons, run_status)
+from mmoe_core.spec import (AttributionTarget, ExampleField, GateSpec, ImageGrid, InputSpec, LabelSpec, ModelSpec,
+                            OutputSpec, PredictionSpec, RoutedLayerSpec, SourceSpec, TrainingPhase)
 
 REPO = Path(__file__).resolve().parents[1]
+# A declaration with one of each piece, so the manifest round trip covers every nested type.
+SPEC = ModelSpec(
+    family="toy", title="Toy: two inputs",
+    fields=(ExampleField("text", "Text", editable=True, role="title"), ExampleField("image_path", "Image", "image")),
+    inputs=(InputSpec("tokens", "text_tokens", "token embeddings", field="text"),
+            InputSpec("patches", "image_patches", "patch embeddings", grid=ImageGrid(2, 3, first_position=1))),
+    routed_layers=(RoutedLayerSpec("l0", 4, 2, GateSpec("hf:Router", "sigmoid", "topk_scaled", shared_experts=1,
+                                                        capacity=1.25, score_correction_bias=True),
+                                   calls=("mention",)),),
+    prediction=PredictionSpec("ranking", "rank items", headline=("hits@1", "mrr"), item="entity"),
+    outputs=(OutputSpec("mix", "source_weights", "weights", sources=(SourceSpec("image", "a", "alpha"),),
+                        truth_label="src"),),
+    labels=(LabelSpec("src", "source", ground_truth=True, decides={"image": ("patches",)}),),
+    attribution_targets=(AttributionTarget("score", "the score"),),
+    training_phases=(TrainingPhase("warmup_steps", 10, "warm-up over"),),
+    model_card={"encoder": "tiny"}, notes=("a note",))
+BASE = {"spec": SPEC.to_dict()}
 
 
 # ----------------------------------------------------------------------------------- fixtures
@@ -75,7 +96,8 @@ def examples_df(n=3) -> pd.DataFrame:
 
 
 def publish(root: Path, run="demo", routing=None, examples=None, manifest_base=None, **kw) -> Path:
-    with RunWriter(run, root=root, manifest_base=manifest_base, **kw) as w:
+    """Publish a small run; its manifest carries :data:`SPEC` unless ``manifest_base`` sets a spec."""
+    with RunWriter(run, root=root, manifest_base={**BASE, **(manifest_base or {})}, **kw) as w:
         w.write_table("routing", make_routing() if routing is None else routing)
         w.write_table("examples", examples_df() if examples is None else examples)
         w.write_table("layer_metrics", pd.DataFrame({"layer": ["l0", "l1"], "load_cv": [0.1, 0.2]}))
@@ -114,11 +136,11 @@ def versions(root: Path) -> list[str]:
 
 def test_write_then_read_back(tmp_path):
     routing = make_routing()
-    publish(tmp_path, manifest_base={"family": "mmoe", "split": "test"})
+    publish(tmp_path, manifest_base={"family": "toy", "split": "test"})
     assert list_runs(tmp_path) == ["demo"]
     s = RunStore("demo", tmp_path)
     m = s.manifest
-    assert m["run"] == "demo" and m["status"] == "complete" and m["family"] == "mmoe" and m["split"] == "test"
+    assert m["run"] == "demo" and m["status"] == "complete" and m["family"] == "toy" and m["split"] == "test"
     assert m["code_version"] == code_version() and m["code_version"]
     assert pd.Timestamp(m["created"]).tzinfo is not None
     assert m["files"]["routing.parquet"]["rows"] == len(routing)
@@ -157,10 +179,10 @@ def test_streamed_routing_is_sorted_and_aggregated(tmp_path):
     assert s.has("routing_loads")
 
 
-def test_kb_routing_sorted_and_examples_with_index_column(tmp_path):
+def test_kb_routing_sorted_and_examples_in_example_order(tmp_path):
     with RunWriter("kb", root=tmp_path) as w:
         w.write_table("kb_routing", make_routing(n_examples=4))
-        w.write_table("examples", pd.DataFrame({"index": [2, 0, 1], "label": ["x", "y", "z"]}))
+        w.write_table("examples", pd.DataFrame({"example_index": [2, 0, 1], "label": ["x", "y", "z"]}))
     s = RunStore("kb", tmp_path)
     back = s.table("kb_routing")
     assert list(back.example_index) == sorted(back.example_index)
@@ -217,10 +239,10 @@ def test_failed_publish_leaves_old_run_and_next_writer_cleans(tmp_path, monkeypa
     def failing_replace(src, dst, *a, **kw):
         raise OSError("simulated crash before the symlink swap")
 
-    monkeypatch.setattr(store_mod.os, "replace", failing_replace)
+    monkeypatch.setattr(store_publish.os, "replace", failing_replace)
     with pytest.raises(OSError, match="simulated"):
         publish(tmp_path, examples=examples_df(5))
-    monkeypatch.setattr(store_mod.os, "replace", real_replace)
+    monkeypatch.setattr(store_publish.os, "replace", real_replace)
     now = RunStore("demo", tmp_path)
     assert now.dir == old.dir and len(now.examples()) == 3
     assert len(versions(tmp_path)) == 2          # the orphaned, never-published version
@@ -312,10 +334,10 @@ def test_list_runs_ignores_hidden_and_incomplete(tmp_path):
 # ----------------------------------------------------------------------------------- status
 
 def test_stale_when_checkpoint_or_dataset_changes(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_mod, "DATASET_HASH_TTL_S", 0.0)
+    monkeypatch.setattr(store_status, "DATASET_HASH_TTL_S", 0.0)
     ckpt = make_checkpoint(tmp_path / "ckpt")
     data = make_dataset(tmp_path / "data")
-    publish(tmp_path, manifest_base=inputs_manifest(ckpt, data, {"split": "test"}, family="mmoe"))
+    publish(tmp_path, manifest_base=inputs_manifest(ckpt, data, {"split": "test"}, spec=SPEC, family="toy"))
     st = run_status("demo", tmp_path)
     assert st.state == "ready", st.message
     assert st.manifest["checkpoint_hash"] == checkpoint_hash(ckpt)
@@ -337,7 +359,7 @@ def test_stale_when_checkpoint_or_dataset_changes(tmp_path, monkeypatch):
 
 def test_missing_checkpoint_is_ready_with_a_note(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt")
-    publish(tmp_path, manifest_base=inputs_manifest(ckpt, None, {}))
+    publish(tmp_path, manifest_base=inputs_manifest(ckpt, None, {}, spec=SPEC))
     for f in ckpt.iterdir():
         f.unlink()
     st = run_status("demo", tmp_path)
@@ -379,12 +401,46 @@ def test_partial_and_missing(tmp_path):
     assert run_status("demo", tmp_path).state == "missing"
 
 
+def test_spec_round_trips_through_the_manifest(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    publish(tmp_path, manifest_base=inputs_manifest(ckpt, None, {}, spec=SPEC))
+    s = RunStore("demo", tmp_path)
+    assert s.status.state == "ready", s.status.message
+    assert s.spec() == SPEC                                   # every nested piece comes back typed
+    assert s.spec().layer("l0").gate.score == "sigmoid" and s.spec().decisive_label().name == "src"
+    assert s.spec().image_inputs()[0].grid == ImageGrid(2, 3, 1)
+    assert json.loads((s.dir / "manifest.json").read_text())["spec"] == SPEC.to_dict()
+
+
+def test_manifest_without_spec_is_stale_with_the_rebuild_command(tmp_path):
+    with RunWriter("demo", root=tmp_path, manifest_base={"family": "toy"}) as w:
+        w.write_table("examples", examples_df())
+    st = run_status("demo", tmp_path)
+    assert st.state == "stale" and "spec" in st.message
+    assert "python -m analysis.precompute --run demo" in st.message
+    with pytest.raises(ValueError, match="rebuild with: python -m analysis.precompute --run demo"):
+        RunStore("demo", tmp_path).spec()
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    assert needs_rebuild("demo", ckpt, None, {}, root=tmp_path)   # the precompute rebuilds it
+
+
+def test_older_store_format_is_stale(tmp_path):
+    publish(tmp_path)
+    d = RunStore("demo", tmp_path).dir
+    m = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**m, "store_format": 1}))
+    st = run_status("demo", tmp_path)
+    assert st.state == "stale" and "store format 1" in st.message and "--run demo" in st.message
+    (d / "manifest.json").write_text(json.dumps({**m, "spec": {"family": "toy", "routed_layers": "bad"}}))
+    assert run_status("demo", tmp_path).state == "stale"
+
+
 def test_needs_rebuild(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt")
     data = make_dataset(tmp_path / "data")
     params = {"split": "test", "max_examples": 100}
     assert needs_rebuild("demo", ckpt, data, params, root=tmp_path)      # nothing built yet
-    publish(tmp_path, manifest_base=inputs_manifest(ckpt, data, params))
+    publish(tmp_path, manifest_base=inputs_manifest(ckpt, data, params, spec=SPEC))
     assert not needs_rebuild("demo", ckpt, data, params, root=tmp_path)
     assert not needs_rebuild("demo", ckpt, data, {**params, "code_version": "9.9"}, root=tmp_path)
     assert not needs_rebuild("demo", ckpt, data, dict(reversed(list(params.items()))), root=tmp_path)
@@ -438,7 +494,7 @@ def test_layer_loads_exact(tmp_path, aggregates):
 
 def test_entropy_values(tmp_path, monkeypatch):
     routing = make_routing(n_examples=20, layers=("l0", "l1"), positions=10)
-    monkeypatch.setattr(store_mod, "ENTROPY_SAMPLE_PER_LAYER", 60)
+    monkeypatch.setattr(store_aggregates, "ENTROPY_SAMPLE_PER_LAYER", 60)
     publish(tmp_path, routing=routing)
     s = RunStore("demo", tmp_path)
     assert 20 <= s.sql("SELECT count(*) AS n FROM routing_entropy_sample WHERE layer = 'l0'").n[0] <= 120
@@ -550,7 +606,7 @@ def test_code_version_never_fails(monkeypatch):
     def no_git(*a, **kw):
         raise FileNotFoundError("git")
 
-    monkeypatch.setattr(store_mod.subprocess, "run", no_git)
+    monkeypatch.setattr(store_status.subprocess, "run", no_git)
     try:
         assert code_version() == v.split("+")[0]
     finally:

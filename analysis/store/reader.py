@@ -1,0 +1,361 @@
+"""Reading a published run: :class:`RunStore`, DuckDB page queries over its Parquet files.
+
+No Streamlit and no torch here. Readers resolve ``runs/<run>`` once (a :class:`RunStore` keeps the
+resolved version dir), so a publish in the middle of a page render never mixes versions. The superseded
+version is deleted right after a publish, so a long-lived reader should check :meth:`RunStore.is_current`
+(one ``readlink``) before use and reopen when it returns False. :meth:`RunStore.spec` is the model's
+declaration (:class:`mmoe_core.spec.ModelSpec`) as precompute stored it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from analysis.store.layout import (_TABLE_RE, EXAMPLE_KEY, ROUTING_GROUPS, _check_file_name, _check_run, _qi,
+                                   _sql_str, rebuild_command, resolve_root)
+from analysis.store.status import RunStatus, _read_manifest, _status_of_dir, read_spec
+from mmoe_core.spec import ModelSpec
+
+
+def _is_listlike(v: Any) -> bool:
+    return isinstance(v, (list, tuple, set, frozenset, np.ndarray, pd.Index, pd.Series))
+
+
+class RunStore:
+    """Read API over one published run (DuckDB over its Parquet files).
+
+    The run directory is resolved once at construction, so every query reads one consistent version.
+    Each table ``<name>.parquet`` is a view ``<name>`` on a private in-memory DuckDB connection; every
+    query runs on its own cursor, so one RunStore can be shared between Streamlit sessions/threads.
+    User values always travel as bound parameters; table and column names are checked against the
+    Parquet schema (``ValueError`` otherwise).
+    """
+
+    def __init__(self, run: str, root: str | os.PathLike | None = None):
+        self.run = _check_run(run)
+        self.root = resolve_root(root)
+        link = self.root / "runs" / run
+        if not os.path.lexists(link):
+            raise FileNotFoundError(f"run {run!r} not found under {link.parent}; build it with: "
+                                    f"{rebuild_command(run)}")
+        self._link = link
+        self._link_target = os.readlink(link) if link.is_symlink() else None
+        self.dir = Path(os.path.realpath(link))
+        if not self.dir.is_dir():
+            raise FileNotFoundError(f"run {run!r} points to a missing directory {self.dir}")
+        self.manifest, _ = _read_manifest(self.dir)
+        self._lock = threading.RLock()
+        self._schemas: dict[str, pa.Schema] = {}
+        self._cache: dict[tuple, Any] = {}
+        self.tables: list[str] = sorted(p.stem for p in self.dir.glob("*.parquet") if _TABLE_RE.match(p.stem))
+        self._con = duckdb.connect(":memory:")
+        # GLOBAL: queries run on cursors (own sessions); a session-local SET would not reach them, and
+        # without the cache every query re-parses routing.parquet's footer (~10x slower per example).
+        self._con.execute("SET GLOBAL parquet_metadata_cache = true")
+        self._views: set[str] = set()  # created on first use, so opening a store stays cheap
+        self._spec: ModelSpec | None = None
+
+    def _ensure_views(self, names: Iterable[str]) -> None:
+        with self._lock:
+            for t in names:
+                if t in self._views:
+                    continue
+                path = str(self.dir / f"{t}.parquet")
+                self._con.execute(f"CREATE VIEW {_qi(t)} AS SELECT * FROM read_parquet({_sql_str(path)})")
+                self._views.add(t)
+
+    # -- housekeeping
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RunStore({self.run!r}, dir={str(self.dir)!r})"
+
+    def is_current(self) -> bool:
+        """False once ``runs/<run>`` has been republished (or removed): reopen to see the new version."""
+        try:
+            if self._link_target is None:
+                return self._link.is_dir() and not self._link.is_symlink()
+            return os.readlink(self._link) == self._link_target
+        except OSError:
+            return False
+
+    @property
+    def status(self) -> RunStatus:
+        """:class:`RunStatus` of the version this store reads (checked afresh on each access; cheap)."""
+        return self.check_status()
+
+    def check_status(self, checkpoint_dir=None, dataset_dir=None, verify: bool = False) -> RunStatus:
+        """:class:`RunStatus` of this version against the given (or the recorded) checkpoint/dataset."""
+        return _status_of_dir(self.run, self.dir, self.root, checkpoint_dir, dataset_dir, verify)
+
+    def has(self, name: str) -> bool:
+        return name in self.tables
+
+    def spec(self) -> ModelSpec:
+        """The model's declaration stored with this run (fields, inputs, routed layers and their gates,
+        prediction, outputs, labels ...). ``ValueError`` with the rebuild command when the manifest has
+        none (:meth:`check_status` then says ``stale``)."""
+        with self._lock:
+            if self._spec is None:
+                try:
+                    self._spec = read_spec(self.manifest)
+                except ValueError as exc:
+                    raise ValueError(f"run {self.run!r}: {exc}; rebuild with: {rebuild_command(self.run)}") from exc
+            return self._spec
+
+    # -- schema checks
+    def schema(self, name: str) -> pa.Schema:
+        if name not in self.tables:
+            raise ValueError(f"unknown table {name!r} in run {self.run!r}; available: {', '.join(self.tables)}")
+        with self._lock:
+            s = self._schemas.get(name)
+            if s is None:
+                s = self._schemas[name] = pq.read_schema(self.dir / f"{name}.parquet")
+        return s
+
+    def columns(self, name: str) -> list[str]:
+        return list(self.schema(name).names)
+
+    def _check_cols(self, name: str, cols: Iterable[str]) -> list[str]:
+        known = set(self.columns(name))
+        cols = [cols] if isinstance(cols, str) else list(cols)
+        bad = [c for c in cols if not isinstance(c, str) or c not in known]
+        if bad:
+            raise ValueError(f"unknown column(s) {bad} for table {name!r}; columns: {', '.join(sorted(known))}")
+        return cols
+
+    def _where(self, name: str, where: Mapping[str, Any] | str | None, params: Sequence[Any] | None
+               ) -> tuple[str, list]:
+        if where is None or (isinstance(where, Mapping) and not where):
+            if params:
+                raise ValueError("params given without a where clause")
+            return "", []
+        if isinstance(where, str):
+            # A code-authored fragment with ? placeholders; values travel in params.
+            return f" WHERE ({where})", list(params or [])
+        if params:
+            raise ValueError("params only go with a string where clause; a dict carries its own values")
+        self._check_cols(name, where.keys())
+        parts, args = [], []
+        for col, val in where.items():
+            q = _qi(col)
+            if val is None:
+                parts.append(f"{q} IS NULL")
+            elif _is_listlike(val):
+                vals = [v.item() if isinstance(v, np.generic) else v for v in list(val)]
+                if not vals:
+                    parts.append("FALSE")
+                else:
+                    parts.append(f"{q} IN ({', '.join('?' * len(vals))})")
+                    args.extend(vals)
+            else:
+                parts.append(f"{q} = ?")
+                args.append(val.item() if isinstance(val, np.generic) else val)
+        return " WHERE " + " AND ".join(parts), args
+
+    def _order(self, name: str, order_by: str | Sequence[str] | None) -> str:
+        if not order_by:
+            return ""
+        items = [order_by] if isinstance(order_by, str) else list(order_by)
+        parts = []
+        for it in items:
+            desc = isinstance(it, str) and it.startswith("-")
+            col = it[1:] if desc else it
+            self._check_cols(name, [col])
+            parts.append(_qi(col) + (" DESC" if desc else ""))
+        return " ORDER BY " + ", ".join(parts)
+
+    @staticmethod
+    def _limit(limit: int | None) -> str:
+        if limit is None:
+            return ""
+        if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0:
+            raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
+        return f" LIMIT {int(limit)}"
+
+    # -- generic queries
+    def _run(self, sql: str, params: Sequence[Any] | None, *tables: str) -> pd.DataFrame:
+        """Run generated SQL that reads ``tables`` (their views are created if needed)."""
+        self._ensure_views(tables)
+        with self._lock:
+            cur = self._con.cursor()
+        try:
+            return cur.execute(sql, list(params or [])).df()
+        finally:
+            cur.close()
+
+    def sql(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pd.DataFrame:
+        """Run a code-authored query over the run's tables (each is a view named like the table).
+        Pass values through ``params`` (``?`` or ``$name`` placeholders), never by formatting them in."""
+        self._ensure_views(self.tables)
+        with self._lock:
+            cur = self._con.cursor()
+        try:
+            return cur.execute(query, params if params is not None else []).df()
+        finally:
+            cur.close()
+
+    def table(self, name: str, columns: Sequence[str] | None = None,
+              where: Mapping[str, Any] | str | None = None, params: Sequence[Any] | None = None,
+              order_by: str | Sequence[str] | None = None, limit: int | None = None) -> pd.DataFrame:
+        """Read (part of) a table.
+
+        ``where``: a dict ``{column: value}`` (``= value``; a list/tuple/set means ``IN``; ``None`` means
+        ``IS NULL``; all ANDed), or a code-authored SQL fragment with ``?`` placeholders bound from
+        ``params``. ``order_by``: column name(s), ``-name`` for descending.
+        """
+        self.schema(name)
+        cols = "*" if columns is None else ", ".join(_qi(c) for c in self._check_cols(name, columns))
+        w, args = self._where(name, where, params)
+        sql = f"SELECT {cols} FROM {_qi(name)}{w}{self._order(name, order_by)}{self._limit(limit)}"
+        return self._run(sql, args, name)
+
+    def read_json(self, name: str) -> Any:
+        """Parse ``<name>.json`` (``name`` may include the suffix)."""
+        filename = name if name.endswith(".json") else f"{name}.json"
+        return json.loads(self.path(filename).read_text())
+
+    def path(self, name: str) -> Path:
+        """Path of a file of this run version (e.g. ``projection_model.npz``); FileNotFoundError if absent."""
+        p = self.dir / _check_file_name(name)
+        if not p.is_file():
+            raise FileNotFoundError(f"run {self.run!r} has no file {name!r}")
+        return p
+
+    # -- page queries
+    def _cached(self, key: tuple, fn):
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        val = fn()
+        with self._lock:
+            self._cache[key] = val
+        return val
+
+    def example_routing(self, example_index: int, layer: str | Sequence[str] | None = None,
+                        columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """All routed positions of one example (optionally one or more layers), sorted by layer, call,
+        position. Cheap: routing.parquet is sorted by example_index, so few row groups are read."""
+        where: dict[str, Any] = {"example_index": int(example_index)}
+        if layer is not None:
+            where["layer"] = layer
+        order = [c for c in ("layer", "call", "position") if c in self.columns("routing")]
+        return self.table("routing", columns=columns, where=where, order_by=order)
+
+    def layer_loads(self, layer: str | Sequence[str] | None = None, by: Sequence[str] | str | None = None
+                    ) -> pd.DataFrame:
+        """Per (layer, [by...], expert): ``slots`` (count of top-k slots), ``weight`` (summed combine
+        weight), ``slot_fraction`` and ``weight_fraction`` (shares within the layer [and by-group]).
+        Every expert appears (dead ones with 0). ``by`` may name call / position_kind / routed_modality /
+        gate_modality. Read from the precomputed ``routing_loads`` when present; cached per store."""
+        by = [by] if isinstance(by, str) else list(by or [])
+        layers = None if layer is None else ([layer] if isinstance(layer, str) else list(layer))
+        key = ("layer_loads", None if layers is None else tuple(layers), tuple(by))
+        df = self._cached(key, lambda: self._layer_loads(layers, by))
+        return df.copy()
+
+    def _layer_loads(self, layers: list[str] | None, by: list[str]) -> pd.DataFrame:
+        bad = [b for b in by if b not in ROUTING_GROUPS or b == "layer"]
+        if bad:
+            raise ValueError(f"layer_loads can group by {[g for g in ROUTING_GROUPS if g != 'layer']}, not {bad}")
+        keys = ["layer", *by]
+        src = "routing_loads" if self.has("routing_loads") else "routing"
+        if src == "routing_loads":
+            self._check_cols("routing_loads", keys)
+            w, args = self._where("routing_loads", {"layer": layers} if layers is not None else None, None)
+            inner = (f"SELECT {', '.join(map(_qi, keys))}, expert, sum(slots) AS slots, sum(weight) AS weight "
+                     f"FROM routing_loads{w} GROUP BY ALL")
+        else:
+            self._check_cols("routing", [*keys, "topk_ids", "combine"])
+            w, args = self._where("routing", {"layer": layers} if layers is not None else None, None)
+            k = ", ".join(map(_qi, keys))
+            inner = f"""
+                WITH r AS (SELECT {k}, topk_ids, combine FROM routing{w}),
+                w AS (SELECT {k}, expert, sum(wt)::DOUBLE AS weight FROM (
+                        SELECT {k}, unnest(range(len(combine)))::INTEGER AS expert, unnest(combine) AS wt
+                        FROM r) GROUP BY ALL),
+                s AS (SELECT {k}, expert, count(*)::BIGINT AS slots FROM (
+                        SELECT {k}, unnest(topk_ids)::INTEGER AS expert FROM r) GROUP BY ALL)
+                SELECT {", ".join(f"coalesce(w.{_qi(c)}, s.{_qi(c)}) AS {_qi(c)}" for c in keys)},
+                       coalesce(w.expert, s.expert) AS expert,
+                       coalesce(s.slots, 0) AS slots, coalesce(w.weight, 0.0) AS weight
+                FROM w FULL OUTER JOIN s USING ({k}, expert)"""
+        part = ", ".join(map(_qi, keys))
+        sql = f"""
+            SELECT {part}, expert, slots::BIGINT AS slots, weight::DOUBLE AS weight,
+                   slots / nullif(sum(slots) OVER (PARTITION BY {part}), 0) AS slot_fraction,
+                   weight / nullif(sum(weight) OVER (PARTITION BY {part}), 0) AS weight_fraction
+            FROM ({inner}) ORDER BY {part}, expert"""
+        return self._run(sql, args, src)
+
+    def entropy_values(self, layer: str, sample: int | None = 20_000, seed: int = 0,
+                       column: str = "entropy") -> np.ndarray:
+        """Token entropies (or ``column="top1_prob"``) of one layer for a histogram: all of them when
+        there are at most ``sample``, else a uniform reservoir sample (repeatable for a given seed).
+        Served from ``routing_entropy_sample`` when it holds enough rows for the layer."""
+        if column not in ("entropy", "top1_prob"):
+            raise ValueError(f"column must be 'entropy' or 'top1_prob', got {column!r}")
+        if sample is not None and (isinstance(sample, bool) or int(sample) <= 0):
+            raise ValueError(f"sample must be a positive integer or None, got {sample!r}")
+        key = ("entropy_values", layer, None if sample is None else int(sample), int(seed), column)
+        return self._cached(key, lambda: self._entropy_values(layer, sample, int(seed), column)).copy()
+
+    def _entropy_values(self, layer: str, sample: int | None, seed: int, column: str) -> np.ndarray:
+        src = "routing"
+        if sample is not None and self.has("routing_entropy_sample") \
+                and column in self.columns("routing_entropy_sample"):
+            n_stored, n_total = self._layer_sample_count(layer)
+            if n_stored >= int(sample) or n_stored == n_total:
+                src = "routing_entropy_sample"
+        self._check_cols(src, ["layer", column])
+        inner = f"SELECT {_qi(column)} AS v FROM {src} WHERE layer = ?"
+        if sample is None:
+            sql = inner
+        else:
+            sql = (f"SELECT v FROM ({inner}) USING SAMPLE reservoir({int(sample)} ROWS) "
+                   f"REPEATABLE ({int(seed)})")
+        df = self._run(sql, [layer], src)
+        return df["v"].to_numpy(dtype=np.float32)
+
+    def _layer_sample_count(self, layer: str) -> tuple[int, int]:
+        """(rows stored in routing_entropy_sample for the layer, rows the layer has in routing)."""
+        def counts():
+            has_total = "layer_rows" in self.columns("routing_entropy_sample")
+            total = "max(layer_rows)" if has_total else "-1"
+            df = self._run(f"SELECT layer, count(*) AS n, {total} AS t FROM routing_entropy_sample GROUP BY layer",
+                           None, "routing_entropy_sample")
+            return {r.layer: (int(r.n), int(r.t)) for r in df.itertuples(index=False)}
+        return self._cached(("sample_counts",), counts).get(layer, (0, -1))
+
+    def examples(self, filters: Mapping[str, Any] | None = None, limit: int | None = None) -> pd.DataFrame:
+        """Rows of ``examples`` matching ``filters`` ({column: value or list of values}), in
+        ``example_index`` order."""
+        order = EXAMPLE_KEY if EXAMPLE_KEY in self.columns("examples") else None
+        return self.table("examples", where=dict(filters) if filters else None, order_by=order, limit=limit)
+
+    def predictions(self) -> pd.DataFrame:
+        return self.table("predictions")
+
+    def layer_metrics(self) -> pd.DataFrame:
+        return self.table("layer_metrics")
+
+    def dynamics(self) -> pd.DataFrame:
+        return self.table("dynamics")
+
