@@ -1,0 +1,147 @@
+"""Opening a local Hugging Face model folder: never a download, never remote code, safetensors only.
+
+A folder this family opens holds ``config.json`` with a ``model_type`` (and no MoEscope ``family``
+key), the weights as ``model.safetensors`` or shards named by ``model.safetensors.index.json``, and
+when present the tokenizer / processor files. It is opened with ``transformers``' Auto classes,
+``local_files_only=True``, ``trust_remote_code=False`` and ``use_safetensors=True``.
+
+Large checkpoints: with ``device="auto"`` (or several GPUs present and no device named) the model is
+loaded with ``device_map="auto"`` (``accelerate``), its layers spread over the GPUs present (and the
+CPU for what does not fit).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+SIDECAR = "moescope.json"  # optional: what MoEscope's own demo trainer adds (task, data, training log)
+
+
+class HFCheckpointError(ValueError):
+    """The folder is not a loadable Hugging Face MoE model (the message says what is missing)."""
+
+
+def read_config(path: Path) -> dict | None:
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def recognises(path: Path) -> bool:
+    """A folder whose config.json has a ``model_type`` and no MoEscope ``family`` key."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    config = read_config(path)
+    return bool(config) and "model_type" in config and "family" not in config
+
+
+def read_sidecar(path: Path) -> dict:
+    try:
+        data = json.loads((Path(path) / SIDECAR).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def is_vision_language(config: dict) -> bool:
+    return "vision_config" in config or "image_token_id" in config or "image_token_index" in config
+
+
+def check_folder(path: Path) -> dict:
+    """config.json + safetensors weights present; returns the config. Clear errors otherwise."""
+    path = Path(path)
+    config = read_config(path)
+    if config is None or "model_type" not in config:
+        raise HFCheckpointError(f"{path}: no config.json with a 'model_type'")
+    if not (path / WEIGHTS).is_file() and not (path / WEIGHTS_INDEX).is_file():
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = (f" (found {', '.join(pickles[:3])}: pickled weights are never loaded; convert them to safetensors)"
+                if pickles else "")
+        raise HFCheckpointError(f"{path}: no {WEIGHTS} or {WEIGHTS_INDEX}{hint}")
+    if (path / WEIGHTS_INDEX).is_file():
+        index = json.loads((path / WEIGHTS_INDEX).read_text())
+        missing = sorted({f for f in (index.get("weight_map") or {}).values() if not (path / f).is_file()})
+        if missing:
+            raise HFCheckpointError(f"{path}: shards named by {WEIGHTS_INDEX} are missing: {', '.join(missing[:5])}")
+    return config
+
+
+def _no_network() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
+def resolve_device(device: Any) -> tuple[torch.device, str | None]:
+    """(device the inputs go to, device_map for from_pretrained or None)."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda:0"), ("auto" if torch.cuda.device_count() > 1 or str(device) == "auto" else None)
+        return torch.device("cpu"), None
+    return torch.device(device), None
+
+
+def open_model(path: Path, device: Any = None, dtype: Any = None):
+    """(model, tokenizer or None, processor or None, input device) for a local folder."""
+    _no_network()
+    path = Path(path)
+    config_dict = check_folder(path)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    common = {"local_files_only": True, "trust_remote_code": False}
+    try:
+        config = AutoConfig.from_pretrained(path, **common)
+    except (ValueError, KeyError) as exc:
+        raise HFCheckpointError(f"{path}: transformers cannot read this config "
+                                f"(model_type {config_dict.get('model_type')!r}): {exc}") from exc
+    target, device_map = resolve_device(device)
+    if dtype is None:
+        dtype = torch.float32 if target.type == "cpu" else "auto"
+    auto = AutoModelForImageTextToText if is_vision_language(config_dict) else AutoModelForCausalLM
+    kwargs = {**common, "use_safetensors": True, "dtype": dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = auto.from_pretrained(path, config=config, **kwargs)
+    except ValueError as exc:
+        raise HFCheckpointError(f"{path}: {auto.__name__} cannot build {type(config).__name__}: {exc}") from exc
+    if device_map is None:
+        model = model.to(target)
+    model.eval()
+    tokenizer = processor = None
+    if is_vision_language(config_dict) and any((path / f).is_file() for f in PROCESSOR_FILES):
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained(path, **common)
+        tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None and any((path / f).is_file() for f in TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    if tokenizer is None:
+        raise HFCheckpointError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); MoEscope needs the "
+                                "model's tokenizer to turn text into tokens")
+    if is_vision_language(config_dict) and processor is None:
+        raise HFCheckpointError(f"{path}: a vision-language model without its processor files "
+                                f"({' or '.join(PROCESSOR_FILES)})")
+    if device_map is not None:
+        target = next(model.parameters()).device  # the first layer's device: where inputs go
+    return model, tokenizer, processor, target
+
+
+def load_snapshot(model: torch.nn.Module, path: Path, step: int) -> None:
+    """Load snapshots/step_<N>.safetensors (the model's own state-dict keys) into ``model``."""
+    from mmoe_core.checkpoint import load_into, load_state
+    state = load_state(Path(path), snapshot=step)
+    own = model.state_dict()
+    state = {k: v.to(own[k].device, own[k].dtype) if k in own else v for k, v in state.items()}
+    load_into(model, state, source=f"{path} snapshot {step}")
