@@ -350,7 +350,7 @@ def _example_rows(adapter: ModelAdapter, example: dict, target: str | None, n_st
 
 
 def attribution_table(adapter: ModelAdapter, examples: Sequence[dict], sample_size: int = 200,
-                      stratify_by: str | None = "decisive", seed: int = 0, progress: bool = True, *,
+                      stratify_by: str | None = None, seed: int = 0, progress: bool = True, *,
                       target: str | None = None, n_steps: int = 32, internal_batch_size: int = 8,
                       occlusion_window: int = 1,
                       router_target: RouterTargetChooser | None = default_router_target,
@@ -360,8 +360,9 @@ def attribution_table(adapter: ModelAdapter, examples: Sequence[dict], sample_si
     Per sampled example: IG of the prediction target, occlusion of the image inputs (when the adapter
     has any), and IG of one router logit chosen by ``router_target`` (default
     :func:`default_router_target`; None to skip). Columns: :data:`TABLE_COLUMNS`, ``example_id`` and
-    one column per example label (e.g. ``decisive``). The sample is stratified by
-    ``example["labels"][stratify_by]`` (None: uniform) and is never simply the head of ``examples``.
+    one column per example label. The sample is stratified by ``example["labels"][stratify_by]`` (the
+    precompute passes the spec's decisive label, ``spec.decisive_label()``; None: uniform) and is never
+    simply the head of ``examples``.
     ``shard`` = (rank, world) keeps that rank's contiguous block of the sample (precompute under torchrun).
     """
     strata = ([str((ex.get("labels") or {}).get(stratify_by)) for ex in examples]

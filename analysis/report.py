@@ -26,14 +26,14 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures as F
+from mmoe_core.spec import ModelSpec
 
-__all__ = ["build_report", "model_card", "trigger_step", "layers_frame", "training_options", "verdict_frame", "headline_tables",
-           "rate_measures", "main"]
+__all__ = ["build_report", "model_card", "trigger_step", "training_phases", "layers_frame", "training_options",
+           "verdict_frame", "headline_tables", "rate_measures", "format_metric", "main"]
 
-# Fields of the checkpoint config's "training" block worth a line on the model card (when present).
-TRAINING_KEYS = ("steps", "steps_done", "batch_size", "lr", "lr_schedule", "gate", "experts", "top_k", "balance",
-                 "z_loss", "router_lr_mult", "two_stage", "trigger_entropy", "trigger_step", "two_stage_weight",
-                 "dme", "frozen", "expert_only", "aux_weight", "device", "train_seconds", "seed")
+# Bookkeeping entries of the shared trainer's "training" block that say nothing about the model.
+HIDDEN_TRAINING_KEYS = frozenset({"data_dir", "out_dir", "progress", "log_every", "threads", "family",
+                                  "family_options"})
 VERDICT_COLUMNS = {
     "layer": "layer", "verdict": "verdict", "reason": "reason", "effective_experts": "effective experts",
     "token_entropy": "token entropy (nats)", "load_cv": "load CV", "max_load_ratio": "max-load ratio",
@@ -49,36 +49,18 @@ def _short_hash(h: Any) -> str:
     return str(h)[:12] if h else "n/a"
 
 
-def _encoder(config: Mapping[str, Any]) -> str:
-    enc = (config.get("model") or {}).get("encoder") or config.get("encoder")
-    if isinstance(enc, Mapping):
-        parts = [str(enc.get("name") or enc.get("kind") or "?")]
-        if enc.get("pretrained"):
-            parts.append(f"pretrained {enc['pretrained']}")
-        else:
-            parts.append("from scratch")
-        if enc.get("frozen"):
-            parts.append("frozen")
-        return ", ".join(parts)
-    if isinstance(config.get("model"), Mapping):  # families with several towers name them separately
-        towers = {k: v for k, v in config["model"].items() if "encoder" in k and isinstance(v, Mapping)}
-        if towers:
-            return "; ".join(f"{k}: {v.get('name') or v.get('kind') or '?'}" for k, v in towers.items())
-    return str(enc) if enc else "n/a"
-
-
-# Options that live in the model block of some families (e.g. MoEMoE's lambda and expert-only schedule).
-MODEL_OPTION_KEYS = ("aux_weight", "align_weight", "expert_only", "expert_only_after_steps", "image_warmup_steps",
-                     "qga_warmup_steps", "capacity_factor", "dispatch", "mention_desc")
+def _shown(v: Any) -> bool:
+    """A value worth a line: set, and a scalar (nested blocks are the family's own business)."""
+    return v is not None and isinstance(v, (str, int, float, bool))
 
 
 def training_options(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The training options of a checkpoint config worth showing (missing ones left out), plus the
-    routing-relevant options a family keeps in its model block (as ``model.<name>``)."""
+    """The options a checkpoint was trained with: every set, scalar entry of the trainer's ``training`` block
+    (bookkeeping such as paths left out), then the family's own options (its ``family_options``), by name."""
     block = config.get("training") or (config.get("recipe") or {}).get("options") or {}
-    out = {k: block[k] for k in TRAINING_KEYS if k in block and block[k] is not None}
-    model = config.get("model") if isinstance(config.get("model"), Mapping) else {}
-    out.update({f"model.{k}": model[k] for k in MODEL_OPTION_KEYS if model.get(k) is not None})
+    out = {k: v for k, v in block.items() if k not in HIDDEN_TRAINING_KEYS and _shown(v)}
+    family = block.get("family_options") if isinstance(block.get("family_options"), Mapping) else {}
+    out.update({k: v for k, v in family.items() if _shown(v) and k not in out})
     return out
 
 
@@ -94,59 +76,55 @@ def trigger_step(manifest: Mapping[str, Any], config: Mapping[str, Any] | None) 
     return None
 
 
-# Schedule steps some families keep in their model block, and what happens at each.
-PHASE_KEYS = (("image_warmup_steps", "image tower frozen"), ("qga_warmup_steps", "QGA free"),
-              ("expert_only_after_steps", "expert-only"))
+def training_phases(spec: ModelSpec | None) -> list[tuple[int, str]]:
+    """(step, what starts there) of the training schedule the model declares (``spec.training_phases``),
+    in step order."""
+    return sorted((int(p.step), p.label) for p in (spec.training_phases if spec is not None else ()))
 
 
-def training_phases(config: Mapping[str, Any] | None) -> list[tuple[int, str]]:
-    """(step, what starts there) of a run's training schedule, in step order: the model block's phase
-    switches (e.g. MoEMoE's image warm-up, QGA warm-up and expert-only steps) that fall inside the run."""
+def model_card(manifest: Mapping[str, Any], config: Mapping[str, Any] | None,
+               spec: ModelSpec | None = None) -> list[tuple[str, str]]:
+    """(field, value) lines of a run's model card: with ``spec``, the model in words and the facts it
+    declares (``spec.model_card``) first; then family, description, code version, checkpoint and dataset
+    hashes, split, size and build time; with ``spec``, the prediction, declared outputs and labels last."""
     config = config or {}
-    model = config.get("model") if isinstance(config.get("model"), Mapping) else {}
-    training = config.get("training") or {}
-    last = training.get("steps_done") or training.get("steps")
-    phases = []
-    for key, label in PHASE_KEYS:
-        step = model.get(key)
-        if isinstance(step, (int, float)) and step > 0 and (last is None or step < last):
-            phases.append((int(step), label))
-    return sorted(phases)
-
-
-def model_card(manifest: Mapping[str, Any], config: Mapping[str, Any] | None) -> list[tuple[str, str]]:
-    """(field, value) lines of a run's model card: family, description, encoder, prediction, code version,
-    checkpoint and dataset hashes, split, size and build time."""
-    config = config or {}
-    prediction = manifest.get("prediction") or {}
     code = manifest.get("code_version") or "n/a"
     if config.get("code_version") and config.get("code_version") != code:
         code = f"{code} (checkpoint trained with {config['code_version']})"
-    lines = [
+    lines = [("model", spec.title), *[(str(k), str(v)) for k, v in spec.model_card.items()]] if spec else []
+    lines += [
         ("family", str(manifest.get("family") or config.get("family") or "n/a")),
         ("description", str(config.get("description") or "n/a")),
-        ("encoder", _encoder(config)),
-        ("prediction", f"{prediction.get('kind', 'n/a')}: {prediction.get('description', '')}".strip(": ")),
         ("code version", str(code)),
         ("checkpoint", f"{manifest.get('checkpoint', 'n/a')} (hash {_short_hash(manifest.get('checkpoint_hash'))})"),
         ("dataset", f"{manifest.get('dataset', 'n/a')} (hash {_short_hash(manifest.get('dataset_hash'))})"),
         ("split", f"{manifest.get('split', 'n/a')}, {manifest.get('num_examples', 'n/a')} examples"),
         ("built", str(manifest.get("created", "n/a"))),
     ]
-    outputs = manifest.get("outputs") or {}
-    if outputs:
-        lines.append(("declared outputs", "; ".join(f"{k}: {v}" for k, v in outputs.items())))
+    if spec is not None:
+        lines.append(("prediction", f"{spec.prediction.kind}: {spec.prediction.description}".strip(": ")))
+        lines += [(f"output: {o.name}", f"{o.kind}: {o.description}") for o in spec.outputs]
+        lines += [(f"label: {lab.name}", lab.description + (" (ground truth)" if lab.ground_truth else ""))
+                  for lab in spec.labels]
     return lines
 
 
-def layers_frame(manifest: Mapping[str, Any]) -> pd.DataFrame:
-    """The routed layers a run declares: E, k, gate kind, what is routed and what the gate sees."""
+LAYER_COLUMNS = ["layer", "E", "k", "gate", "scores", "weights", "batch-dependent", "shared experts", "capacity",
+                 "routed", "gate sees", "calls", "note"]
+
+
+def layers_frame(spec: ModelSpec | None) -> pd.DataFrame:
+    """The routed layers as declared: E, k, and what the gate really does (scores, how the combine weights
+    are formed, batch dependence, shared experts, capacity), what is routed and what the gate sees."""
     rows = []
-    for spec in manifest.get("layers") or []:
-        rows.append({"layer": spec.get("name"), "E": spec.get("num_experts"), "k": spec.get("top_k"),
-                     "gate": spec.get("gate_kind"), "routed": spec.get("routed"), "gate sees": spec.get("gate_sees"),
-                     "calls": ", ".join(spec.get("calls") or [])})
-    return pd.DataFrame(rows, columns=["layer", "E", "k", "gate", "routed", "gate sees", "calls"])
+    for layer in (spec.routed_layers if spec is not None else ()):
+        g = layer.gate
+        rows.append({"layer": layer.name, "E": layer.num_experts, "k": layer.top_k, "gate": g.kind,
+                     "scores": g.score, "weights": g.normalisation,
+                     "batch-dependent": "yes" if g.batch_dependent else "no", "shared experts": g.shared_experts,
+                     "capacity": "" if g.capacity is None else f"{g.capacity:g}", "routed": layer.routed,
+                     "gate sees": layer.gate_sees, "calls": ", ".join(layer.calls), "note": g.note})
+    return pd.DataFrame(rows, columns=LAYER_COLUMNS)
 
 
 def _ids(v: Any) -> str:
@@ -291,18 +269,24 @@ def build_report(run: str, root: str | os.PathLike | None = None) -> str:
     status = run_status(run, root)
     with RunStore(run, root) as store:
         manifest = dict(store.manifest or {})
+        try:
+            spec = store.spec()
+        except ValueError:
+            spec = None  # a stale run: the status warning above the report says so
         config = _json(store, "config") or {}
         metrics = _json(store, "metrics") or {}
         lm = store.layer_metrics() if store.has("layer_metrics") else pd.DataFrame()
         loads = store.layer_loads() if (store.has("routing_loads") or store.has("routing")) else pd.DataFrame()
         layers = list(lm["layer"]) if len(lm) else sorted(loads["layer"].unique()) if len(loads) else []
-        entropies = {l: store.entropy_values(l, sample=20_000) for l in layers} if store.has("routing") else {}
-        spec = store.table("specialisation") if store.has("specialisation") else pd.DataFrame()
+        entropies = ({name: store.entropy_values(name, sample=20_000) for name in layers}
+                     if store.has("routing") else {})
+        special = store.table("specialisation") if store.has("specialisation") else pd.DataFrame()
         dyn = store.dynamics() if store.has("dynamics") else pd.DataFrame()
-    num_experts = {s.get("name"): int(s.get("num_experts") or 0) for s in manifest.get("layers") or []}
+    num_experts = {layer.name: layer.num_experts for layer in (spec.routed_layers if spec else ())}
     order = list(num_experts)
-    lm, loads, spec, dyn = (F.in_layer_order(f, order) for f in (lm, loads, spec, dyn))
-    entropies = {l: entropies[l] for l in sorted(entropies, key=lambda l: order.index(l) if l in order else len(order))}
+    lm, loads, special, dyn = (F.in_layer_order(f, order) for f in (lm, loads, special, dyn))
+    entropies = {name: entropies[name]
+                 for name in sorted(entropies, key=lambda n: order.index(n) if n in order else len(order))}
     fig = _Figures()
     parts: list[str] = []
     title = f"MoEscope report: {html.escape(run)}"
@@ -311,6 +295,8 @@ def build_report(run: str, root: str | os.PathLike | None = None) -> str:
                  f"from the run's artifacts; status: {html.escape(status.state)}.</p>")
     if status.state != "ready":
         parts.append(f'<p class="warn">{html.escape(status.message)}</p>')
+    for note in (spec.notes if spec else ()):
+        parts.append(f'<p class="warn">{html.escape(note)}</p>')
 
     parts.append("<h2>Headline metrics</h2>")
     overall, by = headline_tables(metrics)
@@ -334,9 +320,9 @@ def build_report(run: str, root: str | os.PathLike | None = None) -> str:
     parts.append(_table_html(verdict_frame(lm), verdict_col="verdict", table_id="verdicts"))
 
     parts.append("<h2>Model card</h2>")
-    card = pd.DataFrame(model_card(manifest, config), columns=["field", "value"])
+    card = pd.DataFrame(model_card(manifest, config, spec), columns=["field", "value"])
     parts.append(_table_html(card, table_id="model-card"))
-    layer_table = layers_frame(manifest)
+    layer_table = layers_frame(spec)
     if len(layer_table):
         parts.append("<h3>Routed layers</h3>")
         parts.append(_table_html(layer_table, table_id="layers"))
@@ -351,11 +337,11 @@ def build_report(run: str, root: str | os.PathLike | None = None) -> str:
     parts.append(fig(F.load_heatmap(loads)))
     if entropies:
         parts.append(fig(F.entropy_histograms(entropies, num_experts)))
-    if len(spec):
-        parts.append(fig(F.specialisation_bars(spec)))
+    if len(special):
+        parts.append(fig(F.specialisation_bars(special)))
     if len(dyn):
         parts.append("<h2>Training dynamics</h2>")
-        parts.append(fig(F.dynamics_lines(dyn, trigger_step(manifest, config), phases=training_phases(config))))
+        parts.append(fig(F.dynamics_lines(dyn, trigger_step(manifest, config), phases=training_phases(spec))))
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f"<style>{_CSS}</style></head><body>\n{body}\n</body></html>\n")
