@@ -449,3 +449,53 @@ def test_mutual_information_of_codes_equals_sklearn():
         a, b = rng.integers(0, na, size=n), rng.integers(0, nb, size=n)
         b = np.where(rng.random(n) < 0.5, a % nb, b)  # some dependence
         assert r.mutual_information_of_codes(a, b) == pytest.approx(mutual_info_score(a, b), abs=1e-12)
+
+
+# --------------------------------------------------------------------------- a sigmoid gate, from its records
+
+
+def sigmoid_call(T=60, seed=0):
+    """One recorded call of a sigmoid top-2 gate (DeepSeek-V3 style): probs = sigmoid(logits) + a bias
+    that the scores carry but the logits do not, so softmax(logits) is *not* the gate's distribution."""
+    import torch
+
+    from mmoe_core.routing_record import LayerCall, PositionMeta, RouterOutput
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(1, T, E)).astype(np.float32)
+    logits[..., 0] += 5.0                      # softmax(logits) piles onto expert 0 ...
+    probs = 1 / (1 + np.exp(-logits))
+    probs[..., 1:] = np.clip(probs[..., 1:] + 0.6, 0, 1)  # ... the gate's own scores spread out
+    top = np.argsort(-probs, axis=-1)[..., :2]
+    combine = np.zeros_like(probs)
+    np.put_along_axis(combine, top, np.take_along_axis(probs, top, -1), -1)   # raw top-k weights
+    router = RouterOutput(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (logits, probs, top, combine)))
+    meta = PositionMeta.uniform("c", [7], T, "text_token", "text", "text")
+    return LayerCall("sig", router, meta), logits[0], probs[0]
+
+
+def test_sigmoid_gate_indicators_use_the_recorded_probs():
+    from analysis.indicator_tables import layer_metrics_frame
+    from analysis.routing_table import routing_frame
+    call, logits, probs = sigmoid_call()
+    table = routing_frame([call])
+    assert list(table.columns[:6]) == ["layer", "call", "example_index", "example_id", "position", "position_kind"]
+    np.testing.assert_allclose(np.stack(table["probs"]), probs)
+    dist = probs / probs.sum(axis=1, keepdims=True)
+    assert not np.allclose(dist, r.softmax(logits), atol=0.05)   # the two readings really differ
+    np.testing.assert_allclose(table["entropy"], r.token_entropy(dist), rtol=1e-5)
+    np.testing.assert_allclose(table["top1_prob"], dist.max(axis=1), rtol=1e-5)
+    row = layer_metrics_frame(table).iloc[0]
+    assert row["importance"] == pytest.approx(dist.mean(axis=0).tolist(), rel=1e-5)
+    assert row["token_entropy"] == pytest.approx(r.token_entropy(dist).mean(), rel=1e-5)
+    assert row["effective_experts"] == pytest.approx(math.exp(r.marginal_entropy(dist.mean(axis=0))), rel=1e-5)
+    from_logits = summary_of(logits, np.stack(table["topk_ids"]).astype(int))
+    assert from_logits["effective_experts"] < 2.0 < row["effective_experts"]  # softmax(logits) would say collapse
+    assert row["z_loss"] == pytest.approx(r.router_z_loss(logits), rel=1e-5)  # the z-loss does read logits
+
+
+def test_routing_distribution_normalises_scores_and_keeps_softmax():
+    logits = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(r.routing_distribution(r.softmax(logits)), r.softmax(logits))
+    np.testing.assert_allclose(r.routing_distribution([[0.5, 0.25, 0.25], [0.0, 0.0, 0.0]]),
+                               [[0.5, 0.25, 0.25], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(r.routing_distribution([[0.9, 0.9, 0.2]]), [[0.45, 0.45, 0.1]])
