@@ -29,6 +29,7 @@ from mmoe_core.adapter import (AttributionTarget, InputSpec, ModelAdapter, Predi
                                RunOutput)
 from mmoe_core.moe import SwitchMoE
 from mmoe_core.routing_record import PositionMeta, RoutingRecorder
+from mmoe_core.spec import GateSpec
 
 W, L, P, E = 8, 6, 4, 4
 GATE_MIX = 0.5
@@ -55,12 +56,15 @@ class ToyModel(nn.Module):
 class ToyAdapter(ModelAdapter):
     family = "toy"
 
+    def fields(self):
+        return []
+
     def input_spec(self):
         return [InputSpec("text", "text_tokens", "token embeddings"), InputSpec("image", "image_patches", "patches")]
 
     def routed_layers(self):
-        return [RoutedLayerSpec("toy_moe", E, E, "topk_softmax", "text tokens and image patches",
-                                "the position plus image patch 0", calls=("mention",))]
+        return [RoutedLayerSpec("toy_moe", E, E, GateSpec(), routed="text tokens and image patches",
+                                gate_sees="the position plus image patch 0", calls=("mention",))]
 
     def prediction_spec(self):
         return PredictionSpec("ranking", "toy score")
