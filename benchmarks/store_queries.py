@@ -29,6 +29,7 @@ import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from analysis.store import RunStore, RunWriter, inputs_manifest, run_status  # noqa: E402
+from mmoe_core.spec import ModelSpec, RoutedLayerSpec  # noqa: E402
 
 TARGET_P95_MS = 300.0
 LAYERS = ("decoder.1", "decoder.3", "inter.img", "inter.txt", "intra.img", "intra.txt")  # sorted names
@@ -57,7 +58,7 @@ def synth_routing(n: int, seed: int = 0) -> tuple[pa.Table, int]:
     combine = np.zeros_like(probs)
     np.put_along_axis(combine, topk.astype(np.int64), topw, axis=1)
     entropy = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1).astype(np.float32)
-    del z
+    del z  # probs stays: the routing table stores the gate's own probabilities
 
     def lists(a: np.ndarray, typ: pa.DataType) -> pa.Array:
         width = a.shape[1]
@@ -82,10 +83,13 @@ def synth_routing(n: int, seed: int = 0) -> tuple[pa.Table, int]:
         "token": dict_str(token_i, vocab),
         "routed_modality": dict_str(modality_i, ["text", "image"]),
         "gate_modality": dict_str(1 - modality_i, ["text", "image"]),
+        "grid_row": np.where(kind_i == 2, (position - 32) // 12, -1).astype(np.int16),
+        "grid_col": np.where(kind_i == 2, (position - 32) % 12, -1).astype(np.int16),
         "top1": topk[:, 0].copy(),
         "topk_ids": lists(topk, pa.int16()),
         "topk_weights": lists(topw.astype(np.float32), pa.float32()),
         "combine": lists(combine, pa.float32()),
+        "probs": lists(probs, pa.float32()),
         "logits": lists(logits, pa.float32()),
         "entropy": entropy,
         "top1_prob": probs.max(axis=1).astype(np.float32),
@@ -147,7 +151,9 @@ def bench_one(n: int, repeats: int, workdir: str | None) -> dict:
         gen_s = time.perf_counter() - t0
         ckpt = fake_checkpoint(root / "checkpoints" / "bench")
         t0 = time.perf_counter()
-        with RunWriter("bench", root=root, manifest_base=inputs_manifest(ckpt, None, {"n": n})) as w:
+        spec = ModelSpec("synthetic", "synthetic", routed_layers=tuple(RoutedLayerSpec(name, EXPERTS, TOP_K)
+                                                                      for name in LAYERS))
+        with RunWriter("bench", root=root, manifest_base=inputs_manifest(ckpt, None, {"n": n}, spec=spec)) as w:
             w.write_table("routing", routing)
             for name, df in small.items():
                 w.write_table(name, df)
