@@ -99,7 +99,7 @@ def _clean_staging(staging_root: Path) -> list[str]:
 class RunWriter:
     """Write one run atomically. Use as a context manager::
 
-        with RunWriter("demo", manifest_base=inputs_manifest(ckpt, data, params, family="mmoe")) as w:
+        with RunWriter("demo", manifest_base=inputs_manifest(ckpt, data, params, spec=adapter.spec())) as w:
             w.write_table("routing", routing_df)      # sorted + typed + aggregates added at commit
             w.write_table("examples", examples_df)
             w.write_json("projection_model", {...})
