@@ -18,7 +18,7 @@ VISION_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
 _PUNCTUATION = r"[^\w\s'\-]"
 
 # A chat template in the shape real Qwen-VL templates read (content parts of type image / text):
-# "<|vision_start|><|image_pad|><|vision_end|> <text> answer :" -- so the demo model and a user's
+# "question: <q> <|vision_start|><|image_pad|><|vision_end|> <text> answer :" -- so the demo model and a user's
 # instruct checkpoint take the same path (processor.apply_chat_template, then the processor).
 DEMO_CHAT_TEMPLATE = (
     "{%- for message in messages -%}{%- for part in message['content'] -%}"

@@ -2,8 +2,8 @@
 
 * Text models: the example's ``text`` tokenised (BOS prepended when the tokenizer has one and does
   not add it), left-padded; position ids from the attention mask.
-* Vision-language models: one user turn of [picture, text] rendered with the processor's chat
-  template when it has one (else the picture's placeholder tokens, then the text), then the
+* Vision-language models: one user turn of [question, picture, text] rendered with the processor's
+  chat template when it has one (else the same parts joined by spaces), then the
   processor (pixel values, ``image_grid_thw``, ``mm_token_type_ids``, the image placeholder tokens
   expanded to one per merged patch cell).
 
@@ -25,11 +25,17 @@ from mmoe_core.routing_record import PositionMeta
 CALL = "tokens"
 
 
-def prompt_text(example: dict) -> str:
-    """The text part of the prompt: the example's text, then its question when it has one."""
-    text = str(example.get("text") or "")
+def question_text(example: dict) -> str:
     question = example.get("question")
-    return f"{text}\nquestion: {question}" if question else text
+    return f"question: {question}" if question else ""
+
+
+def prompt_text(example: dict) -> str:
+    """The text of the prompt: the question first (when there is one), then the example's text, so
+    that every text position (and the picture's) is read knowing the question."""
+    text = str(example.get("text") or "")
+    question = question_text(example)
+    return f"{question}\n{text}" if question else text
 
 
 def example_image(example: dict) -> Image.Image | None:
@@ -79,14 +85,17 @@ def positions_from_mask(mask: Tensor) -> Tensor:
 
 
 def vl_prompt(processor, example: dict, has_image: bool) -> str:
-    content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": prompt_text(example)}]
+    question, text = question_text(example), str(example.get("text") or "")
+    content = (([{"type": "text", "text": question}] if question else []) + ([{"type": "image"}] if has_image else [])
+               + [{"type": "text", "text": text}])
     if getattr(processor, "chat_template", None):
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                              tokenize=False)
     tok = processor.tokenizer
     start = getattr(tok, "vision_start_token", None) or ""
     end = getattr(tok, "vision_end_token", None) or ""
-    return (f"{start}{processor.image_token}{end} " if has_image else "") + prompt_text(example)
+    picture = f"{start}{processor.image_token}{end}" if has_image else ""
+    return " ".join(part for part in (question, picture, text) if part)
 
 
 def encode_vl(processor, examples: Sequence[dict]) -> dict[str, Tensor]:
