@@ -19,7 +19,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 demo: venv build-demo serve
 
 build-demo: venv
-	$(BIN)/python -m mmoe_core.demo
+	$(BIN)/python -m demo_build
 
 serve: venv
 	$(BIN)/python -m streamlit run app.py --server.address 127.0.0.1 --server.port 8501 \

@@ -1,4 +1,5 @@
-"""Benchmark the KB ranking engine (mmoe_core.kb_ranking) against the published chunked evaluation.
+"""Benchmark the KB ranking engine (mmoe_core.families.mmoe.kb_ranking) against the published chunked
+evaluation.
 
 A randomly initialised MMoE matcher at the published sizes (text input 512, 50 text tokens, 50 image
 tokens = ViT CLS + 49 patches, dv = hidden = 96, 4 experts top-3, expert FFN x4) and synthetic encoder
@@ -37,9 +38,12 @@ from _common import REPO, command_line, load_average, machine, record  # noqa: F
 
 import torch  # noqa: E402
 
-from mmoe_core.kb_ranking import (KBCache, KBRanker, PUBLISHED_ENTITY_CHUNK, PUBLISHED_MENTION_BATCH,  # noqa: E402
-                                  agreement, global_scores, mention_side, published_ranking, same_ranking, state_hash)
-from mmoe_core.mmoe import EncodedSide, EntityFeatures, MentionFeatures, MMoEConfig, MMoEMatcher  # noqa: E402
+from mmoe_core.families.mmoe.config import MMoEConfig  # noqa: E402
+from mmoe_core.families.mmoe.features import EncodedSide, EntityFeatures, MentionFeatures  # noqa: E402
+from mmoe_core.families.mmoe.kb_ranking import (  # noqa: E402
+    PUBLISHED_ENTITY_CHUNK, PUBLISHED_MENTION_BATCH, KBCache, KBRanker, agreement, global_scores, mention_side,
+    published_ranking, same_ranking, state_hash)
+from mmoe_core.families.mmoe.model import MMoEMatcher  # noqa: E402
 
 TEXT_DIM, TEXT_LEN, IMAGE_TOKENS, DV, HIDDEN, EXPERTS, TOP_K = 512, 50, 50, 96, 96, 4, 3
 BLOCK = 100  # synthetic features are generated per block of rows (deterministic in the block index)

@@ -27,7 +27,7 @@ from _common import command_line, machine, record  # noqa: F401
 import torch  # noqa: E402
 
 from mmoe_core.encoders import EncoderSpec  # noqa: E402
-from mmoe_core.mmoe import build_model  # noqa: E402
+from mmoe_core.families.mmoe.model import build_model  # noqa: E402
 from mmoe_core.routing_record import RoutingRecorder  # noqa: E402
 
 TARGET = 1.10

@@ -2,7 +2,7 @@
 
 Loads the checkpoint through :func:`mmoe_core.adapter.load_adapter`, runs the split and prints the
 family's ``summarize`` (MMoE: MRR, MR, Hits@1/3/5/10/20, every mention ranked against the whole KB,
-overall and by decisive label; ranks as the published code computes them, see mmoe_core/ranking.py).
+overall and by decisive label; ranks as the published code computes them, see mmoe_core/families/mmoe/ranking.py).
 With ``--json`` stdout carries exactly one JSON object; progress always goes to stderr.
 """
 from __future__ import annotations

@@ -33,6 +33,7 @@ class DemoRun:
     train: Callable[[Path, Path, str, bool], None]  # (data_dir, ckpt_dir, scale, progress) -> writes ckpt_dir
     precompute: Mapping[str, Any] = field(default_factory=dict)  # analysis.precompute options (split, ...)
     description: str = ""
+    cost: float = 0.0                          # relative build time (e.g. steps): parallel builds start the costliest
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class Family:
 _FAMILIES: dict[str, Family] = {}
 _WORLDS: dict[str, World] = {}
 _BUILTINS_LOADED = False
+# Modules that register built-in entries besides the family packages (imported by name: they import
+# this module, and this module must not import them back).
+_BUILTIN_MODULES = ("mmoe_core.data.worlds",)
 
 
 def register(family: Family) -> Family:
@@ -90,6 +94,8 @@ def _load_builtins() -> None:
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
+    for name in _BUILTIN_MODULES:
+        importlib.import_module(name)
     import mmoe_core.families as pkg
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.ispkg:

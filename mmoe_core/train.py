@@ -1,8 +1,11 @@
-"""Training CLI: ``python -m mmoe_core.train --family {mmoe,moemoe} --data DIR --out CKPT_DIR [options]``.
+"""Training CLI: ``python -m mmoe_core.train --family FAMILY --data DIR --out CKPT_DIR [options]``.
 
-Every family plugs in through its mmoe_core.registry entry (trainer=...); family-specific options pass
-through ``--opt key=value`` (repeatable; the value is read as JSON when it parses, else as a string),
-e.g. ``--opt encoder=tiny-32 --opt text_hidden=32`` for MMoE. Progress goes to stderr; the last line on
+Every family plugs in through its mmoe_core.registry entry (trainer=...): ``--family`` offers the
+registered trainable families. ``--model-config NAME`` starts from a named model config
+(``mmoe_core/families/<family>/model_configs/NAME.json``, see mmoe_core.factory; it also gives the
+family when ``--family`` is left out). Family-specific options pass through ``--opt key=value``
+(repeatable; the value is read as JSON when it parses, else as a string), e.g. ``--opt encoder=tiny-32
+--opt text_hidden=32`` for MMoE, on top of the named config. Progress goes to stderr; the last line on
 stdout names the checkpoint.
 """
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import json
 import sys
 
+from mmoe_core import factory
 from mmoe_core.training import TrainOptions, get_trainer, train, trainer_families
 
 
@@ -32,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainOptions()
     p = argparse.ArgumentParser(prog="python -m mmoe_core.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", required=True, help="model family (registered trainers: mmoe, moemoe, ...)")
-    p.add_argument("--data", required=True, help="dataset folder")
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--family", choices=trainer_families(), help="model family (default: the --model-config's)")
+    p.add_argument("--model-config", help="named model config to start from (list: --list-model-configs)")
+    p.add_argument("--list-model-configs", action="store_true", help="print the named model configs and exit")
+    p.add_argument("--data", help="dataset folder (required to train)")
+    p.add_argument("--out", help="checkpoint directory to write (required to train)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--steps", type=int, default=None, help="stop after N steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -66,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
+    family_options = parse_opt(args.opt)
+    if args.model_config:
+        family_options = {factory.MODEL_CONFIG_OPTION: args.model_config, **family_options}
     return TrainOptions(
         family=args.family, data_dir=args.data, out_dir=args.out, epochs=args.epochs, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -74,14 +83,35 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
         z_loss=args.z_loss, two_stage=args.two_stage, two_stage_weight=args.two_stage_weight,
         trigger_entropy=args.trigger_entropy, trigger_step=args.trigger_step, snapshot_every=args.snapshot_every,
         log_every=args.log_every, seed=args.seed, device=args.device, threads=args.threads, dme=args.dme,
-        progress=not args.no_progress, family_options=parse_opt(args.opt))
+        progress=not args.no_progress, family_options=family_options)
+
+
+def resolve_family(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """--family, else the family of --model-config; they must agree when both are given."""
+    named = None
+    if args.model_config:
+        try:
+            named = factory.get_model_config(args.model_config)["family"]
+        except factory.FactoryError as exc:
+            parser.error(str(exc))
+    family = args.family or named
+    if family is None:
+        parser.error("give --family or --model-config")
+    if named is not None and named != family:
+        parser.error(f"--model-config {args.model_config} is a {named!r} config, not {family!r}")
+    return family
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.family not in trainer_families():
-        print(f"unknown family {args.family!r}; registered: {trainer_families()}", file=sys.stderr)
-        return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_model_configs:
+        for name in factory.list_model_configs(args.family):
+            print(f"{name}  ({factory.get_model_config(name)['family']})")
+        return 0
+    args.family = resolve_family(args, parser)
+    if not args.data or not args.out:
+        parser.error("--data and --out are required to train")
     options = options_from_args(args)
     try:
         trainer = get_trainer(args.family)(options)

@@ -273,13 +273,12 @@ def _total_steps(trainer, options: TrainOptions) -> int | None:
 
 
 def build_config(trainer, options: TrainOptions, extra: dict | None = None) -> dict:
-    config = {"family": trainer.family, "model": trainer.model_config(), "training": options.to_dict(),
-              "seed": options.seed}
+    """config.json, one style for every family: {"family", "model", "data", "training"} (``code_version`` is
+    added on save). ``extra`` (e.g. a demo recipe's fingerprint and description) joins the training section."""
     data_config = getattr(trainer, "data_config", None)
-    if callable(data_config):
-        config["data"] = data_config()
-    config.update(extra or {})
-    return config
+    return {"family": trainer.family, "model": trainer.model_config(),
+            "data": data_config() if callable(data_config) else {},
+            "training": {**options.to_dict(), **(extra or {})}}
 
 
 def train(trainer, options: TrainOptions, out_dir: str | Path | None = None,
@@ -317,7 +316,7 @@ def _train(trainer, options: TrainOptions, out_dir: Path, extra_config: dict | N
     recorder = RoutingRecorder(keep_graph=True)
     total = _total_steps(trainer, options)
     config["training"]["device"] = str(device)
-    save_config({**config, "status": "training"}, out_dir)
+    save_config({**config, "training": {**config["training"], "status": "training"}}, out_dir)  # until the end
 
     rows: list[dict] = []
     step, epoch, started, loss_value = 0, 0, time.perf_counter(), float("nan")

@@ -1,7 +1,7 @@
 """Shared fixtures.
 
 ``demo_artifacts`` builds the tiny demo once per test session, with the same command a user runs
-(`python -m mmoe_core.demo`, at ``--scale tiny``): tiny worlds, short trainings of the four demo runs,
+(`python -m demo_build`, at ``--scale tiny``): tiny worlds, short trainings of the demo runs,
 and their precomputed artifacts, all in a temporary artifacts root. It sets MOESCOPE_ARTIFACTS for
 the session so that pages, the store and the CLIs all read that root.
 """
@@ -22,7 +22,7 @@ DEMO_RUNS = ("mmoe-balanced", "mmoe-collapsing", "mmoe-reference-gate", "moemoe-
 def demo_artifacts(tmp_path_factory) -> Path:
     root = Path(os.environ.get("MOESCOPE_TEST_ARTIFACTS") or tmp_path_factory.mktemp("artifacts"))
     env = {**os.environ, "MOESCOPE_ARTIFACTS": str(root)}
-    done = subprocess.run([sys.executable, "-m", "mmoe_core.demo", "--scale", "tiny", "--no-progress"],
+    done = subprocess.run([sys.executable, "-m", "demo_build", "--scale", "tiny", "--no-progress"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         pytest.fail(f"tiny demo build failed (rc {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")

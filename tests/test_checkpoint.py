@@ -10,7 +10,7 @@ from mmoe_core.adapter import load_adapter
 from mmoe_core.checkpoint import (CheckpointError, list_snapshots, load_config, load_into, load_state,
                                   save_checkpoint, save_snapshot)
 from mmoe_core.encoders import EncoderSpec
-from mmoe_core.mmoe import build_model
+from mmoe_core.families.mmoe.model import build_model
 
 CONFIG = {"family": "mmoe", "model": dict(encoder=EncoderSpec(name="tiny-32").to_dict(), image_dim=8, text_hidden=8,
                                           image_hidden=8, cross_hidden=8, expert_mult=1)}

@@ -1,4 +1,4 @@
-"""Importing checkpoints trained with the published MEL-MMoE code (mmoe_core.import_mmoe).
+"""Importing checkpoints trained with the published MEL-MMoE code (mmoe_core.families.mmoe.import_mmoe).
 
 The published checkpoint is simulated: a state dict with the published key names and shapes at a
 small config (a Hugging Face CLIPModel-shaped encoder with few, narrow layers, plus the matcher), filled
@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmoe_core.import_mmoe import ImportRefused, build_imported, import_checkpoint, main, read_checkpoint
+from mmoe_core.families.mmoe.import_mmoe import ImportRefused, build_imported, import_checkpoint, main, read_checkpoint
 
 # A small published config (the config/*.yaml ``model:`` names).
 TEXT_W, TEXT_LAYERS, TEXT_HEADS, TEXT_POS = 32, 2, 2, 77      # dt = input_hidden_dim = projection width
@@ -326,12 +326,12 @@ def test_config_from_shapes(imported):
     x = enc["extra"]
     assert (x["context_length"], x["text_positions"], x["image_size"], x["patch_size"]) == (TEXT_LEN, TEXT_POS, IMAGE, PATCH)
     assert (x["text_layers"], x["vision_layers"], x["text_heads"], x["vision_heads"]) == (TEXT_LAYERS, VIS_LAYERS, TEXT_HEADS, VIS_HEADS)
-    assert config["imported"]["format"] == "lightning" and config["imported"]["lightning"]["epoch"] == 3
+    assert config["training"]["imported"]["format"] == "lightning" and config["training"]["imported"]["lightning"]["epoch"] == 3
 
 
 def _feature_encoder(model, sides):
     """Replace the model's encoder by one that returns given features (the matcher-level comparison)."""
-    from mmoe_core.mmoe import EncodedSide
+    from mmoe_core.families.mmoe.features import EncodedSide
 
     class FeatureEncoder(torch.nn.Module):
         def __init__(self, towers):
@@ -480,7 +480,7 @@ def test_plain_state_dict_layouts(tmp_path, state, imported):
     model, _ = imported
     for name in ("bare.safetensors", "wrapped.pt"):
         other, config = build_imported(tmp_path / name, top_k=K, **HEAD_OPTS)
-        assert config["imported"]["format"] in ("safetensors", "state_dict")
+        assert config["training"]["imported"]["format"] in ("safetensors", "state_dict")
         for k, v in model.state_dict().items():
             assert torch.equal(other.state_dict()[k], v), (name, k)
 
@@ -548,8 +548,8 @@ def test_omegaconf_hyper_parameters_read_without_omegaconf(tmp_path, state, monk
         monkeypatch.delitem(sys.modules, name)  # reading must not need them
     _, config = build_imported(path, **HEAD_OPTS)
     assert config["model"]["top_k"] == 2 and config["model"]["entity_chunk_size"] == 3
-    assert config["imported"]["hyper_parameters"]["data"]["eval_batch_size"] == 20
-    assert "omegaconf.dictconfig.DictConfig" in config["imported"]["placeholders"]
+    assert config["training"]["imported"]["hyper_parameters"]["data"]["eval_batch_size"] == 20
+    assert "omegaconf.dictconfig.DictConfig" in config["training"]["imported"]["placeholders"]
 
 
 class Payload:

@@ -4,10 +4,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmoe_core.kb_ranking import (CacheMismatch, KBCache, KBRanker, agreement, entity_side, mention_side,
-                                  published_ranking, same_ranking, stable_gold_ranks, state_hash)
-from mmoe_core.mmoe import EncodedSide, MMoEConfig, MMoEMatcher
-from mmoe_core.ranking import gold_ranks
+from mmoe_core.families.mmoe.config import MMoEConfig
+from mmoe_core.families.mmoe.features import EncodedSide
+from mmoe_core.families.mmoe.kb_ranking import (
+    CacheMismatch,
+    KBCache,
+    KBRanker,
+    agreement,
+    entity_side,
+    mention_side,
+    published_ranking,
+    same_ranking,
+    stable_gold_ranks,
+    state_hash,
+)
+from mmoe_core.families.mmoe.model import MMoEMatcher
+from mmoe_core.families.mmoe.ranking import gold_ranks
 
 TEXT_DIM, DV, H, L = 16, 8, 8, 6   # text tokens L, image tokens L (ViT CLS + patches): InterMoE needs equal
 N_ENT, N_MEN, CHUNK, MEN_BATCH = 45, 12, 8, 5
@@ -49,7 +61,7 @@ def mention_batches(m: MMoEMatcher):
 
 
 def all_mentions(batches):
-    from mmoe_core.mmoe import MentionFeatures
+    from mmoe_core.families.mmoe.features import MentionFeatures
     return MentionFeatures.cat([b for b, _ in batches])
 
 
@@ -145,7 +157,7 @@ def test_stable_gold_ranks_ties_by_index():
 def test_entity_side_matches_mmoe_model():
     """entity_side / mention_side rebuilt from the matcher's submodules == MMoEModel's own sides."""
     from mmoe_core.encoders import EncoderSpec
-    from mmoe_core.mmoe import build_model
+    from mmoe_core.families.mmoe.model import build_model
     torch.manual_seed(0)
     model = build_model({"family": "mmoe", "model": dict(encoder=EncoderSpec(name="tiny-32").to_dict(), image_dim=8,
                                                          text_hidden=8, image_hidden=8, cross_hidden=8,
@@ -155,7 +167,7 @@ def test_entity_side_matches_mmoe_model():
     with torch.no_grad():
         cache = KBCache.from_model(model, ids, pixels, chunk_size=3)
         enc = model.encoder(ids, pixels)
-        from mmoe_core.mmoe import text_valid_mask
+        from mmoe_core.families.mmoe.features import text_valid_mask
         mine = [entity_side(model.matcher, enc.rows(slice(a, a + 3)), torch.arange(a, min(a + 3, 7)),
                             text_valid_mask(ids[a:a + 3])) for a in range(0, 7, 3)]
         men_model = model.encode_mentions(ids[:4], pixels[:4])

@@ -8,9 +8,12 @@ import torch
 from mmoe_core.adapter import load_adapter
 from mmoe_core.checkpoint import save_checkpoint
 from mmoe_core.encoders import EncoderSpec
-from mmoe_core.mmoe import (LAYER_NAMES, MMoEModel, build_model, hard_negative_batches, matching_loss,
-                            mention_text, text_valid_mask)
-from mmoe_core.ranking import gold_ranks, metrics_by_label, rank_matrix, ranking_metrics, top_k
+from mmoe_core.families.mmoe.config import LAYER_NAMES
+from mmoe_core.families.mmoe.data import mention_text
+from mmoe_core.families.mmoe.features import text_valid_mask
+from mmoe_core.families.mmoe.model import MMoEModel, build_model, matching_loss
+from mmoe_core.families.mmoe.ranking import gold_ranks, metrics_by_label, rank_matrix, ranking_metrics, top_k
+from mmoe_core.families.mmoe.trainer import hard_negative_batches
 from mmoe_core.routing_record import RoutingRecorder, flatten_call
 
 SMALL = dict(encoder=EncoderSpec(name="tiny-32").to_dict(), image_dim=8, text_hidden=8, image_hidden=8,
@@ -177,7 +180,7 @@ def test_hard_negative_batches_keep_golds_distinct_and_names_together():
 
 
 def test_embedding_chooser_and_a_pluggable_chooser(model):
-    from mmoe_core.dme import EmbeddingChooser, choose_descriptions
+    from mmoe_core.families.mmoe.dme import EmbeddingChooser, choose_descriptions
     chooser = EmbeddingChooser(model)
     descs = ["a red circle on a white background", "Jaguar is a British rock band", "a ship on the Baltic"]
     assert chooser(descs[1], descs) == 1  # identical text is the most similar

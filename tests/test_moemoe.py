@@ -11,12 +11,27 @@ import torch
 
 from mmoe_core.adapter import load_adapter
 from mmoe_core.checkpoint import load_state, save_checkpoint
-from mmoe_core.moemoe import (DECODER_CALL, TINY_MODEL, MoEMoEAdapter, QAFeaturizer, alignment_loss,
-                              augment_pictures, build_model, default_config, demo_recipe, dominant_source,
-                              encode_batch, examples_from_dataset, is_expert_or_router, loss_parts,
-                              picture_questions, qga_agreement, qga_weights, repeat_to_length,
-                              stretch_valid_tokens, text_copy_targets, valid_steps)
-from mmoe_core.qa_text import AnswerVocab, exact_match, normalise_answer
+from mmoe_core.factory import family_recipes, get_model_config
+from mmoe_core.families.moemoe.adapter import MoEMoEAdapter, qga_agreement
+from mmoe_core.families.moemoe.config import DECODER_CALL, default_model_config
+from mmoe_core.families.moemoe.data import QAFeaturizer, examples_from_dataset
+from mmoe_core.families.moemoe.model import build_model, encode_batch
+from mmoe_core.families.moemoe.ops import (
+    alignment_loss,
+    augment_pictures,
+    dominant_source,
+    is_expert_or_router,
+    qga_weights,
+    repeat_to_length,
+    stretch_valid_tokens,
+    text_copy_targets,
+    valid_steps,
+)
+from mmoe_core.families.moemoe.trainer import loss_parts, picture_questions
+from mmoe_core.families.moemoe.vocab import AnswerVocab
+from mmoe_core.qa_text import exact_match, normalise_answer
+
+TINY = "moemoe-d16"  # the test sizes: a named model config (model_configs/moemoe-d16.json)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +50,7 @@ def examples(world):
 @pytest.fixture(scope="module")
 def config(examples):
     vocab = AnswerVocab.build(e["answer"] for e in examples["train"])
-    return default_config(vocab.words, **TINY_MODEL)
+    return get_model_config(TINY, answer_vocab=vocab.words)
 
 
 def _model(config, seed: int = 0):
@@ -318,7 +333,7 @@ def test_knockout_removes_an_expert(saved, examples):
 def test_train_cli_phases_and_evaluate_cli(world, tmp_path, capsys):
     from mmoe_core import evaluate, train
     out = tmp_path / "run"
-    opts = [f"--opt={k}={json.dumps(v)}" for k, v in TINY_MODEL.items()]
+    opts = ["--model-config", TINY]
     assert train.main(["--family", "moemoe", "--data", str(world), "--out", str(out), "--steps", "6",
                        "--batch-size", "20", "--lr", "3e-3", "--top-k", "2", "--snapshot-every", "3",
                        "--no-progress", "--opt", "expert_only_after_steps=3", *opts]) == 0
@@ -341,7 +356,7 @@ def test_train_cli_phases_and_evaluate_cli(world, tmp_path, capsys):
 def test_image_warmup_trains_the_tower_first_then_freezes_it(world, tmp_path, capsys):
     from mmoe_core import train
     out = tmp_path / "warm"
-    opts = [f"--opt={k}={json.dumps(v)}" for k, v in TINY_MODEL.items()]
+    opts = ["--model-config", TINY]
     assert train.main(["--family", "moemoe", "--data", str(world), "--out", str(out), "--steps", "5",
                        "--batch-size", "20", "--lr", "3e-3", "--top-k", "2", "--snapshot-every", "1",
                        "--no-progress", "--opt", "image_warmup_steps=2", "--opt", "image_warmup_products=4",
@@ -373,8 +388,14 @@ def test_image_warmup_trains_the_tower_first_then_freezes_it(world, tmp_path, ca
     assert not (tmp_path / "bad" / "model.safetensors").exists()
 
 
+def test_the_named_configs_are_the_schema_defaults():
+    assert get_model_config("moemoe-d64")["model"] == default_model_config()
+    tiny = get_model_config(TINY)["model"]
+    assert set(tiny) == set(default_model_config()) and tiny["model_dim"] < default_model_config()["model_dim"]
+
+
 def test_demo_recipe_resolves_at_both_scales():
-    recipe = demo_recipe("default")
+    recipe = next(r for r in family_recipes("moemoe") if r.run == "moemoe-qa")
     assert recipe.run == "moemoe-qa" and recipe.world == "qa"
     default, tiny = recipe.resolved("default"), recipe.resolved("tiny")
     assert default["family_options"]["expert_only_after_steps"] < default["steps"]

@@ -1,4 +1,4 @@
-"""The generic training loop (a toy family and MMoE on a tiny world), the CLIs and the demo builder."""
+"""The generic training loop (a toy family and MMoE on a tiny world) and the CLIs."""
 from __future__ import annotations
 
 import json
@@ -123,7 +123,8 @@ def test_mmoe_training_smoke(world, tmp_path):
             "route.text_intra.effective_experts", "route.cross_inter.max_load"} <= set(log.columns)
     config = load_config(tmp_path)
     assert config["family"] == "mmoe" and config["model"]["gate"] == "topk_softmax"
-    assert config["model"]["encoder"]["name"] == "tiny-32" and config["seed"] == 0
+    assert config["model"]["encoder"]["name"] == "tiny-32" and config["training"]["seed"] == 0
+    assert set(config) == {"family", "model", "data", "training", "code_version"}  # one style for every family
     assert config["training"]["steps_done"] == 16 and config["data"]["root"] == str(world.resolve())
     assert load_adapter(tmp_path, device="cpu").family == "mmoe"
 
@@ -150,21 +151,3 @@ def test_cli_train_then_evaluate_json(world, tmp_path, capsys):
 def test_parse_opt():
     from mmoe_core.train import parse_opt
     assert parse_opt(["a=1", "b=tiny-32", 'c={"x": 2}', "d=true"]) == {"a": 1, "b": "tiny-32", "c": {"x": 2}, "d": True}
-
-
-# ---------------------------------------------------------------------------------- demo builder
-
-def test_demo_builds_a_tiny_run_once(tmp_path, monkeypatch):
-    from mmoe_core import demo
-    monkeypatch.setenv("MOESCOPE_ARTIFACTS", str(tmp_path))
-    hooked = []  # the precompute behind the hook has its own tests
-    monkeypatch.setattr(demo, "after_training", lambda recipe, ckpt, data, scale, progress=True: hooked.append(recipe.run))
-    first = demo.build(only="mmoe-balanced", scale="tiny", progress=False)
-    run = first["runs"]["mmoe-balanced"]
-    assert run["trained"] and (tmp_path / "checkpoints" / "mmoe-balanced" / "model.safetensors").is_file()
-    assert (tmp_path / "data" / "entity" / "world.json").is_file()
-    assert load_config(run["checkpoint"])["recipe"]["scale"] == "tiny"
-    second = demo.build(only="mmoe-balanced", scale="tiny", progress=False)
-    assert not second["runs"]["mmoe-balanced"]["trained"]
-    assert hooked == ["mmoe-balanced", "mmoe-balanced"]  # the hook runs for built and up-to-date runs
-    assert {r.run for r in demo.MMOE_RECIPES} == {"mmoe-balanced", "mmoe-collapsing", "mmoe-reference-gate"}

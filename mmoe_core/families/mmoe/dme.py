@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from mmoe_core.mmoe import entity_text, mention_text
+from mmoe_core.families.mmoe.data import entity_text, mention_text
 
 Chooser = Callable[[str, Sequence[str]], int]
 

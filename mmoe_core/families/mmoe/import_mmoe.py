@@ -1,6 +1,6 @@
 """Import a checkpoint trained with the published MEL-MMoE code into a MoEscope checkpoint directory.
 
-    python -m mmoe_core.import_mmoe runs/WikiMEL/version_0/checkpoints/epoch=9.ckpt \\
+    python -m mmoe_core.families.mmoe.import_mmoe runs/WikiMEL/version_0/checkpoints/epoch=9.ckpt \\
         --out artifacts/checkpoints/wikimel-published [--top-k 3] [--data DIR]
 
 Input: a PyTorch Lightning ``.ckpt`` of ``LightningForMMoE`` (``state_dict`` keys ``encoder.clip.*`` for the
@@ -44,7 +44,14 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from mmoe_core.hf_clip_map import HFClipMapError, hf_clip_encoder_spec, hf_clip_to_open_clip
+from mmoe_core.families.mmoe.config import FAMILY
+from mmoe_core.families.mmoe.hf_clip_map import (
+    HFClipMapError,
+    hf_clip_encoder_spec,
+    hf_clip_to_open_clip,
+    open_clip_to_hf_clip,
+)
+from mmoe_core.families.mmoe.model import build_model
 
 SOURCE = "MEL-MMoE (github.com/zhiweihu1103/MEL-MMoE)"
 ENCODER_OWN = ("image_cls_fc.", "image_tokens_fc.")
@@ -274,7 +281,6 @@ def _hf_source(open_clip_key: str) -> str:
     if m:
         model = "vision_model" if m.group(1).startswith("visual") else "text_model"
         return f"{model}.encoder.layers.{m.group(2)}.self_attn.{{q,k,v}}_proj.{m.group(3)}"
-    from mmoe_core.hf_clip_map import open_clip_to_hf_clip
     names = list(open_clip_to_hf_clip({open_clip_key: torch.zeros(3)}))
     return names[0] if names else open_clip_key
 
@@ -407,21 +413,23 @@ def _json_safe(obj: Any) -> Any:
 
 
 def build_imported(path: str | os.PathLike, **options) -> tuple[torch.nn.Module, dict]:
-    """(MoEscope MMoEModel holding the published weights, its config.json dict). Raises ImportRefused."""
-    from mmoe_core.adapter import build_model
+    """(MoEscope MMoEModel holding the published weights, its config.json dict). Raises ImportRefused.
+
+    The config has the style of every checkpoint ({"family", "model", "data", "training"}); what a
+    trained checkpoint keeps of its training here says where the weights came from (``training.imported``)."""
     path = Path(path)
     loaded = read_checkpoint(path)
     mapping = map_published_keys(loaded.state)
     data_dir = options.pop("data_dir", None)
     model_cfg, notes = infer_model_config(mapping, loaded.hyper_parameters, **options)
-    config: dict[str, Any] = {"family": "mmoe", "model": model_cfg}
+    config: dict[str, Any] = {"family": FAMILY, "model": model_cfg, "data": {}, "training": {}}
     try:
         model = build_model(config)
     except ValueError as exc:
         raise ImportRefused(f"the sizes read off the weights do not make a MoEscope MMoE: {exc}") from exc
     _check_fit(model.state_dict(), mapping)
     model.load_state_dict(mapping.target, strict=True)
-    config["imported"] = _json_safe({
+    config["training"]["imported"] = _json_safe({
         "source": SOURCE, "file": str(path.resolve()), "sha256": _sha256(path), "format": loaded.format,
         "layout": mapping.layout, "keys": len(loaded.state), "values_from": notes,
         "hyper_parameters": loaded.hyper_parameters, "lightning": loaded.extras,
@@ -429,7 +437,7 @@ def build_imported(path: str | os.PathLike, **options) -> tuple[torch.nn.Module,
         "published_eval_batch_size": _hp(loaded.hyper_parameters, "data", "eval_batch_size"),
     })
     if data_dir is not None:
-        config["data_dir"] = str(data_dir)
+        config["training"]["data_dir"] = str(data_dir)  # precompute's default dataset, as for a trained run
         config["data"] = {"root": str(Path(data_dir).resolve())}
     return model, config
 
@@ -442,7 +450,7 @@ def import_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, **opt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mmoe_core.import_mmoe",
+    p = argparse.ArgumentParser(prog="python -m mmoe_core.families.mmoe.import_mmoe",
                                 description="Import a MEL-MMoE (published code) checkpoint into MoEscope.")
     p.add_argument("checkpoint", help="Lightning .ckpt, or a state dict (.pt/.bin/.safetensors) of the same keys")
     p.add_argument("--out", help="output checkpoint dir (default artifacts/checkpoints/<file stem>)")
@@ -474,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"imported {args.checkpoint} -> {ckpt}: encoder {m['encoder']['name']} (hf_clip, text length "
           f"{m['encoder']['extra']['context_length']}), {m['num_experts']} experts, top-{m['top_k']}, gate {m['gate']}",
           file=sys.stderr)
-    bs = cfg["imported"].get("published_eval_batch_size")
+    bs = cfg["training"]["imported"].get("published_eval_batch_size")
     print(f"next: python -m analysis.precompute --run {ckpt.name} --checkpoint {ckpt} --data DIR"
           + (f" --batch-size {bs}  (the published eval batch size: the reference gate depends on the batch)"
              if bs else ""), file=sys.stderr)

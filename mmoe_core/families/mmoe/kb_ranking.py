@@ -4,7 +4,7 @@ The published evaluation (MEL-MMoE ``lightning_mmoe.py``, ``test_step``) reruns 
 entity-side switch MoE included, for every batch of 20 mentions and every chunk of 6,000 entities.
 Nothing on the entity side depends on the mentions, so this module splits the work:
 
-* :class:`KBCache` holds the entity side of the whole KB (:class:`mmoe_core.mmoe.EntityFeatures`: the
+* :class:`KBCache` holds the entity side of the whole KB (:class:`~mmoe_core.families.mmoe.features.EntityFeatures`: the
   normalised text/image CLS used by the global-to-global scores, the IntraMoE outputs at the CLS, the
   ``fc_query`` projections of the routed entity tokens, and the two gated cross-unit contexts). It is
   computed once per checkpoint, saved as safetensors next to a run's artifacts and loaded back; its
@@ -31,16 +31,16 @@ is still recorded).
 
 Two ways in:
 
-* a full :class:`~mmoe_core.mmoe.MMoEModel`: :meth:`KBCache.from_model` (CLIP towers + matcher,
+* a full :class:`~mmoe_core.families.mmoe.model.MMoEModel`: :meth:`KBCache.from_model` (CLIP towers + matcher,
   ``model.encode_entities`` with the config's ``entity_chunk_size``);
-* a bare :class:`~mmoe_core.mmoe.MMoEMatcher` plus encoder outputs (:class:`~mmoe_core.mmoe.EncodedSide`,
+* a bare :class:`~mmoe_core.families.mmoe.model.MMoEMatcher` plus encoder outputs (:class:`~mmoe_core.families.mmoe.features.EncodedSide`,
   e.g. precomputed CLIP features or the synthetic features of ``benchmarks/kb_ranking.py``):
   :meth:`KBCache.build` with an ``entity_source(start, stop) -> EncodedSide``, and :func:`mention_side`.
 
-mmoe.py keeps the entity side inside ``MMoEModel._encode_entity_chunk`` (encoder + matcher together);
+model.py keeps the entity side inside ``MMoEModel._encode_entity_chunk`` (encoder + matcher together);
 :func:`entity_side` / :func:`mention_side` below rebuild the matcher half from its submodules
 (``text_module.route``, ``vision_module.route``, ``cross_module.side``, ``fc_query``/``fc_key``/``fc_value``)
-and :func:`score_units` mirrors ``MMoEModel._match_chunk``. The tests check both against mmoe.py.
+and :func:`score_units` mirrors ``MMoEModel._match_chunk``. The tests check both against model.py.
 """
 from __future__ import annotations
 
@@ -53,7 +53,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from mmoe_core.mmoe import (MODALITIES, EncodedSide, EntityFeatures, MentionFeatures, MMoEMatcher, _valid_mean)
+from mmoe_core.families.mmoe.config import MODALITIES
+from mmoe_core.families.mmoe.features import EncodedSide, EntityFeatures, MentionFeatures, valid_mean
+from mmoe_core.families.mmoe.model import MMoEMatcher
 
 CACHE_FORMAT = "moescope-kbcache-v1"
 PUBLISHED_ENTITY_CHUNK = 6000
@@ -99,7 +101,7 @@ def mention_side(matcher: MMoEMatcher, raw: EncodedSide, text_valid: Tensor | No
     valid = _all_valid(raw) if text_valid is None else text_valid
     text_tokens, image_tokens = text[:, 1:], image[:, 1:]
     cross_ti, cross_it, cross_mean = cm.side(enc, "mention", valid, None, None)
-    representation = torch.cat([_valid_mean(text, valid), image.mean(dim=1), cross_mean], dim=-1)
+    representation = torch.cat([valid_mean(text, valid), image.mean(dim=1), cross_mean], dim=-1)
     return MentionFeatures(text_cls=enc.text_cls, text_key=tm.fc_key(text_tokens), text_value=tm.fc_value(text_tokens),
                            image_cls=enc.image_cls, image_key=vm.fc_key(image_tokens),
                            image_value=vm.fc_value(image_tokens), cross_text_image=cross_ti,
@@ -141,12 +143,12 @@ def global_scores(e: EntityFeatures, m: MentionFeatures, modalities: Sequence[st
 
 
 # ---------------------------------------------------------------------------------------------
-# Ranks from scores (stable: ties by KB index, as mmoe_core.ranking)
+# Ranks from scores (stable: ties by KB index, as ranking.py)
 # ---------------------------------------------------------------------------------------------
 
 def stable_gold_ranks(scores: Tensor, gold: Tensor) -> Tensor:
     """1 + #(score > gold score) + #(score == gold score and index < gold): equals
-    ``mmoe_core.ranking.gold_ranks`` (stable argsort of argsort) in O(N) per row."""
+    ``ranking.gold_ranks`` (stable argsort of argsort) in O(N) per row."""
     gold = gold.long().to(scores.device)
     g = scores.gather(1, gold[:, None])
     idx = torch.arange(scores.shape[1], device=scores.device)
