@@ -7,7 +7,7 @@ import streamlit as st
 
 st.set_page_config(page_title="MoEscope", page_icon=":material/hub:", layout="wide")
 
-from pages.common import render_sidebar  # noqa: E402  (after set_page_config, as Streamlit requires)
+from pages.state import render_sidebar  # noqa: E402  (after set_page_config, as Streamlit requires)
 
 PAGES = {
     "Run": [
@@ -17,7 +17,7 @@ PAGES = {
         st.Page("pages/dynamics.py", title="Training dynamics", icon=":material/timeline:"),
     ],
     "Interpret": [
-        st.Page("pages/qga.py", title="QGA source weights", icon=":material/balance:"),
+        st.Page("pages/source_weights.py", title="Source weights", icon=":material/balance:"),
         st.Page("pages/attributions.py", title="Attributions", icon=":material/highlight:"),
         st.Page("pages/embedding_map.py", title="Embedding map", icon=":material/scatter_plot:"),
         st.Page("pages/playground.py", title="Live playground", icon=":material/science:"),

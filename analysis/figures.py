@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import math
-import re
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -22,7 +21,8 @@ from plotly.subplots import make_subplots
 __all__ = [
     "EXPERT_PALETTE", "LAYER_PALETTE", "NOT_ROUTED_COLOUR", "NOT_ROUTED_LABEL", "VERDICT_COLOURS",
     "expert_colour", "expert_colours", "layer_colour", "verdict_css", "format_ids", "format_weights",
-    "routing_table", "token_strip", "patch_grid", "patch_cells", "split_call_rows", "load_bars", "load_heatmap",
+    "routing_table", "token_strip", "patch_grid", "patch_cells", "split_call_rows", "kind_words",
+    "source_weight_bars", "source_weight_positions", "attribution_patches", "load_bars", "load_heatmap",
     "entropy_histograms", "coselection_heatmap", "specialisation_bars", "dynamics_lines", "dynamics_load_area",
     "train_log_lines", "headline_bars", "DYNAMICS_INDICATORS", "empty_figure", "in_layer_order",
 ]
@@ -42,7 +42,6 @@ VERDICT_COLOURS: dict[str, str] = {"healthy": "#1a7f37", "warning": "#b35900", "
 VERDICT_BACKGROUNDS: dict[str, str] = {"healthy": "#dcf5e3", "warning": "#fff0d6", "collapsed": "#fde0e0"}
 
 FONT = dict(size=13)
-_PATCH_RE = re.compile(r"patch\s+(\d+)\s*,\s*(\d+)")
 
 
 def expert_colour(i: int) -> str:
@@ -245,37 +244,42 @@ def token_strip(rows: pd.DataFrame, title: str, num_experts: int | None = None, 
                    margin=dict(t=50, b=45, l=10, r=10))
 
 
-def patch_cells(rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """The image-patch rows with their grid cell (``grid_row``, ``grid_col``) and the grid side.
+def _is_patch(rows: pd.DataFrame) -> pd.Series:
+    """Rows that are image patches: those with a recorded grid cell (``grid_row`` >= 0) or of position
+    kind ``image_patch``."""
+    patch = rows["position_kind"] == "image_patch"
+    if "grid_row" in rows:
+        patch = patch | (rows["grid_row"].fillna(-1).astype(int) >= 0)
+    return patch
 
-    Cells come from a ``patch r,c`` token label when the model gives one, else from the order of the
-    patch positions (row-major on a sqrt(P) x sqrt(P) grid; the patches follow the CLS position(s),
-    so the first image_patch position is cell 0,0)."""
-    patches = rows[rows["position_kind"] == "image_patch"].sort_values("position").reset_index(drop=True)
+
+def patch_cells(rows: pd.DataFrame) -> tuple[pd.DataFrame, int, int]:
+    """The image-patch rows with their grid cell (``grid_row``, ``grid_col``) and the grid's rows and
+    columns. Cells are the recorded ones (the model's image grid, as its routing records carry it); when
+    the records carry none, the patches lie row-major on a square grid in position order."""
+    patches = rows[_is_patch(rows)].sort_values("position").reset_index(drop=True)
     if patches.empty:
-        return patches.assign(grid_row=[], grid_col=[]), 0
-    parsed = [_PATCH_RE.search(str(t)) if t is not None else None for t in patches.get("token", [None] * len(patches))]
-    if all(m is not None for m in parsed):
-        r = [int(m.group(1)) for m in parsed]
-        c = [int(m.group(2)) for m in parsed]
-        side = max(max(r), max(c)) + 1
-    else:
-        side = math.ceil(math.sqrt(len(patches)))
-        r = [i // side for i in range(len(patches))]
-        c = [i % side for i in range(len(patches))]
-    return patches.assign(grid_row=r, grid_col=c), side
+        return patches.assign(grid_row=[], grid_col=[]), 0, 0
+    if {"grid_row", "grid_col"} <= set(patches) and (patches[["grid_row", "grid_col"]].fillna(-1) >= 0).all().all():
+        r = patches["grid_row"].astype(int).tolist()
+        c = patches["grid_col"].astype(int).tolist()
+        return patches.assign(grid_row=r, grid_col=c), max(r) + 1, max(c) + 1
+    side = math.ceil(math.sqrt(len(patches)))
+    r = [i // side for i in range(len(patches))]
+    c = [i % side for i in range(len(patches))]
+    return patches.assign(grid_row=r, grid_col=c), side, side
 
 
 def patch_grid(rows: pd.DataFrame, title: str, num_experts: int | None = None, height: int = 360) -> go.Figure:
     """Image patches of one layer call on their grid, coloured by top-1 expert (grey: not routed)."""
-    patches, side = patch_cells(rows)
+    patches, n_rows, n_cols = patch_cells(rows)
     if patches.empty:
         return empty_figure(title, "no image patches in this call")
     E = _num_experts(rows, num_experts)
     routed = _routed(patches)
-    z = np.full((side, side), np.nan)
-    text = [["" for _ in range(side)] for _ in range(side)]
-    hover = [["" for _ in range(side)] for _ in range(side)]
+    z = np.full((n_rows, n_cols), np.nan)
+    text = [["" for _ in range(n_cols)] for _ in range(n_rows)]
+    hover = [["" for _ in range(n_cols)] for _ in range(n_rows)]
     k_label = _k_label(patches)
     for i, row in patches.iterrows():
         r, c = int(row["grid_row"]), int(row["grid_col"])
@@ -294,8 +298,20 @@ def patch_grid(rows: pd.DataFrame, title: str, num_experts: int | None = None, h
 
 def split_call_rows(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(image-patch rows, all other rows) of one layer call."""
-    is_patch = rows["position_kind"] == "image_patch"
+    is_patch = _is_patch(rows)
     return rows[is_patch], rows[~is_patch]
+
+
+def kind_words(kind: str) -> str:
+    """A position kind in words, plural, for titles: "text_token" -> "text tokens", "image_patch" ->
+    "image patches", "decoder_step" -> "decoder steps"; a one-word kind is an acronym: "cls" -> "CLS
+    positions"."""
+    parts = str(kind).split("_")
+    if len(parts) == 1:
+        return f"{parts[0].upper()} positions"
+    last = parts[-1]
+    last = last + "es" if last.endswith(("s", "x", "ch", "sh")) else last + "s"
+    return " ".join([*parts[:-1], last])
 
 
 def routing_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -314,6 +330,73 @@ def routing_table(rows: pd.DataFrame) -> pd.DataFrame:
         "entropy (nats)": rows["entropy"].astype(float).round(3).to_numpy() if "entropy" in rows else np.nan,
     })
     return out
+
+
+# ------------------------------------------------------------------------------------ source weights
+
+def _source_colour(source, i: int) -> str:
+    return getattr(source, "colour", "") or layer_colour(i)
+
+
+def source_weight_bars(frame: pd.DataFrame, x: str, sources: Sequence, title: str, count: str = "examples",
+                       height: int = 380) -> go.Figure:
+    """Grouped bars of mean source weights: one group per value of column ``x``, one bar per declared
+    source (:class:`mmoe_core.spec.SourceSpec`: its label and colour); ``frame`` holds ``mean_<source>``
+    columns (see :func:`analysis.source_weights.by_label`) and ``count``."""
+    if frame is None or frame.empty:
+        return empty_figure(title, "no examples")
+    names = frame[x].astype(str).tolist()
+    fig = go.Figure()
+    for i, source in enumerate(sources):
+        fig.add_bar(x=names, y=frame[f"mean_{source.name}"], name=source.label, marker_color=_source_colour(source, i),
+                    customdata=frame[count] if count in frame else None,
+                    hovertemplate="%{x}<br>mean " + html.escape(source.label) + " %{y:.3f}"
+                                  + (f"<br>%{{customdata}} {count}" if count in frame else "") + "<extra></extra>")
+    fig.update_yaxes(range=[0, 1], title_text="mean weight over positions")
+    fig.update_xaxes(tickangle=-40 if len(names) > 6 else 0)
+    return _layout(fig, title, height=height, barmode="group", legend_below=True)
+
+
+def source_weight_positions(weights: pd.DataFrame, sources: Sequence, title: str, height: int = 360) -> go.Figure:
+    """One example's weight on every declared source at each position (``position``, ``token`` and one
+    column per source name, as :func:`analysis.source_weights.long_weights` gives)."""
+    if weights is None or weights.empty:
+        return empty_figure(title, "no positions")
+    x = [f"{int(p)}: {t}" for p, t in zip(weights["position"], weights["token"])]
+    fig = go.Figure()
+    for i, source in enumerate(sources):
+        fig.add_bar(x=x, y=weights[source.name], name=source.label, marker_color=_source_colour(source, i),
+                    hovertemplate="%{x}: %{y:.3f}<extra>" + html.escape(source.label) + "</extra>")
+    fig.update_yaxes(range=[0, 1], title_text="weight")
+    return _layout(fig, title, height=height, barmode="group", legend_below=True)
+
+
+# ------------------------------------------------------------------------------------ attributions
+
+def attribution_patches(picture: np.ndarray | None, grid: np.ndarray, title: str = "") -> go.Figure:
+    """An image input's patch attributions on its grid (``grid``: [rows, cols], NaN where no value), over
+    the picture (an RGB array) when there is one; diverging colours, 0 is clear."""
+    n_rows, n_cols = grid.shape
+    fig = go.Figure()
+    if picture is not None:
+        h, w = picture.shape[:2]
+        fig.add_trace(go.Image(z=picture, hoverinfo="skip"))
+    else:
+        h, w = n_rows * 8, n_cols * 8
+    dy, dx = h / n_rows, w / n_cols
+    scale = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
+    text = [[f"patch row {r}, column {c}: {grid[r, c]:+.4f}" for c in range(n_cols)] for r in range(n_rows)]
+    fig.add_trace(go.Heatmap(z=grid, x0=dx / 2, dx=dx, y0=dy / 2, dy=dy, colorscale="RdBu_r", zmid=0,
+                             zmin=-scale or -1, zmax=scale or 1, opacity=0.55, text=text, hoverinfo="text",
+                             colorbar=dict(title="attr.", thickness=12)))
+    shapes = [dict(type="line", x0=0, x1=w, y0=r * dy, y1=r * dy, line=dict(color="white", width=0.5))
+              for r in range(1, n_rows)]
+    shapes += [dict(type="line", y0=0, y1=h, x0=c * dx, x1=c * dx, line=dict(color="white", width=0.5))
+               for c in range(1, n_cols)]
+    fig.update_layout(shapes=shapes)
+    fig.update_xaxes(visible=False, range=[0, w])
+    fig.update_yaxes(visible=False, range=[h, 0], scaleanchor="x")
+    return _layout(fig, title, height=380, margin=dict(t=40 if title else 10, b=10, l=10, r=10))
 
 
 # ------------------------------------------------------------------------------------ utilization
@@ -575,7 +658,7 @@ def train_log_lines(log: pd.DataFrame, columns: Sequence[str], trigger_step: int
 
 def headline_bars(by_label: Mapping[str, Mapping[str, float]], measures: Sequence[str], title: str,
                   percent: bool = True) -> go.Figure:
-    """Grouped bars: one group per label value (e.g. decisive = text / image / both), one bar per measure."""
+    """Grouped bars: one group per value of a label, one bar per measure."""
     values = [v for v in by_label if isinstance(by_label[v], Mapping)]
     measures = [m for m in measures if any(m in by_label[v] for v in values)]
     if not values or not measures:

@@ -1,9 +1,9 @@
 """Benchmark one live example end to end, for every built run in an artifacts root.
 
 Per run: load the adapter (``analysis.live.load_live_adapter``), its base examples, one warm-up
-(``warm_up``), then N times: build a live example from a base example with an edited text
-(``live_example``) and run it (``run_live``: forward with routing records, routing rows, prediction
-and ranking; with ``--attribution`` also integrated gradients, 16 steps). Reports p50 / p95 / max of the
+(``warm_up``), then N times: build a live example from a base example with its first declared editable
+text field edited (``live_example``) and run it (``run_live``: forward with routing records, routing rows,
+prediction and ranking; with ``--attribution`` also integrated gradients, 16 steps). Reports p50 / p95 / max of the
 end-to-end wall time (example building included) and the mean of run_live's own timings.
 
     python benchmarks/live_latency.py --root DIR [--runs A B] [--n 20] [--quick] [--json] [--record]
@@ -41,12 +41,14 @@ def bench_run(run: str, root: Path, n: int, attribution: bool) -> dict:
     bases = load_base_examples(adapter, run, root)
     load_s = time.perf_counter() - t0
     warm_s = warm_up(adapter, bases[0], attribution=attribution)
+    spec = adapter.spec()
+    edited = next((f.name for f in spec.editable_fields() if f.kind in ("text", "long_text")), None)
     totals, parts = [], {}
     for i in range(n):
         base = bases[i % len(bases)]
         t = time.perf_counter()
-        text = str(base.get("sentence") or base.get("question") or base.get("text") or "")
-        ex = live_example(adapter, base, text=(text + f" (edit {i})") if text else None)
+        texts = {edited: f"{base.get(edited) or ''} (edit {i})"} if edited else {}
+        ex = live_example(spec, base, texts=texts)
         res = run_live(adapter, ex, attribution=attribution)
         totals.append(time.perf_counter() - t)
         for k, v in res.timings.items():

@@ -2,7 +2,7 @@
 example routed by both (the routing explorer's figures for each run).
 
 Run A is the run picked in the sidebar; run B is picked here and kept in the URL as ``?compare=NAME``.
-Layout only: everything comes from the two runs' artifacts through pages.common.
+Layout only: everything comes from the two runs' artifacts through pages.reads.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import streamlit as st
 
 from analysis import figures as F
 from analysis.report import format_metric, headline_tables
-from pages import common
+from pages import reads, state, widgets
 
 COMPARE_PARAM = "compare"
 
@@ -29,8 +29,8 @@ def pick_other(run: str, runs: list[str]) -> str | None:
         st.session_state[key] = wanted
     if st.session_state.get(key) not in others:
         # Prefer a run of the same family (its examples and layers line up).
-        family = common.manifest(run).get("family")
-        same = [r for r in others if common.manifest(r).get("family") == family]
+        family = reads.spec(run).family
+        same = [r for r in others if reads.spec(r).family == family]
         st.session_state[key] = (same or others)[0]
 
     def on_change() -> None:
@@ -44,8 +44,8 @@ def pick_other(run: str, runs: list[str]) -> str | None:
 
 
 def metrics_side_by_side(a: str, b: str) -> None:
-    overall_a, _ = headline_tables(common.read_json(a, "metrics"))
-    overall_b, _ = headline_tables(common.read_json(b, "metrics"))
+    overall_a, _ = headline_tables(reads.read_json(a, "metrics"))
+    overall_b, _ = headline_tables(reads.read_json(b, "metrics"))
     names = list(dict.fromkeys([*overall_a, *overall_b]))
     if not names:
         st.info("Neither run has headline metrics.")
@@ -59,7 +59,7 @@ def metrics_side_by_side(a: str, b: str) -> None:
 def verdicts_side_by_side(a: str, b: str) -> None:
     frames = []
     for run in (a, b):
-        lm = common.table(run, "layer_metrics")
+        lm = reads.table(run, "layer_metrics")
         if lm is not None and len(lm):
             frames.append(lm[["layer", "verdict", "reason"]].rename(columns={"verdict": f"{run}", "reason": f"reason ({run})"}))
         else:
@@ -72,43 +72,41 @@ def verdicts_side_by_side(a: str, b: str) -> None:
 
 
 def same_example(a: str, b: str) -> None:
-    ex_a, ex_b = common.examples(a), common.examples(b)
+    ex_a, ex_b = reads.examples(a), reads.examples(b)
     if ex_a is None or ex_b is None:
         st.info("Both runs need an examples table.")
         return
-    col_a, col_b = common.example_index_column(ex_a), common.example_index_column(ex_b)
     key_col = "id" if "id" in ex_a and "id" in ex_b else None
-    if key_col:
-        shared = ex_a[[key_col, col_a]].merge(ex_b[[key_col, col_b]], on=key_col, suffixes=("_a", "_b"))
+    if key_col:  # the same example in both runs: same id (the index may differ)
+        shared = ex_a[[key_col, "example_index"]].merge(ex_b[[key_col, "example_index"]], on=key_col,
+                                                        suffixes=("_a", "_b"))
     else:
         shared = pd.DataFrame()
     if shared.empty:
         st.info(f"`{a}` and `{b}` share no examples (different datasets or families), so one example cannot be "
                 "routed by both.")
         return
-    index_a = f"{col_a}_a" if f"{col_a}_a" in shared else col_a
-    index_b = f"{col_b}_b" if f"{col_b}_b" in shared else col_b
     ids = shared[key_col].astype(str).tolist()
-    wanted, message = common.url_example(ex_a)
+    wanted, message = state.url_example(ex_a)
     if message:
         st.warning(message, icon=":material/link_off:")
     key = f"compare_example_{a}_{b}"
     if wanted is not None:
-        hit = ex_a.loc[ex_a[col_a] == wanted, key_col]
+        hit = ex_a.loc[ex_a["example_index"] == wanted, key_col]
         if len(hit) and str(hit.iloc[0]) in ids and st.session_state.get(key) != str(hit.iloc[0]):
             st.session_state[key] = str(hit.iloc[0])
     if st.session_state.get(key) not in ids:
         st.session_state[key] = ids[0]
-    text = dict(zip(ex_a[key_col].astype(str), ex_a.get("sentence", ex_a.get("question", ex_a[key_col])).astype(str)))
-    chosen = st.selectbox("Example (shared by both runs)", ids, key=key,
-                          format_func=lambda i: f"{i} · {text.get(i, '')[:70]}")
+    spec_a = reads.spec(a)
+    text = {str(r[key_col]): widgets.example_title(r, spec_a) for r in ex_a.to_dict("records")}
+    chosen = st.selectbox("Example (shared by both runs)", ids, key=key, format_func=lambda i: text.get(i, i))
     pair = shared[shared[key_col].astype(str) == chosen].iloc[0]
-    idx_a, idx_b = int(pair[index_a]), int(pair[index_b])
-    rows_a, rows_b = common.example_routing(a, idx_a), common.example_routing(b, idx_b)
+    idx_a, idx_b = int(pair["example_index_a"]), int(pair["example_index_b"])
+    rows_a, rows_b = reads.example_routing(a, idx_a), reads.example_routing(b, idx_b)
     if rows_a is None or rows_b is None or rows_a.empty or rows_b.empty:
         st.info("One of the runs has no routing for this example.")
         return
-    specs_a, specs_b = common.layer_specs(a), common.layer_specs(b)
+    specs_a, specs_b = reads.layer_specs(a), reads.layer_specs(b)
     layers = [l for l in specs_a if l in set(rows_a["layer"]) and l in set(rows_b["layer"])]
     if not layers:
         st.info("The two runs have no routed layer in common.")
@@ -117,33 +115,40 @@ def same_example(a: str, b: str) -> None:
     layer = left.radio("Layer", layers, horizontal=True, key="compare_layer")
     calls = [c for c in dict.fromkeys(rows_a.loc[rows_a["layer"] == layer, "call"])
              if c in set(rows_b.loc[rows_b["layer"] == layer, "call"])]
-    example_row = ex_a[ex_a[col_a] == idx_a].iloc[0]
-    calls = common.order_calls(calls, common.own_side(rows_a, example_row))  # the example's own positions first
+    example_row = ex_a[ex_a["example_index"] == idx_a].iloc[0]
+    calls = widgets.order_calls(calls, widgets.own_side(rows_a, example_row, spec_a))  # the example's own first
     call = right.radio("Call", calls, key=f"compare_call_{layer}",
-                       format_func=lambda c: common.call_label(rows_a[rows_a["layer"] == layer], c))
-    picture = common.example_picture(example_row)
+                       format_func=lambda c: widgets.call_label(rows_a[rows_a["layer"] == layer], c))
+    picture = widgets.example_picture(example_row, spec_a)
     if picture is not None:
         st.image(picture, caption="the example's image", width=160)
     col_left, col_right = st.columns(2)
     for column, run, rows, specs, idx in ((col_left, a, rows_a, specs_a, idx_a), (col_right, b, rows_b, specs_b, idx_b)):
         with column:
-            spec = specs.get(layer, {})
-            st.markdown(f"**{run}** · {spec.get('gate_kind', '?')}, top-{spec.get('top_k', '?')} of "
-                        f"{spec.get('num_experts', '?')}")
-            common.show_call_routing(rows, layer, call, spec.get("num_experts"), key=f"compare_{run}_{layer}_{call}",
-                                     title_prefix=run, wrap=8)
-            common.example_link(run, idx, label=f"Open in the routing explorer ({run})")
+            declared = specs.get(layer)
+            st.markdown(f"**{run}** · {declared.gate_kind}, top-{declared.top_k} of {declared.num_experts}"
+                        if declared else f"**{run}**")
+            widgets.show_call_routing(rows, layer, call, declared.num_experts if declared else None,
+                                      key=f"compare_{run}_{layer}_{call}", title_prefix=run, wrap=8)
+            state.example_link(run, idx, label=f"Open in the routing explorer ({run})")
 
 
-def main() -> None:
+def loads_side_by_side(a: str, b: str) -> None:
+    left, right = st.columns(2)
+    for column, name in ((left, a), (right, b)):
+        with column:
+            st.plotly_chart(F.load_heatmap(reads.layer_loads(name), title=f"{name}: share of top-k slots"),
+                            key=f"compare_loads_{name}")
+
+
+def render() -> None:
     st.title("Compare runs")
-    run, store = common.require_run()
-    runs = common.available_runs()
-    other = pick_other(run, runs)
+    run, store = state.require_run()
+    other = pick_other(run, reads.available_runs())
     if other is None:
-        st.info(f"Only one run (`{run}`) is built: build another to compare, e.g. with `{common.BUILD_COMMAND}`.")
+        st.info(f"Only one run (`{run}`) is built: build another to compare, e.g. with `{state.BUILD_COMMAND}`.")
         return
-    if common.run_store(other) is None:
+    if state.run_store(other) is None:
         return
     st.caption(f"Run A: **{run}** (the sidebar's run) · run B: **{other}**")
 
@@ -153,14 +158,10 @@ def main() -> None:
     verdicts_side_by_side(run, other)
 
     st.subheader("Expert loads")
-    left, right = st.columns(2)
-    for column, name in ((left, run), (right, other)):
-        loads = common.layer_loads(name)
-        with column:
-            st.plotly_chart(F.load_heatmap(loads, title=f"{name}: share of top-k slots"), key=f"compare_loads_{name}")
+    loads_side_by_side(run, other)
 
     st.subheader("The same example, routed by both")
     same_example(run, other)
 
 
-main()
+render()

@@ -2,7 +2,7 @@
 
 Effective experts, token entropy, max-load ratio and balance loss per layer against the step, with the
 step the entropy-triggered two-stage schedule switched marked (manifest ``trigger_step``), and the steps where
-the training schedule changes phase (e.g. MoEMoE's image warm-up, QGA warm-up, expert-only); the per-expert
+the training schedule changes phase as the model declares them (``spec.training_phases``); the per-expert
 load of one layer over training; the verdict at every snapshot; and the training log when the run carries
 one (``train_log`` table). Layout only: the precompute measured everything (``dynamics`` table).
 """
@@ -12,7 +12,7 @@ import streamlit as st
 
 from analysis import figures as F
 from analysis.report import training_phases, trigger_step
-from pages import common
+from pages import reads, state
 
 LOG_GROUPS = {
     "losses": lambda c: c == "loss" or c.startswith("loss."),
@@ -21,14 +21,8 @@ LOG_GROUPS = {
 }
 
 
-def main() -> None:
-    st.title("Training dynamics")
-    run, store = common.require_run()
-    manifest = common.manifest(run)
-    config = common.read_json(run, "config") or {}
+def header(run: str, manifest: dict, config: dict, trigger: int | None, phases: list[tuple[int, str]]) -> None:
     training = config.get("training") or {}
-    trigger = trigger_step(manifest, config)
-    phases = training_phases(config)
     st.caption(f"Run **{run}**. Snapshots every {training.get('snapshot_every', '?')} steps of "
                f"{training.get('steps_done', training.get('steps', '?'))}; each measured on the same stratified "
                f"sample of {manifest.get('params', {}).get('dynamics_sample', '?')} examples.")
@@ -41,9 +35,11 @@ def main() -> None:
     if phases:
         st.markdown("Training phases (dashed grey lines): " + "; ".join(
             f"from **step {step}**, {label}" for step, label in phases) + ". Snapshots before a phase show the "
-            "model as it was then (e.g. an untrained decoder during an image warm-up).")
+            "model as it was then (e.g. a part still untrained while another warms up).")
 
-    dyn = common.table(run, "dynamics")
+
+def snapshots(run: str, trigger: int | None, phases: list[tuple[int, str]]) -> None:
+    dyn = reads.table(run, "dynamics")
     if dyn is None or dyn.empty:
         st.info(f"Run `{run}` has no training snapshots (no `dynamics` table): train with `snapshot_every` > 0 "
                 f"and rebuild with `python -m analysis.precompute --run {run}`.")
@@ -64,8 +60,10 @@ def main() -> None:
             st.dataframe(dyn[["step", "layer", "verdict", "reason"]], hide_index=True,
                          column_config={"reason": st.column_config.TextColumn(width="large")})
 
+
+def training_log(run: str, trigger: int | None, phases: list[tuple[int, str]]) -> None:
     st.subheader("Training log")
-    log = common.table(run, "train_log")
+    log = reads.table(run, "train_log")
     if log is None or log.empty:
         st.info("This run carries no training log (`train_log` table); the checkpoint's train_log.parquet is "
                 "not part of the run's artifacts yet.")
@@ -81,4 +79,16 @@ def main() -> None:
                                           phases=phases), key=f"log_{i}")
 
 
-main()
+def render() -> None:
+    st.title("Training dynamics")
+    run, store = state.require_run()
+    manifest = reads.manifest(run)
+    config = reads.read_json(run, "config") or {}
+    trigger = trigger_step(manifest, config)
+    phases = training_phases(reads.spec(run))
+    header(run, manifest, config, trigger, phases)
+    snapshots(run, trigger, phases)
+    training_log(run, trigger, phases)
+
+
+render()

@@ -1,7 +1,8 @@
 """Embedding map: the run's fitted 2-D projection of routed representations, coloured by expert,
-modality, label or correctness. Selecting a point opens that example in the routing explorer.
+the declared label that says which input decides, any other declared label, or correctness. Hovers carry
+the declared fields; selecting a point opens that example in the routing explorer.
 
-Layout only: the frame (coordinates + labels + majority top-1 expert) comes from
+Layout only: the frame (coordinates + fields + labels + majority top-1 expert) comes from
 ``analysis.live.embedding_frame`` over the run's stored tables.
 """
 from __future__ import annotations
@@ -13,11 +14,10 @@ import streamlit as st
 
 from analysis import figures as F
 from analysis.live import embedding_frame, layer_calls
-from pages import common
+from mmoe_core.spec import ModelSpec
+from pages import reads, state, widgets
 
 ROUTING_EXPLORER = "pages/routing_explorer.py"
-MODALITY_LABELS = ("decisive", "answer_source", "has_image")  # the label that says which modality decides
-HOVER_TEXT_FIELDS = ("sentence", "question", "mention", "answer")
 
 
 @st.cache_data(show_spinner="Reading the map…", max_entries=16)
@@ -32,14 +32,34 @@ def _calls(run: str, version: str, layer: str, _store) -> list[str]:
 
 def _open_in_explorer(run: str, index: int) -> None:
     try:
-        common.open_example(run, index)
+        state.open_example(run, index)
     except st.errors.StreamlitAPIException as exc:  # the explorer page is not in this app's navigation
         st.error(f"Cannot open the routing explorer here ({exc}).")
 
 
-def main() -> None:
+def colour_options(spec: ModelSpec) -> dict[str, str]:
+    """{choice in words: frame column}: expert, the decisive label first, the other labels, correctness."""
+    options = {}
+    if spec.routed_layers:
+        options["expert (top-1 of a layer)"] = "expert"
+    decisive = spec.decisive_label()
+    if decisive is not None:
+        options[f"deciding input ({decisive.name})"] = decisive.name
+    for label in spec.labels:
+        if decisive is None or label.name != decisive.name:
+            options[f"label: {label.name}"] = label.name
+    options["correctness"] = "correct"
+    return options
+
+
+def hover_columns(spec: ModelSpec, frame) -> list[str]:
+    return [c for c in ("id", *[f.name for f in spec.fields if f.kind in ("text", "category", "number", "id")],
+                        *[lab.name for lab in spec.labels], "prediction", "correct") if c in frame]
+
+
+def render() -> None:
     st.title("Embedding map")
-    run, store = common.require_run()
+    run, store = state.require_run()
     if not store.has("projection"):
         st.info(f"Run **{run}** has no fitted projection (the model gave no representations, or the run is too "
                 f"small); rebuild it with `python -m analysis.precompute --run {run}`.", icon=":material/info:")
@@ -48,19 +68,10 @@ def main() -> None:
     st.caption(f"A {method} map of each example's routed representation (fitted once by the precompute). "
                "Click a point (or lasso several) to open it in the routing explorer.")
 
-    layers = [spec["name"] for spec in store.manifest.get("layers") or []]
-    labels = [c for c in store.manifest.get("slice_labels") or []]
-    options = {}
-    if layers:
-        options["expert (top-1 of a layer)"] = "expert"
-    modality = next((c for c in MODALITY_LABELS if c in labels), None)
-    if modality:
-        options[f"modality ({modality})"] = modality
-    for c in labels:
-        if c != modality:
-            options[f"label: {c}"] = c
-    options["correctness"] = "correct"
-    version = common.run_version(run)
+    spec = reads.spec(run)
+    layers = reads.layer_names(run)
+    options = colour_options(spec)
+    version = reads.run_version(run)
     c1, c2, c3 = st.columns(3)
     colour_name = c1.selectbox("Colour by", list(options), key="emb_colour")
     colour = options[colour_name]
@@ -78,7 +89,8 @@ def main() -> None:
     if colour not in frame:
         st.warning(f"This run has no `{colour}` column; colouring by example instead.")
         colour = None
-    hover = {c: True for c in ("id", *HOVER_TEXT_FIELDS, *labels, "correct") if c in frame}
+    names = widgets.column_labels(spec)
+    hover = {c: True for c in hover_columns(spec, frame)}
     hover.update({"x": False, "y": False})
     if colour == "expert" and "expert_share" in frame:
         hover["expert_share"] = ":.0%"
@@ -87,6 +99,7 @@ def main() -> None:
         orders["expert"] = sorted(frame["expert"].unique(), key=lambda e: (e == "none", len(e), e))
     colour_map = {f"expert {i}": F.expert_colour(i) for i in range(64)} if colour == "expert" else None
     fig = px.scatter(frame, x="x", y="y", color=colour, custom_data=["example_index"], hover_data=hover,
+                     labels={c: names[c] for c in hover if c in names},
                      color_discrete_sequence=px.colors.qualitative.Bold, color_discrete_map=colour_map,
                      category_orders=orders, height=560)
     fig.update_traces(marker=dict(size=8, line=dict(width=0.5, color="white")))
@@ -103,8 +116,9 @@ def main() -> None:
         return
     st.subheader("Selected")
     chosen = frame[frame["example_index"].isin(picked)]
-    show = [c for c in ("example_index", "id", *HOVER_TEXT_FIELDS, *labels, "correct", "expert") if c in chosen]
-    st.dataframe(chosen[show], hide_index=True, width="stretch")
+    show = ["example_index", *hover_columns(spec, chosen), *(["expert"] if "expert" in chosen else [])]
+    st.dataframe(chosen[show], hide_index=True, width="stretch",
+                 column_config={c: st.column_config.Column(names[c]) for c in show if c in names})
     first = picked[0]
     if len(picked) > 1:
         first = st.selectbox("Open which example", picked, key="emb_open_pick")
@@ -114,5 +128,4 @@ def main() -> None:
         _open_in_explorer(run, first)
 
 
-if __name__ == "__main__":
-    main()
+render()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis.report import build_report
-from pages import common
+from pages import reads, state
 
 
 @st.cache_data(show_spinner="Building the report…", max_entries=8)
@@ -15,10 +15,10 @@ def report_html(run: str, version: str, root: str) -> str:
     return build_report(run, root)
 
 
-def main() -> None:
+def render() -> None:
     st.title("Export report")
-    run, store = common.require_run()
-    html = report_html(run, common.run_version(run), str(common.artifacts_root()))
+    run, store = state.require_run()
+    html = report_html(run, reads.run_version(run), str(reads.artifacts_root()))
     st.markdown(f"A single HTML file for **{run}**: model card, headline metrics, the per-layer verdict table "
                 "with its reasons, and the utilization and dynamics figures. plotly.js is embedded, so it opens "
                 "anywhere without a server or internet access.")
@@ -32,4 +32,4 @@ def main() -> None:
         st.iframe(html, height=900)
 
 
-main()
+render()

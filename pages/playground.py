@@ -1,34 +1,101 @@
-"""Live playground: edit an example (text, question / context, picture), knock out an expert, and see
-routing, prediction and attribution change now.
+"""Live playground: edit an example, swap its picture, knock out an expert, and see routing, prediction and
+attribution change now.
 
-Layout only: every number comes from ``analysis.live`` (load the run's checkpoint, build the live
-example, run it with routing records, attribution and timings, place it on the run's map).
+The inputs are built from the model's declaration: one widget per editable field
+(``spec.editable_fields()``: a text area for long text, a text input for text, the example's / an
+uploaded / a drawn picture for an image), each text held to its declared ``max_chars`` (the page says
+when a text is cut or empty). The stored prediction of the base example shows at once; the live model
+(loaded once per process, shared) then runs in a fragment under a spinner. Layout only: every number
+comes from ``analysis.live``.
 """
 from __future__ import annotations
 
-import numpy as np
+import hashlib
+
 import plotly.graph_objects as go
 import streamlit as st
 
-from analysis.live import (MAX_UPLOAD_BYTES, TOP_N, UploadError, attribute_live, check_upload, drawing_options,
-                           example_picture, live_example, project_live, routing_changes, run_live, text_fields)
-from pages import common
-from pages.attributions import open_live_model, show_delta, show_inputs
-from pages.qga import SOURCE_COLOURS
+from analysis import figures as F
+from analysis.live import (MAX_UPLOAD_BYTES, TOP_N, UploadError, attribute_live, check_upload, clip_text,
+                           drawing_options, example_picture, live_example, project_live, routing_changes, run_live)
+from analysis.source_weights import long_weights
+from mmoe_core.spec import ExampleField, ModelSpec
+from pages import reads, state, widgets
 
-TEXT_LABELS = {"mention_text": "Mention sentence", "question": "Question", "context": "Context"}
 IMAGE_SOURCES = ("the example's picture", "upload a picture", "draw a picture")
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "webp"]
 
 
+# -- inputs --------------------------------------------------------------------------------------------
+
+def text_widget(run: str, index: int, f: ExampleField, stored) -> str:
+    """The widget of one editable text field (held to max_chars), with a note when cut or empty."""
+    default, note = clip_text(f, "" if stored is None or stored != stored else str(stored))
+    key = f"pg_{run}_{index}_{f.name}"
+    if f.kind == "long_text":
+        value = st.text_area(f.label, value=default, height=140, max_chars=f.max_chars, key=key)
+    else:
+        value = st.text_input(f.label, value=default, max_chars=f.max_chars, key=key)
+    value, note = clip_text(f, value)
+    if note:
+        st.caption(note)
+    return value
+
+
+def picture_controls(f: ExampleField):
+    """The picture of one editable image field: (PIL image or None, drawn attributes or None, caption)."""
+    key = f"pg_{f.name}"
+    source = st.radio(f.label, IMAGE_SOURCES, horizontal=True, key=f"{key}_source")
+    if source == IMAGE_SOURCES[1]:
+        upload = st.file_uploader("PNG, JPEG or WebP, up to 5 MB and 25 megapixels", type=UPLOAD_TYPES,
+                                  max_upload_size=max(1, MAX_UPLOAD_BYTES // (1024 * 1024)), key=f"{key}_upload")
+        good = st.session_state.get(f"{key}_good_upload")
+        if upload is not None:
+            try:
+                image = check_upload(upload.getvalue(), upload.name)
+                st.session_state[f"{key}_good_upload"] = good = (upload.name, image)
+            except UploadError as exc:
+                st.error(f"Upload refused: {exc}. "
+                         + ("Keeping the previous picture." if good else "Keeping the example's picture."))
+        if good:
+            return good[1], None, f"uploaded: {good[0]}"
+        return None, None, "the example's picture (nothing uploaded yet)"
+    if source == IMAGE_SOURCES[2]:
+        opts = drawing_options()
+        c = st.columns(4)
+        attrs = {name: c[i].selectbox(name.capitalize(), opts[name], key=f"{key}_draw_{name}")
+                 for i, name in enumerate(("shape", "colour", "pattern", "background"))}
+        with st.expander("Finish and trim"):
+            d = st.columns(2)
+            attrs["finish"] = d[0].selectbox("Finish", opts["finish"], key=f"{key}_draw_finish")
+            attrs["trim"] = d[1].selectbox("Trim", opts["trim"], key=f"{key}_draw_trim")
+        return None, attrs, "drawn: " + ", ".join(f"{v}" for v in attrs.values() if v not in ("none", "matte"))
+    return None, None, "the example's picture"
+
+
+def knockout_controls(spec: ModelSpec) -> tuple[tuple[str, int] | None, bool]:
+    st.markdown("##### Knock out an expert")
+    layers = {layer.name: layer for layer in spec.routed_layers}
+    name = st.selectbox("Layer", ["none", *layers], key="pg_ko_layer")
+    knockout = None
+    if name != "none":
+        layer = layers[name]
+        expert = st.selectbox("Expert", list(range(layer.num_experts)), key="pg_ko_expert",
+                              help=f"{layer.num_experts} experts, top-{layer.top_k}, gate {layer.gate_kind}")
+        knockout = (name, int(expert))
+    want_attr = st.toggle("Attribution (integrated gradients, 16 steps)", value=True, key="pg_attr")
+    return knockout, want_attr
+
+
+# -- live results --------------------------------------------------------------------------------------
+
 def _fingerprint(example: dict) -> str:
-    """Identifies a live example's content (text fields and picture pixels) for the session cache."""
-    import hashlib
+    """Identifies a live example's content (texts and picture pixels) for the session cache."""
     h = hashlib.sha256()
     for key in sorted(example):
         value = example[key]
-        if key == "image" and value is not None:
-            h.update(value.tobytes())
+        if hasattr(value, "tobytes"):
+            h.update(key.encode() + value.tobytes())
         elif isinstance(value, (str, int, float)) or value is None:
             h.update(f"{key}={value!r};".encode())
     return h.hexdigest()
@@ -45,13 +112,11 @@ def _baseline(run: str, adapter, example: dict):
     return cache[key]
 
 
-# -- figures -------------------------------------------------------------------------------------------
-
 def _ms(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
-def _timing_badge(slot, result, want_attr: bool) -> None:
+def timing_badge(slot, result, want_attr: bool) -> None:
     t = result.timings
     attribution = _ms(t.get("attribution")) if want_attr and "attribution" in t else ("…" if want_attr else "off")
     with slot.container():
@@ -60,112 +125,39 @@ def _timing_badge(slot, result, want_attr: bool) -> None:
                  icon=":material/timer:", color="green" if result.device.startswith("cuda") else "gray")
 
 
-# -- page ----------------------------------------------------------------------------------------------
-
-def _example_label(ex: dict) -> str:
-    text = ex.get("sentence") or ex.get("question") or ex.get("text") or ""
-    tags = ", ".join(f"{k}={v}" for k, v in (ex.get("labels") or {}).items())
-    return f"#{ex['index']} · {text[:90]} ({tags})"
-
-
-def _picture_controls():
-    """The picture for the live example: (PIL image or None, drawn attributes or None, caption)."""
-    source = st.radio("Picture", IMAGE_SOURCES, horizontal=True, key="pg_image_source")
-    if source == IMAGE_SOURCES[1]:
-        upload = st.file_uploader("PNG, JPEG or WebP, up to 5 MB and 25 megapixels", type=UPLOAD_TYPES,
-                                  max_upload_size=max(1, MAX_UPLOAD_BYTES // (1024 * 1024)), key="pg_upload")
-        good = st.session_state.get("pg_good_upload")
-        if upload is not None:
-            try:
-                image = check_upload(upload.getvalue(), upload.name)
-                st.session_state["pg_good_upload"] = good = (upload.name, image)
-            except UploadError as exc:
-                st.error(f"Upload refused: {exc}. "
-                         + ("Keeping the previous picture." if good else "Keeping the example's picture."))
-        if good:
-            return good[1], None, f"uploaded: {good[0]}"
-        return None, None, "the example's picture (nothing uploaded yet)"
-    if source == IMAGE_SOURCES[2]:
-        opts = drawing_options()
-        c = st.columns(4)
-        attrs = {
-            "shape": c[0].selectbox("Shape", opts["shape"], key="pg_draw_shape"),
-            "colour": c[1].selectbox("Colour", opts["colour"], key="pg_draw_colour"),
-            "pattern": c[2].selectbox("Pattern", opts["pattern"], key="pg_draw_pattern"),
-            "background": c[3].selectbox("Background", opts["background"], key="pg_draw_background"),
-        }
-        with st.expander("Finish and trim (product pictures)"):
-            d = st.columns(2)
-            attrs["finish"] = d[0].selectbox("Finish", opts["finish"], key="pg_draw_finish")
-            attrs["trim"] = d[1].selectbox("Trim", opts["trim"], key="pg_draw_trim")
-        return None, attrs, "drawn: " + ", ".join(f"{v}" for v in attrs.values() if v not in ("none", "matte"))
-    return None, None, "the example's picture"
-
-
-def main() -> None:
-    st.title("Live playground")
-    st.caption("Edit an example, swap its picture, knock out an expert: the model runs now and the routing, "
-               "prediction and attribution below follow.")
-    run, store = common.require_run()
-    model = open_live_model(run)
-    if model is None:
+def prediction(result, baseline, knockout, spec: ModelSpec) -> None:
+    item = spec.prediction.item or "prediction"
+    m = st.columns(3)
+    if result.kind == "ranking":
+        rank = result.prediction.get("rank")
+        before = baseline.prediction.get("rank") if baseline else None
+        m[0].metric(f"top-1 {item}", result.predicted or "–")
+        m[1].metric("gold rank", "–" if rank is None else int(rank),
+                    delta=None if before is None or rank is None else int(rank) - int(before), delta_color="inverse",
+                    help=f"rank of the gold {item} among all candidates (1 = best)"
+                         + ("; the change is against the same example without the knockout" if knockout else ""))
+        m[2].metric("top-1 score", f"{result.prediction.get('score', float('nan')):.3f}")
+        table = result.ranking.copy()
+        table["gold"] = table["gold"].map({True: "gold", False: ""})
+        if baseline is not None and baseline.ranking is not None:
+            before = baseline.ranking["name"].astype(str).tolist()[:len(table)]
+            table["without knockout"] = before + [""] * (len(table) - len(before))
+        st.dataframe(table.rename(columns={"name": item}), hide_index=True,
+                     column_config={"score": st.column_config.NumberColumn(format="%.3f")})
+        if len(table) < TOP_N:
+            st.caption(f"The model reports its top {len(table)}.")
         return
-    adapter, by_index, lock = model
-    if not by_index:
-        st.info("This run's split has no examples.")
-        return
-    wanted = st.query_params.get("example")
-    keys = list(by_index)
-    default = keys.index(int(wanted)) if wanted and wanted.isdigit() and int(wanted) in by_index else 0
-    index = st.selectbox("Base example", keys, index=default, format_func=lambda i: _example_label(by_index[i]),
-                         key=f"pg_base_{run}")
-    base = by_index[index]
+    m[0].metric(item, result.predicted or "–")
+    m[1].metric(f"gold {item}", result.gold or "–")
+    m[2].metric("correct", "–" if result.correct is None else ("yes" if result.correct else "no"))
+    if result.kind == "lm_loss" and result.prediction.get("loss") is not None:
+        st.caption(f"Mean per-token loss {float(result.prediction['loss']):.3f}; likely next tokens: "
+                   + ", ".join(map(str, result.prediction.get("next_tokens") or [])))
+    if baseline is not None:
+        st.caption(f"Without the knockout the {item} is **{baseline.predicted or '–'}**.")
 
-    edit, side = st.columns([3, 2])
-    with edit:
-        st.markdown("##### Inputs")
-        mapping = text_fields(adapter, base)
-        edits: dict[str, str] = {}
-        for name, field in mapping.items():
-            label = TEXT_LABELS.get(name, name.replace("_", " ").capitalize())
-            height = 140 if field == "context" else 68
-            edits[field] = st.text_area(label, value=str(base.get(field) or ""), height=height,
-                                        key=f"pg_text_{run}_{index}_{field}")
-        image, drawn, image_caption = _picture_controls()
-    with side:
-        st.markdown("##### Knock out an expert")
-        layers = adapter.routed_layers()
-        names = ["none", *[spec.name for spec in layers]]
-        ko_layer = st.selectbox("Layer", names, key="pg_ko_layer")
-        knockout = None
-        if ko_layer != "none":
-            spec = next(s for s in layers if s.name == ko_layer)
-            ko_expert = st.selectbox("Expert", list(range(spec.num_experts)), key="pg_ko_expert",
-                                     help=f"{spec.num_experts} experts, top-{spec.top_k}, gate {spec.gate_kind}")
-            knockout = (ko_layer, int(ko_expert))
-        want_attr = st.toggle("Attribution (integrated gradients, 16 steps)", value=True, key="pg_attr")
 
-    kwargs: dict[str, str] = {}
-    for field, value in edits.items():
-        if value != str(base.get(field) or ""):
-            kwargs[field if field in ("question", "context") else "text"] = value
-    example = live_example(adapter, base, image=image, drawn_attributes=drawn, **kwargs)
-    with lock:  # routing and prediction first; the attribution follows below, once they are on screen
-        result = run_live(adapter, example, knockout=knockout, attribution=False)
-        baseline = _baseline(run, adapter, example) if knockout else None
-    badge = st.empty()
-    _timing_badge(badge, result, want_attr)
-
-    picture = example_picture(example)
-    p1, p2 = st.columns([1, 3])
-    with p1:
-        if picture is not None:
-            st.image(picture, caption=image_caption, width=160)
-        else:
-            st.caption("no picture (the model sees an all-zero image)")
-    with p2:
-        _prediction(result, baseline, knockout)
-
+def routing(result, baseline, knockout, spec: ModelSpec, picture) -> None:
     st.subheader("Routing")
     knocked_layer, knocked_expert = knockout if knockout else (None, None)
     if knockout:
@@ -176,85 +168,31 @@ def main() -> None:
         st.dataframe(changes.rename(columns={"changed_share": "share changed"}), hide_index=True,
                      column_config={"share changed": st.column_config.ProgressColumn(min_value=0, max_value=1,
                                                                                       format="percent")})
-    specs = adapter.routed_layers()
-    tabs = st.tabs([spec.name for spec in specs])
-    for spec, tab in zip(specs, tabs):
+    tabs = st.tabs([layer.name for layer in spec.routed_layers])
+    for layer, tab in zip(spec.routed_layers, tabs):
         with tab:
-            st.caption(f"{spec.num_experts} experts, top-{spec.top_k}, gate {spec.gate_kind} · routes {spec.routed}; "
-                       f"the gate sees {spec.gate_sees}"
-                       + (f" · **expert {knocked_expert} is knocked out**" if spec.name == knocked_layer else ""))
-            rows = result.routing[result.routing["layer"] == spec.name]
+            st.caption(f"{layer.num_experts} experts, top-{layer.top_k}, gate {layer.gate_kind} · routes "
+                       f"{layer.routed}; the gate sees {layer.gate_sees}"
+                       + (f" · **expert {knocked_expert} is knocked out**" if layer.name == knocked_layer else ""))
+            rows = result.routing[result.routing["layer"] == layer.name]
             for call in dict.fromkeys(rows["call"]):
-                common.show_call_routing(rows, spec.name, call, spec.num_experts, key=f"pg_route_{spec.name}_{call}",
-                                         picture=picture)
-
-    qga = result.extras.get("qga")
-    if qga:
-        _qga_chart(qga[0])
-
-    st.subheader("Attribution")
-    if want_attr:
-        with lock, st.spinner("Integrated gradients…"):
-            result.attribution, result.attribution_error, seconds = attribute_live(adapter, example, knockout)
-        result.timings["attribution"] = seconds
-        result.timings["total"] += seconds
-        _timing_badge(badge, result, want_attr)
-    if not want_attr:
-        st.caption("Attribution is off.")
-    elif result.attribution is None:
-        st.warning(f"Attribution failed: {result.attribution_error}")
-    else:
-        st.caption(f"Integrated gradients of the {result.attribution['target'].iloc[0]} "
-                   f"{'with the knockout' if knockout else ''} w.r.t. each input (red up, blue down).")
-        show_delta(result.attribution)
-        show_inputs(result.attribution, picture, "pg_attr")
-
-    _on_the_map(run, store, result)
+                widgets.show_call_routing(rows, layer.name, call, layer.num_experts,
+                                          key=f"pg_route_{layer.name}_{call}", picture=picture)
 
 
-def _prediction(result, baseline, knockout) -> None:
-    if result.kind == "ranking":
-        rank = result.prediction.get("rank")
-        before = baseline.prediction.get("rank") if baseline else None
-        m = st.columns(3)
-        m[0].metric("top-1 entity", str(result.ranking.iloc[0]["name"]) if result.ranking is not None and len(result.ranking) else "–")
-        m[1].metric("gold rank", "–" if rank is None else int(rank),
-                    delta=None if before is None or rank is None else int(rank) - int(before), delta_color="inverse",
-                    help="rank of the gold entity over the whole knowledge base (1 = best)"
-                         + ("; the change is against the same example without the knockout" if knockout else ""))
-        m[2].metric("top-1 score", f"{result.prediction.get('score', float('nan')):.3f}")
-        table = result.ranking.copy()
-        table["gold"] = table["gold"].map({True: "gold", False: ""})
-        if baseline is not None and baseline.ranking is not None:
-            before = baseline.ranking["id"].astype(str).to_numpy()[:len(table)]
-            table["without knockout"] = list(before) + [""] * (len(table) - len(before))
-        st.dataframe(table.drop(columns=["entity"]), hide_index=True,
-                     column_config={"score": st.column_config.NumberColumn(format="%.3f")})
-        if len(table) < TOP_N:
-            st.caption(f"The model reports its top {len(table)}.")
-    else:
-        m = st.columns(3)
-        m[0].metric("answer", result.answer or "–")
-        m[1].metric("gold answer", str(result.gold_answer or "–"))
-        m[2].metric("exact match", "–" if result.correct is None else ("yes" if result.correct else "no"))
-        if baseline is not None:
-            st.caption(f"Without the knockout the answer is **{baseline.answer or '–'}**.")
+def source_weights(result, spec: ModelSpec) -> None:
+    for output in spec.output("source_weights"):
+        payload = result.extras.get(output.name)
+        if not payload:
+            continue
+        st.subheader(f"{output.name}: source weights of this example")
+        st.plotly_chart(F.source_weight_positions(long_weights(payload, output), output.sources, "", height=300),
+                        key=f"pg_sw_{output.name}")
 
 
-def _qga_chart(row: dict) -> None:
-    st.subheader("QGA source weights of this question")
-    tokens = [f"{i}: {t}" for i, t in enumerate(row.get("tokens", []))]
-    fig = go.Figure()
-    fig.add_bar(x=tokens, y=np.asarray(row["alpha"]), name="alpha (image)", marker_color=SOURCE_COLOURS["alpha (image)"])
-    fig.add_bar(x=tokens, y=np.asarray(row["beta"]), name="beta (context)", marker_color=SOURCE_COLOURS["beta (context)"])
-    fig.update_layout(barmode="group", yaxis_range=[0, 1], height=280, margin=dict(t=10, b=10, l=10, r=10),
-                      legend_orientation="h")
-    st.plotly_chart(fig, key="pg_qga")
-
-
-def _on_the_map(run: str, store, result) -> None:
+def on_the_map(run: str, store, result) -> None:
     with st.expander("This example on the run's embedding map"):
-        proj = common.table(run, "projection")
+        proj = reads.table(run, "projection")
         point = project_live(store, result.representation) if proj is not None else None
         if point is None:
             st.caption("The run has no fitted map (or the model gives no representation).")
@@ -270,5 +208,91 @@ def _on_the_map(run: str, store, result) -> None:
                    f"{point['distance']:.3g}.")
 
 
-if __name__ == "__main__":
-    main()
+@st.fragment
+def live_section(run: str, store, spec: ModelSpec, index: int, texts: dict, pictures: dict,
+                 knockout: tuple[str, int] | None, want_attr: bool) -> None:
+    """Everything the live model does for the edited example, after the stored results are on screen."""
+    try:
+        with st.spinner("Loading the model (once per server)…"):
+            adapter, by_index, lock = reads.live_model(run)
+    except Exception as exc:  # a missing checkpoint / dataset: say so, keep the page alive
+        st.error(f"Cannot load the model of run `{run}` for a live run: {exc}")
+        return
+    if index not in by_index:
+        st.error(f"Example {index} is not in the run's dataset split any more; rebuild the run.")
+        return
+    base = by_index[index]
+    live_spec = adapter.spec()
+    changed = {name: value for name, value in texts.items() if value != str(base.get(name) or "")}
+    example = live_example(live_spec, base, texts=changed)
+    for name, (image, drawn, _) in pictures.items():
+        if image is not None or drawn is not None:
+            example = live_example(live_spec, example, image=image, drawn_attributes=drawn, image_field=name)
+    with lock, st.spinner("Running the example…"):  # routing and prediction first; the attribution follows
+        result = run_live(adapter, example, knockout=knockout, attribution=False)
+        baseline = _baseline(run, adapter, example) if knockout else None
+    badge = st.empty()
+    timing_badge(badge, result, want_attr)
+    picture = example_picture(example, widgets.image_fields(spec))
+    p1, p2 = st.columns([1, 3])
+    with p1:
+        if picture is not None:
+            st.image(picture, caption=next((c for _, _, c in pictures.values()), "the example's picture"), width=160)
+        elif widgets.image_fields(spec):
+            st.caption("no picture (the model sees an all-zero image)")
+    with p2:
+        prediction(result, baseline, knockout, spec)
+    routing(result, baseline, knockout, spec, picture)
+    source_weights(result, spec)
+
+    st.subheader("Attribution")
+    if not want_attr:
+        st.caption("Attribution is off.")
+    else:
+        with lock, st.spinner("Integrated gradients…"):
+            result.attribution, result.attribution_error, seconds = attribute_live(adapter, example, knockout)
+        result.timings["attribution"] = seconds
+        result.timings["total"] += seconds
+        timing_badge(badge, result, want_attr)
+        if result.attribution is None:
+            st.warning(f"Attribution failed: {result.attribution_error}")
+        else:
+            st.caption(f"Integrated gradients of the {result.attribution['target'].iloc[0]} "
+                       f"{'with the knockout ' if knockout else ''}w.r.t. each input (red up, blue down).")
+            widgets.show_delta(result.attribution)
+            widgets.show_inputs(result.attribution, picture, "pg_attr", spec, grids=adapter.input_grids(example))
+    on_the_map(run, store, result)
+
+
+def render() -> None:
+    st.title("Live playground")
+    st.caption("Edit an example, swap its picture, knock out an expert: the model runs now and the routing, "
+               "prediction and attribution below follow.")
+    run, store = state.require_run()
+    spec = reads.spec(run)
+    examples = reads.examples(run)
+    if examples is None or examples.empty:
+        st.info(f"Run `{run}` has no examples; {state.rebuild_hint(run)}.")
+        return
+    rows = {int(r["example_index"]): r for r in examples.to_dict("records")}
+    index = state.synced_example("Base example", list(rows), key=f"pg_base_{run}",
+                                 format_func=lambda i: widgets.example_title(rows[i], spec, 90))
+    row = rows[index]
+    edit, side = st.columns([3, 2])
+    with edit:
+        st.markdown("##### Inputs")
+        fields = spec.editable_fields()
+        if not fields:
+            st.caption("The model declares no editable input; the base example runs as it is.")
+        texts = {f.name: text_widget(run, index, f, row.get(f.name)) for f in fields if f.kind in ("text", "long_text")}
+        pictures = {f.name: picture_controls(f) for f in fields if f.kind == "image"}
+    with side:
+        knockout, want_attr = knockout_controls(spec)
+    stored = reads.predictions(run)
+    hit = stored[stored["example_index"] == index] if stored is not None and "example_index" in stored else None
+    if hit is not None and len(hit):
+        st.caption("Stored prediction of the base example · " + widgets.prediction_text(hit.iloc[0].to_dict(), spec))
+    live_section(run, store, spec, index, texts, pictures, knockout, want_attr)
+
+
+render()

@@ -3,7 +3,7 @@
 Per-layer load bars (share of the top-k slots and of the combine weight), a layers x experts heatmap,
 router token-entropy histograms, co-selection, specialisation against labels (mutual information vs
 shuffled labels), metrics per slice, and the verdict reasons with their numbers. Layout only: every
-number is precomputed in the run's tables and read through pages.common.
+number is precomputed in the run's tables and read through pages.reads.
 """
 from __future__ import annotations
 
@@ -12,33 +12,25 @@ import streamlit as st
 
 from analysis import figures as F
 from analysis.report import verdict_frame
-from pages import common
+from pages import reads, state, widgets
 
 SLICE_COLUMNS = ["layer", "slice", "value", "verdict", "num_positions", "effective_experts", "token_entropy",
                  "load_cv", "max_load_ratio", "unrouted_fraction", "switch_balance_loss", "reason"]
 
 
-def main() -> None:
-    st.title("Utilization and collapse")
-    run, store = common.require_run()
-    specs = common.layer_specs(run)
-    st.caption(f"Run **{run}**: {len(specs)} routed layers; every number is over the run's "
-               f"{common.manifest(run).get('num_examples', '?')} examples and all their routed positions.")
-
-    lm = common.table(run, "layer_metrics")
+def verdicts(run: str) -> None:
+    lm = reads.table(run, "layer_metrics")
     st.subheader("Verdicts and their reasons")
     if lm is not None and len(lm):
-        for row in lm.itertuples(index=False):
-            colour = {"healthy": "green", "warning": "orange", "collapsed": "red"}.get(row.verdict, "gray")
-            reason = str(row.reason)
-            reason = reason[len(row.verdict) + 2:] if reason.startswith(f"{row.verdict}: ") else reason
-            st.markdown(f"**{row.layer}** · :{colour}-background[{row.verdict}] {reason}")
+        widgets.verdict_lines(lm)
         with st.expander("All indicators per layer"):
             st.dataframe(verdict_frame(lm).style.map(F.verdict_css, subset=["verdict"]).format(precision=3), hide_index=True)
     else:
         st.info("This run has no layer_metrics table.")
 
-    loads = common.layer_loads(run)
+
+def loads_section(run: str):
+    loads = reads.layer_loads(run)
     st.subheader("Load per expert")
     if loads is None or loads.empty:
         st.info("This run has no routing table, so no loads.")
@@ -54,21 +46,27 @@ def main() -> None:
         with st.expander("Loads split by call / position kind / modality"):
             by = st.selectbox("Split by", ["call", "position_kind", "routed_modality", "gate_modality"],
                               key="util_loads_by")
-            split = common.layer_loads(run, by=[by])
+            split = reads.layer_loads(run, by=[by])
             if split is not None:
                 wide = split.pivot_table(index=["layer", by], columns="expert", values="slot_fraction").round(3)
                 wide.columns = [f"expert {int(c)}" for c in wide.columns]
                 st.dataframe(wide.reset_index(), hide_index=True)
+    return loads
 
+
+def entropy_section(run: str, loads) -> None:
     st.subheader("Router token entropy")
+    specs = reads.layer_specs(run)
     layers = list(specs) or (sorted(loads["layer"].unique()) if loads is not None else [])
-    values = common.entropy_values(run, layers)
-    st.plotly_chart(F.entropy_histograms(values, {l: s.get("num_experts") for l, s in specs.items()},
+    values = reads.entropy_values(run, layers)
+    st.plotly_chart(F.entropy_histograms(values, {name: layer.num_experts for name, layer in specs.items()},
                                          "Router token entropy per position (nats), per layer"), key="entropy")
     st.caption("0 = the router puts all its probability on one expert; log E (dashed) = uniform over all experts.")
 
+
+def coselection_section(run: str) -> None:
     st.subheader("Co-selection")
-    cosel = common.table(run, "coselection")
+    cosel = reads.table(run, "coselection")
     if cosel is None or cosel.empty:
         st.info("This run has no co-selection table.")
     else:
@@ -80,8 +78,10 @@ def main() -> None:
         with left:
             st.plotly_chart(F.coselection_heatmap(cosel, layer), key="coselection")
 
+
+def specialisation_section(run: str) -> None:
     st.subheader("Specialisation")
-    spec = common.table(run, "specialisation")
+    spec = reads.table(run, "specialisation")
     if spec is None or spec.empty:
         st.info("This run has no specialisation table.")
     else:
@@ -92,8 +92,10 @@ def main() -> None:
         with st.expander("Specialisation numbers"):
             st.dataframe(spec.round(4), hide_index=True)
 
+
+def slices_section(run: str) -> None:
     st.subheader("Metrics per slice")
-    slices = common.table(run, "slice_metrics")
+    slices = reads.table(run, "slice_metrics")
     if slices is None or slices.empty:
         st.info("This run has no slice_metrics table.")
         return
@@ -118,4 +120,17 @@ def main() -> None:
                  column_config={"reason": st.column_config.TextColumn(width="large")})
 
 
-main()
+def render() -> None:
+    st.title("Utilization and collapse")
+    run, store = state.require_run()
+    st.caption(f"Run **{run}**: {len(reads.layer_specs(run))} routed layers; every number is over the run's "
+               f"{reads.manifest(run).get('num_examples', '?')} examples and all their routed positions.")
+    verdicts(run)
+    loads = loads_section(run)
+    entropy_section(run, loads)
+    coselection_section(run)
+    specialisation_section(run)
+    slices_section(run)
+
+
+render()

@@ -52,7 +52,7 @@ PAGES = [
     ("dynamics_moemoe", "dynamics", "moemoe-qa", {}, [PLOT]),  # the training schedule's phase lines
     ("compare", "compare", "mmoe-balanced", {"compare": "mmoe-collapsing"}, [PLOT, TABLE]),
     ("export", "export", "mmoe-balanced", {}, ['[data-testid="stIFrame"]']),
-    ("qga", "qga", "moemoe-qa", {}, []),
+    ("source_weights", "source_weights", "moemoe-qa", {}, [PLOT]),
     ("attributions", "attributions", "mmoe-balanced", {}, []),
     ("embedding_map", "embedding_map", "mmoe-balanced", {}, []),
     ("playground", "playground", "mmoe-balanced", {}, []),

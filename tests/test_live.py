@@ -1,4 +1,5 @@
-"""analysis.live: upload checks, live examples (edited / drawn), live runs with a knockout, the QGA summary.
+"""analysis.live and analysis.source_weights: upload checks, live examples built from the declared editable
+fields (edited / drawn), live runs with a knockout, the generic source-weights summary, patch grids.
 
 The live-run tests use the real tiny demo runs of the session fixture ``demo_artifacts`` (tests/conftest.py).
 """
@@ -15,8 +16,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from analysis import live
+from analysis import live, source_weights
 from analysis.live import UploadError, check_upload
+from mmoe_core.spec import ExampleField, ImageGrid, ModelSpec, OutputSpec, SourceSpec
 
 MMOE_RUN, QA_RUN = "mmoe-balanced", "moemoe-qa"
 
@@ -80,22 +82,79 @@ def test_check_upload_rejects_damaged_and_empty_files():
 
 # ------------------------------------------------------------------------------------------ pure summaries
 
-def test_qga_summary_agreement_and_confusion():
-    qga = pd.DataFrame({"index": [0, 1, 2, 3],
-                        "tokens": [["a", "b"], ["c"], ["d", "e"], ["f"]],
-                        "alpha": [[0.9, 0.7], [0.2], [0.4, 0.3], [0.8]],
-                        "beta": [[0.1, 0.3], [0.8], [0.6, 0.7], [0.2]]})
-    examples = pd.DataFrame({"index": [0, 1, 2, 3], "question_type": ["colour", "brand", "colour", "size"],
-                             "answer_source": ["image", "context", "image", "both"]})
-    s = live.qga_summary(qga, examples)
-    # dominant: 0 image (right), 1 context (right), 2 context (wrong), 3 image (both: not counted)
+TWO_SOURCES = OutputSpec("mix", "source_weights", "weights over two sources",
+                         sources=(SourceSpec("left", "w_left", "left source", "#111111"),
+                                  SourceSpec("right", "w_right", "right source", "#222222")),
+                         truth_label="where", positions="tokens")
+
+
+def test_source_weights_summary_agreement_and_confusion():
+    rows = [{"index": 0, "tokens": ["a", "b"], "w_left": [0.9, 0.7], "w_right": [0.1, 0.3]},
+            {"index": 1, "tokens": ["c"], "w_left": [0.2], "w_right": [0.8]},
+            {"index": 2, "tokens": ["d", "e"], "w_left": [0.4, 0.3], "w_right": [0.6, 0.7]},
+            {"index": 3, "tokens": ["f"], "w_left": [0.8], "w_right": [0.2]}]
+    examples = pd.DataFrame({"example_index": [0, 1, 2, 3], "kind": ["x", "y", "x", "z"],
+                             "where": ["left", "right", "left", "both"]})
+    s = source_weights.summarise(rows, examples, TWO_SOURCES, labels=["kind"])
+    # dominant: 0 left (right), 1 right (right), 2 right (wrong), 3 left (both: not counted)
     assert s.agreement_n == 3 and s.agreement == pytest.approx(2 / 3)
-    assert s.agreement_by_source == {"image": 0.5, "context": 1.0}
-    assert s.confusion.loc["image", "image"] == 1 and s.confusion.loc["image", "context"] == 1
-    assert s.confusion.loc["both", "image"] == 1
-    colour = s.by_question_type.set_index("question_type").loc["colour"]
-    assert colour["questions"] == 2 and colour["mean_alpha"] == pytest.approx((0.8 + 0.35) / 2)
-    assert len(live.qga_tokens(qga)) == 6
+    assert s.agreement_by_source == {"left": 0.5, "right": 1.0}
+    assert s.confusion.loc["left", "left"] == 1 and s.confusion.loc["left", "right"] == 1
+    assert s.confusion.loc["both", "left"] == 1 and list(s.confusion.columns) == ["left", "right"]
+    x = source_weights.by_label(s, "kind").set_index("kind").loc["x"]
+    assert x["examples"] == 2 and x["mean_left"] == pytest.approx((0.8 + 0.35) / 2)
+    assert "where" in s.definition and "left / right" in s.definition
+    # the stored long layout (one float column per source name) gives the same summary
+    long = source_weights.long_weights(rows, TWO_SOURCES)
+    assert list(long.columns) == ["example_index", "position", "token", "left", "right"] and len(long) == 6
+    again = source_weights.summarise(long, examples, TWO_SOURCES)
+    assert again.agreement == s.agreement and again.per_example["dominant"].tolist() == s.per_example["dominant"].tolist()
+
+
+def test_source_weights_without_a_truth_label_scores_no_agreement():
+    output = OutputSpec("mix", "source_weights", "", sources=TWO_SOURCES.sources)
+    s = source_weights.summarise([{"index": 0, "w_left": [0.3], "w_right": [0.7]}], None, output)
+    assert s.agreement_n == 0 and math.isnan(s.agreement) and s.confusion.empty
+    assert s.per_example["dominant"].tolist() == ["right"]
+
+
+def test_patch_grid_uses_the_declared_grid():
+    rows = pd.DataFrame({"position": [0, 1, 2, 3, 4, 5, 6], "value": [9.0, 1, 2, 3, 4, 5, 6]})
+    grid = live.patch_grid(rows, ImageGrid(2, 3, first_position=1))  # position 0 is not a patch (a CLS)
+    assert grid.shape == (2, 3) and grid.tolist() == [[1, 2, 3], [4, 5, 6]]
+    square = live.patch_grid(rows.iloc[1:5], None)  # no grid declared: a square in position order
+    assert square.shape == (2, 2) and square[1, 1] == 4
+
+
+def test_ranking_frame_shows_names_and_marks_the_gold():
+    prediction = {"prediction": "Orion", "prediction_id": 7, "gold": "Vega", "gold_id": 3, "score": 2.0,
+                  "top_ids": [7, 3, 5], "top_names": ["Orion", "Vega", "Orion"], "top_scores": [2.0, 1.5, 1.0]}
+    frame = live.ranking_frame(prediction)
+    assert frame["name"].tolist() == ["Orion", "Vega", "Orion"] and frame["gold"].tolist() == [False, True, False]
+    assert "id" not in frame and frame["rank"].tolist() == [1, 2, 3]
+
+
+TOY_SPEC = ModelSpec("toy", "toy", fields=(
+    ExampleField("prompt", "Prompt", "text", editable=True, role="title", max_chars=10),
+    ExampleField("notes", "Notes", "long_text", editable=True, max_chars=40),
+    ExampleField("picture", "Picture", "image", editable=True),
+    ExampleField("gold", "Gold", "text", role="gold")))
+
+
+def test_live_example_edits_only_declared_fields_and_cuts_long_text():
+    base = {"index": 4, "id": "e4", "prompt": "hello", "notes": "n", "gold": "g", "labels": {"k": "v"}}
+    edited = live.live_example(TOY_SPEC, base, texts={"prompt": "a" * 25, "notes": ""})
+    assert edited["prompt"] == "a" * 10 and edited["notes"] == "" and edited["gold"] == "g"
+    assert edited["id"] == "e4+live" and edited["live"] and base["prompt"] == "hello"
+    assert live.clip_text(TOY_SPEC.fields[0], "a" * 25)[1].startswith("Prompt: cut to its first 10 characters")
+    assert "empty" in live.clip_text(TOY_SPEC.fields[1], "  ")[1]
+    assert live.clip_text(TOY_SPEC.fields[0], "fine")[1] is None
+    with pytest.raises(ValueError, match="'gold' is not an editable text field"):
+        live.live_example(TOY_SPEC, base, texts={"gold": "x"})
+    drawn = live.live_example(TOY_SPEC, base, drawn_attributes={"shape": "star"})
+    assert drawn["picture"].size == (64, 64)
+    with pytest.raises(ValueError, match="no editable image field"):
+        live.live_example(ModelSpec("plain", "plain"), base, drawn_attributes={"shape": "star"})
 
 
 def test_draw_image_and_unknown_attributes():
@@ -126,14 +185,16 @@ def live_models(built_demo_root):
     return get
 
 
-def _image_example(examples):
-    return next(ex for ex in examples if ex.get("image_path"))
+def _image_example(adapter, examples):
+    """An example with a picture (its declared image field, or the path datasets store beside it)."""
+    keys = live.picture_keys([f.name for f in adapter.spec().fields if f.kind == "image"])
+    return next(ex for ex in examples if any(isinstance(ex.get(k), str) and ex.get(k) for k in keys))
 
 
 @pytest.mark.parametrize("run", ["mmoe-balanced", "mmoe-collapsing", "mmoe-reference-gate", "moemoe-qa"])
 def test_knockout_changes_the_live_run_and_the_expert_is_never_chosen(live_models, run):
     adapter, examples = live_models(run)
-    base = next((ex for ex in examples if ex.get("image_path")), examples[0])
+    base = _image_example(adapter, examples)
     before = live.run_live(adapter, base, attribution=False)
     assert not before.routing.empty
     layer = adapter.routed_layers()[0].name
@@ -161,20 +222,25 @@ def test_live_example_from_drawn_attributes_runs_end_to_end(live_models, built_d
     base = examples[0]
     drawn = {"shape": "star", "colour": "blue", "pattern": "striped", "background": "beige"}
     example = live.live_example(adapter, base, drawn_attributes=drawn)
-    assert example["live"] and example["id"].endswith("+live") and example["image"].size == (64, 64)
-    assert "image" not in base or base["image"] is not example["image"]  # the base example is untouched
+    image = next(f.name for f in adapter.spec().editable_fields() if f.kind == "image")
+    assert example["live"] and example["id"].endswith("+live") and example[image].size == (64, 64)
+    assert image not in base or base[image] is not example[image]  # the base example is untouched
 
     result = live.run_live(adapter, example)
     assert result.timings["total"] >= result.timings["forward"] > 0
     assert not result.routing.empty
     assert set(result.routing["layer"]) == {spec.name for spec in adapter.routed_layers()}
+    spec = adapter.spec()
     if result.kind == "ranking":
         assert 1 <= len(result.ranking) <= live.TOP_N
         assert result.ranking["rank"].tolist() == list(range(1, len(result.ranking) + 1))
-        assert result.ranking["name"].map(lambda n: isinstance(n, str) and n != "").all()
+        assert result.ranking["name"].map(lambda n: isinstance(n, str) and n != "" and not n.isdigit()).all()
+        assert result.predicted == result.ranking["name"].iloc[0]
     else:
-        assert isinstance(result.answer, str)
-        assert result.extras["qga"] and len(result.extras["qga"][0]["alpha"]) > 0
+        assert isinstance(result.predicted, str)
+    for output in spec.output("source_weights"):
+        weights = source_weights.long_weights(result.extras[output.name], output)
+        assert len(weights) > 0 and np.allclose(weights[[s.name for s in output.sources]].sum(axis=1), 1, atol=1e-4)
     assert result.attribution is not None, result.attribution_error
     image_inputs = [s.name for s in adapter.input_spec() if s.kind == "image_patches"]
     assert set(image_inputs) <= set(result.attribution["input"])
@@ -187,32 +253,38 @@ def test_live_example_from_drawn_attributes_runs_end_to_end(live_models, built_d
     assert point is not None and math.isfinite(point["x"]) and math.isfinite(point["y"])
 
 
-def test_live_example_text_edits_follow_the_input_spec(live_models):
-    adapter, examples = live_models(MMOE_RUN)
-    base = examples[0]
-    assert live.text_fields(adapter, base) == {"mention_text": "sentence"}
-    edited = live.live_example(adapter, base, text="Nothing here names anything.")
-    assert edited["sentence"] == "Nothing here names anything." and base["sentence"] != edited["sentence"]
-    with pytest.raises(ValueError, match="no question input"):
-        live.live_example(adapter, base, question="What colour?")
-
-    qa_adapter, qa_examples = live_models(QA_RUN)
-    qa_base = qa_examples[0]
-    assert live.text_fields(qa_adapter, qa_base) == {"question": "question", "context": "context"}
-    asked = live.live_example(qa_adapter, qa_base, question="What brand is the bag?", context="Brand: Lumo.")
-    assert asked["question"] == "What brand is the bag?" and asked["context"] == "Brand: Lumo."
-    a = live.run_live(qa_adapter, qa_base, attribution=False)
-    b = live.run_live(qa_adapter, asked, attribution=False)
-    qa_a, qa_b = a.extras["qga"][0], b.extras["qga"][0]
-    assert qa_a["tokens"] != qa_b["tokens"]  # the QGA weights follow the edited question
+def test_live_example_text_edits_follow_the_declared_fields(live_models):
+    for run in (MMOE_RUN, QA_RUN):
+        adapter, examples = live_models(run)
+        spec = adapter.spec()
+        base = examples[0]
+        texts = [f for f in spec.editable_fields() if f.kind in ("text", "long_text")]
+        assert texts, f"{run} declares an editable text field"
+        first = texts[0]
+        edited = live.live_example(spec, base, texts={first.name: "Nothing here names anything."})
+        assert edited[first.name] == "Nothing here names anything." and base[first.name] != edited[first.name]
+        too_long = live.live_example(spec, base, texts={first.name: "x" * (first.max_chars + 50)})
+        assert len(too_long[first.name]) == first.max_chars
+        fixed = next(f for f in spec.fields if not f.editable)
+        with pytest.raises(ValueError, match="not an editable text field"):
+            live.live_example(spec, base, texts={fixed.name: "x"})
+        a = live.run_live(adapter, base, attribution=False)
+        b = live.run_live(adapter, edited, attribution=False)
+        assert not np.allclose(a.representation, b.representation)  # the model sees the edit
+        for output in spec.output("source_weights"):  # the demo QA run's weights sit on the edited question
+            before = source_weights.long_weights(a.extras[output.name], output)
+            after = source_weights.long_weights(b.extras[output.name], output)
+            assert before["token"].tolist() != after["token"].tolist()
 
 
 def test_uploaded_picture_is_what_the_model_sees(live_models):
     adapter, examples = live_models(MMOE_RUN)
-    base = _image_example(examples)
+    base = _image_example(adapter, examples)
     upload = check_upload(_encoded("JPEG", size=(80, 80), colour="green"), "green.jpg")
-    example = live.live_example(adapter, base, image=upload)
-    assert live.example_picture(example) is example["image"]
+    spec = adapter.spec()
+    example = live.live_example(spec, base, image=upload)
+    image_fields = [f.name for f in spec.fields if f.kind == "image"]
+    assert live.example_picture(example, image_fields) is example[image_fields[0]]
     out = live.run_live(adapter, example, attribution=False)
     ref = live.run_live(adapter, base, attribution=False)
     assert not np.allclose(out.representation, ref.representation)

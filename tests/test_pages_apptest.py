@@ -147,12 +147,14 @@ def test_overview_renders_model_card_metrics_and_verdicts(root, run):
     card = next(t for t in tables if list(t.columns) == ["field", "value"])
     family = store.manifest["family"]
     assert "family" in set(card["field"]) and family in set(card["value"])
+    spec = store.spec()
     layers = next(t for t in tables if "gate sees" in t.columns)
-    assert set(layers["layer"]) == set(s["name"] for s in store.manifest["layers"])
+    assert set(layers["layer"]) == {layer.name for layer in spec.routed_layers}
+    assert {"scores", "weights", "batch-dependent"} <= set(layers.columns)  # what the gate really does
     assert [m.label for m in at.metric], "headline metrics are shown"
-    headline = {"mmoe": "MRR", "moemoe": "exact match"}.get(family)
-    if headline:
-        assert any(m.label == headline for m in at.metric), [m.label for m in at.metric]
+    overall = store.read_json("metrics")["overall"]
+    first = next(k for h in spec.prediction.headline for k in overall if k.lower() == h.lower())
+    assert at.metric[0].label == first.replace("_", " "), [m.label for m in at.metric]  # declared headline first
     assert at.query_params.get("run") in (run, [run])
 
 
@@ -175,7 +177,11 @@ def test_reference_gate_overview_explains_the_gate(root):
     _need(root, "mmoe-reference-gate")
     at = render("overview", "mmoe-reference-gate")
     no_exceptions(at)
-    assert any("not routed" in str(i.value) for i in at.info)
+    notes = _store(root, "mmoe-reference-gate").spec().notes
+    assert notes, "the reference gate declares a note"
+    infos = [str(i.value) for i in at.info]
+    assert all(note in infos for note in notes)  # the model's own warnings, as declared
+    assert any("not routed" in i for i in infos)
 
 
 # ------------------------------------------------------------------------------------------- explorer
@@ -188,13 +194,13 @@ def _explorer_table(at: AppTest) -> pd.DataFrame:
 def test_explorer_shows_k_experts_per_routed_position(root, run):
     _need(root, run)
     store = _store(root, run)
-    index = int(store.examples(limit=3)["index"].iloc[2])
+    index = int(store.examples(limit=3)["example_index"].iloc[2])
     at = render("routing_explorer", run, example=str(index))
     no_exceptions(at)
     assert not at.warning, [w.value for w in at.warning]
     table = _explorer_table(at)
     layer = at.radio(key=f"explorer_layer_{run}").value
-    k = next(s["top_k"] for s in store.manifest["layers"] if s["name"] == layer)
+    k = store.spec().layer(layer).top_k
     routed = table[table["routed"] == "routed"]
     assert len(routed) > 0
     assert all(len(ids.split(", ")) == k for ids in routed["top-k experts"])
@@ -203,6 +209,26 @@ def test_explorer_shows_k_experts_per_routed_position(root, run):
     assert plotly_count(at) >= 1
     assert at.query_params.get("example") in (str(index), [str(index)])
     assert at.selectbox(key=f"explorer_example_{run}").value == index  # the picker follows ?example=
+
+
+@pytest.mark.parametrize("run", ["mmoe-balanced", "moemoe-qa"])
+def test_explorer_shows_the_example_fields_and_the_prediction_by_name(root, run):
+    _need(root, run)
+    store = _store(root, run)
+    spec = store.spec()
+    pred = store.predictions()
+    row = pred[pred["gold"].notna()].iloc[0]
+    at = render("routing_explorer", run, example=str(int(row["example_index"])))
+    no_exceptions(at)
+    text = markdown_text(at)
+    example = store.examples(filters={"example_index": int(row["example_index"])}).iloc[0]
+    title = spec.title_field()
+    assert f"**{title.label}:** {example[title.name]}" in text  # declared fields, under their labels
+    line = next(m.value for m in at.markdown if str(m.value).startswith("Prediction · "))
+    item = spec.prediction.item
+    assert f"{item}: **{row['prediction']}**" in line and f"gold: **{row['gold']}**" in line, line
+    if "gold_id" in pred and pd.notna(row.get("gold_id")) and str(row["gold_id"]) != str(row["gold"]):
+        assert f"**{int(row['gold_id'])}**" not in line  # names, never the KB row number
 
 
 def test_explorer_image_call_draws_patch_grid(root):
@@ -216,9 +242,14 @@ def test_explorer_image_call_draws_patch_grid(root):
     spec = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
                 if "image patches" in json.loads(c.proto.spec)["layout"]["title"]["text"])
     grid = _array(spec["data"][0]["z"])
-    side = round(len(patches) ** 0.5)
-    assert grid.shape == (side, side)  # sqrt(P) x sqrt(P), row-major
-    assert grid[0][0] == int(patches["top-1 expert"].iloc[0])  # the first patch position is cell 0,0
+    declared = next(i.grid for i in _store(root, "mmoe-balanced").spec().image_inputs())
+    assert grid.shape == (declared.rows, declared.cols) and len(patches) == declared.rows * declared.cols
+    rows = _store(root, "mmoe-balanced").example_routing(1, "image_intra")
+    rows = rows[rows["call"] == "mention"]
+    cell = rows[(rows["grid_row"] == 0) & (rows["grid_col"] == 0)]
+    if cell.empty:  # a family that records no grid cells: row-major from the first patch position
+        cell = rows[rows["position_kind"] == "image_patch"].sort_values("position")
+    assert grid[0][0] == int(cell["top1"].iloc[0])
     assert at.query_params.get("layer") in ("image_intra", ["image_intra"])
     # a layer choice by the user drops the call of the previous layer from the URL
     at.radio(key="explorer_layer_mmoe-balanced").set_value("cross_inter").run()
@@ -292,25 +323,13 @@ def test_dynamics_page(root, run):
         if trigger is not None:
             assert f"step {trigger}" in markdown_text(at)
             assert any(t.get("name", "").startswith("entropy trigger") for t in spec["data"])
-        from analysis.report import training_phases
-        phases = training_phases(store.read_json("config"))
+        phases = [(p.step, p.label) for p in store.spec().training_phases]
         assert bool(phases) == (run == "moemoe-qa")  # the demo's MoEMoE recipe has three phase switches
         for step, label in phases:
             assert f"from **step {step}**, {label}" in markdown_text(at)
             assert any(t.get("name") == f"{label} (step {step})" for t in spec["data"])
     else:
         assert any("no training snapshots" in str(i.value) for i in at.info)
-
-
-def test_training_phases_from_a_config():
-    from analysis.report import training_phases
-    config = {"model": {"image_warmup_steps": 800, "qga_warmup_steps": 1100, "expert_only_after_steps": 1700},
-              "training": {"steps_done": 2000}}
-    assert training_phases(config) == [(800, "image tower frozen"), (1100, "QGA free"), (1700, "expert-only")]
-    config["model"].update(image_warmup_steps=0, expert_only_after_steps=None, qga_warmup_steps=2000)
-    assert training_phases(config) == []  # off, unset, or at the very end: no phase switch inside the run
-    assert training_phases({"model": {"expert_only_after_steps": 5}}) == [(5, "expert-only")]
-    assert training_phases(None) == []
 
 
 def test_compare_page_routes_the_same_example_with_both_runs(root):
@@ -372,7 +391,7 @@ def test_no_runs_yet_shows_the_build_command(tmp_path, monkeypatch):
         at = render(page, None)
         no_exceptions(at)
         infos = " ".join(str(i.value) for i in at.info)
-        assert "make demo" in infos and "python -m mmoe_core.demo" in infos, page
+        assert "make demo" in infos and "python -m demo_build" in infos, page
 
 
 def _copy_run(src_root: Path, dst_root: Path, run: str) -> Path:
