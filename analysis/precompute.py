@@ -25,7 +25,6 @@ example index, and computes and writes everything else.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -55,8 +54,8 @@ DEFAULT_PARAMS = dict(split="test", batch_size=32, attribution_sample=48, projec
 # --------------------------------------------------------------------------------------------
 
 def demo_command() -> str:
-    """The command that builds the demo runs (the demo build moved out of mmoe_core)."""
-    return "python -m demo_build" if importlib.util.find_spec("demo_build") else "python -m mmoe_core.demo"
+    """The command that builds the demo runs (demo_build.py, above analysis and mmoe_core)."""
+    return "python -m demo_build"
 
 
 def resolve_inputs(run: str, checkpoint: str | None, data: str | None, root: Path) -> tuple[Path, Path]:

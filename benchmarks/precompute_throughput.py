@@ -5,8 +5,7 @@ analysis.precompute --run RUN --force`` on the same checkpoint and dataset (wall
 imports and writing included), and reports routed positions per second (rows of the published
 ``routing`` + ``kb_routing`` tables divided by the wall time). Needs a built demo run: ``--root`` names an
 artifacts root holding ``checkpoints/RUN``; without it one is built in a temporary folder with
-``MOESCOPE_ARTIFACTS=<tmp> python -m demo_build --scale tiny --only mmoe-balanced`` (``mmoe_core.demo``
-before the demo build moved).
+``MOESCOPE_ARTIFACTS=<tmp> python -m demo_build --scale tiny --only mmoe-balanced``.
 
     python benchmarks/precompute_throughput.py [--root DIR] [--run mmoe-balanced] [--quick] [--json] [--record]
 
@@ -33,9 +32,8 @@ def ensure_root(root: str | None, run: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix="moescope-bench-"))
     env = {**os.environ, "MOESCOPE_ARTIFACTS": str(tmp)}
     print(f"building the tiny demo run {run} in {tmp} ...", file=sys.stderr, flush=True)
-    import importlib.util
-    demo = "demo_build" if importlib.util.find_spec("demo_build") else "mmoe_core.demo"
-    subprocess.run([sys.executable, "-m", demo, "--scale", "tiny", "--only", run], cwd=REPO, env=env, check=True)
+    subprocess.run([sys.executable, "-m", "demo_build", "--scale", "tiny", "--only", run], cwd=REPO, env=env,
+                   check=True)
     return tmp
 
 
