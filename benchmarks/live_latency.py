@@ -66,7 +66,8 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         p = r["mean_parts_s"]
         out.append(f"| {r['run']} | {'yes' if r['attribution'] else 'no'} | {r['n']} | {r['p50_s']:.3f} "
-                   f"| **{r['p95_s']:.3f}** | {r['max_s']:.3f} | {p.get('forward', 0):.3f} / {p.get('routing', 0):.3f} / "
+                   f"| **{r['p95_s']:.3f}** | {r['max_s']:.3f} | {p.get('forward', 0):.3f} / "
+                   f"{p.get('routing', 0):.3f} / "
                    f"{p.get('attribution', 0):.3f} | {r['load_s']:.1f} | {r['warm_up_s']:.1f} "
                    f"| {'met' if r['within_target'] else 'NOT met'} | {r['load_avg_end']} |")
     return "\n".join(out)

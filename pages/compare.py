@@ -61,7 +61,8 @@ def verdicts_side_by_side(a: str, b: str) -> None:
     for run in (a, b):
         lm = reads.table(run, "layer_metrics")
         if lm is not None and len(lm):
-            frames.append(lm[["layer", "verdict", "reason"]].rename(columns={"verdict": f"{run}", "reason": f"reason ({run})"}))
+            frames.append(lm[["layer", "verdict", "reason"]].rename(columns={"verdict": f"{run}",
+                                                                               "reason": f"reason ({run})"}))
         else:
             frames.append(pd.DataFrame(columns=["layer", run, f"reason ({run})"]))
     merged = frames[0].merge(frames[1], on="layer", how="outer")
@@ -107,7 +108,7 @@ def same_example(a: str, b: str) -> None:
         st.info("One of the runs has no routing for this example.")
         return
     specs_a, specs_b = reads.layer_specs(a), reads.layer_specs(b)
-    layers = [l for l in specs_a if l in set(rows_a["layer"]) and l in set(rows_b["layer"])]
+    layers = [name for name in specs_a if name in set(rows_a["layer"]) and name in set(rows_b["layer"])]
     if not layers:
         st.info("The two runs have no routed layer in common.")
         return
@@ -123,7 +124,8 @@ def same_example(a: str, b: str) -> None:
     if picture is not None:
         st.image(picture, caption="the example's image", width=160)
     col_left, col_right = st.columns(2)
-    for column, run, rows, specs, idx in ((col_left, a, rows_a, specs_a, idx_a), (col_right, b, rows_b, specs_b, idx_b)):
+    sides = ((col_left, a, rows_a, specs_a, idx_a), (col_right, b, rows_b, specs_b, idx_b))
+    for column, run, rows, specs, idx in sides:
         with column:
             declared = specs.get(layer)
             st.markdown(f"**{run}** · {declared.gate_kind}, top-{declared.top_k} of {declared.num_experts}"

@@ -31,7 +31,8 @@ def header(run: str, manifest: dict, config: dict, trigger: int | None, phases: 
                     f"**step {trigger}** (dotted red line).")
     elif training.get("two_stage"):
         st.markdown("Two-stage routing was on; the run records no step at which it switched (the router entropy "
-                    f"never fell below the trigger {training.get('trigger_entropy', '?')}, or the step was not logged).")
+                    f"never fell below the trigger {training.get('trigger_entropy', '?')}, or the step was not "
+                    "logged).")
     if phases:
         st.markdown("Training phases (dashed grey lines): " + "; ".join(
             f"from **step {step}**, {label}" for step, label in phases) + ". Snapshots before a phase show the "
@@ -51,7 +52,7 @@ def snapshots(run: str, trigger: int | None, phases: list[tuple[int, str]]) -> N
         layer = st.radio("Layer for the per-expert load", layers, horizontal=True, key="dyn_layer")
         st.plotly_chart(F.dynamics_load_area(dyn, layer, trigger, phases), key="dynamics_load")
         verdicts = dyn.pivot_table(index="step", columns="layer", values="verdict", aggfunc="first")
-        verdicts = verdicts[[l for l in layers if l in verdicts.columns]].reset_index()
+        verdicts = verdicts[[name for name in layers if name in verdicts.columns]].reset_index()
         verdicts.columns.name = None
         st.markdown("**Verdict at each snapshot**")
         st.dataframe(verdicts.style.map(F.verdict_css, subset=[c for c in verdicts.columns if c != "step"]),
@@ -73,7 +74,8 @@ def training_log(run: str, trigger: int | None, phases: list[tuple[int, str]]) -
         if not cols:
             continue
         if name.startswith("routing"):
-            metric = st.selectbox("Routing indicator", sorted({c.rsplit(".", 1)[-1] for c in cols}), key="dyn_log_metric")
+            metric = st.selectbox("Routing indicator", sorted({c.rsplit(".", 1)[-1] for c in cols}),
+                                  key="dyn_log_metric")
             cols = [c for c in cols if c.endswith("." + metric)]
         st.plotly_chart(F.train_log_lines(log, cols[:8], trigger, title=f"Training log: {name}",
                                           phases=phases), key=f"log_{i}")

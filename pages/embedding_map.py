@@ -83,7 +83,8 @@ def render() -> None:
         calls = _calls(run, version, layer, store)
         if len(calls) > 1:
             picked = c3.selectbox("Positions of", ["all calls", *calls], key="emb_call",
-                                  help="Which calls of the layer count (e.g. the mention side, one InterMoE direction).")
+                                  help="Which calls of the layer count (e.g. one side of a paired input, one "
+                                       "direction of a cross-modal layer).")
             call = None if picked == "all calls" else picked
     frame = _frame(run, version, layer, call, store)
     if colour not in frame:

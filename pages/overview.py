@@ -12,8 +12,15 @@ import pandas as pd
 import streamlit as st
 
 from analysis import figures as F
-from analysis.report import (format_metric, headline_tables, layers_frame, model_card, rate_measures,
-                             training_options, verdict_frame)
+from analysis.report import (
+    format_metric,
+    headline_tables,
+    layers_frame,
+    model_card,
+    rate_measures,
+    training_options,
+    verdict_frame,
+)
 from mmoe_core.spec import ModelSpec
 from pages import reads, state, widgets
 
@@ -110,7 +117,8 @@ def card_section(run: str, spec: ModelSpec, manifest: dict, config: dict) -> Non
             st.dataframe(pd.DataFrame({"training option": list(options), "value": [str(v) for v in options.values()]}),
                          hide_index=True)
     st.markdown("**Routed layers** (E experts, top-k, what the gate does, what is routed, what the gate sees)")
-    st.dataframe(layers_frame(spec), hide_index=True, column_config={"note": st.column_config.TextColumn(width="large")})
+    st.dataframe(layers_frame(spec), hide_index=True,
+                 column_config={"note": st.column_config.TextColumn(width="large")})
 
 
 def render() -> None:

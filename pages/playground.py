@@ -16,8 +16,20 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from analysis import figures as F
-from analysis.live import (MAX_UPLOAD_BYTES, TOP_N, UploadError, attribute_live, check_upload, clip_text,
-                           drawing_options, example_picture, live_example, project_live, routing_changes, run_live)
+from analysis.live import (
+    MAX_UPLOAD_BYTES,
+    TOP_N,
+    UploadError,
+    attribute_live,
+    check_upload,
+    clip_text,
+    drawing_options,
+    example_picture,
+    live_example,
+    project_live,
+    routing_changes,
+    run_live,
+)
 from analysis.source_weights import long_weights
 from mmoe_core.spec import ExampleField, ModelSpec
 from pages import reads, state, widgets

@@ -95,19 +95,20 @@ def render() -> None:
         st.info("This example has no routed positions in this run.")
         return
     picture = widgets.example_picture(row, spec)
-    layers = [l for l in specs if l in set(rows_all["layer"])] + sorted(set(rows_all["layer"]) - set(specs))
+    layers = [name for name in specs if name in set(rows_all["layer"])] + sorted(set(rows_all["layer"]) - set(specs))
     left, right = st.columns([1, 2])
     with left:
         layer = state.synced_radio("Layer", layers, key=f"explorer_layer_{run}", param="layer", clears=("call",),
                                    horizontal=True,
-                                   format_func=lambda l: f"{l} ({specs[l].gate_kind}, top-{specs[l].top_k} of "
-                                            f"{specs[l].num_experts})" if l in specs else l)
+                                   format_func=lambda name: f"{name} ({specs[name].gate_kind}, top-"
+                                   f"{specs[name].top_k} of {specs[name].num_experts})" if name in specs else name)
     layer_rows = rows_all[rows_all["layer"] == layer]
     calls = widgets.order_calls(list(dict.fromkeys(layer_rows["call"])),
                                 widgets.own_side(rows_all, row, spec))  # the example's own positions first
     with right:
-        call = state.synced_radio("Call (what is routed, what the gate sees)", calls, key=f"explorer_call_{run}_{layer}",
-                                  param="call", format_func=lambda c: widgets.call_label(layer_rows, c))
+        call = state.synced_radio("Call (what is routed, what the gate sees)", calls,
+                                  key=f"explorer_call_{run}_{layer}", param="call",
+                                  format_func=lambda c: widgets.call_label(layer_rows, c))
     declared = specs.get(layer)
     if declared is not None:
         st.caption(f"**{layer}** routes {declared.routed}; its gate sees {declared.gate_sees}.")

@@ -89,7 +89,8 @@ def one_example(run: str, spec: ModelSpec, weights: pd.DataFrame, summary: Sourc
 
     def describe(i: int) -> str:
         row = per[per["example_index"] == i].iloc[0]
-        truth = f"{row[output.truth_label]}; " if output.truth_label in row and pd.notna(row[output.truth_label]) else ""
+        value = row.get(output.truth_label) if output.truth_label else None
+        truth = f"{value}; " if value is not None and pd.notna(value) else ""
         return f"{widgets.example_title(rows.get(i, {'example_index': i}), spec)} ({truth}dominant {row['dominant']})"
 
     index = state.synced_example("Example", [int(i) for i in shown["example_index"]], key="sw_example",

@@ -24,7 +24,8 @@ def verdicts(run: str) -> None:
     if lm is not None and len(lm):
         widgets.verdict_lines(lm)
         with st.expander("All indicators per layer"):
-            st.dataframe(verdict_frame(lm).style.map(F.verdict_css, subset=["verdict"]).format(precision=3), hide_index=True)
+            st.dataframe(verdict_frame(lm).style.map(F.verdict_css, subset=["verdict"]).format(precision=3),
+                         hide_index=True)
     else:
         st.info("This run has no layer_metrics table.")
 

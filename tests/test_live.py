@@ -108,7 +108,8 @@ def test_source_weights_summary_agreement_and_confusion():
     long = source_weights.long_weights(rows, TWO_SOURCES)
     assert list(long.columns) == ["example_index", "position", "token", "left", "right"] and len(long) == 6
     again = source_weights.summarise(long, examples, TWO_SOURCES)
-    assert again.agreement == s.agreement and again.per_example["dominant"].tolist() == s.per_example["dominant"].tolist()
+    assert again.agreement == s.agreement
+    assert again.per_example["dominant"].tolist() == s.per_example["dominant"].tolist()
 
 
 def test_source_weights_without_a_truth_label_scores_no_agreement():

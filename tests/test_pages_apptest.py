@@ -117,7 +117,7 @@ def plotly_count(at: AppTest) -> int:
     return len(at.get("plotly_chart"))
 
 
-def _array(value) -> "np.ndarray":
+def _array(value) -> np.ndarray:
     """A plotly figure array from its JSON (plain lists, or plotly's typed-array encoding)."""
     if isinstance(value, dict) and "bdata" in value:
         data = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
@@ -291,7 +291,7 @@ def test_bad_run_param_warns_and_falls_back(root):
     assert any("no-such-run" in str(w.value) for w in at.warning)
     picked = at.selectbox(key="moescope_run_picker").value
     assert picked in runs
-    assert any(f"**{l}**" in markdown_text(at) for l in _store(root, picked).layer_metrics()["layer"])
+    assert any(f"**{name}**" in markdown_text(at) for name in _store(root, picked).layer_metrics()["layer"])
 
 
 # ------------------------------------------------------------------------------------------- other pages

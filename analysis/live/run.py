@@ -11,10 +11,11 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -94,7 +95,8 @@ def warm_up(adapter, example: Mapping[str, Any], attribution: bool = True) -> fl
 
 def load_base_examples(adapter, run: str, root: str | os.PathLike | None = None) -> list[dict]:
     """The run's examples (its dataset and split, as the precompute read them) in the adapter's own form:
-    the base examples a live run starts from. Also gives the adapter its dataset (e.g. MMoE's KB)."""
+    the base examples a live run starts from. Also gives the adapter its dataset (e.g. a knowledge base to
+    rank against)."""
     inputs = run_inputs(run, root)
     if inputs.dataset is None or not inputs.dataset.exists():
         raise FileNotFoundError(f"run {run!r} names the dataset {inputs.dataset}, which is gone; rebuild the demo "
@@ -155,8 +157,9 @@ def live_example(spec_or_adapter, base_example: Mapping[str, Any], texts: Mappin
     if image is not None:
         images = [f.name for f in editable.values() if f.kind == "image"]
         if not images or (image_field is not None and image_field not in images):
-            raise ValueError(f"the {spec.family!r} family has no editable image field "
-                             f"{image_field or ''}".rstrip() + f" (its editable image fields: {', '.join(images) or 'none'})")
+            named = f" {image_field!r}" if image_field else ""
+            raise ValueError(f"the {spec.family!r} family has no editable image field{named} "
+                             f"(its editable image fields: {', '.join(images) or 'none'})")
         example[image_field or images[0]] = image.convert("RGB")
     for key, value in dict(fields or {}).items():
         example[key] = value
@@ -245,7 +248,8 @@ def ranking_frame(prediction: Mapping[str, Any], top_n: int = TOP_N) -> pd.DataF
     ids = prediction.get("top_ids")
     scores = prediction.get("top_scores")
     if names is None:
-        names, ids, scores = [prediction.get("prediction")], [prediction.get("prediction_id")], [prediction.get("score")]
+        names, ids = [prediction.get("prediction")], [prediction.get("prediction_id")]
+        scores = [prediction.get("score")]
     names = list(names)[:top_n]
     ids = list(ids)[:len(names)] if ids is not None else [None] * len(names)
     scores = list(scores)[:len(names)] if scores is not None else [None] * len(names)
@@ -298,7 +302,7 @@ def live_attribution(adapter, example: Mapping[str, Any], method: str = "ig", ta
 
 # Intra-op CPU threads for live runs. The demo models are small: one example gains nothing from more
 # threads, and on a busy 2-core machine OpenMP's spin-waiting made 2 threads ~30x slower than 1
-# (mmoe-balanced: p50 1.4-1.7 s vs 52 ms, same process, back to back).
+# (a demo run: p50 1.4-1.7 s vs 52 ms, same process, back to back).
 LIVE_CPU_THREADS = 1
 
 

@@ -105,7 +105,7 @@ def majority_expert(store, layer: str, call: str | None = None) -> pd.DataFrame:
 
 
 def layer_calls(store, layer: str) -> list[str]:
-    """The calls a layer was recorded with in the run's routing table (e.g. "mention", "decoder")."""
+    """The calls a layer was recorded with in the run's routing table (e.g. one per side of a paired input)."""
     df = store.sql("SELECT DISTINCT call FROM routing WHERE layer = ? ORDER BY call", [layer])
     return [str(c) for c in df["call"] if c is not None]
 

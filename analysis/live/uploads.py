@@ -8,7 +8,8 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 __all__ = ["UploadError", "check_upload", "sniff_image_type", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS",
            "drawing_options", "draw_image", "example_picture", "picture_keys"]
