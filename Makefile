@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv build-demo serve clean-artifacts
+.PHONY: demo test test-unit venv build-demo serve clean-artifacts
 
 venv: $(STAMP)
 
@@ -28,6 +28,10 @@ serve: venv
 # The whole test suite (tiny worlds and short trainings; the browser test needs chromium + chromedriver).
 test: venv
 	$(BIN)/python -m pytest -q -ra
+
+# The unit tier alone: every test that needs no demo build (tests/conftest.py marks the others e2e).
+test-unit: venv
+	$(BIN)/python -m pytest -q -ra -m "not e2e"
 
 clean-artifacts:
 	rm -rf artifacts/data artifacts/checkpoints artifacts/runs

@@ -35,3 +35,30 @@ def demo_artifacts(tmp_path_factory) -> Path:
         os.environ.pop("MOESCOPE_ARTIFACTS", None)
     else:
         os.environ["MOESCOPE_ARTIFACTS"] = previous
+
+
+# ---------------------------------------------------------------------------------------------- test tiers
+# Two tiers: the unit tier (`pytest -m "not e2e"`, `make test-unit`) needs no demo build; the end-to-end
+# tier is every test that uses the tiny demo build. A test joins it by requesting ``demo_artifacts``, or
+# ``runs_root`` (tests/test_pages_apptest.py), which asks for ``demo_artifacts`` lazily unless
+# $MOESCOPE_TEST_RUNS_ROOT names a built root. No test is marked by hand.
+E2E_FIXTURES = frozenset({"demo_artifacts", "runs_root"})
+_current_item: list[pytest.Item] = []
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _current_item[:] = [item]
+
+
+def pytest_fixture_setup(fixturedef, request) -> None:
+    """A test outside the e2e tier that reaches the demo build (through request.getfixturevalue, say)
+    fails at once instead of making the unit tier build the demo."""
+    if fixturedef.argname == "demo_artifacts" and _current_item and _current_item[0].get_closest_marker("e2e") is None:
+        pytest.fail(f"{_current_item[0].nodeid} needs the demo build but is not in the e2e tier: request "
+                    f"one of {sorted(E2E_FIXTURES)} as a fixture argument (tests/conftest.py marks those)")
