@@ -42,9 +42,10 @@ import importlib.metadata
 import json
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.decomposition import PCA
@@ -175,7 +176,7 @@ class FittedProjection:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "FittedProjection":
+    def load(cls, path: str | Path) -> FittedProjection:
         with np.load(Path(path), allow_pickle=False) as f:
             meta = json.loads(str(f["meta_json"]))
             if meta.get("format_version") != FORMAT_VERSION:

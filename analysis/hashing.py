@@ -25,8 +25,8 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 __all__ = ["file_sha256", "dir_hash", "checkpoint_hash", "dataset_hash", "CONTENT_SUFFIXES",
            "CHECKPOINT_FILES"]

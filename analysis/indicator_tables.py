@@ -10,7 +10,7 @@ Indicators read the gate's recorded probabilities (``probs``), never logits re-s
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd

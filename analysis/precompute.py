@@ -27,17 +27,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from analysis.indicator_tables import coselection_frame, layer_metrics_frame, slice_metrics_frame, specialisation_frame
-from analysis.precompute_steps import (attribution_label, batch_dependence_by_layer, measures_batch_dependence,
-                                       merge_parts, run_examples, sampled_extras, slice_label, stratified_sample,
-                                       trigger_step)
+from analysis.precompute_steps import (
+    attribution_label,
+    batch_dependence_by_layer,
+    measures_batch_dependence,
+    merge_parts,
+    run_examples,
+    sampled_extras,
+    slice_label,
+    stratified_sample,
+    trigger_step,
+)
 from analysis.run_tables import KEY, examples_frame, predictions_frame
 from analysis.sharding import distributed, gather_to_main
 from analysis.store import RunWriter, inputs_manifest, needs_rebuild, rebuild_reasons

@@ -8,8 +8,8 @@ stored, all come from the spec, never from a family's name or field names.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,7 +24,6 @@ from analysis.sharding import Dist, contiguous_share, shard_batches
 from mmoe_core.adapter import ModelAdapter
 from mmoe_core.checkpoint import list_snapshots, load_config, load_state, load_train_log
 from mmoe_core.spec import ModelSpec
-
 
 # --------------------------------------------------------------------------------------------
 # What the spec decides

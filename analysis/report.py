@@ -19,8 +19,9 @@ import math
 import os
 import re
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -291,7 +292,7 @@ def build_report(run: str, root: str | os.PathLike | None = None) -> str:
     parts: list[str] = []
     title = f"MoEscope report: {html.escape(run)}"
     parts.append(f"<h1>{title}</h1>")
-    parts.append(f'<p class="muted">Generated {_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")} '
+    parts.append(f'<p class="muted">Generated {_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")} '
                  f"from the run's artifacts; status: {html.escape(status.state)}.</p>")
     if status.state != "ready":
         parts.append(f'<p class="warn">{html.escape(status.message)}</p>')

@@ -15,7 +15,7 @@ The routing distribution is the gate's scores normalised over the experts, p = p
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd

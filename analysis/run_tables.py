@@ -19,7 +19,8 @@ Every table keys its rows by ``example_index`` (the example's ``index``: its row
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

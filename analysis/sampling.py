@@ -1,7 +1,8 @@
 """Sampling shared by the analysis steps: stratified, seeded, never the head of the data."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -5,9 +5,9 @@ Without torchrun (``WORLD_SIZE`` unset or 1) everything here is the identity: on
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 

@@ -21,12 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import command_line, machine as common_machine, record  # also puts the repo on sys.path
-
 import duckdb  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
+from _common import command_line, record  # also puts the repo on sys.path
+from _common import machine as common_machine
 
 from analysis.store import RunStore, RunWriter, inputs_manifest, run_status  # noqa: E402
 from mmoe_core.spec import ModelSpec, RoutedLayerSpec  # noqa: E402

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,11 +22,17 @@ import pytest
 import torch
 from torch import nn
 
-from analysis.attribution import (TABLE_COLUMNS, ExplainedOutput, attribution_table, default_router_target,
-                                  integrated_gradients, modality_share_by_label, occlusion_image,
-                                  router_attribution)
-from mmoe_core.adapter import (AttributionTarget, InputSpec, ModelAdapter, PredictionSpec, RoutedLayerSpec,
-                               RunOutput)
+from analysis.attribution import (
+    TABLE_COLUMNS,
+    ExplainedOutput,
+    attribution_table,
+    default_router_target,
+    integrated_gradients,
+    modality_share_by_label,
+    occlusion_image,
+    router_attribution,
+)
+from mmoe_core.adapter import AttributionTarget, InputSpec, ModelAdapter, PredictionSpec, RoutedLayerSpec, RunOutput
 from mmoe_core.moe import SwitchMoE
 from mmoe_core.routing_record import PositionMeta, RoutingRecorder
 from mmoe_core.spec import GateSpec

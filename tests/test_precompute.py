@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -20,9 +19,8 @@ from analysis.run_tables import named_scores_frame, predictions_frame, source_we
 from analysis.sharding import Dist
 from analysis.store import RunStore, run_status
 from mmoe_core.adapter import RunOutput
-from mmoe_core.routing_record import LayerCall, PositionMeta, RouterOutput, RoutingRecorder
-from mmoe_core.spec import (GateSpec, LabelSpec, ModelSpec, OutputSpec, PredictionSpec, RoutedLayerSpec,
-                            SourceSpec)
+from mmoe_core.routing_record import PositionMeta, RouterOutput, RoutingRecorder
+from mmoe_core.spec import GateSpec, LabelSpec, ModelSpec, OutputSpec, PredictionSpec, RoutedLayerSpec, SourceSpec
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--max-examples", "40", "--attribution-sample", "0", "--dynamics-sample", "0", "--projection", "pca",

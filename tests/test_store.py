@@ -14,14 +14,34 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from analysis.hashing import checkpoint_hash, dataset_hash, dir_hash, file_sha256
+from analysis.store import (
+    RunStore,
+    RunWriter,
+    code_version,
+    inputs_manifest,
+    list_runs,
+    needs_rebuild,
+    rebuild_reasons,
+    run_status,
+)
 from analysis.store import aggregates as store_aggregates
 from analysis.store import publish as store_publish
 from analysis.store import status as store_status
-from analysis.hashing import checkpoint_hash, dataset_hash, dir_hash, file_sha256
-from analysis.store import (RunStore, RunWriter, code_version, inputs_manifest, list_runs, needs_rebuild,
-                            rebuild_reasons, run_status)
-from mmoe_core.spec import (AttributionTarget, ExampleField, GateSpec, ImageGrid, InputSpec, LabelSpec, ModelSpec,
-                            OutputSpec, PredictionSpec, RoutedLayerSpec, SourceSpec, TrainingPhase)
+from mmoe_core.spec import (
+    AttributionTarget,
+    ExampleField,
+    GateSpec,
+    ImageGrid,
+    InputSpec,
+    LabelSpec,
+    ModelSpec,
+    OutputSpec,
+    PredictionSpec,
+    RoutedLayerSpec,
+    SourceSpec,
+    TrainingPhase,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # A declaration with one of each piece, so the manifest round trip covers every nested type.
@@ -168,7 +188,7 @@ def test_write_then_read_back(tmp_path):
 def test_streamed_routing_is_sorted_and_aggregated(tmp_path):
     routing = make_routing(n_examples=5).sort_values(["example_index"]).reset_index(drop=True)
     with RunWriter("s", root=tmp_path, row_group_size=8) as w:
-        for ex, part in routing.groupby("example_index"):
+        for _, part in routing.groupby("example_index"):
             w.append_table("routing", part.sample(frac=1.0, random_state=1))
     s = RunStore("s", tmp_path)
     assert s.manifest["files"]["routing.parquet"]["rows"] == len(routing)

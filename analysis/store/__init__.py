@@ -11,12 +11,31 @@ through :class:`RunWriter`. One module per job:
 * :mod:`~analysis.store.reader`: :class:`RunStore`, DuckDB page queries over one published version.
 """
 from analysis.store.aggregates import ENTROPY_SAMPLE_PER_LAYER, write_routing_aggregates, write_routing_with_aggregates
-from analysis.store.layout import (EXAMPLE_KEY, MANIFEST, ROUTING_GROUPS, ROUTING_SORT, ROUTING_TYPES, ROW_GROUP_SIZE,
-                                   STORE_FORMAT, rebuild_command, resolve_root, runs_dir)
+from analysis.store.layout import (
+                                   EXAMPLE_KEY,
+                                   MANIFEST,
+                                   ROUTING_GROUPS,
+                                   ROUTING_SORT,
+                                   ROUTING_TYPES,
+                                   ROW_GROUP_SIZE,
+                                   STORE_FORMAT,
+                                   rebuild_command,
+                                   resolve_root,
+                                   runs_dir,
+)
 from analysis.store.publish import RunWriter
 from analysis.store.reader import RunStore
-from analysis.store.status import (DATASET_HASH_TTL_S, RunStatus, code_version, inputs_manifest, list_runs,
-                                   needs_rebuild, read_spec, rebuild_reasons, run_status)
+from analysis.store.status import (
+                                   DATASET_HASH_TTL_S,
+                                   RunStatus,
+                                   code_version,
+                                   inputs_manifest,
+                                   list_runs,
+                                   needs_rebuild,
+                                   read_spec,
+                                   rebuild_reasons,
+                                   run_status,
+)
 
 __all__ = [
     "RunWriter", "RunStore", "RunStatus", "list_runs", "run_status", "needs_rebuild", "rebuild_reasons",

@@ -22,18 +22,37 @@ import fcntl
 import json
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis.hashing import file_sha256
 from analysis.store.aggregates import write_routing_aggregates
-from analysis.store.layout import (_LOCKS, _RESERVED_KEYS, _STAGING, _VERSION_RE, _VERSIONS, MANIFEST,
-                                   ROW_GROUP_SIZE, STORE_FORMAT, _cast_routing, _check_file_name, _check_run,
-                                   _check_table_name, _fsync, _is_routing_table, _json_default, _rmtree,
-                                   _sort_routing, _to_arrow, _utc_now, resolve_root)
+from analysis.store.layout import (
+    _LOCKS,
+    _RESERVED_KEYS,
+    _STAGING,
+    _VERSION_RE,
+    _VERSIONS,
+    MANIFEST,
+    ROW_GROUP_SIZE,
+    STORE_FORMAT,
+    _cast_routing,
+    _check_file_name,
+    _check_run,
+    _check_table_name,
+    _fsync,
+    _is_routing_table,
+    _json_default,
+    _rmtree,
+    _sort_routing,
+    _to_arrow,
+    _utc_now,
+    resolve_root,
+)
 from analysis.store.status import code_version
 
 
@@ -44,7 +63,7 @@ class _FileLock:
         self.path = path
         self.fd: int | None = None
 
-    def acquire(self) -> "_FileLock":
+    def acquire(self) -> _FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
@@ -140,7 +159,7 @@ class RunWriter:
             raise RuntimeError("RunWriter is not open (use it as a context manager)")
         return self._dir
 
-    def open(self) -> "RunWriter":
+    def open(self) -> RunWriter:
         if self._dir is not None:
             return self
         staging_root = self.runs / _STAGING
@@ -161,7 +180,7 @@ class RunWriter:
         self._dir.mkdir()
         return self
 
-    def __enter__(self) -> "RunWriter":
+    def __enter__(self) -> RunWriter:
         return self.open()
 
     def __exit__(self, exc_type, exc, tb) -> bool:

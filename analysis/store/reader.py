@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -20,8 +21,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from analysis.store.layout import (_TABLE_RE, EXAMPLE_KEY, ROUTING_GROUPS, _check_file_name, _check_run, _qi,
-                                   _sql_str, rebuild_command, resolve_root)
+from analysis.store.layout import (
+    _TABLE_RE,
+    EXAMPLE_KEY,
+    ROUTING_GROUPS,
+    _check_file_name,
+    _check_run,
+    _qi,
+    _sql_str,
+    rebuild_command,
+    resolve_root,
+)
 from analysis.store.status import RunStatus, _read_manifest, _status_of_dir, read_spec
 from mmoe_core.spec import ModelSpec
 

@@ -20,17 +20,26 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from analysis.hashing import checkpoint_hash, dataset_hash, file_sha256
-from analysis.store.layout import (_RUN_RE, MANIFEST, STORE_FORMAT, _check_run, _json_default, rebuild_command,
-                                   resolve_root, runs_dir)
+from analysis.store.layout import (
+    _RUN_RE,
+    MANIFEST,
+    STORE_FORMAT,
+    _check_run,
+    _json_default,
+    rebuild_command,
+    resolve_root,
+    runs_dir,
+)
 from mmoe_core.spec import ModelSpec
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_version() -> str:
     """Package version plus short git commit when available, e.g. ``0.1.0+g1a2b3c4d5e6f.dirty``.
 
