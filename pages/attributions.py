@@ -15,7 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from analysis.live import attribution_choices, attribution_rows, picture_keys
+from analysis.live import attribution_choices, attribution_rows, input_share_by_label, picture_keys
 from mmoe_core.spec import ModelSpec
 from pages import reads, state, widgets
 
@@ -136,7 +136,6 @@ def router_now(run: str, index: int, picture, spec: ModelSpec) -> None:
 
 
 def share_by_label(attributions: pd.DataFrame, spec: ModelSpec) -> None:
-    from analysis.attribution import modality_share_by_label
     st.subheader("Input share by label")
     st.caption("Mean share of each input in an example's total |attribution| of the prediction, per value of a "
                "label: e.g. the picture's share where the label says the picture decides, against the rest.")
@@ -152,7 +151,7 @@ def share_by_label(attributions: pd.DataFrame, spec: ModelSpec) -> None:
     label = s1.selectbox("Label", options, key="attr_share_label")
     methods = [m for m in METHOD_NAMES if m in set(attributions["method"])]
     method = s2.radio("Method", methods, format_func=METHOD_NAMES.get, key="attr_share_method", horizontal=True)
-    shares = modality_share_by_label(attributions, label, method=method)
+    shares = input_share_by_label(attributions, label, method, sorted(router_targets(spec)))
     if shares.empty:
         st.info("No attribution of the prediction with that method.")
         return

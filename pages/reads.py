@@ -115,13 +115,6 @@ def manifest(run: str) -> dict:
 
 # ----------------------------------------------------------------------------------------- tables
 
-def _keyed(frame: pd.DataFrame | None) -> pd.DataFrame | None:
-    """Tables key examples by ``example_index``; a run written before that used ``index``."""
-    if frame is not None and EXAMPLE_KEY not in frame and "index" in frame:
-        return frame.rename(columns={"index": EXAMPLE_KEY})
-    return frame
-
-
 @st.cache_data(show_spinner=False, max_entries=128)
 def _table(run: str, version: str, name: str, columns: tuple | None, _store: RunStore) -> pd.DataFrame:
     return _store.table(name, columns=list(columns) if columns else None)
@@ -133,7 +126,7 @@ def table(run: str, name: str, columns: Sequence[str] | None = None) -> pd.DataF
     store = store_for(run)
     if not store.has(name):
         return None
-    frame = _keyed(_table(run, run_version(run), name, tuple(columns) if columns else None, store))
+    frame = _table(run, run_version(run), name, tuple(columns) if columns else None, store)
     return F.in_layer_order(frame, layer_names(run))
 
 
@@ -203,7 +196,7 @@ def example_routing(run: str, example_index: int) -> pd.DataFrame | None:
 def _source_weights(run: str, version: str, output_name: str, _store: RunStore):
     from analysis.source_weights import long_weights, summarise
     output = next(o for o in spec(run).outputs if o.name == output_name)
-    weights = _keyed(_store.table(output_name))
+    weights = _store.table(output_name)
     labels = [label.name for label in spec(run).labels]
     return long_weights(weights, output), summarise(weights, examples(run), output, labels)
 

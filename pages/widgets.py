@@ -43,7 +43,7 @@ def example_title(row: Mapping[str, Any], spec: ModelSpec, width: int = 70) -> s
     """"<index> · <id> · <title field>" for a select box or a caption."""
     title = spec.title_field()
     text = _cut(row.get(title.name), width) if title is not None and _present(row.get(title.name)) else ""
-    index = row.get(EXAMPLE_KEY, row.get("index", ""))
+    index = row.get(EXAMPLE_KEY, "")
     parts = [str(int(index)) if _present(index) else "", str(row.get("id") or ""), text]
     return " · ".join(p for p in parts if p)
 

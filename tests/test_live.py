@@ -297,3 +297,14 @@ def test_run_inputs_names_checkpoint_and_dataset(built_demo_root):
     assert inputs.family == "mmoe" and inputs.checkpoint_hash
     with pytest.raises(FileNotFoundError, match="not found"):
         live.run_inputs("no-such-run", built_demo_root)
+
+
+def test_input_share_by_label_counts_each_example_once():
+    table = pd.DataFrame({
+        "example_index": [0, 0, 1, 2, 2, 2], "method": "ig",
+        "target": ["score", "score", "score", "score", "score", "router_logit"],
+        "input": ["words", "picture", "words", "words", "picture", "words"],
+        "share": [0.25, 0.75, 1.0, 0.5, 0.5, 1.0], "where": ["a", "a", "b", "a", "a", "a"]})
+    shares = live.input_share_by_label(table, "where", "ig", router_targets=["router_logit"])
+    assert shares.loc["a", "picture"] == pytest.approx(0.625) and shares.loc["a", "words"] == pytest.approx(0.375)
+    assert shares.loc["b", "picture"] == 0 and shares.loc["b", "n_examples"] == 1 and shares.loc["a", "n_examples"] == 2

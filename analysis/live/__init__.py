@@ -22,8 +22,8 @@ _HOMES = {
     "run": ("RunInputs", "run_inputs", "load_live_adapter", "load_base_examples", "warm_up", "clip_text",
             "live_example", "LiveResult", "run_live", "attribute_live", "live_attribution", "cpu_threads",
             "LIVE_CPU_THREADS", "routing_changes", "ranking_frame", "TOP_N", "project_live", "PROJECTION_FILE"),
-    "summaries": ("attribution_choices", "attribution_rows", "convergence_delta", "patch_grid", "majority_expert",
-                  "layer_calls", "embedding_frame", "ATTRIBUTION_KEYS"),
+    "summaries": ("attribution_choices", "attribution_rows", "convergence_delta", "patch_grid", "input_share_by_label",
+                  "majority_expert", "layer_calls", "embedding_frame", "ATTRIBUTION_KEYS"),
 }
 _WHERE = {name: module for module, names in _HOMES.items() for name in names}
 __all__ = list(_WHERE)

@@ -6,13 +6,15 @@ of each example, and the embedding map's frame joined with the example fields an
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 
 from mmoe_core.spec import ImageGrid
 
-__all__ = ["attribution_choices", "attribution_rows", "convergence_delta", "patch_grid", "majority_expert",
-           "layer_calls", "embedding_frame", "ATTRIBUTION_KEYS"]
+__all__ = ["attribution_choices", "attribution_rows", "convergence_delta", "patch_grid", "input_share_by_label",
+           "majority_expert", "layer_calls", "embedding_frame", "ATTRIBUTION_KEYS"]
 
 # -- attributions
 
@@ -64,6 +66,24 @@ def convergence_delta(rows: pd.DataFrame) -> float | None:
 
 
 
+def input_share_by_label(attributions: pd.DataFrame, label: str, method: str = "ig",
+                         router_targets: Sequence[str] = ()) -> pd.DataFrame:
+    """Mean share of each input in an example's attribution of the prediction (targets not in
+    ``router_targets``), by value of ``label``: one row per value, one column per input, ``n_examples``.
+    Each example counts once; an input an example lacks counts as share 0 for it."""
+    rows = attributions[(attributions["method"] == method) & ~attributions["target"].isin(list(router_targets))]
+    if rows.empty or label not in rows:
+        return pd.DataFrame()
+    per_example = rows.pivot_table(index="example_index", columns="input", values="share", aggfunc="first")
+    per_example = per_example.dropna(how="all").fillna(0.0)
+    label_of = rows.groupby("example_index")[label].first().reindex(per_example.index)
+    shares = per_example.groupby(label_of).mean()
+    shares["n_examples"] = per_example.groupby(label_of).size()
+    shares.index.name = label
+    shares.columns.name = None
+    return shares
+
+
 def patch_grid(rows: pd.DataFrame, grid: ImageGrid | None, column: str = "value") -> np.ndarray:
     """Attributions of one image input as a [rows, cols] array on its declared ``grid``: the value at
     input position p lies in cell divmod(p - grid.first_position, grid.cols); positions outside the grid
@@ -112,18 +132,14 @@ def layer_calls(store, layer: str) -> list[str]:
 
 
 
-def _keyed(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.rename(columns={"index": "example_index"}) if "example_index" not in frame else frame
-
-
 def embedding_frame(store, layer: str | None = None, call: str | None = None) -> pd.DataFrame:
     """The run's projection joined with the example fields and labels, the prediction (``prediction``,
     ``gold``, ``rank``, ``correct`` as "correct" / "wrong" / "no gold") and, when a layer is given, the
     majority top-1 expert of each example over that layer's positions (all its calls, or ``call``):
     ``expert`` as a string ("expert 2", "none") and ``expert_share``."""
-    frame = store.table("projection").merge(_keyed(store.examples()), on="example_index", how="left")
+    frame = store.table("projection").merge(store.examples(), on="example_index", how="left")
     if store.has("predictions"):
-        pred = _keyed(store.table("predictions"))
+        pred = store.table("predictions")
         cols = [c for c in ("prediction", "gold", "rank", "correct") if c in pred and c not in frame]
         if cols:
             frame = frame.merge(pred[["example_index", *cols]], on="example_index", how="left")
