@@ -9,9 +9,9 @@ Two layouts of the weights are read:
 
 * long (as the store keeps them): one row per example and position, ``example_index, position, token``
   and one float column per source *name*;
-* per example (as ``adapter.run`` returns them in ``RunOutput.extras``): ``index`` (or ``example_index``),
-  the positions list column (``OutputSpec.positions``, e.g. ``tokens``) and one list column per source
-  (``SourceSpec.column``).
+* per example (as ``adapter.run`` returns them in ``RunOutput.extras``): ``index`` (the adapter's example
+  key), the positions list column (``OutputSpec.positions``, e.g. ``tokens``) and one list column per
+  source (``SourceSpec.column``).
 
 Dominant source of an example: the source with the largest mean weight over the example's positions
 (ties to the first declared). Agreement: over the examples whose truth label is one of the source names,
@@ -121,7 +121,7 @@ def summarise(weights: pd.DataFrame | Sequence[Mapping[str, Any]] | None, exampl
     truth = output.truth_label
     wanted = list(dict.fromkeys([*([truth] if truth else []), *labels]))
     if examples is not None and len(examples):
-        ex = examples.rename(columns={"index": KEY}) if KEY not in examples else examples
+        ex = examples
         keep = [c for c in wanted if c in ex and c not in per]
         per = per.merge(ex[[KEY, *keep]], on=KEY, how="left")
     agreement, n, by_source, confusion = float("nan"), 0, {}, pd.DataFrame()
