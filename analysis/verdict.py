@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from analysis.routing_measures import FINDING_THRESHOLDS, FindingThresholds, weight_collapse_from_summary
+
 __all__ = ["THRESHOLDS", "Thresholds", "verdict"]
 
 
@@ -87,6 +89,11 @@ class Thresholds:
     min_slots_per_expert: float = 5.0
     """Below this many routing slots per expert (T * k / E), a note says the numbers rest on too
     few positions (dead experts are expected by chance).  The note does not change the verdict."""
+
+    weight_collapse: FindingThresholds = FINDING_THRESHOLDS
+    """Weight collapse under top-k (slots evenly spread, combine weight / importance on one or two
+    experts): the limits of ``analysis.routing_measures.weight_collapse_clause``, kept there beside
+    the rule and reached from here so every verdict threshold hangs off one object."""
 
 
 THRESHOLDS = Thresholds()
@@ -217,6 +224,11 @@ def _sample_note(s: dict, t: Thresholds) -> list[tuple[str, str]]:
                      f"{s['num_experts']} experts: too few to judge reliably")]
 
 
+def _weight_collapse_clauses(s: dict, t: Thresholds) -> list[tuple[str, str]]:
+    found = weight_collapse_from_summary(s, t.weight_collapse)
+    return [found] if found else []
+
+
 def verdict(summary: dict, thresholds: Thresholds = THRESHOLDS) -> tuple[str, str]:
     """("healthy" | "warning" | "collapsed", reason) for one ``layer_summary``.
 
@@ -227,7 +239,7 @@ def verdict(summary: dict, thresholds: Thresholds = THRESHOLDS) -> tuple[str, st
     s, t = summary, thresholds
     clauses = (
         _load_clauses(s, t) + _effective_clause(s, t) + _unused_clauses(s, t)
-        + _gate_clauses(s, t) + _sample_note(s, t)
+        + _weight_collapse_clauses(s, t) + _gate_clauses(s, t) + _sample_note(s, t)
     )
     worst = max((_SEVERITY[severity] for severity, _ in clauses), default=0)
     if worst == 0:

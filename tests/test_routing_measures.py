@@ -238,8 +238,8 @@ def test_weight_collapse_the_routing_verdict_misses():
     s = r.layer_summary(probs, ids, combine)
     assert s["load"] == pytest.approx([0.29, 0.23, 0.24, 0.24])
     label, reason = r.verdict(s)
-    # what the issue reports: routing's verdict says healthy (until this rule is wired into it)
-    assert label == "healthy" or (label == "warning" and "weight collapse under top-k" in reason)
+    # what the issue reports: the verdict said healthy; with the rule wired in it warns, saying why
+    assert label == "warning" and "weight collapse under top-k" in reason
     level, reason = m.weight_collapse_finding(probs, ids, combine)
     assert level == "warning"
     assert "expert 2 gets 42% of the combine weight for 24% of slots (1.76x)" in reason
