@@ -35,9 +35,10 @@ import copy
 import dataclasses
 import functools
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 FAMILIES_DIR = Path(__file__).resolve().parent / "families"
 MODEL_CONFIGS = "model_configs"

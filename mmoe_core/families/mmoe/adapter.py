@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -199,7 +199,8 @@ class MMoEAdapter(ModelAdapter):
             descs = {i: examples[i].get("dataset_desc") for i in todo}
         elif mode == "dme" and todo:
             descs = dict(zip(todo, choose_for_examples(self, [examples[i] for i in todo], self.dme_chooser)))
-        return [ex.get("text") or mention_text(ex["mention"], ex["sentence"], descs[i]) for i, ex in enumerate(examples)]
+        return [ex.get("text") or mention_text(ex["mention"], ex["sentence"], descs[i])
+                for i, ex in enumerate(examples)]
 
     def _inputs(self, examples: Sequence[dict], texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         ids = self.towers.tokenize(texts)

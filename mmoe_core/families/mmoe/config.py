@@ -41,7 +41,7 @@ class MMoEConfig:
     mention_desc: str = "none"   # what follows the sentence in a mention's text: none | dataset | dme
 
     @staticmethod
-    def from_dict(d: dict) -> "MMoEConfig":
+    def from_dict(d: dict) -> MMoEConfig:
         known = {f.name for f in dataclasses.fields(MMoEConfig)}
         unknown = sorted(set(d) - known)
         if unknown:

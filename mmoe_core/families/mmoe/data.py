@@ -1,9 +1,9 @@
 """What the MMoE model reads: entity and mention texts, images, the KB's inputs, and adapter examples."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor

@@ -9,7 +9,7 @@ between the mention's text CLS and each candidate's entity-text CLS (``name [SEP
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -6,8 +6,9 @@ side's batch position by position so that each MoE call can be recorded with its
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

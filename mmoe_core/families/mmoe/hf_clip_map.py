@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -218,7 +218,8 @@ def hf_clip_encoder_spec(hf: Mapping[str, Tensor], *, context_length: int | None
                  text_layers=_count_layers(hf, "text_model"), text_heads=_heads(int(text_width), text_heads, "text"),
                  text_mlp_ratio=text_mlp / text_width, vision_width=int(vision_width),
                  vision_layers=_count_layers(hf, "vision_model"),
-                 vision_heads=_heads(int(vision_width), vision_heads, "vision"), vision_mlp_ratio=vision_mlp / vision_width,
+                 vision_heads=_heads(int(vision_width), vision_heads, "vision"),
+                 vision_mlp_ratio=vision_mlp / vision_width,
                  patch_size=int(patch), image_size=int(grid * patch), pad_token_id=int(pad_token_id),
                  activation="quick_gelu", image_resample="lanczos")
     if name is None:

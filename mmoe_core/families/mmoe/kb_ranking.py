@@ -31,11 +31,12 @@ is still recorded).
 
 Two ways in:
 
-* a full :class:`~mmoe_core.families.mmoe.model.MMoEModel`: :meth:`KBCache.from_model` (CLIP towers + matcher,
-  ``model.encode_entities`` with the config's ``entity_chunk_size``);
-* a bare :class:`~mmoe_core.families.mmoe.model.MMoEMatcher` plus encoder outputs (:class:`~mmoe_core.families.mmoe.features.EncodedSide`,
-  e.g. precomputed CLIP features or the synthetic features of ``benchmarks/kb_ranking.py``):
-  :meth:`KBCache.build` with an ``entity_source(start, stop) -> EncodedSide``, and :func:`mention_side`.
+* a full :class:`~mmoe_core.families.mmoe.model.MMoEModel`: :meth:`KBCache.from_model` (CLIP towers +
+  matcher, ``model.encode_entities`` with the config's ``entity_chunk_size``);
+* a bare :class:`~mmoe_core.families.mmoe.model.MMoEMatcher` plus encoder outputs
+  (:class:`~mmoe_core.families.mmoe.features.EncodedSide`, e.g. precomputed CLIP features or the synthetic
+  features of ``benchmarks/kb_ranking.py``): :meth:`KBCache.build` with an
+  ``entity_source(start, stop) -> EncodedSide``, and :func:`mention_side`.
 
 model.py keeps the entity side inside ``MMoEModel._encode_entity_chunk`` (encoder + matcher together);
 :func:`entity_side` / :func:`mention_side` below rebuild the matcher half from its submodules
@@ -46,9 +47,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -171,7 +172,7 @@ class RankResult:
     info: dict = field(default_factory=dict)
 
     @staticmethod
-    def cat(parts: Sequence["RankResult"]) -> "RankResult":
+    def cat(parts: Sequence[RankResult]) -> RankResult:
         def cat_opt(name):
             vals = [getattr(p, name) for p in parts]
             return None if any(v is None for v in vals) else torch.cat(vals)
@@ -267,7 +268,7 @@ class KBCache:
     @torch.no_grad()
     def build(matcher: MMoEMatcher, entity_source: EntitySource, num_entities: int, *, checkpoint: str,
               gate: str, chunk_size: int = PUBLISHED_ENTITY_CHUNK, kb_order: str | None = None,
-              progress: Callable[[int, int], None] | None = None) -> "KBCache":
+              progress: Callable[[int, int], None] | None = None) -> KBCache:
         """Entity side chunk by chunk, ``chunk_size`` consecutive entities per MoE call (the published
         chunking: required for ``mmoe_reference``, harmless for ``topk_softmax``)."""
         parts = []
@@ -284,7 +285,7 @@ class KBCache:
     @staticmethod
     @torch.no_grad()
     def from_model(model, ids: Tensor, pixels: Tensor, *, checkpoint: str | None = None,
-                   entity_keys: Sequence[str] | None = None, chunk_size: int | None = None) -> "KBCache":
+                   entity_keys: Sequence[str] | None = None, chunk_size: int | None = None) -> KBCache:
         """From a full MMoEModel and the KB's tokenised texts / first images (``mmoe.kb_inputs``)."""
         chunk = chunk_size or model.cfg.entity_chunk_size
         feats = model.encode_entities(ids, pixels, recorder=None, chunk_size=chunk)
@@ -320,7 +321,7 @@ class KBCache:
         return path
 
     @staticmethod
-    def load(path: str | Path, device: str | torch.device = "cpu", **expected) -> "KBCache":
+    def load(path: str | Path, device: str | torch.device = "cpu", **expected) -> KBCache:
         """Load a cache; ``expected`` key fields are checked (:meth:`check`)."""
         from safetensors import safe_open
         with safe_open(str(path), framework="pt", device=str(device)) as f:

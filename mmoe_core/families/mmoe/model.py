@@ -38,7 +38,7 @@ the published model behaves, and the dashboard shows it rather than hiding it.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -364,6 +364,6 @@ def matching_loss(scores: UnitScores) -> dict[str, Tensor]:
 
 
 def build_model(config: dict) -> MMoEModel:
-    """Family factory for :func:`mmoe_core.adapter.register_family`: reads config['model']."""
+    """The family's build_model (mmoe_core.registry.Family): an MMoE model from a config.json's "model" section."""
     return MMoEModel(MMoEConfig.from_dict(config.get("model", {})))
 

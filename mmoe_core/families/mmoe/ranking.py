@@ -10,7 +10,7 @@ many entities the same score (e.g. all zeros) would look better than it is if th
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch

@@ -1,8 +1,8 @@
 """Training: the MMoE family trainer (plugs into mmoe_core.training) and its hard-negative batches."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch

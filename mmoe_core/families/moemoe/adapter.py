@@ -1,8 +1,8 @@
 """The MoEMoE adapter: what the dashboard sees of a MoEMoE checkpoint (mmoe_core.adapter's contract)."""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

@@ -6,7 +6,7 @@ from one of them (``family_options["model_config"]``) or from these defaults.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from mmoe_core.encoders import EncoderSpec
 from mmoe_core.families.moemoe.vocab import SPECIAL_TOKENS

@@ -1,8 +1,8 @@
 """Examples of the QA family and the tensors a model reads from them (BPE ids, pixels, answer ids)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor

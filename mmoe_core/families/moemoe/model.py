@@ -46,8 +46,8 @@ Built from the description of arXiv 2503.06296 (no public code), at demo size:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -1,7 +1,7 @@
 """Small pure functions: the math of the MoEMoE model (lengths, QGA weights, losses, copy targets)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

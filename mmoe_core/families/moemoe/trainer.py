@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ class ImageReadingHead(nn.Module):
         self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.out = nn.Linear(dim, vocab_size)
 
-    def forward(self, model: "MoEMoEModel", batch: dict) -> Tensor:
+    def forward(self, model: MoEMoEModel, batch: dict) -> Tensor:
         image = model.encode_image_tokens(batch["pixels"])[batch["source_index"]]      # [B, 1 + P, D]
         query = model.encode_question(batch["question_ids"])[1].unsqueeze(1)          # the question at EOT
         read, _ = self.attention(query, image, image, need_weights=False)

@@ -8,7 +8,7 @@ checkpoint's ``config.json``.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from mmoe_core.qa_text import answer_words
 
@@ -29,7 +29,7 @@ class AnswerVocab:
             raise ValueError("duplicate words in the answer vocabulary")
 
     @staticmethod
-    def build(answers: Iterable[str], min_count: int = 1) -> "AnswerVocab":
+    def build(answers: Iterable[str], min_count: int = 1) -> AnswerVocab:
         """Every normalised answer word seen at least ``min_count`` times, in a stable (sorted) order."""
         counts = Counter(w for a in answers for w in answer_words(a))
         return AnswerVocab([*SPECIAL_TOKENS, *sorted(w for w, c in counts.items() if c >= min_count)])
