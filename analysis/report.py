@@ -95,7 +95,7 @@ def model_card(manifest: Mapping[str, Any], config: Mapping[str, Any] | None,
     lines = [("model", spec.title), *[(str(k), str(v)) for k, v in spec.model_card.items()]] if spec else []
     lines += [
         ("family", str(manifest.get("family") or config.get("family") or "n/a")),
-        ("description", str(config.get("description") or "n/a")),
+        ("description", str(config.get("description") or (config.get("training") or {}).get("description") or "n/a")),
         ("code version", str(code)),
         ("checkpoint", f"{manifest.get('checkpoint', 'n/a')} (hash {_short_hash(manifest.get('checkpoint_hash'))})"),
         ("dataset", f"{manifest.get('dataset', 'n/a')} (hash {_short_hash(manifest.get('dataset_hash'))})"),
