@@ -35,7 +35,6 @@ World design
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,242 +43,40 @@ import numpy as np
 from PIL import Image
 
 from . import drawing
-
-GENERATOR_VERSION = "entity-world/1"
-DATASET_NAME = "DEMO"
-SPLITS = ("train", "dev", "test")
-SPLIT_SHARES = (0.7, 0.1, 0.2)
-NO_IMAGE_SHARE = 0.30
-NIL_SHARE = 0.01
-MAX_NAMES = 60
-MIN_GROUP, MAX_GROUP = 3, 10
-MAX_SAME_TYPE_IN_GROUP = 3
-LABELS = ("text", "image", "both")
-
-# Random streams for pictures: each picture gets its own generator seeded by (seed, stream, index),
-# so pictures do not depend on the order in which they are drawn.
-_STREAM_ENTITY_PICTURE = 1
-_STREAM_MENTION_PICTURE = 2
-
-
-@dataclass(frozen=True)
-class EntityScale:
-    entities: int
-    names: int
-    mentions: int  # including nil mentions
-
-
-SCALES: dict[str, EntityScale] = {
-    "tiny": EntityScale(entities=60, names=12, mentions=400),
-    "default": EntityScale(entities=400, names=58, mentions=3200),
-}
-
-NAMES = (
-    "Jaguar", "Mercury", "Phoenix", "Apollo", "Orion", "Titan", "Atlas", "Nova", "Falcon", "Puma",
-    "Cobra", "Viper", "Eclipse", "Aurora", "Zenith", "Vega", "Polaris", "Triton", "Pegasus", "Hercules",
-    "Athena", "Genesis", "Odyssey", "Spirit", "Endeavour", "Voyager", "Pioneer", "Discovery", "Liberty",
-    "Victory", "Empire", "Monarch", "Sparrow", "Raven", "Condor", "Panther", "Lynx", "Bison", "Mustang",
-    "Stingray", "Marlin", "Kestrel", "Heron", "Cascade", "Sierra", "Avalon", "Olympus", "Everest",
-    "Neptune", "Saturn", "Juno", "Helios", "Prometheus", "Trinity", "Meridian", "Horizon", "Tempest",
-    "Blizzard", "Tornado", "Typhoon", "Cyclone", "Avalanche", "Comet", "Andromeda",
+from .entity_vocabulary import (
+    _STREAM_ENTITY_PICTURE,
+    _STREAM_MENTION_PICTURE,
+    DATASET_NAME,
+    EMBLEM_SENTENCE,
+    ENTITY_BACKGROUNDS,
+    ENTITY_COLOURS,
+    ENTITY_PATTERNS,
+    ENTITY_SHAPES,
+    ENTITY_TYPES,
+    ERAS,
+    GENERATOR_VERSION,
+    LABELS,
+    MAX_GROUP,
+    MAX_NAMES,
+    MAX_SAME_TYPE_IN_GROUP,
+    MIN_GROUP,
+    NAMES,
+    NIL_SHARE,
+    NIL_TEMPLATES,
+    NO_IMAGE_SHARE,
+    ORIGINS,
+    SCALES,
+    SHARED_TEMPLATES,
+    SPLIT_SHARES,
+    SPLITS,
+    UNINFORMATIVE_TEMPLATES,
+    EntityScale,
+    text_vocabulary,
+    visual_vocabulary,
+    with_article,
+    words,
 )
-
-ORIGINS = ("British", "French", "German", "Italian", "Spanish", "Japanese", "American", "Brazilian",
-           "Swedish", "Mexican", "Canadian", "Korean")
-ERAS = ("1920s", "1930s", "1940s", "1950s", "1960s", "1970s", "1980s", "1990s", "2000s", "2010s")
-
-# Entity colours exclude black and white, which are backgrounds here.
-ENTITY_COLOURS = tuple(c for c in drawing.SHAPE_COLOURS if c not in ("black", "white"))
-ENTITY_SHAPES = drawing.SHAPES
-ENTITY_PATTERNS = drawing.PATTERNS
-ENTITY_BACKGROUNDS = tuple(drawing.BACKGROUNDS)
-
-
-@dataclass(frozen=True)
-class EntityType:
-    """A kind of entity: its type word, two type-specific attribute vocabularies and its phrasings.
-
-    Templates use ``{name}``, ``{v}`` (the attribute value) and ``{a_v}`` (value with its article).
-    """
-
-    word: str
-    keys: dict[str, tuple[str, ...]]
-    description: str
-    mention_templates: dict[str, tuple[str, ...]]
-
-
-ENTITY_TYPES: dict[str, EntityType] = {
-    "band": EntityType(
-        "band",
-        {"genre": ("rock", "jazz", "punk", "metal", "reggae", "techno", "folk", "blues", "soul", "disco",
-                   "grunge", "ska"),
-         "instrument": ("guitar", "piano", "violin", "saxophone", "drums", "trumpet", "synthesizer", "cello",
-                        "harp", "flute", "banjo", "accordion")},
-        "{name} is {a_origin} {genre} band formed in the {era}, known for its {instrument} sound.",
-        {"genre": ("{name} played {a_v} set to a packed hall.",
-                   "Critics called the new {v} record by {name} their best so far.",
-                   "I grew up listening to {v} songs by {name}."),
-         "instrument": ("The {v} solo on the new {name} single is stunning.",
-                        "{name} brought {a_v} on stage for the encore.",
-                        "Nobody plays the {v} like the members of {name}.")},
-    ),
-    "animal": EntityType(
-        "animal",
-        {"habitat": ("rainforest", "savanna", "desert", "tundra", "wetland", "reef", "highlands", "grassland",
-                     "mangrove", "steppe", "taiga", "marsh"),
-         "prey": ("fish", "insects", "rodents", "fruit", "leaves", "seeds", "deer", "birds", "crabs", "worms",
-                  "snails", "berries")},
-        "{name} is an animal of the {origin} {habitat}, first described in the {era}, that feeds on {prey}.",
-        {"habitat": ("A {name} was spotted moving through the {v} at dawn.",
-                     "Rangers tracked a {name} across the {v}.",
-                     "The {v} is home to the {name}."),
-         "prey": ("A {name} was seen feeding on {v} near the water.",
-                  "Biologists say the {name} eats mostly {v}.",
-                  "Every evening the {name} goes looking for {v}.")},
-    ),
-    "ship": EntityType(
-        "ship",
-        {"vessel": ("frigate", "destroyer", "schooner", "cruiser", "submarine", "galleon", "tanker", "trawler",
-                    "ferry", "clipper", "corvette", "icebreaker"),
-         "sea": ("Atlantic", "Pacific", "Baltic", "Arctic", "Mediterranean", "Caribbean", "Adriatic", "Aegean",
-                 "Caspian", "Barents", "Tasman", "Antarctic")},
-        "{name} is {a_origin} {vessel} ship launched in the {era} that sailed the {sea}.",
-        {"vessel": ("The {v} {name} left port before the storm.",
-                    "Sailors remember serving on the {v} {name}.",
-                    "The old {v} {name} is now a museum."),
-         "sea": ("The {name} crossed the {v} in nine days.",
-                 "Fishermen saw the {name} heading across the {v}.",
-                 "The {name} spent years patrolling the {v}.")},
-    ),
-    "city": EntityType(
-        "city",
-        {"river": ("Danube", "Nile", "Rhine", "Volga", "Thames", "Tagus", "Loire", "Elbe", "Seine", "Vistula",
-                   "Douro", "Ebro"),
-         "landmark": ("cathedral", "harbour", "castle", "bridge", "university", "stadium", "market", "lighthouse",
-                      "tower", "fortress", "aqueduct", "monastery")},
-        "{name} is {a_origin} city on the {river}, founded in the {era} and famous for its {landmark}.",
-        {"river": ("Tourists walk along the {v} in {name} every summer.",
-                   "The {v} floods parts of {name} most winters.",
-                   "She grew up in {name} on the banks of the {v}."),
-         "landmark": ("The old {v} of {name} draws crowds every weekend.",
-                      "Visitors to {name} should not miss its {v}.",
-                      "The {v} in {name} was restored last year.")},
-    ),
-    "brand": EntityType(
-        "brand",
-        {"industry": ("car", "watch", "shoe", "perfume", "beer", "coffee", "phone", "bicycle", "chocolate",
-                      "furniture", "tyre", "camera"),
-         "hq": ("Milan", "Lyon", "Munich", "Osaka", "Seattle", "Porto", "Leeds", "Gothenburg", "Monterrey",
-                "Toronto", "Valencia", "Kyoto")},
-        "{name} is {a_origin} {industry} brand founded in the {era} and based in {hq}.",
-        {"industry": ("{name} unveiled a new {v} line at the trade fair.",
-                      "My first {v} was made by {name}.",
-                      "Sales of {name} {v} models rose this year."),
-         "hq": ("{name} opened a new office near its headquarters in {v}.",
-                "Executives at {name} met in {v} this week.",
-                "The {name} headquarters in {v} is expanding.")},
-    ),
-    "film": EntityType(
-        "film",
-        {"genre": ("thriller", "western", "comedy", "musical", "horror", "romance", "documentary", "fantasy",
-                   "noir", "drama", "satire", "mystery"),
-         "setting": ("island", "prison", "circus", "casino", "hospital", "village", "train", "palace", "highway",
-                     "spaceport", "vineyard", "subway")},
-        "{name} is {a_origin} {genre} film released in the {era}, set in {a_setting}.",
-        {"genre": ("{name} is my favourite {v} of all time.",
-                   "The {v} {name} opened to mixed reviews.",
-                   "Everyone cried at the end of the {v} {name}."),
-         "setting": ("{name} was shot almost entirely in {a_v}.",
-                     "The scenes of {name} set in {a_v} are unforgettable.",
-                     "Most of {name} takes place in {a_v}.")},
-    ),
-    "game": EntityType(
-        "game",
-        {"gameplay": ("platformer", "shooter", "puzzle", "racing", "strategy", "roguelike", "sandbox", "stealth",
-                      "rhythm", "survival", "simulation", "trivia"),
-         "platform": ("arcade", "console", "handheld", "mobile", "browser", "desktop")},
-        "{name} is {a_origin} {gameplay} game released in the {era} for {platform} players.",
-        {"gameplay": ("I spent the weekend playing the {v} {name}.",
-                      "{name} is a hard {v} to master.",
-                      "Speedrunners love the {v} {name}."),
-         "platform": ("You can now play {name} on {v}.",
-                      "The {v} version of {name} runs smoothly.",
-                      "{name} finally arrived on {v} this week.")},
-    ),
-}
-
-SHARED_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "era": ("{name} first made headlines in the {v}.",
-            "People still talk about {name} from the {v}.",
-            "Old newspapers from the {v} often mention {name}."),
-    "origin": ("Everyone here has heard of the {v} {name}.",
-               "I read a long article about the {v} {name}.",
-               "The {v} {name} came up in conversation again."),
-}
-
-# Sentences with no attribute word: the name fits every member of its group.
-UNINFORMATIVE_TEMPLATES = (
-    "Look at this picture of {name}.",
-    "{name} was in the news again today.",
-    "Here is a photo of {name} from last week.",
-    "Someone shared this snapshot of {name} online.",
-    "Can you tell which {name} this is?",
-    "My friend sent me this image of {name}.",
-)
-
-NIL_TEMPLATES = (
-    "{name} is also the name of a tiny bakery down my street.",
-    "My neighbour calls his old dog {name}.",
-    "{name} is the nickname of our local chess club.",
-    "We named the office printer {name} for some reason.",
-)
-
-EMBLEM_SENTENCE = "Its emblem is {a_colour} {pattern} {shape} on a {background} background."
-
-
-# --------------------------------------------------------------------------------------------- text
-
-
-def words(text: str) -> list[str]:
-    """Lower-case word tokens (letters and digits); attribute values are single tokens of this kind."""
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-def with_article(word: str) -> str:
-    return ("an " if word[:1].lower() in "aeiou" else "a ") + word
-
-
-def text_vocabulary() -> set[str]:
-    """Every textual attribute word of the world (lower case)."""
-    vocab = {t.word for t in ENTITY_TYPES.values()} | {o.lower() for o in ORIGINS} | {e.lower() for e in ERAS}
-    for entity_type in ENTITY_TYPES.values():
-        for values in entity_type.keys.values():
-            vocab |= {v.lower() for v in values}
-    return vocab
-
-
-def visual_vocabulary() -> set[str]:
-    return set(ENTITY_COLOURS) | set(ENTITY_SHAPES) | set(ENTITY_PATTERNS) | set(ENTITY_BACKGROUNDS)
-
-
-def _assert_vocabularies_disjoint() -> None:
-    """Attribute words must be unambiguous: one word, one attribute; names are never attribute words."""
-    seen: dict[str, str] = {}
-    groups = {"type": [t.word for t in ENTITY_TYPES.values()], "origin": ORIGINS, "era": ERAS,
-              "visual": sorted(visual_vocabulary()), "name": NAMES}
-    for type_name, entity_type in ENTITY_TYPES.items():
-        for key, values in entity_type.keys.items():
-            groups[f"{type_name}.{key}"] = values
-    for group_name, values in groups.items():
-        for value in values:
-            token = value.lower()
-            assert len(words(value)) == 1, f"{value!r} is not a single word"
-            assert token not in seen, f"{value!r} is used by both {seen[token]} and {group_name}"
-            seen[token] = group_name
-
-
-_assert_vocabularies_disjoint()
-
+from .entity_world_check import check_entity_world, decisive_label  # noqa: F401 -- part of this module's API
 
 # ---------------------------------------------------------------------------------------- planning
 
@@ -691,128 +488,3 @@ def write_entity_world(world: EntityWorld, directory: Path, progress: bool = Tru
         "notes": ("Mention 'desc' is the gold entity's description, as in the MEL-MMoE release of WikiMEL; "
                   "a model that reads it sees the answer, so decisive labels hold for mention sentence + image."),
     }, indent=1)
-
-
-# ------------------------------------------------------------------------------------------ checking
-
-
-def decisive_label(text_cands: set[str], group: set[str]) -> str:
-    """The label implied by the text candidate set T inside the name group G (see module docstring)."""
-    if len(text_cands) == 1:
-        return "text"
-    if 2 <= len(text_cands) <= 3 and text_cands != group:
-        return "both"
-    return "image"
-
-
-def _check_mention(record: dict, gt: dict, groups: dict[str, set[str]], entities_gt: dict, directory: Path,
-                   text_vocab: set[str], visual_vocab: set[str]) -> list[str]:
-    where = f"mention {record['id']}"
-    tokens = set(words(record["sentence"]))
-    if record["answer"] == "nil":
-        return [] if gt["nil"] else [f"{where}: answer nil but ground truth is not nil"]
-    problems = []
-    gold = record["answer"]
-    group = groups.get(record["mentions"], set())
-    if gold not in group:
-        return [f"{where}: gold {gold} does not carry the name {record['mentions']!r}"]
-    if record["mentions"].lower() not in tokens:
-        problems.append(f"{where}: sentence does not contain the name")
-    if tokens & visual_vocab:
-        problems.append(f"{where}: sentence states visual words {sorted(tokens & visual_vocab)}")
-    stated = tokens & text_vocab
-    text_cands = {q for q in group if stated <= set(entities_gt[q]["phrases"])}
-    has_image = record["imgPath"] != ""
-    if has_image != gt["has_image"]:
-        problems.append(f"{where}: imgPath and ground truth has_image disagree")
-    if has_image and not (directory / "mention_image" / record["imgPath"]).is_file():
-        problems.append(f"{where}: image {record['imgPath']} missing")
-    visual = gt["image_visual"] if has_image else None
-    if has_image and visual != entities_gt[gold]["visual"]:
-        problems.append(f"{where}: picture does not show the gold's visual attributes")
-    image_cands = {q for q in group if visual is None or entities_gt[q]["visual"] == visual}
-    label = decisive_label(text_cands, group)
-    if label != gt["decisive"]:
-        problems.append(f"{where}: label {gt['decisive']!r} but sentence implies {label!r} (T={sorted(text_cands)})")
-    if gold not in text_cands:
-        problems.append(f"{where}: the sentence contradicts the gold entity")
-    if label != "text" and text_cands & image_cands != {gold}:
-        problems.append(f"{where}: label {label!r} but text and image together do not single out the gold")
-    if not has_image and gt["decisive"] != "text":
-        problems.append(f"{where}: no image but label {gt['decisive']!r}")
-    if set(gt["text_candidates"]) != text_cands or set(gt["image_candidates"]) != image_cands:
-        problems.append(f"{where}: recorded candidate sets differ from recomputed ones")
-    return problems
-
-
-def _check_entities(kb: list[dict], qid2id: dict, entities_gt: dict, directory: Path) -> list[str]:
-    problems = []
-    ids = sorted(e["id"] for e in kb)
-    if qid2id != {qid: i for i, qid in enumerate(ids)}:
-        problems.append("qid2id.json does not map each QID to its position in id order")
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for e in kb:
-        groups[e["entity_name"]].append(e)
-        desc_tokens = set(words(e["desc"]))
-        gt = entities_gt[e["id"]]
-        missing = set(gt["phrases"]) - desc_tokens
-        if missing:
-            problems.append(f"entity {e['id']}: description lacks attribute words {sorted(missing)}")
-        if not 1 <= len(e["image_list"]) <= 3:
-            problems.append(f"entity {e['id']}: {len(e['image_list'])} images")
-        for file_name in e["image_list"]:
-            path = directory / "kb_image" / file_name
-            if not path.is_file():
-                problems.append(f"entity {e['id']}: image {file_name} missing")
-            elif Image.open(path).size != (drawing.IMAGE_SIZE, drawing.IMAGE_SIZE):
-                problems.append(f"entity {e['id']}: image {file_name} has the wrong size")
-    if len(groups) > MAX_NAMES:
-        problems.append(f"{len(groups)} names, more than {MAX_NAMES}")
-    for name, members in groups.items():
-        if len(members) < MIN_GROUP:
-            problems.append(f"name {name!r} is shared by only {len(members)} entities")
-        looks = [tuple(sorted(entities_gt[m["id"]]["visual"].items())) for m in members]
-        if len(set(looks)) != len(looks):
-            problems.append(f"name {name!r}: two members look the same")
-    return problems
-
-
-def _check_shares(records: dict[str, list[dict]], gt_mentions: dict) -> list[str]:
-    problems = []
-    total = sum(len(r) for r in records.values())
-    for split, share in zip(SPLITS, SPLIT_SHARES):
-        if abs(len(records[split]) / total - share) > 0.02:
-            problems.append(f"split {split} holds {len(records[split])}/{total} mentions, expected ~{share:.0%}")
-    linked = [g for g in gt_mentions.values() if not g["nil"]]
-    without = sum(not g["has_image"] for g in linked) / len(linked)
-    if abs(without - NO_IMAGE_SHARE) > 0.03:
-        problems.append(f"{without:.1%} of mentions lack an image, expected ~{NO_IMAGE_SHARE:.0%}")
-    pictured = Counter(g["decisive"] for g in linked if g["has_image"])
-    for label in LABELS:
-        share = pictured[label] / max(1, sum(pictured.values()))
-        if abs(share - 1 / 3) > 0.05:
-            problems.append(f"label {label!r} is {share:.1%} of mentions with an image, expected ~33%")
-    return problems
-
-
-def check_entity_world(directory: str | Path) -> list[str]:
-    """Re-derive every guarantee of the entity world from its files; returns violations (empty when sound)."""
-    directory = Path(directory)
-    kb = json.loads((directory / "kb_entity.json").read_text(encoding="utf-8"))
-    qid2id = json.loads((directory / "qid2id.json").read_text(encoding="utf-8").splitlines()[0])
-    truth = json.loads((directory / "ground_truth.json").read_text(encoding="utf-8"))
-    records = {s: json.loads((directory / f"{DATASET_NAME}_{s}.json").read_text(encoding="utf-8")) for s in SPLITS}
-    text_vocab, visual_vocab = set(truth["text_vocabulary"]), set(truth["visual_vocabulary"])
-
-    problems = _check_entities(kb, qid2id, truth["entities"], directory)
-    groups: dict[str, set[str]] = defaultdict(set)
-    for e in kb:
-        groups[e["entity_name"]].add(e["id"])
-    for split, split_records in records.items():
-        for record in split_records:
-            gt = truth["mentions"].get(record["id"])
-            if gt is None or gt["split"] != split:
-                problems.append(f"mention {record['id']}: ground truth missing or in another split")
-                continue
-            problems += _check_mention(record, gt, groups, truth["entities"], directory, text_vocab, visual_vocab)
-    return problems + _check_shares(records, truth["mentions"])
