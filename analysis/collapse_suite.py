@@ -52,14 +52,14 @@ import pandas as pd
 from scipy.stats import entropy as _entropy
 
 from analysis import routing as _routing
-from analysis.routing_measures import (
+from analysis.routing_findings import (
     FINDING_THRESHOLDS,
     FindingThresholds,
     batch_dependence_finding,
     position_dependence_finding,
-    slot_load,
     weight_collapse_from_summary,
 )
+from analysis.routing_measures import slot_load
 
 __all__ = ["PATHOLOGIES", "NotApplicable", "Routing", "confusion_table", "expected_level", "inject",
            "layer_verdict", "validate"]

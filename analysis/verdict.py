@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.routing_measures import FINDING_THRESHOLDS, FindingThresholds, weight_collapse_from_summary
+from analysis.routing_findings import FINDING_THRESHOLDS, FindingThresholds, weight_collapse_from_summary
 
 __all__ = ["THRESHOLDS", "Thresholds", "verdict"]
 

@@ -8,6 +8,7 @@ import pytest
 
 from analysis import collapse_suite as cs
 from analysis import routing as r
+from analysis import routing_findings as findings
 from analysis import routing_measures as m
 
 
@@ -135,7 +136,7 @@ def test_position_dependent_routes_by_position():
     h = healthy(4, 2)
     sick = cs.inject("position_dependent", h)
     np.testing.assert_array_equal(sick.topk_ids[:, 0], h.position % 4)
-    assert m.position_dependence(sick.topk_ids, sick.position)["u_adjusted"] > 0.99
+    assert findings.position_dependence(sick.topk_ids, sick.position)["u_adjusted"] > 0.99
     np.testing.assert_allclose(np.sort(sick.probs, axis=1), np.sort(h.probs, axis=1))
     no_positions = cs.Routing(h.probs, h.topk_ids, h.combine)
     with pytest.raises(cs.NotApplicable):
@@ -147,10 +148,10 @@ def test_batch_dependent_gate_changes_weights_in_a_batch():
     sick = cs.inject("batch_dependent", h, batch_size=4)
     np.testing.assert_array_equal(sick.topk_ids, h.topk_ids)
     np.testing.assert_allclose(sick.combine_alone.max(axis=1), 1.0, atol=1e-5)  # alone: g / g
-    assert m.batch_change(sick.combine_alone, sick.combine)["changed_fraction"] > 0.5
+    assert findings.batch_change(sick.combine_alone, sick.combine)["changed_fraction"] > 0.5
     # batches of one are no batches: alone and "in a batch" agree
     solo = cs.inject("batch_dependent", h, batch_size=1)
-    assert m.batch_dependence_finding(solo.combine_alone, solo.combine) is None
+    assert findings.batch_dependence_finding(solo.combine_alone, solo.combine) is None
 
 
 def test_inject_does_not_touch_the_healthy_routing():
@@ -236,7 +237,7 @@ def test_a_rule_wired_into_routing_is_not_repeated(monkeypatch):
 
     def wired(summary, thresholds=r.THRESHOLDS):
         label, reason = real(summary, thresholds)
-        found = m.weight_collapse_from_summary(summary)
+        found = findings.weight_collapse_from_summary(summary)
         if found and label == "healthy":
             return found[0], f"{found[0]}: {found[1]}"
         return label, reason

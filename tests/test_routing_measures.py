@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import mutual_info_score
 
 from analysis import routing as r
+from analysis import routing_findings as findings
 from analysis import routing_measures as m
 
 LOG2, LOG4 = math.log(2), math.log(4)
@@ -180,7 +181,7 @@ def test_consistency_of_independent_random_top2_is_chance():
 
 def test_issue_example_warns():
     """mmoe-balanced image_intra: slots 29/23/24/24%, importance 11/10/47/33%."""
-    level, reason = m.weight_collapse_clause([0.29, 0.23, 0.24, 0.24], [0.11, 0.10, 0.47, 0.33])
+    level, reason = findings.weight_collapse_clause([0.29, 0.23, 0.24, 0.24], [0.11, 0.10, 0.47, 0.33])
     assert level == "warning"
     assert reason == (
         "weight collapse under top-k: the slots name 3.98 effective experts of 4 (at most 29% each) "
@@ -189,16 +190,16 @@ def test_issue_example_warns():
 
 
 def test_even_slots_and_weights_are_not_flagged():
-    assert m.weight_collapse_clause([0.25] * 4, [0.25] * 4, [0.25] * 4) is None
-    assert m.weight_collapse_clause([0.26, 0.24, 0.25, 0.25], [0.24, 0.27, 0.25, 0.24]) is None
+    assert findings.weight_collapse_clause([0.25] * 4, [0.25] * 4, [0.25] * 4) is None
+    assert findings.weight_collapse_clause([0.26, 0.24, 0.25, 0.25], [0.24, 0.27, 0.25, 0.24]) is None
     # weight spread *more* evenly than the slots is no collapse
-    assert m.weight_collapse_clause([0.4, 0.2, 0.2, 0.2], [0.25] * 4, [0.25] * 4) is None
-    assert m.weight_collapse_clause([1.0], [1.0]) is None  # one expert: nothing to compare
-    assert m.weight_collapse_clause([0.5, 0.5]) is None  # no weight view at all
+    assert findings.weight_collapse_clause([0.4, 0.2, 0.2, 0.2], [0.25] * 4, [0.25] * 4) is None
+    assert findings.weight_collapse_clause([1.0], [1.0]) is None  # one expert: nothing to compare
+    assert findings.weight_collapse_clause([0.5, 0.5]) is None  # no weight view at all
 
 
 def test_two_experts_holding_the_weight_is_collapsed_and_names_the_starved():
-    level, reason = m.weight_collapse_clause([1 / 3, 1 / 3, 1 / 6, 1 / 6], None,
+    level, reason = findings.weight_collapse_clause([1 / 3, 1 / 3, 1 / 6, 1 / 6], None,
                                              [0.49, 0.49, 0.01, 0.01])
     assert level == "collapsed"
     assert "the combine weight spreads over only 2.21 effective experts (0.58x the slots')" in reason
@@ -207,13 +208,13 @@ def test_two_experts_holding_the_weight_is_collapsed_and_names_the_starved():
 
 
 def test_one_starved_expert_is_a_warning():
-    level, reason = m.weight_collapse_clause([0.25] * 4, None, [0.33, 0.33, 0.32, 0.02])
+    level, reason = findings.weight_collapse_clause([0.25] * 4, None, [0.33, 0.33, 0.32, 0.02])
     assert level == "warning"
     assert "1 starved expert (3: 25% of slots but 2.0% of the combine weight)" in reason
 
 
 def test_worst_view_first_and_the_other_summarised():
-    level, reason = m.weight_collapse_clause([0.25] * 4, [0.55, 0.15, 0.15, 0.15], [0.7, 0.1, 0.1, 0.1])
+    level, reason = findings.weight_collapse_clause([0.25] * 4, [0.55, 0.15, 0.15, 0.15], [0.7, 0.1, 0.1, 0.1])
     assert level == "warning"
     assert reason.index("of the combine weight for 25% of slots (2.80x)") < reason.index(
         "the router importance agrees (3.26 effective experts, at most 55% on one)")
@@ -240,10 +241,10 @@ def test_weight_collapse_the_routing_verdict_misses():
     label, reason = r.verdict(s)
     # what the issue reports: the verdict said healthy; with the rule wired in it warns, saying why
     assert label == "warning" and "weight collapse under top-k" in reason
-    level, reason = m.weight_collapse_finding(probs, ids, combine)
+    level, reason = findings.weight_collapse_finding(probs, ids, combine)
     assert level == "warning"
     assert "expert 2 gets 42% of the combine weight for 24% of slots (1.76x)" in reason
-    assert m.weight_collapse_from_summary(s) == (level, reason)
+    assert findings.weight_collapse_from_summary(s) == (level, reason)
     ind = m.weight_collapse_indicators(probs, ids, combine)
     assert ind["slots"] == pytest.approx(s["load"])
     assert ind["weight_displacement"] == pytest.approx(0.27, abs=0.005)
@@ -256,16 +257,16 @@ def test_weight_collapse_the_routing_verdict_misses():
 def test_random_standard_gate_is_not_flagged(k):
     probs = r.softmax(np.random.default_rng(k).normal(size=(400, 4)))
     ids, combine = standard_gate(probs, k)
-    assert m.weight_collapse_finding(probs, ids, combine) is None
+    assert findings.weight_collapse_finding(probs, ids, combine) is None
 
 
 def test_thresholds_are_frozen_and_replaceable():
     import dataclasses
 
     with pytest.raises(dataclasses.FrozenInstanceError):
-        m.FINDING_THRESHOLDS.weight_per_slot_warning = 2.5
-    strict = dataclasses.replace(m.FINDING_THRESHOLDS, weight_per_slot_warning=2.5)
-    assert m.weight_collapse_clause([0.29, 0.23, 0.24, 0.24], [0.11, 0.10, 0.47, 0.33], None, strict) is None
+        findings.FINDING_THRESHOLDS.weight_per_slot_warning = 2.5
+    strict = dataclasses.replace(findings.FINDING_THRESHOLDS, weight_per_slot_warning=2.5)
+    assert findings.weight_collapse_clause([0.29, 0.23, 0.24, 0.24], [0.11, 0.10, 0.47, 0.33], None, strict) is None
 
 
 # --------------------------------------------------------------------------- position, batch
@@ -275,17 +276,17 @@ def test_position_dependence():
     rng = np.random.default_rng(0)
     positions = np.tile(np.arange(16), 40)
     content = rng.integers(0, 4, size=len(positions))[:, None]
-    d = m.position_dependence(content, positions)
+    d = findings.position_dependence(content, positions)
     assert d["u_adjusted"] < 0.05 and d["rows_per_position"] == 40
-    assert m.position_dependence_finding(content, positions) is None
+    assert findings.position_dependence_finding(content, positions) is None
     by_position = (positions % 4)[:, None]
-    d = m.position_dependence(by_position, positions)
+    d = findings.position_dependence(by_position, positions)
     assert d["u"] == pytest.approx(1.0) and d["u_adjusted"] == pytest.approx(1.0, abs=0.01)
-    level, reason = m.position_dependence_finding(by_position, positions)
+    level, reason = findings.position_dependence_finding(by_position, positions)
     assert level == "warning" and reason.startswith("position-dependent routing: the position index")
     # every position seen once: nothing can be judged
-    assert m.position_dependence_finding(by_position[:16], positions[:16]) is None
-    assert m.position_dependence(np.zeros((10, 1), int), np.arange(10))["u"] == 0.0
+    assert findings.position_dependence_finding(by_position[:16], positions[:16]) is None
+    assert findings.position_dependence(np.zeros((10, 1), int), np.arange(10))["u"] == 0.0
 
 
 def test_position_dependence_within_position_kinds():
@@ -294,32 +295,32 @@ def test_position_dependence_within_position_kinds():
     positions = np.tile(np.arange(10), 30)
     kinds = np.where(positions == 0, "cls", "token")
     top1 = np.where(positions == 0, 1, 3)[:, None]
-    assert m.position_dependence_finding(top1, positions) is not None  # without the kinds: flagged
-    assert m.position_dependence_finding(top1, positions, kinds=kinds) is None
-    d = m.position_dependence(top1, positions, kinds)
+    assert findings.position_dependence_finding(top1, positions) is not None  # without the kinds: flagged
+    assert findings.position_dependence_finding(top1, positions, kinds=kinds) is None
+    d = findings.position_dependence(top1, positions, kinds)
     assert d["expert_entropy"] == 0.0 and d["u_adjusted"] == 0.0
     # tokens routed by position (mod 3) are still caught inside their kind
     by_position = np.where(positions == 0, 1, positions % 3)[:, None]
-    assert m.position_dependence_finding(by_position, positions, kinds=kinds)[0] == "warning"
+    assert findings.position_dependence_finding(by_position, positions, kinds=kinds)[0] == "warning"
 
 
 def test_conditional_mi_with_one_group_is_sklearns_mi():
     rng = np.random.default_rng(3)
     e, q = rng.integers(0, 4, 500), rng.integers(0, 7, 500)
     e[:200] = q[:200] % 4
-    assert m.position_dependence(e[:, None], q, n_shuffles=0)["mi"] == pytest.approx(
+    assert findings.position_dependence(e[:, None], q, n_shuffles=0)["mi"] == pytest.approx(
         mutual_info_score(q, e))
 
 
 def test_batch_dependence():
     combine = np.random.default_rng(0).dirichlet(np.ones(4), size=10)
-    assert m.batch_dependence_finding(combine, combine.copy()) is None
-    assert m.batch_dependence_finding(None, combine) is None
+    assert findings.batch_dependence_finding(combine, combine.copy()) is None
+    assert findings.batch_dependence_finding(None, combine) is None
     changed = combine.copy()
     changed[3] = [1, 0, 0, 0]
-    level, reason = m.batch_dependence_finding(combine, changed)
+    level, reason = findings.batch_dependence_finding(combine, changed)
     assert level == "warning" and "10% of positions change by more than 0.01" in reason
-    dep = m.batch_change(combine, changed)
+    dep = findings.batch_change(combine, changed)
     assert dep["mean_abs_change"] == pytest.approx(r.batch_dependence(combine, changed)["mean_abs_change"])
 
 
@@ -417,7 +418,7 @@ def test_measures_do_not_depend_on_expert_labels(case):
         m.cross_layer_consistency(ids, ids[::-1]))
     assert m.router_saturation([i2[::-1]], perm[ids[::-1]]).tolist() == pytest.approx(
         m.router_saturation([ids[::-1]], ids[::-1]).tolist())
-    a, b = m.weight_collapse_finding(probs, ids, combine), m.weight_collapse_finding(p2, i2, c2)
+    a, b = findings.weight_collapse_finding(probs, ids, combine), findings.weight_collapse_finding(p2, i2, c2)
     assert (a is None) == (b is None) and (a is None or a[0] == b[0])
     ind, ind2 = m.weight_collapse_indicators(probs, ids, combine), m.weight_collapse_indicators(p2, i2, c2)
     for key in ("weight_displacement", "importance_displacement", "effective_by_weight", "weight_per_slot",
@@ -435,4 +436,4 @@ def test_balanced_round_robin_is_never_flagged(E, k, seed):
     combine = np.zeros((T, E))
     combine[np.arange(T)[:, None], ids] = 1.0 / k
     probs = np.random.default_rng(seed).permutation(np.full((T, E), 1.0 / E))
-    assert m.weight_collapse_finding(probs, ids, combine) is None
+    assert findings.weight_collapse_finding(probs, ids, combine) is None
