@@ -92,7 +92,7 @@ class Thresholds:
 
     weight_collapse: FindingThresholds = FINDING_THRESHOLDS
     """Weight collapse under top-k (slots evenly spread, combine weight / importance on one or two
-    experts): the limits of ``analysis.routing_measures.weight_collapse_clause``, kept there beside
+    experts): the limits of ``analysis.routing_findings.weight_collapse_clause``, kept there beside
     the rule and reached from here so every verdict threshold hangs off one object."""
 
 
