@@ -43,7 +43,6 @@ def demo_artifacts(tmp_path_factory) -> Path:
 # ``runs_root`` (tests/test_pages_apptest.py), which asks for ``demo_artifacts`` lazily unless
 # $MOESCOPE_TEST_RUNS_ROOT names a built root. No test is marked by hand.
 E2E_FIXTURES = frozenset({"demo_artifacts", "runs_root"})
-_current_item: list[pytest.Item] = []
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -52,13 +51,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.e2e)
 
 
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    _current_item[:] = [item]
-
-
-def pytest_fixture_setup(fixturedef, request) -> None:
+class _TierGuard:
     """A test outside the e2e tier that reaches the demo build (through request.getfixturevalue, say)
-    fails at once instead of making the unit tier build the demo."""
-    if fixturedef.argname == "demo_artifacts" and _current_item and _current_item[0].get_closest_marker("e2e") is None:
-        pytest.fail(f"{_current_item[0].nodeid} needs the demo build but is not in the e2e tier: request "
-                    f"one of {sorted(E2E_FIXTURES)} as a fixture argument (tests/conftest.py marks those)")
+    fails at once instead of making the unit tier build the demo. A plugin of its own, not a conftest
+    hook: session-scoped fixtures are set up through the session's hooks, which skip tests/conftest.py."""
+
+    def __init__(self) -> None:
+        self.item: pytest.Item | None = None
+
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        self.item = item
+
+    def pytest_fixture_setup(self, fixturedef, request) -> None:
+        item = self.item
+        if fixturedef.argname == "demo_artifacts" and item is not None and item.get_closest_marker("e2e") is None:
+            pytest.fail(f"{item.nodeid} needs the demo build but is not in the e2e tier: request one of "
+                        f"{sorted(E2E_FIXTURES)} as a fixture argument (tests/conftest.py marks those)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_TierGuard(), "moescope-tier-guard")
