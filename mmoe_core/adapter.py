@@ -140,9 +140,38 @@ class ModelAdapter(ABC):
         finally:
             moe.knocked_out = before
 
+    @contextlib.contextmanager
+    def ablate_layer(self, layer: str) -> Iterator[None]:
+        """Within the block, the whole routed ``layer`` is removed: its MoE output is zero (every expert's
+        contribution gone), the rest of the model unchanged; how much of the model's accuracy comes from
+        that MoE at all. Needs a routed module that declares ``ablated`` (:class:`~mmoe_core.moe.SwitchMoE`
+        does); for one that does not, raises NotImplementedError (a family may override this method)."""
+        layers = self.routed_modules()
+        if layer not in layers:
+            raise KeyError(f"unknown routed layer {layer!r}; layers: {sorted(layers)}")
+        moe = layers[layer]
+        if not hasattr(moe, "ablated"):
+            raise NotImplementedError(f"routed layer {layer!r} ({type(moe).__name__}) has no `ablated` switch: "
+                                      "its output cannot be removed")
+        before = moe.ablated
+        moe.ablated = True
+        try:
+            yield
+        finally:
+            moe.ablated = before
+
+    # Bumped by whoever changes the model's weights in place (explanation checks' randomisation); part of
+    # knockout_state, so features cached per state are recomputed for other weights.
+    weights_version: int = 0
+
     def knockout_state(self) -> tuple:
-        """A hashable description of every knocked-out expert (cache key for derived features)."""
-        return tuple(sorted((name, tuple(sorted(m.knocked_out))) for name, m in self.routed_modules().items()))
+        """A hashable description of every knocked-out expert, ablated layer and in-place weight change
+        (cache key for derived features)."""
+        def layer_state(name: str, m: RoutedModule) -> tuple:
+            ablated = ("ablated",) if getattr(m, "ablated", False) else ()
+            return (name, tuple(sorted(m.knocked_out)), *ablated)
+        state = tuple(sorted(layer_state(name, m) for name, m in self.routed_modules().items()))
+        return state + ((("<weights>", self.weights_version),) if self.weights_version else ())
 
     # ---- attribution ---------------------------------------------------------------------------
     @abstractmethod
@@ -171,7 +200,11 @@ class ModelAdapter(ABC):
 @runtime_checkable
 class RoutedModule(Protocol):
     """What recording and knockout need of a routed layer, whatever its class: a record ``name``, its
-    expert count, and a set of knocked-out experts that its gate honours on the next forward."""
+    expert count, and a set of knocked-out experts that its gate honours on the next forward.
+
+    Optional: ``ablated: bool``; a layer that has it returns zeros instead of its MoE output while it is
+    True (:meth:`ModelAdapter.ablate_layer`). It is not required, so routed modules without it still
+    follow the protocol."""
     name: str
     num_experts: int
     knocked_out: frozenset[int]

@@ -118,6 +118,9 @@ class SwitchMoE(nn.Module):
 
     ``dispatch="dense"`` runs every expert on every position (the published approach);
     ``"sparse"`` runs each expert only on positions with a non-zero combine weight (same result).
+
+    ``ablated`` (set through :meth:`mmoe_core.adapter.ModelAdapter.ablate_layer`): the gate still runs
+    and is recorded, but the layer returns zeros: its MoE output is removed, the rest of the model unchanged.
     """
 
     def __init__(self, dim: int, output_dim: int, num_experts: int = 4, top_k: int = 2, *,
@@ -131,6 +134,7 @@ class SwitchMoE(nn.Module):
         self.experts = nn.ModuleList([FeedForward(dim, output_dim, mult, dropout) for _ in range(num_experts)])
         self.gate = SwitchGate(dim, num_experts, top_k, gate, capacity_factor)
         self.knocked_out: frozenset[int] = frozenset()
+        self.ablated = False
 
     @property
     def gate_kind(self) -> str:
@@ -141,6 +145,8 @@ class SwitchMoE(nn.Module):
         router = self.gate(x if gate_input is None else gate_input, self.knocked_out)
         if recorder is not None:
             recorder.add(self.name, router, meta)
+        if self.ablated:
+            return x.new_zeros(*x.shape[:-1], self.output_dim)
         if self.dispatch == "dense":
             return self._dense(x, router.combine)
         return self._sparse(x, router.combine)
