@@ -154,6 +154,12 @@ def test_routing_records_describe_every_call(model):
     assert cross.meta.kinds[2] == "image_patch"
     entity = next(c for c in recorder.calls if c.meta.call == "entity")
     assert list(entity.meta.example_ids) == [5, 7]
+    # patches carry their grid cell (row-major after the two CLS positions); other positions -1
+    image = flatten_call(next(c for c in recorder.calls if c.layer == "image_intra" and c.meta.call == "mention"))
+    side = int(round((len(image["position"]) // 3 - 2) ** 0.5))
+    assert image["grid_row"][:3] == [-1, -1, 0] and image["grid_col"][:4] == [-1, -1, 0, 1]
+    assert (image["grid_row"][2 + side], image["grid_col"][2 + side]) == (1, 0)
+    assert flatten_call(cross)["grid_row"][:3] == [-1, -1, 0]
 
 
 def test_no_recorder_builds_no_metadata(model, monkeypatch):

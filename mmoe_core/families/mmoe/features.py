@@ -108,6 +108,10 @@ class SideLayout:
     def image_labels(self) -> list[str]:
         return ["[CLS]", "[ViT CLS]"] + [f"patch {r},{c}" for r in range(self.grid) for c in range(self.grid)]
 
+    def patch_cells(self) -> list[tuple[int, int] | None]:
+        """Grid cell of each position of [CLS; ViT CLS; patches] (None for the two CLS)."""
+        return [None, None] + [(r, c) for r in range(self.grid) for c in range(self.grid)]
+
     def text_intra(self) -> PositionMeta:
         length = self.text_valid.shape[1]
         return PositionMeta.uniform(self.role, self.example_ids, length, "text_token", "text", "text",
@@ -120,7 +124,7 @@ class SideLayout:
         n = len(labels)
         return PositionMeta(self.role, self.example_ids, kinds, ["image"] * n, ["image"] * n,
                             tokens=[labels] * len(self.example_ids) if self.text_strings is not None else None,
-                            subject=self.subject)
+                            subject=self.subject, grid=self.patch_cells())
 
     def cross_text_image(self) -> PositionMeta:
         """[text CLS; image tokens] routed by [image CLS; text tokens]."""
@@ -130,7 +134,7 @@ class SideLayout:
         return PositionMeta(f"{self.role}:{TEXT_TO_IMAGE}", self.example_ids, kinds, ["text"] + ["image"] * (n - 1),
                             ["image"] + ["text"] * (n - 1),
                             tokens=[labels] * len(self.example_ids) if self.text_strings is not None else None,
-                            subject=self.subject)
+                            subject=self.subject, grid=[None] + self.patch_cells()[1:])
 
     def cross_image_text(self) -> PositionMeta:
         """[image CLS; text tokens] routed by [text CLS; image tokens]; text padding is invalid."""
