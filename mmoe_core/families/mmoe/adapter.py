@@ -104,7 +104,7 @@ class MMoEAdapter(ModelAdapter):
 
     def prediction_spec(self) -> PredictionSpec:
         return PredictionSpec("ranking", "rank of the gold entity among all KB entities (1 = best)",
-                              headline=("hits@1", "mrr", "hits@5", "mr"), item="entity")
+                              headline=("Hits@1", "MRR", "Hits@5", "MR"), item="entity")
 
     def attribution_targets(self) -> list[AttributionTarget]:
         return [AttributionTarget("score", "matching score of the gold entity (the predicted one when there is "
