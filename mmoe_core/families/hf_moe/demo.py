@@ -6,64 +6,61 @@
 * ``hf-olmoe-corpus``: an OLMoE language model (``OlmoeForCausalLM``, tiny config) on the corpus world
   (entity, product, arithmetic, code documents); ``domain`` is the ground truth for specialisation.
 
-Recipes are data (:data:`RECIPES`); ``tiny`` trains in seconds (the test fixture), ``default`` is sized
-for about two to three minutes each on one CPU thread (numbers in BENCHMARKS.md).
+Recipes are JSON data (``recipes/<run>.json``, read by :mod:`mmoe_core.factory` like every family's,
+``options`` being :class:`.trainer.Recipe` fields); ``tiny`` trains in seconds (the test fixture),
+``default`` is sized for a few minutes each on one CPU thread (numbers in BENCHMARKS.md).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+import dataclasses
 from pathlib import Path
 
 from mmoe_core.registry import DemoRun
 
 from .trainer import Recipe, train_lm, train_vl_qa
 
-VL_RUN, LM_RUN = "hf-qwen3vl-qa", "hf-olmoe-corpus"
-
-_VL_MODEL = {"hidden": 64, "layers": 2, "heads": 4, "experts": 8, "top_k": 2, "expert_hidden": 64,
-             "vision_hidden": 64, "vision_depth": 2}
-_LM_MODEL = {"hidden": 64, "layers": 4, "heads": 4, "experts": 8, "top_k": 2, "expert_hidden": 64}
-
-RECIPES: dict[str, dict[str, Recipe]] = {
-    VL_RUN: {
-        "default": Recipe(task="vl_qa", steps=400, batch_size=32, lr=5e-3, warmup_steps=20, snapshot_every=100,
-                          log_every=10, model=_VL_MODEL),
-        "tiny": Recipe(task="vl_qa", steps=6, batch_size=8, lr=5e-3, warmup_steps=2, snapshot_every=3, log_every=2,
-                       model={**_VL_MODEL, "hidden": 32, "expert_hidden": 32, "vision_hidden": 32, "vision_depth": 1,
-                              "experts": 4}),
-    },
-    LM_RUN: {
-        "default": Recipe(task="lm", arch="olmoe", steps=400, batch_size=32, lr=5e-3, warmup_steps=20,
-                          snapshot_every=100, log_every=10, model=_LM_MODEL),
-        "tiny": Recipe(task="lm", arch="olmoe", steps=6, batch_size=8, lr=5e-3, warmup_steps=2, snapshot_every=3,
-                       log_every=2, model={**_LM_MODEL, "hidden": 32, "layers": 2, "expert_hidden": 32, "experts": 4}),
-    },
-}
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+_RECIPE_FIELDS = {f.name for f in dataclasses.fields(Recipe)}
 
 
-def recipe(run: str, scale: str) -> Recipe:
-    scales = RECIPES[run]
-    if scale not in scales:
-        raise ValueError(f"{run}: unknown scale {scale!r}; choose one of {sorted(scales)}")
-    return replace(scales[scale])
+def _recipes():
+    from mmoe_core.factory import load_recipes
+    return load_recipes(RECIPES_DIR)
 
 
-def _trainer(run: str):
-    def train(data_dir: Path, ckpt_dir: Path, scale: str, progress: bool = False) -> None:
-        r = recipe(run, scale)
-        (train_vl_qa if r.task == "vl_qa" else train_lm)(Path(data_dir), Path(ckpt_dir), r, progress)
-    return train
+def trainer_recipe(recipe, scale: str) -> Recipe:
+    """The trainer's :class:`Recipe` from a factory recipe's resolved options (``family`` dropped)."""
+    options = {k: v for k, v in recipe.resolved(scale).items() if k != "family"}
+    if not options.get("family_options"):  # the factory's TrainOptions section; unused here
+        options.pop("family_options", None)
+    unknown = sorted(set(options) - _RECIPE_FIELDS)
+    if unknown:
+        raise ValueError(f"recipe {recipe.run} ({recipe.source}): unknown options {unknown}; "
+                         f"known: {sorted(_RECIPE_FIELDS)}")
+    return Recipe(**options)
+
+
+def _train(recipe, data_dir: Path, ckpt_dir: Path, scale: str, progress: bool = False) -> None:
+    r = trainer_recipe(recipe, scale)
+    (train_vl_qa if r.task == "vl_qa" else train_lm)(Path(data_dir), Path(ckpt_dir), r, progress)
+
+
+class _Train:
+    """A picklable train callable (the demo build may spawn worker processes)."""
+
+    def __init__(self, run: str):
+        self.run = run
+
+    def __call__(self, data_dir: Path, ckpt_dir: Path, scale: str, progress: bool = False) -> None:
+        recipe = next(r for r in _recipes() if r.run == self.run)
+        _train(recipe, data_dir, ckpt_dir, scale, progress)
 
 
 def demo_runs(scale: str) -> list[DemoRun]:
     out = []
-    for run, world, description in (
-            (VL_RUN, "qa", "Qwen3-VL-MoE (transformers) trained from scratch on the product-QA world to generate "
-                           "answers; answer source is the ground truth for per-modality routing"),
-            (LM_RUN, "corpus", "OLMoE language model (transformers) trained from scratch on four known domains "
-                               "(entity, product, arithmetic, code); domain is the ground truth for specialisation")):
-        r = recipe(run, scale)
-        fingerprint = {"run": run, "world": world, "scale": scale, "recipe": asdict(r), "family": "hf_moe"}
-        out.append(DemoRun(run, "hf_moe", world, fingerprint, _trainer(run),
-                           precompute={"split": "test"}, description=description))
+    for recipe in _recipes():
+        r = trainer_recipe(recipe, scale)
+        out.append(DemoRun(recipe.run, "hf_moe", recipe.world, recipe.fingerprint(scale), _Train(recipe.run),
+                           precompute=recipe.precompute_options(scale), description=recipe.description,
+                           cost=float(r.steps)))
     return out

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from mmoe_core.errors import UserError
+
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
@@ -25,7 +27,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 SIDECAR = "moescope.json"  # optional: what MoEscope's own demo trainer adds (task, data, training log)
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(UserError, ValueError):
     """The folder is not a loadable Hugging Face MoE model (the message says what is missing)."""
 
 
@@ -85,7 +87,10 @@ def _no_network() -> None:
 
 
 def resolve_device(device: Any) -> tuple[torch.device, str | None]:
-    """(device the inputs go to, device_map for from_pretrained or None)."""
+    """(device the inputs go to, device_map for from_pretrained or None). "auto", None or a bare "cuda"
+    with several GPUs visible: accelerate's device map over them; "cuda:N" / "cpu": that device."""
+    if str(device) == "cuda" and torch.cuda.device_count() > 1:
+        device = "auto"
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda:0"), ("auto" if torch.cuda.device_count() > 1 or str(device) == "auto" else None)

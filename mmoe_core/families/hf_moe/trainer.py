@@ -48,6 +48,7 @@ class Recipe:
     max_length: int = 256
     image_size: int = 64
     patch_size: int = 8
+    prompt_lm_weight: float = 0.0              # vl_qa: weight of a language-model loss on the prompt's text
 
 
 def _lr_at(step: int, recipe: Recipe) -> float:
@@ -97,17 +98,23 @@ def _train_loop(model, batches, recipe: Recipe, ckpt_dir: Path, progress: bool, 
         lr = _lr_at(step, recipe)
         for group in opt.param_groups:
             group["lr"] = lr
+        prompt_labels = batch.pop("prompt_labels", None)
         out = model(**batch, output_router_logits=True, use_cache=False)
+        loss = out.loss
+        if prompt_labels is not None and recipe.prompt_lm_weight:
+            logits = out.logits[:, :-1]
+            loss = loss + recipe.prompt_lm_weight * torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), prompt_labels[:, 1:].reshape(-1), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         if recipe.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         opt.step()
         if step % recipe.log_every == 0 or step == recipe.steps - 1:
-            aux = float(out.aux_loss) if getattr(out, "aux_loss", None) is not None else float("nan")
+            aux = float(out.aux_loss.detach()) if getattr(out, "aux_loss", None) is not None else float("nan")
             row = {"step": step, "epoch": 0, "time_s": round(time.perf_counter() - started, 3), "lr": lr,
-                   "loss": float(out.loss), "loss.balance": aux,
-                   "loss.task": float(out.loss) - recipe.aux_loss_coef * aux if aux == aux else float(out.loss)}
+                   "loss": loss.item(), "loss.balance": aux,
+                   "loss.task": out.loss.item() - recipe.aux_loss_coef * aux if aux == aux else out.loss.item()}
             row.update(_route_row(model, getattr(out, "router_logits", None), batch["attention_mask"], top_k))
             log.append(row)
             if bar is not None:
@@ -213,8 +220,9 @@ def encode_qa_training(processor, examples: list[dict], answer_eos: int) -> list
     return rows  # type: ignore[return-value]
 
 
-def qa_batch(rows: list[dict], pad: int) -> dict:
-    """Right-padded prompt + answer sequences; labels only on the answer tokens."""
+def qa_batch(rows: list[dict], pad: int, prompt_labels: bool = False) -> dict:
+    """Right-padded prompt + answer sequences; labels only on the answer tokens (``prompt_labels``:
+    also the prompt's text tokens as separate labels, for a language-model loss on the prompt)."""
     seqs = [r["prompt"] + r["answer"] for r in rows]
     length = max(len(s) for s in seqs)
     n = len(rows)
@@ -229,6 +237,9 @@ def qa_batch(rows: list[dict], pad: int) -> dict:
         if r["mm"] is not None:
             mm[i, :len(r["mm"])] = torch.as_tensor(r["mm"])
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "mm_token_type_ids": mm}
+    if prompt_labels:
+        text = (mask == 1) & (mm == 0) & (labels == -100)
+        batch["prompt_labels"] = ids.masked_fill(~text, -100)
     pictures = [r for r in rows if r["pixels"] is not None]
     if pictures:
         batch["pixel_values"] = torch.cat([r["pixels"] for r in pictures])
@@ -255,7 +266,8 @@ def train_vl_qa(data_dir: Path, ckpt_dir: Path, recipe: Recipe, progress: bool =
         while True:
             order = rng.permutation(len(rows))
             for start in range(0, len(order) - recipe.batch_size + 1, recipe.batch_size):
-                yield qa_batch([rows[int(i)] for i in order[start:start + recipe.batch_size]], pad)
+                yield qa_batch([rows[int(i)] for i in order[start:start + recipe.batch_size]], pad,
+                               prompt_labels=recipe.prompt_lm_weight > 0)
     top_k = config.text_config.num_experts_per_tok
     log = _train_loop(model, batches(), recipe, ckpt_dir, progress, top_k)
     _finish(model, processor, ckpt_dir, recipe, log,
