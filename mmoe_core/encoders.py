@@ -27,6 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mmoe_core.errors import ConfigError, UserError
+from mmoe_core.limits import Limit, check_choice, check_limits, check_object
+
 # Registered tiny configs. image 64 px / patch 8 gives 64 patches + CLS = 65 image tokens, so the
 # text context is 65 too (the InterMoE needs equal lengths).
 TINY_CONFIGS: dict[str, dict] = {
@@ -36,11 +39,22 @@ TINY_CONFIGS: dict[str, dict] = {
                     vision_heads=2, context_length=65, text_width=32, text_layers=1, text_heads=2),
 }
 
+# What a checkpoint's encoder spec may ask for (config.json is untrusted: see mmoe_core.limits).
+ENCODER_KINDS = ("tiny", "open_clip", "hf_clip")
+ENCODER_LIMITS: dict[str, Limit] = {
+    "embed_dim": Limit(1, 16384), "image_size": Limit(8, 4096), "patch_size": Limit(1, 1024),
+    "vision_width": Limit(1, 16384), "vision_layers": Limit(1, 256), "vision_heads": Limit(1, 1024),
+    "context_length": Limit(2, 65536), "text_width": Limit(1, 16384), "text_layers": Limit(1, 256),
+    "text_heads": Limit(1, 1024), "vocab_size": Limit(1, 2_000_000), "text_positions": Limit(2, 65536),
+    "text_mlp_ratio": Limit(0.0625, 64, float), "vision_mlp_ratio": Limit(0.0625, 64, float),
+    "pad_token_id": Limit(0, 2_000_000),
+}
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class EncoderUnavailable(RuntimeError):
+class EncoderUnavailable(UserError, RuntimeError):
     """Pretrained encoder weights cannot be had here (offline, not cached, or a bad file)."""
 
 
@@ -58,6 +72,29 @@ class EncoderSpec:
     @staticmethod
     def from_dict(d: dict) -> "EncoderSpec":
         return EncoderSpec(**d)
+
+
+def check_encoder_spec(spec: object, where: str) -> None:
+    """ConfigError unless ``spec`` (an encoder spec from a config.json) is well typed and of sane sizes."""
+    spec = check_object(spec, where)
+    unknown = sorted(set(spec) - set(EncoderSpec.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; an encoder spec has {sorted(EncoderSpec.__dataclass_fields__)}")
+    check_choice(spec, "kind", ENCODER_KINDS, where)
+    for key, kinds in (("name", (str,)), ("pretrained", (str, type(None))), ("frozen", (bool,))):
+        if key in spec and not isinstance(spec[key], kinds):
+            raise ConfigError(f"{where}: {key} = {spec[key]!r} has the wrong type")
+    extra = check_object(spec.get("extra", {}), f"{where}.extra")
+    check_limits(extra, ENCODER_LIMITS, f"{where}.extra")
+    kind, name = spec.get("kind", "tiny"), spec.get("name", EncoderSpec.name)
+    if kind == "tiny" and name not in TINY_CONFIGS:
+        raise ConfigError(f"{where}: unknown tiny encoder {name!r}; registered: {sorted(TINY_CONFIGS)}")
+    sizes = {**TINY_CONFIGS.get(name, {}), **extra} if kind == "tiny" else dict(extra)
+    for width, heads in (("text_width", "text_heads"), ("vision_width", "vision_heads")):
+        if width in sizes and heads in sizes and sizes[width] % sizes[heads]:
+            raise ConfigError(f"{where}: {width} {sizes[width]} is not a multiple of {heads} {sizes[heads]}")
+    if "image_size" in sizes and "patch_size" in sizes and sizes["patch_size"] > sizes["image_size"]:
+        raise ConfigError(f"{where}: patch_size {sizes['patch_size']} exceeds image_size {sizes['image_size']}")
 
 
 def _tiny_clip(cfg: dict):

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmoe_core.errors import UserError
+
 FAMILIES_DIR = Path(__file__).resolve().parent / "families"
 MODEL_CONFIGS = "model_configs"
 RECIPES = "recipes"
@@ -49,7 +51,7 @@ MODEL_CONFIG_OPTION = "model_config"   # the family option naming the model conf
 _EXTRA_CONFIG_PATHS: list[Path] = []
 
 
-class FactoryError(ValueError):
+class FactoryError(UserError, ValueError):
     """A model config or recipe is missing, malformed or ambiguous; the message says which file."""
 
 

@@ -11,7 +11,6 @@ whose ``recognises(path)`` says yes.
 from __future__ import annotations
 
 import importlib
-import json
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +54,8 @@ class Family:
     # (ckpt_dir, device, snapshot) -> adapter; default: config.json + model.safetensors into build_model
     load: Callable[..., "ModelAdapter"] | None = None
     recognises: Callable[[Path], bool] | None = None         # a foreign checkpoint layout this family opens
+    # (config.json, where) -> raises ConfigError: the family's type and range checks of an untrusted config
+    check_config: Callable[[dict, str], None] | None = None
     demo_runs: Callable[[str], list[DemoRun]] | None = None  # scale ("default" | "tiny") -> its demo runs
 
 
@@ -122,28 +123,56 @@ def build_model(config: dict) -> torch.nn.Module:
 
 
 def family_for_checkpoint(ckpt_dir: Path) -> Family:
-    """The family that opens ``ckpt_dir`` (see the module docstring); a clear error when none does."""
+    """The family that opens ``ckpt_dir`` (see the module docstring); a CheckpointError when none does."""
+    from mmoe_core.checkpoint import MAX_CONFIG_BYTES, CheckpointError, check_dir, read_json_file
     _load_builtins()
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = check_dir(Path(ckpt_dir))
     config_path = ckpt_dir / "config.json"
     if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{config_path} is not readable JSON ({exc})") from exc
+        config = read_json_file(config_path, MAX_CONFIG_BYTES)
         if isinstance(config, dict) and "family" in config:
-            return get(str(config["family"]))
+            if config["family"] not in _FAMILIES:
+                raise CheckpointError(f"{config_path}: family {config['family']!r} is not a registered model family "
+                                      f"({', '.join(sorted(_FAMILIES))}); the file is damaged or from a plug-in "
+                                      "that is not installed")
+            return _FAMILIES[config["family"]]
     for family in _FAMILIES.values():
         if family.recognises is not None and family.recognises(ckpt_dir):
             return family
-    raise ValueError(f"{ckpt_dir} is not a checkpoint any family opens (no config.json with a 'family', and no "
-                     f"family recognises its layout; families: {', '.join(sorted(_FAMILIES))})")
+    raise CheckpointError(f"{ckpt_dir} is not a checkpoint any family opens (no config.json with a 'family', and no "
+                          f"family recognises its layout; families: {', '.join(sorted(_FAMILIES))})")
+
+
+def check_config(config: dict, source: str, purpose: str = "load", device=None) -> torch.nn.Module | None:
+    """Check an untrusted config.json before anything is allocated: the family's type and range checks,
+    then its model built on the meta device, counted, and weighed against the memory budget
+    (:mod:`mmoe_core.limits`). Returns that meta model (its state-dict shapes check a weights file);
+    None for a family that builds its models in its own load(). Raises ConfigError with the numbers."""
+    from mmoe_core.errors import ConfigError
+    from mmoe_core.limits import check_footprint, meta_footprint
+    family = get(str(config.get("family")))
+    if family.check_config is not None:
+        family.check_config(config, source)
+    if family.build_model is None:
+        return None
+    try:
+        model, footprint = meta_footprint(lambda: family.build_model(config))
+    except (ValueError, KeyError) as exc:  # the constructor's own consistency checks
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{source}: the model section does not make a {family.name} model: {exc}") from exc
+    check_footprint(footprint, source, purpose, device)
+    return model
 
 
 def load_own_checkpoint(family: Family, ckpt_dir: Path, device, snapshot: int | None = None) -> "ModelAdapter":
     """The default load(): MoEscope's own layout (config.json + model.safetensors [+ snapshots])."""
-    from mmoe_core.checkpoint import load_config, load_into, load_state
+    from mmoe_core.checkpoint import CONFIG_NAME, check_fits, checked_header, load_config, load_into, load_state
     config = load_config(ckpt_dir)
+    header = checked_header(ckpt_dir, snapshot)
+    meta = check_config(config, str(Path(ckpt_dir) / CONFIG_NAME), "load", device)
+    if meta is not None:
+        check_fits({k: tuple(v.shape) for k, v in meta.state_dict().items()}, header, str(ckpt_dir))
     model = build_model(config)
     load_into(model, load_state(ckpt_dir, snapshot), source=str(ckpt_dir))
     return family.adapter(model, config, device)

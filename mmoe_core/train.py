@@ -15,7 +15,9 @@ import json
 import sys
 
 from mmoe_core import factory
-from mmoe_core.training import TrainOptions, get_trainer, train, trainer_families
+from mmoe_core.checkpoint import check_replaceable
+from mmoe_core.errors import ConfigError, UserError, cli_entry
+from mmoe_core.training import TrainOptions, check_options, get_trainer, train, trainer_families
 
 
 def parse_opt(items: list[str]) -> dict:
@@ -23,7 +25,7 @@ def parse_opt(items: list[str]) -> dict:
     out = {}
     for item in items:
         if "=" not in item:
-            raise argparse.ArgumentTypeError(f"--opt expects key=value, got {item!r}")
+            raise ConfigError(f"--opt expects key=value, got {item!r}")
         key, value = item.split("=", 1)
         try:
             out[key.strip()] = json.loads(value)
@@ -102,6 +104,17 @@ def resolve_family(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     return family
 
 
+def build_trainer(family: str, options: TrainOptions):
+    """The family's trainer for ``options`` (it reads the data); a bad option or dataset is a UserError."""
+    try:
+        return get_trainer(family)(options)
+    except UserError:
+        raise
+    except (ValueError, FileNotFoundError) as exc:  # an option a trainer's own parsing refused
+        raise ConfigError(f"the {family} trainer refused the options or data ({options.data_dir}): {exc}") from exc
+
+
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -113,11 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data or not args.out:
         parser.error("--data and --out are required to train")
     options = options_from_args(args)
-    try:
-        trainer = get_trainer(args.family)(options)
-    except (ValueError, FileNotFoundError) as exc:  # bad data or options: say what, no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    check_options(options)
+    check_replaceable(args.out)
+    trainer = build_trainer(args.family, options)
     result = train(trainer, options)
     trigger = "" if result.trigger_step is None else f", two-stage switched at step {result.trigger_step}"
     print(f"trained {args.family}: {result.steps} steps, {result.epochs} epochs in {result.seconds:.1f} s, "

@@ -61,8 +61,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmoe_core.checkpoint import (CONFIG_NAME, SNAPSHOT_DIR, TRAIN_LOG_NAME, WEIGHTS_NAME, save_checkpoint,
-                                  save_config, save_snapshot)
+from mmoe_core.checkpoint import check_replaceable, replacing_dir, save_snapshot, write_checkpoint
+from mmoe_core.errors import ConfigError
+from mmoe_core.limits import Limit, check_choice, check_footprint, check_limits, meta_footprint
 from mmoe_core.moe import EntropyTwoStage, aux_losses, token_entropy
 from mmoe_core.routing_record import RoutingRecorder
 
@@ -255,16 +256,6 @@ def mean_entropy_norm(recorder: RoutingRecorder) -> float:
 # The loop
 # ---------------------------------------------------------------------------------------------
 
-def _clear_outputs(out_dir: Path) -> None:
-    """Remove what an earlier run left in ``out_dir`` so that a stale model never sits beside a new config."""
-    for name in (CONFIG_NAME, WEIGHTS_NAME, TRAIN_LOG_NAME):
-        (out_dir / name).unlink(missing_ok=True)
-    snapshots = out_dir / SNAPSHOT_DIR
-    if snapshots.is_dir():
-        for p in snapshots.glob("step_*.safetensors"):
-            p.unlink()
-
-
 def _total_steps(trainer, options: TrainOptions) -> int | None:
     if options.steps:
         return int(options.steps)
@@ -281,28 +272,78 @@ def build_config(trainer, options: TrainOptions, extra: dict | None = None) -> d
             "training": {**options.to_dict(), **(extra or {})}}
 
 
+OPTION_LIMITS: dict[str, Limit] = {
+    "epochs": Limit(1, 1e6), "steps": Limit(1, 1e10, optional=True), "batch_size": Limit(1, 1e6),
+    "lr": Limit(0.0, 10.0, float), "weight_decay": Limit(0.0, 10.0, float), "router_lr_mult": Limit(0.0, 1e4, float),
+    "warmup_steps": Limit(0, 1e10), "grad_clip": Limit(0.0, 1e9, float), "experts": Limit(1, 1024),
+    "top_k": Limit(1, 1024), "balance": Limit(0.0, 1e6, float), "z_loss": Limit(0.0, 1e6, float),
+    "two_stage_weight": Limit(0.0, 1e6, float), "trigger_entropy": Limit(0.0, 1.0, float),
+    "trigger_step": Limit(0, 1e10, optional=True), "snapshot_every": Limit(0, 1e10), "log_every": Limit(0, 1e10),
+    "seed": Limit(0, 2**32 - 1), "threads": Limit(0, 4096),
+}
+
+
+def check_options(options: TrainOptions) -> None:
+    """ConfigError for an option out of range or of the wrong type (before any data or model)."""
+    values = options.to_dict()
+    check_limits(values, OPTION_LIMITS, "training options")
+    check_choice(values, "lr_schedule", ("constant", "linear", "cosine"), "training options")
+    if options.top_k > options.experts:
+        raise ConfigError(f"training options: top_k = {options.top_k} exceeds experts = {options.experts}")
+    try:
+        device = resolve_device(options.device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"training options: device {options.device!r} is not a device name ({exc}); use auto, "
+                          "cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"training options: device {options.device!r} asked for, but this machine has no CUDA "
+                          "device; use --device cpu or auto")
+
+
+def check_trainable(trainer, config: dict, device: torch.device) -> None:
+    """The untrusted-config checks of :func:`mmoe_core.registry.check_config` (a registered family), or at
+    least the model's footprint built on the meta device, against the memory training needs."""
+    from mmoe_core import registry
+    where = "the training options (model section)"
+    if config["family"] in registry.families():
+        registry.check_config(config, where, "train", device)
+        return
+    try:
+        _, footprint = meta_footprint(lambda: trainer.build_model(config))
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"{where}: the model cannot be built: {exc}") from exc
+    check_footprint(footprint, where, "train", device)
+
+
 def train(trainer, options: TrainOptions, out_dir: str | Path | None = None,
           extra_config: dict | None = None) -> TrainResult:
-    """Train ``trainer``'s model with ``options`` and write the checkpoint into ``out_dir``."""
+    """Train ``trainer``'s model with ``options`` and write the checkpoint at ``out_dir``.
+
+    The options and the model's size are checked first; the checkpoint is written beside ``out_dir`` and
+    swapped in only once complete (:func:`mmoe_core.checkpoint.replacing_dir`): a run that fails or is
+    killed leaves the previous checkpoint at ``out_dir`` as it was."""
     out_dir = Path(out_dir or options.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_options(options)
+    check_replaceable(out_dir)
+    config = build_config(trainer, options, extra_config)
+    device = resolve_device(options.device)
+    check_trainable(trainer, config, device)
     threads_before = torch.get_num_threads()
     if options.threads:
         torch.set_num_threads(options.threads)
     try:
-        return _train(trainer, options, out_dir, extra_config)
+        with replacing_dir(out_dir) as staged:
+            result = _train(trainer, options, staged, config, device)
+        return dataclasses.replace(result, out_dir=out_dir)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _train(trainer, options: TrainOptions, out_dir: Path, extra_config: dict | None) -> TrainResult:
+def _train(trainer, options: TrainOptions, out_dir: Path, config: dict, device: torch.device) -> TrainResult:
     import pandas as pd
     from tqdm import tqdm
 
-    _clear_outputs(out_dir)
     rng = seed_everything(options.seed)
-    device = resolve_device(options.device)
-    config = build_config(trainer, options, extra_config)
     model = trainer.build_model(config).to(device)
     if callable(getattr(trainer, "setup", None)):
         trainer.setup(model, device)
@@ -316,7 +357,6 @@ def _train(trainer, options: TrainOptions, out_dir: Path, extra_config: dict | N
     recorder = RoutingRecorder(keep_graph=True)
     total = _total_steps(trainer, options)
     config["training"]["device"] = str(device)
-    save_config({**config, "training": {**config["training"], "status": "training"}}, out_dir)  # until the end
 
     rows: list[dict] = []
     step, epoch, started, loss_value = 0, 0, time.perf_counter(), float("nan")
@@ -369,7 +409,7 @@ def _train(trainer, options: TrainOptions, out_dir: Path, extra_config: dict | N
                                "two_stage_trigger_step": trigger})
     log = pd.DataFrame(rows)
     model.eval()
-    save_checkpoint(model, config, out_dir, train_log=log)
+    write_checkpoint(model, config, out_dir, train_log=log)
     return TrainResult(out_dir, step, epoch, seconds, loss_value, trigger, log)
 
 

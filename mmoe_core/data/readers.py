@@ -29,6 +29,8 @@ from urllib.parse import unquote
 
 from PIL import Image
 
+from mmoe_core.errors import UserError
+
 from .records import Entity, EntityDataset, Mention, QADataset, QAItem
 
 if TYPE_CHECKING:  # pandas is only needed by the table helpers
@@ -46,7 +48,7 @@ ANSWER_SOURCES = ("image", "context", "both")
 NIL = "nil"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Malformed dataset input; the message names the file, the record and the field."""
 
 

@@ -8,10 +8,11 @@ Model configs and demo recipes are JSON data in ``model_configs/`` and ``recipes
 """
 from mmoe_core.factory import family_demo_runs
 from mmoe_core.families.mmoe.adapter import MMoEAdapter
-from mmoe_core.families.mmoe.config import FAMILY
+from mmoe_core.families.mmoe.config import FAMILY, check_model_config
 from mmoe_core.families.mmoe.model import build_model
 from mmoe_core.families.mmoe.trainer import MMoETrainer
 from mmoe_core.registry import Family, register
 
 FAMILY_ENTRY = register(Family(FAMILY, MMoEAdapter.title, MMoEAdapter, build_model=build_model, trainer=MMoETrainer,
+                               check_config=check_model_config,
                                demo_runs=family_demo_runs(FAMILY)))

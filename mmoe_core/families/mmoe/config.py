@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass, field
 
-from mmoe_core.encoders import EncoderSpec
+from mmoe_core.encoders import EncoderSpec, check_encoder_spec
+from mmoe_core.errors import ConfigError
+from mmoe_core.limits import Limit, check_choice, check_limits, check_object
 
 FAMILY = "mmoe"
 MODALITIES = ("text", "image", "cross")
@@ -45,12 +47,36 @@ class MMoEConfig:
         known = {f.name for f in dataclasses.fields(MMoEConfig)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown MMoE model options {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown MMoE model options {unknown}; known: {sorted(known)}")
         return MMoEConfig(**d)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+
+# What a checkpoint's "model" section may hold (config.json is untrusted: mmoe_core.limits).
+LIMITS: dict[str, Limit] = {
+    "image_dim": Limit(1, 16384), "text_hidden": Limit(1, 16384), "image_hidden": Limit(1, 16384),
+    "cross_hidden": Limit(1, 16384), "num_experts": Limit(1, 1024), "top_k": Limit(1, 1024),
+    "capacity_factor": Limit(0.0, 1024.0, float), "expert_mult": Limit(0.0625, 64.0, float),
+    "entity_chunk_size": Limit(1, 10_000_000),
+}
+CHOICES = {"gate": ("topk_softmax", "mmoe_reference"), "dispatch": ("dense", "sparse"),
+           "mention_desc": ("none", "dataset", "dme")}
+
+
+def check_model_config(config: dict, where: str) -> None:
+    """ConfigError unless config.json's "model" section is well typed and of sane sizes (before any build)."""
+    section = check_object(config.get("model", {}), f"{where}: model")
+    MMoEConfig.from_dict(dict(section))  # unknown keys
+    check_limits(section, LIMITS, f"{where}: model")
+    for key, choices in CHOICES.items():
+        check_choice(section, key, choices, f"{where}: model")
+    experts, k = section.get("num_experts", MMoEConfig.num_experts), section.get("top_k", MMoEConfig.top_k)
+    if k > experts:
+        raise ConfigError(f"{where}: model.top_k = {k} exceeds model.num_experts = {experts}")
+    check_encoder_spec(section.get("encoder", MMoEConfig().encoder), f"{where}: model.encoder")
 
 
 def config_from_options(model_options: dict, gate: str, num_experts: int, top_k: int, dme: bool = False) -> MMoEConfig:

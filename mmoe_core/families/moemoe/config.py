@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mmoe_core.encoders import EncoderSpec
+from mmoe_core.encoders import EncoderSpec, check_encoder_spec
+from mmoe_core.errors import ConfigError
 from mmoe_core.families.moemoe.vocab import SPECIAL_TOKENS
+from mmoe_core.limits import Limit, check_choice, check_limits, check_object
 
 FAMILY = "moemoe"
 DECODER_CALL = "decoder"
@@ -59,3 +61,36 @@ def default_config(answer_vocab: Sequence[str] | None = None, **overrides) -> di
 def model_section(config: dict) -> dict:
     """The model sizes of a config.json (its ``model`` section; a bare section is accepted too)."""
     return config["model"] if "model" in config else config
+
+
+# What a checkpoint's "model" section may hold (config.json is untrusted: mmoe_core.limits).
+LIMITS: dict[str, Limit] = {
+    "model_dim": Limit(1, 16384), "decoder_layers": Limit(1, 256), "decoder_heads": Limit(1, 1024),
+    "ffn_mult": Limit(0.0625, 64.0, float), "num_experts": Limit(1, 1024), "top_k": Limit(1, 1024),
+    "max_answer_words": Limit(1, 1024), "aux_weight": Limit(0.0, 1e6, float), "align_weight": Limit(0.0, 1e6, float),
+    "expert_only_after_steps": Limit(0, 1e9, optional=True), "qga_warmup_steps": Limit(0, 1e9),
+    "image_warmup_steps": Limit(0, 1e9),
+}
+MAX_ANSWER_VOCAB = 1_000_000
+REQUIRED = ("question_encoder", "source_encoder", "model_dim", "decoder_layers", "decoder_heads", "ffn_mult",
+            "num_experts", "top_k", "gate", "max_answer_words", "answer_vocab")
+
+
+def check_model_config(config: dict, where: str) -> None:
+    """ConfigError unless config.json's "model" section is well typed and of sane sizes (before any build)."""
+    section = check_object(model_section(config), f"{where}: model")
+    missing = [key for key in REQUIRED if key not in section]
+    if missing:
+        raise ConfigError(f"{where}: model is missing {missing}")
+    check_limits(section, LIMITS, f"{where}: model")
+    check_choice(section, "gate", ("topk_softmax", "mmoe_reference"), f"{where}: model")
+    if section["top_k"] > section["num_experts"]:
+        raise ConfigError(f"{where}: model.top_k = {section['top_k']} exceeds num_experts = {section['num_experts']}")
+    if section["model_dim"] % section["decoder_heads"]:
+        raise ConfigError(f"{where}: model.model_dim {section['model_dim']} is not a multiple of decoder_heads "
+                          f"{section['decoder_heads']}")
+    vocab = section["answer_vocab"]
+    if not isinstance(vocab, list) or len(vocab) > MAX_ANSWER_VOCAB or not all(isinstance(w, str) for w in vocab):
+        raise ConfigError(f"{where}: model.answer_vocab must be a list of at most {MAX_ANSWER_VOCAB:,} strings")
+    for key in ("question_encoder", "source_encoder"):
+        check_encoder_spec(section[key], f"{where}: model.{key}")

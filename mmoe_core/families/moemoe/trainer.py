@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmoe_core.data.readers import DatasetError
+from mmoe_core.errors import ConfigError
 from mmoe_core.factory import split_model_options
 from mmoe_core.families.moemoe.config import FAMILY, default_model_config, model_section
 from mmoe_core.families.moemoe.data import QAFeaturizer, examples_from_dataset, source_key
@@ -121,18 +123,19 @@ class MoEMoETrainer:
         self.image_warmup = int(family_options.pop("image_warmup_steps", 0) or 0)
         self.image_warmup_products = int(family_options.pop("image_warmup_products", 32))
         if self.image_warmup and self.expert_only_after is not None and self.expert_only_after < self.image_warmup:
-            raise ValueError(f"image_warmup_steps={self.image_warmup} needs the backbone trainable during the warm-up; "
-                             f"expert_only_after_steps={self.expert_only_after} freezes it before the warm-up ends")
+            raise ConfigError(f"image_warmup_steps={self.image_warmup} needs the backbone trainable during the "
+                              f"warm-up; expert_only_after_steps={self.expert_only_after} freezes it before the "
+                              "warm-up ends")
         dataset = read_qa_dataset(options.data_dir, check_images=True, splits=("train",))
         self.examples = examples_from_dataset(dataset.splits["train"])
         if not self.examples:
-            raise ValueError(f"{options.data_dir}: no training questions")
+            raise DatasetError(f"{options.data_dir}: no training questions")
         vocab = AnswerVocab.build(e["answer"] for e in self.examples)
         aux_weight = explicit_aux if explicit_aux is not None else options.balance or named.get("aux_weight", 0.1)
         options.balance = 0.0
         unknown = sorted(set(family_options) - set(default_model_config()))
         if unknown:
-            raise ValueError(f"unknown moemoe family options {unknown}")
+            raise ConfigError(f"unknown moemoe family options {unknown}; known: {sorted(default_model_config())}")
         self._model_config = default_model_config(
             vocab.words, gate=options.gate, num_experts=options.experts, top_k=min(options.top_k, options.experts),
             aux_weight=float(aux_weight), expert_only=self.expert_only_after == 0,
@@ -158,7 +161,7 @@ class MoEMoETrainer:
         if self.init_from:
             from mmoe_core.checkpoint import load_config, load_into, load_state
             if model_section(load_config(self.init_from))["answer_vocab"] != model.vocab.words:
-                raise ValueError(f"{self.init_from}: its answer vocabulary differs from this dataset's")
+                raise ConfigError(f"{self.init_from}: its answer vocabulary differs from this dataset's")
             load_into(model, load_state(self.init_from), source=str(self.init_from))
         return model
 
@@ -178,7 +181,8 @@ class MoEMoETrainer:
             self.reading_head = ImageReadingHead(int(model.config["model_dim"]), len(model.vocab)).to(device)
             self.picture_questions = picture_questions(self.examples, self.source_groups)
             if not any(len(q) for q in self.picture_questions):
-                raise ValueError("image warm-up: no training question is answered by the picture")
+                raise DatasetError(f"{self.options.data_dir}: image warm-up: no training question is answered by the "
+                                   "picture")
 
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.source_groups) / self._sources_per_batch())
