@@ -7,11 +7,15 @@ through :class:`RunWriter`. One module per job:
 * :mod:`~analysis.store.publish`: :class:`RunWriter`, atomic writes, locks and the symlink publish;
 * :mod:`~analysis.store.status`: :func:`run_status` (missing / partial / stale / ready), rebuild checks,
   the manifest's inputs and the model's declaration (:func:`read_spec`);
-* :mod:`~analysis.store.aggregates`: per-layer load counts and the entropy sample, computed once at publish;
+* :mod:`~analysis.store.sink`: :func:`write_routing` / :class:`RoutingSink`, a routing table in the layout its
+  experts call for ("wide"; "split" above 16 experts: E-wide arrays in a float16 side table);
+* :mod:`~analysis.store.aggregates`: per-layer load counts, the entropy sample and co-selection counts,
+  computed once at publish;
 * :mod:`~analysis.store.reader`: :class:`RunStore`, DuckDB page queries over one published version.
 """
 from analysis.store.aggregates import ENTROPY_SAMPLE_PER_LAYER, write_routing_aggregates, write_routing_with_aggregates
 from analysis.store.layout import (
+                                   DENSE_INLINE_MAX_EXPERTS,
                                    EXAMPLE_KEY,
                                    MANIFEST,
                                    ROUTING_GROUPS,
@@ -25,6 +29,7 @@ from analysis.store.layout import (
 )
 from analysis.store.publish import RunWriter
 from analysis.store.reader import RunStore
+from analysis.store.sink import RoutingSink, write_routing
 from analysis.store.status import (
                                    DATASET_HASH_TTL_S,
                                    RunStatus,
@@ -42,4 +47,5 @@ __all__ = [
     "inputs_manifest", "read_spec", "code_version", "resolve_root", "runs_dir", "write_routing_with_aggregates",
     "write_routing_aggregates", "rebuild_command", "ROUTING_TYPES", "ROUTING_SORT", "ROUTING_GROUPS", "MANIFEST",
     "ROW_GROUP_SIZE", "STORE_FORMAT", "EXAMPLE_KEY", "ENTROPY_SAMPLE_PER_LAYER", "DATASET_HASH_TTL_S",
+    "RoutingSink", "write_routing", "DENSE_INLINE_MAX_EXPERTS",
 ]

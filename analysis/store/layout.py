@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 MANIFEST = "manifest.json"
 # 2: manifest carries the model's declaration ("spec"); every table keys examples by example_index;
@@ -52,6 +53,20 @@ ROUTING_TYPES: dict[str, pa.DataType] = {
     "topk_weights": pa.list_(pa.float32()), "combine": pa.list_(pa.float32()), "probs": pa.list_(pa.float32()),
     "logits": pa.list_(pa.float32()), "entropy": pa.float32(), "top1_prob": pa.float32(), "routed": pa.bool_(),
 }
+
+
+# Routing layouts (recorded per table in the manifest as ``<name>_layout``; see :func:`split_routing`):
+# * "wide": every column of ROUTING_TYPES in <name>.parquet (the E-wide probs, logits and combine inline):
+#   runs with at most DENSE_INLINE_MAX_EXPERTS experts per layer, i.e. every demo run;
+# * "split": <name>.parquet keeps what the pages read per position (metadata, top-k ids and weights,
+#   entropy, top-1 probability, routed) and <name>_dense.parquet the E-wide probs and logits as float16,
+#   keyed and sorted like <name>; combine is not stored, being scatter(topk_ids, topk_weights) (checked on
+#   write: a gate that weights experts outside its top-k needs the wide layout).
+DENSE_INLINE_MAX_EXPERTS = 16
+DENSE_COLUMNS = ("combine", "probs", "logits")
+DENSE_TYPES: dict[str, pa.DataType] = {"probs": pa.list_(pa.float16()), "logits": pa.list_(pa.float16())}
+DENSE_SUFFIX = "_dense"
+LAYOUTS = ("wide", "split")
 
 
 def rebuild_command(run: str) -> str:
@@ -178,3 +193,97 @@ def _sql_str(s: str) -> str:
 def _qi(name: str) -> str:
     """A quoted SQL identifier."""
     return '"' + name.replace('"', '""') + '"'
+
+
+# ------------------------------------------------------------------------------ routing layouts
+
+def dense_table_name(name: str) -> str:
+    """The side table of a split routing table: ``routing`` -> ``routing_dense``."""
+    return name + DENSE_SUFFIX
+
+
+def layout_manifest_key(name: str) -> str:
+    """Manifest key recording a routing table's layout: ``routing`` -> ``routing_layout``."""
+    return name + "_layout"
+
+
+def _list_values(arr: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row of each element, flat values, length of each row) of a list column."""
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    parents = pc.list_parent_indices(arr).to_numpy()
+    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False)
+    lengths = pc.list_value_length(arr).fill_null(0).to_numpy()
+    return parents, flat, lengths
+
+
+def experts_per_layer(table: pa.Table) -> dict[str, int]:
+    """{layer: E} from the width of the E-wide lists (probs, else combine, else logits) of a routing table."""
+    col = next((c for c in ("probs", "combine", "logits") if c in table.column_names), None)
+    if col is None or "layer" not in table.column_names or table.num_rows == 0:
+        return {}
+    _, _, lengths = _list_values(table[col])
+    layers = table["layer"].combine_chunks()
+    if pa.types.is_dictionary(layers.type):
+        codes, names = layers.indices.to_numpy(zero_copy_only=False), layers.dictionary.to_pylist()
+    else:
+        enc = layers.dictionary_encode()
+        codes, names = enc.indices.to_numpy(zero_copy_only=False), enc.dictionary.to_pylist()
+    widest = np.zeros(len(names), dtype=np.int64)
+    np.maximum.at(widest, codes, lengths)
+    present = np.bincount(codes, minlength=len(names)) > 0
+    return {str(names[i]): int(widest[i]) for i in range(len(names)) if present[i]}
+
+
+def choose_layout(experts: Mapping[str, int] | int) -> str:
+    """"split" when some layer has more than :data:`DENSE_INLINE_MAX_EXPERTS` experts, else "wide"."""
+    widest = experts if isinstance(experts, int) else max(experts.values(), default=0)
+    return "split" if widest > DENSE_INLINE_MAX_EXPERTS else "wide"
+
+
+def check_combine_is_topk(table: pa.Table, atol: float = 1e-5) -> None:
+    """``ValueError`` unless every row's combine weights are exactly its top-k ids' topk_weights (no weight
+    on other experts), the condition for storing a routing table without its combine column."""
+    if "combine" not in table.column_names or table.num_rows == 0:
+        return
+    c_par, c_flat, c_len = _list_values(table["combine"])
+    k_par, k_ids, _ = _list_values(table["topk_ids"])
+    _, k_w, _ = _list_values(table["topk_weights"])
+    offsets = np.concatenate([[0], np.cumsum(c_len)])
+    ids = k_ids.astype(np.int64)
+    bad_id = (ids < 0) | (ids >= c_len[k_par])
+    at_topk = c_flat[offsets[k_par] + np.where(bad_id, 0, ids)]
+    total = np.bincount(c_par, weights=c_flat.astype(np.float64), minlength=table.num_rows)
+    topk_total = np.bincount(k_par, weights=k_w.astype(np.float64), minlength=table.num_rows)
+    problems = int(bad_id.sum() + (np.abs(at_topk - k_w) > atol).sum() + (np.abs(total - topk_total) > atol * 8).sum())
+    if problems:
+        raise ValueError("this routing table gives combine weight outside the chosen top-k experts (or its "
+                         "topk_weights differ from combine): it cannot drop the combine column; write it in the "
+                         "'wide' layout")
+
+
+def split_routing(table: pa.Table, check: bool = True) -> tuple[pa.Table, pa.Table]:
+    """A typed, sorted routing table -> (its "split" main table, its dense side table).
+
+    Main: every column but probs, logits and combine. Dense: the sort keys present
+    (example_index, layer, call, position) and probs / logits as lists of float16, in the same row order.
+    ``check``: verify that combine is scatter(topk_ids, topk_weights) (:func:`check_combine_is_topk`).
+    """
+    if check:
+        check_combine_is_topk(table)
+    main = table.drop_columns([c for c in DENSE_COLUMNS if c in table.column_names])
+    keys = [c for c in ROUTING_SORT if c in table.column_names]
+    dense_cols = {c: table[c] for c in keys}
+    for c, typ in DENSE_TYPES.items():
+        if c in table.column_names:
+            dense_cols[c] = table[c].cast(typ)
+    return main, pa.table(dense_cols)
+
+
+def combine_from_topk(topk_ids: Any, topk_weights: Any, num_experts: int) -> np.ndarray:
+    """[n, E] combine weights rebuilt from per-row top-k ids and weights (exact in the split layout)."""
+    ids = np.stack([np.asarray(v, dtype=np.int64) for v in topk_ids]) if len(topk_ids) else np.zeros((0, 0), int)
+    w = np.stack([np.asarray(v, dtype=np.float32) for v in topk_weights]) if len(topk_weights) else ids.astype(float)
+    out = np.zeros((len(ids), int(num_experts)), dtype=np.float32)
+    if len(ids):
+        np.put_along_axis(out, ids, w.astype(np.float32), axis=1)
+    return out

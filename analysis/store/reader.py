@@ -21,14 +21,20 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from analysis.store.aggregates import known_experts, loads_sql
 from analysis.store.layout import (
     _TABLE_RE,
+    DENSE_COLUMNS,
     EXAMPLE_KEY,
     ROUTING_GROUPS,
+    ROUTING_SORT,
     _check_file_name,
     _check_run,
     _qi,
     _sql_str,
+    combine_from_topk,
+    dense_table_name,
+    layout_manifest_key,
     rebuild_command,
     resolve_root,
 )
@@ -259,15 +265,94 @@ class RunStore:
             self._cache[key] = val
         return val
 
+    def routing_layout(self, name: str = "routing") -> str:
+        """"wide" (E-wide probs, logits, combine in the table) or "split" (they live in ``<name>_dense``,
+        combine rebuilt from the top-k): the manifest's ``<name>_layout``, else read off the schema."""
+        entry = self.manifest.get(layout_manifest_key(name))
+        if isinstance(entry, Mapping) and entry.get("layout") in ("wide", "split"):
+            return entry["layout"]
+        return "wide" if "combine" in self.columns(name) or "topk_weights" not in self.columns(name) else "split"
+
+    def num_experts(self, name: str = "routing") -> dict[str, int]:
+        """{layer: E} as the run records it (the table's layout entry, else the declared routed layers)."""
+        return known_experts(self.manifest, name)
+
     def example_routing(self, example_index: int, layer: str | Sequence[str] | None = None,
-                        columns: Sequence[str] | None = None) -> pd.DataFrame:
+                        columns: Sequence[str] | None = None, dense: bool = False) -> pd.DataFrame:
         """All routed positions of one example (optionally one or more layers), sorted by layer, call,
-        position. Cheap: routing.parquet is sorted by example_index, so few row groups are read."""
+        position. Cheap: routing.parquet is sorted by (example_index, layer, call, position) and its row
+        groups carry min/max statistics, so only the one or two row groups holding the example are read.
+
+        In the "split" layout (more than 16 experts) the E-wide ``probs``, ``logits`` and ``combine`` are
+        not part of the default columns: ask for them by name or with ``dense=True``; probs and logits are
+        then read from ``routing_dense`` (float16, returned as float32) for the same rows, and combine is
+        rebuilt from topk_ids / topk_weights (exact in that layout)."""
         where: dict[str, Any] = {"example_index": int(example_index)}
         if layer is not None:
             where["layer"] = layer
-        order = [c for c in ("layer", "call", "position") if c in self.columns("routing")]
-        return self.table("routing", columns=columns, where=where, order_by=order)
+        main_cols = self.columns("routing")
+        order = [c for c in ("layer", "call", "position") if c in main_cols]
+        if self.routing_layout() == "wide":
+            return self.table("routing", columns=columns, where=where, order_by=order)
+        wanted = list(main_cols) if columns is None else list(columns)
+        extra = [c for c in DENSE_COLUMNS if c not in wanted] if dense else []
+        wanted_dense = [c for c in wanted + extra if c in DENSE_COLUMNS]
+        if not wanted_dense:
+            return self.table("routing", columns=columns, where=where, order_by=order)
+        keys = [c for c in ROUTING_SORT if c in main_cols]
+        need = list(dict.fromkeys([c for c in wanted if c not in DENSE_COLUMNS] + keys
+                                  + (["topk_ids", "topk_weights"] if "combine" in wanted_dense else [])))
+        frame = self.table("routing", columns=need, where=where, order_by=order)
+        side = dense_table_name("routing")
+        from_side = [c for c in wanted_dense if c != "combine"]
+        if from_side:
+            if not self.has(side):
+                raise ValueError(f"run {self.run!r} keeps no dense routing ({side}): probs and logits were "
+                                 "not stored (split layout without the dense side table)")
+            self._check_cols(side, from_side)
+            dense_df = self.table(side, columns=[*keys, *from_side], where=where, order_by=order)
+            if len(dense_df) == len(frame) and all((dense_df[k].to_numpy() == frame[k].to_numpy()).all()
+                                                   for k in keys):
+                for c in from_side:
+                    frame[c] = [np.asarray(v, dtype=np.float32) for v in dense_df[c]]
+            else:  # not row-aligned (should not happen: same sort, same filter): join on the keys
+                frame = frame.merge(dense_df, on=keys, how="left")
+        if "combine" in wanted_dense:
+            experts, combine = self.num_experts(), np.empty(len(frame), dtype=object)
+            for name, idx in frame.groupby("layer", sort=False).indices.items():
+                ids, wts = frame["topk_ids"].iloc[idx].tolist(), frame["topk_weights"].iloc[idx].tolist()
+                rows = combine_from_topk(ids, wts, experts.get(name) or int(max(np.max(v) for v in ids)) + 1)
+                for j, i in enumerate(idx):
+                    combine[i] = rows[j]
+            frame["combine"] = combine
+        return frame[[c for c in wanted + extra if c in frame.columns]].reset_index(drop=True)
+
+    def scan_stats(self, query: str, params: Sequence[Any] | None = None) -> dict[str, int]:
+        """What a query reads (DuckDB's EXPLAIN ANALYZE profile): ``row_groups_scanned`` of
+        ``row_groups_total``, ``rows_scanned`` and ``bytes_read``. For benchmarks and tests of the layout."""
+        self._ensure_views(self.tables)
+        with self._lock:
+            cur = self._con.cursor()
+        try:
+            cur.execute("SET enable_profiling = 'json'")
+            cur.execute("SET profiling_coverage = 'ALL'")
+            out = cur.execute("EXPLAIN ANALYZE " + query, list(params or [])).fetchall()
+        finally:
+            cur.close()
+        prof = json.loads(out[0][1])
+        q, io = prof.get("query", {}), prof.get("io", {})
+        return {"row_groups_scanned": int(q.get("total_row_groups_scanned", -1)),
+                "row_groups_total": int(q.get("total_row_groups_to_scan", -1)),
+                "rows_scanned": int(q.get("total_rows_scanned", -1)),
+                "bytes_read": int(io.get("total_bytes_read", -1))}
+
+    def coselection(self, layer: str | Sequence[str] | None = None) -> pd.DataFrame:
+        """Per layer, E x E counts of experts chosen together for one position (``coselection``; written by
+        precompute, or counted from the routing file at publish). Empty frame when the run has none."""
+        if not self.has("coselection"):
+            return pd.DataFrame(columns=["layer", "expert_a", "expert_b", "count"])
+        order = [c for c in ("layer", "expert_a", "expert_b") if c in self.columns("coselection")]
+        return self.table("coselection", where=None if layer is None else {"layer": layer}, order_by=order)
 
     def layer_loads(self, layer: str | Sequence[str] | None = None, by: Sequence[str] | str | None = None
                     ) -> pd.DataFrame:
@@ -293,20 +378,15 @@ class RunStore:
             inner = (f"SELECT {', '.join(map(_qi, keys))}, expert, sum(slots) AS slots, sum(weight) AS weight "
                      f"FROM routing_loads{w} GROUP BY ALL")
         else:
-            self._check_cols("routing", [*keys, "topk_ids", "combine"])
+            cols = self.columns("routing")
+            weight_col = "combine" if "combine" in cols else "topk_weights"
+            self._check_cols("routing", [*keys, "topk_ids", weight_col])
             w, args = self._where("routing", {"layer": layers} if layers is not None else None, None)
             k = ", ".join(map(_qi, keys))
-            inner = f"""
-                WITH r AS (SELECT {k}, topk_ids, combine FROM routing{w}),
-                w AS (SELECT {k}, expert, sum(wt)::DOUBLE AS weight FROM (
-                        SELECT {k}, unnest(range(len(combine)))::INTEGER AS expert, unnest(combine) AS wt
-                        FROM r) GROUP BY ALL),
-                s AS (SELECT {k}, expert, count(*)::BIGINT AS slots FROM (
-                        SELECT {k}, unnest(topk_ids)::INTEGER AS expert FROM r) GROUP BY ALL)
-                SELECT {", ".join(f"coalesce(w.{_qi(c)}, s.{_qi(c)}) AS {_qi(c)}" for c in keys)},
-                       coalesce(w.expert, s.expert) AS expert,
-                       coalesce(s.slots, 0) AS slots, coalesce(w.weight, 0.0) AS weight
-                FROM w FULL OUTER JOIN s USING ({k}, expert)"""
+            extra = [c for c in ("topk_weights", "combine") if c in cols]
+            rel = f"(SELECT {k}, topk_ids, {', '.join(extra)} FROM routing{w})"
+            inner = loads_sql(rel, keys, cols, self.num_experts())
+            args = args * inner.count(rel)  # the filtered relation is read once per side of the join
         part = ", ".join(map(_qi, keys))
         sql = f"""
             SELECT {part}, expert, slots::BIGINT AS slots, weight::DOUBLE AS weight,
