@@ -55,6 +55,20 @@ def _train(data: Path, out: Path, **overrides) -> TrainResult:
     return train(get_trainer(toy.FAMILY)(options), options, out)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    """The toy family, world and view are registered for this module's tests only: no other test module
+    (e.g. one counting the dataset browser's worlds) sees them. The registries offer no removal, so the
+    clean-up pops their entries."""
+    from mmoe_core.data import views
+
+    toy.register()
+    yield
+    registry._FAMILIES.pop(toy.FAMILY, None)
+    registry._WORLDS.pop(toy.WORLD, None)
+    views._VIEWS.pop(toy.WORLD, None)
+
+
 @pytest.fixture(scope="module")
 def toy_runs(tmp_path_factory) -> ToyRuns:
     """The rune world, two trained checkpoints (top-2 and top-1 weave) and their precomputed runs."""
@@ -131,6 +145,21 @@ def test_it_really_trains_and_routes(toy_runs):
     assert adapter.routed_modules()["sieve"].knocked_out == frozenset()
 
 
+def test_an_untrusted_config_is_checked_by_the_family_before_any_allocation(toy_runs, tmp_path):
+    import json
+    import shutil
+
+    from mmoe_core.errors import ConfigError
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(toy_runs.root / "checkpoints" / RUN, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model"]["dim"] = 10**9
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"model: dim = 1000000000 is out of range"):
+        load_adapter(ckpt, device="cpu")
+
+
 def test_precompute_stores_the_declared_spec_and_tables(toy_runs):
     from analysis.store import RunStore
 
@@ -191,6 +220,15 @@ def test_compare_renders_the_two_toy_runs(toy_root):
     _no_exception(at)
     assert any(RUN_B in list(w.options) for w in at.selectbox), "run B is not offered"
     assert len(at.get("plotly_chart")) + len(at.dataframe) > 0, "two runs, nothing compared"
+
+
+def test_the_dataset_browser_shows_the_registered_world(toy_root):
+    browser = next(p for p in _pages() if p.endswith("dataset_browser.py"))
+    at = _render(browser)
+    _no_exception(at)
+    assert "Rune world · Tablets" in [t.label for t in at.tabs]
+    tablets = [d.value for d in at.dataframe if isinstance(d.value, pd.DataFrame) and "witness" in d.value]
+    assert tablets and len(tablets[0]) == toy.WORLD_SIZES["tiny"][1]  # the test split, picked first
 
 
 def test_the_playground_builds_its_inputs_from_the_declared_fields(toy_root, toy_runs):

@@ -22,7 +22,8 @@ file's own, :class:`SigmoidSieve`: 3 experts, sigmoid scores, top-1, raw weights
 through the :class:`RoutedModule` protocol) -> one logit per rune. The prediction is a ranking of the four
 runes; the loss is cross-entropy.
 
-Import this module to register the family (``runeweave``) and its world (``runes``).
+Importing registers nothing: :func:`register` adds the family (``runeweave``), its world (``runes``) and
+the world's dataset-browser view (tests/test_toy_family.py does, for its module only).
 """
 
 from __future__ import annotations
@@ -33,12 +34,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmoe_core import registry
 from mmoe_core.adapter import ModelAdapter, RunOutput
+from mmoe_core.data.views import DatasetView, TableView, register_view
+from mmoe_core.errors import ConfigError
+from mmoe_core.limits import Limit, check_limits, check_object
 from mmoe_core.moe import SwitchMoE
 from mmoe_core.routing_record import PositionMeta, RouterOutput, RoutingRecorder
 from mmoe_core.spec import (
@@ -146,6 +151,15 @@ def build_world(out_dir: Path, scale: str = "tiny", seed: int = 0) -> Path:
         (out_dir / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     (out_dir / "world.json").write_text(json.dumps({"world": WORLD, "scale": scale, "seed": seed, "counts": counts}))
     return out_dir
+
+
+def tablet_rows(data_dir: Path) -> pd.DataFrame:
+    """Every tablet of both splits, for the dataset browser (sigil as a picture path)."""
+    rows = []
+    for split in ("train", "test"):
+        for e in read_examples(data_dir, split):
+            rows.append({"id": e["id"], "split": split, "chant": e["chant"], "sigil": e["sigil"], **e["labels"]})
+    return pd.DataFrame(rows)
 
 
 def world_is_built(out_dir: Path, scale: str = "tiny", seed: int = 0) -> bool:
@@ -351,6 +365,36 @@ class RuneModel(nn.Module):
         z = weights[:, :1] * chant + weights[:, 1:] * sigil + h[:, 0]
         z = z + self.sieve(z, recorder=recorder, meta=metas[1])
         return {"logits": self.head(z), "weights": weights, "representation": z}
+
+
+MODEL_LIMITS = {
+    "dim": Limit(2, 1024),
+    "experts": Limit(1, 64),
+    "top_k": Limit(1, 64),
+    "sieve_experts": Limit(1, 64),
+    "sieve_top_k": Limit(1, 64),
+    "max_words": Limit(1, 512),
+    "grid": Limit(1, 64),
+    "patch": Limit(1, 64),
+}
+REQUIRED = (*MODEL_LIMITS, "vocab", "runes")
+
+
+def check_model_config(config: dict, where: str) -> None:
+    """ConfigError unless config.json's "model" section is well typed and of sane sizes (before any build)."""
+    section = check_object(config.get("model"), f"{where}: model")
+    missing = [key for key in REQUIRED if key not in section]
+    if missing:
+        raise ConfigError(f"{where}: model is missing {missing}")
+    check_limits(section, MODEL_LIMITS, f"{where}: model")
+    if section["top_k"] > section["experts"] or section["sieve_top_k"] > section["sieve_experts"]:
+        raise ConfigError(f"{where}: model: a top-k exceeds its expert count")
+    if section["dim"] % 2:
+        raise ConfigError(f"{where}: model.dim {section['dim']} is not a multiple of the 2 attention heads")
+    for key, most in (("vocab", 10_000), ("runes", 1_000)):
+        words = section[key]
+        if not isinstance(words, list) or not 0 < len(words) <= most or not all(isinstance(w, str) for w in words):
+            raise ConfigError(f"{where}: model.{key} must be a list of 1 to {most:,} strings")
 
 
 def build_model(config: dict) -> RuneModel:
@@ -658,9 +702,38 @@ class RuneAdapter(ModelAdapter):
         raise ValueError(f"unknown attribution target {target!r}; choose score or router_logit")
 
 
-FAMILY_ENTRY = registry.register(
-    registry.Family(FAMILY, RuneAdapter.title, RuneAdapter, build_model=build_model, trainer=RuneTrainer)
-)
-WORLD_ENTRY = registry.register_world(
-    registry.World(WORLD, build_world, world_is_built, "tablets whose chant or sigil names their rune")
-)
+def register() -> None:
+    """Register the family, its world and the world's dataset-browser view, as a plug-in would: through
+    the public registries (:func:`mmoe_core.registry.register`, ``register_world``, ``register_view``)."""
+    registry.register(
+        registry.Family(
+            FAMILY,
+            RuneAdapter.title,
+            RuneAdapter,
+            build_model=build_model,
+            trainer=RuneTrainer,
+            check_config=check_model_config,
+        )
+    )
+    registry.register_world(
+        registry.World(WORLD, build_world, world_is_built, "tablets whose chant or sigil names their rune")
+    )
+    register_view(
+        DatasetView(
+            WORLD,
+            "Rune world",
+            "Tablets with a chant and a sigil; one of the two names the tablet's rune.",
+            (
+                TableView(
+                    "Tablets",
+                    "every tablet, with the input that names its rune",
+                    tablet_rows,
+                    filters=("witness", "rune", "cadence"),
+                    split="split",
+                    title="chant",
+                    image="sigil",
+                    details=("chant", "rune", "witness", "cadence"),
+                ),
+            ),
+        )
+    )
