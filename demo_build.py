@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mmoe_core import registry
 from mmoe_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from mmoe_core.errors import ConfigError, cli_entry
 from mmoe_core.factory import SCALES
 from mmoe_core.paths import artifacts_root
 
@@ -52,7 +53,7 @@ def checkpoint_dir(run: str) -> Path:
 def ensure_world(name: str, scale: str, force: bool = False) -> Path:
     world = registry.worlds().get(name)
     if world is None:
-        raise SystemExit(f"unknown world {name!r}; registered worlds: {sorted(registry.worlds())}")
+        raise ConfigError(f"unknown world {name!r}; registered worlds: {sorted(registry.worlds())}")
     path = world_dir(name)
     if not force and world.is_built(path, scale, WORLD_SEED):
         log(f"world {name}: up to date at {path}")
@@ -85,7 +86,7 @@ def run_is_built(ckpt: Path, run: registry.DemoRun, scale: str) -> bool:
 def find_run(name: str, scale: str) -> registry.DemoRun:
     runs = {run.name: run for run in registry.demo_runs(scale)}
     if name not in runs:
-        raise SystemExit(f"unknown run {name!r}; demo runs: {sorted(runs)}")
+        raise ConfigError(f"unknown run {name!r}; demo runs: {sorted(runs)}")
     return runs[name]
 
 
@@ -143,7 +144,7 @@ def select_runs(only: str | None, scale: str) -> list[registry.DemoRun]:
         return runs
     chosen = [r for r in runs if r.name == only]
     if not chosen:
-        raise SystemExit(f"unknown run {only!r}; demo runs: {[r.name for r in runs]}")
+        raise ConfigError(f"unknown run {only!r}; demo runs: {[r.name for r in runs]}")
     return chosen
 
 
@@ -173,7 +174,7 @@ def build(only: str | None = None, force: bool = False, scale: str = "default", 
     """Build worlds and runs; returns {"worlds": {world: path}, "runs": {run: {"checkpoint", "trained",
     "seconds", "precompute_seconds"}}}."""
     if scale not in SCALES:
-        raise SystemExit(f"unknown scale {scale!r}; scales: {', '.join(SCALES)}")
+        raise ConfigError(f"unknown scale {scale!r}; scales: {', '.join(SCALES)}")
     runs = select_runs(only, scale)
     worlds = {r.world for r in runs} | (set() if only else set(registry.worlds()))
     data = {w: ensure_world(w, scale) for w in sorted(worlds)}
@@ -185,6 +186,7 @@ def build(only: str | None = None, force: bool = False, scale: str = "default", 
     return {"worlds": {w: str(p) for w, p in data.items()}, "runs": report}
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m demo_build", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -399,17 +399,22 @@ def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
                               "an earlier snapshot, or retrain (lower learning rate, gradient clipping)")
 
 
-def load_state(ckpt_dir: Path, snapshot: int | None = None) -> dict[str, torch.Tensor]:
-    """Read weights with safetensors (no unpickling), after the header check, then the NaN/Inf check.
-    ``snapshot`` picks snapshots/step_<N>."""
-    checked_header(ckpt_dir, snapshot)
-    path = weights_path(ckpt_dir, snapshot)
+def load_state_file(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file's tensors: header checked first, NaN/Inf checked after (CheckpointError)."""
+    read_safetensors_header(path)
     try:
         state = load_file(str(path))
     except Exception as exc:  # safetensors' own checks (overlapping offsets ...): a damaged file, not a bug
         raise CheckpointError(f"{path}: cannot be read as safetensors ({exc}); copy it again or retrain") from exc
     check_finite(state, str(path))
     return state
+
+
+def load_state(ckpt_dir: Path, snapshot: int | None = None) -> dict[str, torch.Tensor]:
+    """Read a checkpoint's weights with safetensors (no unpickling), after the header check, then the
+    NaN/Inf check. ``snapshot`` picks snapshots/step_<N>."""
+    checked_header(ckpt_dir, snapshot)
+    return load_state_file(weights_path(ckpt_dir, snapshot))
 
 
 def describe_mismatch(own: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]) -> str | None:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from mmoe_core.adapter import load_adapter
+from mmoe_core.errors import ConfigError, cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +71,11 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", moda
     adapter = load_adapter(Path(checkpoint), device=device, snapshot=snapshot)
     if modalities:
         if not hasattr(adapter, "modalities"):
-            raise SystemExit(f"family {adapter.family!r} has no modality ablation")
+            raise ConfigError(f"--modalities: family {adapter.family!r} has no modality ablation")
+        unknown = sorted(set(modalities) - set(adapter.modalities))
+        if unknown:
+            raise ConfigError(f"--modalities: {unknown} are not modalities of this model; choose from "
+                              f"{', '.join(adapter.modalities)}")
         adapter.modalities = tuple(modalities)
     examples = adapter.load_examples(Path(data), split)
     if limit:
@@ -82,8 +87,13 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", moda
             "examples": len(examples), "seconds": round(time.perf_counter() - started, 2), **summary}
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()] if args.modalities else None
     result = evaluate(args.checkpoint, args.data, args.split, modalities, args.batch_size, args.device,
                       args.snapshot, args.limit, progress=not args.no_progress)

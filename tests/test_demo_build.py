@@ -10,6 +10,7 @@ import torch
 import demo_build
 from mmoe_core import registry
 from mmoe_core.checkpoint import load_config, save_checkpoint
+from mmoe_core.errors import ConfigError
 
 
 @pytest.fixture
@@ -107,9 +108,9 @@ def test_a_failed_training_leaves_no_stamp(toy_family, monkeypatch, no_precomput
 
 def test_unknown_run_and_scale_say_what_exists(tmp_path, monkeypatch):
     monkeypatch.setenv("MOESCOPE_ARTIFACTS", str(tmp_path))
-    with pytest.raises(SystemExit, match="unknown run 'nope'; demo runs: .*mmoe-balanced"):
+    with pytest.raises(ConfigError, match="unknown run 'nope'; demo runs: .*mmoe-balanced"):
         demo_build.build(only="nope", scale="tiny")
-    with pytest.raises(SystemExit, match="unknown scale"):
+    with pytest.raises(ConfigError, match="unknown scale"):
         demo_build.build(scale="huge")
 
 

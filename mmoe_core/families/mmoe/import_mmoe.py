@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mmoe_core.checkpoint import check_finite, check_replaceable, load_state_file
+from mmoe_core.errors import UserError, cli_entry
 from mmoe_core.families.mmoe.config import FAMILY
 from mmoe_core.families.mmoe.hf_clip_map import (
     HFClipMapError,
@@ -86,7 +88,7 @@ EXPORT_RECIPE = (
     "then import that file.")
 
 
-class ImportRefused(ValueError):
+class ImportRefused(UserError, ValueError):
     """The file cannot be imported; the message says why (and lists the offending keys or globals)."""
 
 
@@ -138,6 +140,9 @@ def _torch_load(path: Path) -> tuple[Any, list[str]]:
         return torch.load(path, map_location="cpu", weights_only=True), []
     except pickle.UnpicklingError as exc:
         first_error = exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # a truncated zip, not a torch file at all
+        raise ImportRefused(f"{path}: cannot be read as a torch checkpoint ({exc}); the file is truncated or of "
+                            "another format: copy it again, or export a state dict") from exc
     if not zipfile.is_zipfile(path):
         raise ImportRefused(f"{path}: the weights-only loader refused it ({first_error}); it is not a torch zip "
                             f"checkpoint whose globals can be listed.\n{EXPORT_RECIPE}")
@@ -195,8 +200,7 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedFile:
     if not path.is_file():
         raise ImportRefused(f"{path}: no such file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return LoadedFile(dict(load_file(str(path))), "safetensors")
+        return LoadedFile(dict(load_state_file(path)), "safetensors")
     obj, placeholders = _torch_load(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         state = obj["state_dict"]
@@ -211,6 +215,7 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedFile:
     if not_tensors:
         raise ImportRefused(f"{path}: the state dict has entries that are not tensors: {not_tensors[:20]}")
     loaded.state = {str(k): v for k, v in state.items()}
+    check_finite(loaded.state, str(path))
     return loaded
 
 
@@ -424,6 +429,8 @@ def build_imported(path: str | os.PathLike, **options) -> tuple[torch.nn.Module,
     data_dir = options.pop("data_dir", None)
     model_cfg, notes = infer_model_config(mapping, loaded.hyper_parameters, **options)
     config: dict[str, Any] = {"family": FAMILY, "model": model_cfg, "data": {}, "training": {}}
+    from mmoe_core.registry import check_config
+    check_config(config, f"{path} (the sizes read off its weights)")  # limits and memory, before building
     try:
         model = build_model(config)
     except ValueError as exc:
@@ -444,12 +451,14 @@ def build_imported(path: str | os.PathLike, **options) -> tuple[torch.nn.Module,
 
 
 def import_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, **options) -> Path:
-    """Import ``path`` and write a MoEscope checkpoint directory at ``out_dir``."""
+    """Import ``path`` and write a MoEscope checkpoint directory at ``out_dir``, replacing a checkpoint that
+    was there as a whole (its snapshots and training log go with it)."""
     from mmoe_core.checkpoint import save_checkpoint
     model, config = build_imported(path, **options)
     return save_checkpoint(model, config, Path(out_dir))
 
 
+@cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmoe_core.families.mmoe.import_mmoe",
                                 description="Import a MEL-MMoE (published code) checkpoint into MoEscope.")
@@ -469,15 +478,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", help="dataset dir to record as the checkpoint's data (precompute's default)")
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else Path("artifacts") / "checkpoints" / Path(args.checkpoint).stem
-    try:
-        ckpt = import_checkpoint(args.checkpoint, out, top_k=args.top_k, num_experts=args.num_experts,
-                                 text_length=args.text_length, entity_chunk_size=args.entity_chunk_size,
-                                 text_heads=args.text_heads, vision_heads=args.vision_heads,
-                                 pad_token_id=args.pad_token_id, gate=args.gate, mention_desc=args.mention_desc,
-                                 data_dir=args.data)
-    except ImportRefused as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    check_replaceable(out)  # before reading: a folder that is not a checkpoint is never replaced
+    ckpt = import_checkpoint(args.checkpoint, out, top_k=args.top_k, num_experts=args.num_experts,
+                             text_length=args.text_length, entity_chunk_size=args.entity_chunk_size,
+                             text_heads=args.text_heads, vision_heads=args.vision_heads,
+                             pad_token_id=args.pad_token_id, gate=args.gate, mention_desc=args.mention_desc,
+                             data_dir=args.data)
     cfg = json.loads((ckpt / "config.json").read_text())
     m = cfg["model"]
     print(f"imported {args.checkpoint} -> {ckpt}: encoder {m['encoder']['name']} (hf_clip, text length "
