@@ -14,14 +14,15 @@ All hashes are lowercase hex SHA-256 strings.
   price that an image edited in place to a different picture *of exactly the same byte size* is not
   noticed. Pass ``content_suffixes=None`` to hash every file's content. Hidden files and directories
   (name starting with ``.``) and ``__pycache__`` are skipped.
-* :func:`checkpoint_hash` = hash of ``config.json`` + ``model.safetensors`` (snapshots and logs are
-  deliberately left out: they do not change what the precompute reads).
+* :func:`checkpoint_hash` = hash of ``config.json`` + ``model.safetensors`` (or a sharded folder's index
+  and shards; snapshots and logs are deliberately left out: they do not change what the precompute reads).
 * :func:`dataset_hash` = :func:`dir_hash` of a dataset directory (or :func:`file_sha256` of a single file).
 """
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import os
 import threading
 import time
@@ -35,6 +36,7 @@ __all__ = ["file_sha256", "dir_hash", "checkpoint_hash", "dataset_hash", "CONTEN
 CONTENT_SUFFIXES = frozenset({".json", ".jsonl", ".parquet", ".safetensors", ".csv", ".tsv", ".txt",
                               ".yaml", ".yml", ".npz", ".npy"})
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
+SHARD_INDEX = "model.safetensors.index.json"
 
 _CHUNK = 1 << 20
 _SETTLE_S = 2.0
@@ -111,12 +113,26 @@ def checkpoint_hash(ckpt_dir: str | os.PathLike) -> str:
     """
     d = Path(ckpt_dir)
     h = hashlib.sha256(b"moescope-checkpoint-hash-v1\n")
-    for name in CHECKPOINT_FILES:
+    for name in _weight_files(d):
         f = d / name
         if not f.is_file():
             raise FileNotFoundError(f"checkpoint file missing: {f}")
         h.update(f"{name}\0{file_sha256(f)}\n".encode())
     return h.hexdigest()
+
+
+def _weight_files(d: Path) -> list[str]:
+    """config.json + model.safetensors; for a sharded Hugging Face folder (no model.safetensors, a
+    ``model.safetensors.index.json``) the index and every shard it names instead of the single file."""
+    index = d / SHARD_INDEX
+    if (d / CHECKPOINT_FILES[1]).is_file() or not index.is_file():
+        return list(CHECKPOINT_FILES)
+    try:
+        named = json.loads(index.read_text()).get("weight_map", {}).values()
+        shards = sorted({str(f) for f in named if Path(str(f)).name == str(f) and str(f) not in ("", ".", "..")})
+    except (OSError, ValueError, AttributeError):
+        shards = []
+    return [CHECKPOINT_FILES[0], SHARD_INDEX, *shards]
 
 
 def dataset_hash(data: str | os.PathLike, patterns: Iterable[str] | None = None) -> str:

@@ -266,6 +266,7 @@ def test_failed_publish_leaves_old_run_and_next_writer_cleans(tmp_path, monkeypa
     now = RunStore("demo", tmp_path)
     assert now.dir == old.dir and len(now.examples()) == 3
     assert len(versions(tmp_path)) == 2          # the orphaned, never-published version
+    old.close(), now.close()                     # an open store holds its version: closed, it can go
     publish(tmp_path, examples=examples_df(4))
     assert len(versions(tmp_path)) == 1
     assert len(RunStore("demo", tmp_path).examples()) == 4
@@ -324,6 +325,9 @@ def test_republish_swaps_version_and_old_store_notices(tmp_path):
     assert not s1.is_current()
     s2 = RunStore("demo", tmp_path)
     assert s2.is_current() and len(s2.examples()) == 5
+    assert len(versions(tmp_path)) == 2 and len(s1.examples()) == 3  # s1 holds the old version: still readable
+    s1.close()
+    assert store_publish.collect_versions("demo", tmp_path / "runs" / ".versions", keep=s2.dir.name) == []
     assert len(versions(tmp_path)) == 1
 
 

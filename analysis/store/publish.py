@@ -4,7 +4,11 @@ A :class:`RunWriter` writes every file into its private staging dir, writes ``ma
 fsyncs files and dirs, then, holding ``.locks/<run>.lock``: renames the staging dir to
 ``.versions/<run>-<stamp>-<id>`` (one ``rename(2)``), points a fresh temporary symlink at it and
 ``os.replace`` s that symlink over ``runs/<run>`` (the single atomic step readers can observe), fsyncs
-``runs/``, and finally deletes the older versions of that run (and orphans of killed publishers).
+``runs/``, and finally deletes the older versions of that run that no reader holds (and orphans of killed
+publishers). A reader (:class:`~analysis.store.reader.RunStore`) holds a shared ``flock`` on its version's
+``.readers`` file for as long as it is open (:func:`hold_version`), so a republish while a page renders
+leaves the old version readable; it is deleted by the first publish after its last reader closed.
+:func:`precompute_lock` keeps two precomputes of one run apart.
 A real directory at ``runs/<run>`` (older, non-atomic layout) is first moved into ``.versions``.
 A writer killed at any point leaves either the old symlink (old run intact) or the new one (new run
 complete); its staging dir is invisible to readers (hidden name) and is removed by the next writer,
@@ -18,11 +22,12 @@ When a run has a routing table, the writer adds its aggregates at commit (:mod:`
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -359,6 +364,7 @@ class RunWriter:
                     "code_version": code_version(), "store_format": STORE_FORMAT, "files": files}
         manifest.update(self.manifest_base)
         manifest.update(self._extra)
+        (d / READERS).touch()  # readers flock it shared while they read this version (see hold_version)
         mpath = d / MANIFEST
         mpath.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
         _fsync(mpath)
@@ -387,11 +393,8 @@ class RunWriter:
             os.symlink(f"{_VERSIONS}/{vid}", tmp)
             os.replace(tmp, link)
             _fsync(runs)
-            # The new version is live; drop the older ones and orphans of killed publishers of this run.
-            for entry in versions.iterdir():
-                m = _VERSION_RE.match(entry.name)
-                if m and m.group("run") == self.run and entry.name != vid:
-                    _rmtree(entry)
+            # The new version is live; drop the older ones no reader holds, and orphans of killed publishers.
+            collect_versions(self.run, versions, keep=vid)
             for entry in runs.iterdir():
                 if entry.name.startswith(f".{self.run}.link-") and entry.is_symlink():
                     entry.unlink(missing_ok=True)
@@ -401,3 +404,95 @@ class RunWriter:
 def _new_version_id(run: str) -> str:
     stamp = _utc_now().strftime("%Y%m%dT%H%M%S%f") + "Z"
     return f"{run}-{stamp}-{uuid.uuid4().hex[:8]}"
+
+
+# ------------------------------------------------------------------------------ readers and versions
+
+READERS = ".readers"   # in every version dir: readers hold a shared flock on it, the collector an exclusive one
+
+
+def hold_version(version_dir: Path) -> int | None:
+    """Take a shared hold on a published version so that no publisher deletes it while it is read; the
+    returned fd is the hold (close it with :func:`release_version`). None when the version has no readers
+    file (built before holds existed, or a plain directory) or was deleted meanwhile: then check that the
+    directory still exists and resolve the run link again."""
+    try:
+        fd = os.open(Path(version_dir) / READERS, os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a collector deletes this very version
+    if not (Path(version_dir) / MANIFEST).is_file():  # it was collected between our open and our flock
+        os.close(fd)
+        return None
+    return fd
+
+
+def release_version(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _collect(entry: Path) -> bool:
+    """Delete one superseded version unless a reader holds it; True when it was deleted."""
+    try:
+        fd = os.open(entry / READERS, os.O_RDONLY)
+    except FileNotFoundError:
+        _rmtree(entry)  # no readers file: a version of the older layout, or a half-deleted one
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False    # read right now: the next publish (or collect_versions) deletes it
+    try:
+        (entry / MANIFEST).unlink(missing_ok=True)  # first: a reader that opens it now sees it gone
+        _rmtree(entry)
+    finally:
+        os.close(fd)
+    return True
+
+
+def collect_versions(run: str, versions: Path, keep: str | None = None) -> list[str]:
+    """Delete the versions of ``run`` under ``versions`` other than ``keep`` that no reader holds; returns
+    the names kept because a reader holds them."""
+    held = []
+    try:
+        entries = list(versions.iterdir())
+    except FileNotFoundError:
+        return held
+    for entry in entries:
+        m = _VERSION_RE.match(entry.name)
+        if m and m.group("run") == run and entry.name != keep and not _collect(entry):
+            held.append(entry.name)
+    return held
+
+
+@contextlib.contextmanager
+def precompute_lock(run: str, root: str | os.PathLike | None = None, wait: bool = False,
+                    on_wait=None) -> Iterator[None]:
+    """Hold ``runs/.locks/<run>.precompute.lock`` for a whole precompute of ``run``: a second precompute
+    of the same run refuses (:class:`~mmoe_core.errors.BusyError` naming the holder) or, with ``wait``,
+    waits for it (``on_wait(message)`` is told first). The kernel drops the lock of a killed process."""
+    from mmoe_core.errors import BusyError
+    path = resolve_root(root) / "runs" / _LOCKS / f"{_check_run(run)}.precompute.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            message = f"another precompute of run {run!r} is running (process {holder} holds {path})"
+            if not wait:
+                raise BusyError(f"{message}; wait for it to finish, or pass --wait to queue behind it") from None
+            if on_wait is not None:
+                on_wait(f"{message}; waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -1,16 +1,18 @@
 """Reading a published run: :class:`RunStore`, DuckDB page queries over its Parquet files.
 
 No Streamlit and no torch here. Readers resolve ``runs/<run>`` once (a :class:`RunStore` keeps the
-resolved version dir), so a publish in the middle of a page render never mixes versions. The superseded
-version is deleted right after a publish, so a long-lived reader should check :meth:`RunStore.is_current`
-(one ``readlink``) before use and reopen when it returns False. :meth:`RunStore.spec` is the model's
-declaration (:class:`mmoe_core.spec.ModelSpec`) as precompute stored it.
+resolved version dir), so a publish in the middle of a page render never mixes versions. An open store
+holds its version (a shared flock, :func:`analysis.store.publish.hold_version`): a republish leaves it
+readable until the store is closed (or garbage-collected); a long-lived reader should still check
+:meth:`RunStore.is_current` (one ``readlink``) and reopen to see the new version.
+:meth:`RunStore.spec` is the model's declaration (:class:`mmoe_core.spec.ModelSpec`) as precompute stored it.
 """
 from __future__ import annotations
 
 import json
 import os
 import threading
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,12 +40,25 @@ from analysis.store.layout import (
     rebuild_command,
     resolve_root,
 )
+from analysis.store.publish import hold_version, release_version
 from analysis.store.status import RunStatus, _read_manifest, _status_of_dir, read_spec
 from mmoe_core.spec import ModelSpec
 
 
 def _is_listlike(v: Any) -> bool:
     return isinstance(v, (list, tuple, set, frozenset, np.ndarray, pd.Index, pd.Series))
+
+
+def _open_version(link: Path, run: str) -> tuple[str | None, Path, int | None]:
+    """(link target, version dir, hold) of ``runs/<run>``: the version it names, held against deletion
+    (:func:`analysis.store.publish.hold_version`); one collected between the two steps is resolved again."""
+    for _ in range(5):
+        target = os.readlink(link) if link.is_symlink() else None
+        version = Path(os.path.realpath(link))
+        hold = hold_version(version)
+        if hold is not None or version.is_dir():
+            return target, version, hold
+    raise FileNotFoundError(f"run {run!r} points to a missing directory {version}")
 
 
 class RunStore:
@@ -64,10 +79,8 @@ class RunStore:
             raise FileNotFoundError(f"run {run!r} not found under {link.parent}; build it with: "
                                     f"{rebuild_command(run)}")
         self._link = link
-        self._link_target = os.readlink(link) if link.is_symlink() else None
-        self.dir = Path(os.path.realpath(link))
-        if not self.dir.is_dir():
-            raise FileNotFoundError(f"run {run!r} points to a missing directory {self.dir}")
+        self._link_target, self.dir, hold = _open_version(link, run)
+        self._release = weakref.finalize(self, release_version, hold)  # the version stays while this is open
         self.manifest, _ = _read_manifest(self.dir)
         self._lock = threading.RLock()
         self._schemas: dict[str, pa.Schema] = {}
@@ -93,6 +106,7 @@ class RunStore:
     def close(self) -> None:
         with self._lock:
             self._con.close()
+        self._release()
 
     def __enter__(self):
         return self

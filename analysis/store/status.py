@@ -36,6 +36,7 @@ from analysis.store.layout import (
     resolve_root,
     runs_dir,
 )
+from mmoe_core.errors import UserError
 from mmoe_core.spec import ModelSpec
 
 
@@ -80,6 +81,37 @@ def inputs_manifest(checkpoint_dir: str | os.PathLike | None, data_dir: str | os
         base["dataset_hash"] = dataset_hash(data_dir)
     base["params"] = _norm_params(params)
     return base
+
+
+class InputsChanged(UserError, RuntimeError):
+    """The checkpoint or the dataset changed while a precompute was reading it: nothing is published."""
+
+
+def _hash_or_none(fn, path) -> str | None:
+    try:
+        return fn(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def check_inputs_unchanged(base: Mapping[str, Any], checkpoint_dir: str | os.PathLike | None,
+                           data_dir: str | os.PathLike | None) -> None:
+    """Hash the inputs again and compare with the hashes ``base`` (:func:`inputs_manifest`, taken before
+    the run) recorded; :class:`InputsChanged` naming what changed, so that a run built from a mix of old
+    and new files is never published as if it were built from either."""
+    changed = []
+    for label, path, key, fn in (("checkpoint", checkpoint_dir, "checkpoint_hash", checkpoint_hash),
+                                 ("dataset", data_dir, "dataset_hash", dataset_hash)):
+        if path is None or not base.get(key):
+            continue
+        now = _hash_or_none(fn, path)
+        if now != base[key]:
+            changed.append(f"the {label} {path} (hash {_short(base[key])} when the run started, "
+                           f"{_short(now) if now else 'gone'} at its end)")
+    if changed:
+        raise InputsChanged(f"{' and '.join(changed)} changed while the precompute read it; the run was not "
+                            "published and the previous version is kept. Run the precompute again once the files "
+                            "are settled")
 
 
 def _norm_params(params: Mapping[str, Any] | None) -> dict:
