@@ -261,3 +261,11 @@ def test_folder_checks(tmp_path, text_dirs):
         check_folder(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral", "family": "mmoe"}))
     assert not recognises(tmp_path)
+
+
+def test_memory_checked_before_loading(text_dirs, monkeypatch):
+    from mmoe_core.errors import ConfigError
+    monkeypatch.setenv("MOESCOPE_MAX_MODEL_BYTES", "1000")
+    with pytest.raises(ConfigError, match="parameters"):
+        load_adapter(text_dirs["mixtral"], device="cpu")
+

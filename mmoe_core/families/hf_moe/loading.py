@@ -114,6 +114,8 @@ def open_model(path: Path, device: Any = None, dtype: Any = None):
     if dtype is None:
         dtype = torch.float32 if target.type == "cpu" else "auto"
     auto = AutoModelForImageTextToText if is_vision_language(config_dict) else AutoModelForCausalLM
+    if device_map is None:
+        check_memory(auto, config, dtype, target, path)
     kwargs = {**common, "use_safetensors": True, "dtype": dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -141,6 +143,20 @@ def open_model(path: Path, device: Any = None, dtype: Any = None):
     if device_map is not None:
         target = next(model.parameters()).device  # the first layer's device: where inputs go
     return model, tokenizer, processor, target
+
+
+def check_memory(auto, config, dtype, target: torch.device, path: Path) -> None:
+    """Build the model on the meta device (shapes only) and refuse it before any allocation when it
+    needs more memory than ``target`` has (:mod:`mmoe_core.limits`; a device map spreads it instead)."""
+    from mmoe_core.limits import check_footprint, meta_footprint
+    if dtype == "auto":
+        named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype = getattr(torch, str(named).replace("torch.", ""), torch.float32) if named else torch.float32
+    try:
+        _, footprint = meta_footprint(lambda: auto.from_config(config, dtype=dtype))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise HFCheckpointError(f"{path}: {auto.__name__} cannot build {type(config).__name__}: {exc}") from exc
+    check_footprint(footprint, str(Path(path) / "config.json"), "load", target)
 
 
 def load_snapshot(model: torch.nn.Module, path: Path, step: int) -> None:

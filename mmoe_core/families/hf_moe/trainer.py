@@ -49,6 +49,7 @@ class Recipe:
     image_size: int = 64
     patch_size: int = 8
     prompt_lm_weight: float = 0.0              # vl_qa: weight of a language-model loss on the prompt's text
+    curriculum_steps: int = 0                  # vl_qa: contexts grow from the answer's sentence to the whole
 
 
 def _lr_at(step: int, recipe: Recipe) -> float:
@@ -247,6 +248,26 @@ def qa_batch(rows: list[dict], pad: int, prompt_labels: bool = False) -> dict:
     return batch
 
 
+def _sentences(text: str) -> list[str]:
+    return [part.strip() for part in text.replace("\n", " ").split(". ") if part.strip()]
+
+
+def _short_context_row(processor, example: dict, row: dict, share: float, rng: np.random.Generator) -> dict:
+    """Curriculum: the context cut to the sentences that hold the answer plus a ``share`` of the others
+    (in their order), re-encoded by the processor; answers and pictures unchanged."""
+    sentences = _sentences(str(example.get("text") or ""))
+    answer = str(example.get("answer") or "").lower()
+    holds = [answer and answer in f" {s.lower()} " for s in sentences]
+    others = [i for i, h in enumerate(holds) if not h]
+    keep = set(i for i, h in enumerate(holds) if h)
+    n = int(round(share * len(others)))
+    keep |= set(int(i) for i in rng.choice(others, size=n, replace=False)) if n and others else set()
+    text = ". ".join(sentences[i].rstrip(".") for i in sorted(keep)) + "."
+    prompt = enc.encode_vl(processor, [{**example, "text": text}])
+    return {**row, "prompt": prompt["input_ids"][0].tolist(),
+            "mm": prompt["mm_token_type_ids"][0].tolist() if "mm_token_type_ids" in prompt else None}
+
+
 def train_vl_qa(data_dir: Path, ckpt_dir: Path, recipe: Recipe, progress: bool = False) -> Path:
     from transformers import AutoModelForImageTextToText
     started = time.perf_counter()
@@ -263,11 +284,17 @@ def train_vl_qa(data_dir: Path, ckpt_dir: Path, recipe: Recipe, progress: bool =
     pad = enc.pad_id(tokenizer)
 
     def batches():
+        step = 0
         while True:
             order = rng.permutation(len(rows))
             for start in range(0, len(order) - recipe.batch_size + 1, recipe.batch_size):
-                yield qa_batch([rows[int(i)] for i in order[start:start + recipe.batch_size]], pad,
-                               prompt_labels=recipe.prompt_lm_weight > 0)
+                picked = [int(i) for i in order[start:start + recipe.batch_size]]
+                chosen = [rows[i] for i in picked]
+                if step < recipe.curriculum_steps:
+                    share = (step + 1) / recipe.curriculum_steps
+                    chosen = [_short_context_row(processor, examples[i], rows[i], share, rng) for i in picked]
+                step += 1
+                yield qa_batch(chosen, pad, prompt_labels=recipe.prompt_lm_weight > 0)
     top_k = config.text_config.num_experts_per_tok
     log = _train_loop(model, batches(), recipe, ckpt_dir, progress, top_k)
     _finish(model, processor, ckpt_dir, recipe, log,
