@@ -590,6 +590,7 @@ def test_arbitrary_objects_are_refused(tmp_path, state):
 # The imported run in the dashboard's pipeline
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.e2e  # import -> world -> precompute end to end: about a minute of CPU, so not in the unit tier
 def test_precompute_shows_reference_gate_effects(tmp_path, ckpt_file):
     """Import, precompute on a tiny generated entity world, and find the reference gate's signature in the
     per-layer verdicts: expert E-1 never weighted (k = 3 of 4) and positions past E-1 unrouted."""
