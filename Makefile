@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit venv build-demo serve clean-artifacts
+.PHONY: demo test test-unit lint venv build-demo serve clean-artifacts
 
 venv: $(STAMP)
 
@@ -32,6 +32,11 @@ test: venv
 # The unit tier alone: every test that needs no demo build (tests/conftest.py marks the others e2e).
 test-unit: venv
 	$(BIN)/python -m pytest -q -ra -m "not e2e"
+
+# Lint and format check (ruff, configured in pyproject.toml); .ci/run runs it before the tests.
+lint: venv
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
 
 clean-artifacts:
 	rm -rf artifacts/data artifacts/checkpoints artifacts/runs
