@@ -142,6 +142,7 @@ def check_footprint(footprint: Footprint, where: str, purpose: str = "load", dev
     need = footprint.bytes * COPIES[purpose]
     budget, source = available_memory(device)
     if need > budget:
-        raise ConfigError(f"{where} describes a model of {footprint.describe()}; to {purpose} it needs about "
+        verb = "train" if purpose == "train" else "load"
+        raise ConfigError(f"{where} describes a model of {footprint.describe()}; to {verb} it needs about "
                           f"{human_bytes(need)}, more than {source} ({human_bytes(budget)}). The config is damaged "
                           f"or meant for a bigger machine: check its sizes, or raise ${MAX_BYTES_ENV} if it is right")

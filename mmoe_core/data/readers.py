@@ -17,7 +17,11 @@ Product QA: ``qa_{train,dev,test}.jsonl`` (one question per line), optional ``pr
 ``images/`` and ``world.json``.
 
 Every problem with the input raises :class:`DatasetError` naming the file, the record (0-based
-position in the file) and the field.
+position in the file) and the field. The input is untrusted: every file is capped in size
+(:data:`MAX_DATA_FILE_BYTES`), fields are type-checked (ground truth included), and picture paths must stay
+inside the dataset folder (no ``..``, not absolute, no symlink out; :mod:`mmoe_core.data.images`); with
+``check_images`` every picture is also checked to be a PNG, JPEG or WebP within the pixel cap (its header
+only), and pictures are decoded with the same checks (:func:`load_image`).
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from urllib.parse import unquote
 
 from PIL import Image
 
-from mmoe_core.errors import UserError
-
+from .errors import DatasetError
+from .images import check_image_file, open_image_checked, safe_relative_path
 from .records import Entity, EntityDataset, Mention, QADataset, QAItem
 
 if TYPE_CHECKING:  # pandas is only needed by the table helpers
@@ -45,11 +49,9 @@ ENTITY_FIELDS = {"id": str, "entity_name": str, "desc": str, "image_list": list}
 MENTION_FIELDS = {"id": str, "mentions": str, "entities": str, "sentence": str, "imgPath": str, "answer": str}
 QA_FIELDS = {"id": str, "question": str, "answer": str, "context": str, "image": str}
 ANSWER_SOURCES = ("image", "context", "both")
+DECISIVE = ("text", "image", "both")
 NIL = "nil"
-
-
-class DatasetError(UserError, ValueError):
-    """Malformed dataset input; the message names the file, the record and the field."""
+MAX_DATA_FILE_BYTES = 2 * 1024**3   # one JSON / JSONL file of a dataset (the largest published KBs are far below)
 
 
 def _where(file_name: str, index: int | None = None, field: str | None = None) -> str:
@@ -69,7 +71,28 @@ def _fail(file_name: str, index: int | None, field: str | None, message: str) ->
 def _read_text(path: Path) -> str:
     if not path.is_file():
         raise _fail(path.name, None, None, f"file not found in {path.parent}")
-    return path.read_text(encoding="utf-8")
+    size = path.stat().st_size
+    if size > MAX_DATA_FILE_BYTES:
+        raise _fail(path.name, None, None, f"{size / 1e9:.1f} GB is above the {MAX_DATA_FILE_BYTES / 1e9:.1f} GB a "
+                                           "dataset file may have")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise _fail(path.name, None, None, f"not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise _fail(path.name, None, None, f"cannot be read ({exc.strerror or exc})") from None
+
+
+def _picture(root: Path, value: str, subdir: str, check_images: bool, file_name: str, index: int,
+             field: str) -> Path:
+    """The path of a record's picture, inside the folder; with ``check_images`` a picture within the limits."""
+    try:
+        path = safe_relative_path(root, value, subdir)
+        if check_images:
+            check_image_file(path, root)
+    except DatasetError as exc:
+        raise _fail(file_name, index, field, str(exc)) from None
+    return path
 
 
 def _parse_json(text: str, file_name: str) -> Any:
@@ -158,10 +181,7 @@ def _read_entities(root: Path, qid2id: dict[str, int], check_images: bool) -> tu
         for image_name in record["image_list"]:
             if not isinstance(image_name, str):
                 raise _fail(file_name, i, "image_list", f"expected file names, got {image_name!r}")
-            path = root / "kb_image" / image_name
-            if check_images and not path.is_file():
-                raise _fail(file_name, i, "image_list", f"image not found: kb_image/{image_name}")
-            images.append(path)
+            images.append(_picture(root, image_name, "kb_image", check_images, file_name, i, "image_list"))
         entities.append(Entity(id=qid, index=qid2id[qid], name=unquote(record["entity_name"]),
                                desc=record["desc"], images=tuple(images)))
     entities.sort(key=lambda e: e.id)  # the published loader's KB order
@@ -171,24 +191,24 @@ def _read_entities(root: Path, qid2id: dict[str, int], check_images: bool) -> tu
     return entities, warnings
 
 
-def _mention_image_candidates(root: Path, img_path: str) -> list[Path]:
+def _mention_image_candidates(root: Path, img_path: str) -> list[str]:
     """The literal ``mention_image/<imgPath>``, then the published loader's ``mention_image/<stem>.jpg``."""
     stem = img_path.split("/")[-1].split(".")[0]
-    literal, as_jpg = root / "mention_image" / img_path, root / "mention_image" / f"{stem}.jpg"
-    return [literal] if literal == as_jpg else [literal, as_jpg]
+    return [img_path] if img_path == f"{stem}.jpg" else [img_path, f"{stem}.jpg"]
 
 
 def _resolve_mention_image(root: Path, img_path: str, check_images: bool, file_name: str, index: int) -> Path | None:
     if img_path == "":
         return None
     candidates = _mention_image_candidates(root, img_path)
-    for path in candidates:
+    for name in candidates:
+        path = _picture(root, name, "mention_image", False, file_name, index, "imgPath")
         if path.is_file():
-            return path
+            return _picture(root, name, "mention_image", check_images, file_name, index, "imgPath")
     if check_images:
-        tried = " or ".join(str(p.relative_to(root)) for p in candidates)
+        tried = " or ".join(f"mention_image/{name}" for name in candidates)
         raise _fail(file_name, index, "imgPath", f"image not found: tried {tried}")
-    return candidates[0]
+    return _picture(root, candidates[0], "mention_image", False, file_name, index, "imgPath")
 
 
 def _read_mentions(root: Path, file_name: str, qid2id: dict[str, int], by_qid: dict[str, Entity],
@@ -211,7 +231,7 @@ def _read_mentions(root: Path, file_name: str, qid2id: dict[str, int], by_qid: d
         # Fields beyond the published ones (a real set's extras), then the demo ground truth if any.
         extras = {k: v for k, v in record.items() if k not in MENTION_FIELDS and k != "desc"}
         truth_entry = truth_mentions.get(record["id"], {})
-        meta = {**extras, **truth_entry}
+        meta = {**extras, **truth_entry}  # entries were type-checked by _read_ground_truth
         mentions.append(Mention(
             id=record["id"],
             mention=unquote(record["mentions"]),
@@ -234,6 +254,18 @@ def _read_ground_truth(root: Path) -> dict | None:
     truth = _parse_json(_read_text(path), path.name)
     if not isinstance(truth, dict) or not isinstance(truth.get("mentions", {}), dict):
         raise _fail(path.name, None, "mentions", "expected an object with a 'mentions' object")
+    for mention_id, entry in truth.get("mentions", {}).items():
+        if not isinstance(entry, dict):
+            raise _fail(path.name, None, f"mentions.{mention_id}", f"expected an object, got {type(entry).__name__}")
+        if entry.get("decisive") is not None and entry["decisive"] not in DECISIVE:
+            raise _fail(path.name, None, f"mentions.{mention_id}.decisive",
+                        f"{entry['decisive']!r} is not one of {DECISIVE}")
+    entities = truth.get("entities", {})
+    if not isinstance(entities, dict):
+        raise _fail(path.name, None, "entities", "expected an object {QID: {...}}")
+    for qid, entry in entities.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("type", ""), str):
+            raise _fail(path.name, None, f"entities.{qid}", "expected an object with a string 'type'")
     return truth
 
 
@@ -288,9 +320,7 @@ def _qa_item(record: Any, root: Path, file_name: str, index: int, products: dict
     product_id = _optional(record, "product_id", str, file_name, index)
     if products and product_id is not None and product_id not in products:
         raise _fail(file_name, index, "product_id", f"unknown product {product_id!r} (not in products.jsonl)")
-    image = root / record["image"] if record["image"] else None
-    if check_images and image is not None and not image.is_file():
-        raise _fail(file_name, index, "image", f"image not found: {record['image']}")
+    image = _picture(root, record["image"], "", check_images, file_name, index, "image") if record["image"] else None
     known = set(QA_FIELDS) | {"answer_source", "product_id", "question_type", "category", "context_conflict"}
     return QAItem(
         id=record["id"], product_id=product_id, question=record["question"], answer=record["answer"],
@@ -308,6 +338,8 @@ def read_qa_dataset(root: str | Path, check_images: bool = True, splits: Iterabl
     products = _read_products(root)
     world_path = root / "world.json"
     world = _parse_json(_read_text(world_path), world_path.name) if world_path.is_file() else None
+    if world is not None and not isinstance(world, dict):
+        raise _fail(world_path.name, None, None, f"expected a JSON object, got {type(world).__name__}")
     read_splits = {}
     for split in splits:
         file_name = f"qa_{split}.jsonl"
@@ -320,10 +352,11 @@ def read_qa_dataset(root: str | Path, check_images: bool = True, splits: Iterabl
 # -------------------------------------------------------------------------------------------- images
 
 
-def load_image(path: str | Path, size: int | tuple[int, int] | None = None) -> Image.Image:
-    """Open an image as RGB, optionally resized (``size`` px square, or (width, height)) with Lanczos."""
-    with Image.open(path) as opened:
-        image = opened.convert("RGB")
+def load_image(path: str | Path, size: int | tuple[int, int] | None = None, root: str | Path | None = None
+               ) -> Image.Image:
+    """Open an image as RGB (PNG, JPEG or WebP within the pixel cap: :func:`open_image_checked`; ``root``:
+    the folder it must lie in), optionally resized (``size`` px square, or (width, height)) with Lanczos."""
+    image = open_image_checked(path, root)
     if size is not None:
         image = image.resize((size, size) if isinstance(size, int) else tuple(size), Image.Resampling.LANCZOS)
     return image

@@ -17,10 +17,11 @@ given ``question``, ``image_path`` (absolute), ``answer``.
 from __future__ import annotations
 
 import json
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-from mmoe_core.data.readers import DatasetError
+from mmoe_core.data.images import check_image_file, safe_relative_path
+from mmoe_core.data.readers import MAX_DATA_FILE_BYTES, DatasetError
 from mmoe_core.spec import LabelSpec
 
 LABELS_FILE = "labels.json"
@@ -41,20 +42,19 @@ def _fail(path: Path, line: int | None, field: str | None, message: str) -> Data
 
 
 def _safe_image(root: Path, value: Any, path: Path, line: int, check_images: bool) -> str | None:
-    """The absolute path of a record's picture: relative, inside the data folder, no '..'."""
+    """The absolute path of a record's picture: relative, inside the data folder, no '..'; with
+    ``check_images`` a PNG, JPEG or WebP within the pixel cap (mmoe_core.data.images)."""
     if value is None or value == "":
         return None
     if not isinstance(value, str):
         raise _fail(path, line, "image", f"expected a relative path string, got {type(value).__name__}")
-    rel = PurePosixPath(value.replace("\\", "/"))
-    if rel.is_absolute() or value.startswith(("/", "~")) or ":" in rel.parts[0] or ".." in rel.parts:
-        raise _fail(path, line, "image", f"{value!r} must be a relative path inside {root} (no '..', not absolute)")
-    full = (root / Path(*rel.parts)).resolve()
-    if root.resolve() not in full.parents:
-        raise _fail(path, line, "image", f"{value!r} leaves the data folder {root}")
-    if check_images and not full.is_file():
-        raise _fail(path, line, "image", f"image not found: {value}")
-    return str(full)
+    try:
+        full = safe_relative_path(root, value)
+        if check_images:
+            check_image_file(full, root)
+    except DatasetError as exc:
+        raise _fail(path, line, "image", str(exc)) from None
+    return str(full.resolve())
 
 
 def read_jsonl(path: str | Path, check_images: bool = True, index_offset: int = 0) -> list[dict]:
@@ -64,6 +64,9 @@ def read_jsonl(path: str | Path, check_images: bool = True, index_offset: int = 
         raise DatasetError(f"{path}: no such file")
     root = path.parent
     examples: list[dict] = []
+    if path.stat().st_size > MAX_DATA_FILE_BYTES:
+        raise _fail(path, None, None, f"{path.stat().st_size / 1e9:.1f} GB is above the "
+                                      f"{MAX_DATA_FILE_BYTES / 1e9:.1f} GB a dataset file may have")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
@@ -118,15 +121,20 @@ def read_label_specs(folder: Path) -> list[LabelSpec]:
     if not path.is_file():
         return []
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path.name}: invalid JSON ({exc.msg})") from exc
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path.name}: invalid JSON ({exc})") from exc
     if not isinstance(raw, dict):
         raise DatasetError(f"{path.name}: expected an object of label name -> description")
     specs = []
     for name, value in raw.items():
         value = value if isinstance(value, dict) else {"description": str(value)}
-        decides = {str(k): tuple(v) for k, v in (value.get("decides") or {}).items()}
+        decides = value.get("decides") or {}
+        if not isinstance(decides, dict) or not all(isinstance(v, list) and all(isinstance(x, str) for x in v)
+                                                    for v in decides.values()):
+            raise DatasetError(f"{path.name}: label {name!r}: 'decides' must map label values to lists of input "
+                               "names, e.g. {\"image\": [\"image\"]}")
+        decides = {str(k): tuple(v) for k, v in decides.items()}
         specs.append(LabelSpec(str(name), str(value.get("description", "")), bool(value.get("ground_truth")),
                                decides))
     return specs

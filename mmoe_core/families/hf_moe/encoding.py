@@ -44,8 +44,8 @@ def example_image(example: dict) -> Image.Image | None:
     path = example.get("image_path")
     if not path:
         return None
-    with Image.open(path) as opened:
-        return opened.convert("RGB")
+    from mmoe_core.data.images import open_image_checked
+    return open_image_checked(path)  # PNG, JPEG or WebP within the pixel cap
 
 
 def encode_texts(tokenizer, texts: Sequence[str], max_length: int | None = None) -> dict[str, Tensor]:

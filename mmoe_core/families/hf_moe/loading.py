@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from mmoe_core.checkpoint import check_finite
 from mmoe_core.errors import UserError
+from mmoe_core.limits import Footprint, Limit, check_footprint, check_limits
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -72,11 +74,75 @@ def check_folder(path: Path) -> dict:
                 if pickles else "")
         raise HFCheckpointError(f"{path}: no {WEIGHTS} or {WEIGHTS_INDEX}{hint}")
     if (path / WEIGHTS_INDEX).is_file():
-        index = json.loads((path / WEIGHTS_INDEX).read_text())
-        missing = sorted({f for f in (index.get("weight_map") or {}).values() if not (path / f).is_file()})
+        try:
+            index = json.loads((path / WEIGHTS_INDEX).read_text())
+            shards = {str(f) for f in (index.get("weight_map") or {}).values()}
+        except (OSError, ValueError, AttributeError) as exc:
+            raise HFCheckpointError(f"{path / WEIGHTS_INDEX}: not a readable shard index ({exc})") from exc
+        outside = sorted(f for f in shards if Path(f).name != f)
+        if outside:
+            raise HFCheckpointError(f"{path / WEIGHTS_INDEX}: shard names must be plain file names, got {outside[:3]}")
+        missing = sorted(f for f in shards if not (path / f).is_file())
         if missing:
             raise HFCheckpointError(f"{path}: shards named by {WEIGHTS_INDEX} are missing: {', '.join(missing[:5])}")
     return config
+
+
+# Sizes a transformers config may hold (config.json is untrusted: mmoe_core.limits); null is allowed
+# because transformers configs use it for "not used" (q_lora_rank, sliding_window ...).
+HF_LIMITS: dict[str, Limit] = {name: Limit(lo, hi, optional=True) for name, (lo, hi) in {
+    "hidden_size": (1, 65536), "intermediate_size": (1, 1 << 20), "moe_intermediate_size": (1, 1 << 20),
+    "shared_expert_intermediate_size": (0, 1 << 20), "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 4096),
+    "num_key_value_heads": (1, 4096), "head_dim": (1, 65536), "vocab_size": (1, 1 << 22),
+    "max_position_embeddings": (1, 1 << 24), "num_local_experts": (1, 65536), "num_experts": (1, 65536),
+    "n_routed_experts": (1, 65536), "n_shared_experts": (0, 65536), "num_experts_per_tok": (1, 65536),
+    "kv_lora_rank": (1, 65536), "q_lora_rank": (1, 65536), "depth": (1, 1024), "num_heads": (1, 4096),
+    "patch_size": (1, 4096), "image_size": (1, 65536), "out_hidden_size": (1, 65536),
+    "num_position_embeddings": (1, 1 << 24),
+}.items()}
+
+
+def check_hf_config(config: dict, where: str, depth: int = 0) -> None:
+    """ConfigError for a size of config.json (or of a nested ``*_config``) of the wrong type or out of range."""
+    check_limits(config, HF_LIMITS, where)
+    for key, value in config.items():
+        if key.endswith("_config") and isinstance(value, dict) and depth < 3:
+            check_hf_config(value, f"{where}: {key}", depth + 1)
+
+
+def rough_parameters(config: dict) -> int:
+    """A quick upper-ish count from the config's sizes (embeddings, attention, every expert's FFN), used to
+    refuse a grossly oversized config before even a meta-device build has to create its modules."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    h, layers = int(text.get("hidden_size") or 0), int(text.get("num_hidden_layers") or 0)
+    inter = int(text.get("moe_intermediate_size") or text.get("intermediate_size") or 0)
+    experts = int(text.get("num_local_experts") or text.get("num_experts") or text.get("n_routed_experts") or 1)
+    return int(text.get("vocab_size") or 0) * h + layers * (4 * h * h + 3 * h * inter * experts)
+
+
+def _dtype_width(dtype: Any, config: dict) -> int:
+    if dtype == "auto":
+        dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return torch.empty(0, dtype=getattr(torch, str(dtype).replace("torch.", ""), torch.float32)).element_size()
+
+
+def check_rough_size(config_dict: dict, where: str, dtype: Any, device: Any) -> None:
+    """ConfigError (with the numbers) for a config whose rough parameter count cannot fit the memory budget,
+    before even the meta-device build of :func:`check_memory` has to create its modules."""
+    rough = rough_parameters(config_dict)
+    footprint = Footprint(rough, rough * _dtype_width(dtype, config_dict))
+    check_footprint(footprint, f"{where} (a rough count from its sizes)", "load", device)
+
+
+def check_weight_files(path: Path) -> None:
+    """Every safetensors file of the folder has a header that fits the file (no pickle, no truncation)."""
+    from mmoe_core.checkpoint import read_safetensors_header
+    if (path / WEIGHTS).is_file():
+        read_safetensors_header(path / WEIGHTS)
+        return
+    index = json.loads((path / WEIGHTS_INDEX).read_text())
+    for name in sorted(set((index.get("weight_map") or {}).values())):
+        read_safetensors_header(path / name)
 
 
 def _no_network() -> None:
@@ -103,6 +169,8 @@ def open_model(path: Path, device: Any = None, dtype: Any = None):
     _no_network()
     path = Path(path)
     config_dict = check_folder(path)
+    check_hf_config(config_dict, str(path / "config.json"))
+    check_weight_files(path)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
     common = {"local_files_only": True, "trust_remote_code": False}
     try:
@@ -114,15 +182,23 @@ def open_model(path: Path, device: Any = None, dtype: Any = None):
     if dtype is None:
         dtype = torch.float32 if target.type == "cpu" else "auto"
     auto = AutoModelForImageTextToText if is_vision_language(config_dict) else AutoModelForCausalLM
+    check_rough_size(config_dict, str(path / "config.json"), dtype, target if device_map is None else None)
     if device_map is None:
         check_memory(auto, config, dtype, target, path)
-    kwargs = {**common, "use_safetensors": True, "dtype": dtype}
+    kwargs = {**common, "use_safetensors": True, "dtype": dtype, "output_loading_info": True}
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model = auto.from_pretrained(path, config=config, **kwargs)
+        model, info = auto.from_pretrained(path, config=config, **kwargs)
     except ValueError as exc:
         raise HFCheckpointError(f"{path}: {auto.__name__} cannot build {type(config).__name__}: {exc}") from exc
+    except RuntimeError as exc:
+        if "mismatch" not in str(exc):
+            raise
+        raise HFCheckpointError(f"{path}: the weights do not fit config.json (tensor shapes differ): restore the "
+                                "config.json saved with these weights") from exc
+    check_loading_info(info, path)
+    check_finite(model.state_dict(), f"{path} (weights)")
     if device_map is None:
         model = model.to(target)
     model.eval()
@@ -157,6 +233,17 @@ def check_memory(auto, config, dtype, target: torch.device, path: Path) -> None:
     except (ValueError, KeyError, TypeError) as exc:
         raise HFCheckpointError(f"{path}: {auto.__name__} cannot build {type(config).__name__}: {exc}") from exc
     check_footprint(footprint, str(Path(path) / "config.json"), "load", target)
+
+
+def check_loading_info(info: dict, path: Path) -> None:
+    """Refuse weights that leave parameters unset (transformers would initialise them at random)."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or []))
+    if missing or mismatched:
+        names = ", ".join((missing + mismatched)[:4])
+        raise HFCheckpointError(f"{path}: the weights do not fit config.json: {len(missing)} tensor(s) missing, "
+                                f"{len(mismatched)} of another shape ({names}); restore the config.json saved with "
+                                "these weights, or the missing shards")
 
 
 def load_snapshot(model: torch.nn.Module, path: Path, step: int) -> None:
