@@ -25,6 +25,7 @@ example index, and computes and writes everything else.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -49,8 +50,13 @@ from analysis.precompute_steps import (
 from analysis.run_tables import KEY, examples_frame, predictions_frame
 from analysis.sharding import distributed, gather_to_main
 from analysis.store import RunWriter, inputs_manifest, needs_rebuild, rebuild_reasons
+from analysis.store.layout import _RUN_RE as RUN_NAME
+from analysis.store.publish import precompute_lock
+from analysis.store.status import check_inputs_unchanged
 from mmoe_core.adapter import load_adapter
-from mmoe_core.checkpoint import load_config, load_train_log
+from mmoe_core.checkpoint import CheckpointError, load_config, load_train_log
+from mmoe_core.data.readers import DatasetError
+from mmoe_core.errors import cli_entry
 from mmoe_core.paths import artifacts_root
 
 DEFAULT_PARAMS = dict(split="test", batch_size=32, attribution_sample=48, projection="umap",
@@ -69,27 +75,42 @@ def demo_command() -> str:
 def resolve_inputs(run: str, checkpoint: str | None, data: str | None, root: Path) -> tuple[Path, Path]:
     ckpt = Path(checkpoint) if checkpoint else root / "checkpoints" / run
     if not (ckpt / "config.json").is_file():
-        raise SystemExit(f"error: no checkpoint at {ckpt} (expected config.json + model.safetensors). Train one "
-                         f"with `python -m mmoe_core.train ...` or build the demo runs with `{demo_command()}`.")
+        raise CheckpointError(f"no checkpoint at {ckpt} (expected config.json + model.safetensors). Train one "
+                              f"with `python -m mmoe_core.train ...` or build the demo runs with `{demo_command()}`.")
     config = load_config(ckpt)
-    recorded = config.get("data_dir") or config.get("training", {}).get("data_dir")
+    training = config.get("training") if isinstance(config.get("training"), dict) else {}
+    recorded = config.get("data_dir") or training.get("data_dir")
     if data is None and not recorded:
-        raise SystemExit(f"error: {ckpt}/config.json names no dataset; pass --data DIR")
-    data_dir = Path(data or recorded)
+        raise DatasetError(f"{ckpt}/config.json names no dataset; pass --data DIR")
+    data_dir = Path(data or str(recorded))
     if not data_dir.is_absolute() and not data_dir.exists():  # recorded relative to the repo root
         data_dir = root.parent / data_dir
     if not data_dir.is_dir():
-        raise SystemExit(f"error: dataset folder {data_dir} does not exist; pass --data DIR")
+        raise DatasetError(f"dataset folder {data_dir} does not exist; pass --data DIR")
     return ckpt, data_dir
 
 
+def hashed_inputs(ckpt: Path, data_dir: Path, params: dict) -> dict:
+    """The manifest's inputs (checkpoint and dataset hashes), taken before anything is read: the run
+    records what it read, and :func:`analysis.store.status.check_inputs_unchanged` compares at the end."""
+    try:
+        return inputs_manifest(ckpt, data_dir, params)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{ckpt} is incomplete ({exc}); retrain it or give another --checkpoint") from exc
+
+
 def precompute(run: str, checkpoint: str | None = None, data: str | None = None, root: Path | None = None,
-               force: bool = False, device: str | None = None, progress: bool = True, **overrides) -> Path | None:
-    """Build (or skip, when unchanged) artifacts/runs/<run>/. Returns the published run dir on rank 0."""
+               force: bool = False, device: str | None = None, progress: bool = True, wait: bool = False,
+               **overrides) -> Path | None:
+    """Build (or skip, when unchanged) artifacts/runs/<run>/. Returns the published run dir on rank 0.
+
+    The inputs' hashes are taken first and compared again just before publishing (a change meanwhile
+    refuses the run); a second precompute of the same run refuses, or with ``wait`` waits its turn."""
     root = Path(root) if root else artifacts_root()
     params = {**DEFAULT_PARAMS, **{k: v for k, v in overrides.items() if v is not None}}
     ckpt, data_dir = resolve_inputs(run, checkpoint, data, root)
-    with distributed() as d:
+    inputs = hashed_inputs(ckpt, data_dir, params)
+    with distributed() as d, contextlib.ExitStack() as held:
         if not force and not needs_rebuild(run, ckpt, data_dir, params, root=root):
             if d.is_main:
                 print(f"{run}: up to date (same checkpoint, dataset and parameters); nothing to do", file=sys.stderr)
@@ -102,6 +123,13 @@ def precompute(run: str, checkpoint: str | None = None, data: str | None = None,
         adapter = load_adapter(ckpt, device=device)
         spec = adapter.spec()
         examples = adapter.load_examples(data_dir, params["split"])
+        if not examples:
+            raise DatasetError(f"{data_dir}: split {params['split']!r} has no examples; pass another --split")
+        if d.is_main:  # one precompute of a run at a time (taken once the inputs proved readable)
+            held.enter_context(precompute_lock(run, root, wait, on_wait=lambda m: print(m, file=sys.stderr)))
+            if wait and not force and d.world == 1 and not needs_rebuild(run, ckpt, data_dir, params, root=root):
+                print(f"{run}: the other precompute built it; nothing to do", file=sys.stderr)
+                return None
         if params["max_examples"]:
             examples = stratified_sample(examples, int(params["max_examples"]), slice_label(spec), params["seed"])
         part = run_examples(adapter, spec, examples, int(params["batch_size"]), d, progress)
@@ -109,7 +137,7 @@ def precompute(run: str, checkpoint: str | None = None, data: str | None = None,
         parts = gather_to_main(part, d)
         if not d.is_main:
             return None
-        return write_run(run, root, adapter, ckpt, data_dir, examples, merge_parts(parts), params)
+        return write_run(run, root, adapter, ckpt, data_dir, examples, merge_parts(parts), params, inputs)
 
 
 def projection_table(merged: dict, examples_df: pd.DataFrame, label: str | None, params: dict):
@@ -129,8 +157,9 @@ def projection_table(merged: dict, examples_df: pd.DataFrame, label: str | None,
     return frame, projection
 
 
-def write_run(run, root, adapter, ckpt, data_dir, examples, merged, params) -> Path:
-    """Rank 0: everything computed from the merged parts, written and published as one run version."""
+def write_run(run, root, adapter, ckpt, data_dir, examples, merged, params, inputs=None) -> Path:
+    """Rank 0: everything computed from the merged parts, written and published as one run version.
+    ``inputs``: the input hashes taken before the run (:func:`hashed_inputs`; taken now when None)."""
     spec = adapter.spec()
     labels = spec.slice_labels()
     seed = int(params["seed"])
@@ -142,10 +171,12 @@ def write_run(run, root, adapter, ckpt, data_dir, examples, merged, params) -> P
         batch_dep = batch_dependence_by_layer(adapter, sample, int(params["batch_size"]))
     projection_df, projection = projection_table(merged, examples_df, slice_label(spec), params)
     summary = adapter.summarize(merged["predictions"], examples)
-    manifest = inputs_manifest(ckpt, data_dir, params, spec=spec, family=spec.family, split=params["split"],
-                               trigger_step=trigger_step(ckpt), num_examples=len(examples),
-                               attribution_label=attribution_label(spec))
-    with RunWriter(run, root=root, manifest_base=manifest) as w:
+    inputs = inputs if inputs is not None else hashed_inputs(ckpt, data_dir, params)
+    manifest = {**inputs, **inputs_manifest(None, None, params, spec=spec, family=spec.family, split=params["split"],
+                                            trigger_step=trigger_step(ckpt), num_examples=len(examples),
+                                            attribution_label=attribution_label(spec))}
+    with RunWriter(run, root=root, manifest_base=manifest,
+                   before_publish=lambda: check_inputs_unchanged(inputs, ckpt, data_dir)) as w:
         w.write_table("examples", examples_df)
         w.write_table("predictions", predictions_frame(merged["predictions"]))
         w.write_table("routing", routing)
@@ -174,6 +205,33 @@ def write_run(run, root, adapter, ckpt, data_dir, examples, merged, params) -> P
     return root / "runs" / run
 
 
+def _count(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _check_cli(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Refuse a bad run name or device at once, not after the whole run has been computed."""
+    if not RUN_NAME.match(a.run):
+        p.error(f"--run {a.run!r}: use letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if a.device is not None:
+        try:
+            device = torch.device(a.device)
+        except (RuntimeError, ValueError):
+            p.error(f"--device {a.device!r} is not a device name; use cpu, cuda or cuda:N")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device {a.device}: this machine has no CUDA device; use --device cpu")
+
+
+@cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.precompute", description=__doc__.split("\n\n")[0])
     # --run-name is the spelling to use under torchrun, whose own parser takes --run for --run-path.
@@ -182,16 +240,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="checkpoint dir (default artifacts/checkpoints/<run>)")
     p.add_argument("--data", help="dataset dir (default: the one the checkpoint was trained on)")
     p.add_argument("--split", default="test")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--attribution-sample", type=int, help="examples in the attribution sample (stratified)")
+    p.add_argument("--batch-size", type=_count(1))
+    p.add_argument("--attribution-sample", type=_count(0), help="examples in the attribution sample (stratified)")
     p.add_argument("--projection", choices=["umap", "pca"])
-    p.add_argument("--dynamics-sample", type=int)
-    p.add_argument("--max-examples", type=int, help="cap the split (stratified sample) for quick runs")
+    p.add_argument("--dynamics-sample", type=_count(0))
+    p.add_argument("--max-examples", type=_count(1), help="cap the split (stratified sample) for quick runs")
     p.add_argument("--device", help="cpu / cuda (default: CUDA when present)")
     p.add_argument("--force", action="store_true", help="rebuild even when inputs are unchanged")
     p.add_argument("--root", help="artifacts root (default artifacts/ or $MOESCOPE_ARTIFACTS)")
+    p.add_argument("--wait", action="store_true",
+                   help="when another precompute of the run is running, wait for it (default: refuse)")
     a = p.parse_args(argv)
-    precompute(a.run, a.checkpoint, a.data, Path(a.root) if a.root else None, a.force, a.device,
+    _check_cli(p, a)
+    precompute(a.run, a.checkpoint, a.data, Path(a.root) if a.root else None, a.force, a.device, wait=a.wait,
                split=a.split, batch_size=a.batch_size, attribution_sample=a.attribution_sample,
                projection=a.projection, dynamics_sample=a.dynamics_sample, max_examples=a.max_examples)
     return 0
