@@ -27,7 +27,7 @@ import fcntl
 import json
 import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +135,8 @@ class RunWriter:
 
     def __init__(self, run: str, root: str | os.PathLike | None = None,
                  manifest_base: Mapping[str, Any] | None = None, *, aggregate_routing: bool = True,
-                 row_group_size: int = ROW_GROUP_SIZE, compression: str = "zstd"):
+                 row_group_size: int = ROW_GROUP_SIZE, compression: str = "zstd",
+                 before_publish: Callable[[], None] | None = None):
         self.run = _check_run(run)
         self.root = resolve_root(root)
         base = dict(manifest_base or {})
@@ -146,6 +147,7 @@ class RunWriter:
         self.aggregate_routing = aggregate_routing
         self.row_group_size = int(row_group_size)
         self.compression = compression
+        self.before_publish = before_publish  # last check before anything is published (raise to refuse)
         self._extra: dict[str, Any] = {}
         self._files: set[str] = set()
         self._streams: dict[str, dict] = {}
@@ -349,6 +351,8 @@ class RunWriter:
         d = self.staging_dir
         for name in list(self._streams):
             self.close_table(name)
+        if self.before_publish is not None:
+            self.before_publish()
         if (self.aggregate_routing and "routing.parquet" in self._files
                 and "routing_loads.parquet" not in self._files):
             write_routing_aggregates(self)
