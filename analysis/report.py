@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures as F
+from mmoe_core.errors import UserError, cli_entry
 from mmoe_core.spec import ModelSpec
 
 __all__ = ["build_report", "model_card", "trigger_step", "training_phases", "layers_frame", "training_options",
@@ -355,19 +356,45 @@ def _json(store, name: str):
         return None
 
 
+def readable_run(run: str, root: str | os.PathLike | None) -> None:
+    """UserError unless ``run`` is a published run whose files are all there (a stale one is reported,
+    with its warning on top)."""
+    from analysis.store import run_status
+    from analysis.store.layout import _RUN_RE
+    if not _RUN_RE.match(run):
+        raise UserError(f"--run {run!r} is not a run name (letters, digits, '.', '_' or '-')")
+    status = run_status(run, root)
+    if status.state in ("missing", "partial"):
+        raise UserError(status.message)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file beside it: a failed or killed write leaves no half report."""
+    if not path.parent.is_dir():
+        raise UserError(f"--out {path}: the folder {path.parent} does not exist; create it or pick another path")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"--out {path}: cannot be written ({exc.strerror or exc})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="run name (artifacts/runs/<run>/)")
     p.add_argument("--out", help="output file (default <run>-report.html)")
     p.add_argument("--root", help="artifacts root (default artifacts/ or $MOESCOPE_ARTIFACTS)")
     a = p.parse_args(argv)
-    try:
-        text = build_report(a.run, a.root)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    readable_run(a.run, a.root)
     out = Path(a.out or f"{a.run}-report.html")
-    out.write_text(text, encoding="utf-8")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name such as {out / (a.run + '-report.html')}")
+    text = build_report(a.run, a.root)
+    write_atomically(out, text)
     print(f"{out} ({len(text) / 1e6:.1f} MB)")
     return 0
 
