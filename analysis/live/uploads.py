@@ -11,27 +11,17 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mmoe_core.data.images import MAX_IMAGE_PIXELS, sniff_image_type  # shared with the dataset readers
+
 __all__ = ["UploadError", "check_upload", "sniff_image_type", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS",
            "drawing_options", "draw_image", "example_picture", "picture_keys"]
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024          # 5 MB
-MAX_UPLOAD_PIXELS = 25_000_000              # 25 megapixels
+MAX_UPLOAD_PIXELS = MAX_IMAGE_PIXELS        # 25 megapixels: the one pixel cap, dataset pictures too
 
 
 class UploadError(ValueError):
     """An uploaded file is not an acceptable image; the message says why, in words for the user."""
-
-
-def sniff_image_type(data: bytes) -> str | None:
-    """"PNG" / "JPEG" / "WEBP" from the file's first bytes (never from its name), else None."""
-    head = bytes(data[:16])
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    return None
 
 
 def _human_bytes(n: int) -> str:
