@@ -41,8 +41,12 @@ def trainer_recipe(recipe, scale: str) -> Recipe:
 
 
 def _train(recipe, data_dir: Path, ckpt_dir: Path, scale: str, progress: bool = False) -> None:
+    """Train into a staging folder beside ``ckpt_dir``, swapped in once complete (the previous model stays
+    loadable if the training fails or is killed: mmoe_core.checkpoint.replacing_dir)."""
+    from mmoe_core.checkpoint import replacing_dir
     r = trainer_recipe(recipe, scale)
-    (train_vl_qa if r.task == "vl_qa" else train_lm)(Path(data_dir), Path(ckpt_dir), r, progress)
+    with replacing_dir(Path(ckpt_dir)) as staged:
+        (train_vl_qa if r.task == "vl_qa" else train_lm)(Path(data_dir), staged, r, progress)
 
 
 class _Train:
