@@ -393,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(a.out or f"{a.run}-report.html")
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as {out / (a.run + '-report.html')}")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: the folder {out.parent} does not exist; create it or pick another path")
     text = build_report(a.run, a.root)
     write_atomically(out, text)
     print(f"{out} ({len(text) / 1e6:.1f} MB)")
