@@ -16,6 +16,7 @@ LAYERS = ("blocks.0", "blocks.1", "blocks.2")
 E, K, POSITIONS, EXAMPLES = 32, 4, 160, 104  # 3 * 160 * 104 = 49,920 routed positions
 SPEC = ModelSpec("toy", "toy: many experts", routed_layers=tuple(RoutedLayerSpec(n, E, K) for n in LAYERS))
 ROW_GROUP = 2048
+GROUPS = {"row_group_size": ROW_GROUP, "dense_row_group_size": ROW_GROUP // 2}
 
 
 def many_expert_routing(n_examples=EXAMPLES, seed=0, dead=(5,)) -> pd.DataFrame:
@@ -55,7 +56,7 @@ def runs(tmp_path_factory):
     routing = many_expert_routing()
     for run, layout in (("wide", "wide"), ("split", "auto")):
         with RunWriter(run, root=root, manifest_base={"spec": SPEC.to_dict()}, row_group_size=ROW_GROUP) as w:
-            write_routing(w, routing, layout=layout)
+            write_routing(w, routing, layout=layout, **GROUPS)
     return root, routing
 
 
@@ -125,12 +126,13 @@ def test_one_example_reads_few_row_groups(runs):
     for table in ("routing", "routing_dense"):
         md = pq.ParquetFile(split.dir / f"{table}.parquet").metadata
         assert md.num_row_groups >= EXAMPLES * per_example // ROW_GROUP
+        assert md.row_group(0).num_rows == (ROW_GROUP if table == "routing" else ROW_GROUP // 2)
         col = md.schema.names.index("example_index")
         spans = [(md.row_group(i).column(col).statistics.min, md.row_group(i).column(col).statistics.max)
                  for i in range(md.num_row_groups)]
         assert all(lo <= hi for lo, hi in spans) and spans == sorted(spans)     # sorted: stats disjoint
         hit = [i for i, (lo, hi) in enumerate(spans) if lo <= 51 <= hi]
-        assert 1 <= len(hit) <= -(-per_example // ROW_GROUP) + 1
+        assert 1 <= len(hit) <= -(-per_example // md.row_group(0).num_rows) + 1
         stats = split.scan_stats(f"SELECT * FROM {table} WHERE example_index = ?", [51])
         assert stats["row_groups_total"] == md.num_row_groups
         assert stats["row_groups_scanned"] <= len(hit)
@@ -142,7 +144,7 @@ def test_streamed_sink_matches_one_write(tmp_path, runs):
     root, routing = runs
     ordered = routing.sort_values(["example_index", "layer", "position"]).reset_index(drop=True)
     with RunWriter("streamed", root=tmp_path, manifest_base={"spec": SPEC.to_dict()}, row_group_size=ROW_GROUP) as w:
-        with RoutingSink(w) as sink:
+        with RoutingSink(w, **GROUPS) as sink:
             for lo in range(0, EXAMPLES, 7):
                 sink.append(ordered[ordered.example_index.between(lo, lo + 6)])
     s, ref = RunStore("streamed", tmp_path), RunStore("split", root)

@@ -1,7 +1,8 @@
 """Precomputed routing aggregates (OLMoE's lesson: count once, store the counts, plot from the store).
 
-``routing.parquet`` is written sorted by (example_index, layer, call, position) in row groups of 64k
-rows, so a per-example filter touches one or two row groups. When a run has a routing table, the
+``routing.parquet`` is written sorted by (example_index, layer, call, position) in row groups (64k rows in
+the wide layout, 16k in the split one), so a per-example filter touches one to three of them (DuckDB
+prunes the others on their min/max statistics). When a run has a routing table, the
 :class:`~analysis.store.publish.RunWriter` also writes two small aggregates computed by DuckDB from the
 staged file:
 

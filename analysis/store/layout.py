@@ -11,7 +11,10 @@
 Every table of a run keys its rows by ``example_index`` (the example's row in its split) where it has
 per-example rows: examples, predictions, routing, attributions, declared outputs, projection.
 ``routing`` (and ``<x>_routing``, e.g. ``kb_routing``) is cast to :data:`ROUTING_TYPES` and sorted by
-:data:`ROUTING_SORT` on write.
+:data:`ROUTING_SORT` on write, in one of two layouts (:data:`LAYOUTS`; :func:`split_routing`): "wide"
+(everything in ``routing.parquet``) up to :data:`DENSE_INLINE_MAX_EXPERTS` experts, "split" above (the
+per-position columns in ``routing.parquet``, the E-wide probs and logits in float16 in
+``routing_dense.parquet``), written by :mod:`analysis.store.sink`.
 """
 from __future__ import annotations
 
@@ -67,6 +70,11 @@ DENSE_COLUMNS = ("combine", "probs", "logits")
 DENSE_TYPES: dict[str, pa.DataType] = {"probs": pa.list_(pa.float16()), "logits": pa.list_(pa.float16())}
 DENSE_SUFFIX = "_dense"
 LAYOUTS = ("wide", "split")
+# Row groups of the split layout: one example of a large model (48 layers x 512 positions = 24,576 rows)
+# spans 2-3 groups of the main table and one (example, layer) sits in one group of either file, while the
+# footer of a 10^8-row file stays ~10 MB (parsed once per reader). The wide layout keeps ROW_GROUP_SIZE.
+SPLIT_ROW_GROUP_SIZE = 16_384
+DENSE_ROW_GROUP_SIZE = 8_192
 
 
 def rebuild_command(run: str) -> str:
@@ -207,13 +215,47 @@ def layout_manifest_key(name: str) -> str:
     return name + "_layout"
 
 
-def _list_values(arr: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row of each element, flat values, length of each row) of a list column."""
-    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
-    parents = pc.list_parent_indices(arr).to_numpy()
-    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False)
-    lengths = pc.list_value_length(arr).fill_null(0).to_numpy()
-    return parents, flat, lengths
+def _chunks(col: pa.ChunkedArray | pa.Array) -> list[pa.Array]:
+    return list(col.chunks) if isinstance(col, pa.ChunkedArray) else [col]
+
+
+def _list_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(per-row lengths, flat values of the rows in order) of one list array chunk, without copying
+    when the rows are contiguous (a sliced array's values start at its first offset)."""
+    offsets = arr.offsets.to_numpy()
+    values = arr.values
+    flat = values.slice(int(offsets[0]), int(offsets[-1] - offsets[0])).to_numpy(zero_copy_only=False)
+    return np.diff(offsets), flat
+
+
+def list_matrix(col: pa.ChunkedArray | pa.Array) -> np.ndarray | None:
+    """A list column whose rows all have the same length w as an [n, w] numpy array (None if ragged)."""
+    mats = []
+    for arr in _chunks(col):
+        if arr.null_count:
+            return None
+        lengths, flat = _list_parts(arr)
+        if len(lengths) == 0:
+            continue
+        if (lengths != lengths[0]).any():
+            return None
+        mats.append(flat.reshape(len(lengths), int(lengths[0])))
+    if not mats:
+        return np.zeros((0, 0))
+    if len({m.shape[1] for m in mats}) > 1:
+        return None
+    return mats[0] if len(mats) == 1 else np.concatenate(mats)
+
+
+def _list_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.concatenate([np.diff(a.offsets.to_numpy()) for a in _chunks(col)] or [np.zeros(0, np.int32)])
+
+
+def _codes(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list]:
+    """(integer code per row, the distinct values) of a (possibly dictionary-encoded) column."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    enc = arr if pa.types.is_dictionary(arr.type) else pc.dictionary_encode(arr)
+    return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), enc.dictionary.to_pylist()
 
 
 def experts_per_layer(table: pa.Table) -> dict[str, int]:
@@ -221,13 +263,8 @@ def experts_per_layer(table: pa.Table) -> dict[str, int]:
     col = next((c for c in ("probs", "combine", "logits") if c in table.column_names), None)
     if col is None or "layer" not in table.column_names or table.num_rows == 0:
         return {}
-    _, _, lengths = _list_values(table[col])
-    layers = table["layer"].combine_chunks()
-    if pa.types.is_dictionary(layers.type):
-        codes, names = layers.indices.to_numpy(zero_copy_only=False), layers.dictionary.to_pylist()
-    else:
-        enc = layers.dictionary_encode()
-        codes, names = enc.indices.to_numpy(zero_copy_only=False), enc.dictionary.to_pylist()
+    lengths = _list_lengths(table[col])
+    codes, names = _codes(table["layer"])
     widest = np.zeros(len(names), dtype=np.int64)
     np.maximum.at(widest, codes, lengths)
     present = np.bincount(codes, minlength=len(names)) > 0
@@ -240,25 +277,44 @@ def choose_layout(experts: Mapping[str, int] | int) -> str:
     return "split" if widest > DENSE_INLINE_MAX_EXPERTS else "wide"
 
 
+_NOT_TOPK = ("this routing table gives combine weight outside the chosen top-k experts (or its topk_weights "
+             "differ from combine): it cannot drop the combine column; write it in the 'wide' layout")
+
+
 def check_combine_is_topk(table: pa.Table, atol: float = 1e-5) -> None:
     """``ValueError`` unless every row's combine weights are exactly its top-k ids' topk_weights (no weight
     on other experts), the condition for storing a routing table without its combine column."""
     if "combine" not in table.column_names or table.num_rows == 0:
         return
-    c_par, c_flat, c_len = _list_values(table["combine"])
-    k_par, k_ids, _ = _list_values(table["topk_ids"])
-    _, k_w, _ = _list_values(table["topk_weights"])
-    offsets = np.concatenate([[0], np.cumsum(c_len)])
-    ids = k_ids.astype(np.int64)
-    bad_id = (ids < 0) | (ids >= c_len[k_par])
-    at_topk = c_flat[offsets[k_par] + np.where(bad_id, 0, ids)]
-    total = np.bincount(c_par, weights=c_flat.astype(np.float64), minlength=table.num_rows)
-    topk_total = np.bincount(k_par, weights=k_w.astype(np.float64), minlength=table.num_rows)
-    problems = int(bad_id.sum() + (np.abs(at_topk - k_w) > atol).sum() + (np.abs(total - topk_total) > atol * 8).sum())
-    if problems:
-        raise ValueError("this routing table gives combine weight outside the chosen top-k experts (or its "
-                         "topk_weights differ from combine): it cannot drop the combine column; write it in the "
-                         "'wide' layout")
+    comb, ids, wts = (list_matrix(table[c]) for c in ("combine", "topk_ids", "topk_weights"))
+    if comb is not None and ids is not None and wts is not None:  # the usual case: fixed E and k
+        ids = ids.astype(np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= comb.shape[1]):
+            raise ValueError(_NOT_TOPK)
+        at_topk = np.take_along_axis(comb, ids, axis=1)
+        total = comb.sum(axis=1, dtype=np.float64)
+        if (np.abs(at_topk - wts) > atol).any() or (np.abs(total - wts.sum(axis=1, dtype=np.float64))
+                                                    > atol * max(1, ids.shape[1])).any():
+            raise ValueError(_NOT_TOPK)
+        return
+    for row in table.select(["combine", "topk_ids", "topk_weights"]).to_pylist():  # ragged lists: row by row
+        c, k, w = (np.asarray(row[x], dtype=np.float64) for x in ("combine", "topk_ids", "topk_weights"))
+        k = k.astype(np.int64)
+        if (k < 0).any() or (k >= len(c)).any() or np.abs(c[k] - w).max(initial=0) > atol \
+                or abs(c.sum() - w.sum()) > atol * max(1, len(k)):
+            raise ValueError(_NOT_TOPK)
+
+
+def _half(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A list<float32> column as list<float16> (numpy's rounding; contiguous rows, no nulls), else a cast."""
+    out = []
+    for arr in _chunks(col):
+        if arr.null_count:
+            return col.cast(pa.list_(pa.float16()))
+        lengths, flat = _list_parts(arr)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        out.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(np.float16), pa.float16())))
+    return pa.chunked_array(out, pa.list_(pa.float16()))
 
 
 def split_routing(table: pa.Table, check: bool = True) -> tuple[pa.Table, pa.Table]:
@@ -273,10 +329,22 @@ def split_routing(table: pa.Table, check: bool = True) -> tuple[pa.Table, pa.Tab
     main = table.drop_columns([c for c in DENSE_COLUMNS if c in table.column_names])
     keys = [c for c in ROUTING_SORT if c in table.column_names]
     dense_cols = {c: table[c] for c in keys}
-    for c, typ in DENSE_TYPES.items():
+    for c in DENSE_TYPES:
         if c in table.column_names:
-            dense_cols[c] = table[c].cast(typ)
+            dense_cols[c] = _half(table[c])
     return main, pa.table(dense_cols)
+
+
+def sort_routing_if_needed(table: pa.Table) -> pa.Table:
+    """:func:`_sort_routing`, skipping the copy when the rows are already in order (chunks built in
+    (example_index, layer, call, position) order usually are)."""
+    keys = [(c, "ascending") for c in ROUTING_SORT if c in table.column_names]
+    if not keys or table.num_rows < 2:
+        return table
+    order = pc.sort_indices(table.select([c for c, _ in keys]), sort_keys=keys).to_numpy()
+    if (order == np.arange(len(order))).all():
+        return table
+    return table.take(order)
 
 
 def combine_from_topk(topk_ids: Any, topk_weights: Any, num_experts: int) -> np.ndarray:

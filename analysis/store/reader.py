@@ -221,12 +221,15 @@ class RunStore:
         return f" LIMIT {int(limit)}"
 
     # -- generic queries
-    def _run(self, sql: str, params: Sequence[Any] | None, *tables: str) -> pd.DataFrame:
-        """Run generated SQL that reads ``tables`` (their views are created if needed)."""
+    def _run(self, sql: str, params: Sequence[Any] | None, *tables: str, arrow: bool = False) -> pd.DataFrame:
+        """Run generated SQL that reads ``tables`` (their views are created if needed). ``arrow``: fetch
+        through Arrow (same frame; 2-3x faster for many rows with list and string columns)."""
         self._ensure_views(tables)
         with self._lock:
             cur = self._con.cursor()
         try:
+            if arrow:
+                return cur.sql(sql, params=list(params or [])).to_arrow_table().to_pandas()
             return cur.execute(sql, list(params or [])).df()
         finally:
             cur.close()
@@ -251,11 +254,17 @@ class RunStore:
         ``IS NULL``; all ANDed), or a code-authored SQL fragment with ``?`` placeholders bound from
         ``params``. ``order_by``: column name(s), ``-name`` for descending.
         """
+        return self._table(name, columns, where, params, order_by, limit)
+
+    def _table(self, name: str, columns: Sequence[str] | None = None,
+               where: Mapping[str, Any] | str | None = None, params: Sequence[Any] | None = None,
+               order_by: str | Sequence[str] | None = None, limit: int | None = None,
+               arrow: bool = False) -> pd.DataFrame:
         self.schema(name)
         cols = "*" if columns is None else ", ".join(_qi(c) for c in self._check_cols(name, columns))
         w, args = self._where(name, where, params)
         sql = f"SELECT {cols} FROM {_qi(name)}{w}{self._order(name, order_by)}{self._limit(limit)}"
-        return self._run(sql, args, name)
+        return self._run(sql, args, name, arrow=arrow)
 
     def read_json(self, name: str) -> Any:
         """Parse ``<name>.json`` (``name`` may include the suffix)."""
@@ -307,16 +316,16 @@ class RunStore:
         main_cols = self.columns("routing")
         order = [c for c in ("layer", "call", "position") if c in main_cols]
         if self.routing_layout() == "wide":
-            return self.table("routing", columns=columns, where=where, order_by=order)
+            return self._table("routing", columns=columns, where=where, order_by=order, arrow=True)
         wanted = list(main_cols) if columns is None else list(columns)
         extra = [c for c in DENSE_COLUMNS if c not in wanted] if dense else []
         wanted_dense = [c for c in wanted + extra if c in DENSE_COLUMNS]
         if not wanted_dense:
-            return self.table("routing", columns=columns, where=where, order_by=order)
+            return self._table("routing", columns=columns, where=where, order_by=order, arrow=True)
         keys = [c for c in ROUTING_SORT if c in main_cols]
         need = list(dict.fromkeys([c for c in wanted if c not in DENSE_COLUMNS] + keys
                                   + (["topk_ids", "topk_weights"] if "combine" in wanted_dense else [])))
-        frame = self.table("routing", columns=need, where=where, order_by=order)
+        frame = self._table("routing", columns=need, where=where, order_by=order, arrow=True)
         side = dense_table_name("routing")
         from_side = [c for c in wanted_dense if c != "combine"]
         if from_side:
@@ -324,7 +333,7 @@ class RunStore:
                 raise ValueError(f"run {self.run!r} keeps no dense routing ({side}): probs and logits were "
                                  "not stored (split layout without the dense side table)")
             self._check_cols(side, from_side)
-            dense_df = self.table(side, columns=[*keys, *from_side], where=where, order_by=order)
+            dense_df = self._table(side, columns=[*keys, *from_side], where=where, order_by=order, arrow=True)
             if len(dense_df) == len(frame) and all((dense_df[k].to_numpy() == frame[k].to_numpy()).all()
                                                    for k in keys):
                 for c in from_side:
