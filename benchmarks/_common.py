@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-HEADER = "# Benchmarks\n\nResults appended by the scripts in `benchmarks/` (`--record`). Newest last.\n"
+HEADER = ("# Benchmarks\n\n## Current results\n\n| target | measured | baseline, same run | ratio | date (UTC) "
+          "| section |\n|---|---|---|---|---|---|\n\n## History\n\nDated sections, newest last.\n")
 
 
 def load_average() -> str | None:
@@ -54,12 +55,14 @@ def command_line() -> str:
 
 def record(title: str, info: dict, command: str, body: str, note: str | None = None,
            path: Path = REPO / "BENCHMARKS.md") -> None:
-    """Append (never rewrite) a dated section: machine, load average at start and end, command, body."""
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = [f"\n## {title} ({now})\n",
+    """Append (never rewrite) a dated section to the history: machine, load average at start and end,
+    command, body. The current-results table at the top of the file is updated by hand."""
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    section = [f"\n### {title} ({now})\n",
                f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM, device {info['device']}, "
                f"load average {info['load_avg_1_5_15']} at start and {load_average()} at end (shared machine); "
-               f"Python {info['python']}, torch {info['torch']} ({info['torch_threads']} threads; {info['platform']}).\n",
+               f"Python {info['python']}, torch {info['torch']} ({info['torch_threads']} threads; "
+               f"{info['platform']}).\n",
                f"Command: `{command}`\n"]
     if note:
         section.append(f"Note: {note}\n")
