@@ -13,7 +13,10 @@ the manifest as ``"spec"``); nothing here knows one family from another. Tables 
     specialisation (MI of chosen expert with each label vs shuffled), coselection
     (:mod:`analysis.indicator_tables`), dynamics (indicators per training snapshot), one table per declared
     output (``<output.name>``, by kind), attributions (stratified sample), projection (+ projection_model),
-    metrics.json (headline metrics), config.json, train_log.
+    metrics.json (headline metrics), config.json, train_log; and, unless ``--no-checks``, the explanation
+    checks of :mod:`analysis.explanation_checks`: explanation_checks (ground-truth agreement, sanity checks),
+    knockout_effects (every expert and whole layer disabled: metric deltas), detector_suite (injected
+    pathologies judged on the run's own routing) and explanation_checks.json (their headline numbers).
 
 The steps that need the model are in :mod:`analysis.precompute_steps`, the torchrun split in
 :mod:`analysis.sharding`.
@@ -60,7 +63,10 @@ from mmoe_core.errors import cli_entry
 from mmoe_core.paths import artifacts_root
 
 DEFAULT_PARAMS = dict(split="test", batch_size=32, attribution_sample=48, projection="umap",
-                      dynamics_sample=256, batch_dependence_sample=16, max_examples=None, seed=0)
+                      dynamics_sample=256, batch_dependence_sample=16, max_examples=None, seed=0,
+                      # explanation checks (analysis.explanation_checks.check_samples: the knockout sample is
+                      # capped at dynamics_sample, the sanity sample at half the attribution sample)
+                      checks=True, knockout_sample=200, sanity_sample=8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,6 +177,12 @@ def write_run(run, root, adapter, ckpt, data_dir, examples, merged, params, inpu
         batch_dep = batch_dependence_by_layer(adapter, sample, int(params["batch_size"]))
     projection_df, projection = projection_table(merged, examples_df, slice_label(spec), params)
     summary = adapter.summarize(merged["predictions"], examples)
+    checks = None
+    if params.get("checks", True):
+        from analysis.explanation_checks import explanation_checks_step
+        checks = explanation_checks_step(adapter, spec, examples, routing=routing, examples_df=examples_df,
+                                         attributions=merged["attributions"], extras=merged["extras"],
+                                         params=params)
     inputs = inputs if inputs is not None else hashed_inputs(ckpt, data_dir, params)
     manifest = {**inputs, **inputs_manifest(None, None, params, spec=spec, family=spec.family, split=params["split"],
                                             trigger_step=trigger_step(ckpt), num_examples=len(examples),
@@ -200,6 +212,11 @@ def write_run(run, root, adapter, ckpt, data_dir, examples, merged, params, inpu
             w.write_table("train_log", train_log)
         w.write_json("metrics", summary)
         w.write_json("config", load_config(ckpt))
+        if checks is not None:
+            for name, frame in checks["tables"].items():
+                if len(frame):
+                    w.write_table(name, frame)
+            w.write_json("explanation_checks", checks["json"])
     print(f"{run}: published {root / 'runs' / run} ({len(routing)} routed positions, {len(examples)} examples)",
           file=sys.stderr)
     return root / "runs" / run
@@ -246,6 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dynamics-sample", type=_count(0))
     p.add_argument("--max-examples", type=_count(1), help="cap the split (stratified sample) for quick runs")
     p.add_argument("--device", help="cpu / cuda (default: CUDA when present)")
+    p.add_argument("--no-checks", dest="checks", action="store_false",
+                   help="skip the explanation checks (agreement, sanity checks, expert knockout, detector suite)")
+    p.add_argument("--knockout-sample", type=_count(0), help="examples re-run per knocked-out expert (default 200)")
+    p.add_argument("--sanity-sample", type=_count(0), help="examples of the sanity checks (default 8)")
     p.add_argument("--force", action="store_true", help="rebuild even when inputs are unchanged")
     p.add_argument("--root", help="artifacts root (default artifacts/ or $MOESCOPE_ARTIFACTS)")
     p.add_argument("--wait", action="store_true",
@@ -254,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_cli(p, a)
     precompute(a.run, a.checkpoint, a.data, Path(a.root) if a.root else None, a.force, a.device, wait=a.wait,
                split=a.split, batch_size=a.batch_size, attribution_sample=a.attribution_sample,
-               projection=a.projection, dynamics_sample=a.dynamics_sample, max_examples=a.max_examples)
+               projection=a.projection, dynamics_sample=a.dynamics_sample, max_examples=a.max_examples,
+               checks=a.checks, knockout_sample=a.knockout_sample, sanity_sample=a.sanity_sample)
     return 0
 
 

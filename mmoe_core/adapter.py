@@ -160,18 +160,13 @@ class ModelAdapter(ABC):
         finally:
             moe.ablated = before
 
-    # Bumped by whoever changes the model's weights in place (explanation checks' randomisation); part of
-    # knockout_state, so features cached per state are recomputed for other weights.
-    weights_version: int = 0
-
     def knockout_state(self) -> tuple:
-        """A hashable description of every knocked-out expert, ablated layer and in-place weight change
-        (cache key for derived features)."""
+        """A hashable description of every knocked-out expert and ablated layer (cache key for derived
+        features)."""
         def layer_state(name: str, m: RoutedModule) -> tuple:
             ablated = ("ablated",) if getattr(m, "ablated", False) else ()
             return (name, tuple(sorted(m.knocked_out)), *ablated)
-        state = tuple(sorted(layer_state(name, m) for name, m in self.routed_modules().items()))
-        return state + ((("<weights>", self.weights_version),) if self.weights_version else ())
+        return tuple(sorted(layer_state(name, m) for name, m in self.routed_modules().items()))
 
     # ---- attribution ---------------------------------------------------------------------------
     @abstractmethod
