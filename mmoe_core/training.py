@@ -36,7 +36,10 @@ What the loop does: seeds (python, numpy, torch), device (CUDA when present unle
 optional warm-up + linear/cosine decay, gradient clipping, auxiliary routing losses from the recorder
 (switch balance, router z-loss, MAGNET-style entropy two-stage; the step where the two-stage switches is
 logged and stored), tqdm progress, a snapshot every ``snapshot_every`` steps, and finally
-``config.json`` + ``model.safetensors`` + ``train_log.parquet``.
+``config.json`` + ``model.safetensors`` + ``train_log.parquet``. Before any of it, the options are range-checked
+and the model's size is estimated on the meta device (:func:`check_trainable`); everything is written into a
+hidden folder beside the checkpoint and swapped in only once complete (:func:`mmoe_core.checkpoint.replacing_dir`),
+so a failed or killed run leaves the previous checkpoint as it was.
 
 train_log.parquet: one row per logging step with ``step``, ``epoch``, ``time_s``, ``lr``, ``loss`` (the
 total), ``loss.<part>`` (task parts and aux parts: ``loss.balance``, ``loss.z_loss``, ``loss.entropy_stage``),
