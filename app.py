@@ -5,9 +5,11 @@ page (kept in the URL as ?run=...), and a badge saying whether live runs use a G
 """
 import streamlit as st
 
-st.set_page_config(page_title="MoEscope", page_icon=":material/hub:", layout="wide")
+# The icon is an emoji: the browser draws it as an inline SVG (a data: URL). A ":material/..." page icon
+# makes the browser fetch the icon from fonts.gstatic.com, which an offline network does not have.
+st.set_page_config(page_title="MoEscope", page_icon="🔬", layout="wide")
 
-from pages.state import render_sidebar  # noqa: E402  (after set_page_config, as Streamlit requires)
+from pages.state import EXPECTED_ERRORS, render_sidebar, show_failure  # noqa: E402  (after set_page_config)
 
 PAGES = {
     "Run": [
@@ -33,4 +35,7 @@ PAGES = {
 
 navigation = st.navigation(PAGES)
 render_sidebar()
-navigation.run()
+try:
+    navigation.run()
+except EXPECTED_ERRORS as exc:  # a file gone or damaged, a stale run, a refused config: one message, no traceback
+    show_failure(f"This page cannot be shown ({navigation.title})", exc)

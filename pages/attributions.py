@@ -50,7 +50,8 @@ def pick_example(attributions: pd.DataFrame, examples: pd.DataFrame, spec: Model
         tags = widgets.label_tags(row, spec)
         return widgets.example_title(row, spec) + (f" ({tags})" if tags else "")
 
-    index = state.synced_example("Example (attributed sample)", sampled, key="attr_example", format_func=describe)
+    index = state.synced_example("Example (attributed sample)", sampled, key="attr_example", format_func=describe,
+                                 among="the examples the precompute attributed")
     return index, by_index.get(index, {})
 
 
@@ -116,8 +117,8 @@ def router_now(run: str, index: int, picture, spec: ModelSpec) -> None:
             try:
                 with st.spinner("Loading the model…"):
                     adapter, examples, lock = reads.live_model(run)
-            except Exception as exc:  # a missing checkpoint / dataset: say so, keep the page alive
-                st.error(f"Cannot load the model of run `{run}` for a live run: {exc}")
+            except Exception as exc:  # a missing checkpoint / dataset, a refused config: say so, keep the page alive
+                state.show_failure(f"Cannot load the model of run {state.literal(run)} for a live run", exc)
                 return
             if index not in examples:
                 st.error(f"Example {index} is not in the run's dataset split any more.")
@@ -127,7 +128,7 @@ def router_now(run: str, index: int, picture, spec: ModelSpec) -> None:
                     st.session_state[key] = live_attribution(adapter, examples[index], "ig", layer=layer,
                                                              expert=int(expert), position=int(position), call=call)
             except Exception as exc:  # e.g. a call the adapter cannot attribute to its inputs
-                st.error(f"Cannot attribute that router logit: {exc}")
+                state.show_failure("Cannot attribute that router logit", exc)
                 return
         if key in st.session_state:
             result = st.session_state[key]

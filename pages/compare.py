@@ -23,8 +23,8 @@ def pick_other(run: str, runs: list[str]) -> str | None:
     key = "compare_run_b"
     wanted = st.query_params.get(COMPARE_PARAM)
     if wanted is not None and wanted not in others:
-        st.warning(f"The link asks to compare with run `{wanted}`, which is not available here; pick another.",
-                   icon=":material/link_off:")
+        st.warning(f"The link asks to compare with run {state.literal(wanted)}, which is not available here; "
+                   "pick another.", icon=":material/link_off:")
     elif wanted is not None and st.session_state.get(key) != wanted:
         st.session_state[key] = wanted
     if st.session_state.get(key) not in others:

@@ -14,6 +14,8 @@ import streamlit as st
 from mmoe_core.data.readers import DatasetError
 from mmoe_core.data.views import DatasetView, TableView, views, world_stamp
 from mmoe_core.paths import demo_world_dir
+from pages.state import escape_markdown as esc
+from pages.state import literal
 
 BUILD_COMMAND = "python -m demo_build"
 THUMB = 128  # px; pictures are 64x64
@@ -55,9 +57,9 @@ def cards(rows: pd.DataFrame, view: TableView, marks: str = "") -> None:
                 st.image(row[view.image], width=CARD_THUMB)
             head = str(row.get(view.title) or row.get("name") or row.get(view.key, ""))
             extra = f" {row[marks]}" if marks and row.get(marks) else ""
-            st.markdown(f"**{head}** `{row.get(view.key, '')}`{extra}")
+            st.markdown(f"**{esc(head)}** {literal(row.get(view.key, ''))}{esc(extra)}")
             if "desc" in row and isinstance(row["desc"], str):
-                st.caption(row["desc"])
+                st.caption(esc(row["desc"]))
 
 
 def one_row(view: TableView, root: Path, shown: pd.DataFrame, key: str) -> None:
@@ -76,9 +78,9 @@ def one_row(view: TableView, root: Path, shown: pd.DataFrame, key: str) -> None:
             st.caption("no picture")
     with text:
         if view.long_text and isinstance(row.get(view.long_text), str):
-            st.markdown(f"> {row[view.long_text]}")
+            st.markdown(f"> {esc(row[view.long_text])}")
         details = [c for c in view.details if c in row and c != view.long_text]
-        st.markdown(" · ".join(f"{c.replace('_', ' ')}: **{row[c]}**" for c in details))
+        st.markdown(" · ".join(f"{c.replace('_', ' ')}: **{esc(row[c])}**" for c in details))
     if view.related is not None:
         st.markdown(f"**{view.related_title or 'Related rows'}**")
         cards(view.related(root, picked), view, marks="marks")

@@ -3,10 +3,15 @@ attribution change now.
 
 The inputs are built from the model's declaration: one widget per editable field
 (``spec.editable_fields()``: a text area for long text, a text input for text, the example's / an
-uploaded / a drawn picture for an image), each text held to its declared ``max_chars`` (the page says
-when a text is cut or empty). The stored prediction of the base example shows at once; the live model
-(loaded once per process, shared) then runs in a fragment under a spinner. Layout only: every number
-comes from ``analysis.live``.
+uploaded / a drawn picture for an image), each text held to its declared ``max_chars`` at the widget and
+again before the model sees it (the page says when a text is cut or empty). An upload is checked and kept
+once, at a bounded size for the model plus a thumbnail (``analysis.live.receive_upload``); pages and
+charts draw thumbnails only.
+
+First paint: the page's first run draws the inputs and the stored results of the base example and
+schedules the live run (a fragment that reruns the page a moment later); every later run draws the
+live model's results (the model loaded once per process, shared) in a fragment under a spinner. Layout
+only: every number comes from ``analysis.live``.
 """
 from __future__ import annotations
 
@@ -18,17 +23,19 @@ import streamlit as st
 from analysis import figures as F
 from analysis.live import (
     MAX_UPLOAD_BYTES,
+    MAX_UPLOAD_PIXELS,
     TOP_N,
     UploadError,
     attribute_live,
-    check_upload,
     clip_text,
     drawing_options,
     example_picture,
     live_example,
     project_live,
+    receive_upload,
     routing_changes,
     run_live,
+    thumbnail,
 )
 from analysis.source_weights import long_weights
 from mmoe_core.spec import ExampleField, ModelSpec
@@ -36,22 +43,52 @@ from pages import reads, state, widgets
 
 IMAGE_SOURCES = ("the example's picture", "upload a picture", "draw a picture")
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "webp"]
+PAINTED_KEY = "pg_painted"          # set by the first run of a session: later runs draw the live results
+START_KEY = "pg_start_runs"         # runs of the fragment that starts the live run after the first paint
+START_AFTER_S = 0.3
 
 
 # -- inputs --------------------------------------------------------------------------------------------
 
 def text_widget(run: str, index: int, f: ExampleField, stored) -> str:
     """The widget of one editable text field (held to max_chars), with a note when cut or empty."""
-    default, note = clip_text(f, "" if stored is None or stored != stored else str(stored))
+    default, stored_note = clip_text(f, "" if stored is None or stored != stored else str(stored))
     key = f"pg_{run}_{index}_{f.name}"
     if f.kind == "long_text":
         value = st.text_area(f.label, value=default, height=140, max_chars=f.max_chars, key=key)
     else:
         value = st.text_input(f.label, value=default, max_chars=f.max_chars, key=key)
+    # max_chars stops the browser (and Streamlit cuts a longer value it receives); the text is cut here
+    # once more before any tokeniser sees it
     value, note = clip_text(f, value)
+    if note is None and value == default and stored_note:
+        note = stored_note  # the example's own text was longer than the model takes
+    elif note is None and len(value) >= f.max_chars:
+        note = (f"{f.label}: {f.max_chars} characters, the most the model takes; anything typed or pasted "
+                "past them is cut.")
     if note:
         st.caption(note)
     return value
+
+
+def kept_upload(key: str, upload):
+    """The accepted upload of one image field (an :class:`analysis.live.UploadedPicture`: the model's
+    copy and a thumbnail), or None. Each file is checked and resized once, when it arrives (Streamlit
+    hands the same file to every rerun); a refused file keeps its message and the previous picture."""
+    held_key, refused_key = f"{key}_kept_upload", f"{key}_refused_upload"
+    held = st.session_state.get(held_key)  # (file_id, UploadedPicture)
+    if upload is not None:
+        file_id = getattr(upload, "file_id", None) or f"{upload.name}:{upload.size}"
+        refused = st.session_state.get(refused_key)
+        if (held is None or held[0] != file_id) and (refused is None or refused[0] != file_id):
+            try:
+                held = st.session_state[held_key] = (file_id, receive_upload(upload.getvalue(), upload.name))
+            except UploadError as exc:
+                refused = st.session_state[refused_key] = (file_id, str(exc))
+        if refused is not None and refused[0] == file_id:
+            st.error(f"Upload refused: {state.escape_markdown(refused[1])}. "
+                     + ("Keeping the previous picture." if held else "Keeping the example's picture."))
+    return held[1] if held else None
 
 
 def picture_controls(f: ExampleField):
@@ -59,18 +96,13 @@ def picture_controls(f: ExampleField):
     key = f"pg_{f.name}"
     source = st.radio(f.label, IMAGE_SOURCES, horizontal=True, key=f"{key}_source")
     if source == IMAGE_SOURCES[1]:
-        upload = st.file_uploader("PNG, JPEG or WebP, up to 5 MB and 25 megapixels", type=UPLOAD_TYPES,
+        upload = st.file_uploader(f"PNG, JPEG or WebP, up to {MAX_UPLOAD_BYTES // (1024 * 1024)} MB and "
+                                  f"{MAX_UPLOAD_PIXELS / 1e6:g} megapixels", type=UPLOAD_TYPES,
                                   max_upload_size=max(1, MAX_UPLOAD_BYTES // (1024 * 1024)), key=f"{key}_upload")
-        good = st.session_state.get(f"{key}_good_upload")
-        if upload is not None:
-            try:
-                image = check_upload(upload.getvalue(), upload.name)
-                st.session_state[f"{key}_good_upload"] = good = (upload.name, image)
-            except UploadError as exc:
-                st.error(f"Upload refused: {exc}. "
-                         + ("Keeping the previous picture." if good else "Keeping the example's picture."))
-        if good:
-            return good[1], None, f"uploaded: {good[0]}"
+        good = kept_upload(key, upload)
+        if good is not None:
+            st.caption(state.escape_markdown(good.detail))
+            return good.model, None, good.caption
         return None, None, "the example's picture (nothing uploaded yet)"
     if source == IMAGE_SOURCES[2]:
         opts = drawing_options()
@@ -227,11 +259,11 @@ def live_section(run: str, store, spec: ModelSpec, index: int, texts: dict, pict
     try:
         with st.spinner("Loading the model (once per server)…"):
             adapter, by_index, lock = reads.live_model(run)
-    except Exception as exc:  # a missing checkpoint / dataset: say so, keep the page alive
-        st.error(f"Cannot load the model of run `{run}` for a live run: {exc}")
+    except Exception as exc:  # a missing checkpoint / dataset, a refused config: say so, keep the page alive
+        state.show_failure(f"Cannot load the model of run {state.literal(run)} for a live run", exc)
         return
     if index not in by_index:
-        st.error(f"Example {index} is not in the run's dataset split any more; rebuild the run.")
+        st.error(f"Example {index} is not in the run's dataset split any more; {state.rebuild_hint(run)}.")
         return
     base = by_index[index]
     live_spec = adapter.spec()
@@ -245,7 +277,7 @@ def live_section(run: str, store, spec: ModelSpec, index: int, texts: dict, pict
         baseline = _baseline(run, adapter, example) if knockout else None
     badge = st.empty()
     timing_badge(badge, result, want_attr)
-    picture = example_picture(example, widgets.image_fields(spec))
+    picture = thumbnail(example_picture(example, widgets.image_fields(spec)))  # what the page draws
     p1, p2 = st.columns([1, 3])
     with p1:
         if picture is not None:
@@ -267,13 +299,33 @@ def live_section(run: str, store, spec: ModelSpec, index: int, texts: dict, pict
         result.timings["total"] += seconds
         timing_badge(badge, result, want_attr)
         if result.attribution is None:
-            st.warning(f"Attribution failed: {result.attribution_error}")
+            st.warning(f"Attribution failed: {state.escape_markdown(result.attribution_error)}")
         else:
             st.caption(f"Integrated gradients of the {result.attribution['target'].iloc[0]} "
                        f"{'with the knockout ' if knockout else ''}w.r.t. each input (red up, blue down).")
             widgets.show_delta(result.attribution)
             widgets.show_inputs(result.attribution, picture, "pg_attr", spec, grids=adapter.input_grids(example))
     on_the_map(run, store, result)
+
+
+@st.fragment(run_every=START_AFTER_S)
+def start_live() -> None:
+    """The page's first run ends with this note; a moment after the first paint the browser reruns the
+    fragment, which reruns the page: that run (and every later one) draws the live results. A full rerun
+    cancels the fragment's timer."""
+    runs = st.session_state[START_KEY] = st.session_state.get(START_KEY, 0) + 1
+    if runs > 1:
+        st.rerun()
+    st.caption(":material/hourglass_top: Starting the live model: its routing, prediction and attribution of "
+               "this example follow in a moment.")
+
+
+def stored_results(run: str, index: int, row: dict, spec: ModelSpec) -> None:
+    """What the precompute stored for the base example: its prediction, by name."""
+    stored = reads.predictions(run)
+    hit = stored[stored["example_index"] == index] if stored is not None and "example_index" in stored else None
+    if hit is not None and len(hit):
+        st.caption("Stored prediction of the base example · " + widgets.prediction_text(hit.iloc[0].to_dict(), spec))
 
 
 def render() -> None:
@@ -287,7 +339,7 @@ def render() -> None:
         st.info(f"Run `{run}` has no examples; {state.rebuild_hint(run)}.")
         return
     rows = {int(r["example_index"]): r for r in examples.to_dict("records")}
-    index = state.synced_example("Base example", list(rows), key=f"pg_base_{run}",
+    index = state.synced_example("Base example", list(rows), key=f"pg_base_{run}", among="this run's examples",
                                  format_func=lambda i: widgets.example_title(rows[i], spec, 90))
     row = rows[index]
     edit, side = st.columns([3, 2])
@@ -300,10 +352,12 @@ def render() -> None:
         pictures = {f.name: picture_controls(f) for f in fields if f.kind == "image"}
     with side:
         knockout, want_attr = knockout_controls(spec)
-    stored = reads.predictions(run)
-    hit = stored[stored["example_index"] == index] if stored is not None and "example_index" in stored else None
-    if hit is not None and len(hit):
-        st.caption("Stored prediction of the base example · " + widgets.prediction_text(hit.iloc[0].to_dict(), spec))
+    stored_results(run, index, row, spec)
+    if not st.session_state.get(PAINTED_KEY):  # the first run: paint now, run the model right after
+        st.session_state[PAINTED_KEY] = True
+        st.session_state[START_KEY] = 0
+        start_live()
+        return
     live_section(run, store, spec, index, texts, pictures, knockout, want_attr)
 
 

@@ -8,6 +8,8 @@ weights by any declared label, and one example position by position. Layout only
 """
 from __future__ import annotations
 
+import html
+
 import pandas as pd
 import streamlit as st
 
@@ -94,12 +96,14 @@ def one_example(run: str, spec: ModelSpec, weights: pd.DataFrame, summary: Sourc
         return f"{widgets.example_title(rows.get(i, {'example_index': i}), spec)} ({truth}dominant {row['dominant']})"
 
     index = state.synced_example("Example", [int(i) for i in shown["example_index"]], key="sw_example",
-                                 format_func=describe, container=f2)
+                                 format_func=describe, container=f2,
+                                 among="this run's examples" if shown is per else "the examples of that filter")
     row = per[per["example_index"] == index].iloc[0]
     title = spec.title_field()
     heading = str(rows.get(index, {}).get(title.name, "")) if title is not None else ""
     st.plotly_chart(F.source_weight_positions(weights[weights["example_index"] == index], output.sources,
-                                              f"“{heading}”" if heading else f"example {index}"), key="sw_positions")
+                                              f"“{html.escape(heading)}”" if heading else f"example {index}"),
+                    key="sw_positions")
     cols = st.columns(len(output.sources) + 2)
     for col, source in zip(cols, output.sources):
         col.metric(f"mean {source.label}", f"{row[mean_column(source.name)]:.3f}")
@@ -108,7 +112,7 @@ def one_example(run: str, spec: ModelSpec, weights: pd.DataFrame, summary: Sourc
         cols[-1].metric(output.truth_label.replace("_", " "), str(row.get(output.truth_label, "?")))
     gold = next((f for f in spec.fields if f.role == "gold"), None)
     if gold is not None and index in rows and pd.notna(rows[index].get(gold.name)):
-        st.caption(f"{gold.label}: **{rows[index][gold.name]}**")
+        st.caption(f"{gold.label}: **{state.escape_markdown(rows[index][gold.name])}**")
 
 
 def render() -> None:

@@ -12,7 +12,9 @@ Importing this module first makes a deep link on a fresh server run through app.
 from __future__ import annotations
 
 import os
+import re
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlencode
@@ -20,6 +22,7 @@ from urllib.parse import urlencode
 import streamlit as st
 
 from analysis.store import RunStore
+from mmoe_core.errors import UserError
 from pages import reads
 
 RUN_PARAM = "run"
@@ -51,6 +54,62 @@ def _route_through_app() -> None:
 
 
 _route_through_app()
+
+
+# ----------------------------------------------------------------------------------------- untrusted text
+
+LITERAL_CHARS = 80
+_ASCII_INT = re.compile(r"-?[0-9]{1,18}")
+
+
+def literal(value: Any, limit: int = LITERAL_CHARS) -> str:
+    """An untrusted value (a URL parameter, a name read from a file) as Markdown that shows it character for
+    character: an inline code span, so no link, image, emphasis, directive, LaTeX or HTML can start inside
+    it. Its fence is longer than any run of backticks in the value; line breaks and other control
+    characters show as U+FFFD; a value longer than ``limit`` is cut (with "…" after the span)."""
+    text = "" if value is None else str(value)
+    cut = len(text) > limit
+    text = "".join(ch if ch.isprintable() else "\ufffd" for ch in text[:limit])
+    if not text.strip():
+        return "(empty)" if not text else f"({len(text)} spaces)"
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}" + ("…" if cut else "")
+
+
+# ASCII punctuation Markdown (CommonMark, GFM, Streamlit's directives and LaTeX) can give a meaning to;
+# commas, semicolons, quotes, "%", "/" and "?" read as themselves.
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~:$@&^=])")
+
+
+def escape_markdown(text: Any) -> str:
+    """Data text (a dataset's sentence, an entity's name) for a Markdown line: every punctuation mark that
+    Markdown could read backslash-escaped (no emphasis, link, image, heading, list, directive, entity or
+    LaTeX; "www." and "http://" cannot become links), line breaks as spaces."""
+    value = " ".join(str(text).split()) if text is not None else ""
+    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", value)
+
+
+def parse_index(raw: Any) -> int | None:
+    """An example index from a URL value: ASCII digits only (``²`` or ``٣`` are digits to Python's
+    ``int`` and ``str.isdigit``, not to a link), else None."""
+    if raw is None:
+        return None
+    text = str(raw).strip()
+    return int(text) if _ASCII_INT.fullmatch(text) else None
+
+
+EXPECTED_ERRORS = (UserError, OSError, ValueError)
+
+
+def show_failure(what: str, exc: BaseException) -> None:
+    """One clear message for a failure: ``what`` and the exception's own words. An expected failure (a
+    missing file, a stale or partial run, a refused config: :data:`EXPECTED_ERRORS`) shows no traceback;
+    anything else is a bug, and its traceback waits in a closed expander for the report."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    st.error(f"{what}: {escape_markdown(message)}", icon=":material/error:")
+    if not isinstance(exc, EXPECTED_ERRORS):
+        with st.expander("Details for a bug report"):
+            st.code("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-4000:], language=None)
 
 
 # ----------------------------------------------------------------------------------------- device
@@ -95,9 +154,9 @@ def _sync_run_picker(runs: list[str]) -> list[str]:
             state[_PICKER_KEY] = wanted
     else:
         if wanted is not None:
-            errors.append(f"The link asks for run `{wanted}`, which does not exist here. Showing "
-                          f"`{state.get(_PICKER_KEY) if state.get(_PICKER_KEY) in runs else runs[0]}` instead; "
-                          f"available runs: {', '.join(f'`{r}`' for r in runs)}.")
+            errors.append(f"The link asks for run {literal(wanted)}, which does not exist here. Showing "
+                          f"{literal(state.get(_PICKER_KEY) if state.get(_PICKER_KEY) in runs else runs[0])} "
+                          f"instead; available runs: {', '.join(literal(r) for r in runs)}.")
         if state.get(_PICKER_KEY) not in runs:
             state[_PICKER_KEY] = runs[0]
     return errors
@@ -167,8 +226,8 @@ def run_store(run: str, warn: bool = True) -> RunStore | None:
         if warn:
             show_status(run)
         return reads.store_for(run)
-    except (FileNotFoundError, ValueError) as exc:
-        st.error(f"Cannot open run `{run}`: {exc}")
+    except EXPECTED_ERRORS as exc:
+        show_failure(f"Cannot open run {literal(run)}", exc)
         return None
 
 
@@ -206,26 +265,34 @@ def open_example(run: str, example_index: int) -> None:
     st.switch_page(EXPLORER_PAGE, query_params={RUN_PARAM: run, EXAMPLE_PARAM: str(int(example_index))})
 
 
+def bad_example_message(raw: Any, options: Sequence[int], shown: str, among: str = "this run's examples") -> str:
+    """The one message every page gives for an ``?example=`` value it cannot show: the value (literally),
+    why, the valid range and what is shown instead."""
+    values = sorted(int(o) for o in options)
+    number = parse_index(raw)
+    if number is None:
+        why = "which is not an example number (digits 0-9) or id"
+    else:
+        why = f"which is not among {among}"
+    span = f" (numbered {values[0]}..{values[-1]})" if values else ""
+    return f"The link asks for example {literal(raw)}, {why}{span}. Showing {shown} instead."
+
+
 def url_example(frame, key_column: str = "example_index") -> tuple[int | None, str | None]:
     """The example ``?example=`` names in ``frame`` (its index, or its id), and a message when the value
     is not one of them."""
     raw = st.query_params.get(EXAMPLE_PARAM)
     if raw is None:
         return None, None
-    indices = set(int(i) for i in frame[key_column])
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        value = None
-    if value is not None and value in indices:
+    indices = [int(i) for i in frame[key_column]]
+    value = parse_index(raw)
+    if value is not None and value in set(indices):
         return value, None
     if "id" in frame:
         hit = frame.loc[frame["id"].astype(str) == str(raw), key_column]
         if len(hit):
             return int(hit.iloc[0]), None
-    return None, (f"The link asks for example `{raw}`, which this run does not have (examples are numbered "
-                  f"{min(indices) if indices else 0}..{max(indices) if indices else 0}). Showing the first example "
-                  "instead.")
+    return None, bad_example_message(raw, indices, "the first example")
 
 
 # ----------------------------------------------------------------------------------------- synced widgets
@@ -238,8 +305,9 @@ def synced_radio(label: str, options: Sequence[str], key: str, param: str, clear
     options = [str(o) for o in options]
     wanted = st.query_params.get(param)
     if wanted is not None and wanted not in options:
-        st.warning(f"The link asks for {label.split(' (')[0].lower()} `{wanted}`, which is not one of "
-                   f"{', '.join(f'`{o}`' for o in options)}; showing `{options[0]}`.", icon=":material/link_off:")
+        st.warning(f"The link asks for {label.split(' (')[0].lower()} {literal(wanted)}, which is not one of "
+                   f"{', '.join(literal(o) for o in options)}; showing {literal(options[0])}.",
+                   icon=":material/link_off:")
         st.session_state[key] = options[0]
     elif wanted is not None and st.session_state.get(key) != wanted:
         st.session_state[key] = wanted
@@ -258,19 +326,22 @@ def synced_radio(label: str, options: Sequence[str], key: str, param: str, clear
 
 
 def synced_example(label: str, options: Sequence[int], key: str, format_func: Callable[[int], str],
-                   container: Any = st, warn: bool = False, **kwargs) -> int:
+                   container: Any = st, warn: bool = True, among: str = "the examples this page shows",
+                   **kwargs) -> int:
     """A select box of example indices kept in the URL as ``?example=<index>``. A URL value that is not
-    among ``options`` leaves the choice as it was (with a message when ``warn``)."""
+    among ``options`` (not an ASCII number, or out of range) leaves the choice as it was, with
+    :func:`bad_example_message` (unless ``warn`` is False)."""
     options = [int(o) for o in options]
     raw = st.query_params.get(EXAMPLE_PARAM)
-    wanted = int(raw) if raw is not None and str(raw).lstrip("-").isdigit() else None
+    wanted = parse_index(raw)
     if wanted in options and st.session_state.get(key) != wanted:
         st.session_state[key] = wanted
-    elif raw is not None and wanted not in options and warn:
-        st.warning(f"The link asks for example `{raw}`, which is not among these examples; showing "
-                   f"`{format_func(options[0]) if options else '?'}`.", icon=":material/link_off:")
     if st.session_state.get(key) not in options:
         st.session_state[key] = options[0]
+    if raw is not None and wanted not in options and warn:
+        shown = st.session_state[key]
+        st.warning(bad_example_message(raw, options, f"example {literal(format_func(shown))}", among),
+                   icon=":material/link_off:")
 
     def on_change() -> None:
         st.query_params[EXAMPLE_PARAM] = str(st.session_state[key])

@@ -63,14 +63,14 @@ def show_fields(row: Mapping[str, Any], spec: ModelSpec, long_chars: int = 400) 
             continue
         value = str(row[f.name])
         if f.kind == "long_text" and len(value) > long_chars:
-            st.markdown(f"**{f.label}:** {_cut(value, long_chars)}")
+            st.markdown(f"**{f.label}:** {state.escape_markdown(_cut(value, long_chars))}")
             with st.expander(f"The whole {f.label.lower()}"):
-                st.write(value)
+                st.text(value)
         else:
-            st.markdown(f"**{f.label}:** {value}")
+            st.markdown(f"**{f.label}:** {state.escape_markdown(value)}")
     tags = [(lab.name, row[lab.name]) for lab in spec.labels if lab.name in row and _present(row[lab.name])]
     if tags:
-        st.markdown(" · ".join(f"{name}: **{value}**" for name, value in tags))
+        st.markdown(" · ".join(f"{name}: **{state.escape_markdown(value)}**" for name, value in tags))
 
 
 def display_columns(spec: ModelSpec, frame: pd.DataFrame, long_text: bool = False) -> list[str]:
@@ -87,13 +87,14 @@ def column_labels(spec: ModelSpec) -> dict[str, str]:
 
 
 def prediction_text(prediction: Mapping[str, Any], spec: ModelSpec) -> str:
-    """The stored prediction in words: "<item>: <name> · gold: <name> · rank 3 · correct"."""
+    """The stored prediction in words, for Markdown: "<item>: <name> · gold: <name> · rank 3 · correct"
+    (names escaped: they are data)."""
     item = spec.prediction.item or "prediction"
     parts = []
     for key, label in (("prediction", item), ("gold", "gold")):
         value = prediction.get(key)
         if _present(value):
-            parts.append(f"{label}: **{value}**")
+            parts.append(f"{label}: **{state.escape_markdown(value)}**")
         elif key in prediction and value is not None:
             parts.append(f"{label}: (empty)")
     rank = prediction.get("rank")
@@ -110,12 +111,14 @@ def image_fields(spec: ModelSpec) -> list[str]:
 
 
 def example_picture(row: Mapping[str, Any] | pd.Series | None, spec: ModelSpec):
-    """The example's picture (PIL) from its declared image field, or None."""
+    """A display thumbnail (PIL, longer side <= ``analysis.live.THUMB_SIDE``) of the example's picture from
+    its declared image field, or None: pages and charts never carry a full-resolution picture."""
     if row is None:
         return None
     from analysis.live import example_picture as picture
+    from analysis.live import thumbnail
     clean = {k: v for k, v in dict(row).items() if not (isinstance(v, float) and v != v)}
-    return picture(clean, image_fields(spec))
+    return thumbnail(picture(clean, image_fields(spec)))
 
 
 def example_table(frame: pd.DataFrame, run: str, key: str, height: int | None = None, **kwargs) -> None:
@@ -171,8 +174,9 @@ def show_call_routing(rows: pd.DataFrame, layer: str, call: str, num_experts: in
     config = {"displayModeBar": False}  # hover is the interaction here; the bar would cover the title
     if len(patches):
         if picture is not None:
+            from analysis.live import thumbnail
             left, right = st.columns([1, 2])
-            left.image(picture, caption="the example's image", width=240)
+            left.image(thumbnail(picture), caption="the example's image", width=240)
         else:
             right = st.container()
         with right:
@@ -244,7 +248,7 @@ def show_inputs(rows: pd.DataFrame, picture, key: str, spec: ModelSpec,
     """Every attributed input of one attribution: text as coloured tokens, image inputs (declared kind
     image_patches) as patch heatmaps on their grid (``grids`` overrides the declared ones, e.g. a live
     example's own)."""
-    from analysis.live import patch_grid
+    from analysis.live import patch_grid, thumbnail_array
     grids = {**image_grids(spec), **dict(grids or {})}
     for name, part in rows.groupby("input", sort=False):
         share = part["share"].iloc[0] if "share" in part else float("nan")
@@ -254,8 +258,8 @@ def show_inputs(rows: pd.DataFrame, picture, key: str, spec: ModelSpec,
                 st.caption("No picture: the model sees an all-zero image, which the zero baseline gives no "
                            "attribution.")
                 continue
-            image = np.asarray(picture.convert("RGB")) if picture is not None else None
-            st.plotly_chart(F.attribution_patches(image, patch_grid(part, grids[name])), key=f"{key}_{name}")
+            st.plotly_chart(F.attribution_patches(thumbnail_array(picture), patch_grid(part, grids[name])),
+                            key=f"{key}_{name}")
         else:
             st.markdown(token_html(part), unsafe_allow_html=True)
 

@@ -80,6 +80,66 @@ def test_check_upload_rejects_damaged_and_empty_files():
         check_upload(b"", "empty.png")
 
 
+def _png_of(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_16_bit_grayscale_png_keeps_its_tones():
+    """A 16-bit grayscale PNG is scaled to 8 bits, not clipped to white (PIL's convert("RGB") clips)."""
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    data = _png_of(Image.fromarray(ramp))
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    rgb = np.asarray(check_upload(data, "ramp16.png"))
+    assert rgb.dtype == np.uint8 and rgb.shape == (64, 64, 3)
+    assert rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255
+    assert abs(float(rgb.mean()) - 127.5) < 2  # a clipped ramp would average about 254
+    assert np.all(np.diff(rgb[..., 0].ravel().astype(int)) >= 0)  # the ramp stays a ramp
+
+
+def test_alpha_and_palette_images_are_composited_over_white():
+    clear = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    clear.putpixel((0, 0), (0, 0, 255, 255))
+    rgb = np.asarray(check_upload(_png_of(clear), "alpha.png"))
+    assert tuple(rgb[1, 1]) == (255, 255, 255) and tuple(rgb[0, 0]) == (0, 0, 255)
+    half = np.asarray(check_upload(_png_of(Image.new("LA", (4, 4), (0, 128))), "la.png"))
+    assert 120 <= int(half[0, 0, 0]) <= 135  # black at half opacity over white
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([10, 200, 30] + [0, 0, 0] * 255)
+    assert tuple(np.asarray(check_upload(_png_of(palette), "p.png"))[0, 0]) == (10, 200, 30)
+    palette.info["transparency"] = 0
+    assert tuple(np.asarray(check_upload(_png_of(palette), "p-clear.png"))[0, 0]) == (255, 255, 255)
+
+
+def test_an_upload_is_kept_once_at_a_bounded_size():
+    """A picture at the pixel limit (5000 x 5000) is kept as one copy for the model and a thumbnail;
+    the aspect of a phone photo is kept."""
+    from analysis.live import MODEL_SIDE, THUMB_SIDE, receive_upload
+    big = Image.new("RGB", (5000, 5000), (240, 240, 240))
+    big.paste((200, 20, 20), (1000, 1000, 4000, 4000))
+    got = receive_upload(_png_of(big), "big.png")
+    assert got.original_size == (5000, 5000)
+    assert got.model.size == (MODEL_SIDE, MODEL_SIDE) and max(got.thumb.size) == THUMB_SIDE
+    assert got.model.mode == "RGB" and tuple(np.asarray(got.model)[MODEL_SIDE // 2, MODEL_SIDE // 2]) == (200, 20, 20)
+    assert got.detail == f"big.png: 5000 x 5000 pixels, kept at {MODEL_SIDE} x {MODEL_SIDE} for the model"
+    assert got.caption == "uploaded: big.png" and len(got.digest) == 64
+    buf = io.BytesIO()
+    Image.new("RGB", (4032, 3024), (10, 120, 200)).save(buf, "JPEG", quality=80)
+    photo = receive_upload(buf.getvalue(), "photo.jpg")
+    assert max(photo.model.size) == MODEL_SIDE and abs(photo.model.size[0] / photo.model.size[1] - 4 / 3) < 0.01
+    small = receive_upload(_encoded("PNG", size=(40, 30)), "small.png")
+    assert small.model.size == (40, 30)  # a picture that fits is kept as it is
+
+
+def test_thumbnail_array_bounds_what_a_chart_embeds():
+    from analysis.live import thumbnail_array
+    assert thumbnail_array(None) is None
+    assert thumbnail_array(np.zeros((5000, 4000, 3), np.uint8), side=256).shape == (256, 205, 3)
+    assert thumbnail_array(np.zeros((40, 30, 3), np.uint8)).shape == (40, 30, 3)
+    assert thumbnail_array(Image.new("I;16", (600, 300))).shape == (128, 256, 3)
+
+
 # ------------------------------------------------------------------------------------------ pure summaries
 
 TWO_SOURCES = OutputSpec("mix", "source_weights", "weights over two sources",

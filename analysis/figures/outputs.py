@@ -54,12 +54,20 @@ def source_weight_positions(weights: pd.DataFrame, sources: Sequence, title: str
 
 # ------------------------------------------------------------------------------------ attributions
 
+MAX_PICTURE_SIDE = 256  # a chart embeds at most this many pixels a side (its JSON grows with every pixel)
+
+
 def attribution_patches(picture: np.ndarray | None, grid: np.ndarray, title: str = "") -> go.Figure:
     """An image input's patch attributions on its grid (``grid``: [rows, cols], NaN where no value), over
-    the picture (an RGB array) when there is one; diverging colours, 0 is clear."""
+    the picture (an RGB array) when there is one; diverging colours, 0 is clear. A picture larger than
+    :data:`MAX_PICTURE_SIDE` a side is subsampled first (a 5000 x 5000 picture made the chart's JSON too
+    long for the browser: "RangeError: Invalid string length"); pass a thumbnail to keep it sharp."""
     n_rows, n_cols = grid.shape
     fig = go.Figure()
     if picture is not None:
+        step = -(-max(picture.shape[:2]) // MAX_PICTURE_SIDE)
+        if step > 1:
+            picture = picture[::step, ::step]
         h, w = picture.shape[:2]
         fig.add_trace(go.Image(z=picture, hoverinfo="skip"))
     else:

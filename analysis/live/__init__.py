@@ -2,6 +2,8 @@
 
 * :mod:`analysis.live.uploads`: upload checks (an uploaded image is validated by its bytes before
   anything decodes it; :class:`UploadError` says why not), drawn pictures, an example's picture;
+* :mod:`analysis.live.pictures`: any image mode to 8-bit RGB (16-bit grayscale scaled, alpha over white),
+  an upload kept once at a bounded size with a display thumbnail, thumbnails for charts;
 * :mod:`analysis.live.run`: the model behind a run (its manifest's checkpoint and dataset), live
   examples built from the declared editable fields, one live run with routing records, a knockout,
   attribution and timings, and a live example placed on the run's embedding map;
@@ -19,6 +21,8 @@ import importlib
 _HOMES = {
     "uploads": ("UploadError", "check_upload", "sniff_image_type", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS",
                 "draw_image", "drawing_options", "example_picture", "picture_keys"),
+    "pictures": ("MODEL_SIDE", "THUMB_SIDE", "to_rgb", "fit_within", "thumbnail", "thumbnail_array",
+                 "UploadedPicture", "receive_upload"),
     "run": ("RunInputs", "run_inputs", "load_live_adapter", "load_base_examples", "warm_up", "clip_text",
             "live_example", "LiveResult", "run_live", "attribute_live", "live_attribution", "cpu_threads",
             "LIVE_CPU_THREADS", "routing_changes", "ranking_frame", "TOP_N", "project_live", "PROJECTION_FILE"),

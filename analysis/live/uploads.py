@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from analysis.live.pictures import to_rgb
 from mmoe_core.data.images import MAX_IMAGE_PIXELS, sniff_image_type  # shared with the dataset readers
 
 __all__ = ["UploadError", "check_upload", "sniff_image_type", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS",
@@ -68,7 +69,7 @@ def check_upload(data: bytes, filename: str = "", max_bytes: int = MAX_UPLOAD_BY
                               f"{max_pixels / 1e6:g} megapixels (a decompression bomb guard)")
         try:
             img.load()
-            rgb = img.convert("RGB")
+            rgb = to_rgb(img)  # 16-bit, palette and alpha images keep their tones (analysis.live.pictures)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise UploadError(f"{name} declares too many pixels to decode safely ({exc})") from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
