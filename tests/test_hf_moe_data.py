@@ -100,3 +100,30 @@ def test_corpus_world(tmp_path):
     for equation in arithmetic.split(" . "):
         left, right = equation.strip(" .").split(" = ")
         assert eval(left) == int(right)  # noqa: S307 -- generated digits and + - * only
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_training_rows_start_with_the_inference_prompt(tmp_path, pack):
+    """The VL trainer's sequences begin with exactly the prompt the adapter generates after."""
+    import numpy as np
+
+    from mmoe_core.data.generate import generate_qa_world
+    from mmoe_core.families.hf_moe import encoding as enc
+    from mmoe_core.families.hf_moe.build import build_vl_processor, build_word_tokenizer
+    from mmoe_core.families.hf_moe.trainer import _qa_texts, qa_batch, qa_groups, qa_row, short_context
+    root = generate_qa_world(tmp_path / "qa", seed=0, scale="tiny", progress=False)
+    examples, _ = load_examples(root, "train")
+    tok = build_word_tokenizer(_qa_texts(examples), vision=True)
+    processor = build_vl_processor(tok)
+    order = enc.QUESTION_LAST if pack else enc.QUESTION_FIRST
+    group = [examples[i] for i in qa_groups(examples, pack, np.random.default_rng(0))[0]]
+    row = qa_row(processor, group, order)
+    prompt = enc.encode_vl(processor, [group[0]], order)["input_ids"][0].tolist()
+    assert row["ids"][:len(prompt)] == prompt and not any(row["label"][:len(prompt)])
+    answers = tok.decode([t for t, lab in zip(row["ids"], row["label"]) if lab and t != tok.eos_token_id])
+    assert answers.split() == " ".join(e["answer"].lower() for e in group).split()
+    short = short_context(group[0]["text"], [e["answer"] for e in group], 0.0, np.random.default_rng(0))
+    assert len(short) < len(group[0]["text"])
+    batch = qa_batch([row, qa_row(processor, group, order, short)], tok.pad_token_id, prompt_labels=True)
+    assert batch["pixel_values"].shape[0] == 2 * int(batch["image_grid_thw"][0].prod())
+    assert ((batch["labels"] != -100) & (batch["prompt_labels"] != -100)).sum() == 0

@@ -55,6 +55,7 @@ class HFMoEAdapter(ModelAdapter):
         self.capture = RoutingCapture(self.handles)
         self.max_answer_tokens = int(self.sidecar.get("max_answer_tokens", 8))
         self.max_length = int(self.sidecar.get("max_length", 1024))
+        self.prompt_order = str(self.sidecar.get("prompt_order", enc.QUESTION_FIRST))
         self._labels: list[LabelSpec] = [LabelSpec(**lab) for lab in self.sidecar.get("labels", [])]
         self._prepared: dict = {}
 
@@ -209,7 +210,7 @@ class HFMoEAdapter(ModelAdapter):
 
     def _generate(self, chunk: list[dict]):
         """Greedy answers: (full sequences [B, P+T], prompt length P, answer lengths, answers, scores, batch)."""
-        batch = enc.encode_vl(self.processor, chunk)
+        batch = enc.encode_vl(self.processor, chunk, self.prompt_order)
         prompt_len = batch["input_ids"].shape[1]
         tok = self.tokenizer
         out = self.model.generate(**self._to_device(batch), max_new_tokens=self.max_answer_tokens, do_sample=False,

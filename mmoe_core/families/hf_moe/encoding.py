@@ -2,8 +2,9 @@
 
 * Text models: the example's ``text`` tokenised (BOS prepended when the tokenizer has one and does
   not add it), left-padded; position ids from the attention mask.
-* Vision-language models: one user turn of [question, picture, text] rendered with the processor's
-  chat template when it has one (else the same parts joined by spaces), then the
+* Vision-language models: one user turn of [question, picture, text] (or [picture, text, question]:
+  the checkpoint's ``moescope.json`` may say ``"prompt_order": "question_last"``) rendered with the
+  processor's chat template when it has one (else the same parts joined by spaces), then the
   processor (pixel values, ``image_grid_thw``, ``mm_token_type_ids``, the image placeholder tokens
   expanded to one per merged patch cell).
 
@@ -84,24 +85,30 @@ def positions_from_mask(mask: Tensor) -> Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def vl_prompt(processor, example: dict, has_image: bool) -> str:
+QUESTION_FIRST, QUESTION_LAST = "question_first", "question_last"
+
+
+def vl_prompt(processor, example: dict, has_image: bool, order: str = QUESTION_FIRST) -> str:
+    """One user turn: [question, picture, text] (``question_first``) or [picture, text, question]."""
     question, text = question_text(example), str(example.get("text") or "")
-    content = (([{"type": "text", "text": question}] if question else []) + ([{"type": "image"}] if has_image else [])
-               + [{"type": "text", "text": text}])
+    parts = [("text", question), ("image", None), ("text", text)] if order == QUESTION_FIRST else \
+        [("image", None), ("text", text), ("text", question)]
+    parts = [(kind, value) for kind, value in parts if (value if kind == "text" else has_image)]
     if getattr(processor, "chat_template", None):
+        content = [{"type": "image"} if kind == "image" else {"type": "text", "text": value} for kind, value in parts]
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                              tokenize=False)
     tok = processor.tokenizer
     start = getattr(tok, "vision_start_token", None) or ""
     end = getattr(tok, "vision_end_token", None) or ""
-    picture = f"{start}{processor.image_token}{end}" if has_image else ""
-    return " ".join(part for part in (question, picture, text) if part)
+    picture = f"{start}{processor.image_token}{end}"
+    return " ".join(picture if kind == "image" else value for kind, value in parts)
 
 
-def encode_vl(processor, examples: Sequence[dict]) -> dict[str, Tensor]:
+def encode_vl(processor, examples: Sequence[dict], order: str = QUESTION_FIRST) -> dict[str, Tensor]:
     """Processor outputs for a batch of examples (left-padded; pictures of the examples that have one)."""
     images = [example_image(e) for e in examples]
-    prompts = [vl_prompt(processor, e, img is not None) for e, img in zip(examples, images)]
+    prompts = [vl_prompt(processor, e, img is not None, order) for e, img in zip(examples, images)]
     present = [img for img in images if img is not None]
     tok = processor.tokenizer
     side = tok.padding_side

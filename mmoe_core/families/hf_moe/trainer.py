@@ -50,6 +50,9 @@ class Recipe:
     patch_size: int = 8
     prompt_lm_weight: float = 0.0              # vl_qa: weight of a language-model loss on the prompt's text
     curriculum_steps: int = 0                  # vl_qa: contexts grow from the answer's sentence to the whole
+    prompt_order: str = "question_first"       # vl_qa: question_first | question_last (see encoding.vl_prompt)
+    pack_questions: bool = False               # vl_qa: all of a product's questions in one sequence (question
+                                               # last); batch_size then counts products
 
 
 def _lr_at(step: int, recipe: Recipe) -> float:
@@ -201,42 +204,69 @@ def _qa_texts(examples: list[dict]) -> list[str]:
     return [enc.prompt_text(e) + " answer : " + (e.get("answer") or "") for e in examples]
 
 
-def encode_qa_training(processor, examples: list[dict], answer_eos: int) -> list[dict]:
-    """Per question: the processor's prompt ids (with its picture's placeholders), the answer ids
-    (then the end token), and the picture's pixel values and grid; each picture processed once."""
+def _sentences(text: str) -> list[str]:
+    return [part.strip() for part in text.replace("\n", " ").split(". ") if part.strip()]
+
+
+def short_context(text: str, answers: list[str], share: float, rng: np.random.Generator) -> str:
+    """Curriculum: ``text`` cut to the sentences that hold one of the answers plus a ``share`` of the
+    other sentences, in their order."""
+    sentences = _sentences(text)
+    wanted = [a.lower() for a in answers if a]
+    holds = [any(f" {a} " in f" {s.lower().rstrip('.')} " for a in wanted) for s in sentences]
+    others = [i for i, h in enumerate(holds) if not h]
+    keep = {i for i, h in enumerate(holds) if h}
+    n = int(round(share * len(others)))
+    if n and others:
+        keep |= {int(i) for i in rng.choice(others, size=n, replace=False)}
+    return ". ".join(sentences[i].rstrip(".") for i in sorted(keep)) + "."
+
+
+def qa_row(processor, group: list[dict], order: str, text: str | None = None) -> dict:
+    """One training sequence: the processor's prompt for the group's first question (its picture's
+    placeholders expanded), that answer and the end token; with more questions of the same product
+    (packing, ``question_last`` order), each next one as " question: ... answer :" + answer + end."""
     tok = processor.tokenizer
-    by_image: dict[str, list[int]] = {}
+    first = group[0] if text is None else {**group[0], "text": text}
+    prompt = enc.encode_vl(processor, [first], order)
+    ids = prompt["input_ids"][0].tolist()
+    mm = prompt["mm_token_type_ids"][0].tolist() if "mm_token_type_ids" in prompt else [0] * len(ids)
+    label = [0] * len(ids)
+    for k, e in enumerate(group):
+        if k:
+            more = tok(f" {enc.question_text(e)} answer :", add_special_tokens=False)["input_ids"]
+            ids, label = ids + more, label + [0] * len(more)
+        answer = tok(" " + (e.get("answer") or ""), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids, label = ids + answer, label + [1] * len(answer)
+    mm = mm + [0] * (len(ids) - len(mm))
+    return {"ids": ids, "label": label, "mm": mm, "pixels": prompt.get("pixel_values"),
+            "thw": prompt.get("image_grid_thw")}
+
+
+def qa_groups(examples: list[dict], pack: bool, rng: np.random.Generator) -> list[list[int]]:
+    """Questions grouped by product (same picture and text) when packing, else one question a group."""
+    if not pack:
+        return [[i] for i in range(len(examples))]
+    by_source: dict[tuple, list[int]] = {}
     for i, e in enumerate(examples):
-        by_image.setdefault(e.get("image_path") or "", []).append(i)
-    rows: list[dict | None] = [None] * len(examples)
-    for path, members in by_image.items():
-        batch = enc.encode_vl(processor, [examples[members[0]]])
-        pixels, thw = batch.get("pixel_values"), batch.get("image_grid_thw")
-        for i in members:
-            e = examples[i]
-            prompt = enc.encode_vl(processor, [e]) if i != members[0] else batch
-            answer = tok(" " + (e.get("answer") or ""), add_special_tokens=False)["input_ids"] + [answer_eos]
-            rows[i] = {"prompt": prompt["input_ids"][0].tolist(), "mm": prompt["mm_token_type_ids"][0].tolist()
-                       if "mm_token_type_ids" in prompt else None, "answer": answer, "pixels": pixels, "thw": thw}
-    return rows  # type: ignore[return-value]
+        by_source.setdefault((e.get("image_path") or "", e.get("text") or ""), []).append(i)
+    return [list(rng.permutation(members)) for members in by_source.values()]
 
 
 def qa_batch(rows: list[dict], pad: int, prompt_labels: bool = False) -> dict:
-    """Right-padded prompt + answer sequences; labels only on the answer tokens (``prompt_labels``:
-    also the prompt's text tokens as separate labels, for a language-model loss on the prompt)."""
-    seqs = [r["prompt"] + r["answer"] for r in rows]
-    length = max(len(s) for s in seqs)
+    """Right-padded sequences; labels on the answer tokens only (``prompt_labels``: the other text
+    tokens as separate labels, for a language-model loss on the prompt)."""
+    length = max(len(r["ids"]) for r in rows)
     n = len(rows)
     ids = torch.full((n, length), pad, dtype=torch.long)
     mask = torch.zeros((n, length), dtype=torch.long)
     labels = torch.full((n, length), -100, dtype=torch.long)
     mm = torch.zeros((n, length), dtype=torch.long)
-    for i, (r, s) in enumerate(zip(rows, seqs)):
-        ids[i, :len(s)] = torch.as_tensor(s)
-        mask[i, :len(s)] = 1
-        labels[i, len(r["prompt"]):len(s)] = torch.as_tensor(r["answer"])
-        if r["mm"] is not None:
-            mm[i, :len(r["mm"])] = torch.as_tensor(r["mm"])
+    for i, r in enumerate(rows):
+        m = len(r["ids"])
+        row = torch.as_tensor(r["ids"])
+        ids[i, :m], mask[i, :m], mm[i, :m] = row, 1, torch.as_tensor(r["mm"])
+        labels[i, :m] = row.masked_fill(torch.as_tensor(r["label"]) == 0, -100)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "mm_token_type_ids": mm}
     if prompt_labels:
         text = (mask == 1) & (mm == 0) & (labels == -100)
@@ -246,26 +276,6 @@ def qa_batch(rows: list[dict], pad: int, prompt_labels: bool = False) -> dict:
         batch["pixel_values"] = torch.cat([r["pixels"] for r in pictures])
         batch["image_grid_thw"] = torch.cat([r["thw"] for r in pictures])
     return batch
-
-
-def _sentences(text: str) -> list[str]:
-    return [part.strip() for part in text.replace("\n", " ").split(". ") if part.strip()]
-
-
-def _short_context_row(processor, example: dict, row: dict, share: float, rng: np.random.Generator) -> dict:
-    """Curriculum: the context cut to the sentences that hold the answer plus a ``share`` of the others
-    (in their order), re-encoded by the processor; answers and pictures unchanged."""
-    sentences = _sentences(str(example.get("text") or ""))
-    answer = str(example.get("answer") or "").lower()
-    holds = [answer and answer in f" {s.lower()} " for s in sentences]
-    others = [i for i, h in enumerate(holds) if not h]
-    keep = set(i for i, h in enumerate(holds) if h)
-    n = int(round(share * len(others)))
-    keep |= set(int(i) for i in rng.choice(others, size=n, replace=False)) if n and others else set()
-    text = ". ".join(sentences[i].rstrip(".") for i in sorted(keep)) + "."
-    prompt = enc.encode_vl(processor, [{**example, "text": text}])
-    return {**row, "prompt": prompt["input_ids"][0].tolist(),
-            "mm": prompt["mm_token_type_ids"][0].tolist() if "mm_token_type_ids" in prompt else None}
 
 
 def train_vl_qa(data_dir: Path, ckpt_dir: Path, recipe: Recipe, progress: bool = False) -> Path:
@@ -280,24 +290,33 @@ def train_vl_qa(data_dir: Path, ckpt_dir: Path, recipe: Recipe, progress: bool =
     model = AutoModelForImageTextToText.from_config(config)
     model.config.router_aux_loss_coef = recipe.aux_loss_coef
     ckpt_dir = _fresh_dir(ckpt_dir)
-    rows = encode_qa_training(processor, examples, tokenizer.eos_token_id)
+    order = enc.QUESTION_LAST if recipe.pack_questions else recipe.prompt_order
+    groups = qa_groups(examples, recipe.pack_questions, rng)
+    rows = [qa_row(processor, [examples[i] for i in g], order) for g in groups]
     pad = enc.pad_id(tokenizer)
 
     def batches():
         step = 0
         while True:
-            order = rng.permutation(len(rows))
-            for start in range(0, len(order) - recipe.batch_size + 1, recipe.batch_size):
-                picked = [int(i) for i in order[start:start + recipe.batch_size]]
-                chosen = [rows[i] for i in picked]
+            for start in range(0, len(groups) - recipe.batch_size + 1, recipe.batch_size):
+                picked = [int(i) for i in perm[start:start + recipe.batch_size]]
                 if step < recipe.curriculum_steps:
                     share = (step + 1) / recipe.curriculum_steps
-                    chosen = [_short_context_row(processor, examples[i], rows[i], share, rng) for i in picked]
+                    chosen = []
+                    for g in picked:
+                        group = [examples[i] for i in groups[g]]
+                        text = short_context(group[0].get("text") or "", [e.get("answer") or "" for e in group],
+                                             share, rng)
+                        chosen.append(qa_row(processor, group, order, text))
+                else:
+                    chosen = [rows[g] for g in picked]
                 step += 1
                 yield qa_batch(chosen, pad, prompt_labels=recipe.prompt_lm_weight > 0)
+            perm[:] = rng.permutation(len(groups))
+    perm = rng.permutation(len(groups))
     top_k = config.text_config.num_experts_per_tok
     log = _train_loop(model, batches(), recipe, ckpt_dir, progress, top_k)
     _finish(model, processor, ckpt_dir, recipe, log,
-            {"task": "vl_qa", "data_dir": str(data_dir), "max_answer_tokens": 6,
+            {"task": "vl_qa", "data_dir": str(data_dir), "max_answer_tokens": 6, "prompt_order": order,
              "labels": [_label_dict(lab) for lab in labels]}, started)
     return ckpt_dir
