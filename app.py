@@ -21,6 +21,7 @@ PAGES = {
     "Interpret": [
         st.Page("pages/source_weights.py", title="Source weights", icon=":material/balance:"),
         st.Page("pages/attributions.py", title="Attributions", icon=":material/highlight:"),
+        st.Page("pages/explanation_checks.py", title="Explanation checks", icon=":material/fact_check:"),
         st.Page("pages/embedding_map.py", title="Embedding map", icon=":material/scatter_plot:"),
         st.Page("pages/playground.py", title="Live playground", icon=":material/science:"),
     ],
