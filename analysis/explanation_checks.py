@@ -553,10 +553,13 @@ def deletion_insertion(forward: Callable[..., Tensor], inputs: tuple[Tensor, ...
 
     Positions of every input are ranked by value, largest first (the most evidence for the explained output;
     an unsigned explanation ranks by its magnitude). Deletion sets the first c of them to zero,
-    insertion restores only them, for c = round(t P), t = 0, 1/steps, ..., 1 (P positions). Each curve is
-    normalised g(t) = (f_t - f_empty) / (f_x - f_empty) (1 -> 0 for deletion), so AUCs compare across
-    examples; NaN when f_x = f_empty. Returns {deletion, insertion, deletion_random, insertion_random}: a
-    faithful explanation deletes faster (lower AUC) and inserts faster (higher AUC) than random orders."""
+    insertion restores only them, for c = round(t P), t = 0, 1/steps, ..., 1 (P positions). Every curve of
+    the example is normalised by one scale, g(t) = (f_t - f_empty) / s with s = max |f_t - f_empty| over all
+    its curves (the explanation's and the random orders'): a logit has no natural range (unlike the class
+    probabilities of the original RISE metric) and f_x - f_empty can be tiny next to the swings on the way,
+    so curves lie in [-1, 1], their areas in [-1, 1], and the explanation's and random orders' areas share
+    a scale. NaN when nothing moves. Returns {deletion, insertion, deletion_random, insertion_random}: a
+    faithful explanation deletes faster (lower area) and inserts faster (higher area) than random orders."""
     scores = np.concatenate([np.ravel(v) for v in values]).astype(float)
     total = len(scores)
     counts = sorted({int(round(t * total)) for t in np.linspace(0, 1, min(steps, total) + 1)})
@@ -566,8 +569,8 @@ def deletion_insertion(forward: Callable[..., Tensor], inputs: tuple[Tensor, ...
     batch = tuple(torch.cat([b[i] for b in batches]) for i in range(len(inputs)))
     f = _evaluate(forward, batch).reshape(len(orders), 2, len(counts))
     f_x, f_empty = f[0, 0, 0], f[0, 0, -1]
-    scale = f_x - f_empty
-    if not np.isfinite(scale) or abs(scale) < 1e-6 * max(1.0, abs(f_x)):
+    scale = float(np.max(np.abs(f - f_empty)))
+    if not np.isfinite(scale) or scale < 1e-6 * max(1.0, abs(f_x)):
         return dict.fromkeys(("deletion", "insertion", "deletion_random", "insertion_random"), math.nan)
     g = (f - f_empty) / scale
     areas = np.array([[auc(np.asarray(counts) / total, g[o, k]) for k in range(2)] for o in range(len(orders))])
