@@ -97,10 +97,14 @@ def prediction_text(prediction: Mapping[str, Any], spec: ModelSpec) -> str:
             parts.append(f"{label}: **{state.escape_markdown(value)}**")
         elif key in prediction and value is not None:
             parts.append(f"{label}: (empty)")
+    correct = prediction.get("correct")
+    wrong = correct is not None and not (isinstance(correct, float) and math.isnan(correct)) and not bool(correct)
+    named = prediction.get("prediction")
+    if wrong and _present(named) and str(named) == str(prediction.get("gold")):
+        parts[0] += f" (another {item} of the same name)"  # ambiguous names: the right name, the wrong one
     rank = prediction.get("rank")
     if _present(rank):
         parts.append(f"gold rank **{int(rank)}**")
-    correct = prediction.get("correct")
     if correct is not None and not (isinstance(correct, float) and math.isnan(correct)):
         parts.append("correct" if bool(correct) else "wrong")
     return " · ".join(parts)

@@ -1,5 +1,9 @@
 """Headless-browser test: the real Streamlit server, every page in Chromium, no exception boxes or error
-alerts, one screenshot per page under ``test-output/screenshots/<page>.png`` (git-ignored).
+alerts, one screenshot per page under ``test-output/screenshots/<page>.png`` (git-ignored), and no request
+to a host other than this machine (Chrome's performance log; the page icon is an inline emoji, not a
+fetched icon font). Also: the playground's first paint (stored results before the live model), crafted
+URL parameters shown as text, and a picture at the upload limit settling without a browser error.
+Time to first paint and to idle per page go to ``test-output/browser_timings.json`` (never asserted).
 
 Needs /usr/bin/chromium and /usr/bin/chromedriver (skipped, saying so, when either is absent) and selenium.
 The server runs ``python -m streamlit run app.py`` on a free port with MOESCOPE_ARTIFACTS pointing at the
@@ -55,7 +59,7 @@ PAGES = [
     ("source_weights", "source_weights", "moemoe-qa", {}, [PLOT]),
     ("attributions", "attributions", "mmoe-balanced", {}, []),
     ("embedding_map", "embedding_map", "mmoe-balanced", {}, []),
-    ("playground", "playground", "mmoe-balanced", {}, []),
+    ("playground", "playground", "mmoe-balanced", {}, ['[data-testid="stMetric"]']),  # the live results
     ("dataset_browser", "dataset_browser", None, {}, [TABLE]),
 ]
 
@@ -114,6 +118,7 @@ def browser():
     height = int(os.environ.get("MOESCOPE_SCREENSHOT_HEIGHT", "1000"))
     options = Options()
     options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--no-first-run", f"--user-data-dir={profile}", f"--window-size=1400,{height}"):
@@ -155,6 +160,90 @@ def _wait_idle(driver, expected: list[str], timeout: float) -> tuple[float, list
     return time.monotonic() - start, missing
 
 
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
+TIMINGS = REPO / "test-output" / "browser_timings.json"
+
+
+def _record_timings(new: dict) -> None:
+    """Merge ``new`` into test-output/browser_timings.json (reported, never asserted)."""
+    try:
+        old = json.loads(TIMINGS.read_text())
+    except (OSError, ValueError):
+        old = {}
+    TIMINGS.parent.mkdir(parents=True, exist_ok=True)
+    TIMINGS.write_text(json.dumps({**old, **new}, indent=2, sort_keys=True) + "\n")
+
+
+def _outside_requests(driver) -> list[str]:
+    """URLs of every request since the last call that went to a host other than this machine (from
+    Chrome's performance log: documents, scripts, fonts, images, icons, XHR and websockets alike)."""
+    from urllib.parse import urlparse
+    urls = []
+    for entry in driver.get_log("performance"):
+        try:
+            message = json.loads(entry["message"])["message"]
+        except (KeyError, ValueError):
+            continue
+        if message.get("method") not in ("Network.requestWillBeSent", "Network.webSocketCreated"):
+            continue
+        params = message.get("params", {})
+        url = params.get("request", {}).get("url") or params.get("url") or ""
+        parsed = urlparse(url)
+        if parsed.scheme in ("data", "blob", "about", "chrome", "chrome-extension", ""):
+            continue
+        if (parsed.hostname or "") not in LOCAL_HOSTS:
+            urls.append(url)
+    return urls
+
+
+def _icon_links(driver) -> list[str]:
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('link[rel*=icon]')).map(l => l.href)") or []
+
+
+def _first_paint(driver, url: str, timeout: float = PAGE_TIMEOUT) -> float | None:
+    """Load ``url`` and return the seconds until the page's title (``stMain h1``) is in the DOM."""
+    from selenium.webdriver.common.by import By
+    start = time.monotonic()
+    driver.get(url)
+    while time.monotonic() - start < timeout:
+        if driver.find_elements(By.CSS_SELECTOR, '[data-testid="stMain"] h1'):
+            return time.monotonic() - start
+        time.sleep(0.05)
+    return None
+
+
+def _severe_logs(driver) -> list[str]:
+    return [e["message"][:400] for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+
+
+def test_playground_first_paint_shows_stored_results_before_the_live_model(server, browser):  # noqa: F811
+    """A first visit to the playground paints the inputs and the stored prediction of the base example at
+    once, then the live results arrive (the model loads after the first paint). Screenshots of both."""
+    from selenium.webdriver.common.by import By
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    browser.get("about:blank")
+    first = _first_paint(browser, f"{server}/playground?run=mmoe-balanced")
+    assert first is not None, "the playground drew no title"
+    deadline = time.monotonic() + PAGE_TIMEOUT
+    stored = None
+    while time.monotonic() < deadline and stored is None:
+        hits = [e for e in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]')
+                if e.text.startswith("Stored prediction of the base example")]
+        stored = time.monotonic() if hits else None
+        time.sleep(0.05)
+    assert stored is not None, "the stored prediction of the base example is not shown"
+    browser.save_screenshot(str(SHOTS / "playground_first_paint.png"))
+    waited, missing = _wait_idle(browser, ['[data-testid="stMetric"]', PLOT], PAGE_TIMEOUT)
+    browser.save_screenshot(str(SHOTS / "playground_live.png"))
+    assert not missing, f"the live results did not arrive: {missing}"
+    metrics = " ".join(e.text for e in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stMetric"]'))
+    assert "gold rank" in metrics
+    assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+    _record_timings({"playground first paint (title)": round(first, 2),
+                     "playground live results settled": round(waited + first, 2)})
+
+
 def test_every_page_renders_in_the_browser(server, browser, runs_root):  # noqa: F811
     from selenium.webdriver.common.by import By
 
@@ -163,14 +252,17 @@ def test_every_page_renders_in_the_browser(server, browser, runs_root):  # noqa:
     runs = list_runs(runs_root)
     SHOTS.mkdir(parents=True, exist_ok=True)
     problems, timings = [], {}
+    browser.get_log("performance")
     for name, path, run, params, expected in PAGES:
         query = dict(params)
         if run is not None:
             query["run"] = run if run in runs else runs[0]
         url = f"{server}/{path}" + (f"?{urlencode(query)}" if query else "")
-        browser.get(url)
+        browser.get("about:blank")
+        first = _first_paint(browser, url)
         waited, missing = _wait_idle(browser, expected, PAGE_TIMEOUT)
         timings[name] = round(waited, 2)
+        timings[f"{name} first paint"] = None if first is None else round(first, 2)
         browser.save_screenshot(str(SHOTS / f"{name}.png"))
         if missing:
             problems.append(f"{name}: still missing after {PAGE_TIMEOUT:.0f} s: {missing}")
@@ -178,8 +270,79 @@ def test_every_page_renders_in_the_browser(server, browser, runs_root):  # noqa:
             problems.append(f"{name}: exception box: {box.text[:600]}")
         for box in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentError"]'):
             problems.append(f"{name}: error alert: {box.text[:600]}")
-    (REPO / "test-output" / "browser_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+        problems += [f"{name}: request off this machine: {u}" for u in _outside_requests(browser)]
+        problems += [f"{name}: page icon not inline or local: {h}" for h in _icon_links(browser)
+                     if not (h.startswith("data:") or h.startswith(server))]
+    _record_timings(timings)
     assert not problems, "\n".join(problems)
+
+
+CRAFTED_RUN = "x` [a live link](http://evil.example/a) **bold** ![remote](http://evil.example/i.png)"
+
+
+def test_crafted_url_params_show_as_text(server, browser):  # noqa: F811
+    """?run= with Markdown renders no link, bold text or image inside the warning (and fetches nothing);
+    ?example=² on the playground, attributions and source-weights pages is a warning, not a traceback."""
+    from selenium.webdriver.common.by import By
+    browser.get("about:blank")
+    browser.get_log("performance")
+    browser.get(f"{server}/overview?{urlencode({'run': CRAFTED_RUN})}")
+    _, missing = _wait_idle(browser, ['[data-testid="stAlertContentWarning"]'], PAGE_TIMEOUT)
+    assert not missing, missing
+    alert = next(a for a in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentWarning"]')
+                 if "The link asks for run" in a.text)
+    assert not alert.find_elements(By.CSS_SELECTOR, "a, img, strong, b, em"), alert.get_attribute("innerHTML")
+    codes = [c.text for c in alert.find_elements(By.CSS_SELECTOR, "code")]
+    assert CRAFTED_RUN[:80] in codes, codes  # cut at 80 characters (pages.state.LITERAL_CHARS)
+    assert not _outside_requests(browser)
+    for path, run in (("playground", "mmoe-balanced"), ("attributions", "mmoe-balanced"),
+                      ("source_weights", "moemoe-qa")):
+        browser.get("about:blank")
+        query = urlencode({"run": run, "example": "\u00b2"})
+        browser.get(f"{server}/{path}?{query}")
+        _, missing = _wait_idle(browser, ['[data-testid="stAlertContentWarning"]'], PAGE_TIMEOUT)
+        assert not missing, f"{path}: {missing}"
+        texts = [a.text for a in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentWarning"]')]
+        assert any("The link asks for example" in t and "\u00b2" in t for t in texts), (path, texts)
+        assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]'), path
+
+
+def test_a_picture_at_the_upload_limit_settles_without_a_browser_error(server, browser, tmp_path):  # noqa: F811
+    """A 5000 x 5000 PNG (legal: 25 megapixels, under 5 MB) on the playground: the page settles showing it,
+    with no "RangeError: Invalid string length" (the attribution chart used to embed the whole picture)
+    and no error box. The time it takes goes to browser_timings.json."""
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    picture = tmp_path / "big-5000x5000.png"
+    image = Image.new("RGB", (5000, 5000), (235, 235, 240))
+    image.paste((200, 30, 30), (1000, 1000, 4000, 4000))
+    image.save(picture)
+    browser.get("about:blank")
+    browser.get(f"{server}/playground?run=mmoe-balanced")
+    _, missing = _wait_idle(browser, ['[data-testid="stMetric"]'], PAGE_TIMEOUT)
+    assert not missing, missing
+    radio = next(e for e in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stRadio"] label')
+                 if "upload a picture" in e.text)
+    radio.click()
+    _, missing = _wait_idle(browser, ['input[type="file"]'], PAGE_TIMEOUT)
+    assert not missing, missing
+    _severe_logs(browser)  # drop what came before
+    start = time.monotonic()
+    browser.find_element(By.CSS_SELECTOR, 'input[type="file"]').send_keys(str(picture))
+    deadline = time.monotonic() + PAGE_TIMEOUT
+    while time.monotonic() < deadline and "5000 x 5000 pixels" not in browser.find_element(
+            By.CSS_SELECTOR, '[data-testid="stMain"]').text:
+        time.sleep(0.1)
+    waited, missing = _wait_idle(browser, ['[data-testid="stMetric"]', PLOT], PAGE_TIMEOUT)
+    settled = time.monotonic() - start
+    browser.save_screenshot(str(SHOTS / "playground_upload_5000.png"))
+    assert "5000 x 5000 pixels" in browser.find_element(By.CSS_SELECTOR, '[data-testid="stMain"]').text
+    assert not missing, missing
+    errors = _severe_logs(browser)
+    assert not [e for e in errors if "RangeError" in e or "Invalid string length" in e], errors
+    boxes = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"], [data-testid="stAlertContentError"]')
+    assert not boxes, [b.text[:300] for b in boxes]
+    _record_timings({"playground upload 5000x5000 settled": round(settled, 2)})
 
 
 def test_example_row_opens_the_routing_explorer(server, browser, runs_root):  # noqa: F811

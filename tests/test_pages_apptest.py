@@ -294,6 +294,20 @@ def test_bad_run_param_warns_and_falls_back(root):
     assert any(f"**{name}**" in markdown_text(at) for name in _store(root, picked).layer_metrics()["layer"])
 
 
+def test_prediction_text_names_both_sides_and_escapes_data_text():
+    """Names, never row numbers; a wrong prediction with the gold's name says it is another item of that
+    name (the demo worlds share names between entities); data text cannot render as Markdown."""
+    from mmoe_core.spec import ModelSpec, PredictionSpec
+    from pages.widgets import prediction_text
+    spec = ModelSpec("toy", "toy", prediction=PredictionSpec("ranking", "", item="entity"))
+    line = prediction_text({"prediction": "Trinity", "prediction_id": 28, "gold": "Trinity", "gold_id": 29,
+                            "rank": 2, "correct": False}, spec)
+    assert line == "entity: **Trinity** (another entity of the same name) · gold: **Trinity** · gold rank **2** · wrong"
+    assert "28" not in line and "29" not in line
+    crafted = prediction_text({"prediction": "[x](http://evil.example)", "gold": "**b**", "correct": True}, spec)
+    assert "\\[x\\]\\(http\\://evil\\.example\\)" in crafted and "\\*\\*b\\*\\*" in crafted
+
+
 CRAFTED_RUNS = ["x` [a live link](http://evil.example/a) **bold** ![remote](http://evil.example/i.png)",
                 "www.evil.example :red[red] $x^2$ <b>b</b>", "``", "a\n\n# heading"]
 
