@@ -15,11 +15,21 @@ A page is one file ``pages/<name>.py``, listed in ``app.py``'s navigation, laid 
 5. a last line ``render()``.
 
 Nothing slow runs before the title: stored results come first, and work that takes time (loading a
-model, a live run) follows under a spinner. A page file is never imported by another page; what pages
-share lives in:
+model, a live run) follows under a spinner; the playground's first run of a session only paints (the
+inputs and the stored results) and starts the live run right after it (a fragment that reruns the
+page). Pictures are drawn as thumbnails (``analysis.live.thumbnail``), never at full resolution.
+
+Text from outside the app is shown as text: a URL value or a name echoed in Markdown goes through
+``state.literal`` (a code span), data text (a dataset's sentence, an entity's name) through
+``state.escape_markdown``; ``?example=`` is read with ``state.parse_index`` (ASCII digits only). An
+expected failure (a file gone, a stale run, a refused config) is one message (``state.show_failure``;
+app.py catches those a page lets through), never a traceback.
+
+A page file is never imported by another page; what pages share lives in:
 
 * :mod:`pages.state`: state and URL (sidebar and run picker, ``?run=`` / ``?example=`` and widgets
-  synced with query params, the clear states: no runs, stale or partial runs, bad links);
+  synced with query params, the clear states: no runs, stale or partial runs, bad links; untrusted
+  text and expected failures);
 * :mod:`pages.reads`: cached reads (the store, tables, JSON, the run's declaration, summaries of
   declared outputs, the live model shared by every session);
 * :mod:`pages.widgets`: shared widgets and figures (example titles, fields and pictures, the routing of

@@ -50,6 +50,8 @@ def run_version(run: str) -> str:
     key = (str(path), st_.st_mtime_ns, st_.st_size)
     h = _manifest_memo.get(key)
     if h is None:
+        if len(_manifest_memo) >= 256:  # bounded: every republish adds a key
+            _manifest_memo.clear()
         where = hashlib.sha256(str(path.parent).encode()).hexdigest()[:8]
         h = _manifest_memo[key] = f"{file_sha256(path)[:16]}-{where}"
     return h

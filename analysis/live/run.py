@@ -391,6 +391,7 @@ def run_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int] | No
 # ------------------------------------------------------------------------------------------------
 
 PROJECTION_FILE = "projection_model.npz"
+PROJECTION_CACHE_ENTRIES = 8  # fitted maps kept in memory (one per published run version)
 _projection_cache: dict[tuple, Any] = {}
 
 
@@ -411,6 +412,8 @@ def _projection_of(store):
     key = (str(path), st.st_size, st.st_mtime_ns)
     projection = _projection_cache.get(key)
     if projection is None:
+        while len(_projection_cache) >= PROJECTION_CACHE_ENTRIES:  # oldest first: a republish adds a key
+            _projection_cache.pop(next(iter(_projection_cache)))
         projection = _projection_cache[key] = FittedProjection.load(path)
     return projection
 
