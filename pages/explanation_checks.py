@@ -92,7 +92,7 @@ def routing_agreement(checks: pd.DataFrame) -> None:
     wide = rows.pivot_table(index="layer", columns="label", values="value", sort=False)
     pvals = rows.pivot_table(index="layer", columns="label", values="p_value", sort=False)
     fig = go.Figure(go.Heatmap(z=wide.to_numpy(), x=list(wide.columns), y=list(wide.index), colorscale="Blues",
-                               text=[[f"{v:.3f}<br>p {p:.3f}" for v, p in zip(r, q)]
+                               text=[["–" if math.isnan(v) else f"{v:.3f}<br>p {p:.3f}" for v, p in zip(r, q)]
                                      for r, q in zip(wide.to_numpy(), pvals.reindex_like(wide).to_numpy())],
                                texttemplate="%{text}", colorbar=dict(title=dict(text="MI"))))
     fig.update_yaxes(autorange="reversed")
@@ -155,7 +155,8 @@ def _heatmap(wide: pd.DataFrame, title: str, scale: str, fmt: str, mid: float | 
     text = [["–" if math.isnan(v) else format(v, fmt) for v in row] for row in z]
     extra = {}
     if mid is not None:
-        bound = max(1e-9, float(pd.DataFrame(z).abs().max().max()) if z.size else 1.0)
+        largest = float(pd.DataFrame(z).abs().max().max()) if z.size else 0.0
+        bound = largest if largest > 0 else 1.0  # all zero: a readable scale, not +-1e-9
         extra = dict(zmid=mid, zmin=-bound, zmax=bound)
     fig = go.Figure(go.Heatmap(z=z, x=list(wide.columns), y=list(wide.index), colorscale=scale, text=text,
                                texttemplate="%{text}", colorbar=dict(title=dict(text=bar)), **extra))
@@ -194,7 +195,7 @@ def knockout_section(run: str, knockout: pd.DataFrame | None, summary: dict) -> 
         wide.columns = [f"expert {int(c)}" for c in wide.columns]
     left, right = st.columns(2)
     with left:
-        st.plotly_chart(_heatmap(delta, f"\u0394 {metric} when the expert is knocked out", "RdBu", "+.3f", mid=0.0,
+        st.plotly_chart(_heatmap(delta, f"\u0394 {metric}, expert knocked out", "RdBu", "+.3f", mid=0.0,
                                  bar="\u0394"), key="ec_knockout_heatmap")
     with right:
         st.plotly_chart(_heatmap(load, "Share of routing slots (the run)", "Blues", ".0%", bar="load"),
