@@ -3,6 +3,7 @@
 `streamlit run app.py` (or `make demo`). Navigation over pages/, the run picker shared by every
 page (kept in the URL as ?run=...), and a badge saying whether live runs use a GPU or the CPU.
 """
+
 import streamlit as st
 
 # The icon is an emoji: the browser draws it as an inline SVG (a data: URL). A ":material/..." page icon

@@ -15,6 +15,7 @@ It sits above both layers because it needs both: it trains through ``mmoe_core``
 ``--scale tiny`` builds tiny worlds and a few dozen steps per run (seconds; for tests). ``--jobs N``
 builds N runs at once in spawned processes, one torch thread each, the costliest first.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ from mmoe_core.factory import SCALES
 from mmoe_core.paths import artifacts_root
 
 WORLD_SEED = 0
-STAMP_NAME = "demo_run.json"   # what the demo build trained a checkpoint from (its skip test)
+STAMP_NAME = "demo_run.json"  # what the demo build trained a checkpoint from (its skip test)
 
 
 def log(message: str) -> None:
@@ -49,6 +50,7 @@ def checkpoint_dir(run: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Worlds
 # ---------------------------------------------------------------------------------------------
+
 
 def ensure_world(name: str, scale: str, force: bool = False) -> Path:
     world = registry.worlds().get(name)
@@ -68,10 +70,17 @@ def ensure_world(name: str, scale: str, force: bool = False) -> Path:
 # Runs
 # ---------------------------------------------------------------------------------------------
 
+
 def stamp(run: registry.DemoRun, scale: str) -> dict:
     """What a built checkpoint must have been made from to count as up to date."""
-    return {"run": run.name, "family": run.family, "world": run.world, "world_seed": WORLD_SEED, "scale": scale,
-            "fingerprint": json.loads(json.dumps(run.fingerprint))}
+    return {
+        "run": run.name,
+        "family": run.family,
+        "world": run.world,
+        "world_seed": WORLD_SEED,
+        "scale": scale,
+        "fingerprint": json.loads(json.dumps(run.fingerprint)),
+    }
 
 
 def run_is_built(ckpt: Path, run: registry.DemoRun, scale: str) -> bool:
@@ -103,19 +112,27 @@ def train_run(run: registry.DemoRun, scale: str, data_dir: Path, progress: bool)
 
 def precompute_run(run: registry.DemoRun, data_dir: Path, progress: bool) -> float:
     from analysis.precompute import precompute
+
     started = time.perf_counter()
-    precompute(run.name, checkpoint=str(checkpoint_dir(run.name)), data=str(data_dir), progress=progress,
-               **dict(run.precompute))
+    precompute(
+        run.name,
+        checkpoint=str(checkpoint_dir(run.name)),
+        data=str(data_dir),
+        progress=progress,
+        **dict(run.precompute),
+    )
     return time.perf_counter() - started
 
 
-def build_run(name: str, scale: str, data_dir: Path, force: bool = False, progress: bool = True,
-              threads: int = 0) -> dict:
+def build_run(
+    name: str, scale: str, data_dir: Path, force: bool = False, progress: bool = True, threads: int = 0
+) -> dict:
     """Train one run unless up to date, then precompute it; ``threads`` > 0 caps torch's threads.
 
     Takes the run's name (not the DemoRun) so that a spawned worker looks it up in its own registry."""
     if threads:
         import torch
+
         torch.set_num_threads(threads)
     run = find_run(name, scale)
     ckpt = checkpoint_dir(run.name)
@@ -148,29 +165,33 @@ def select_runs(only: str | None, scale: str) -> list[registry.DemoRun]:
     return chosen
 
 
-def build_parallel(runs: list[registry.DemoRun], scale: str, data: dict[str, Path], force: bool, progress: bool,
-                   jobs: int) -> dict[str, dict]:
+def build_parallel(
+    runs: list[registry.DemoRun], scale: str, data: dict[str, Path], force: bool, progress: bool, jobs: int
+) -> dict[str, dict]:
     """``jobs`` runs at once, each in a spawned process with one torch thread (on a shared CPU, one thread
     per process beats processes fighting over OpenMP barriers); the costliest start first."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from tqdm import tqdm
+
     ordered = sorted(runs, key=lambda r: -r.cost)
     report: dict[str, dict] = {}
     # spawn: a forked child would inherit the parent's torch / OpenMP state
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(build_run, r.name, scale, data[r.world], force, False, 1): r.name for r in ordered}
-        with tqdm(total=len(futures), desc=f"demo runs ({jobs} at a time)", unit="run", disable=not progress,
-                  file=sys.stderr) as bar:
+        with tqdm(
+            total=len(futures), desc=f"demo runs ({jobs} at a time)", unit="run", disable=not progress, file=sys.stderr
+        ) as bar:
             for future in as_completed(futures):
                 report[futures[future]] = future.result()
                 bar.update(1)
     return {r.name: report[r.name] for r in runs}
 
 
-def build(only: str | None = None, force: bool = False, scale: str = "default", progress: bool = True,
-          jobs: int | None = None) -> dict:
+def build(
+    only: str | None = None, force: bool = False, scale: str = "default", progress: bool = True, jobs: int | None = None
+) -> dict:
     """Build worlds and runs; returns {"worlds": {world: path}, "runs": {run: {"checkpoint", "trained",
     "seconds", "precompute_seconds"}}}."""
     if scale not in SCALES:
@@ -188,14 +209,19 @@ def build(only: str | None = None, force: bool = False, scale: str = "default", 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m demo_build", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m demo_build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--only", help="build only this run (and its world)")
     p.add_argument("--force", action="store_true", help="retrain even when up to date")
     p.add_argument("--scale", choices=SCALES, default="default")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--jobs", type=int, default=None,
-                   help="runs built at once, one process and one torch thread each (default: CPU cores)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs built at once, one process and one torch thread each (default: CPU cores)",
+    )
     args = p.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         p.error("--jobs must be at least 1")
@@ -213,4 +239,5 @@ if __name__ == "__main__":
     # Run the importable module's main, so that spawned workers and this process share one copy of it
     # (a worker unpickles demo_build.build_run, not __main__'s).
     from demo_build import main as _main
+
     sys.exit(_main())

@@ -23,6 +23,7 @@ on the other rows of the batch (as with the published MMoE gate, which normalise
 axis), IG through it is wrong. Each call checks this once (x and the baseline together vs alone)
 and warns: the adapter's ``attribution_forward`` must evaluate rows independently.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,14 +43,40 @@ from analysis.sampling import stratified_indices
 from mmoe_core.adapter import ModelAdapter
 from mmoe_core.routing_record import flatten_call
 
-__all__ = ["AttributionResult", "ExplainedOutput", "attribute", "integrated_gradients", "occlusion",
-           "occlusion_image", "image_input_names", "router_attribution", "default_router_target",
-           "attribution_table", "modality_share_by_label", "TABLE_COLUMNS", "METHODS"]
+__all__ = [
+    "AttributionResult",
+    "ExplainedOutput",
+    "attribute",
+    "integrated_gradients",
+    "occlusion",
+    "occlusion_image",
+    "image_input_names",
+    "router_attribution",
+    "default_router_target",
+    "attribution_table",
+    "modality_share_by_label",
+    "TABLE_COLUMNS",
+    "METHODS",
+]
 
 METHODS = ("ig", "occlusion")
 ROUTER_TARGET = "router_logit"
-TABLE_COLUMNS = ("example_index", "method", "target", "layer", "expert", "call", "target_position", "input",
-                 "position", "label", "value", "abs_value", "share", "delta")
+TABLE_COLUMNS = (
+    "example_index",
+    "method",
+    "target",
+    "layer",
+    "expert",
+    "call",
+    "target_position",
+    "input",
+    "position",
+    "label",
+    "value",
+    "abs_value",
+    "share",
+    "delta",
+)
 
 Baseline = str | Mapping[str, Tensor]  # "zeros", or a tensor per input name (broadcast to the input)
 
@@ -58,6 +85,7 @@ Baseline = str | Mapping[str, Tensor]  # "zeros", or a tensor per input name (br
 class ExplainedOutput:
     """The scalar being explained: ``name`` is an adapter attribution target ("score",
     "answer_logit", "router_logit"); router logits also name layer, expert, position and call."""
+
     name: str
     layer: str | None = None
     expert: int | None = None
@@ -78,15 +106,16 @@ class ExplainedOutput:
 @dataclass
 class AttributionResult:
     """Attributions of one example for one explained output, per input name."""
-    method: str                      # "ig" | "occlusion"
+
+    method: str  # "ig" | "occlusion"
     target: ExplainedOutput
-    values: dict[str, np.ndarray]    # per position, signed
+    values: dict[str, np.ndarray]  # per position, signed
     abs_values: dict[str, np.ndarray]
-    labels: dict[str, list[str]]     # per position, from adapter.input_labels
-    share: dict[str, float]          # share of the total absolute mass
-    delta: float = math.nan          # IG convergence delta (nan for occlusion)
+    labels: dict[str, list[str]]  # per position, from adapter.input_labels
+    share: dict[str, float]  # share of the total absolute mass
+    delta: float = math.nan  # IG convergence delta (nan for occlusion)
     n_steps: int | None = None
-    output: float = math.nan         # f(x)
+    output: float = math.nan  # f(x)
     baseline_output: float = math.nan  # f(baseline)
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -101,17 +130,35 @@ class AttributionResult:
     def to_rows(self, example_index: int) -> list[dict]:
         """One dict per (input, position), with the columns of :data:`TABLE_COLUMNS`."""
         t = self.target
-        common = {"example_index": int(example_index), "method": self.method, "target": t.name,
-                  "layer": t.layer, "expert": t.expert, "call": t.call, "target_position": t.position,
-                  "delta": self.delta}
-        return [{**common, "input": name, "position": i, "label": self.labels[name][i], "value": float(v),
-                 "abs_value": float(self.abs_values[name][i]), "share": self.share[name]}
-                for name, values in self.values.items() for i, v in enumerate(values)]
+        common = {
+            "example_index": int(example_index),
+            "method": self.method,
+            "target": t.name,
+            "layer": t.layer,
+            "expert": t.expert,
+            "call": t.call,
+            "target_position": t.position,
+            "delta": self.delta,
+        }
+        return [
+            {
+                **common,
+                "input": name,
+                "position": i,
+                "label": self.labels[name][i],
+                "value": float(v),
+                "abs_value": float(self.abs_values[name][i]),
+                "share": self.share[name],
+            }
+            for name, values in self.values.items()
+            for i, v in enumerate(values)
+        ]
 
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------
+
 
 def _declared_target(adapter: ModelAdapter, name: str) -> str:
     declared = [t.name for t in adapter.attribution_targets()]
@@ -140,10 +187,12 @@ def _baselines_for(inputs: Mapping[str, Tensor], baseline: Baseline) -> dict[str
     return {name: baseline[name].to(x).expand_as(x).clone() for name, x in inputs.items()}
 
 
-def _restricted_forward(forward: Callable[..., Tensor], names: Sequence[str], attributed: Sequence[str],
-                        fixed: Mapping[str, Tensor]) -> Callable[..., Tensor]:
+def _restricted_forward(
+    forward: Callable[..., Tensor], names: Sequence[str], attributed: Sequence[str], fixed: Mapping[str, Tensor]
+) -> Callable[..., Tensor]:
     """``forward`` as a function of the ``attributed`` inputs only; the others stay at ``fixed``
     (expanded to the batch size captum uses)."""
+
     def restricted(*tensors: Tensor) -> Tensor:
         given = dict(zip(attributed, tensors))
         batch = tensors[0].shape[0]
@@ -152,19 +201,25 @@ def _restricted_forward(forward: Callable[..., Tensor], names: Sequence[str], at
         # (a text-side router logit vs image patches) then gets exact zeros instead of an autograd error.
         unused_guard = sum((t * 0).reshape(batch, -1).sum(dim=1) for t in tensors)
         return forward(*args).reshape(batch) + unused_guard
+
     return restricted
 
 
-def _outputs_and_batch_check(forward: Callable[..., Tensor], inputs: Sequence[Tensor],
-                             baselines: Sequence[Tensor], what: str) -> tuple[float, float]:
+def _outputs_and_batch_check(
+    forward: Callable[..., Tensor], inputs: Sequence[Tensor], baselines: Sequence[Tensor], what: str
+) -> tuple[float, float]:
     """f(x), f(baseline); warns when evaluating them in one batch changes the answer."""
     with torch.no_grad():
         alone = torch.cat([forward(*inputs), forward(*baselines)])
         together = forward(*[torch.cat([x, b]) for x, b in zip(inputs, baselines)])
     if not torch.allclose(alone, together, rtol=1e-4, atol=1e-5):
-        warnings.warn(f"attribution forward for {what} is batch dependent (x alone {alone.tolist()} vs in a "
-                      f"batch {together.tolist()}): attributions are unreliable; the adapter's "
-                      "attribution_forward should evaluate rows independently", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"attribution forward for {what} is batch dependent (x alone {alone.tolist()} vs in a "
+            f"batch {together.tolist()}): attributions are unreliable; the adapter's "
+            "attribution_forward should evaluate rows independently",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return float(alone[0]), float(alone[1])
 
 
@@ -193,30 +248,51 @@ def _labels_for(adapter: ModelAdapter, example: dict, inputs: Mapping[str, Tenso
 # Captum methods: (forward, inputs, baselines, options) -> per-input attribution tensors, delta
 # ---------------------------------------------------------------------------------------------
 
+
 def _run_ig(forward, inputs, baselines, *, n_steps: int, internal_batch_size: int, **_) -> tuple[tuple, float]:
     attrs, delta = IntegratedGradients(forward).attribute(
-        inputs, baselines=baselines, n_steps=n_steps, internal_batch_size=internal_batch_size,
-        return_convergence_delta=True)
+        inputs,
+        baselines=baselines,
+        n_steps=n_steps,
+        internal_batch_size=internal_batch_size,
+        return_convergence_delta=True,
+    )
     return attrs, float(delta.reshape(-1)[0])
 
 
-def _run_occlusion(forward, inputs, baselines, *, window: int, stride: int, perturbations_per_eval: int,
-                   **_) -> tuple[tuple, float]:
+def _run_occlusion(
+    forward, inputs, baselines, *, window: int, stride: int, perturbations_per_eval: int, **_
+) -> tuple[tuple, float]:
     # Slide along the position axis only: each window covers whole positions (every embedding dim).
     windows = tuple((window, *x.shape[2:]) for x in inputs)
     strides = tuple((stride, *x.shape[2:]) for x in inputs)
-    attrs = Occlusion(forward).attribute(inputs, sliding_window_shapes=windows, strides=strides,
-                                         baselines=baselines, perturbations_per_eval=perturbations_per_eval)
+    attrs = Occlusion(forward).attribute(
+        inputs,
+        sliding_window_shapes=windows,
+        strides=strides,
+        baselines=baselines,
+        perturbations_per_eval=perturbations_per_eval,
+    )
     return attrs, math.nan
 
 
 _METHOD_RUNNERS = {"ig": (_run_ig, "sum"), "occlusion": (_run_occlusion, "mean")}
 
 
-def attribute(adapter: ModelAdapter, example: dict, target: ExplainedOutput, method: str = "ig", *,
-              input_names: Sequence[str] | None = None, baseline: Baseline = "zeros", n_steps: int = 32,
-              internal_batch_size: int = 8, window: int = 1, stride: int = 1,
-              perturbations_per_eval: int = 8) -> AttributionResult:
+def attribute(
+    adapter: ModelAdapter,
+    example: dict,
+    target: ExplainedOutput,
+    method: str = "ig",
+    *,
+    input_names: Sequence[str] | None = None,
+    baseline: Baseline = "zeros",
+    n_steps: int = 32,
+    internal_batch_size: int = 8,
+    window: int = 1,
+    stride: int = 1,
+    perturbations_per_eval: int = 8,
+) -> AttributionResult:
     """Attribute ``target`` of ``example`` to the adapter's attribution inputs with ``method``.
 
     ``input_names`` restricts which inputs are attributed (the others stay as they are);
@@ -231,48 +307,97 @@ def attribute(adapter: ModelAdapter, example: dict, target: ExplainedOutput, met
     if unknown:
         raise ValueError(f"unknown inputs {sorted(unknown)}; attribution inputs: {names}")
     forward = _restricted_forward(
-        adapter.attribution_forward(example, target.name, layer=target.layer, expert=target.expert,
-                                    position=target.position, call=target.call),
-        names, attributed, all_inputs)
+        adapter.attribution_forward(
+            example, target.name, layer=target.layer, expert=target.expert, position=target.position, call=target.call
+        ),
+        names,
+        attributed,
+        all_inputs,
+    )
     inputs = tuple(all_inputs[n] for n in attributed)
     baselines_by_name = _baselines_for({n: all_inputs[n] for n in attributed}, baseline)
     baselines = tuple(baselines_by_name[n] for n in attributed)
     output, baseline_output = _outputs_and_batch_check(forward, inputs, baselines, target.describe())
 
     run, reduce = _METHOD_RUNNERS[method]
-    attrs, delta = run(forward, inputs, baselines, n_steps=n_steps, internal_batch_size=internal_batch_size,
-                       window=window, stride=stride, perturbations_per_eval=perturbations_per_eval)
+    attrs, delta = run(
+        forward,
+        inputs,
+        baselines,
+        n_steps=n_steps,
+        internal_batch_size=internal_batch_size,
+        window=window,
+        stride=stride,
+        perturbations_per_eval=perturbations_per_eval,
+    )
     values = {name: _per_position(a, reduce) for name, a in zip(attributed, attrs)}
     abs_values = {name: np.abs(v) for name, v in values.items()}
     labels = _labels_for(adapter, example, {n: all_inputs[n] for n in attributed})
-    params = ({"n_steps": n_steps, "internal_batch_size": internal_batch_size} if method == "ig"
-              else {"window": window, "stride": stride})
-    return AttributionResult(method, target, values, abs_values, labels, _shares(abs_values), delta,
-                             n_steps if method == "ig" else None, output, baseline_output,
-                             {**params, "baseline": baseline if isinstance(baseline, str) else "given"})
+    params = (
+        {"n_steps": n_steps, "internal_batch_size": internal_batch_size}
+        if method == "ig"
+        else {"window": window, "stride": stride}
+    )
+    return AttributionResult(
+        method,
+        target,
+        values,
+        abs_values,
+        labels,
+        _shares(abs_values),
+        delta,
+        n_steps if method == "ig" else None,
+        output,
+        baseline_output,
+        {**params, "baseline": baseline if isinstance(baseline, str) else "given"},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The named entry points (one call shape: adapter, example, what to explain, method options)
 # ---------------------------------------------------------------------------------------------
 
-def integrated_gradients(adapter: ModelAdapter, example: dict, target: str | None = None, n_steps: int = 32,
-                         baseline: Baseline = "zeros", internal_batch_size: int = 8) -> AttributionResult:
+
+def integrated_gradients(
+    adapter: ModelAdapter,
+    example: dict,
+    target: str | None = None,
+    n_steps: int = 32,
+    baseline: Baseline = "zeros",
+    internal_batch_size: int = 8,
+) -> AttributionResult:
     """IG of the prediction (``target`` "score" | "answer_logit"; default: the adapter's first
     declared prediction target) w.r.t. every attribution input, with its convergence delta."""
     explained = ExplainedOutput(_prediction_target(adapter, target))
-    return attribute(adapter, example, explained, "ig", baseline=baseline, n_steps=n_steps,
-                     internal_batch_size=internal_batch_size)
+    return attribute(
+        adapter, example, explained, "ig", baseline=baseline, n_steps=n_steps, internal_batch_size=internal_batch_size
+    )
 
 
-def occlusion(adapter: ModelAdapter, example: dict, target: str | None = None, window: int = 1, stride: int = 1,
-              input_names: Sequence[str] | None = None, baseline: Baseline = "zeros",
-              perturbations_per_eval: int = 8) -> AttributionResult:
+def occlusion(
+    adapter: ModelAdapter,
+    example: dict,
+    target: str | None = None,
+    window: int = 1,
+    stride: int = 1,
+    input_names: Sequence[str] | None = None,
+    baseline: Baseline = "zeros",
+    perturbations_per_eval: int = 8,
+) -> AttributionResult:
     """Occlusion of ``window`` positions at a time (set to the baseline) over ``input_names``
     (default: every attribution input, each occluded on its own)."""
     explained = ExplainedOutput(_prediction_target(adapter, target))
-    return attribute(adapter, example, explained, "occlusion", input_names=input_names, baseline=baseline,
-                     window=window, stride=stride, perturbations_per_eval=perturbations_per_eval)
+    return attribute(
+        adapter,
+        example,
+        explained,
+        "occlusion",
+        input_names=input_names,
+        baseline=baseline,
+        window=window,
+        stride=stride,
+        perturbations_per_eval=perturbations_per_eval,
+    )
 
 
 def image_input_names(adapter: ModelAdapter, example: dict) -> list[str]:
@@ -281,9 +406,15 @@ def image_input_names(adapter: ModelAdapter, example: dict) -> list[str]:
     return [name for name in adapter.attribution_inputs(example) if name in image_kinds]
 
 
-def occlusion_image(adapter: ModelAdapter, example: dict, target: str | None = None, window: int = 1,
-                    stride: int = 1, baseline: Baseline = "zeros",
-                    perturbations_per_eval: int = 8) -> AttributionResult:
+def occlusion_image(
+    adapter: ModelAdapter,
+    example: dict,
+    target: str | None = None,
+    window: int = 1,
+    stride: int = 1,
+    baseline: Baseline = "zeros",
+    perturbations_per_eval: int = 8,
+) -> AttributionResult:
     """Occlusion over image patches only: each window of ``window`` patches is zeroed in turn; the
     value of a patch is the drop of the prediction when it is hidden."""
     names = image_input_names(adapter, example)
@@ -292,15 +423,32 @@ def occlusion_image(adapter: ModelAdapter, example: dict, target: str | None = N
     return occlusion(adapter, example, target, window, stride, names, baseline, perturbations_per_eval)
 
 
-def router_attribution(adapter: ModelAdapter, example: dict, layer: str, expert: int, position: int,
-                       call: str | None = None, method: str = "ig", n_steps: int = 32,
-                       baseline: Baseline = "zeros", internal_batch_size: int = 8,
-                       window: int = 1) -> AttributionResult:
+def router_attribution(
+    adapter: ModelAdapter,
+    example: dict,
+    layer: str,
+    expert: int,
+    position: int,
+    call: str | None = None,
+    method: str = "ig",
+    n_steps: int = 32,
+    baseline: Baseline = "zeros",
+    internal_batch_size: int = 8,
+    window: int = 1,
+) -> AttributionResult:
     """Why did ``position`` (of ``call`` of ``layer``) go to ``expert``: attributions of that router
     logit w.r.t. the same inputs as the prediction."""
     explained = ExplainedOutput(_declared_target(adapter, ROUTER_TARGET), layer, int(expert), int(position), call)
-    return attribute(adapter, example, explained, method, baseline=baseline, n_steps=n_steps,
-                     internal_batch_size=internal_batch_size, window=window)
+    return attribute(
+        adapter,
+        example,
+        explained,
+        method,
+        baseline=baseline,
+        n_steps=n_steps,
+        internal_batch_size=internal_batch_size,
+        window=window,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,36 +474,56 @@ def default_router_target(adapter: ModelAdapter, example: dict) -> ExplainedOutp
         rows = flatten_call(recorded)
         for i, position in enumerate(rows["position"]):
             if rows["example_index"][i] == example["index"] and rows["combine"][i].sum() > 0:
-                return ExplainedOutput(ROUTER_TARGET, layer.name, int(rows["topk_ids"][i][0]), int(position),
-                                       rows["call"][i] or None)
+                return ExplainedOutput(
+                    ROUTER_TARGET, layer.name, int(rows["topk_ids"][i][0]), int(position), rows["call"][i] or None
+                )
     return None
 
 
 def _label_columns(example: dict) -> dict[str, Any]:
     """The example's labels as extra table columns (prefixed where a name is already a column)."""
-    return {(f"example_{k}" if k in TABLE_COLUMNS or k == "example_id" else k): v
-            for k, v in (example.get("labels") or {}).items()}
+    return {
+        (f"example_{k}" if k in TABLE_COLUMNS or k == "example_id" else k): v
+        for k, v in (example.get("labels") or {}).items()
+    }
 
 
-def _example_rows(adapter: ModelAdapter, example: dict, target: str | None, n_steps: int, internal_batch_size: int,
-                  occlusion_window: int, router_target: RouterTargetChooser | None) -> list[dict]:
+def _example_rows(
+    adapter: ModelAdapter,
+    example: dict,
+    target: str | None,
+    n_steps: int,
+    internal_batch_size: int,
+    occlusion_window: int,
+    router_target: RouterTargetChooser | None,
+) -> list[dict]:
     results = [integrated_gradients(adapter, example, target, n_steps, internal_batch_size=internal_batch_size)]
     if image_input_names(adapter, example):
         results.append(occlusion_image(adapter, example, target, window=occlusion_window))
     chosen = router_target(adapter, example) if router_target is not None else None
     if chosen is not None:
-        results.append(attribute(adapter, example, chosen, "ig", n_steps=n_steps,
-                                 internal_batch_size=internal_batch_size))
+        results.append(
+            attribute(adapter, example, chosen, "ig", n_steps=n_steps, internal_batch_size=internal_batch_size)
+        )
     extra = {"example_id": example.get("id"), **_label_columns(example)}
     return [{**row, **extra} for result in results for row in result.to_rows(example["index"])]
 
 
-def attribution_table(adapter: ModelAdapter, examples: Sequence[dict], sample_size: int = 200,
-                      stratify_by: str | None = None, seed: int = 0, progress: bool = True, *,
-                      target: str | None = None, n_steps: int = 32, internal_batch_size: int = 8,
-                      occlusion_window: int = 1,
-                      router_target: RouterTargetChooser | None = default_router_target,
-                      shard: tuple[int, int] = (0, 1)) -> pd.DataFrame:
+def attribution_table(
+    adapter: ModelAdapter,
+    examples: Sequence[dict],
+    sample_size: int = 200,
+    stratify_by: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    target: str | None = None,
+    n_steps: int = 32,
+    internal_batch_size: int = 8,
+    occlusion_window: int = 1,
+    router_target: RouterTargetChooser | None = default_router_target,
+    shard: tuple[int, int] = (0, 1),
+) -> pd.DataFrame:
     """Attributions of a stratified random sample of ``examples`` in one long table.
 
     Per sampled example: IG of the prediction target, occlusion of the image inputs (when the adapter
@@ -366,23 +534,24 @@ def attribution_table(adapter: ModelAdapter, examples: Sequence[dict], sample_si
     simply the head of ``examples``.
     ``shard`` = (rank, world) keeps that rank's contiguous block of the sample (precompute under torchrun).
     """
-    strata = ([str((ex.get("labels") or {}).get(stratify_by)) for ex in examples]
-              if stratify_by is not None else None)
+    strata = [str((ex.get("labels") or {}).get(stratify_by)) for ex in examples] if stratify_by is not None else None
     chosen = stratified_indices(len(examples), sample_size, strata, seed)
     rank, world = shard
-    chosen = chosen[rank * len(chosen) // world:(rank + 1) * len(chosen) // world]
+    chosen = chosen[rank * len(chosen) // world : (rank + 1) * len(chosen) // world]
     rows: list[dict] = []
     for i in tqdm(chosen, desc="attributions", unit="example", disable=not progress):
-        rows.extend(_example_rows(adapter, examples[i], target, n_steps, internal_batch_size, occlusion_window,
-                                  router_target))
+        rows.extend(
+            _example_rows(adapter, examples[i], target, n_steps, internal_batch_size, occlusion_window, router_target)
+        )
     table = pd.DataFrame(rows)
     if table.empty:
         return pd.DataFrame(columns=list(TABLE_COLUMNS))
     return table.astype({"expert": "Int64", "target_position": "Int64", "layer": "string", "call": "string"})
 
 
-def modality_share_by_label(table: pd.DataFrame, label_column: str, method: str = "ig",
-                            target: str | None = None) -> pd.DataFrame:
+def modality_share_by_label(
+    table: pd.DataFrame, label_column: str, method: str = "ig", target: str | None = None
+) -> pd.DataFrame:
     """Mean share of attribution mass per input, by the value of ``label_column``.
 
     Uses the rows of ``method`` for ``target`` (default: every non-router target, i.e. the prediction).

@@ -61,8 +61,16 @@ from analysis.routing_findings import (
 )
 from analysis.routing_measures import slot_load
 
-__all__ = ["PATHOLOGIES", "NotApplicable", "Routing", "confusion_table", "expected_level", "inject",
-           "layer_verdict", "validate"]
+__all__ = [
+    "PATHOLOGIES",
+    "NotApplicable",
+    "Routing",
+    "confusion_table",
+    "expected_level",
+    "inject",
+    "layer_verdict",
+    "validate",
+]
 
 PATHOLOGIES: dict[str, str] = {
     "dead_expert": "warning",
@@ -85,6 +93,7 @@ def expected_level(kind: str, num_experts: int) -> str:
         idle = num_experts - 2
         return "collapsed" if idle >= _routing.THRESHOLDS.unused_experts_collapse * num_experts else "warning"
     return PATHOLOGIES[kind]
+
 
 EPSILON = 0.02
 """Share of each routing distribution that the collapse injections leave to the healthy router (and
@@ -124,8 +133,10 @@ class Routing:
         self.combine = np.asarray(self.combine, dtype=np.float64)
         T, E = self.probs.shape
         if self.topk_ids.shape[0] != T or self.combine.shape != (T, E):
-            raise ValueError(f"shapes disagree: probs {self.probs.shape}, topk_ids "
-                             f"{self.topk_ids.shape}, combine {self.combine.shape}")
+            raise ValueError(
+                f"shapes disagree: probs {self.probs.shape}, topk_ids "
+                f"{self.topk_ids.shape}, combine {self.combine.shape}"
+            )
         for name in ("logits", "combine_alone"):
             value = getattr(self, name)
             if value is not None:
@@ -144,9 +155,10 @@ class Routing:
         return self.topk_ids.shape[1]
 
     def copy(self) -> Routing:
-        arrays = {n: None if getattr(self, n) is None else getattr(self, n).copy()
-                  for n in ("probs", "topk_ids", "combine", "logits", "example", "position",
-                            "combine_alone")}
+        arrays = {
+            n: None if getattr(self, n) is None else getattr(self, n).copy()
+            for n in ("probs", "topk_ids", "combine", "logits", "example", "position", "combine_alone")
+        }
         return replace(self, labels=dict(self.labels), **arrays)
 
     @classmethod
@@ -164,12 +176,13 @@ class Routing:
 
         example_col = next((c for c in ("example_index", "index") if c in rows), None)
         return cls(
-            probs=stack("probs"), topk_ids=stack("topk_ids").astype(np.int64), combine=stack("combine"),
+            probs=stack("probs"),
+            topk_ids=stack("topk_ids").astype(np.int64),
+            combine=stack("combine"),
             logits=stack("logits") if "logits" in rows else None,
             example=None if example_col is None else rows[example_col].to_numpy(),
             position=rows["position"].to_numpy() if "position" in rows else None,
-            labels={c: rows[c].to_numpy() for c in ("routed_modality", "gate_modality", "position_kind")
-                    if c in rows},
+            labels={c: rows[c].to_numpy() for c in ("routed_modality", "gate_modality", "position_kind") if c in rows},
             combine_alone=stack("combine_alone") if "combine_alone" in rows else None,
             layer=str(rows["layer"].iloc[0]) if "layer" in rows else "layer",
         )
@@ -318,9 +331,11 @@ def _weight_collapse(r: Routing, heavy: Sequence[int], thresholds: FindingThresh
     heavy = [int(h) for h in heavy]
     slots = slot_load(r.topk_ids, r.num_experts)[heavy] * r.topk_ids.size
     if slots.min() < thresholds.min_expert_slots:
-        raise NotApplicable(f"expert {heavy[int(np.argmin(slots))]} holds {slots.min():.0f} routing "
-                            f"slots, fewer than the {thresholds.min_expert_slots:g} the weight rule "
-                            "needs to judge an expert")
+        raise NotApplicable(
+            f"expert {heavy[int(np.argmin(slots))]} holds {slots.min():.0f} routing "
+            f"slots, fewer than the {thresholds.min_expert_slots:g} the weight rule "
+            "needs to judge an expert"
+        )
     dist = _routing.routing_distribution(r.probs)
     T, E = dist.shape
     chosen = np.zeros((T, E), dtype=bool)
@@ -342,13 +357,21 @@ def _weight_collapse(r: Routing, heavy: Sequence[int], thresholds: FindingThresh
             row[rest] = 0.5 * row[chosen[t]].min() * p[rest] / p[rest].max()
         new[t] = row / row.sum()
     ids = r.topk_ids.copy()
-    ids[rows] = np.take_along_axis(r.topk_ids[rows], np.argsort(
-        -np.take_along_axis(new[rows], r.topk_ids[rows], axis=1), axis=1, kind="stable"), axis=1)
+    ids[rows] = np.take_along_axis(
+        r.topk_ids[rows],
+        np.argsort(-np.take_along_axis(new[rows], r.topk_ids[rows], axis=1), axis=1, kind="stable"),
+        axis=1,
+    )
     return _from_dist(r, new, ids, rows)
 
 
-def _inject_routing(kind: str, r: Routing, experts: Sequence[int] | None, batch_size: int,
-                    thresholds: FindingThresholds = FINDING_THRESHOLDS) -> Routing:
+def _inject_routing(
+    kind: str,
+    r: Routing,
+    experts: Sequence[int] | None,
+    batch_size: int,
+    thresholds: FindingThresholds = FINDING_THRESHOLDS,
+) -> Routing:
     if kind == "dead_expert":
         return _dead_expert(r, experts)
     if kind == "all_to_one":
@@ -370,8 +393,13 @@ def _inject_routing(kind: str, r: Routing, experts: Sequence[int] | None, batch_
     raise ValueError(f"unknown pathology {kind!r}; known: {', '.join(PATHOLOGIES)}")
 
 
-def inject(kind: str, healthy: Routing | pd.DataFrame, experts: Sequence[int] | None = None,
-           batch_size: int = BATCH_SIZE, layer: str | None = None) -> Routing | pd.DataFrame:
+def inject(
+    kind: str,
+    healthy: Routing | pd.DataFrame,
+    experts: Sequence[int] | None = None,
+    batch_size: int = BATCH_SIZE,
+    layer: str | None = None,
+) -> Routing | pd.DataFrame:
     """``healthy`` with the pathology ``kind`` (a key of ``PATHOLOGIES``) written into its routing.
 
     ``experts`` overrides which experts the pathology uses (default: the least loaded for
@@ -409,8 +437,7 @@ def layer_verdict(r: Routing, thresholds: FindingThresholds = FINDING_THRESHOLDS
     if weight and weight[1] not in reason:  # once wired into routing.verdict, not twice
         extra.append(("weight_collapse", weight))
     if r.position is not None:
-        pos = position_dependence_finding(r.topk_ids, r.position, thresholds,
-                                          kinds=r.labels.get("position_kind"))
+        pos = position_dependence_finding(r.topk_ids, r.position, thresholds, kinds=r.labels.get("position_kind"))
         if pos and pos[1] not in reason:
             extra.append(("position_dependence", pos))
     batch = batch_dependence_finding(r.combine_alone, r.combine, thresholds)
@@ -422,39 +449,76 @@ def layer_verdict(r: Routing, thresholds: FindingThresholds = FINDING_THRESHOLDS
     if extra:
         clauses = [text for _, (_, text) in sorted(extra, key=lambda e: -_SEVERITY[e[1][0]])]
         reason = f"{merged}: " + "; ".join(clauses + [body])
-    return {"verdict": merged, "reason": reason, "routing_verdict": label,
-            "routing_reason": routing_reason, "caught_by": caught}
+    return {
+        "verdict": merged,
+        "reason": reason,
+        "routing_verdict": label,
+        "routing_reason": routing_reason,
+        "caught_by": caught,
+    }
 
 
-def _validate_routing(r: Routing, kinds: Sequence[str], batch_size: int,
-                      thresholds: FindingThresholds) -> list[dict]:
+def _validate_routing(r: Routing, kinds: Sequence[str], batch_size: int, thresholds: FindingThresholds) -> list[dict]:
     records = []
     base = layer_verdict(r, thresholds)
-    records.append({"layer": r.layer, "pathology": "none", "expected": "healthy", **_row(base),
-                    "detected": base["verdict"] != "healthy", "passed": base["verdict"] == "healthy"})
+    records.append(
+        {
+            "layer": r.layer,
+            "pathology": "none",
+            "expected": "healthy",
+            **_row(base),
+            "detected": base["verdict"] != "healthy",
+            "passed": base["verdict"] == "healthy",
+        }
+    )
     for kind in kinds:
         expected = expected_level(kind, r.num_experts)
         try:
             got = layer_verdict(_inject_routing(kind, r, None, batch_size, thresholds), thresholds)
         except NotApplicable as why:
-            records.append({"layer": r.layer, "pathology": kind, "expected": expected,
-                            "verdict": "n/a", "reason": f"not applicable: {why}", "caught_by": "",
-                            "routing_verdict": "n/a", "detected": None, "passed": None})
+            records.append(
+                {
+                    "layer": r.layer,
+                    "pathology": kind,
+                    "expected": expected,
+                    "verdict": "n/a",
+                    "reason": f"not applicable: {why}",
+                    "caught_by": "",
+                    "routing_verdict": "n/a",
+                    "detected": None,
+                    "passed": None,
+                }
+            )
             continue
-        records.append({"layer": r.layer, "pathology": kind, "expected": expected, **_row(got),
-                        "detected": got["verdict"] != "healthy",
-                        "passed": _SEVERITY[got["verdict"]] >= _SEVERITY[expected]})
+        records.append(
+            {
+                "layer": r.layer,
+                "pathology": kind,
+                "expected": expected,
+                **_row(got),
+                "detected": got["verdict"] != "healthy",
+                "passed": _SEVERITY[got["verdict"]] >= _SEVERITY[expected],
+            }
+        )
     return records
 
 
 def _row(v: dict) -> dict:
-    return {"verdict": v["verdict"], "reason": v["reason"], "caught_by": ", ".join(v["caught_by"]),
-            "routing_verdict": v["routing_verdict"]}
+    return {
+        "verdict": v["verdict"],
+        "reason": v["reason"],
+        "caught_by": ", ".join(v["caught_by"]),
+        "routing_verdict": v["routing_verdict"],
+    }
 
 
-def validate(healthy: Routing | pd.DataFrame, kinds: Sequence[str] | None = None,
-             batch_size: int = BATCH_SIZE, layer: str | None = None,
-             thresholds: FindingThresholds = FINDING_THRESHOLDS) -> pd.DataFrame:
+def validate(
+    healthy: Routing | pd.DataFrame,
+    kinds: Sequence[str] | None = None,
+    batch_size: int = BATCH_SIZE,
+    layer: str | None = None,
+    thresholds: FindingThresholds = FINDING_THRESHOLDS,
+) -> pd.DataFrame:
     """Inject each pathology into ``healthy`` and judge it; one row per (layer, pathology).
 
     Columns: layer, pathology ("none" = untouched), expected (the least verdict that catches it;
@@ -471,10 +535,22 @@ def validate(healthy: Routing | pd.DataFrame, kinds: Sequence[str] | None = None
         records = _validate_routing(healthy, kinds, batch_size, thresholds)
     else:
         layers = [layer] if layer is not None else list(pd.unique(healthy["layer"]))
-        records = [rec for name in layers for rec in _validate_routing(
-            Routing.from_frame(healthy, name), kinds, batch_size, thresholds)]
-    columns = ["layer", "pathology", "expected", "verdict", "reason", "detected", "passed",
-               "caught_by", "routing_verdict"]
+        records = [
+            rec
+            for name in layers
+            for rec in _validate_routing(Routing.from_frame(healthy, name), kinds, batch_size, thresholds)
+        ]
+    columns = [
+        "layer",
+        "pathology",
+        "expected",
+        "verdict",
+        "reason",
+        "detected",
+        "passed",
+        "caught_by",
+        "routing_verdict",
+    ]
     return pd.DataFrame.from_records(records, columns=columns)
 
 

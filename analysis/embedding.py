@@ -36,6 +36,7 @@ One ``.npz`` file (``allow_pickle=False``): the arrays plus ``meta_json``, a 0-d
 the JSON metadata (method, parameters, fit time, versions). Save it into a run with
 ``proj.save(writer.file_path("projection.npz"))``.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -53,8 +54,14 @@ from sklearn.neighbors import NearestNeighbors
 
 from analysis.sampling import stratified_indices  # noqa: E402  (re-exported)
 
-__all__ = ["FittedProjection", "fit_projection", "stratified_indices", "knn_membership_weights",
-           "METHODS", "FORMAT_VERSION"]
+__all__ = [
+    "FittedProjection",
+    "fit_projection",
+    "stratified_indices",
+    "knn_membership_weights",
+    "METHODS",
+    "FORMAT_VERSION",
+]
 
 METHODS = ("umap", "pca")
 FORMAT_VERSION = 1
@@ -68,6 +75,7 @@ _MIN_UMAP_POINTS = 5
 # ---------------------------------------------------------------------------------------------
 # k-NN placement (UMAP's initialisation of new points)
 # ---------------------------------------------------------------------------------------------
+
 
 def knn_membership_weights(distances: np.ndarray, n_iter: int = 64) -> np.ndarray:
     """UMAP-style fuzzy membership weights ``exp(-d / sigma)`` for each row of k-NN distances [m, k].
@@ -101,6 +109,7 @@ def _normalise_rows(X: np.ndarray) -> np.ndarray:
 # The fitted projection
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class FittedProjection:
     """A fitted 2-D (``n_components``-D) map.
@@ -110,6 +119,7 @@ class FittedProjection:
     :meth:`transform` needs (PCA: ``components`` [c, D], ``mean`` [D], ``explained_variance_ratio``;
     UMAP: ``fit_X`` [m, D], ``fit_coords`` [m, c]); ``params``: JSON-friendly settings and fit time.
     """
+
     method: str
     coords: np.ndarray
     fit_index: np.ndarray
@@ -143,8 +153,7 @@ class FittedProjection:
     def _knn_index(self):
         if self._neighbours is None:  # rebuilt on demand: cheap, and never stored
             k = min(self.params["n_neighbors"], len(self.state["fit_X"]))
-            self._neighbours = NearestNeighbors(n_neighbors=k, metric=self.params["metric"]).fit(
-                self.state["fit_X"])
+            self._neighbours = NearestNeighbors(n_neighbors=k, metric=self.params["metric"]).fit(self.state["fit_X"])
         return self._neighbours
 
     def _knn_place(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -167,12 +176,21 @@ class FittedProjection:
     def save(self, path: str | Path) -> Path:
         """Write one ``.npz`` (no pickle): arrays + ``meta_json``. Returns the path written."""
         path = Path(path)
-        meta = {"format_version": FORMAT_VERSION, "method": self.method, "params": self.params,
-                "state_keys": sorted(self.state)}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "params": self.params,
+            "state_keys": sorted(self.state),
+        }
         arrays = {f"state_{k}": np.asarray(v) for k, v in self.state.items()}
         with open(path, "wb") as fh:  # a file handle: numpy would otherwise append ".npz" to the name
-            np.savez(fh, coords=self.coords, fit_index=self.fit_index,
-                     meta_json=np.array(json.dumps(meta, sort_keys=True)), **arrays)
+            np.savez(
+                fh,
+                coords=self.coords,
+                fit_index=self.fit_index,
+                meta_json=np.array(json.dumps(meta, sort_keys=True)),
+                **arrays,
+            )
         return path
 
     @classmethod
@@ -180,8 +198,9 @@ class FittedProjection:
         with np.load(Path(path), allow_pickle=False) as f:
             meta = json.loads(str(f["meta_json"]))
             if meta.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"{path}: projection format {meta.get('format_version')!r}, "
-                                 f"this code reads {FORMAT_VERSION}")
+                raise ValueError(
+                    f"{path}: projection format {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+                )
             state = {k: f[f"state_{k}"] for k in meta["state_keys"]}
             return cls(meta["method"], f["coords"], f["fit_index"], state, meta["params"])
 
@@ -190,22 +209,33 @@ class FittedProjection:
 # Fitting
 # ---------------------------------------------------------------------------------------------
 
+
 def _fit_pca(X_fit: np.ndarray, n_components: int, seed: int) -> dict[str, np.ndarray]:
     # Exact either way; the D x D covariance route avoids a (slow, thread-hungry) SVD of the data.
     solver = "covariance_eigh" if X_fit.shape[0] >= X_fit.shape[1] else "full"
     pca = PCA(n_components=n_components, svd_solver=solver, random_state=seed).fit(X_fit)
-    return {"components": pca.components_, "mean": pca.mean_,
-            "explained_variance_ratio": pca.explained_variance_ratio_}
+    return {"components": pca.components_, "mean": pca.mean_, "explained_variance_ratio": pca.explained_variance_ratio_}
 
 
-def _fit_umap(X_fit: np.ndarray, n_components: int, n_neighbors: int, metric: str, seed: int,
-              n_epochs: int, min_dist: float) -> dict[str, np.ndarray]:
+def _fit_umap(
+    X_fit: np.ndarray, n_components: int, n_neighbors: int, metric: str, seed: int, n_epochs: int, min_dist: float
+) -> dict[str, np.ndarray]:
     import umap  # lazily: importing umap/numba costs seconds, and loading a map never needs it
+
     # Exact k-NN (self included, as umap expects): skips pynndescent's long numba compile.
     knn_dist, knn_index = NearestNeighbors(n_neighbors=n_neighbors, metric=metric).fit(X_fit).kneighbors(X_fit)
-    reducer = umap.UMAP(n_neighbors=n_neighbors, n_components=n_components, metric=metric, n_epochs=n_epochs,
-                        min_dist=min_dist, init="pca", low_memory=True, random_state=seed, n_jobs=1,
-                        precomputed_knn=(knn_index, knn_dist, None))
+    reducer = umap.UMAP(
+        n_neighbors=n_neighbors,
+        n_components=n_components,
+        metric=metric,
+        n_epochs=n_epochs,
+        min_dist=min_dist,
+        init="pca",
+        low_memory=True,
+        random_state=seed,
+        n_jobs=1,
+        precomputed_knn=(knn_index, knn_dist, None),
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state.*")
         warnings.filterwarnings("ignore", message=".*precomputed_knn.*")
@@ -213,9 +243,19 @@ def _fit_umap(X_fit: np.ndarray, n_components: int, n_neighbors: int, metric: st
     return {"fit_X": X_fit.astype(np.float32), "fit_coords": np.asarray(coords, dtype=np.float64)}
 
 
-def fit_projection(X: np.ndarray, method: str = "umap", n_neighbors: int = 15, seed: int = 0,
-                   max_fit: int = 5000, strata: Sequence[Any] | None = None, *, n_components: int = 2,
-                   metric: str = "euclidean", n_epochs: int = 200, min_dist: float = 0.1) -> FittedProjection:
+def fit_projection(
+    X: np.ndarray,
+    method: str = "umap",
+    n_neighbors: int = 15,
+    seed: int = 0,
+    max_fit: int = 5000,
+    strata: Sequence[Any] | None = None,
+    *,
+    n_components: int = 2,
+    metric: str = "euclidean",
+    n_epochs: int = 200,
+    min_dist: float = 0.1,
+) -> FittedProjection:
     """Fit a PCA or UMAP map of ``X`` [n, D] and place every row of ``X`` on it.
 
     When n > ``max_fit`` the map is fitted on a stratified random sample of ``max_fit`` rows (by
@@ -231,14 +271,26 @@ def fit_projection(X: np.ndarray, method: str = "umap", n_neighbors: int = 15, s
     n = len(X)
     fit_index = stratified_indices(n, max_fit, strata, seed)
     X_fit = X[fit_index]
-    params: dict[str, Any] = {"dim": int(X.shape[1]), "n_components": n_components, "seed": seed,
-                              "n_total": n, "n_fit": len(fit_index), "max_fit": max_fit}
+    params: dict[str, Any] = {
+        "dim": int(X.shape[1]),
+        "n_components": n_components,
+        "seed": seed,
+        "n_total": n,
+        "n_fit": len(fit_index),
+        "max_fit": max_fit,
+    }
     if method == "umap":
         if len(X_fit) < _MIN_UMAP_POINTS:
             raise ValueError(f"UMAP needs at least {_MIN_UMAP_POINTS} points, got {len(X_fit)}; use method='pca'")
         n_neighbors = max(2, min(n_neighbors, len(X_fit) - 1))
-        params.update(n_neighbors=n_neighbors, metric=metric, n_epochs=n_epochs, min_dist=min_dist, init="pca",
-                      umap_version=importlib.metadata.version("umap-learn"))
+        params.update(
+            n_neighbors=n_neighbors,
+            metric=metric,
+            n_epochs=n_epochs,
+            min_dist=min_dist,
+            init="pca",
+            umap_version=importlib.metadata.version("umap-learn"),
+        )
     started = time.perf_counter()  # includes umap's numba compile on a process's first UMAP fit
     if method == "pca":
         state = _fit_pca(X_fit, n_components, seed)

@@ -56,6 +56,7 @@ insertion curves (no maintained implementation takes several inputs and position
 permutations of the routing MI (positions of one example are not exchangeable with another example's, which
 ``scipy.stats.permutation_test`` cannot express).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -80,18 +81,50 @@ from analysis.sampling import stratified_indices
 from mmoe_core.adapter import ModelAdapter
 from mmoe_core.spec import ModelSpec, OutputSpec
 
-__all__ = ["CHECK_COLUMNS", "KNOCKOUT_COLUMNS", "CheckThresholds", "THRESHOLDS", "METHODS", "SANITY_METHODS",
-           "decisive_share", "decisive_share_rows", "source_agreement_rows", "grouped_permutation_mi",
-           "routing_specialisation_rows", "execution_order", "randomisation_stages", "randomised",
-           "spearman_abs", "explain", "randomisation_rows", "deletion_insertion", "curve_auc",
-           "faithfulness_rows", "knockout_effects", "metric_rows", "detector_suite", "check_samples",
-           "explanation_checks_step", "summary_json"]
+__all__ = [
+    "CHECK_COLUMNS",
+    "KNOCKOUT_COLUMNS",
+    "CheckThresholds",
+    "THRESHOLDS",
+    "METHODS",
+    "SANITY_METHODS",
+    "decisive_share",
+    "decisive_share_rows",
+    "source_agreement_rows",
+    "grouped_permutation_mi",
+    "routing_specialisation_rows",
+    "execution_order",
+    "randomisation_stages",
+    "randomised",
+    "spearman_abs",
+    "explain",
+    "randomisation_rows",
+    "deletion_insertion",
+    "curve_auc",
+    "faithfulness_rows",
+    "knockout_effects",
+    "metric_rows",
+    "detector_suite",
+    "check_samples",
+    "explanation_checks_step",
+    "summary_json",
+]
 
 KEY = "example_index"
-CHECK_COLUMNS = ("check", "method", "layer", "label", "slice", "value", "n", "baseline", "p_value", "flagged",
-                 "detail")
-KNOCKOUT_COLUMNS = ("layer", "expert", "metric", "label", "slice", "value", "base", "delta", "n", "load",
-                    "weight_share")
+CHECK_COLUMNS = ("check", "method", "layer", "label", "slice", "value", "n", "baseline", "p_value", "flagged", "detail")
+KNOCKOUT_COLUMNS = (
+    "layer",
+    "expert",
+    "metric",
+    "label",
+    "slice",
+    "value",
+    "base",
+    "delta",
+    "n",
+    "load",
+    "weight_share",
+)
 METHODS = ("ig", "occlusion", "input_norm")
 SANITY_METHODS = ("ig", "input_norm")
 """The precompute's sanity-check methods: occlusion of every position costs one forward per position (five
@@ -116,6 +149,7 @@ class CheckThresholds:
     * ``infidelity_drop``: chance of each position being removed in one infidelity perturbation.
     * ``sensitivity_radius``: radius of sensitivity_max's L-infinity noise, as a share of mean |x|.
     """
+
     randomisation_spearman: float = 0.5
     alpha: float = 0.05
     n_permutations: int = 200
@@ -130,12 +164,32 @@ class CheckThresholds:
 THRESHOLDS = CheckThresholds()
 
 
-def _row(check: str, method: str = "", layer: str = "", label: str = "", slice: str = ALL, value: float = math.nan,
-         n: int = 0, baseline: float = math.nan, p_value: float = math.nan, flagged: bool = False,
-         detail: str = "") -> dict:
-    return {"check": check, "method": method, "layer": layer, "label": label, "slice": str(slice),
-            "value": float(value), "n": int(n), "baseline": float(baseline), "p_value": float(p_value),
-            "flagged": bool(flagged), "detail": detail}
+def _row(
+    check: str,
+    method: str = "",
+    layer: str = "",
+    label: str = "",
+    slice: str = ALL,
+    value: float = math.nan,
+    n: int = 0,
+    baseline: float = math.nan,
+    p_value: float = math.nan,
+    flagged: bool = False,
+    detail: str = "",
+) -> dict:
+    return {
+        "check": check,
+        "method": method,
+        "layer": layer,
+        "label": label,
+        "slice": str(slice),
+        "value": float(value),
+        "n": int(n),
+        "baseline": float(baseline),
+        "p_value": float(p_value),
+        "flagged": bool(flagged),
+        "detail": detail,
+    }
 
 
 def _frame(rows: Sequence[dict], columns: Sequence[str]) -> pd.DataFrame:
@@ -145,6 +199,7 @@ def _frame(rows: Sequence[dict], columns: Sequence[str]) -> pd.DataFrame:
 # =============================================================================================
 # Ground-truth agreement: attributions
 # =============================================================================================
+
 
 def decisive_share(masses: pd.DataFrame, inputs: Sequence[str]) -> pd.Series:
     """Per example (rows of ``masses``: one column of sum|a| per input), the share of mass on ``inputs``:
@@ -189,19 +244,39 @@ def decisive_share_rows(attributions: pd.DataFrame, examples: pd.DataFrame, spec
             own = values == value
             n = int(own.sum())
             if set(inputs) == set(masses.columns):
-                rows.append(_row("attr_decisive_share", method, label=label.name, slice=value, value=1.0, n=n,
-                                 detail=f"{method} attributes only {', '.join(inputs)}: the share is 1 by "
-                                        "construction, not scored"))
+                rows.append(
+                    _row(
+                        "attr_decisive_share",
+                        method,
+                        label=label.name,
+                        slice=value,
+                        value=1.0,
+                        n=n,
+                        detail=f"{method} attributes only {', '.join(inputs)}: the share is 1 by "
+                        "construction, not scored",
+                    )
+                )
                 continue
             share = decisive_share(masses, inputs)
             mine, others = share[own].to_numpy(float), share[~own].to_numpy(float)
             value_mean = float(np.nanmean(mine)) if n else math.nan
             base = float(np.nanmean(others)) if len(others) else math.nan
             flagged = bool(n and len(others) and not value_mean > base)
-            rows.append(_row("attr_decisive_share", method, label=label.name, slice=value, value=value_mean, n=n,
-                             baseline=base, p_value=_mann_whitney_greater(mine, others), flagged=flagged,
-                             detail=f"share of sum|a| on {', '.join(inputs)}; baseline: the same share over the "
-                                    f"{len(others)} other examples"))
+            rows.append(
+                _row(
+                    "attr_decisive_share",
+                    method,
+                    label=label.name,
+                    slice=value,
+                    value=value_mean,
+                    n=n,
+                    baseline=base,
+                    p_value=_mann_whitney_greater(mine, others),
+                    flagged=flagged,
+                    detail=f"share of sum|a| on {', '.join(inputs)}; baseline: the same share over the "
+                    f"{len(others)} other examples",
+                )
+            )
     return rows
 
 
@@ -209,12 +284,14 @@ def decisive_share_rows(attributions: pd.DataFrame, examples: pd.DataFrame, spec
 # Ground-truth agreement: source weights
 # =============================================================================================
 
+
 def _codes(values) -> np.ndarray:
     return np.unique(np.asarray(values).astype(str), return_inverse=True)[1].ravel()
 
 
-def _agreement_permutation(truth: np.ndarray, dominant: np.ndarray, n_resamples: int,
-                           seed: int) -> tuple[float, float, float]:
+def _agreement_permutation(
+    truth: np.ndarray, dominant: np.ndarray, n_resamples: int, seed: int
+) -> tuple[float, float, float]:
     """(agreement, mean agreement under permuted pairings, one-sided p) with scipy's permutation_test:
     agreement = mean(truth == dominant); the null pairs each truth with another example's dominant source."""
     truth, dominant = np.asarray(truth).astype(str), np.asarray(dominant).astype(str)
@@ -224,13 +301,25 @@ def _agreement_permutation(truth: np.ndarray, dominant: np.ndarray, n_resamples:
     names = {s: i for i, s in enumerate(sorted(set(truth) | set(dominant)))}
     t = np.array([names[s] for s in truth])
     d = np.array([names[s] for s in dominant])
-    res = stats.permutation_test((t, d), lambda x, y: np.mean(x == y), permutation_type="pairings",
-                                 n_resamples=n_resamples, alternative="greater", random_state=seed)
+    res = stats.permutation_test(
+        (t, d),
+        lambda x, y: np.mean(x == y),
+        permutation_type="pairings",
+        n_resamples=n_resamples,
+        alternative="greater",
+        random_state=seed,
+    )
     return observed, float(np.mean(res.null_distribution)), float(res.pvalue)
 
 
-def source_agreement_rows(weights: pd.DataFrame, examples: pd.DataFrame, output: OutputSpec, labels: Sequence[str],
-                          thresholds: CheckThresholds = THRESHOLDS, seed: int = 0) -> list[dict]:
+def source_agreement_rows(
+    weights: pd.DataFrame,
+    examples: pd.DataFrame,
+    output: OutputSpec,
+    labels: Sequence[str],
+    thresholds: CheckThresholds = THRESHOLDS,
+    seed: int = 0,
+) -> list[dict]:
     """``source_agreement`` rows of one ``source_weights`` output (method = the output's name): agreement of
     the dominant source with ``output.truth_label`` overall, per source and per value of every other label
     (see the module docstring for the baselines)."""
@@ -248,12 +337,22 @@ def source_agreement_rows(weights: pd.DataFrame, examples: pd.DataFrame, output:
     what = f"dominant source = {truth.replace('_', ' ')}"
 
     def scored(part: pd.DataFrame, label: str, value: str) -> dict:
-        agreement, null_mean, p = _agreement_permutation(part[truth].to_numpy(), part["dominant"].to_numpy(),
-                                                         thresholds.n_permutations, seed)
+        agreement, null_mean, p = _agreement_permutation(
+            part[truth].to_numpy(), part["dominant"].to_numpy(), thresholds.n_permutations, seed
+        )
         flagged = bool(len(part) >= 2 and not agreement > null_mean)
-        return _row("source_agreement", output.name, label=label, slice=value, value=agreement, n=len(part),
-                    baseline=null_mean, p_value=p, flagged=flagged,
-                    detail=f"{what}; baseline: the same with truth and dominant source paired at random")
+        return _row(
+            "source_agreement",
+            output.name,
+            label=label,
+            slice=value,
+            value=agreement,
+            n=len(part),
+            baseline=null_mean,
+            p_value=p,
+            flagged=flagged,
+            detail=f"{what}; baseline: the same with truth and dominant source paired at random",
+        )
 
     rows.append(scored(single, truth, ALL))
     for source in names:
@@ -262,12 +361,26 @@ def source_agreement_rows(weights: pd.DataFrame, examples: pd.DataFrame, output:
             continue
         hits = int((part["dominant"] == source).sum())
         chance = float((single["dominant"] == source).mean())
-        p = float(stats.binomtest(hits, len(part), chance, alternative="greater").pvalue) if 0 < chance < 1 \
+        p = (
+            float(stats.binomtest(hits, len(part), chance, alternative="greater").pvalue)
+            if 0 < chance < 1
             else math.nan
-        rows.append(_row("source_agreement", output.name, label=truth, slice=source, value=hits / len(part),
-                         n=len(part), baseline=chance, p_value=p, flagged=not hits / len(part) > chance,
-                         detail=f"examples whose {truth.replace('_', ' ')} is {source}: share weighted mostly to "
-                                f"{source}; baseline: share of all examples weighted mostly to {source}"))
+        )
+        rows.append(
+            _row(
+                "source_agreement",
+                output.name,
+                label=truth,
+                slice=source,
+                value=hits / len(part),
+                n=len(part),
+                baseline=chance,
+                p_value=p,
+                flagged=not hits / len(part) > chance,
+                detail=f"examples whose {truth.replace('_', ' ')} is {source}: share weighted mostly to "
+                f"{source}; baseline: share of all examples weighted mostly to {source}",
+            )
+        )
     for label in others:
         if label not in single:
             continue
@@ -280,9 +393,15 @@ def source_agreement_rows(weights: pd.DataFrame, examples: pd.DataFrame, output:
 # Ground-truth agreement: routing specialisation
 # =============================================================================================
 
-def grouped_permutation_mi(chosen: np.ndarray, labels: np.ndarray, groups: np.ndarray | None = None,
-                           within: bool = False, n_permutations: int = 200,
-                           seed: int = 0) -> tuple[float, float, float, float]:
+
+def grouped_permutation_mi(
+    chosen: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray | None = None,
+    within: bool = False,
+    n_permutations: int = 200,
+    seed: int = 0,
+) -> tuple[float, float, float, float]:
     """MI(chosen expert; label) in nats with a permutation baseline: (mi, null mean, null max, p).
 
     ``within`` False (labels of whole examples): the null gives each *example* (``groups``) the label of
@@ -315,8 +434,13 @@ def grouped_permutation_mi(chosen: np.ndarray, labels: np.ndarray, groups: np.nd
     return observed, float(null.mean()), float(null.max()), float(p)
 
 
-def routing_specialisation_rows(routing: pd.DataFrame, examples: pd.DataFrame, spec: ModelSpec,
-                                thresholds: CheckThresholds = THRESHOLDS, seed: int = 0) -> list[dict]:
+def routing_specialisation_rows(
+    routing: pd.DataFrame,
+    examples: pd.DataFrame,
+    spec: ModelSpec,
+    thresholds: CheckThresholds = THRESHOLDS,
+    seed: int = 0,
+) -> list[dict]:
     """``routing_specialisation`` rows: per layer, MI of the top-1 expert with the position kind and routed
     modality (shuffled within examples) and with every ground-truth label (shuffled between examples)."""
     if routing is None or not len(routing):
@@ -331,21 +455,34 @@ def routing_specialisation_rows(routing: pd.DataFrame, examples: pd.DataFrame, s
             values = part[column].astype(str).to_numpy()
             if len(set(values)) < 2:
                 continue
-            mi, null_mean, null_max, p = grouped_permutation_mi(part["top1"].to_numpy(), values,
-                                                                part[KEY].to_numpy(), within,
-                                                                thresholds.n_permutations, seed)
+            mi, null_mean, null_max, p = grouped_permutation_mi(
+                part["top1"].to_numpy(), values, part[KEY].to_numpy(), within, thresholds.n_permutations, seed
+            )
             nmi = specialisation(part["top1"].to_numpy(), values)["nmi"]
             how = "within each example" if within else "between examples"
-            rows.append(_row("routing_specialisation", "top1_expert", str(layer), column, ALL, mi, len(part),
-                             null_mean, p, p >= thresholds.alpha,
-                             f"MI(top-1 expert; {column}) in nats, NMI {nmi:.3f}; baseline: mean MI with the label "
-                             f"permuted {how} ({thresholds.n_permutations}x, max {null_max:.4f})"))
+            rows.append(
+                _row(
+                    "routing_specialisation",
+                    "top1_expert",
+                    str(layer),
+                    column,
+                    ALL,
+                    mi,
+                    len(part),
+                    null_mean,
+                    p,
+                    p >= thresholds.alpha,
+                    f"MI(top-1 expert; {column}) in nats, NMI {nmi:.3f}; baseline: mean MI with the label "
+                    f"permuted {how} ({thresholds.n_permutations}x, max {null_max:.4f})",
+                )
+            )
     return rows
 
 
 # =============================================================================================
 # Explanations on fixed inputs (the sanity checks' own calls)
 # =============================================================================================
+
 
 def _prediction_target(spec: ModelSpec) -> str:
     targets = [t.name for t in spec.attribution_targets if not t.needs_layer]
@@ -358,6 +495,7 @@ def _forward(adapter: ModelAdapter, example: dict, target: str, names: Sequence[
     """The adapter's ``attribution_forward`` with every input attributed, one scalar per row (the same guard as
     :mod:`analysis.attribution`: an input the target ignores gets zeros, not an autograd error)."""
     from analysis.attribution import _restricted_forward
+
     return _restricted_forward(adapter.attribution_forward(example, target), names, names, {})
 
 
@@ -366,26 +504,40 @@ def _per_position(attr: Tensor, reduce: str) -> np.ndarray:
     return (a.sum(dim=-1) if reduce == "sum" else a.mean(dim=-1)).cpu().numpy()
 
 
-def explain(method: str, forward: Callable[..., Tensor], inputs: tuple[Tensor, ...], n_steps: int = 32,
-            internal_batch_size: int = 8) -> tuple[np.ndarray, ...]:
+def explain(
+    method: str,
+    forward: Callable[..., Tensor],
+    inputs: tuple[Tensor, ...],
+    n_steps: int = 32,
+    internal_batch_size: int = 8,
+) -> tuple[np.ndarray, ...]:
     """Per-position signed values of ``method`` for one example (``inputs``: each [1, N, W]).
 
     ig: captum IntegratedGradients from zeros, summed over the embedding dim; occlusion: captum Occlusion of
     one position at a time (set to zero), averaged over the dim; input_norm (control): ||x_p||_2."""
     from captum.attr import IntegratedGradients, Occlusion
+
     if method == "ig":
-        attrs = IntegratedGradients(forward).attribute(inputs, baselines=tuple(torch.zeros_like(x) for x in inputs),
-                                                       n_steps=n_steps, internal_batch_size=internal_batch_size)
+        attrs = IntegratedGradients(forward).attribute(
+            inputs,
+            baselines=tuple(torch.zeros_like(x) for x in inputs),
+            n_steps=n_steps,
+            internal_batch_size=internal_batch_size,
+        )
         return tuple(_per_position(a, "sum") for a in attrs)
     if method == "occlusion":
-        attrs = Occlusion(forward).attribute(inputs, sliding_window_shapes=tuple((1, *x.shape[2:]) for x in inputs),
-                                             strides=tuple((1, *x.shape[2:]) for x in inputs),
-                                             baselines=tuple(torch.zeros_like(x) for x in inputs),
-                                             perturbations_per_eval=16)
+        attrs = Occlusion(forward).attribute(
+            inputs,
+            sliding_window_shapes=tuple((1, *x.shape[2:]) for x in inputs),
+            strides=tuple((1, *x.shape[2:]) for x in inputs),
+            baselines=tuple(torch.zeros_like(x) for x in inputs),
+            perturbations_per_eval=16,
+        )
         return tuple(_per_position(a, "mean") for a in attrs)
     if method == CONTROL:
-        return tuple(x.detach().double().reshape(x.shape[0], x.shape[1], -1)[0].norm(dim=-1).cpu().numpy()
-                     for x in inputs)
+        return tuple(
+            x.detach().double().reshape(x.shape[0], x.shape[1], -1)[0].norm(dim=-1).cpu().numpy() for x in inputs
+        )
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
 
@@ -403,14 +555,17 @@ def spearman_abs(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
 # Sanity check 1: cascading model-parameter randomisation (Adebayo et al. 2018)
 # =============================================================================================
 
+
 def execution_order(model: nn.Module, call: Callable[[], object]) -> list[str]:
     """Names of the modules that own parameters directly, in the order one ``call()`` first runs them
     (forward pre-hooks); owners the call never runs as a module (parameters read by a parent) follow their
     parent, and owners never reached are left out. The root module is named "" here."""
     owners = {name: m for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
     order: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda _m, _a, name=name: order.append(name) if name not in order else None)
-             for name, m in owners.items()]
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, _a, name=name: order.append(name) if name not in order else None)
+        for name, m in owners.items()
+    ]
     try:
         with torch.no_grad():
             call()
@@ -474,11 +629,18 @@ def _display(name: str) -> str:
     return name or "(model's own parameters)"
 
 
-def randomisation_rows(adapter: ModelAdapter, spec: ModelSpec, examples: Sequence[dict],
-                       methods: Sequence[str] = SANITY_METHODS, n_stages: int = 4, n_steps: int = 32,
-                       thresholds: CheckThresholds = THRESHOLDS, seed: int = 0,
-                       explain_fn: Callable[..., tuple[np.ndarray, ...]] = explain,
-                       progress: bool = False) -> list[dict]:
+def randomisation_rows(
+    adapter: ModelAdapter,
+    spec: ModelSpec,
+    examples: Sequence[dict],
+    methods: Sequence[str] = SANITY_METHODS,
+    n_stages: int = 4,
+    n_steps: int = 32,
+    thresholds: CheckThresholds = THRESHOLDS,
+    seed: int = 0,
+    explain_fn: Callable[..., tuple[np.ndarray, ...]] = explain,
+    progress: bool = False,
+) -> list[dict]:
     """``randomisation_spearman`` rows: per method and cumulative stage (layer = "i/S: down to <module>"),
     the mean over ``examples`` of :func:`spearman_abs` between the trained model's per-position values and the
     randomised model's, on the trained model's inputs (the check randomises the function of the inputs)."""
@@ -492,24 +654,35 @@ def randomisation_rows(adapter: ModelAdapter, spec: ModelSpec, examples: Sequenc
     first, names, inputs = prepared[0]
     order = execution_order(adapter.model, lambda: _forward(adapter, first, target, names)(*inputs))
     stages = randomisation_stages(order, n_stages)
-    trained = {m: [explain_fn(m, _forward(adapter, ex, target, nm), x, n_steps=n_steps) for ex, nm, x in prepared]
-               for m in methods}
+    trained = {
+        m: [explain_fn(m, _forward(adapter, ex, target, nm), x, n_steps=n_steps) for ex, nm, x in prepared]
+        for m in methods
+    }
     rows = []
     for i, stage in enumerate(tqdm(stages, desc="randomisation", disable=not progress, file=sys.stderr), 1):
         with randomised(adapter, stage, seed):
             for m in methods:
-                rhos = [spearman_abs(trained[m][j], explain_fn(m, _forward(adapter, ex, target, nm), x,
-                                                               n_steps=n_steps))
-                        for j, (ex, nm, x) in enumerate(prepared)]
+                rhos = [
+                    spearman_abs(trained[m][j], explain_fn(m, _forward(adapter, ex, target, nm), x, n_steps=n_steps))
+                    for j, (ex, nm, x) in enumerate(prepared)
+                ]
                 rho = float(np.nanmean(rhos)) if not all(np.isnan(rhos)) else math.nan
-                rows.append(_row("randomisation_spearman", m, f"{i}/{len(stages)}: down to {_display(stage[-1])}",
-                                 slice=ALL, value=rho, n=int(np.sum(~np.isnan(rhos))),
-                                 baseline=thresholds.randomisation_spearman,
-                                 flagged=bool(rho > thresholds.randomisation_spearman),
-                                 detail=f"{len(stage)} of {len(order)} parameterised modules re-initialised from the "
-                                        f"output end ({', '.join(map(_display, stage[:3]))}"
-                                        f"{', ...' if len(stage) > 3 else ''}); flagged above "
-                                        f"{thresholds.randomisation_spearman:g} (the explanation did not change)"))
+                rows.append(
+                    _row(
+                        "randomisation_spearman",
+                        m,
+                        f"{i}/{len(stages)}: down to {_display(stage[-1])}",
+                        slice=ALL,
+                        value=rho,
+                        n=int(np.sum(~np.isnan(rhos))),
+                        baseline=thresholds.randomisation_spearman,
+                        flagged=bool(rho > thresholds.randomisation_spearman),
+                        detail=f"{len(stage)} of {len(order)} parameterised modules re-initialised from the "
+                        f"output end ({', '.join(map(_display, stage[:3]))}"
+                        f"{', ...' if len(stage) > 3 else ''}); flagged above "
+                        f"{thresholds.randomisation_spearman:g} (the explanation did not change)",
+                    )
+                )
     return rows
 
 
@@ -517,8 +690,10 @@ def randomisation_rows(adapter: ModelAdapter, spec: ModelSpec, examples: Sequenc
 # Sanity check 2: deletion / insertion curves; captum's infidelity and sensitivity_max
 # =============================================================================================
 
-def _masked_batch(inputs: tuple[Tensor, ...], order: np.ndarray, counts: Sequence[int],
-                  insert: bool) -> tuple[Tensor, ...]:
+
+def _masked_batch(
+    inputs: tuple[Tensor, ...], order: np.ndarray, counts: Sequence[int], insert: bool
+) -> tuple[Tensor, ...]:
     """One row per count c: deletion zeroes the first c positions of ``order`` (over all inputs, flattened);
     insertion starts from zeros and restores them."""
     sizes = [x.shape[1] for x in inputs]
@@ -530,7 +705,7 @@ def _masked_batch(inputs: tuple[Tensor, ...], order: np.ndarray, counts: Sequenc
         keep = ~keep
     out = []
     for i, x in enumerate(inputs):
-        mask = torch.as_tensor(keep[:, offsets[i]:offsets[i + 1]], device=x.device, dtype=x.dtype)
+        mask = torch.as_tensor(keep[:, offsets[i] : offsets[i + 1]], device=x.device, dtype=x.dtype)
         out.append(x.expand(len(counts), *x.shape[1:]) * mask.reshape(len(counts), -1, *([1] * (x.dim() - 2))))
     return tuple(out)
 
@@ -538,8 +713,9 @@ def _masked_batch(inputs: tuple[Tensor, ...], order: np.ndarray, counts: Sequenc
 def _evaluate(forward: Callable[..., Tensor], batch: tuple[Tensor, ...], chunk: int = 64) -> np.ndarray:
     rows = batch[0].shape[0]
     with torch.no_grad():
-        return np.concatenate([forward(*[b[s:s + chunk] for b in batch]).detach().double().cpu().numpy()
-                               for s in range(0, rows, chunk)])
+        return np.concatenate(
+            [forward(*[b[s : s + chunk] for b in batch]).detach().double().cpu().numpy() for s in range(0, rows, chunk)]
+        )
 
 
 def curve_auc(curve: np.ndarray) -> float:
@@ -547,8 +723,14 @@ def curve_auc(curve: np.ndarray) -> float:
     return float(auc(np.linspace(0.0, 1.0, len(curve)), curve))
 
 
-def deletion_insertion(forward: Callable[..., Tensor], inputs: tuple[Tensor, ...], values: Sequence[np.ndarray],
-                       steps: int = 10, random_orders: int = 8, seed: int = 0) -> dict[str, float]:
+def deletion_insertion(
+    forward: Callable[..., Tensor],
+    inputs: tuple[Tensor, ...],
+    values: Sequence[np.ndarray],
+    steps: int = 10,
+    random_orders: int = 8,
+    seed: int = 0,
+) -> dict[str, float]:
     """Deletion and insertion AUCs of one example's explanation, and of random orders.
 
     Positions of every input are ranked by value, largest first (the most evidence for the explained output;
@@ -574,8 +756,12 @@ def deletion_insertion(forward: Callable[..., Tensor], inputs: tuple[Tensor, ...
         return dict.fromkeys(("deletion", "insertion", "deletion_random", "insertion_random"), math.nan)
     g = (f - f_empty) / scale
     areas = np.array([[auc(np.asarray(counts) / total, g[o, k]) for k in range(2)] for o in range(len(orders))])
-    return {"deletion": float(areas[0, 0]), "insertion": float(areas[0, 1]),
-            "deletion_random": float(areas[1:, 0].mean()), "insertion_random": float(areas[1:, 1].mean())}
+    return {
+        "deletion": float(areas[0, 0]),
+        "insertion": float(areas[0, 1]),
+        "deletion_random": float(areas[1:, 0].mean()),
+        "insertion_random": float(areas[1:, 1].mean()),
+    }
 
 
 def _position_dropper(drop: float, seed: int):
@@ -587,7 +773,7 @@ def _position_dropper(drop: float, seed: int):
     def perturb(inputs: Tensor | tuple[Tensor, ...]):  # captum passes one tensor, or a tuple of them
         single = isinstance(inputs, Tensor)
         perturbations, perturbed = [], []
-        for x in ((inputs,) if single else inputs):
+        for x in (inputs,) if single else inputs:
             removed = (torch.rand(x.shape[:2], generator=generator) < drop).to(x.device, x.dtype)
             removed = removed.reshape(*x.shape[:2], *([1] * (x.dim() - 2))).expand_as(x)
             perturbations.append(removed)
@@ -595,6 +781,7 @@ def _position_dropper(drop: float, seed: int):
         if single:
             return perturbations[0], perturbed[0]
         return tuple(perturbations), tuple(perturbed)
+
     return perturb
 
 
@@ -610,15 +797,25 @@ def _spread(values: Sequence[np.ndarray], inputs: tuple[Tensor, ...]) -> tuple[T
 
 def _infidelity(forward, inputs, values, thresholds: CheckThresholds, seed: int) -> float:
     from captum.metrics import infidelity
-    return float(infidelity(forward, _position_dropper(thresholds.infidelity_drop, seed), inputs,
-                            _spread(values, inputs), n_perturb_samples=thresholds.infidelity_samples,
-                            normalize=True).reshape(-1)[0])
+
+    return float(
+        infidelity(
+            forward,
+            _position_dropper(thresholds.infidelity_drop, seed),
+            inputs,
+            _spread(values, inputs),
+            n_perturb_samples=thresholds.infidelity_samples,
+            normalize=True,
+        ).reshape(-1)[0]
+    )
 
 
 def _sensitivity(method: str, forward, inputs, thresholds: CheckThresholds, n_steps: int) -> float:
     from captum.attr import IntegratedGradients, Occlusion
     from captum.metrics import sensitivity_max
+
     radius = thresholds.sensitivity_radius * float(torch.cat([x.detach().abs().reshape(-1) for x in inputs]).mean())
+
     def tupled(xs) -> tuple[Tensor, ...]:  # captum passes one tensor, or a tuple of them
         return (xs,) if isinstance(xs, Tensor) else tuple(xs)
 
@@ -633,14 +830,26 @@ def _sensitivity(method: str, forward, inputs, thresholds: CheckThresholds, n_st
 
         def explanation(xs):
             xs = tupled(xs)
-            return occ.attribute(xs, sliding_window_shapes=tuple((1, *x.shape[2:]) for x in xs),
-                                 strides=tuple((1, *x.shape[2:]) for x in xs),
-                                 baselines=tuple(torch.zeros_like(x) for x in xs), perturbations_per_eval=16)
+            return occ.attribute(
+                xs,
+                sliding_window_shapes=tuple((1, *x.shape[2:]) for x in xs),
+                strides=tuple((1, *x.shape[2:]) for x in xs),
+                baselines=tuple(torch.zeros_like(x) for x in xs),
+                perturbations_per_eval=16,
+            )
     else:
+
         def explanation(xs):
             return tuple(x.norm(dim=-1, keepdim=True).expand_as(x).contiguous() for x in tupled(xs))
-    return float(sensitivity_max(explanation, inputs if len(inputs) > 1 else inputs[0], perturb_radius=radius,
-                                 n_perturb_samples=thresholds.sensitivity_samples).reshape(-1)[0])
+
+    return float(
+        sensitivity_max(
+            explanation,
+            inputs if len(inputs) > 1 else inputs[0],
+            perturb_radius=radius,
+            n_perturb_samples=thresholds.sensitivity_samples,
+        ).reshape(-1)[0]
+    )
 
 
 def _wilcoxon(diff: np.ndarray, alternative: str) -> float:
@@ -650,9 +859,17 @@ def _wilcoxon(diff: np.ndarray, alternative: str) -> float:
     return float(stats.wilcoxon(diff, alternative=alternative).pvalue)
 
 
-def faithfulness_rows(adapter: ModelAdapter, spec: ModelSpec, examples: Sequence[dict],
-                      methods: Sequence[str] = SANITY_METHODS, n_steps: int = 32, sensitivity: bool = True,
-                      thresholds: CheckThresholds = THRESHOLDS, seed: int = 0, progress: bool = False) -> list[dict]:
+def faithfulness_rows(
+    adapter: ModelAdapter,
+    spec: ModelSpec,
+    examples: Sequence[dict],
+    methods: Sequence[str] = SANITY_METHODS,
+    n_steps: int = 32,
+    sensitivity: bool = True,
+    thresholds: CheckThresholds = THRESHOLDS,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[dict]:
     """``deletion_auc``, ``insertion_auc``, ``infidelity`` and ``sensitivity_max`` rows per method, means over
     ``examples``; baselines: random orders (curves) and the values shuffled over positions (infidelity); p: a
     one-sided Wilcoxon signed-rank test over examples of explanation minus baseline."""
@@ -665,8 +882,9 @@ def faithfulness_rows(adapter: ModelAdapter, spec: ModelSpec, examples: Sequence
         forward = _forward(adapter, ex, target, names)
         for m in methods:
             values = explain(m, forward, inputs, n_steps=n_steps)
-            got = deletion_insertion(forward, inputs, values, thresholds.curve_steps, thresholds.random_orders,
-                                     seed + j)
+            got = deletion_insertion(
+                forward, inputs, values, thresholds.curve_steps, thresholds.random_orders, seed + j
+            )
             flat = np.concatenate([np.ravel(v) for v in values])
             shuffled = np.split(rng.permutation(flat), np.cumsum([len(np.ravel(v)) for v in values])[:-1])
             got["infidelity"] = _infidelity(forward, inputs, values, thresholds, seed + j)
@@ -677,12 +895,23 @@ def faithfulness_rows(adapter: ModelAdapter, spec: ModelSpec, examples: Sequence
                 per[m].setdefault(k, []).append(v)
     rows = []
     for m, got in per.items():
-        for check, lower_better, what in (("deletion_auc", True, "area under the normalised output as the most-"
-                                           "attributed positions are removed first"),
-                                          ("insertion_auc", False, "area under the normalised output as the most-"
-                                           "attributed positions are added back first"),
-                                          ("infidelity", True, "captum infidelity (normalised) under random "
-                                           f"removal of {thresholds.infidelity_drop:.0%} of positions")):
+        for check, lower_better, what in (
+            (
+                "deletion_auc",
+                True,
+                "area under the normalised output as the most-attributed positions are removed first",
+            ),
+            (
+                "insertion_auc",
+                False,
+                "area under the normalised output as the most-attributed positions are added back first",
+            ),
+            (
+                "infidelity",
+                True,
+                f"captum infidelity (normalised) under random removal of {thresholds.infidelity_drop:.0%} of positions",
+            ),
+        ):
             key = check.replace("_auc", "")
             own, base = np.asarray(got.get(key, []), float), np.asarray(got.get(f"{key}_random", []), float)
             if not len(own):
@@ -691,24 +920,40 @@ def faithfulness_rows(adapter: ModelAdapter, spec: ModelSpec, examples: Sequence
             baseline = float(np.nanmean(base)) if np.isfinite(base).any() else math.nan
             better = value < baseline if lower_better else value > baseline
             reference = "random orders" if check != "infidelity" else "the same values shuffled over positions"
-            rows.append(_row(check, m, slice=ALL, value=value, n=int(np.isfinite(own).sum()), baseline=baseline,
-                             p_value=_wilcoxon(own - base, "less" if lower_better else "greater"),
-                             flagged=bool(np.isfinite(value) and np.isfinite(baseline) and not better),
-                             detail=f"{what}; {'lower' if lower_better else 'higher'} is better; baseline: "
-                                    f"{reference}"))
+            rows.append(
+                _row(
+                    check,
+                    m,
+                    slice=ALL,
+                    value=value,
+                    n=int(np.isfinite(own).sum()),
+                    baseline=baseline,
+                    p_value=_wilcoxon(own - base, "less" if lower_better else "greater"),
+                    flagged=bool(np.isfinite(value) and np.isfinite(baseline) and not better),
+                    detail=f"{what}; {'lower' if lower_better else 'higher'} is better; baseline: {reference}",
+                )
+            )
         if "sensitivity_max" in got:
             vals = np.asarray(got["sensitivity_max"], float)
-            rows.append(_row("sensitivity_max", m, slice=ALL, value=float(np.nanmean(vals)),
-                             n=int(np.isfinite(vals).sum()),
-                             detail=f"captum sensitivity_max: largest relative change of the explanation under "
-                                    f"L-inf noise of {thresholds.sensitivity_radius:g} x mean|x| "
-                                    f"({thresholds.sensitivity_samples} samples); lower is steadier; not judged"))
+            rows.append(
+                _row(
+                    "sensitivity_max",
+                    m,
+                    slice=ALL,
+                    value=float(np.nanmean(vals)),
+                    n=int(np.isfinite(vals).sum()),
+                    detail=f"captum sensitivity_max: largest relative change of the explanation under "
+                    f"L-inf noise of {thresholds.sensitivity_radius:g} x mean|x| "
+                    f"({thresholds.sensitivity_samples} samples); lower is steadier; not judged",
+                )
+            )
     return rows
 
 
 # =============================================================================================
 # Causal expert knockout, run-wide
 # =============================================================================================
+
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
@@ -721,8 +966,9 @@ def _resolve_metrics(overall: Mapping, headline: Sequence[str]) -> list[str]:
     keys = [lower[h.lower()] for h in headline if h.lower() in lower and _is_number(overall[lower[h.lower()]])]
     if keys:
         return keys
-    return [k for k, v in overall.items() if _is_number(v) and str(k).lower() not in ("n", "examples", "count",
-                                                                                        "tokens")]
+    return [
+        k for k, v in overall.items() if _is_number(v) and str(k).lower() not in ("n", "examples", "count", "tokens")
+    ]
 
 
 def metric_rows(summary: Mapping, metrics: Sequence[str]) -> list[tuple[str, str, str, float, int]]:
@@ -738,8 +984,11 @@ def metric_rows(summary: Mapping, metrics: Sequence[str]) -> list[tuple[str, str
             if not isinstance(ms, Mapping):
                 continue
             n = ms.get("n", ms.get("examples", 0))
-            out += [(m, str(key)[3:], str(value), float(ms[m]), int(n or 0)) for m in metrics
-                    if m in ms and _is_number(ms[m])]
+            out += [
+                (m, str(key)[3:], str(value), float(ms[m]), int(n or 0))
+                for m in metrics
+                if m in ms and _is_number(ms[m])
+            ]
     return out
 
 
@@ -753,8 +1002,14 @@ def _loads(routing: pd.DataFrame | None) -> dict[str, tuple[np.ndarray, np.ndarr
     return out
 
 
-def knockout_effects(adapter: ModelAdapter, spec: ModelSpec, examples: Sequence[dict], batch_size: int = 32,
-                     routing: pd.DataFrame | None = None, progress: bool = False) -> tuple[pd.DataFrame, dict]:
+def knockout_effects(
+    adapter: ModelAdapter,
+    spec: ModelSpec,
+    examples: Sequence[dict],
+    batch_size: int = 32,
+    routing: pd.DataFrame | None = None,
+    progress: bool = False,
+) -> tuple[pd.DataFrame, dict]:
     """The ``knockout_effects`` table and notes {layer: why its whole-layer row is missing}.
 
     Per routed layer and expert e: the metrics of ``adapter.summarize`` over ``examples`` with e knocked out
@@ -772,11 +1027,23 @@ def knockout_effects(adapter: ModelAdapter, spec: ModelSpec, examples: Sequence[
         load, weight = loads.get(layer, (None, None))
         for m, lab, s, v, n in metric_rows(summary, metrics):
             b = base.get((m, lab, s), (math.nan, 0))[0]
-            rows.append({"layer": layer, "expert": expert, "metric": m, "label": lab, "slice": s, "value": v,
-                         "base": b, "delta": v - b, "n": n,
-                         "load": float(load[expert]) if load is not None and 0 <= expert < len(load) else math.nan,
-                         "weight_share": float(weight[expert]) if weight is not None and 0 <= expert < len(weight)
-                         else math.nan})
+            rows.append(
+                {
+                    "layer": layer,
+                    "expert": expert,
+                    "metric": m,
+                    "label": lab,
+                    "slice": s,
+                    "value": v,
+                    "base": b,
+                    "delta": v - b,
+                    "n": n,
+                    "load": float(load[expert]) if load is not None and 0 <= expert < len(load) else math.nan,
+                    "weight_share": float(weight[expert])
+                    if weight is not None and 0 <= expert < len(weight)
+                    else math.nan,
+                }
+            )
 
     jobs = [(layer.name, e) for layer in spec.routed_layers for e in [*range(layer.num_experts), -1]]
     for layer, e in tqdm(jobs, desc="knockout", disable=not progress, file=sys.stderr):
@@ -803,10 +1070,12 @@ def knockout_effects(adapter: ModelAdapter, spec: ModelSpec, examples: Sequence[
 # The collapse detector on the run's own routing
 # =============================================================================================
 
+
 def detector_suite(routing: pd.DataFrame, example_indices: Sequence[int] | None = None) -> pd.DataFrame:
     """:func:`analysis.collapse_suite.validate` on each layer of the run's routing (the positions of
     ``example_indices`` when given, to bound the cost): one row per (layer, injected pathology)."""
     from analysis.collapse_suite import validate
+
     if routing is None or not len(routing):
         return pd.DataFrame()
     rows = routing if example_indices is None else routing[routing[KEY].isin(list(example_indices))]
@@ -819,6 +1088,7 @@ def detector_suite(routing: pd.DataFrame, example_indices: Sequence[int] | None 
 # =============================================================================================
 # The precompute step
 # =============================================================================================
+
 
 def check_samples(params: Mapping, n_examples: int) -> dict[str, int]:
     """Sample sizes of the checks from the precompute parameters.
@@ -842,10 +1112,19 @@ def _sample(examples: Sequence[dict], size: int, label: str | None, seed: int) -
     return [examples[i] for i in stratified_indices(len(examples), size, strata, seed)]
 
 
-def explanation_checks_step(adapter: ModelAdapter, spec: ModelSpec, examples: Sequence[dict], *,
-                            routing: pd.DataFrame, examples_df: pd.DataFrame, attributions: pd.DataFrame | None,
-                            extras: Mapping[str, pd.DataFrame], params: Mapping, progress: bool = False,
-                            thresholds: CheckThresholds = THRESHOLDS) -> dict:
+def explanation_checks_step(
+    adapter: ModelAdapter,
+    spec: ModelSpec,
+    examples: Sequence[dict],
+    *,
+    routing: pd.DataFrame,
+    examples_df: pd.DataFrame,
+    attributions: pd.DataFrame | None,
+    extras: Mapping[str, pd.DataFrame],
+    params: Mapping,
+    progress: bool = False,
+    thresholds: CheckThresholds = THRESHOLDS,
+) -> dict:
     """Every check of one run: ``{"tables": {explanation_checks, knockout_effects, detector_suite},
     "json": summary}`` (see :func:`summary_json`). ``extras`` are the stored declared-output tables."""
     seed = int(params.get("seed", 0))
@@ -865,18 +1144,32 @@ def explanation_checks_step(adapter: ModelAdapter, spec: ModelSpec, examples: Se
         pool = [ex for ex in examples if attributed is None or int(ex["index"]) in attributed] or list(examples)
         sanity = _sample(pool, sizes["sanity"], label, seed)
         n_steps = int(params.get("sanity_ig_steps", 16))
-        rows += randomisation_rows(adapter, spec, sanity, n_stages=int(params.get("randomisation_stages", 4)),
-                                   n_steps=n_steps, thresholds=thresholds, seed=seed, progress=progress)
-        rows += faithfulness_rows(adapter, spec, sanity, n_steps=n_steps, thresholds=thresholds, seed=seed,
-                                  progress=progress)
+        rows += randomisation_rows(
+            adapter,
+            spec,
+            sanity,
+            n_stages=int(params.get("randomisation_stages", 4)),
+            n_steps=n_steps,
+            thresholds=thresholds,
+            seed=seed,
+            progress=progress,
+        )
+        rows += faithfulness_rows(
+            adapter, spec, sanity, n_steps=n_steps, thresholds=thresholds, seed=seed, progress=progress
+        )
 
     knock_sample = _sample(list(examples), sizes["knockout"], label, seed) if sizes["knockout"] else []
-    knockout, notes = (knockout_effects(adapter, spec, knock_sample, batch_size, routing, progress)
-                       if knock_sample else (_frame([], KNOCKOUT_COLUMNS), {}))
+    knockout, notes = (
+        knockout_effects(adapter, spec, knock_sample, batch_size, routing, progress)
+        if knock_sample
+        else (_frame([], KNOCKOUT_COLUMNS), {})
+    )
     suite = detector_suite(routing, [int(ex["index"]) for ex in knock_sample] if knock_sample else None)
     checks = _frame(rows, CHECK_COLUMNS)
-    return {"tables": {"explanation_checks": checks, "knockout_effects": knockout, "detector_suite": suite},
-            "json": summary_json(checks, knockout, suite, notes, sizes, thresholds)}
+    return {
+        "tables": {"explanation_checks": checks, "knockout_effects": knockout, "detector_suite": suite},
+        "json": summary_json(checks, knockout, suite, notes, sizes, thresholds),
+    }
 
 
 def _clean(v):
@@ -887,8 +1180,14 @@ def _clean(v):
     return v
 
 
-def summary_json(checks: pd.DataFrame, knockout: pd.DataFrame, suite: pd.DataFrame, notes: Mapping[str, str],
-                 sizes: Mapping[str, int], thresholds: CheckThresholds = THRESHOLDS) -> dict:
+def summary_json(
+    checks: pd.DataFrame,
+    knockout: pd.DataFrame,
+    suite: pd.DataFrame,
+    notes: Mapping[str, str],
+    sizes: Mapping[str, int],
+    thresholds: CheckThresholds = THRESHOLDS,
+) -> dict:
     """``explanation_checks.json``: the tables' headline numbers by name (NaN written as null).
 
     attr_decisive_share {method: {label value: {share, elsewhere, n, p_value, flagged}}}; qga_agreement {output:
@@ -897,6 +1196,7 @@ def summary_json(checks: pd.DataFrame, knockout: pd.DataFrame, suite: pd.DataFra
     infidelity {method: {value, random}}; sensitivity_max {method: value}; knockout {layer: {expert: {metric:
     delta}}} (overall; "-1" = the whole layer); knockout_notes; detector_suite [rows]; detector_confusion
     {expected: {verdict: count}}; samples; thresholds."""
+
     def pick(check):
         return checks[checks["check"] == check] if len(checks) else checks
 
@@ -904,22 +1204,36 @@ def summary_json(checks: pd.DataFrame, knockout: pd.DataFrame, suite: pd.DataFra
     out["attr_decisive_share"] = {}
     for r in pick("attr_decisive_share").itertuples():
         out["attr_decisive_share"].setdefault(r.method, {})[r.slice] = {
-            "share": _clean(r.value), "elsewhere": _clean(r.baseline), "n": r.n, "p_value": _clean(r.p_value),
-            "flagged": bool(r.flagged), "detail": r.detail}
+            "share": _clean(r.value),
+            "elsewhere": _clean(r.baseline),
+            "n": r.n,
+            "p_value": _clean(r.p_value),
+            "flagged": bool(r.flagged),
+            "detail": r.detail,
+        }
     out["qga_agreement"] = {}
     for r in pick("source_agreement").itertuples():
         out["qga_agreement"].setdefault(r.method, {}).setdefault(r.label, {})[r.slice] = {
-            "agreement": _clean(r.value), "chance": _clean(r.baseline), "n": r.n, "p_value": _clean(r.p_value)}
+            "agreement": _clean(r.value),
+            "chance": _clean(r.baseline),
+            "n": r.n,
+            "p_value": _clean(r.p_value),
+        }
     out["routing_specialisation"] = {}
     for r in pick("routing_specialisation").itertuples():
         out["routing_specialisation"].setdefault(r.layer, {})[r.label] = {
-            "mi": _clean(r.value), "baseline": _clean(r.baseline), "p_value": _clean(r.p_value)}
+            "mi": _clean(r.value),
+            "baseline": _clean(r.baseline),
+            "p_value": _clean(r.p_value),
+        }
     out["randomisation_spearman"] = {}
     for r in pick("randomisation_spearman").itertuples():
         out["randomisation_spearman"].setdefault(r.method, {})[r.layer] = _clean(r.value)
     for check in ("deletion_auc", "insertion_auc", "infidelity"):
-        out[check] = {r.method: {"value": _clean(r.value), "random": _clean(r.baseline), "flagged": bool(r.flagged)}
-                      for r in pick(check).itertuples()}
+        out[check] = {
+            r.method: {"value": _clean(r.value), "random": _clean(r.baseline), "flagged": bool(r.flagged)}
+            for r in pick(check).itertuples()
+        }
     out["sensitivity_max"] = {r.method: _clean(r.value) for r in pick("sensitivity_max").itertuples()}
     out["knockout"] = {}
     if len(knockout):
@@ -927,12 +1241,21 @@ def summary_json(checks: pd.DataFrame, knockout: pd.DataFrame, suite: pd.DataFra
         for r in overall.itertuples():
             out["knockout"].setdefault(r.layer, {}).setdefault(str(r.expert), {})[r.metric] = _clean(r.delta)
     out["knockout_notes"] = dict(notes)
-    out["detector_suite"] = [] if not len(suite) else [
-        {k: _clean(v) if not isinstance(v, (bool, np.bool_)) else bool(v) for k, v in rec.items()
-         if k in ("layer", "pathology", "expected", "verdict", "detected", "passed", "caught_by")}
-        for rec in suite.astype(object).where(suite.notna(), None).to_dict("records")]
+    out["detector_suite"] = (
+        []
+        if not len(suite)
+        else [
+            {
+                k: _clean(v) if not isinstance(v, (bool, np.bool_)) else bool(v)
+                for k, v in rec.items()
+                if k in ("layer", "pathology", "expected", "verdict", "detected", "passed", "caught_by")
+            }
+            for rec in suite.astype(object).where(suite.notna(), None).to_dict("records")
+        ]
+    )
     if len(suite):
         confusion = pd.crosstab(suite["expected"], suite["verdict"])
-        out["detector_confusion"] = {str(e): {str(v): int(c) for v, c in row.items()}
-                                     for e, row in confusion.iterrows()}
+        out["detector_confusion"] = {
+            str(e): {str(v): int(c) for v, c in row.items()} for e, row in confusion.iterrows()
+        }
     return out

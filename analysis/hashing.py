@@ -18,6 +18,7 @@ All hashes are lowercase hex SHA-256 strings.
   and shards; snapshots and logs are deliberately left out: they do not change what the precompute reads).
 * :func:`dataset_hash` = :func:`dir_hash` of a dataset directory (or :func:`file_sha256` of a single file).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -29,12 +30,12 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["file_sha256", "dir_hash", "checkpoint_hash", "dataset_hash", "CONTENT_SUFFIXES",
-           "CHECKPOINT_FILES"]
+__all__ = ["file_sha256", "dir_hash", "checkpoint_hash", "dataset_hash", "CONTENT_SUFFIXES", "CHECKPOINT_FILES"]
 
 # Files whose *content* is hashed by dir_hash by default; other files count by name and size.
-CONTENT_SUFFIXES = frozenset({".json", ".jsonl", ".parquet", ".safetensors", ".csv", ".tsv", ".txt",
-                              ".yaml", ".yml", ".npz", ".npy"})
+CONTENT_SUFFIXES = frozenset(
+    {".json", ".jsonl", ".parquet", ".safetensors", ".csv", ".tsv", ".txt", ".yaml", ".yml", ".npz", ".npy"}
+)
 CHECKPOINT_FILES = ("config.json", "model.safetensors")
 SHARD_INDEX = "model.safetensors.index.json"
 
@@ -75,8 +76,11 @@ def _walk(root: Path) -> Iterable[Path]:
                 yield Path(dirpath) / name
 
 
-def dir_hash(path: str | os.PathLike, patterns: Iterable[str] | None = None,
-             content_suffixes: Iterable[str] | None = CONTENT_SUFFIXES) -> str:
+def dir_hash(
+    path: str | os.PathLike,
+    patterns: Iterable[str] | None = None,
+    content_suffixes: Iterable[str] | None = CONTENT_SUFFIXES,
+) -> str:
     """Stable hash of a directory tree (see module docstring).
 
     ``patterns``: optional fnmatch globs on the relative posix path (e.g. ``["*.json", "images/*"]``);

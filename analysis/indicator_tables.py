@@ -8,6 +8,7 @@
 
 Indicators read the gate's recorded probabilities (``probs``), never logits re-softmaxed.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -31,8 +32,13 @@ def summarise(rows: pd.DataFrame) -> dict:
 def layer_row(summary: dict) -> dict:
     """Verdict, reason and indicators of one summary, as one table row (dead experts counted)."""
     label, reason = R.verdict(summary)
-    return {"verdict": label, "reason": reason, **summary, "dead_experts": len(summary["dead_experts"]),
-            "dead_expert_ids": summary["dead_experts"]}
+    return {
+        "verdict": label,
+        "reason": reason,
+        **summary,
+        "dead_experts": len(summary["dead_experts"]),
+        "dead_expert_ids": summary["dead_experts"],
+    }
 
 
 def layer_metrics_frame(routing: pd.DataFrame, batch_dependence: Mapping[str, float] | None = None) -> pd.DataFrame:
@@ -64,14 +70,24 @@ def slice_metrics_frame(routing: pd.DataFrame, examples: pd.DataFrame, labels: S
             by_value = R.summaries_by_slice(a["probs"], a["topk_ids"], a["combine"], values, a["logits"])
             for value, summary in by_value.items():
                 label, reason = R.verdict(summary)
-                rows.append({"layer": layer, "slice": column, "value": value, "verdict": label, "reason": reason,
-                             **{k: v for k, v in summary.items() if not isinstance(v, list)},
-                             "load": summary["load"], "weight_share": summary["weight_share"]})
+                rows.append(
+                    {
+                        "layer": layer,
+                        "slice": column,
+                        "value": value,
+                        "verdict": label,
+                        "reason": reason,
+                        **{k: v for k, v in summary.items() if not isinstance(v, list)},
+                        "load": summary["load"],
+                        "weight_share": summary["weight_share"],
+                    }
+                )
     return pd.DataFrame(rows)
 
 
-def specialisation_frame(routing: pd.DataFrame, examples: pd.DataFrame, labels: Sequence[str],
-                         seed: int = 0) -> pd.DataFrame:
+def specialisation_frame(
+    routing: pd.DataFrame, examples: pd.DataFrame, labels: Sequence[str], seed: int = 0
+) -> pd.DataFrame:
     """Mutual information between the chosen (top-1) expert and each label, against shuffled labels."""
     joined = attach_labels(routing, examples, labels)
     rows = []
@@ -83,8 +99,15 @@ def specialisation_frame(routing: pd.DataFrame, examples: pd.DataFrame, labels: 
                 continue
             stats = R.specialisation_vs_shuffled(chosen, values, n_shuffles=20, seed=seed)
             nmi = R.specialisation(chosen, values)["nmi"]
-            rows.append({"layer": layer, "label": column, "nmi": nmi, **stats,
-                         "above_shuffled": stats["mi"] > stats["shuffled_max"]})
+            rows.append(
+                {
+                    "layer": layer,
+                    "label": column,
+                    "nmi": nmi,
+                    **stats,
+                    "above_shuffled": stats["mi"] > stats["shuffled_max"],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -95,8 +118,11 @@ def coselection_frame(routing: pd.DataFrame) -> pd.DataFrame:
         topk = stack(part["topk_ids"]).astype(np.int64)
         e = len(part["probs"].iloc[0])
         counts = R.co_selection(topk, e)
-        rows += [{"layer": layer, "expert_a": a, "expert_b": b, "count": int(counts[a, b])}
-                 for a in range(e) for b in range(e)]
+        rows += [
+            {"layer": layer, "expert_a": a, "expert_b": b, "count": int(counts[a, b])}
+            for a in range(e)
+            for b in range(e)
+        ]
     return pd.DataFrame(rows)
 
 
@@ -104,6 +130,7 @@ def batch_dependence_of(in_batch: pd.DataFrame, alone: pd.DataFrame) -> dict[str
     """Per layer: mean |change| of the combine weights of the same positions run alone vs in a batch."""
     keys = ["layer", "call", KEY, "position"]
     joined = in_batch.merge(alone, on=keys, suffixes=("_batch", "_alone"))
-    return {layer: float(R.batch_dependence(stack(part["combine_alone"]), stack(part["combine_batch"]))
-                         ["mean_abs_change"])
-            for layer, part in joined.groupby("layer")}
+    return {
+        layer: float(R.batch_dependence(stack(part["combine_alone"]), stack(part["combine_batch"]))["mean_abs_change"])
+        for layer, part in joined.groupby("layer")
+    }

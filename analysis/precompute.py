@@ -25,6 +25,7 @@ Under torchrun the examples are cut into the same batches one process would use 
 are dealt to the ranks (so batch-dependent gates see identical batches); rank 0 gathers, sorts by
 example index, and computes and writes everything else.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,16 +63,27 @@ from mmoe_core.data.readers import DatasetError
 from mmoe_core.errors import cli_entry
 from mmoe_core.paths import artifacts_root
 
-DEFAULT_PARAMS = dict(split="test", batch_size=32, attribution_sample=48, projection="umap",
-                      dynamics_sample=256, batch_dependence_sample=16, max_examples=None, seed=0,
-                      # explanation checks (analysis.explanation_checks.check_samples: the knockout sample is
-                      # capped at dynamics_sample, the sanity sample at half the attribution sample)
-                      checks=True, knockout_sample=200, sanity_sample=8)
+DEFAULT_PARAMS = dict(
+    split="test",
+    batch_size=32,
+    attribution_sample=48,
+    projection="umap",
+    dynamics_sample=256,
+    batch_dependence_sample=16,
+    max_examples=None,
+    seed=0,
+    # explanation checks (analysis.explanation_checks.check_samples: the knockout sample is
+    # capped at dynamics_sample, the sanity sample at half the attribution sample)
+    checks=True,
+    knockout_sample=200,
+    sanity_sample=8,
+)
 
 
 # --------------------------------------------------------------------------------------------
 # The CLI
 # --------------------------------------------------------------------------------------------
+
 
 def demo_command() -> str:
     """The command that builds the demo runs (demo_build.py, above analysis and mmoe_core)."""
@@ -81,8 +93,10 @@ def demo_command() -> str:
 def resolve_inputs(run: str, checkpoint: str | None, data: str | None, root: Path) -> tuple[Path, Path]:
     ckpt = Path(checkpoint) if checkpoint else root / "checkpoints" / run
     if not (ckpt / "config.json").is_file():
-        raise CheckpointError(f"no checkpoint at {ckpt} (expected config.json + model.safetensors). Train one "
-                              f"with `python -m mmoe_core.train ...` or build the demo runs with `{demo_command()}`.")
+        raise CheckpointError(
+            f"no checkpoint at {ckpt} (expected config.json + model.safetensors). Train one "
+            f"with `python -m mmoe_core.train ...` or build the demo runs with `{demo_command()}`."
+        )
     config = load_config(ckpt)
     training = config.get("training") if isinstance(config.get("training"), dict) else {}
     recorded = config.get("data_dir") or training.get("data_dir")
@@ -105,9 +119,17 @@ def hashed_inputs(ckpt: Path, data_dir: Path, params: dict) -> dict:
         raise CheckpointError(f"{ckpt} is incomplete ({exc}); retrain it or give another --checkpoint") from exc
 
 
-def precompute(run: str, checkpoint: str | None = None, data: str | None = None, root: Path | None = None,
-               force: bool = False, device: str | None = None, progress: bool = True, wait: bool = False,
-               **overrides) -> Path | None:
+def precompute(
+    run: str,
+    checkpoint: str | None = None,
+    data: str | None = None,
+    root: Path | None = None,
+    force: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    wait: bool = False,
+    **overrides,
+) -> Path | None:
     """Build (or skip, when unchanged) artifacts/runs/<run>/. Returns the published run dir on rank 0.
 
     The inputs' hashes are taken first and compared again just before publishing (a change meanwhile
@@ -149,6 +171,7 @@ def precompute(run: str, checkpoint: str | None = None, data: str | None = None,
 def projection_table(merged: dict, examples_df: pd.DataFrame, label: str | None, params: dict):
     """(projection table, fitted projection) of the routed representations; (None, None) with too few."""
     from analysis.embedding import fit_projection
+
     reps = merged["representations"]
     if reps is None or len(reps) < 5:
         return None, None
@@ -158,8 +181,9 @@ def projection_table(merged: dict, examples_df: pd.DataFrame, label: str | None,
         strata = examples_df.set_index(KEY)[label].reindex(index).astype(str).to_numpy()
     projection = fit_projection(reps, method=params["projection"], seed=int(params["seed"]), strata=strata)
     xy = projection.coords
-    frame = pd.DataFrame({KEY: index, "x": xy[:, 0], "y": xy[:, 1],
-                          "in_fit": np.isin(np.arange(len(xy)), projection.fit_index)})
+    frame = pd.DataFrame(
+        {KEY: index, "x": xy[:, 0], "y": xy[:, 1], "in_fit": np.isin(np.arange(len(xy)), projection.fit_index)}
+    )
     return frame, projection
 
 
@@ -180,15 +204,35 @@ def write_run(run, root, adapter, ckpt, data_dir, examples, merged, params, inpu
     checks = None
     if params.get("checks", True):
         from analysis.explanation_checks import explanation_checks_step
-        checks = explanation_checks_step(adapter, spec, examples, routing=routing, examples_df=examples_df,
-                                         attributions=merged["attributions"], extras=merged["extras"],
-                                         params=params)
+
+        checks = explanation_checks_step(
+            adapter,
+            spec,
+            examples,
+            routing=routing,
+            examples_df=examples_df,
+            attributions=merged["attributions"],
+            extras=merged["extras"],
+            params=params,
+        )
     inputs = inputs if inputs is not None else hashed_inputs(ckpt, data_dir, params)
-    manifest = {**inputs, **inputs_manifest(None, None, params, spec=spec, family=spec.family, split=params["split"],
-                                            trigger_step=trigger_step(ckpt), num_examples=len(examples),
-                                            attribution_label=attribution_label(spec))}
-    with RunWriter(run, root=root, manifest_base=manifest,
-                   before_publish=lambda: check_inputs_unchanged(inputs, ckpt, data_dir)) as w:
+    manifest = {
+        **inputs,
+        **inputs_manifest(
+            None,
+            None,
+            params,
+            spec=spec,
+            family=spec.family,
+            split=params["split"],
+            trigger_step=trigger_step(ckpt),
+            num_examples=len(examples),
+            attribution_label=attribution_label(spec),
+        ),
+    }
+    with RunWriter(
+        run, root=root, manifest_base=manifest, before_publish=lambda: check_inputs_unchanged(inputs, ckpt, data_dir)
+    ) as w:
         w.write_table("examples", examples_df)
         w.write_table("predictions", predictions_frame(merged["predictions"]))
         w.write_table("routing", routing)
@@ -217,13 +261,16 @@ def write_run(run, root, adapter, ckpt, data_dir, examples, merged, params, inpu
                 if len(frame):
                     w.write_table(name, frame)
             w.write_json("explanation_checks", checks["json"])
-    print(f"{run}: published {root / 'runs' / run} ({len(routing)} routed positions, {len(examples)} examples)",
-          file=sys.stderr)
+    print(
+        f"{run}: published {root / 'runs' / run} ({len(routing)} routed positions, {len(examples)} examples)",
+        file=sys.stderr,
+    )
     return root / "runs" / run
 
 
 def _count(minimum: int):
     """An argparse type: an integer of at least ``minimum``."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -232,6 +279,7 @@ def _count(minimum: int):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
+
     return parse
 
 
@@ -252,8 +300,13 @@ def _check_cli(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.precompute", description=__doc__.split("\n\n")[0])
     # --run-name is the spelling to use under torchrun, whose own parser takes --run for --run-path.
-    p.add_argument("--run", "--run-name", dest="run", required=True,
-                   help="run name: artifacts/runs/<run>/ (and default checkpoint)")
+    p.add_argument(
+        "--run",
+        "--run-name",
+        dest="run",
+        required=True,
+        help="run name: artifacts/runs/<run>/ (and default checkpoint)",
+    )
     p.add_argument("--checkpoint", help="checkpoint dir (default artifacts/checkpoints/<run>)")
     p.add_argument("--data", help="dataset dir (default: the one the checkpoint was trained on)")
     p.add_argument("--split", default="test")
@@ -263,20 +316,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dynamics-sample", type=_count(0))
     p.add_argument("--max-examples", type=_count(1), help="cap the split (stratified sample) for quick runs")
     p.add_argument("--device", help="cpu / cuda (default: CUDA when present)")
-    p.add_argument("--no-checks", dest="checks", action="store_false",
-                   help="skip the explanation checks (agreement, sanity checks, expert knockout, detector suite)")
+    p.add_argument(
+        "--no-checks",
+        dest="checks",
+        action="store_false",
+        help="skip the explanation checks (agreement, sanity checks, expert knockout, detector suite)",
+    )
     p.add_argument("--knockout-sample", type=_count(0), help="examples re-run per knocked-out expert (default 200)")
     p.add_argument("--sanity-sample", type=_count(0), help="examples of the sanity checks (default 8)")
     p.add_argument("--force", action="store_true", help="rebuild even when inputs are unchanged")
     p.add_argument("--root", help="artifacts root (default artifacts/ or $MOESCOPE_ARTIFACTS)")
-    p.add_argument("--wait", action="store_true",
-                   help="when another precompute of the run is running, wait for it (default: refuse)")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="when another precompute of the run is running, wait for it (default: refuse)",
+    )
     a = p.parse_args(argv)
     _check_cli(p, a)
-    precompute(a.run, a.checkpoint, a.data, Path(a.root) if a.root else None, a.force, a.device, wait=a.wait,
-               split=a.split, batch_size=a.batch_size, attribution_sample=a.attribution_sample,
-               projection=a.projection, dynamics_sample=a.dynamics_sample, max_examples=a.max_examples,
-               checks=a.checks, knockout_sample=a.knockout_sample, sanity_sample=a.sanity_sample)
+    precompute(
+        a.run,
+        a.checkpoint,
+        a.data,
+        Path(a.root) if a.root else None,
+        a.force,
+        a.device,
+        wait=a.wait,
+        split=a.split,
+        batch_size=a.batch_size,
+        attribution_sample=a.attribution_sample,
+        projection=a.projection,
+        dynamics_sample=a.dynamics_sample,
+        max_examples=a.max_examples,
+        checks=a.checks,
+        knockout_sample=a.knockout_sample,
+        sanity_sample=a.sanity_sample,
+    )
     return 0
 
 

@@ -5,6 +5,7 @@ Everything goes through the family's adapter and its declaration (:class:`mmoe_c
 which label stratifies a sample, whether a gate's batch dependence is measured, which extra outputs are
 stored, all come from the spec, never from a family's name or field names.
 """
+
 from __future__ import annotations
 
 import sys
@@ -28,6 +29,7 @@ from mmoe_core.spec import ModelSpec
 # --------------------------------------------------------------------------------------------
 # What the spec decides
 # --------------------------------------------------------------------------------------------
+
 
 def slice_label(spec: ModelSpec) -> str | None:
     """The first declared label: stratifies the example cap, the dynamics and batch-dependence samples
@@ -59,8 +61,10 @@ def stratified_sample(examples: Sequence[dict], size: int, label: str | None, se
 # Forward the examples (this rank's batches) and merge the ranks' parts
 # --------------------------------------------------------------------------------------------
 
-def run_examples(adapter: ModelAdapter, spec: ModelSpec, examples: list[dict], batch_size: int, d: Dist,
-                 progress: bool) -> dict:
+
+def run_examples(
+    adapter: ModelAdapter, spec: ModelSpec, examples: list[dict], batch_size: int, d: Dist, progress: bool
+) -> dict:
     """Forward this rank's share; return the pieces rank 0 merges."""
     mine = [examples[i] for i in shard_batches(len(examples), batch_size, d.rank, d.world)]
     out = adapter.run(mine, record=True, batch_size=batch_size, progress=progress and d.is_main)
@@ -72,7 +76,8 @@ def run_examples(adapter: ModelAdapter, spec: ModelSpec, examples: list[dict], b
         "predictions": out.predictions,
         "extras": output_frames(spec, out.extras, out.predictions),
         "indices": [int(ex["index"]) for ex in mine],
-        "representations": None if out.representations is None or not mine
+        "representations": None
+        if out.representations is None or not mine
         else out.representations.detach().cpu().numpy(),
     }
 
@@ -98,12 +103,15 @@ def merge_parts(parts: list[dict]) -> dict:
         "routing": _sorted_by_example(concat_nonempty([p["routing"] for p in parts])),
         "kb_routing": parts[0]["kb_routing"],
         "predictions": sorted((p for part in parts for p in part["predictions"]), key=lambda p: p["index"]),
-        "extras": {name: _sorted_by_example(concat_nonempty([p["extras"].get(name, pd.DataFrame()) for p in parts]))
-                   for name in names},
+        "extras": {
+            name: _sorted_by_example(concat_nonempty([p["extras"].get(name, pd.DataFrame()) for p in parts]))
+            for name in names
+        },
         "example_indices": indices[order],
         "representations": np.concatenate(reps)[order] if reps else None,
-        **{name: concat_nonempty([p.get(name, pd.DataFrame()) for p in parts])
-           for name in ("dynamics", "attributions")},
+        **{
+            name: concat_nonempty([p.get(name, pd.DataFrame()) for p in parts]) for name in ("dynamics", "attributions")
+        },
     }
 
 
@@ -111,18 +119,26 @@ def merge_parts(parts: list[dict]) -> dict:
 # Sampled, model-heavy steps
 # --------------------------------------------------------------------------------------------
 
+
 def batch_dependence_by_layer(adapter: ModelAdapter, examples: Sequence[dict], batch_size: int) -> dict[str, float]:
     """Mean |change| of combine weights when each example runs alone vs in its batch (per layer)."""
     if not examples:
         return {}
     in_batch = routing_frame(adapter.run(list(examples), record=True, batch_size=batch_size).recorder)
-    alone = pd.concat([routing_frame(adapter.run([ex], record=True, batch_size=1).recorder) for ex in examples],
-                      ignore_index=True)
+    alone = pd.concat(
+        [routing_frame(adapter.run([ex], record=True, batch_size=1).recorder) for ex in examples], ignore_index=True
+    )
     return batch_dependence_of(in_batch, alone)
 
 
-def dynamics_frame(adapter: ModelAdapter, ckpt: Path, examples: Sequence[dict], batch_size: int,
-                   progress: bool = True, shard: tuple[int, int] = (0, 1)) -> pd.DataFrame:
+def dynamics_frame(
+    adapter: ModelAdapter,
+    ckpt: Path,
+    examples: Sequence[dict],
+    batch_size: int,
+    progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+) -> pd.DataFrame:
     """Routing indicators of a fixed example sample at every training snapshot (and the final model).
 
     ``shard`` = (rank, world): this rank's contiguous block of the snapshots only."""
@@ -138,29 +154,45 @@ def dynamics_frame(adapter: ModelAdapter, ckpt: Path, examples: Sequence[dict], 
             for layer in sorted(routing["layer"].unique()):
                 summary = summarise(routing[routing["layer"] == layer])
                 label, reason = verdict(summary)
-                rows.append({"step": step, "layer": layer, "verdict": label, "reason": reason,
-                             **{k: v for k, v in summary.items() if not isinstance(v, list)},
-                             "dead_experts": len(summary["dead_experts"]), "load": summary["load"]})
+                rows.append(
+                    {
+                        "step": step,
+                        "layer": layer,
+                        "verdict": label,
+                        "reason": reason,
+                        **{k: v for k, v in summary.items() if not isinstance(v, list)},
+                        "dead_experts": len(summary["dead_experts"]),
+                        "load": summary["load"],
+                    }
+                )
     finally:
         adapter.model.load_state_dict(final_state)
     return pd.DataFrame(rows)
 
 
-def sampled_extras(adapter: ModelAdapter, spec: ModelSpec, ckpt: Path, examples: list[dict], params: dict,
-                   d: Dist, progress: bool) -> dict:
+def sampled_extras(
+    adapter: ModelAdapter, spec: ModelSpec, ckpt: Path, examples: list[dict], params: dict, d: Dist, progress: bool
+) -> dict:
     """This rank's share of the sampled, model-heavy tables: training dynamics (a block of the snapshots)
     and attributions (a block of the attribution sample). Blocks are contiguous, so rank 0 rebuilds
     the one-process tables by concatenating them in rank order."""
     from analysis.attribution import attribution_table
+
     seed, batch_size = int(params["seed"]), int(params["batch_size"])
     show = progress and d.is_main
     dyn_sample = stratified_sample(examples, int(params["dynamics_sample"]), slice_label(spec), seed)
     dynamics = dynamics_frame(adapter, ckpt, dyn_sample, batch_size, show, shard=(d.rank, d.world))
     attributions = pd.DataFrame()
     if int(params["attribution_sample"]) > 0:
-        attributions = attribution_table(adapter, examples, sample_size=int(params["attribution_sample"]),
-                                         stratify_by=attribution_label(spec), seed=seed, progress=show,
-                                         shard=(d.rank, d.world))
+        attributions = attribution_table(
+            adapter,
+            examples,
+            sample_size=int(params["attribution_sample"]),
+            stratify_by=attribution_label(spec),
+            seed=seed,
+            progress=show,
+            shard=(d.rank, d.world),
+        )
     return {"dynamics": dynamics, "attributions": attributions}
 
 

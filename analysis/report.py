@@ -10,6 +10,7 @@ The small helpers that arrange a run's manifest / config / metrics for display (
 :func:`layers_frame`, :func:`verdict_frame`, :func:`headline_tables`) are shared with the overview page,
 so the report and the dashboard always say the same thing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,22 +31,44 @@ from analysis import figures as F
 from mmoe_core.errors import UserError, cli_entry
 from mmoe_core.spec import ModelSpec
 
-__all__ = ["build_report", "model_card", "trigger_step", "training_phases", "layers_frame", "training_options",
-           "verdict_frame", "headline_tables", "rate_measures", "format_metric", "main"]
+__all__ = [
+    "build_report",
+    "model_card",
+    "trigger_step",
+    "training_phases",
+    "layers_frame",
+    "training_options",
+    "verdict_frame",
+    "headline_tables",
+    "rate_measures",
+    "format_metric",
+    "main",
+]
 
 # Bookkeeping entries of the shared trainer's "training" block that say nothing about the model.
-HIDDEN_TRAINING_KEYS = frozenset({"data_dir", "out_dir", "progress", "log_every", "threads", "family",
-                                  "family_options"})
+HIDDEN_TRAINING_KEYS = frozenset(
+    {"data_dir", "out_dir", "progress", "log_every", "threads", "family", "family_options"}
+)
 VERDICT_COLUMNS = {
-    "layer": "layer", "verdict": "verdict", "reason": "reason", "effective_experts": "effective experts",
-    "token_entropy": "token entropy (nats)", "load_cv": "load CV", "max_load_ratio": "max-load ratio",
-    "dead_experts": "dead experts", "dead_expert_ids": "dead expert ids", "unrouted_fraction": "unrouted share",
-    "experts_never_weighted": "never weighted", "switch_balance_loss": "balance loss", "z_loss": "z-loss",
+    "layer": "layer",
+    "verdict": "verdict",
+    "reason": "reason",
+    "effective_experts": "effective experts",
+    "token_entropy": "token entropy (nats)",
+    "load_cv": "load CV",
+    "max_load_ratio": "max-load ratio",
+    "dead_experts": "dead experts",
+    "dead_expert_ids": "dead expert ids",
+    "unrouted_fraction": "unrouted share",
+    "experts_never_weighted": "never weighted",
+    "switch_balance_loss": "balance loss",
+    "z_loss": "z-loss",
     "batch_dependence": "batch dependence",
 }
 
 
 # ------------------------------------------------------------------------------------- display helpers
+
 
 def _short_hash(h: Any) -> str:
     return str(h)[:12] if h else "n/a"
@@ -84,8 +107,9 @@ def training_phases(spec: ModelSpec | None) -> list[tuple[int, str]]:
     return sorted((int(p.step), p.label) for p in (spec.training_phases if spec is not None else ()))
 
 
-def model_card(manifest: Mapping[str, Any], config: Mapping[str, Any] | None,
-               spec: ModelSpec | None = None) -> list[tuple[str, str]]:
+def model_card(
+    manifest: Mapping[str, Any], config: Mapping[str, Any] | None, spec: ModelSpec | None = None
+) -> list[tuple[str, str]]:
     """(field, value) lines of a run's model card: with ``spec``, the model in words and the facts it
     declares (``spec.model_card``) first; then family, description, code version, checkpoint and dataset
     hashes, split, size and build time; with ``spec``, the prediction, declared outputs and labels last."""
@@ -106,26 +130,53 @@ def model_card(manifest: Mapping[str, Any], config: Mapping[str, Any] | None,
     if spec is not None:
         lines.append(("prediction", f"{spec.prediction.kind}: {spec.prediction.description}".strip(": ")))
         lines += [(f"output: {o.name}", f"{o.kind}: {o.description}") for o in spec.outputs]
-        lines += [(f"label: {lab.name}", lab.description + (" (ground truth)" if lab.ground_truth else ""))
-                  for lab in spec.labels]
+        lines += [
+            (f"label: {lab.name}", lab.description + (" (ground truth)" if lab.ground_truth else ""))
+            for lab in spec.labels
+        ]
     return lines
 
 
-LAYER_COLUMNS = ["layer", "E", "k", "gate", "scores", "weights", "batch-dependent", "shared experts", "capacity",
-                 "routed", "gate sees", "calls", "note"]
+LAYER_COLUMNS = [
+    "layer",
+    "E",
+    "k",
+    "gate",
+    "scores",
+    "weights",
+    "batch-dependent",
+    "shared experts",
+    "capacity",
+    "routed",
+    "gate sees",
+    "calls",
+    "note",
+]
 
 
 def layers_frame(spec: ModelSpec | None) -> pd.DataFrame:
     """The routed layers as declared: E, k, and what the gate really does (scores, how the combine weights
     are formed, batch dependence, shared experts, capacity), what is routed and what the gate sees."""
     rows = []
-    for layer in (spec.routed_layers if spec is not None else ()):
+    for layer in spec.routed_layers if spec is not None else ():
         g = layer.gate
-        rows.append({"layer": layer.name, "E": layer.num_experts, "k": layer.top_k, "gate": g.kind,
-                     "scores": g.score, "weights": g.normalisation,
-                     "batch-dependent": "yes" if g.batch_dependent else "no", "shared experts": g.shared_experts,
-                     "capacity": "" if g.capacity is None else f"{g.capacity:g}", "routed": layer.routed,
-                     "gate sees": layer.gate_sees, "calls": ", ".join(layer.calls), "note": g.note})
+        rows.append(
+            {
+                "layer": layer.name,
+                "E": layer.num_experts,
+                "k": layer.top_k,
+                "gate": g.kind,
+                "scores": g.score,
+                "weights": g.normalisation,
+                "batch-dependent": "yes" if g.batch_dependent else "no",
+                "shared experts": g.shared_experts,
+                "capacity": "" if g.capacity is None else f"{g.capacity:g}",
+                "routed": layer.routed,
+                "gate sees": layer.gate_sees,
+                "calls": ", ".join(layer.calls),
+                "note": g.note,
+            }
+        )
     return pd.DataFrame(rows, columns=LAYER_COLUMNS)
 
 
@@ -241,10 +292,13 @@ def _table_html(frame: pd.DataFrame, verdict_col: str | None = None, table_id: s
         for c in frame.columns:
             v = row[c]
             num = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-            text = "" if v is None or (isinstance(v, float) and math.isnan(v)) else (
-                f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v))
+            text = (
+                ""
+                if v is None or (isinstance(v, float) and math.isnan(v))
+                else (f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v))
+            )
             style = f' style="{F.verdict_css(v)}"' if c == verdict_col else ""
-            cells.append(f'<td{" class=num" if num else ""}{style}>{html.escape(text)}</td>')
+            cells.append(f"<td{' class=num' if num else ''}{style}>{html.escape(text)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     tid = f' id="{table_id}"' if table_id else ""
     return f"<table{tid}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
@@ -257,8 +311,11 @@ class _Figures:
         self.first = True
 
     def __call__(self, fig) -> str:
-        out = fig.to_html(full_html=False, include_plotlyjs="inline" if self.first else False,
-                          config={"displaylogo": False, "responsive": True})
+        out = fig.to_html(
+            full_html=False,
+            include_plotlyjs="inline" if self.first else False,
+            config={"displaylogo": False, "responsive": True},
+        )
         self.first = False
         return f'<div class="figure">{out}</div>'
 
@@ -280,31 +337,36 @@ def build_report(run: str, root: str | os.PathLike | None = None) -> str:
         lm = store.layer_metrics() if store.has("layer_metrics") else pd.DataFrame()
         loads = store.layer_loads() if (store.has("routing_loads") or store.has("routing")) else pd.DataFrame()
         layers = list(lm["layer"]) if len(lm) else sorted(loads["layer"].unique()) if len(loads) else []
-        entropies = ({name: store.entropy_values(name, sample=20_000) for name in layers}
-                     if store.has("routing") else {})
+        entropies = {name: store.entropy_values(name, sample=20_000) for name in layers} if store.has("routing") else {}
         special = store.table("specialisation") if store.has("specialisation") else pd.DataFrame()
         dyn = store.dynamics() if store.has("dynamics") else pd.DataFrame()
     num_experts = {layer.name: layer.num_experts for layer in (spec.routed_layers if spec else ())}
     order = list(num_experts)
     lm, loads, special, dyn = (F.in_layer_order(f, order) for f in (lm, loads, special, dyn))
-    entropies = {name: entropies[name]
-                 for name in sorted(entropies, key=lambda n: order.index(n) if n in order else len(order))}
+    entropies = {
+        name: entropies[name] for name in sorted(entropies, key=lambda n: order.index(n) if n in order else len(order))
+    }
     fig = _Figures()
     parts: list[str] = []
     title = f"MoEscope report: {html.escape(run)}"
     parts.append(f"<h1>{title}</h1>")
-    parts.append(f'<p class="muted">Generated {_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")} '
-                 f"from the run's artifacts; status: {html.escape(status.state)}.</p>")
+    parts.append(
+        f'<p class="muted">Generated {_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")} '
+        f"from the run's artifacts; status: {html.escape(status.state)}.</p>"
+    )
     if status.state != "ready":
         parts.append(f'<p class="warn">{html.escape(status.message)}</p>')
-    for note in (spec.notes if spec else ()):
+    for note in spec.notes if spec else ():
         parts.append(f'<p class="warn">{html.escape(note)}</p>')
 
     parts.append("<h2>Headline metrics</h2>")
     overall, by = headline_tables(metrics)
     if overall:
-        cells = "".join(f'<div class="metric"><div class="v">{html.escape(format_metric(k, v))}</div>'
-                        f'<div class="k">{html.escape(k)}</div></div>' for k, v in overall.items())
+        cells = "".join(
+            f'<div class="metric"><div class="v">{html.escape(format_metric(k, v))}</div>'
+            f'<div class="k">{html.escape(k)}</div></div>'
+            for k, v in overall.items()
+        )
         parts.append(f'<div class="metrics">{cells}</div>')
         for label, frame in by.items():
             parts.append(f"<h3>By {html.escape(label)}</h3>")
@@ -317,8 +379,10 @@ def build_report(run: str, root: str | os.PathLike | None = None) -> str:
         parts.append('<p class="muted">This run has no metrics.json.</p>')
 
     parts.append("<h2>Per-layer verdicts</h2>")
-    parts.append('<p class="muted">healthy / warning / collapsed from the documented thresholds '
-                 "(analysis.routing.THRESHOLDS); the reason quotes the numbers that decided it.</p>")
+    parts.append(
+        '<p class="muted">healthy / warning / collapsed from the documented thresholds '
+        "(analysis.routing.THRESHOLDS); the reason quotes the numbers that decided it.</p>"
+    )
     parts.append(_table_html(verdict_frame(lm), verdict_col="verdict", table_id="verdicts"))
 
     parts.append("<h2>Model card</h2>")
@@ -331,8 +395,11 @@ def build_report(run: str, root: str | os.PathLike | None = None) -> str:
     opts = training_options(config)
     if opts:
         parts.append("<h3>Training options</h3>")
-        parts.append(_table_html(pd.DataFrame({"option": list(opts), "value": [str(v) for v in opts.values()]}),
-                                 table_id="training"))
+        parts.append(
+            _table_html(
+                pd.DataFrame({"option": list(opts), "value": [str(v) for v in opts.values()]}), table_id="training"
+            )
+        )
 
     parts.append("<h2>Utilization</h2>")
     parts.append(fig(F.load_bars(loads)))
@@ -345,8 +412,10 @@ def build_report(run: str, root: str | os.PathLike | None = None) -> str:
         parts.append("<h2>Training dynamics</h2>")
         parts.append(fig(F.dynamics_lines(dyn, trigger_step(manifest, config), phases=training_phases(spec))))
     body = "\n".join(parts)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{_CSS}</style></head><body>\n{body}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{_CSS}</style></head><body>\n{body}\n</body></html>\n"
+    )
 
 
 def _json(store, name: str):
@@ -361,6 +430,7 @@ def readable_run(run: str, root: str | os.PathLike | None) -> None:
     with its warning on top)."""
     from analysis.store import run_status
     from analysis.store.layout import _RUN_RE
+
     if not _RUN_RE.match(run):
         raise UserError(f"--run {run!r} is not a run name (letters, digits, '.', '_' or '-')")
     status = run_status(run, root)

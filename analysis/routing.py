@@ -75,7 +75,6 @@ __all__ = [
 ]
 
 
-
 # --------------------------------------------------------------------------- basics
 
 
@@ -229,9 +228,7 @@ def co_selection(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
     return chosen.T @ chosen
 
 
-def cross_layer_pairs(
-    topk_a: np.ndarray, topk_b: np.ndarray, num_experts_a: int, num_experts_b: int
-) -> np.ndarray:
+def cross_layer_pairs(topk_a: np.ndarray, topk_b: np.ndarray, num_experts_a: int, num_experts_b: int) -> np.ndarray:
     """[E_a, E_b] counts of (top-1 expert in layer a, top-1 in layer b) for the same positions."""
     a = top1(_as_topk(topk_a, num_experts_a))
     b = top1(_as_topk(topk_b, num_experts_b))
@@ -328,9 +325,7 @@ def experts_never_weighted(combine: np.ndarray, tol: float = 0.0) -> list[int]:
     return [int(i) for i in np.flatnonzero(unused)]
 
 
-def weighted_outside_topk(
-    combine: np.ndarray, topk_ids: np.ndarray, tol: float = 0.0
-) -> np.ndarray:
+def weighted_outside_topk(combine: np.ndarray, topk_ids: np.ndarray, tol: float = 0.0) -> np.ndarray:
     """Bool [T]: positions that put combine weight on an expert that is not in their top-k."""
     combine = np.asarray(combine)
     ids = _as_topk(topk_ids, combine.shape[1])
@@ -343,7 +338,9 @@ def weighted_outside_topk(
 
 
 def layer_summary(
-    probs: np.ndarray, topk_ids: np.ndarray, combine: np.ndarray | None = None,
+    probs: np.ndarray,
+    topk_ids: np.ndarray,
+    combine: np.ndarray | None = None,
     logits: np.ndarray | None = None,
 ) -> dict:
     """Every scalar indicator of one layer, as plain Python values (JSON / Parquet friendly).
@@ -424,7 +421,9 @@ def summaries_by_slice(
         rows = labels == label
         key = label.item() if hasattr(label, "item") else label
         out[key] = layer_summary(
-            probs[rows], ids[rows], None if combine is None else np.asarray(combine)[rows],
+            probs[rows],
+            ids[rows],
+            None if combine is None else np.asarray(combine)[rows],
             None if logits is None else np.asarray(logits)[rows],
         )
     return out

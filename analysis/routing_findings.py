@@ -109,8 +109,7 @@ FINDING_THRESHOLDS = FindingThresholds()
 _LEVEL = {"warning": 1, "collapsed": 2}
 
 
-def _view_finding(name: str, f: np.ndarray, v: np.ndarray, t: FindingThresholds,
-                  num_slots: float | None):
+def _view_finding(name: str, f: np.ndarray, v: np.ndarray, t: FindingThresholds, num_slots: float | None):
     """(severity, largest weight-per-slot ratio, phrases, short) of one weight view, or None."""
     E = len(f)
     what = "router importance" if name == "importance" else "combine weight"
@@ -127,31 +126,39 @@ def _view_finding(name: str, f: np.ndarray, v: np.ndarray, t: FindingThresholds,
     severity, parts = 0, []
     if ratio[heavy] >= t.weight_per_slot_warning and v.max() > f.max():
         severity = 1
-        parts.append(f"expert {heavy} gets {_pct(v[heavy])} of the {what} for {_pct(f[heavy])} of "
-                     f"slots ({ratio[heavy]:.2f}x)")
+        parts.append(
+            f"expert {heavy} gets {_pct(v[heavy])} of the {what} for {_pct(f[heavy])} of slots ({ratio[heavy]:.2f}x)"
+        )
     if spread <= t.weight_spread_ratio_warning:
         severity = max(severity, 2 if spread <= t.weight_spread_ratio_collapse else 1)
         top = [i for i in range(E) if v[i] > 1 / E]  # above their fair share
-        parts.append(f"the {what} spreads over only {n_v:.2f} effective experts ({spread:.2f}x "
-                     f"the slots'), most of it on "
-                     f"{'expert' if len(top) == 1 else 'experts'} {_ids_text(top)}")
+        parts.append(
+            f"the {what} spreads over only {n_v:.2f} effective experts ({spread:.2f}x "
+            f"the slots'), most of it on "
+            f"{'expert' if len(top) == 1 else 'experts'} {_ids_text(top)}"
+        )
     if starved:
         many = len(starved) >= t.starved_experts_collapse * E
         severity = max(severity, 2 if many else 1)
         noun = "expert" if len(starved) == 1 else "experts"
-        parts.append(f"{len(starved)} starved {noun} ({_ids_text(starved)}: "
-                     f"{', '.join(_pct(f[i]) for i in starved)} of slots but "
-                     f"{', '.join(_pct(v[i]) for i in starved)} of the {what})")
+        parts.append(
+            f"{len(starved)} starved {noun} ({_ids_text(starved)}: "
+            f"{', '.join(_pct(f[i]) for i in starved)} of slots but "
+            f"{', '.join(_pct(v[i]) for i in starved)} of the {what})"
+        )
     if not severity:
         return None
     short = f"the {what} agrees ({n_v:.2f} effective experts, at most {_pct(v.max())} on one)"
     return severity, float(ratio[heavy]), parts, short
 
 
-def weight_collapse_clause(load: Sequence[float], importance: Sequence[float] | None = None,
-                           weight_share: Sequence[float] | None = None,
-                           thresholds: FindingThresholds = FINDING_THRESHOLDS,
-                           num_slots: float | None = None):
+def weight_collapse_clause(
+    load: Sequence[float],
+    importance: Sequence[float] | None = None,
+    weight_share: Sequence[float] | None = None,
+    thresholds: FindingThresholds = FINDING_THRESHOLDS,
+    num_slots: float | None = None,
+):
     """The weight-collapse rule on share vectors: ``None`` or ``(level, reason)``.
 
     Under top-k (k >= 2) every position names k experts, so the slot load f can stay even while the
@@ -193,15 +200,17 @@ def weight_collapse_clause(load: Sequence[float], importance: Sequence[float] | 
         return None
     found.sort(key=lambda h: (-h[0], -h[1]))
     level = "collapsed" if found[0][0] == 2 else "warning"
-    slots = (f"the slots name {effective_count(f):.2f} effective experts of {E} "
-             f"(at most {_pct(f.max())} each)")
+    slots = f"the slots name {effective_count(f):.2f} effective experts of {E} (at most {_pct(f.max())} each)"
     parts = found[0][2] + [h[3] for h in found[1:]]
     return level, f"weight collapse under top-k: {slots} but " + "; ".join(parts)
 
 
-def weight_collapse_finding(probs: np.ndarray | None, topk_ids: np.ndarray,
-                            combine: np.ndarray | None = None,
-                            thresholds: FindingThresholds = FINDING_THRESHOLDS):
+def weight_collapse_finding(
+    probs: np.ndarray | None,
+    topk_ids: np.ndarray,
+    combine: np.ndarray | None = None,
+    thresholds: FindingThresholds = FINDING_THRESHOLDS,
+):
     """``weight_collapse_clause`` from a layer's arrays: ``None`` or ``(level, reason)``.
 
     Example (the issue's ``mmoe-balanced`` ``image_intra``): slots 0.29/0.23/0.24/0.24 with router
@@ -209,18 +218,19 @@ def weight_collapse_finding(probs: np.ndarray | None, topk_ids: np.ndarray,
     for 24% of slots (1.94x)").  Even slots with even weight give ``None``.
     """
     ind = weight_collapse_indicators(probs, topk_ids, combine)
-    return weight_collapse_clause(ind["slots"], ind["importance"], ind["weight"], thresholds,
-                                  num_slots=_as_ids(topk_ids).size)
+    return weight_collapse_clause(
+        ind["slots"], ind["importance"], ind["weight"], thresholds, num_slots=_as_ids(topk_ids).size
+    )
 
 
 def weight_collapse_from_summary(summary: Mapping, thresholds: FindingThresholds = FINDING_THRESHOLDS):
     """``weight_collapse_clause`` from an ``analysis.routing.layer_summary`` dict (its ``load``,
     ``importance``, ``weight_share``, ``num_positions`` and ``top_k``): the form
     ``analysis.verdict.verdict`` can call."""
-    slots = (summary["num_positions"] * summary["top_k"]
-             if "num_positions" in summary and "top_k" in summary else None)
-    return weight_collapse_clause(summary["load"], summary.get("importance"),
-                                  summary.get("weight_share"), thresholds, num_slots=slots)
+    slots = summary["num_positions"] * summary["top_k"] if "num_positions" in summary and "top_k" in summary else None
+    return weight_collapse_clause(
+        summary["load"], summary.get("importance"), summary.get("weight_share"), thresholds, num_slots=slots
+    )
 
 
 # --------------------------------------------------------------------------- position dependence
@@ -242,8 +252,9 @@ def _conditional_mi(e: np.ndarray, q: np.ndarray, g: np.ndarray) -> float:
     """I(e; q | g) = H(e, g) + H(q, g) - H(e, q, g) - H(g) (nats): hand-written, since neither
     scipy nor sklearn offers conditional mutual information.  With one group it is I(e; q), which
     equals ``sklearn.metrics.mutual_info_score``."""
-    return max(0.0, _entropy_of_codes(e, g) + _entropy_of_codes(q, g) - _entropy_of_codes(e, q, g)
-               - _entropy_of_codes(g))
+    return max(
+        0.0, _entropy_of_codes(e, g) + _entropy_of_codes(q, g) - _entropy_of_codes(e, q, g) - _entropy_of_codes(g)
+    )
 
 
 def _shuffle_within(q: np.ndarray, g: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -255,8 +266,9 @@ def _shuffle_within(q: np.ndarray, g: np.ndarray, rng: np.random.Generator) -> n
     return out
 
 
-def position_dependence(topk_ids: np.ndarray, positions: np.ndarray, kinds: np.ndarray | None = None,
-                        n_shuffles: int = 20, seed: int = 0) -> dict[str, float]:
+def position_dependence(
+    topk_ids: np.ndarray, positions: np.ndarray, kinds: np.ndarray | None = None, n_shuffles: int = 20, seed: int = 0
+) -> dict[str, float]:
     """How much of the top-1 expert the position index alone explains.
 
     With e the top-1 expert, q the position and g the position kind (CLS / text token / image patch;
@@ -278,8 +290,7 @@ def position_dependence(topk_ids: np.ndarray, positions: np.ndarray, kinds: np.n
     kinds = np.zeros(len(top1), dtype=np.int64) if kinds is None else np.asarray(kinds).ravel()
     if len(kinds) != len(top1):
         raise ValueError(f"kinds has {len(kinds)} entries, topk_ids {len(top1)} rows")
-    out = {"mi": 0.0, "expert_entropy": 0.0, "u": 0.0, "u_adjusted": 0.0, "shuffled_mi": 0.0,
-           "rows_per_position": 0.0}
+    out = {"mi": 0.0, "expert_entropy": 0.0, "u": 0.0, "u_adjusted": 0.0, "shuffled_mi": 0.0, "rows_per_position": 0.0}
     if len(top1) == 0:
         return out
     e, q, g = _codes(top1), _codes(positions), _codes(kinds)
@@ -290,16 +301,27 @@ def position_dependence(topk_ids: np.ndarray, positions: np.ndarray, kinds: np.n
         return out  # one expert per kind: nothing for the position to explain
     mi = _conditional_mi(e, q, g)
     rng = np.random.default_rng(seed)
-    mi0 = (float(np.mean([_conditional_mi(e, _shuffle_within(q, g, rng), g) for _ in range(n_shuffles)]))
-           if n_shuffles else 0.0)
-    out.update(mi=mi, u=mi / h, shuffled_mi=mi0,
-               u_adjusted=float(np.clip((mi - mi0) / (h - mi0), 0.0, 1.0)) if h > mi0 else 0.0)
+    mi0 = (
+        float(np.mean([_conditional_mi(e, _shuffle_within(q, g, rng), g) for _ in range(n_shuffles)]))
+        if n_shuffles
+        else 0.0
+    )
+    out.update(
+        mi=mi,
+        u=mi / h,
+        shuffled_mi=mi0,
+        u_adjusted=float(np.clip((mi - mi0) / (h - mi0), 0.0, 1.0)) if h > mi0 else 0.0,
+    )
     return out
 
 
-def position_dependence_finding(topk_ids: np.ndarray, positions: np.ndarray,
-                                thresholds: FindingThresholds = FINDING_THRESHOLDS,
-                                kinds: np.ndarray | None = None, **kwargs):
+def position_dependence_finding(
+    topk_ids: np.ndarray,
+    positions: np.ndarray,
+    thresholds: FindingThresholds = FINDING_THRESHOLDS,
+    kinds: np.ndarray | None = None,
+    **kwargs,
+):
     """``None`` or ("warning", reason) when the position explains at least
     ``position_explained_warning`` of the top-1 expert's entropy within each position kind
     (``position_dependence``'s U_adj), judged only when positions recur
@@ -310,17 +332,20 @@ def position_dependence_finding(topk_ids: np.ndarray, positions: np.ndarray,
         return None
     if d["u_adjusted"] < t.position_explained_warning:
         return None
-    return "warning", (f"position-dependent routing: the position index alone explains "
-                       f"{_pct(d['u_adjusted'])} of the top-1 choice (chance-corrected; MI "
-                       f"{d['mi']:.2f} of {d['expert_entropy']:.2f} nats; limit "
-                       f"{_pct(t.position_explained_warning)})")
+    return "warning", (
+        f"position-dependent routing: the position index alone explains "
+        f"{_pct(d['u_adjusted'])} of the top-1 choice (chance-corrected; MI "
+        f"{d['mi']:.2f} of {d['expert_entropy']:.2f} nats; limit "
+        f"{_pct(t.position_explained_warning)})"
+    )
 
 
 # --------------------------------------------------------------------------- batch dependence
 
 
-def batch_change(combine_alone: np.ndarray, combine_in_batch: np.ndarray,
-                 tol: float = FINDING_THRESHOLDS.batch_change_warning) -> dict[str, float]:
+def batch_change(
+    combine_alone: np.ndarray, combine_in_batch: np.ndarray, tol: float = FINDING_THRESHOLDS.batch_change_warning
+) -> dict[str, float]:
     """|c_alone - c_batch| of the same positions' combine weights (alone vs in a batch).
 
     Returns ``{"mean_abs_change", "max_abs_change", "changed_fraction"}``: the first two over all
@@ -333,12 +358,16 @@ def batch_change(combine_alone: np.ndarray, combine_in_batch: np.ndarray,
     if a.size == 0:
         return {"mean_abs_change": 0.0, "max_abs_change": 0.0, "changed_fraction": 0.0}
     change = np.abs(a - b)
-    return {"mean_abs_change": float(change.mean()), "max_abs_change": float(change.max()),
-            "changed_fraction": float(np.mean(change.reshape(len(a), -1).max(axis=1) > tol))}
+    return {
+        "mean_abs_change": float(change.mean()),
+        "max_abs_change": float(change.max()),
+        "changed_fraction": float(np.mean(change.reshape(len(a), -1).max(axis=1) > tol)),
+    }
 
 
-def batch_dependence_finding(combine_alone: np.ndarray | None, combine_in_batch: np.ndarray,
-                             thresholds: FindingThresholds = FINDING_THRESHOLDS):
+def batch_dependence_finding(
+    combine_alone: np.ndarray | None, combine_in_batch: np.ndarray, thresholds: FindingThresholds = FINDING_THRESHOLDS
+):
     """``None`` or ("warning", reason) when some combine weight changes by more than
     ``batch_change_warning`` between the same example alone and in a batch (``None`` also when
     ``combine_alone`` is unknown)."""
@@ -348,7 +377,9 @@ def batch_dependence_finding(combine_alone: np.ndarray | None, combine_in_batch:
     c = batch_change(combine_alone, combine_in_batch, t.batch_change_warning)
     if c["max_abs_change"] <= t.batch_change_warning:
         return None
-    return "warning", (f"batch-dependent gate: the combine weights of the same example change when "
-                       f"it runs in a batch (mean |change| {c['mean_abs_change']:.3f}, max "
-                       f"{c['max_abs_change']:.2f}; {_pct(c['changed_fraction'])} of positions change "
-                       f"by more than {t.batch_change_warning:g})")
+    return "warning", (
+        f"batch-dependent gate: the combine weights of the same example change when "
+        f"it runs in a batch (mean |change| {c['mean_abs_change']:.3f}, max "
+        f"{c['max_abs_change']:.2f}; {_pct(c['changed_fraction'])} of positions change "
+        f"by more than {t.batch_change_warning:g})"
+    )

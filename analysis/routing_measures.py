@@ -127,8 +127,7 @@ def weight_load(combine: np.ndarray) -> np.ndarray:
 def slot_and_weight_load(topk_ids: np.ndarray, combine: np.ndarray) -> dict[str, list[float]]:
     """``{"slots": f, "weight": w}`` side by side (lists, JSON friendly)."""
     combine = np.asarray(combine)
-    return {"slots": slot_load(topk_ids, combine.shape[1]).tolist(),
-            "weight": weight_load(combine).tolist()}
+    return {"slots": slot_load(topk_ids, combine.shape[1]).tolist(), "weight": weight_load(combine).tolist()}
 
 
 def effective_count(shares: np.ndarray) -> float:
@@ -216,16 +215,19 @@ def modality_entropies(probs: np.ndarray, labels: np.ndarray | None = None) -> d
         rows = p[labels == label]
         local, glob = local_entropy(rows), global_entropy(rows)
         key = label.item() if hasattr(label, "item") else label
-        out[key] = {"local": local, "global": glob, "mi": max(0.0, glob - local),
-                    "positions": int(len(rows))}
+        out[key] = {"local": local, "global": glob, "mi": max(0.0, glob - local), "positions": int(len(rows))}
     return out
 
 
 # --------------------------------------------------------------------------- saturation (OLMoE)
 
 
-def router_saturation(snapshot_topk: Sequence[np.ndarray] | np.ndarray, final_topk: np.ndarray,
-                      k: int | None = None, num_experts: int | None = None) -> np.ndarray:
+def router_saturation(
+    snapshot_topk: Sequence[np.ndarray] | np.ndarray,
+    final_topk: np.ndarray,
+    k: int | None = None,
+    num_experts: int | None = None,
+) -> np.ndarray:
     """Router saturation per snapshot: share of a token's final top-k already chosen at step t.
 
     saturation(t) = (1 / (N k)) * sum_x |topk_t(x) ∩ topk_final(x)|, over the same N tokens routed by
@@ -245,8 +247,7 @@ def router_saturation(snapshot_topk: Sequence[np.ndarray] | np.ndarray, final_to
         raise ValueError(f"k must lie in [1, {final.shape[1]}], got {k}")
     final = final[:, :k]
     if num_experts is None:
-        num_experts = 1 + max([int(final.max()) if final.size else 0]
-                              + [int(s.max()) for s in snaps if s.size])
+        num_experts = 1 + max([int(final.max()) if final.size else 0] + [int(s.max()) for s in snaps if s.size])
     final_mask = _chosen_mask(final, num_experts)
     out = []
     for s in snaps:
@@ -306,8 +307,9 @@ def cross_layer_consistency(topk_a: np.ndarray, topk_b: np.ndarray) -> float:
         return 0.0
     # at least 2 columns: sklearn reads a one-column indicator as binary labels, not as sets
     num_experts = max(2, 1 + max(int(a.max()), int(b.max())))
-    return float(jaccard_score(_chosen_mask(a, num_experts), _chosen_mask(b, num_experts),
-                               average="samples", zero_division=1.0))
+    return float(
+        jaccard_score(_chosen_mask(a, num_experts), _chosen_mask(b, num_experts), average="samples", zero_division=1.0)
+    )
 
 
 def cross_layer_consistency_chain(topk_by_layer: Sequence[np.ndarray]) -> list[float]:
@@ -322,8 +324,9 @@ def cross_layer_consistency_chain(topk_by_layer: Sequence[np.ndarray]) -> list[f
 NEARLY_DEAD_SHARE = 0.1
 
 
-def weight_collapse_indicators(probs: np.ndarray | None, topk_ids: np.ndarray,
-                               combine: np.ndarray | None = None) -> dict:
+def weight_collapse_indicators(
+    probs: np.ndarray | None, topk_ids: np.ndarray, combine: np.ndarray | None = None
+) -> dict:
     """Slot view against weight views of one layer (JSON friendly).
 
     * ``slots`` f, ``importance`` P (mean routing distribution; None without probs) and ``weight``
@@ -340,8 +343,10 @@ def weight_collapse_indicators(probs: np.ndarray | None, topk_ids: np.ndarray,
         raise ValueError("need probs or combine")
     num_experts = np.shape(probs if probs is not None else combine)[1]
     f = slot_load(topk_ids, num_experts)
-    views = {"importance": None if probs is None else _distribution(probs).mean(axis=0),
-             "weight": None if combine is None else weight_load(combine)}
+    views = {
+        "importance": None if probs is None else _distribution(probs).mean(axis=0),
+        "weight": None if combine is None else weight_load(combine),
+    }
     return _indicators(f, views)
 
 
@@ -355,20 +360,25 @@ def _indicators(f: np.ndarray, views: Mapping[str, np.ndarray | None]) -> dict:
         out[name] = None if v is None else v.tolist()
         out[f"effective_by_{name}"] = None if v is None else effective_count(v)
         keep = f >= NEARLY_DEAD_SHARE / len(f)
-        out[f"{name}_per_slot"] = (None if v is None or not keep.any()
-                                   else float(np.max(v[keep] / f[keep])))
+        out[f"{name}_per_slot"] = None if v is None or not keep.any() else float(np.max(v[keep] / f[keep]))
         out[f"{name}_displacement"] = None if v is None else 0.5 * float(np.abs(v - f).sum())
         out[f"{name}_max_ratio"] = None if v is None or f.max() == 0 else float(v.max() / f.max())
-        out[f"{name}_spread_ratio"] = (None if v is None or out["effective_by_slots"] == 0
-                                       else effective_count(v) / out["effective_by_slots"])
+        out[f"{name}_spread_ratio"] = (
+            None if v is None or out["effective_by_slots"] == 0 else effective_count(v) / out["effective_by_slots"]
+        )
     return out
 
 
 # --------------------------------------------------------------------------- one layer
 
 
-def layer_measures(probs: np.ndarray, topk_ids: np.ndarray, combine: np.ndarray | None = None,
-                   labels: np.ndarray | None = None, top_n: int = 1) -> dict:
+def layer_measures(
+    probs: np.ndarray,
+    topk_ids: np.ndarray,
+    combine: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    top_n: int = 1,
+) -> dict:
     """The measures of this module for one layer, JSON friendly: per-label LIMoE entropies (with
     ``labels``), top-N coverage of the slot load, expert diversity, dead-expert fraction, the slot
     and weight loads, co-activation, and the weight-collapse indicators."""

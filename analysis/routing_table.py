@@ -13,6 +13,7 @@ page reads the same columns whichever path made them:
 The routing distribution is the gate's scores normalised over the experts, p = probs / sum(probs)
 (see :func:`analysis.routing.routing_distribution`): for a softmax gate it is ``probs`` itself.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,17 +24,49 @@ import pandas as pd
 from analysis.routing import routing_distribution, token_entropy
 from mmoe_core.routing_record import LayerCall, flatten_call
 
-ROUTING_COLUMNS = ["layer", "call", "example_index", "example_id", "position", "position_kind", "token",
-                   "routed_modality", "gate_modality", "grid_row", "grid_col", "top1", "topk_ids",
-                   "topk_weights", "combine", "probs", "logits", "entropy", "top1_prob", "routed"]
+ROUTING_COLUMNS = [
+    "layer",
+    "call",
+    "example_index",
+    "example_id",
+    "position",
+    "position_kind",
+    "token",
+    "routed_modality",
+    "gate_modality",
+    "grid_row",
+    "grid_col",
+    "top1",
+    "topk_ids",
+    "topk_weights",
+    "combine",
+    "probs",
+    "logits",
+    "entropy",
+    "top1_prob",
+    "routed",
+]
 SORT_KEYS = ["example_index", "layer", "call", "position"]
-_META_COLUMNS = ("layer", "call", "example_index", "position", "position_kind", "token", "routed_modality",
-                 "gate_modality", "grid_row", "grid_col")
+_META_COLUMNS = (
+    "layer",
+    "call",
+    "example_index",
+    "position",
+    "position_kind",
+    "token",
+    "routed_modality",
+    "gate_modality",
+    "grid_row",
+    "grid_col",
+)
 
 
-def routing_frame(calls: Iterable[LayerCall] | None, subject: str = "example",
-                  ids: Mapping[int, str] | None = None,
-                  only_examples: Sequence[int] | None = None) -> pd.DataFrame:
+def routing_frame(
+    calls: Iterable[LayerCall] | None,
+    subject: str = "example",
+    ids: Mapping[int, str] | None = None,
+    only_examples: Sequence[int] | None = None,
+) -> pd.DataFrame:
     """The routing table (columns: module docstring) of the calls on ``subject`` positions.
 
     ``calls``: a recorder's ``calls`` (a :class:`RoutingRecorder` itself is accepted too).
@@ -96,5 +129,9 @@ def layer_arrays(routing: pd.DataFrame, layer: str | None = None) -> dict[str, n
     """probs [T, E], logits [T, E], topk_ids [T, k] (int64) and combine [T, E] of one layer's rows
     (all rows when ``layer`` is None): the inputs of :func:`analysis.routing.layer_summary`."""
     rows = routing if layer is None else routing[routing["layer"] == layer]
-    return {"probs": stack(rows["probs"]), "logits": stack(rows["logits"]),
-            "topk_ids": stack(rows["topk_ids"]).astype(np.int64), "combine": stack(rows["combine"])}
+    return {
+        "probs": stack(rows["probs"]),
+        "logits": stack(rows["logits"]),
+        "topk_ids": stack(rows["topk_ids"]).astype(np.int64),
+        "combine": stack(rows["combine"]),
+    }

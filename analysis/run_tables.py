@@ -16,6 +16,7 @@ Every table keys its rows by ``example_index`` (the example's ``index``: its row
     ``{index, name, score}``, or per example ``{index, <output.name>: {name: score}}``; a prediction row
     carrying a ``{name: score}`` dict under the output's name is read the same way.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,7 @@ def _cell(v: Any) -> Any:
 
 def predictions_frame(predictions: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """One row per prediction (see the module docstring), sorted by example_index."""
-    rows = [{KEY: _key_of(p), **{k: _cell(v) for k, v in p.items() if k not in ("index", KEY)}}
-            for p in predictions]
+    rows = [{KEY: _key_of(p), **{k: _cell(v) for k, v in p.items() if k not in ("index", KEY)}} for p in predictions]
     frame = pd.DataFrame(rows)
     return frame.sort_values(KEY, kind="stable").reset_index(drop=True) if len(frame) else frame
 
@@ -89,18 +89,33 @@ def source_weights_frame(output: OutputSpec, payload: Any) -> pd.DataFrame:
     for row in _rows(payload):
         key = _key_of(row)
         if "position" in row:  # already one row per position
-            out.append({KEY: key, "position": int(row["position"]), "token": str(row.get("token", "")),
-                        **{s.name: float(row[s.name] if s.name in row else row[s.column]) for s in output.sources}})
+            out.append(
+                {
+                    KEY: key,
+                    "position": int(row["position"]),
+                    "token": str(row.get("token", "")),
+                    **{s.name: float(row[s.name] if s.name in row else row[s.column]) for s in output.sources},
+                }
+            )
             continue
         tokens = list(row.get(output.positions) or [])
         weights = {s.name: np.asarray(row[s.column], dtype=np.float64) for s in output.sources}
         n = max([len(tokens), *(len(w) for w in weights.values())], default=0)
         for i in range(n):
-            out.append({KEY: key, "position": i, "token": str(tokens[i]) if i < len(tokens) else "",
-                        **{name: float(w[i]) if i < len(w) else float("nan") for name, w in weights.items()}})
+            out.append(
+                {
+                    KEY: key,
+                    "position": i,
+                    "token": str(tokens[i]) if i < len(tokens) else "",
+                    **{name: float(w[i]) if i < len(w) else float("nan") for name, w in weights.items()},
+                }
+            )
     frame = pd.DataFrame(out, columns=[*SOURCE_WEIGHT_KEYS, *names])
-    return frame.astype({KEY: "int64", "position": "int32", **{n: "float32" for n in names}}).sort_values(
-        [KEY, "position"], kind="stable").reset_index(drop=True)
+    return (
+        frame.astype({KEY: "int64", "position": "int32", **{n: "float32" for n in names}})
+        .sort_values([KEY, "position"], kind="stable")
+        .reset_index(drop=True)
+    )
 
 
 def named_scores_frame(output: OutputSpec, payload: Any) -> pd.DataFrame:
@@ -116,8 +131,11 @@ def named_scores_frame(output: OutputSpec, payload: Any) -> pd.DataFrame:
         elif "name" in row and "score" in row:
             out.append({KEY: key, "name": str(row["name"]), "score": float(row["score"])})
     frame = pd.DataFrame(out, columns=list(NAMED_SCORE_COLUMNS))
-    return frame.astype({KEY: "int64", "score": "float64"}).sort_values([KEY, "name"], kind="stable").reset_index(
-        drop=True)
+    return (
+        frame.astype({KEY: "int64", "score": "float64"})
+        .sort_values([KEY, "name"], kind="stable")
+        .reset_index(drop=True)
+    )
 
 
 _BY_KIND = {"source_weights": source_weights_frame, "named_scores": named_scores_frame}
@@ -127,8 +145,9 @@ def output_frame(output: OutputSpec, extras: Mapping[str, Any], predictions: Ite
     """The stored table of one declared output, from ``RunOutput.extras[output.name]`` or, when the extras
     lack it, from the prediction rows that carry a value under the output's name."""
     if output.kind not in _BY_KIND:
-        raise ValueError(f"output {output.name!r}: no table layout for kind {output.kind!r} "
-                         f"(known: {', '.join(_BY_KIND)})")
+        raise ValueError(
+            f"output {output.name!r}: no table layout for kind {output.kind!r} (known: {', '.join(_BY_KIND)})"
+        )
     payload = extras.get(output.name)
     if payload is None:
         payload = [p for p in predictions if output.name in p]

@@ -1,4 +1,5 @@
 """Sampling shared by the analysis steps: stratified, seeded, never the head of the data."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -39,9 +40,11 @@ def stratified_indices(n: int, size: int, strata: Sequence[Any] | None = None, s
     rng = np.random.default_rng(seed)
     if strata is None:
         return np.sort(rng.choice(n, size=size, replace=False))
-    _, stratum_of_row, counts = np.unique(np.asarray([str(s) for s in strata]), return_inverse=True,
-                                          return_counts=True)
+    _, stratum_of_row, counts = np.unique(np.asarray([str(s) for s in strata]), return_inverse=True, return_counts=True)
     quota = _quota_per_stratum(counts, size)
-    picked = [rng.choice(np.flatnonzero(stratum_of_row == s), size=int(q), replace=False)
-              for s, q in enumerate(quota) if q > 0]
+    picked = [
+        rng.choice(np.flatnonzero(stratum_of_row == s), size=int(q), replace=False)
+        for s, q in enumerate(quota)
+        if q > 0
+    ]
     return np.sort(np.concatenate(picked))

@@ -2,6 +2,7 @@
 
 Without torchrun (``WORLD_SIZE`` unset or 1) everything here is the identity: one rank holds all work.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,6 +31,7 @@ def distributed() -> Iterator[Dist]:
         yield Dist()
         return
     import torch.distributed as dist
+
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend=backend)
     if torch.cuda.is_available():
@@ -52,7 +54,7 @@ def shard_batches(n: int, batch_size: int, rank: int, world: int) -> list[int]:
 def contiguous_share(items: Sequence, rank: int, world: int) -> list:
     """Rank ``rank``'s contiguous block of ``items``: concatenating the blocks in rank order gives ``items``."""
     n = len(items)
-    return list(items[rank * n // world:(rank + 1) * n // world])
+    return list(items[rank * n // world : (rank + 1) * n // world])
 
 
 def gather_to_main(obj, d: Dist) -> list | None:
@@ -60,6 +62,7 @@ def gather_to_main(obj, d: Dist) -> list | None:
     if d.world == 1:
         return [obj]
     import torch.distributed as dist
+
     out = [None] * d.world if d.is_main else None
     dist.gather_object(obj, out, dst=0)
     return out

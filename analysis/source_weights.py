@@ -17,6 +17,7 @@ Dominant source of an example: the source with the largest mean weight over the 
 (ties to the first declared). Agreement: over the examples whose truth label is one of the source names,
 the share whose dominant source is that source.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -28,8 +29,7 @@ import pandas as pd
 
 from mmoe_core.spec import OutputSpec
 
-__all__ = ["long_weights", "mean_column", "agreement_definition", "SourceWeightsSummary", "summarise",
-           "by_label"]
+__all__ = ["long_weights", "mean_column", "agreement_definition", "SourceWeightsSummary", "summarise", "by_label"]
 
 KEY = "example_index"
 
@@ -64,8 +64,10 @@ def long_weights(weights: pd.DataFrame | Sequence[Mapping[str, Any]] | None, out
         return out
     missing = [s.column for s in output.sources if s.column not in df]
     if missing:
-        raise ValueError(f"output {output.name!r}: no weights for its sources (columns {missing} are missing; "
-                         f"columns: {', '.join(map(str, df.columns))})")
+        raise ValueError(
+            f"output {output.name!r}: no weights for its sources (columns {missing} are missing; "
+            f"columns: {', '.join(map(str, df.columns))})"
+        )
     rows: dict[str, list] = {c: [] for c in columns}
     for record in df.to_dict("records"):
         values = {s.name: np.asarray(record[s.column], dtype=float).ravel() for s in output.sources}
@@ -84,19 +86,21 @@ def agreement_definition(output: OutputSpec) -> str:
     """In words: what the agreement of ``output`` measures (shown beside the number)."""
     sources = " / ".join(s.name for s in output.sources) or "none"
     truth = output.truth_label.replace("_", " ") or "the ground-truth source"
-    return (f"Over the examples whose {truth} is a single source ({sources}): the share whose dominant source "
-            f"matches it. The dominant source of an example is the one with the largest mean weight over the "
-            f"example's positions ({output.positions}).")
+    return (
+        f"Over the examples whose {truth} is a single source ({sources}): the share whose dominant source "
+        f"matches it. The dominant source of an example is the one with the largest mean weight over the "
+        f"example's positions ({output.positions})."
+    )
 
 
 @dataclass
 class SourceWeightsSummary:
     output: OutputSpec
-    per_example: pd.DataFrame        # example_index, positions, mean_<source>..., dominant, + example columns
-    agreement: float                 # nan when no example has a single-source truth label (or none is declared)
+    per_example: pd.DataFrame  # example_index, positions, mean_<source>..., dominant, + example columns
+    agreement: float  # nan when no example has a single-source truth label (or none is declared)
     agreement_n: int
-    agreement_by_source: dict        # {source name: share of its examples weighted to it}
-    confusion: pd.DataFrame          # rows: truth label value, columns: dominant source (counts)
+    agreement_by_source: dict  # {source name: share of its examples weighted to it}
+    confusion: pd.DataFrame  # rows: truth label value, columns: dominant source (counts)
     definition: str = ""
     labels: list[str] = field(default_factory=list)  # the example labels present for :func:`by_label`
 
@@ -104,15 +108,22 @@ class SourceWeightsSummary:
 def _per_example(tokens: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     if tokens.empty:
         return pd.DataFrame(columns=[KEY, "positions", *map(mean_column, names), "dominant"])
-    per = tokens.groupby(KEY, sort=True).agg(positions=("position", "size"),
-                                            **{mean_column(n): (n, "mean") for n in names}).reset_index()
+    per = (
+        tokens.groupby(KEY, sort=True)
+        .agg(positions=("position", "size"), **{mean_column(n): (n, "mean") for n in names})
+        .reset_index()
+    )
     means = per[[mean_column(n) for n in names]].to_numpy(dtype=float)
     per["dominant"] = [names[i] for i in np.argmax(np.nan_to_num(means, nan=-np.inf), axis=1)]
     return per
 
 
-def summarise(weights: pd.DataFrame | Sequence[Mapping[str, Any]] | None, examples: pd.DataFrame | None,
-              output: OutputSpec, labels: Sequence[str] = ()) -> SourceWeightsSummary:
+def summarise(
+    weights: pd.DataFrame | Sequence[Mapping[str, Any]] | None,
+    examples: pd.DataFrame | None,
+    output: OutputSpec,
+    labels: Sequence[str] = (),
+) -> SourceWeightsSummary:
     """Per-example means and dominant source, agreement with ``output.truth_label`` (overall and per
     source) and the confusion of truth label x dominant source. ``examples`` (keyed by example_index)
     supplies the labels; ``labels`` names the label columns to carry (the truth label always is)."""
@@ -131,13 +142,13 @@ def summarise(weights: pd.DataFrame | Sequence[Mapping[str, Any]] | None, exampl
         if n:
             hits = single["dominant"] == single[truth]
             agreement = float(hits.mean())
-            by_source = {s: float(hits[single[truth] == s].mean()) if (single[truth] == s).any() else float("nan")
-                         for s in names}
+            by_source = {
+                s: float(hits[single[truth] == s].mean()) if (single[truth] == s).any() else float("nan") for s in names
+            }
         confusion = pd.crosstab(per[truth].rename(truth.replace("_", " ")), per["dominant"].rename("dominant source"))
         confusion = confusion.reindex(columns=names, fill_value=0)
     present = [c for c in wanted if c in per]
-    return SourceWeightsSummary(output, per, agreement, n, by_source, confusion, agreement_definition(output),
-                                present)
+    return SourceWeightsSummary(output, per, agreement, n, by_source, confusion, agreement_definition(output), present)
 
 
 def by_label(summary: SourceWeightsSummary, label: str) -> pd.DataFrame:

@@ -140,8 +140,7 @@ def _load_clauses(s: dict, t: Thresholds) -> list[tuple[str, str]]:
     else:
         limit = min(t.max_load_ratio_warning, 1 + t.max_load_excess_warning * (ratio_max - 1))
         if k < E and ratio > limit:
-            clauses.append(("warning", f"{slots} (max-load ratio {ratio:.2f} > {limit:.3g}; "
-                                       f"at most {ratio_max:.3g})"))
+            clauses.append(("warning", f"{slots} (max-load ratio {ratio:.2f} > {limit:.3g}; at most {ratio_max:.3g})"))
     if weight_dominant:
         text = f"expert {heavy} carries {_pct(heavy_share)} of the combine weight"
         clauses.append(("collapsed", text))
@@ -186,17 +185,23 @@ def _unused_clauses(s: dict, t: Thresholds) -> list[tuple[str, str]]:
         one = len(unweighted) == 1
         subject = f"expert {unweighted[0]}" if one else f"experts {_ids(unweighted)}"
         picked = ", ".join(_pct(load[i] * k) for i in unweighted)
-        clauses.append((severity, f"{subject} never {'gets' if one else 'get'} combine weight "
-                                  f"although top-k picks {'it' if one else 'them'} for "
-                                  f"{picked} of positions"))
+        clauses.append(
+            (
+                severity,
+                f"{subject} never {'gets' if one else 'get'} combine weight "
+                f"although top-k picks {'it' if one else 'them'} for "
+                f"{picked} of positions",
+            )
+        )
     if severity == "collapsed" and len(clauses) > 1:
         # The collapse comes from the clauses together: say so before listing them.
         clauses.insert(0, (severity, f"{len(unused)} of {E} experts do no work ({_ids(unused)})"))
     used = [i for i in range(E) if load[i] > 0]
     if 1 < k == len(used) < E:
         # The only way k experts can hold every slot: each position picks the same set.
-        clauses.append(("warning", f"every position picks the same {k} experts ({_ids(used)}): "
-                                   "the top-k choice ignores the input"))
+        clauses.append(
+            ("warning", f"every position picks the same {k} experts ({_ids(used)}): the top-k choice ignores the input")
+        )
     return clauses
 
 
@@ -207,12 +212,10 @@ def _gate_clauses(s: dict, t: Thresholds) -> list[tuple[str, str]]:
     if unrouted is not None and unrouted > t.unrouted_warning:
         severity = "collapsed" if unrouted >= t.unrouted_collapse else "warning"
         count = round(unrouted * T)
-        clauses.append((severity, f"{_pct(unrouted)} of positions ({count} of {T}) "
-                                  "get no expert weight (unrouted)"))
+        clauses.append((severity, f"{_pct(unrouted)} of positions ({count} of {T}) get no expert weight (unrouted)"))
     outside = s["weighted_outside_topk_fraction"]
     if outside is not None and outside > t.outside_topk_warning:
-        clauses.append(("warning", f"{_pct(outside)} of positions put combine weight on "
-                                   "experts outside their top-k"))
+        clauses.append(("warning", f"{_pct(outside)} of positions put combine weight on experts outside their top-k"))
     return clauses
 
 
@@ -220,8 +223,13 @@ def _sample_note(s: dict, t: Thresholds) -> list[tuple[str, str]]:
     slots_per_expert = s["num_positions"] * s["top_k"] / s["num_experts"]
     if slots_per_expert >= t.min_slots_per_expert:
         return []
-    return [("note", f"only {s['num_positions'] * s['top_k']} routing slots for "
-                     f"{s['num_experts']} experts: too few to judge reliably")]
+    return [
+        (
+            "note",
+            f"only {s['num_positions'] * s['top_k']} routing slots for "
+            f"{s['num_experts']} experts: too few to judge reliably",
+        )
+    ]
 
 
 def _weight_collapse_clauses(s: dict, t: Thresholds) -> list[tuple[str, str]]:
@@ -238,19 +246,24 @@ def verdict(summary: dict, thresholds: Thresholds = THRESHOLDS) -> tuple[str, st
     """
     s, t = summary, thresholds
     clauses = (
-        _load_clauses(s, t) + _effective_clause(s, t) + _unused_clauses(s, t)
-        + _weight_collapse_clauses(s, t) + _gate_clauses(s, t) + _sample_note(s, t)
+        _load_clauses(s, t)
+        + _effective_clause(s, t)
+        + _unused_clauses(s, t)
+        + _weight_collapse_clauses(s, t)
+        + _gate_clauses(s, t)
+        + _sample_note(s, t)
     )
     worst = max((_SEVERITY[severity] for severity, _ in clauses), default=0)
     if worst == 0:
         E, k = s["num_experts"], s["top_k"]
-        healthy = (f"effective experts {s['effective_experts']:.2f} of {E}, "
-                   f"load CV {s['load_cv']:.2f}, "
-                   f"max-load ratio {s['max_load_ratio']:.2f} of {E / k:.3g}, no dead experts")
+        healthy = (
+            f"effective experts {s['effective_experts']:.2f} of {E}, "
+            f"load CV {s['load_cv']:.2f}, "
+            f"max-load ratio {s['max_load_ratio']:.2f} of {E / k:.3g}, no dead experts"
+        )
         clauses = [("healthy", healthy)] + clauses
         label = "healthy"
     else:
         label = "collapsed" if worst == 2 else "warning"
     ordered = sorted(clauses, key=lambda c: -_SEVERITY.get(c[0], 0))
     return label, f"{label}: " + "; ".join(text for _, text in ordered)
-

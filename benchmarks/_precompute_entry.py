@@ -4,6 +4,7 @@ arguments in $MOESCOPE_PRECOMPUTE_ARGS (JSON list).
 torch 2.14's torchrun parses ``--run`` after ``-m analysis.precompute`` as an abbreviation of its own
 ``--run-path`` ("ambiguous option"), so the documented ``torchrun ... -m analysis.precompute --run NAME``
 fails; passing the arguments through the environment sidesteps that."""
+
 import json
 import os
 import sys

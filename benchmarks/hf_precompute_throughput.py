@@ -13,6 +13,7 @@ with random weights and saved with ``save_pretrained``, is opened through the re
     python benchmarks/hf_precompute_throughput.py [--positions 1000000] [--batch-size 32] [--threads N]
                                                  [--device cpu|cuda] [--json] [--record]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,11 +33,21 @@ def build_model(folder: Path, texts: list[str]) -> None:
     from transformers import AutoModelForCausalLM
 
     from mmoe_core.families.hf_moe.build import build_word_tokenizer, text_moe_config
+
     tok = build_word_tokenizer(texts)
     special = {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     torch.manual_seed(0)
-    config = text_moe_config("qwen3_moe", len(tok), hidden=WIDTH, layers=LAYERS, heads=4, experts=EXPERTS,
-                             top_k=TOP_K, expert_hidden=16, special_ids=special)
+    config = text_moe_config(
+        "qwen3_moe",
+        len(tok),
+        hidden=WIDTH,
+        layers=LAYERS,
+        heads=4,
+        experts=EXPERTS,
+        top_k=TOP_K,
+        expert_hidden=16,
+        special_ids=special,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tok.save_pretrained(folder)
 
@@ -44,9 +55,11 @@ def build_model(folder: Path, texts: list[str]) -> None:
 def table_builder():
     try:
         from analysis.routing_table import routing_frame
+
         return "analysis.routing_table.routing_frame", lambda recorder: len(routing_frame(recorder))
     except ImportError:
         from mmoe_core.routing_record import flatten_call
+
         return "flatten_call", lambda recorder: sum(len(flatten_call(c)["position"]) for c in recorder.calls)
 
 
@@ -63,6 +76,7 @@ def main(argv=None) -> int:
 
     from mmoe_core.adapter import load_adapter
     from mmoe_core.families.hf_moe.corpus import build_corpus
+
     if a.threads:
         torch.set_num_threads(a.threads)
     corpus = build_corpus(0, "default")
@@ -72,7 +86,7 @@ def main(argv=None) -> int:
         adapter = load_adapter(Path(tmp), device=a.device)
         examples = [{"index": i, "id": str(i), "text": t, "labels": {}} for i, t in enumerate(texts)]
         name, build_table = table_builder()
-        adapter.run(examples[:a.batch_size], record=True, batch_size=a.batch_size)  # warm-up
+        adapter.run(examples[: a.batch_size], record=True, batch_size=a.batch_size)  # warm-up
         times = {"forward": 0.0, "capture": 0.0, "table": 0.0}
         positions = tokens = batches = 0
         i = 0
@@ -92,16 +106,23 @@ def main(argv=None) -> int:
             positions += rows
             tokens += rows // LAYERS
             batches += 1
-    result = {"model": f"Qwen3MoeForCausalLM, {LAYERS} layers, {EXPERTS} experts top-{TOP_K}, width {WIDTH}",
-              "table_builder": name, "device": a.device, "batch_size": a.batch_size, "batches": batches,
-              "tokens": tokens, "routed_positions": positions,
-              "seconds": {k: round(v, 2) for k, v in times.items()},
-              "positions_per_s": {
-                  "forward_only": round(positions / times["forward"]),
-                  "capture": round(positions / times["capture"]),
-                  "capture_plus_table": round(positions / (times["capture"] + times["table"])),
-                  "table_only": round(positions / times["table"])},
-              "capture_overhead": round(times["capture"] / times["forward"] - 1, 3)}
+    result = {
+        "model": f"Qwen3MoeForCausalLM, {LAYERS} layers, {EXPERTS} experts top-{TOP_K}, width {WIDTH}",
+        "table_builder": name,
+        "device": a.device,
+        "batch_size": a.batch_size,
+        "batches": batches,
+        "tokens": tokens,
+        "routed_positions": positions,
+        "seconds": {k: round(v, 2) for k, v in times.items()},
+        "positions_per_s": {
+            "forward_only": round(positions / times["forward"]),
+            "capture": round(positions / times["capture"]),
+            "capture_plus_table": round(positions / (times["capture"] + times["table"])),
+            "table_only": round(positions / times["table"]),
+        },
+        "capture_overhead": round(times["capture"] / times["forward"] - 1, 3),
+    }
     info = machine()
     if a.json:
         print(json.dumps({"machine": info, **result}, indent=1))
@@ -109,20 +130,22 @@ def main(argv=None) -> int:
         print(json.dumps(result, indent=1))
     if a.record:
         pps = result["positions_per_s"]
-        body = "\n".join([
-            f"{result['model']}, random weights (save_pretrained, opened through the registry); {tokens:,} tokens of "
-            f"corpus-world documents in {batches} batches of {a.batch_size} -> {positions:,} routed token-layer "
-            f"positions; table: `{name}`.",
-            "",
-            "| stage | seconds | routed positions / s |",
-            "|---|---:|---:|",
-            f"| forward, no recording | {times['forward']:.1f} | {pps['forward_only']:,} |",
-            f"| forward with routing capture | {times['capture']:.1f} | {pps['capture']:,} |",
-            f"| routing table from the recorder | {times['table']:.1f} | {pps['table_only']:,} |",
-            f"| **capture + table** | {times['capture'] + times['table']:.1f} | **{pps['capture_plus_table']:,}** |",
-            "",
-            f"Capture overhead over the plain forward: {100 * result['capture_overhead']:.1f}%.",
-        ])
+        body = "\n".join(
+            [
+                f"{result['model']}, random weights (save_pretrained, opened through the registry); {tokens:,} tokens of "  # noqa: E501
+                f"corpus-world documents in {batches} batches of {a.batch_size} -> {positions:,} routed token-layer "
+                f"positions; table: `{name}`.",
+                "",
+                "| stage | seconds | routed positions / s |",
+                "|---|---:|---:|",
+                f"| forward, no recording | {times['forward']:.1f} | {pps['forward_only']:,} |",
+                f"| forward with routing capture | {times['capture']:.1f} | {pps['capture']:,} |",
+                f"| routing table from the recorder | {times['table']:.1f} | {pps['table_only']:,} |",
+                f"| **capture + table** | {times['capture'] + times['table']:.1f} | **{pps['capture_plus_table']:,}** |",  # noqa: E501
+                "",
+                f"Capture overhead over the plain forward: {100 * result['capture_overhead']:.1f}%.",
+            ]
+        )
         record("Hugging Face MoE routing capture throughput", info, command_line(), body)
     return 0
 

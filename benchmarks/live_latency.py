@@ -11,6 +11,7 @@ end-to-end wall time (example building included) and the mean of run_live's own 
 Without ``--root`` the default artifacts root (``MOESCOPE_ARTIFACTS`` or artifacts/) is used. Target:
 p95 within 1 s (without attribution; attribution reported beside it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ def pct(values: list[float], q: float) -> float:
 
 def bench_run(run: str, root: Path, n: int, attribution: bool) -> dict:
     from analysis.live import live_example, load_base_examples, load_live_adapter, run_live, warm_up
+
     t0 = time.perf_counter()
     adapter = load_live_adapter(run, root, device="cpu")
     bases = load_base_examples(adapter, run, root)
@@ -53,23 +55,37 @@ def bench_run(run: str, root: Path, n: int, attribution: bool) -> dict:
         totals.append(time.perf_counter() - t)
         for k, v in res.timings.items():
             parts.setdefault(k, []).append(v)
-    return {"run": run, "family": adapter.family, "n": n, "attribution": attribution,
-            "load_s": round(load_s, 2), "warm_up_s": round(warm_s, 2),
-            "p50_s": round(statistics.median(totals), 3), "p95_s": round(pct(totals, 0.95), 3),
-            "max_s": round(max(totals), 3), "mean_parts_s": {k: round(statistics.mean(v), 3) for k, v in parts.items()},
-            "within_target": pct(totals, 0.95) <= TARGET_P95_S, "load_avg_end": load_average()}
+    return {
+        "run": run,
+        "family": adapter.family,
+        "n": n,
+        "attribution": attribution,
+        "load_s": round(load_s, 2),
+        "warm_up_s": round(warm_s, 2),
+        "p50_s": round(statistics.median(totals), 3),
+        "p95_s": round(pct(totals, 0.95), 3),
+        "max_s": round(max(totals), 3),
+        "mean_parts_s": {k: round(statistics.mean(v), 3) for k, v in parts.items()},
+        "within_target": pct(totals, 0.95) <= TARGET_P95_S,
+        "load_avg_end": load_average(),
+    }
 
 
 def markdown(results: list[dict]) -> str:
-    out = ["| run | attribution | n | p50 s | p95 s | max s | mean forward / routing / attribution s | load s "
-           "| warm-up s | p95 <= 1 s | load avg end |", "|---|---|---:|---:|---:|---:|---|---:|---:|---|---|"]
+    out = [
+        "| run | attribution | n | p50 s | p95 s | max s | mean forward / routing / attribution s | load s "
+        "| warm-up s | p95 <= 1 s | load avg end |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---|---|",
+    ]
     for r in results:
         p = r["mean_parts_s"]
-        out.append(f"| {r['run']} | {'yes' if r['attribution'] else 'no'} | {r['n']} | {r['p50_s']:.3f} "
-                   f"| **{r['p95_s']:.3f}** | {r['max_s']:.3f} | {p.get('forward', 0):.3f} / "
-                   f"{p.get('routing', 0):.3f} / "
-                   f"{p.get('attribution', 0):.3f} | {r['load_s']:.1f} | {r['warm_up_s']:.1f} "
-                   f"| {'met' if r['within_target'] else 'NOT met'} | {r['load_avg_end']} |")
+        out.append(
+            f"| {r['run']} | {'yes' if r['attribution'] else 'no'} | {r['n']} | {r['p50_s']:.3f} "
+            f"| **{r['p95_s']:.3f}** | {r['max_s']:.3f} | {p.get('forward', 0):.3f} / "
+            f"{p.get('routing', 0):.3f} / "
+            f"{p.get('attribution', 0):.3f} | {r['load_s']:.1f} | {r['warm_up_s']:.1f} "
+            f"| {'met' if r['within_target'] else 'NOT met'} | {r['load_avg_end']} |"
+        )
     return "\n".join(out)
 
 
@@ -85,21 +101,26 @@ def main(argv=None) -> int:
     ap.add_argument("--note", default=None)
     a = ap.parse_args(argv)
     from analysis.store import resolve_root
+
     root = Path(resolve_root(a.root))
     runs = a.runs or built_runs(root)
     n = a.n or (5 if a.quick else 20)
     info = machine()
     if not runs:
-        print(f"no built run (runs/*/manifest.json) under {root}: build one with `python -m analysis.precompute`",
-              file=sys.stderr)
+        print(
+            f"no built run (runs/*/manifest.json) under {root}: build one with `python -m analysis.precompute`",
+            file=sys.stderr,
+        )
         return 1
     modes = {"no": [False], "yes": [True], "both": [False, True]}[a.attribution]
     results = [bench_run(run, root, n, attr) for run in runs for attr in modes]
-    body = markdown(results) + (f"\n\nRoot: `{root}`; CPU; end-to-end = live_example + run_live. Target p95 <= "
-                                f"{TARGET_P95_S:.0f} s.\n")
+    body = markdown(results) + (
+        f"\n\nRoot: `{root}`; CPU; end-to-end = live_example + run_live. Target p95 <= {TARGET_P95_S:.0f} s.\n"
+    )
     if a.json:
-        print(json.dumps({"machine": info, "root": str(root), "target_p95_s": TARGET_P95_S, "results": results},
-                         indent=2))
+        print(
+            json.dumps({"machine": info, "root": str(root), "target_p95_s": TARGET_P95_S, "results": results}, indent=2)
+        )
     else:
         print(body)
     if a.record:

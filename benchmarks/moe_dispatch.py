@@ -8,6 +8,7 @@ the two dispatches are compared (max abs difference, allclose at 1e-5).
 
     python benchmarks/moe_dispatch.py [--quick] [--json] [--record] [--batch 64] [--dim 96] [--repeats 10]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,8 @@ import statistics
 import sys
 import time
 
-from _common import command_line, load_average, machine, record  # noqa: F401
-
 import torch  # noqa: E402
+from _common import command_line, load_average, machine, record  # noqa: F401
 
 from mmoe_core.moe import SwitchMoE  # noqa: E402
 
@@ -44,22 +44,39 @@ def bench(e: int, k: int, gate: str, b: int, dim: int, repeats: int) -> dict:
                 times[mode].append(time.perf_counter() - t0)
     diff = float((outs["dense"] - outs["sparse"]).abs().max())
     med = {m: statistics.median(v) * 1e3 for m, v in times.items()}
-    return {"experts": e, "top_k": k, "gate": gate, "tokens": b * SEQ, "shape": [b, SEQ, dim], "dim": dim,
-            "hidden": 4 * dim, "dense_ms": round(med["dense"], 2), "sparse_ms": round(med["sparse"], 2),
-            "speedup_sparse": round(med["dense"] / med["sparse"], 2), "max_abs_diff": diff,
-            "equal_outputs": bool(torch.allclose(outs["dense"], outs["sparse"], atol=1e-5, rtol=1e-5)),
-            "repeats": repeats, "load_avg_end": load_average()}
+    return {
+        "experts": e,
+        "top_k": k,
+        "gate": gate,
+        "tokens": b * SEQ,
+        "shape": [b, SEQ, dim],
+        "dim": dim,
+        "hidden": 4 * dim,
+        "dense_ms": round(med["dense"], 2),
+        "sparse_ms": round(med["sparse"], 2),
+        "speedup_sparse": round(med["dense"] / med["sparse"], 2),
+        "max_abs_diff": diff,
+        "equal_outputs": bool(torch.allclose(outs["dense"], outs["sparse"], atol=1e-5, rtol=1e-5)),
+        "repeats": repeats,
+        "load_avg_end": load_average(),
+    }
 
 
 def markdown(results: list[dict]) -> str:
-    out = ["| E / k | gate | x shape (tokens) | dense ms | sparse ms | sparse speedup | outputs equal (max abs diff) "
-           "| load avg end |", "|---|---|---|---:|---:|---:|---|---|"]
+    out = [
+        "| E / k | gate | x shape (tokens) | dense ms | sparse ms | sparse speedup | outputs equal (max abs diff) "
+        "| load avg end |",
+        "|---|---|---|---:|---:|---:|---|---|",
+    ]
     for r in results:
-        out.append(f"| {r['experts']} / {r['top_k']} | {r['gate']} | {r['shape']} ({r['tokens']:,}) "
-                   f"| {r['dense_ms']:.1f} | {r['sparse_ms']:.1f} | **{r['speedup_sparse']:.2f}x** "
-                   f"| {'yes' if r['equal_outputs'] else 'NO'} ({r['max_abs_diff']:.1e}) | {r['load_avg_end']} |")
-    out.append(f"\nMedians over {results[0]['repeats']} interleaved repeats; expert FFN D -> 4D -> D; forward only "
-               "(no_grad).")
+        out.append(
+            f"| {r['experts']} / {r['top_k']} | {r['gate']} | {r['shape']} ({r['tokens']:,}) "
+            f"| {r['dense_ms']:.1f} | {r['sparse_ms']:.1f} | **{r['speedup_sparse']:.2f}x** "
+            f"| {'yes' if r['equal_outputs'] else 'NO'} ({r['max_abs_diff']:.1e}) | {r['load_avg_end']} |"
+        )
+    out.append(
+        f"\nMedians over {results[0]['repeats']} interleaved repeats; expert FFN D -> 4D -> D; forward only (no_grad)."
+    )
     return "\n".join(out)
 
 
@@ -78,8 +95,12 @@ def main(argv=None) -> int:
     info = machine()
     results = [bench(e, k, g, b, a.dim, repeats) for e, k, g in CONFIGS]
     if a.json:
-        print(json.dumps({"machine": info, "results": results,
-                          "equal_outputs": all(r["equal_outputs"] for r in results)}, indent=2))
+        print(
+            json.dumps(
+                {"machine": info, "results": results, "equal_outputs": all(r["equal_outputs"] for r in results)},
+                indent=2,
+            )
+        )
     else:
         print(markdown(results))
     if a.record:

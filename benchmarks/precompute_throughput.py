@@ -12,6 +12,7 @@ artifacts root holding ``checkpoints/RUN``; without it one is built in a tempora
 ``--quick`` caps the split at 32 examples (``--max-examples``) and skips the dynamics/attribution extras
 as far as the CLI allows (small samples).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,13 +33,15 @@ def ensure_root(root: str | None, run: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix="moescope-bench-"))
     env = {**os.environ, "MOESCOPE_ARTIFACTS": str(tmp)}
     print(f"building the tiny demo run {run} in {tmp} ...", file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "demo_build", "--scale", "tiny", "--only", run], cwd=REPO, env=env,
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "demo_build", "--scale", "tiny", "--only", run], cwd=REPO, env=env, check=True
+    )
     return tmp
 
 
 def positions(run_dir: Path) -> dict:
     import pyarrow.parquet as pq
+
     out = {}
     for name in ("routing", "kb_routing"):
         files = sorted(run_dir.glob(f"{name}.parquet")) or sorted(run_dir.glob(f"{name}/*.parquet"))
@@ -58,8 +61,15 @@ def one(cmd: list[str], root: Path, run: str, args: list[str] | None = None) -> 
         return {"command": " ".join(cmd), "error": proc.stderr[-2000:], "wall_s": round(wall, 2)}
     pos = positions(root / "runs" / run)
     total = sum(pos.values())
-    return {"command": " ".join(cmd), "wall_s": round(wall, 2), "positions": pos, "total_positions": total,
-            "positions_per_s": round(total / wall, 1), "load_avg_start": load0, "load_avg_end": load_average()}
+    return {
+        "command": " ".join(cmd),
+        "wall_s": round(wall, 2),
+        "positions": pos,
+        "total_positions": total,
+        "positions_per_s": round(total / wall, 1),
+        "load_avg_start": load0,
+        "load_avg_end": load_average(),
+    }
 
 
 def main(argv=None) -> int:
@@ -92,21 +102,38 @@ def main(argv=None) -> int:
     # option): the same main() is started through benchmarks/_precompute_entry.py, arguments via the env
     entry = str(Path(__file__).with_name("_precompute_entry.py"))
     double = one([torchrun, "--nproc_per_node", "2", entry], root, a.run, extra)
-    ratio = (double["positions_per_s"] / single["positions_per_s"]
-             if "positions_per_s" in single and "positions_per_s" in double else None)
-    result = {"run": a.run, "root": str(root), "max_examples": cap, "one_process": single, "torchrun_2": double,
-              "speedup_torchrun_2": round(ratio, 3) if ratio else None}
-    rows = ["| mode | wall s | routed positions (routing + kb_routing) | positions/s | load avg start -> end |",
-            "|---|---:|---:|---:|---|"]
+    ratio = (
+        double["positions_per_s"] / single["positions_per_s"]
+        if "positions_per_s" in single and "positions_per_s" in double
+        else None
+    )
+    result = {
+        "run": a.run,
+        "root": str(root),
+        "max_examples": cap,
+        "one_process": single,
+        "torchrun_2": double,
+        "speedup_torchrun_2": round(ratio, 3) if ratio else None,
+    }
+    rows = [
+        "| mode | wall s | routed positions (routing + kb_routing) | positions/s | load avg start -> end |",
+        "|---|---:|---:|---:|---|",
+    ]
     for label, r in (("one process", single), ("torchrun --nproc_per_node 2", double)):
         if "error" in r:
             rows.append(f"| {label} | {r['wall_s']} | failed: {r['error'][-200:]!r} | | |")
         else:
-            rows.append(f"| {label} | {r['wall_s']:.1f} | {r['total_positions']:,} | {r['positions_per_s']:,.0f} "
-                        f"| {r['load_avg_start']} -> {r['load_avg_end']} |")
-    body = "\n".join(rows) + (f"\n\ntorchrun / one process: **{ratio:.2f}x** (run {a.run}, "
-                              f"max examples {cap or 'all'}; wall clock of the whole CLI, imports, gather and "
-                              "writing included).\n" if ratio else "\n")
+            rows.append(
+                f"| {label} | {r['wall_s']:.1f} | {r['total_positions']:,} | {r['positions_per_s']:,.0f} "
+                f"| {r['load_avg_start']} -> {r['load_avg_end']} |"
+            )
+    body = "\n".join(rows) + (
+        f"\n\ntorchrun / one process: **{ratio:.2f}x** (run {a.run}, "
+        f"max examples {cap or 'all'}; wall clock of the whole CLI, imports, gather and "
+        "writing included).\n"
+        if ratio
+        else "\n"
+    )
     if a.json:
         print(json.dumps({"machine": info, **result}, indent=2))
     else:

@@ -14,6 +14,7 @@ pixels), the same for every mode. Modes, timed interleaved (median over repeats)
 
 Target: records cost at most 10% (on / off <= 1.10).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,8 @@ import statistics
 import sys
 import time
 
-from _common import command_line, machine, record  # noqa: F401
-
 import torch  # noqa: E402
+from _common import command_line, machine, record  # noqa: F401
 
 from mmoe_core.encoders import EncoderSpec  # noqa: E402
 from mmoe_core.families.mmoe.model import build_model  # noqa: E402
@@ -35,9 +35,22 @@ TARGET = 1.10
 
 def build(gate: str):
     torch.manual_seed(0)
-    return build_model({"family": "mmoe", "model": dict(encoder=EncoderSpec(name="tiny-64").to_dict(), image_dim=32,
-                                                        text_hidden=32, image_hidden=32, cross_hidden=32,
-                                                        expert_mult=2, num_experts=4, top_k=3, gate=gate)}).eval()
+    return build_model(
+        {
+            "family": "mmoe",
+            "model": dict(
+                encoder=EncoderSpec(name="tiny-64").to_dict(),
+                image_dim=32,
+                text_hidden=32,
+                image_hidden=32,
+                cross_hidden=32,
+                expert_mult=2,
+                num_experts=4,
+                top_k=3,
+                gate=gate,
+            ),
+        }
+    ).eval()
 
 
 def inputs(model, b: int):
@@ -83,31 +96,41 @@ def bench(gate: str, b: int, repeats: int) -> dict:
             times[m].append(run(m))
     med = {m: statistics.median(v) * 1e3 for m, v in times.items()}
     best = {m: min(v) * 1e3 for m, v in times.items()}
-    return {"gate": gate, "batch": b, "repeats": repeats,
-            "median_ms": {m: round(v, 2) for m, v in med.items()},
-            "min_ms": {m: round(v, 2) for m, v in best.items()},
-            "ratio_on_off_min": round(best["on"] / best["off"], 3),
-            "ratio_on_no_strings_off_min": round(best["on_no_strings"] / best["off"], 3),
-            "p95_ms": {m: round(sorted(v)[max(0, int(0.95 * len(v)) - 1)] * 1e3, 2) for m, v in times.items()},
-            "ratio_on_off": round(med["on"] / med["off"], 3),
-            "ratio_on_no_strings_off": round(med["on_no_strings"] / med["off"], 3),
-            "ratio_training_off": round(med["training"] / med["off"], 3),
-            "within_target": med["on"] / med["off"] <= TARGET}
+    return {
+        "gate": gate,
+        "batch": b,
+        "repeats": repeats,
+        "median_ms": {m: round(v, 2) for m, v in med.items()},
+        "min_ms": {m: round(v, 2) for m, v in best.items()},
+        "ratio_on_off_min": round(best["on"] / best["off"], 3),
+        "ratio_on_no_strings_off_min": round(best["on_no_strings"] / best["off"], 3),
+        "p95_ms": {m: round(sorted(v)[max(0, int(0.95 * len(v)) - 1)] * 1e3, 2) for m, v in times.items()},
+        "ratio_on_off": round(med["on"] / med["off"], 3),
+        "ratio_on_no_strings_off": round(med["on_no_strings"] / med["off"], 3),
+        "ratio_training_off": round(med["training"] / med["off"], 3),
+        "within_target": med["on"] / med["off"] <= TARGET,
+    }
 
 
 def markdown(results: list[dict]) -> str:
-    out = ["| gate | batch | off ms | on ms | on (no token strings) ms | training (keep_graph) ms | on/off "
-           "| no-strings/off | training/off | on/off (min) | no-strings/off (min) | target on/off <= 1.10 |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    out = [
+        "| gate | batch | off ms | on ms | on (no token strings) ms | training (keep_graph) ms | on/off "
+        "| no-strings/off | training/off | on/off (min) | no-strings/off (min) | target on/off <= 1.10 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in results:
         m = r["median_ms"]
-        out.append(f"| {r['gate']} | {r['batch']} | {m['off']:.1f} | {m['on']:.1f} | {m['on_no_strings']:.1f} "
-                   f"| {m['training']:.1f} | **{r['ratio_on_off']:.3f}** | {r['ratio_on_no_strings_off']:.3f} "
-                   f"| {r['ratio_training_off']:.3f} | {r['ratio_on_off_min']:.3f} | {r['ratio_on_no_strings_off_min']:.3f} "
-                   f"| {'met' if r['within_target'] else 'NOT met'} |")
-    out.append(f"\nTimes are medians (ratios also of the minimum, the least disturbed run) over {results[0]['repeats']} interleaved repeats of one forward (B entities + B mentions, "
-               "tiny-64 towers, hidden 32, E=4 top-3). `training` runs with autograd on (as in training), so its "
-               "ratio also contains the autograd cost.")
+        out.append(
+            f"| {r['gate']} | {r['batch']} | {m['off']:.1f} | {m['on']:.1f} | {m['on_no_strings']:.1f} "
+            f"| {m['training']:.1f} | **{r['ratio_on_off']:.3f}** | {r['ratio_on_no_strings_off']:.3f} "
+            f"| {r['ratio_training_off']:.3f} | {r['ratio_on_off_min']:.3f} | {r['ratio_on_no_strings_off_min']:.3f} "
+            f"| {'met' if r['within_target'] else 'NOT met'} |"
+        )
+    out.append(
+        f"\nTimes are medians (ratios also of the minimum, the least disturbed run) over {results[0]['repeats']} interleaved repeats of one forward (B entities + B mentions, "  # noqa: E501
+        "tiny-64 towers, hidden 32, E=4 top-3). `training` runs with autograd on (as in training), so its "
+        "ratio also contains the autograd cost."
+    )
     return "\n".join(out)
 
 
@@ -126,9 +149,18 @@ def main(argv=None) -> int:
     info = machine()
     results = [bench(g, a.batch, repeats) for g in a.gates]
     if a.json:
-        print(json.dumps({"machine": info, "target_ratio": TARGET, "results": results,
-                          "ratio_on_off": max(r["ratio_on_off"] for r in results),
-                          "within_target": all(r["within_target"] for r in results)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "machine": info,
+                    "target_ratio": TARGET,
+                    "results": results,
+                    "ratio_on_off": max(r["ratio_on_off"] for r in results),
+                    "within_target": all(r["within_target"] for r in results),
+                },
+                indent=2,
+            )
+        )
     else:
         print(markdown(results))
     if a.record:

@@ -21,6 +21,7 @@ is what DuckDB's profile says the query scanned (row groups read of the file's t
 
 Target: page-query p95 <= 300 ms at every size, on 2 CPU cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,8 @@ TARGET_P95_MS = 300.0
 class Shape:
     name: str
     layers: tuple[str, ...]
-    positions: int      # routed positions per example and layer
-    image: int          # the first `image` positions are image patches on a square grid
+    positions: int  # routed positions per example and layer
+    image: int  # the first `image` positions are image patches on a square grid
     experts: int
     top_k: int
     vocab: int = 5000
@@ -63,8 +64,9 @@ class Shape:
 
 SHAPES = {
     "large": Shape("large", tuple(f"layers.{i:02d}" for i in range(48)), 512, 64, 128, 8),
-    "demo": Shape("demo", ("decoder.1", "decoder.3", "inter.img", "inter.txt", "intra.img", "intra.txt"),
-                  128, 96, 8, 2, 2000),
+    "demo": Shape(
+        "demo", ("decoder.1", "decoder.3", "inter.img", "inter.txt", "intra.img", "intra.txt"), 128, 96, 8, 2, 2000
+    ),
 }
 
 
@@ -104,9 +106,15 @@ class Generator:
         topw = (topw / topw.sum(axis=1, keepdims=True)).astype(np.float32)
         combine = np.zeros_like(probs)
         np.put_along_axis(combine, topk, topw, axis=1)
-        return {"logits": logits, "probs": probs.astype(np.float32), "combine": combine, "topk": topk.astype(np.int16),
-                "topw": topw, "entropy": (-(probs * np.log(np.clip(probs, 1e-12, None))).sum(1)).astype(np.float32),
-                "top1_prob": probs.max(axis=1).astype(np.float32)}
+        return {
+            "logits": logits,
+            "probs": probs.astype(np.float32),
+            "combine": combine,
+            "topk": topk.astype(np.int16),
+            "topw": topw,
+            "entropy": (-(probs * np.log(np.clip(probs, 1e-12, None))).sum(1)).astype(np.float32),
+            "top1_prob": probs.max(axis=1).astype(np.float32),
+        }
 
     def chunk(self, first_row: int, rows: int) -> pa.Table:
         """Rows first_row .. first_row + rows of the table (global order: example, layer, position)."""
@@ -134,53 +142,72 @@ class Generator:
         ex_ids = pa.array([f"ex{i:07d}" for i in range(ex_lo, int(example[-1]) + 1 if rows else 0)])
         p = {c: v[pick] for c, v in self.pool.items()}
         topk = p["topk"]
-        return pa.table({
-            "layer": dict_str(layer, list(s.layers)),
-            "call": dict_str(np.zeros(rows, np.int32), ["sequence"]),
-            "example_index": example,
-            "example_id": dict_str(example - ex_lo, ex_ids),
-            "position": position,
-            "position_kind": dict_str(kinds, ["text_token", "image_patch"]),
-            "token": dict_str(self.rng.integers(0, s.vocab, rows), self.vocab),
-            "routed_modality": dict_str(kinds, ["text", "image"]),
-            "gate_modality": dict_str(kinds, ["text", "image"]),
-            "grid_row": np.where(image, position // side, -1).astype(np.int16),
-            "grid_col": np.where(image, position % side, -1).astype(np.int16),
-            "top1": topk[:, 0].copy(),
-            "topk_ids": lists(topk, pa.int16()),
-            "topk_weights": lists(p["topw"], pa.float32()),
-            "combine": lists(p["combine"], pa.float32()),
-            "probs": lists(p["probs"], pa.float32()),
-            "logits": lists(p["logits"], pa.float32()),
-            "entropy": p["entropy"],
-            "top1_prob": p["top1_prob"],
-            "routed": np.ones(rows, dtype=bool),
-        })
+        return pa.table(
+            {
+                "layer": dict_str(layer, list(s.layers)),
+                "call": dict_str(np.zeros(rows, np.int32), ["sequence"]),
+                "example_index": example,
+                "example_id": dict_str(example - ex_lo, ex_ids),
+                "position": position,
+                "position_kind": dict_str(kinds, ["text_token", "image_patch"]),
+                "token": dict_str(self.rng.integers(0, s.vocab, rows), self.vocab),
+                "routed_modality": dict_str(kinds, ["text", "image"]),
+                "gate_modality": dict_str(kinds, ["text", "image"]),
+                "grid_row": np.where(image, position // side, -1).astype(np.int16),
+                "grid_col": np.where(image, position % side, -1).astype(np.int16),
+                "top1": topk[:, 0].copy(),
+                "topk_ids": lists(topk, pa.int16()),
+                "topk_weights": lists(p["topw"], pa.float32()),
+                "combine": lists(p["combine"], pa.float32()),
+                "probs": lists(p["probs"], pa.float32()),
+                "logits": lists(p["logits"], pa.float32()),
+                "entropy": p["entropy"],
+                "top1_prob": p["top1_prob"],
+                "routed": np.ones(rows, dtype=bool),
+            }
+        )
 
 
 def synth_small_tables(shape: Shape, n_ex: int, seed: int = 1) -> dict[str, pd.DataFrame]:
     rng = np.random.default_rng(seed)
     layers = list(shape.layers)
-    examples = pd.DataFrame({
-        "example_index": np.arange(n_ex, dtype=np.int64),
-        "example_id": [f"ex{i:07d}" for i in range(n_ex)],
-        "split": rng.choice(["train", "dev", "test"], n_ex, p=[0.8, 0.1, 0.1]),
-        "decided_by": rng.choice(["text", "image", "both"], n_ex),
-        "label": rng.integers(0, 500, n_ex),
-        "gold_rank": rng.integers(1, 50, n_ex),
-        "correct": rng.random(n_ex) < 0.6,
-    })
-    predictions = pd.DataFrame({"example_index": np.repeat(examples.example_index.to_numpy(), 5),
-                                "rank": np.tile(np.arange(1, 6), n_ex),
-                                "candidate": rng.integers(0, 500, n_ex * 5),
-                                "score": rng.random(n_ex * 5).astype(np.float32)})
-    layer_metrics = pd.DataFrame({"layer": layers, "experts": shape.experts, "k": shape.top_k,
-                                  "token_entropy": rng.random(len(layers)), "load_cv": rng.random(len(layers)),
-                                  "verdict": rng.choice(["healthy", "warning", "collapsed"], len(layers))})
-    dynamics = pd.DataFrame({"step": np.repeat(np.arange(0, 2000, 100), len(layers)),
-                             "layer": np.tile(layers, 20), "token_entropy": rng.random(20 * len(layers))})
-    return {"examples": examples, "predictions": predictions, "layer_metrics": layer_metrics,
-            "dynamics": dynamics}
+    examples = pd.DataFrame(
+        {
+            "example_index": np.arange(n_ex, dtype=np.int64),
+            "example_id": [f"ex{i:07d}" for i in range(n_ex)],
+            "split": rng.choice(["train", "dev", "test"], n_ex, p=[0.8, 0.1, 0.1]),
+            "decided_by": rng.choice(["text", "image", "both"], n_ex),
+            "label": rng.integers(0, 500, n_ex),
+            "gold_rank": rng.integers(1, 50, n_ex),
+            "correct": rng.random(n_ex) < 0.6,
+        }
+    )
+    predictions = pd.DataFrame(
+        {
+            "example_index": np.repeat(examples.example_index.to_numpy(), 5),
+            "rank": np.tile(np.arange(1, 6), n_ex),
+            "candidate": rng.integers(0, 500, n_ex * 5),
+            "score": rng.random(n_ex * 5).astype(np.float32),
+        }
+    )
+    layer_metrics = pd.DataFrame(
+        {
+            "layer": layers,
+            "experts": shape.experts,
+            "k": shape.top_k,
+            "token_entropy": rng.random(len(layers)),
+            "load_cv": rng.random(len(layers)),
+            "verdict": rng.choice(["healthy", "warning", "collapsed"], len(layers)),
+        }
+    )
+    dynamics = pd.DataFrame(
+        {
+            "step": np.repeat(np.arange(0, 2000, 100), len(layers)),
+            "layer": np.tile(layers, 20),
+            "token_entropy": rng.random(20 * len(layers)),
+        }
+    )
+    return {"examples": examples, "predictions": predictions, "layer_metrics": layer_metrics, "dynamics": dynamics}
 
 
 def fake_checkpoint(d: Path, mb: int = 64) -> Path:
@@ -197,8 +224,12 @@ def timed(fn, repeats: int) -> dict:
         fn(i)
         times.append((time.perf_counter() - t0) * 1000)
     a = np.array(times)
-    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
-            "max_ms": float(a.max()), "n": repeats}
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p95_ms": float(np.percentile(a, 95)),
+        "max_ms": float(a.max()),
+        "n": repeats,
+    }
 
 
 MIN_FREE = 6 * 2**30  # stop writing (and remove the run) when the disk gets this full: it is shared
@@ -211,14 +242,18 @@ def bytes_per_position(shape: Shape, layout: str, dense: bool) -> float:
     return 60.0 + (3.6 * shape.experts if dense else 0.0)
 
 
-def write_run(root: Path, shape: Shape, n: int, layout: str, chunk_rows: int, row_group_size: int | None,
-              dense: bool = True) -> dict:
+def write_run(
+    root: Path, shape: Shape, n: int, layout: str, chunk_rows: int, row_group_size: int | None, dense: bool = True
+) -> dict:
     """Generate and stream n positions into run "bench"; returns timings (generation kept apart)."""
     gen = Generator(shape)
     n_ex = -(-n // shape.per_example)
     ckpt = fake_checkpoint(root / "checkpoints" / "bench")
-    spec = ModelSpec("synthetic", f"synthetic {shape.name}", routed_layers=tuple(
-        RoutedLayerSpec(name, shape.experts, shape.top_k) for name in shape.layers))
+    spec = ModelSpec(
+        "synthetic",
+        f"synthetic {shape.name}",
+        routed_layers=tuple(RoutedLayerSpec(name, shape.experts, shape.top_k) for name in shape.layers),
+    )
     kw = {} if row_group_size is None else {"row_group_size": row_group_size}
     gen_s = append_s = 0.0
     w = RunWriter("bench", root=root, manifest_base=inputs_manifest(ckpt, None, {"n": n}, spec=spec), **kw).open()
@@ -232,8 +267,10 @@ def write_run(root: Path, shape: Shape, n: int, layout: str, chunk_rows: int, ro
             sink.append(table)
             del table
             if shutil.disk_usage(root).free < MIN_FREE:
-                raise SystemExit(f"stopped at {lo + chunk:,} of {n:,} positions: under {MIN_FREE / 2**30:.0f} GiB "
-                                 f"free in {root} (shared disk); the partial run is removed")
+                raise SystemExit(
+                    f"stopped at {lo + chunk:,} of {n:,} positions: under {MIN_FREE / 2**30:.0f} GiB "
+                    f"free in {root} (shared disk); the partial run is removed"
+                )
             append_s += time.perf_counter() - t1
             gen_s += t1 - t0
         t0 = time.perf_counter()
@@ -248,18 +285,34 @@ def write_run(root: Path, shape: Shape, n: int, layout: str, chunk_rows: int, ro
         w.abort()
         raise
     write_s = append_s + close_s + commit_s
-    return {"examples": n_ex, "layout": sink.layout, "generate_s": round(gen_s, 1),
-            "append_s": round(append_s + close_s, 1), "aggregate_hash_publish_s": round(commit_s, 1),
-            "write_s": round(write_s, 1), "positions_per_s": round(n / write_s)}
+    return {
+        "examples": n_ex,
+        "layout": sink.layout,
+        "generate_s": round(gen_s, 1),
+        "append_s": round(append_s + close_s, 1),
+        "aggregate_hash_publish_s": round(commit_s, 1),
+        "write_s": round(write_s, 1),
+        "positions_per_s": round(n / write_s),
+    }
 
 
-def bench_one(shape: Shape, n: int, layout: str, repeats: int, workdir: str | None, chunk_rows: int,
-              row_group_size: int | None, dense: bool = True) -> dict:
+def bench_one(
+    shape: Shape,
+    n: int,
+    layout: str,
+    repeats: int,
+    workdir: str | None,
+    chunk_rows: int,
+    row_group_size: int | None,
+    dense: bool = True,
+) -> dict:
     need = bytes_per_position(shape, layout, dense) * n * 1.05
     free = shutil.disk_usage(workdir or tempfile.gettempdir()).free
     if free - need < MIN_FREE:
-        raise SystemExit(f"{n:,} positions ({layout}) need ~{need / 2**30:.0f} GiB; only {free / 2**30:.0f} GiB free "
-                         f"in {workdir or tempfile.gettempdir()} (keeping {MIN_FREE / 2**30:.0f} GiB spare)")
+        raise SystemExit(
+            f"{n:,} positions ({layout}) need ~{need / 2**30:.0f} GiB; only {free / 2**30:.0f} GiB free "
+            f"in {workdir or tempfile.gettempdir()} (keeping {MIN_FREE / 2**30:.0f} GiB spare)"
+        )
     with tempfile.TemporaryDirectory(dir=workdir, prefix="moescope-bench-") as tmp:
         root = Path(tmp)
         print(f"  writing {n:,} positions ({shape.name}, {layout}) ...", file=sys.stderr, flush=True)
@@ -277,53 +330,72 @@ def bench_one(shape: Shape, n: int, layout: str, repeats: int, workdir: str | No
         res["run_status (ckpt hash memoised)"] = timed(lambda i: run_status("bench", root), repeats)
         fresh = [RunStore("bench", root) for _ in range(repeats)]
         res["example_routing(ex) first query of a store"] = timed(
-            lambda i: fresh[i].example_routing(int(exs[i])), repeats)
+            lambda i: fresh[i].example_routing(int(exs[i])), repeats
+        )
         store = RunStore("bench", root)
         store.example_routing(0)  # warm the parquet metadata cache, as the first page render would
         res["example_routing(ex)"] = timed(lambda i: store.example_routing(int(exs[i])), repeats)
         res["example_routing(ex, layer)"] = timed(
-            lambda i: store.example_routing(int(exs[i]), layer=layers[i]), repeats)
+            lambda i: store.example_routing(int(exs[i]), layer=layers[i]), repeats
+        )
         if store.routing_layout() == "split" and store.has("routing_dense"):
             store.example_routing(0, layer=shape.layers[0], dense=True)
             res["example_routing(ex, layer, dense=True)"] = timed(
-                lambda i: store.example_routing(int(exs[i]), layer=layers[i], dense=True), repeats)
+                lambda i: store.example_routing(int(exs[i]), layer=layers[i], dense=True), repeats
+            )
         fresh2 = [RunStore("bench", root) for _ in range(repeats)]
         res["layer_loads cold"] = timed(lambda i: fresh2[i].layer_loads(), repeats)
         res["layer_loads warm"] = timed(lambda i: store.layer_loads(), repeats)
         res["open + layer_loads(by=routed_modality)"] = timed(
-            lambda i: RunStore("bench", root).layer_loads(by="routed_modality"), repeats)
-        res["entropy_values(layer, 20000) cold"] = timed(
-            lambda i: fresh2[i].entropy_values(layers[i], 20_000), repeats)
+            lambda i: RunStore("bench", root).layer_loads(by="routed_modality"), repeats
+        )
+        res["entropy_values(layer, 20000) cold"] = timed(lambda i: fresh2[i].entropy_values(layers[i], 20_000), repeats)
         res["coselection(layer) cold"] = timed(lambda i: fresh[i].coselection(layers[i]), repeats)
         res["examples(decided_by=image, correct=False)"] = timed(
-            lambda i: store.examples({"decided_by": "image", "correct": False}), repeats)
+            lambda i: store.examples({"decided_by": "image", "correct": False}), repeats
+        )
         res["examples(limit=50)"] = timed(lambda i: store.examples(limit=50), repeats)
         res["predictions of one example"] = timed(
-            lambda i: store.table("predictions", where={"example_index": int(exs[i])}), repeats)
+            lambda i: store.table("predictions", where={"example_index": int(exs[i])}), repeats
+        )
         res["layer_metrics"] = timed(lambda i: store.layer_metrics(), repeats)
         res["dynamics"] = timed(lambda i: store.dynamics(), repeats)
         ex, lay = int(exs[0]), layers[0]
         reads = {
             "example_routing(ex)": store.scan_stats("SELECT * FROM routing WHERE example_index = ?", [ex]),
             "example_routing(ex, layer)": store.scan_stats(
-                "SELECT * FROM routing WHERE example_index = ? AND layer = ?", [ex, lay]),
+                "SELECT * FROM routing WHERE example_index = ? AND layer = ?", [ex, lay]
+            ),
             "layer_loads cold": store.scan_stats("SELECT * FROM routing_loads"),
             "entropy_values(layer, 20000) cold": store.scan_stats(
-                "SELECT entropy FROM routing_entropy_sample WHERE layer = ?", [lay]),
+                "SELECT entropy FROM routing_entropy_sample WHERE layer = ?", [lay]
+            ),
             "coselection(layer) cold": store.scan_stats("SELECT * FROM coselection WHERE layer = ?", [lay]),
         }
         reads["example_routing(ex) first query of a store"] = reads["example_routing(ex)"]
         if "example_routing(ex, layer, dense=True)" in res:
             reads["example_routing(ex, layer, dense=True)"] = store.scan_stats(
-                "SELECT * FROM routing_dense WHERE example_index = ? AND layer = ?", [ex, lay])
+                "SELECT * FROM routing_dense WHERE example_index = ? AND layer = ?", [ex, lay]
+            )
         rows_ex = len(store.example_routing(ex))
         for s in fresh + fresh2 + [store]:
             s.close()
-        return {"shape": shape.name, "positions": n, "layers": len(shape.layers), "experts": shape.experts,
-                "top_k": shape.top_k, "per_example": shape.per_example, "rows_of_one_example": rows_ex, **info,
-                "row_group_size": row_group_size, "bytes": sizes, "queries": res, "reads": reads,
-                "worst_p95_ms": max(v["p95_ms"] for v in res.values()),
-                "within_target": all(v["p95_ms"] <= TARGET_P95_MS for v in res.values())}
+        return {
+            "shape": shape.name,
+            "positions": n,
+            "layers": len(shape.layers),
+            "experts": shape.experts,
+            "top_k": shape.top_k,
+            "per_example": shape.per_example,
+            "rows_of_one_example": rows_ex,
+            **info,
+            "row_group_size": row_group_size,
+            "bytes": sizes,
+            "queries": res,
+            "reads": reads,
+            "worst_p95_ms": max(v["p95_ms"] for v in res.values()),
+            "within_target": all(v["p95_ms"] <= TARGET_P95_MS for v in res.values()),
+        }
 
 
 def machine() -> dict:
@@ -339,26 +411,33 @@ def markdown(results: list[dict], baseline: dict | None) -> str:
 
     def label(r: dict) -> str:
         return f"{r['layout']} {r['positions'] / 1e6:g}M" + (" (baseline)" if r is baseline else "")
-    out = ["| run | examples | write positions/s | write s (aggregate+hash+publish s) | routing MB | dense MB "
-           "| all files MB | bytes/position | worst page p95 ms |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    out = [
+        "| run | examples | write positions/s | write s (aggregate+hash+publish s) | routing MB | dense MB "
+        "| all files MB | bytes/position | worst page p95 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in runs:
         b = r["bytes"]
         total = sum(b.values())
         ratio = ""
         if baseline and r is not baseline:
             ratio = f" ({r['positions_per_s'] / baseline['positions_per_s']:.2f}x)"
-        out.append(f"| {label(r)} | {r['examples']:,} | {r['positions_per_s']:,}{ratio} | {r['write_s']} "
-                   f"({r['aggregate_hash_publish_s']}) | {_mb(b.get('routing.parquet', 0))} | "
-                   f"{_mb(b.get('routing_dense.parquet', 0))} | {_mb(total)} | {total / r['positions']:.0f} | "
-                   f"{r['worst_p95_ms']:.0f} |")
+        out.append(
+            f"| {label(r)} | {r['examples']:,} | {r['positions_per_s']:,}{ratio} | {r['write_s']} "
+            f"({r['aggregate_hash_publish_s']}) | {_mb(b.get('routing.parquet', 0))} | "
+            f"{_mb(b.get('routing_dense.parquet', 0))} | {_mb(total)} | {total / r['positions']:.0f} | "
+            f"{r['worst_p95_ms']:.0f} |"
+        )
     out.append("")
     names = list(dict.fromkeys(q for r in runs for q in r["queries"]))
     head = "| page query | " + " | ".join(f"{label(r)} p95 ms" for r in runs)
     if baseline:
         head += " | " + " | ".join(f"{label(r)} / baseline" for r in results)
-    out += [head + " | reads (largest run) |", "|---|" + "---:|" * (len(runs) + (len(results) if baseline else 0))
-            + "---|"]
+    out += [
+        head + " | reads (largest run) |",
+        "|---|" + "---:|" * (len(runs) + (len(results) if baseline else 0)) + "---|",
+    ]
     big = runs[-1]
     for q in names:
         cells = [f"{r['queries'][q]['p95_ms']:.1f}" if q in r["queries"] else "" for r in runs]
@@ -369,8 +448,11 @@ def markdown(results: list[dict], baseline: dict | None) -> str:
                 a, b = r["queries"].get(q), baseline["queries"].get(q)
                 cells.append(f"{a['p95_ms'] / b['p95_ms']:.2f}" if a and b and b["p95_ms"] > 0 else "")
         rd = big["reads"].get(q)
-        where = (f"{rd['row_groups_scanned']} of {rd['row_groups_total']} row groups, "
-                 f"{rd['bytes_read'] / 1e6:.1f} MB" if rd else "")
+        where = (
+            f"{rd['row_groups_scanned']} of {rd['row_groups_total']} row groups, {rd['bytes_read'] / 1e6:.1f} MB"
+            if rd
+            else ""
+        )
         out.append(f"| {q} | " + " | ".join(cells) + f" | {where} |")
     out.append("")
     return "\n".join(out)
@@ -379,17 +461,29 @@ def markdown(results: list[dict], baseline: dict | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="large")
-    ap.add_argument("--positions", type=int, nargs="+", default=None,
-                    help="routed positions per synthetic run (default: 1000000 10000000)")
+    ap.add_argument(
+        "--positions",
+        type=int,
+        nargs="+",
+        default=None,
+        help="routed positions per synthetic run (default: 1000000 10000000)",
+    )
     ap.add_argument("--layout", choices=("auto", "wide", "split"), default="auto")
-    ap.add_argument("--baseline", type=int, default=None,
-                    help="also measure the wide layout at this many positions (default 10000000 for the large "
-                         "shape, 0 = none)")
+    ap.add_argument(
+        "--baseline",
+        type=int,
+        default=None,
+        help="also measure the wide layout at this many positions (default 10000000 for the large shape, 0 = none)",
+    )
     ap.add_argument("--repeats", type=int, default=None, help="timings per query (default 30; --quick 10)")
     ap.add_argument("--quick", action="store_true", help="demo shape, 1M positions, no baseline, fewer repeats")
     ap.add_argument("--chunk-rows", type=int, default=262_144, help="rows generated and appended at a time")
-    ap.add_argument("--row-group-size", type=int, default=None,
-                    help="RunWriter row groups of the wide layout (default: the store's)")
+    ap.add_argument(
+        "--row-group-size",
+        type=int,
+        default=None,
+        help="RunWriter row groups of the wide layout (default: the store's)",
+    )
     ap.add_argument("--no-dense", action="store_true", help="split layout without the routing_dense side table")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ap.add_argument("--json-out", default=None, help="also write the JSON object to this file")
@@ -400,8 +494,11 @@ def main(argv: list[str] | None = None) -> int:
     shape = SHAPES["demo" if args.quick else args.shape]
     sizes = args.positions or ([1_000_000] if args.quick else [1_000_000, 10_000_000])
     repeats = args.repeats or (10 if args.quick else 30)
-    base_n = 0 if args.quick else (args.baseline if args.baseline is not None
-                                   else (10_000_000 if shape.name == "large" else 0))
+    base_n = (
+        0
+        if args.quick
+        else (args.baseline if args.baseline is not None else (10_000_000 if shape.name == "large" else 0))
+    )
     info = machine()  # load average before the benchmark's own work
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     baseline = None
@@ -411,20 +508,43 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for n in sizes:
         print(f"benchmarking {n:,} positions ({args.layout}) ...", file=sys.stderr, flush=True)
-        results.append(bench_one(shape, n, args.layout, repeats, args.workdir, args.chunk_rows, args.row_group_size,
-                                 dense=not args.no_dense))
+        results.append(
+            bench_one(
+                shape,
+                n,
+                args.layout,
+                repeats,
+                args.workdir,
+                args.chunk_rows,
+                args.row_group_size,
+                dense=not args.no_dense,
+            )
+        )
         if args.json_out:  # keep what is done so far
-            Path(args.json_out).write_text(json.dumps({"machine": info, "started": started, "baseline": baseline,
-                                                       "results": results}, indent=2))
-    payload = {"machine": info, "started": started, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "command": command_line(), "target_p95_ms": TARGET_P95_MS, "baseline": baseline, "results": results}
+            Path(args.json_out).write_text(
+                json.dumps({"machine": info, "started": started, "baseline": baseline, "results": results}, indent=2)
+            )
+    payload = {
+        "machine": info,
+        "started": started,
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": command_line(),
+        "target_p95_ms": TARGET_P95_MS,
+        "baseline": baseline,
+        "results": results,
+    }
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(payload, indent=2))
     body = markdown(results, baseline)
     print(json.dumps(payload, indent=2) if args.json else body)
     if args.record:
-        record("Artifact store at large-model scale" if shape.name == "large" else "Artifact store queries",
-               info, command_line(), body, args.note)
+        record(
+            "Artifact store at large-model scale" if shape.name == "large" else "Artifact store queries",
+            info,
+            command_line(),
+            body,
+            args.note,
+        )
     return 0 if all(r["within_target"] for r in results) else 1
 
 

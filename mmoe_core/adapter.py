@@ -15,27 +15,40 @@ playground), with ``image`` holding a PIL image instead of a path.
 
 *batch*: what :meth:`ModelAdapter.prepare` makes of a list of examples (family-specific tensors).
 """
+
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from mmoe_core.routing_record import RoutingRecorder
-from mmoe_core.spec import (AttributionTarget, ExampleField, ImageGrid, InputSpec, LabelSpec, ModelSpec,  # noqa: F401
-                            OutputSpec, PredictionSpec, RoutedLayerSpec, TrainingPhase)
+from mmoe_core.spec import (  # noqa: F401
+    AttributionTarget,
+    ExampleField,
+    ImageGrid,
+    InputSpec,
+    LabelSpec,
+    ModelSpec,
+    OutputSpec,
+    PredictionSpec,
+    RoutedLayerSpec,
+    TrainingPhase,
+)
 
 
 @dataclass
 class RunOutput:
     """Result of :meth:`ModelAdapter.run` for a list of examples."""
-    predictions: list[dict]              # one per example: index, prediction, gold, correct, rank/answer, score ...
-    recorder: RoutingRecorder | None     # routing of every MoE call (None when record=False)
+
+    predictions: list[dict]  # one per example: index, prediction, gold, correct, rank/answer, score ...
+    recorder: RoutingRecorder | None  # routing of every MoE call (None when record=False)
     extras: dict[str, Any] = field(default_factory=dict)  # declared outputs, e.g. "qga": per-token weights
     representations: Tensor | None = None  # [n_examples, D] routed representation for the embedding map
 
@@ -51,7 +64,7 @@ class ModelAdapter(ABC):
         self.device = torch.device(device)
 
     # ---- declarations (see mmoe_core.spec) -----------------------------------------------------
-    title: str = ""                      # the family in words, e.g. "MMoE: multimodal entity linking"
+    title: str = ""  # the family in words, e.g. "MMoE: multimodal entity linking"
 
     @abstractmethod
     def fields(self) -> list[ExampleField]:
@@ -91,12 +104,20 @@ class ModelAdapter(ABC):
 
     def spec(self) -> ModelSpec:
         """Everything declared above, as one JSON-able object (precompute stores it in the manifest)."""
-        return ModelSpec(family=self.family, title=self.title or self.family, fields=tuple(self.fields()),
-                         inputs=tuple(self.input_spec()), routed_layers=tuple(self.routed_layers()),
-                         prediction=self.prediction_spec(), outputs=tuple(self.output_spec()),
-                         labels=tuple(self.label_spec()), attribution_targets=tuple(self.attribution_targets()),
-                         training_phases=tuple(self.training_phases()), model_card=dict(self.model_card()),
-                         notes=tuple(self.notes()))
+        return ModelSpec(
+            family=self.family,
+            title=self.title or self.family,
+            fields=tuple(self.fields()),
+            inputs=tuple(self.input_spec()),
+            routed_layers=tuple(self.routed_layers()),
+            prediction=self.prediction_spec(),
+            outputs=tuple(self.output_spec()),
+            labels=tuple(self.label_spec()),
+            attribution_targets=tuple(self.attribution_targets()),
+            training_phases=tuple(self.training_phases()),
+            model_card=dict(self.model_card()),
+            notes=tuple(self.notes()),
+        )
 
     def slice_labels(self) -> list[str]:
         return [label.name for label in self.label_spec()]
@@ -108,8 +129,9 @@ class ModelAdapter(ABC):
 
     # ---- running -------------------------------------------------------------------------------
     @abstractmethod
-    def run(self, examples: Sequence[dict], record: bool = True, batch_size: int = 32,
-            progress: bool = False) -> RunOutput:
+    def run(
+        self, examples: Sequence[dict], record: bool = True, batch_size: int = 32, progress: bool = False
+    ) -> RunOutput:
         """Forward the examples (in batches), returning predictions and, if asked, routing records.
         PositionMeta.example_ids must be the examples' ``index`` values."""
 
@@ -118,7 +140,7 @@ class ModelAdapter(ABC):
         """Headline metrics of a run: {"overall": {...}, "by_<label>": {value: {...}}} (MMoE: MRR, MR,
         Hits@k over the whole KB; MoEMoE: exact match). Used by the evaluate CLI and the pages."""
 
-    def routed_modules(self) -> dict[str, "RoutedModule"]:
+    def routed_modules(self) -> dict[str, RoutedModule]:
         """Every routed layer of the model by its record name: any module that follows the
         :class:`RoutedModule` protocol (``SwitchMoE`` does; a family may wrap foreign gates)."""
         return {m.name: m for m in self.model.modules() if isinstance(m, RoutedModule)}
@@ -151,8 +173,9 @@ class ModelAdapter(ABC):
             raise KeyError(f"unknown routed layer {layer!r}; layers: {sorted(layers)}")
         moe = layers[layer]
         if not hasattr(moe, "ablated"):
-            raise NotImplementedError(f"routed layer {layer!r} ({type(moe).__name__}) has no `ablated` switch: "
-                                      "its output cannot be removed")
+            raise NotImplementedError(
+                f"routed layer {layer!r} ({type(moe).__name__}) has no `ablated` switch: its output cannot be removed"
+            )
         before = moe.ablated
         moe.ablated = True
         try:
@@ -163,9 +186,11 @@ class ModelAdapter(ABC):
     def knockout_state(self) -> tuple:
         """A hashable description of every knocked-out expert and ablated layer (cache key for derived
         features)."""
+
         def layer_state(name: str, m: RoutedModule) -> tuple:
             ablated = ("ablated",) if getattr(m, "ablated", False) else ()
             return (name, tuple(sorted(m.knocked_out)), *ablated)
+
         return tuple(sorted(layer_state(name, m) for name, m in self.routed_modules().items()))
 
     # ---- attribution ---------------------------------------------------------------------------
@@ -175,9 +200,15 @@ class ModelAdapter(ABC):
         (e.g. text-token embeddings and image-patch embeddings); also used as IG's inputs."""
 
     @abstractmethod
-    def attribution_forward(self, example: dict, target: str, layer: str | None = None,
-                            expert: int | None = None, position: int | None = None,
-                            call: str | None = None) -> Callable[..., Tensor]:
+    def attribution_forward(
+        self,
+        example: dict,
+        target: str,
+        layer: str | None = None,
+        expert: int | None = None,
+        position: int | None = None,
+        call: str | None = None,
+    ) -> Callable[..., Tensor]:
         """A function of the tensors of :meth:`attribution_inputs` (same order, batch dim first,
         any batch size) returning one scalar per batch row: the prediction score/answer logit
         (``target`` = "score" / "answer_logit") or a router logit (``target`` = "router_logit":
@@ -200,6 +231,7 @@ class RoutedModule(Protocol):
     Optional: ``ablated: bool``; a layer that has it returns zeros instead of its MoE output while it is
     True (:meth:`ModelAdapter.ablate_layer`). It is not required, so routed modules without it still
     follow the protocol."""
+
     name: str
     num_experts: int
     knocked_out: frozenset[int]
@@ -210,10 +242,10 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_adapter(ckpt_dir: Path, device: torch.device | str | None = None,
-                 snapshot: int | None = None) -> ModelAdapter:
+def load_adapter(ckpt_dir: Path, device: torch.device | str | None = None, snapshot: int | None = None) -> ModelAdapter:
     """Open a checkpoint directory with the family that recognises it (see mmoe_core.registry)."""
     from mmoe_core.registry import family_for_checkpoint, load_own_checkpoint
+
     family = family_for_checkpoint(Path(ckpt_dir))
     device = device or default_device()
     if family.load is not None:

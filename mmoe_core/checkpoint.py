@@ -17,6 +17,7 @@ hidden sibling folder and swapped in (one ``renameat2(RENAME_EXCHANGE)``) only o
 weights, snapshots and log change together and a process killed at any moment leaves the previous
 checkpoint loadable. A lock file beside the folder keeps two writers out of one checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,12 +47,14 @@ WEIGHTS_NAME = "model.safetensors"
 SNAPSHOT_DIR = "snapshots"
 TRAIN_LOG_NAME = "train_log.parquet"
 _SNAPSHOT_RE = re.compile(r"^step_(\d+)\.safetensors$")
-MAX_CONFIG_BYTES = 64 * 1024 * 1024          # a config.json is a few KB; an answer vocabulary a few MB
-MAX_HEADER_BYTES = 100 * 1024 * 1024         # safetensors' own limit on its JSON header
+MAX_CONFIG_BYTES = 64 * 1024 * 1024  # a config.json is a few KB; an answer vocabulary a few MB
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on its JSON header
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-CONVERT_HINT = ("pickled weights are never loaded (unpickling runs code); where the file is trusted, convert it "
-                "with: python -c \"import torch, safetensors.torch as s; "
-                "s.save_file(torch.load('IN', weights_only=True), 'model.safetensors')\"")
+CONVERT_HINT = (
+    "pickled weights are never loaded (unpickling runs code); where the file is trusted, convert it "
+    'with: python -c "import torch, safetensors.torch as s; '
+    "s.save_file(torch.load('IN', weights_only=True), 'model.safetensors')\""
+)
 
 
 class CheckpointError(UserError, ValueError):
@@ -61,6 +64,7 @@ class CheckpointError(UserError, ValueError):
 # ---------------------------------------------------------------------------------------------
 # Durable writes
 # ---------------------------------------------------------------------------------------------
+
 
 def fsync_path(path: Path) -> None:
     """fsync a file or a directory (its entries)."""
@@ -173,7 +177,7 @@ def _swap_into_place(staged: Path, target: Path) -> None:
     if not os.path.lexists(target):
         os.rename(staged, target)
     elif _exchange(staged, target):
-        shutil.rmtree(staged)            # now holds the previous checkpoint
+        shutil.rmtree(staged)  # now holds the previous checkpoint
     else:  # no atomic exchange here: two renames; _remove_leftovers puts the old one back after a crash
         old = _sibling(target, "old")
         os.rename(target, old)
@@ -202,8 +206,10 @@ def _writer_lock(target: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BusyError(f"{target} is being written by another process (it holds {lock}); wait until it "
-                            "finishes, or write to another folder") from None
+            raise BusyError(
+                f"{target} is being written by another process (it holds {lock}); wait until it "
+                "finishes, or write to another folder"
+            ) from None
         yield
     finally:
         os.close(fd)
@@ -214,13 +220,16 @@ def check_replaceable(target: Path) -> Path:
     is a file, or a non-empty folder that is not a checkpoint (its contents would be lost)."""
     target = Path(os.path.realpath(Path(target).expanduser()))
     if target.parent == target:
-        raise CheckpointError(f"cannot write a checkpoint at {target}; give a folder such as "
-                              "artifacts/checkpoints/NAME")
+        raise CheckpointError(
+            f"cannot write a checkpoint at {target}; give a folder such as artifacts/checkpoints/NAME"
+        )
     if os.path.lexists(target) and not target.is_dir():
         raise CheckpointError(f"{target} exists and is a file, not a checkpoint folder; choose another output folder")
     if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_NAME).is_file():
-        raise CheckpointError(f"{target} is a non-empty folder that is not a checkpoint (no {CONFIG_NAME}); writing "
-                              "a checkpoint there would replace its contents. Choose a new or empty folder")
+        raise CheckpointError(
+            f"{target} is a non-empty folder that is not a checkpoint (no {CONFIG_NAME}); writing "
+            "a checkpoint there would replace its contents. Choose a new or empty folder"
+        )
     return target
 
 
@@ -248,6 +257,7 @@ def replacing_dir(target: Path) -> Iterator[Path]:
 # Reading
 # ---------------------------------------------------------------------------------------------
 
+
 def list_snapshots(ckpt_dir: Path) -> list[int]:
     folder = Path(ckpt_dir) / SNAPSHOT_DIR
     if not folder.is_dir():
@@ -260,8 +270,9 @@ def check_dir(ckpt_dir: Path) -> Path:
     """``ckpt_dir`` as a Path; CheckpointError when it does not exist or is a file."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.exists():
-        raise CheckpointError(f"{ckpt_dir}: no such checkpoint folder; check the path, or train one with "
-                              "`python -m mmoe_core.train ...`")
+        raise CheckpointError(
+            f"{ckpt_dir}: no such checkpoint folder; check the path, or train one with `python -m mmoe_core.train ...`"
+        )
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"{ckpt_dir} is a file, not a checkpoint folder (config.json + {WEIGHTS_NAME})")
     return ckpt_dir
@@ -274,8 +285,10 @@ def read_json_file(path: Path, max_bytes: int, error: type[UserError] | None = N
     try:
         size = path.stat().st_size
         if size > max_bytes:
-            raise error(f"{path} is {size / 1e6:.1f} MB; a file of this kind is at most {max_bytes / 1e6:.0f} MB, "
-                        "so this is not the file it should be")
+            raise error(
+                f"{path} is {size / 1e6:.1f} MB; a file of this kind is at most {max_bytes / 1e6:.0f} MB, "
+                "so this is not the file it should be"
+            )
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise error(f"{path}: invalid JSON ({exc}); restore the file or rewrite it") from exc
@@ -286,8 +299,10 @@ def read_json_file(path: Path, max_bytes: int, error: type[UserError] | None = N
 def load_config(ckpt_dir: Path) -> dict:
     path = check_dir(ckpt_dir) / CONFIG_NAME
     if not path.is_file():
-        raise CheckpointError(f"{ckpt_dir}: not a checkpoint (no {CONFIG_NAME}); give the folder that holds "
-                              f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise CheckpointError(
+            f"{ckpt_dir}: not a checkpoint (no {CONFIG_NAME}); give the folder that holds "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
     config = read_json_file(path, MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
@@ -295,8 +310,23 @@ def load_config(ckpt_dir: Path) -> dict:
 
 
 # dtype -> bytes per element, as the safetensors format names them
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 @dataclass(frozen=True)
@@ -325,12 +355,15 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             if kind:
                 raise CheckpointError(f"{path} is {kind}, not a safetensors file: {CONVERT_HINT}")
             if len(head) < 8:
-                raise CheckpointError(f"{path} is truncated ({size} bytes, not even a safetensors header); copy it "
-                                      "again or retrain")
+                raise CheckpointError(
+                    f"{path} is truncated ({size} bytes, not even a safetensors header); copy it again or retrain"
+                )
             n = int.from_bytes(head, "little")
             if n > min(size - 8, MAX_HEADER_BYTES):
-                raise CheckpointError(f"{path} is not a safetensors file, or is truncated (its header claims {n} "
-                                      f"bytes, the file has {size}); copy it again or retrain")
+                raise CheckpointError(
+                    f"{path} is not a safetensors file, or is truncated (its header claims {n} "
+                    f"bytes, the file has {size}); copy it again or retrain"
+                )
             raw = f.read(n)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
@@ -347,22 +380,32 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         end = max(end, int(info["data_offsets"][1]))
     data = size - 8 - n
     if end > data:
-        raise CheckpointError(f"{path} is truncated: its header promises {end} bytes of tensor data, the file holds "
-                              f"{data} (an interrupted copy or save?); copy it again or retrain")
+        raise CheckpointError(
+            f"{path} is truncated: its header promises {end} bytes of tensor data, the file holds "
+            f"{data} (an interrupted copy or save?); copy it again or retrain"
+        )
     return tensors
 
 
 def _tensor_info(path: Path, name: str, info: object) -> TensorInfo:
-    ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)
-          and all(isinstance(d, int) and d >= 0 for d in info["shape"]) and isinstance(info.get("data_offsets"), list)
-          and len(info["data_offsets"]) == 2 and all(isinstance(o, int) and o >= 0 for o in info["data_offsets"]))
+    ok = (
+        isinstance(info, dict)
+        and isinstance(info.get("dtype"), str)
+        and isinstance(info.get("shape"), list)
+        and all(isinstance(d, int) and d >= 0 for d in info["shape"])
+        and isinstance(info.get("data_offsets"), list)
+        and len(info["data_offsets"]) == 2
+        and all(isinstance(o, int) and o >= 0 for o in info["data_offsets"])
+    )
     if not ok:
         raise CheckpointError(f"{path}: damaged safetensors header (tensor {name!r}: {str(info)[:120]})")
     start, stop = info["data_offsets"]
     width = _DTYPE_BYTES.get(info["dtype"])  # a dtype newer than this table: safetensors checks it on load
     if width is not None and stop - start != math.prod(info["shape"]) * width:
-        raise CheckpointError(f"{path}: damaged safetensors header (tensor {name!r} has {stop - start} bytes for "
-                              f"shape {info['shape']} of {info['dtype']})")
+        raise CheckpointError(
+            f"{path}: damaged safetensors header (tensor {name!r} has {stop - start} bytes for "
+            f"shape {info['shape']} of {info['dtype']})"
+        )
     return TensorInfo(info["dtype"], tuple(info["shape"]))
 
 
@@ -378,8 +421,9 @@ def checked_header(ckpt_dir: Path, snapshot: int | None = None) -> dict[str, Ten
         return read_safetensors_header(path)
     if snapshot is not None:
         steps = list_snapshots(ckpt_dir)
-        raise CheckpointError(f"{path} does not exist; snapshots of this checkpoint: "
-                              f"{', '.join(map(str, steps)) or 'none'}")
+        raise CheckpointError(
+            f"{path} does not exist; snapshots of this checkpoint: {', '.join(map(str, steps)) or 'none'}"
+        )
     pickles = sorted(p.name for p in Path(ckpt_dir).iterdir() if p.suffix in PICKLE_SUFFIXES)
     hint = f" (found {', '.join(pickles[:3])}: {CONVERT_HINT})" if pickles else "; the checkpoint is incomplete"
     raise CheckpointError(f"{path} does not exist{hint}")
@@ -394,9 +438,11 @@ def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
             if count:
                 bad.append(f"{name} ({count} of {tensor.numel()} values)")
     if bad:
-        raise CheckpointError(f"{source}: {len(bad)} tensor(s) hold NaN or Inf: {', '.join(bad[:5])}"
-                              f"{' ...' if len(bad) > 5 else ''}; the training diverged or the file is damaged: use "
-                              "an earlier snapshot, or retrain (lower learning rate, gradient clipping)")
+        raise CheckpointError(
+            f"{source}: {len(bad)} tensor(s) hold NaN or Inf: {', '.join(bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''}; the training diverged or the file is damaged: use "
+            "an earlier snapshot, or retrain (lower learning rate, gradient clipping)"
+        )
 
 
 def load_state_file(path: Path) -> dict[str, torch.Tensor]:
@@ -427,6 +473,7 @@ def describe_mismatch(own: Mapping[str, tuple[int, ...]], found: Mapping[str, tu
 
     def few(keys: list[str]) -> str:
         return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
     parts = []
     if missing:
         parts.append(f"{len(missing)} tensor(s) missing from the file ({few(missing)})")
@@ -442,16 +489,19 @@ def check_fits(model_shapes: Mapping[str, tuple[int, ...]], header: Mapping[str,
     """CheckpointError when the weights file does not fit the model its config describes."""
     problem = describe_mismatch(model_shapes, {k: v.shape for k, v in header.items()})
     if problem:
-        raise CheckpointError(f"{source}: the weights do not fit the model its {CONFIG_NAME} describes: {problem}. "
-                              f"The files come from different models: restore the {CONFIG_NAME} saved with these "
-                              "weights, or retrain")
+        raise CheckpointError(
+            f"{source}: the weights do not fit the model its {CONFIG_NAME} describes: {problem}. "
+            f"The files come from different models: restore the {CONFIG_NAME} saved with these "
+            "weights, or retrain"
+        )
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "") -> nn.Module:
     """Strictly load ``state`` into ``model``, naming the missing, unexpected or reshaped keys on failure."""
     own = model.state_dict()
-    problem = describe_mismatch({k: tuple(v.shape) for k, v in own.items()},
-                                {k: tuple(v.shape) for k, v in state.items()})
+    problem = describe_mismatch(
+        {k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in state.items()}
+    )
     if problem:
         raise CheckpointError(f"{source}: weights do not fit the model: {problem}")
     model.load_state_dict(state, strict=True)
@@ -460,6 +510,7 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = ""
 
 def load_train_log(ckpt_dir: Path):
     import pandas as pd
+
     path = Path(ckpt_dir) / TRAIN_LOG_NAME
     if not path.is_file():
         return None

@@ -15,13 +15,14 @@ pooled image embedding; ``image_tokens`` [B, 1 + P, W_v] final hidden states of 
 patches (HF's ``vision_model_output[0]`` also keeps the CLS). The MMoE InterMoE routes
 [text CLS; image tokens] by [image CLS; text tokens], so L must equal 1 + P: the tiny configs do.
 """
+
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -33,20 +34,49 @@ from mmoe_core.limits import Limit, check_choice, check_limits, check_object
 # Registered tiny configs. image 64 px / patch 8 gives 64 patches + CLS = 65 image tokens, so the
 # text context is 65 too (the InterMoE needs equal lengths).
 TINY_CONFIGS: dict[str, dict] = {
-    "tiny-64": dict(embed_dim=64, image_size=64, patch_size=8, vision_width=64, vision_layers=2,
-                    vision_heads=2, context_length=65, text_width=64, text_layers=2, text_heads=2),
-    "tiny-32": dict(embed_dim=32, image_size=64, patch_size=8, vision_width=32, vision_layers=1,
-                    vision_heads=2, context_length=65, text_width=32, text_layers=1, text_heads=2),
+    "tiny-64": dict(
+        embed_dim=64,
+        image_size=64,
+        patch_size=8,
+        vision_width=64,
+        vision_layers=2,
+        vision_heads=2,
+        context_length=65,
+        text_width=64,
+        text_layers=2,
+        text_heads=2,
+    ),
+    "tiny-32": dict(
+        embed_dim=32,
+        image_size=64,
+        patch_size=8,
+        vision_width=32,
+        vision_layers=1,
+        vision_heads=2,
+        context_length=65,
+        text_width=32,
+        text_layers=1,
+        text_heads=2,
+    ),
 }
 
 # What a checkpoint's encoder spec may ask for (config.json is untrusted: see mmoe_core.limits).
 ENCODER_KINDS = ("tiny", "open_clip", "hf_clip")
 ENCODER_LIMITS: dict[str, Limit] = {
-    "embed_dim": Limit(1, 16384), "image_size": Limit(8, 4096), "patch_size": Limit(1, 1024),
-    "vision_width": Limit(1, 16384), "vision_layers": Limit(1, 256), "vision_heads": Limit(1, 1024),
-    "context_length": Limit(2, 65536), "text_width": Limit(1, 16384), "text_layers": Limit(1, 256),
-    "text_heads": Limit(1, 1024), "vocab_size": Limit(1, 2_000_000), "text_positions": Limit(2, 65536),
-    "text_mlp_ratio": Limit(0.0625, 64, float), "vision_mlp_ratio": Limit(0.0625, 64, float),
+    "embed_dim": Limit(1, 16384),
+    "image_size": Limit(8, 4096),
+    "patch_size": Limit(1, 1024),
+    "vision_width": Limit(1, 16384),
+    "vision_layers": Limit(1, 256),
+    "vision_heads": Limit(1, 1024),
+    "context_length": Limit(2, 65536),
+    "text_width": Limit(1, 16384),
+    "text_layers": Limit(1, 256),
+    "text_heads": Limit(1, 1024),
+    "vocab_size": Limit(1, 2_000_000),
+    "text_positions": Limit(2, 65536),
+    "text_mlp_ratio": Limit(0.0625, 64, float),
+    "vision_mlp_ratio": Limit(0.0625, 64, float),
     "pad_token_id": Limit(0, 2_000_000),
 }
 
@@ -60,9 +90,9 @@ class EncoderUnavailable(UserError, RuntimeError):
 
 @dataclass
 class EncoderSpec:
-    kind: str = "tiny"                 # "tiny" | "open_clip"
-    name: str = "tiny-64"              # tiny config name, or open_clip model name (e.g. "ViT-B-32")
-    pretrained: str | None = None      # open_clip tag ("openai") or a local weight file path
+    kind: str = "tiny"  # "tiny" | "open_clip"
+    name: str = "tiny-64"  # tiny config name, or open_clip model name (e.g. "ViT-B-32")
+    pretrained: str | None = None  # open_clip tag ("openai") or a local weight file path
     frozen: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -70,7 +100,7 @@ class EncoderSpec:
         return asdict(self)
 
     @staticmethod
-    def from_dict(d: dict) -> "EncoderSpec":
+    def from_dict(d: dict) -> EncoderSpec:
         return EncoderSpec(**d)
 
 
@@ -79,7 +109,9 @@ def check_encoder_spec(spec: object, where: str) -> None:
     spec = check_object(spec, where)
     unknown = sorted(set(spec) - set(EncoderSpec.__dataclass_fields__))
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; an encoder spec has {sorted(EncoderSpec.__dataclass_fields__)}")
+        raise ConfigError(
+            f"{where}: unknown keys {unknown}; an encoder spec has {sorted(EncoderSpec.__dataclass_fields__)}"
+        )
     check_choice(spec, "kind", ENCODER_KINDS, where)
     for key, kinds in (("name", (str,)), ("pretrained", (str, type(None))), ("frozen", (bool,))):
         if key in spec and not isinstance(spec[key], kinds):
@@ -99,11 +131,20 @@ def check_encoder_spec(spec: object, where: str) -> None:
 
 def _tiny_clip(cfg: dict):
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-    vision = CLIPVisionCfg(layers=cfg["vision_layers"], width=cfg["vision_width"],
-                           head_width=cfg["vision_width"] // cfg["vision_heads"], patch_size=cfg["patch_size"],
-                           image_size=cfg["image_size"])
-    text = CLIPTextCfg(context_length=cfg["context_length"], width=cfg["text_width"], heads=cfg["text_heads"],
-                       layers=cfg["text_layers"])
+
+    vision = CLIPVisionCfg(
+        layers=cfg["vision_layers"],
+        width=cfg["vision_width"],
+        head_width=cfg["vision_width"] // cfg["vision_heads"],
+        patch_size=cfg["patch_size"],
+        image_size=cfg["image_size"],
+    )
+    text = CLIPTextCfg(
+        context_length=cfg["context_length"],
+        width=cfg["text_width"],
+        heads=cfg["text_heads"],
+        layers=cfg["text_layers"],
+    )
     return CLIP(embed_dim=cfg["embed_dim"], vision_cfg=vision, text_cfg=text)
 
 
@@ -114,12 +155,14 @@ def _offline() -> bool:
 def _pretrained_clip(spec: EncoderSpec):
     """Build an open_clip model with pretrained weights, failing fast (never hanging) when offline."""
     import open_clip
+
     pretrained = spec.pretrained
     if pretrained and Path(pretrained).exists():
         model = open_clip.create_model(spec.name, pretrained=None)
         path = Path(pretrained)
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -133,6 +176,7 @@ def _pretrained_clip(spec: EncoderSpec):
     try:
         if _offline():  # only the local hub cache: an uncached tag fails at once instead of retrying
             import huggingface_hub.constants as hf_constants
+
             previous, hf_constants.HF_HUB_OFFLINE = hf_constants.HF_HUB_OFFLINE, True
             try:
                 return open_clip.create_model(spec.name, pretrained=pretrained)
@@ -142,8 +186,9 @@ def _pretrained_clip(spec: EncoderSpec):
     except Exception as exc:  # network refused, not cached, unknown tag: all end here with advice
         raise EncoderUnavailable(
             f"cannot load open_clip {spec.name!r} with pretrained={pretrained!r}: {exc}. Downloads are off "
-            f"(set MOESCOPE_ALLOW_DOWNLOAD=1 to allow them); offline, download the weights elsewhere and pass the file path as the pretrained value, or use "
-            f"a tiny config (EncoderSpec(kind='tiny')).") from exc
+            f"(set MOESCOPE_ALLOW_DOWNLOAD=1 to allow them); offline, download the weights elsewhere and pass the file path as the pretrained value, or use "  # noqa: E501
+            f"a tiny config (EncoderSpec(kind='tiny'))."
+        ) from exc
     finally:
         socket.setdefaulttimeout(old_timeout)
 
@@ -184,6 +229,7 @@ class ClipTowers(nn.Module):
     def tokenizer(self):
         if self._tokenizer is None:
             from open_clip.tokenizer import SimpleTokenizer
+
             self._tokenizer = SimpleTokenizer(context_length=self.context_length)
         return self._tokenizer
 
@@ -217,6 +263,7 @@ class ClipTowers(nn.Module):
     def preprocess(self, images: Sequence) -> Tensor:
         """PIL images (or uint8 HxWx3 arrays) -> normalised [B, 3, S, S]; None -> zeros (no image)."""
         from PIL import Image
+
         out = []
         mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
         std = torch.tensor(CLIP_STD).view(3, 1, 1)

@@ -11,6 +11,7 @@ no traceback. Any other exception is a bug and keeps its traceback.
 The subclasses also derive from ``ValueError`` where the old error types did, so code that catches
 ``ValueError`` keeps working.
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,6 +50,7 @@ def cli_entry(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence
 
     argparse's own errors already exit with status 2 and an ``error:`` line; anything else propagates
     (a bug: the traceback is what a developer needs)."""
+
     @functools.wraps(main)
     def wrapper(argv: Sequence[str] | None = None) -> int:
         try:
@@ -58,4 +60,5 @@ def cli_entry(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence
         except KeyboardInterrupt:
             print("error: interrupted; nothing was published or replaced", file=sys.stderr)
             return 130
+
     return wrapper

@@ -5,6 +5,7 @@ family's ``summarize`` (MMoE: MRR, MR, Hits@1/3/5/10/20, every mention ranked ag
 overall and by decisive label; ranks as the published code computes them, see mmoe_core/families/mmoe/ranking.py).
 With ``--json`` stdout carries exactly one JSON object; progress always goes to stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,14 +20,14 @@ from mmoe_core.errors import ConfigError, cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mmoe_core.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m mmoe_core.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors)")
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--split", default="test")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
-    p.add_argument("--modalities", default=None,
-                   help="ablation (MMoE): comma-separated subset of text,image,cross")
+    p.add_argument("--modalities", default=None, help="ablation (MMoE): comma-separated subset of text,image,cross")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None, help="default: CUDA when present, else CPU")
     p.add_argument("--snapshot", type=int, default=None, help="evaluate snapshots/step_<N> instead")
@@ -65,17 +66,26 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", modalities: list[str] | None = None,
-             batch_size: int = 32, device=None, snapshot: int | None = None, limit: int | None = None,
-             progress: bool = False) -> dict:
+def evaluate(
+    checkpoint: str | Path,
+    data: str | Path,
+    split: str = "test",
+    modalities: list[str] | None = None,
+    batch_size: int = 32,
+    device=None,
+    snapshot: int | None = None,
+    limit: int | None = None,
+    progress: bool = False,
+) -> dict:
     adapter = load_adapter(Path(checkpoint), device=device, snapshot=snapshot)
     if modalities:
         if not hasattr(adapter, "modalities"):
             raise ConfigError(f"--modalities: family {adapter.family!r} has no modality ablation")
         unknown = sorted(set(modalities) - set(adapter.modalities))
         if unknown:
-            raise ConfigError(f"--modalities: {unknown} are not modalities of this model; choose from "
-                              f"{', '.join(adapter.modalities)}")
+            raise ConfigError(
+                f"--modalities: {unknown} are not modalities of this model; choose from {', '.join(adapter.modalities)}"
+            )
         adapter.modalities = tuple(modalities)
     examples = adapter.load_examples(Path(data), split)
     if limit:
@@ -83,8 +93,15 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", moda
     started = time.perf_counter()
     out = adapter.run(examples, record=False, batch_size=batch_size, progress=progress)
     summary = adapter.summarize(out.predictions, examples)
-    return {"checkpoint": str(checkpoint), "data": str(data), "split": split, "family": adapter.family,
-            "examples": len(examples), "seconds": round(time.perf_counter() - started, 2), **summary}
+    return {
+        "checkpoint": str(checkpoint),
+        "data": str(data),
+        "split": split,
+        "family": adapter.family,
+        "examples": len(examples),
+        "seconds": round(time.perf_counter() - started, 2),
+        **summary,
+    }
 
 
 @cli_entry
@@ -95,8 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()] if args.modalities else None
-    result = evaluate(args.checkpoint, args.data, args.split, modalities, args.batch_size, args.device,
-                      args.snapshot, args.limit, progress=not args.no_progress)
+    result = evaluate(
+        args.checkpoint,
+        args.data,
+        args.split,
+        modalities,
+        args.batch_size,
+        args.device,
+        args.snapshot,
+        args.limit,
+        progress=not args.no_progress,
+    )
     if args.json:
         print(json.dumps(_clean(result), sort_keys=False))
     else:

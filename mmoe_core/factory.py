@@ -29,6 +29,7 @@ Merging (``extends`` and scale overrides) is recursive for objects, replacement 
 run's fingerprint holds its resolved options and the content of the model config it names, so editing
 either JSON file rebuilds the run.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,7 +47,7 @@ FAMILIES_DIR = Path(__file__).resolve().parent / "families"
 MODEL_CONFIGS = "model_configs"
 RECIPES = "recipes"
 SCALES = ("default", "tiny")
-MODEL_CONFIG_OPTION = "model_config"   # the family option naming the model config a trainer starts from
+MODEL_CONFIG_OPTION = "model_config"  # the family option naming the model config a trainer starts from
 
 _EXTRA_CONFIG_PATHS: list[Path] = []
 
@@ -80,6 +81,7 @@ def _read_json(path: Path) -> dict:
 # Model configs
 # ---------------------------------------------------------------------------------------------
 
+
 def add_model_config(path: str | Path) -> None:
     """Make the model configs of a file or folder (``*.json``) known, beside the built-in ones."""
     path = Path(path)
@@ -104,15 +106,16 @@ def _config_files() -> dict[str, Path]:
 def _read_model_config(path: Path) -> dict:
     data = _read_json(path)
     if not isinstance(data.get("family"), str) or not isinstance(data.get("model"), dict):
-        raise FactoryError(f"{path}: a model config needs a \"family\" string and a \"model\" object")
+        raise FactoryError(f'{path}: a model config needs a "family" string and a "model" object')
     return {"family": data["family"], "model": data["model"]}
 
 
 def list_model_configs(family: str | None = None) -> list[str]:
     """Names of the known model configs (of one family when given), sorted."""
     files = _config_files()
-    return sorted(name for name, path in files.items()
-                  if family is None or _read_model_config(path)["family"] == family)
+    return sorted(
+        name for name, path in files.items() if family is None or _read_model_config(path)["family"] == family
+    )
 
 
 def get_model_config(name: str, **overrides: Any) -> dict:
@@ -128,6 +131,7 @@ def get_model_config(name: str, **overrides: Any) -> dict:
 def create_model(name: str, **overrides: Any):
     """The named model with random weights (the family's ``build_model`` of :func:`get_model_config`)."""
     from mmoe_core.registry import build_model
+
     return build_model(get_model_config(name, **overrides))
 
 
@@ -150,16 +154,18 @@ def split_model_options(family: str, options: Mapping[str, Any]) -> tuple[dict, 
 # Recipes
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Recipe:
     """One demo run: what to train (TrainOptions fields) on which world, and how to precompute it."""
+
     run: str
     world: str
-    options: Mapping[str, Any]                       # TrainOptions fields at the default scale
+    options: Mapping[str, Any]  # TrainOptions fields at the default scale
     scales: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # scale -> {"options", "precompute"}
     precompute: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
-    source: str = ""                                 # the JSON file it was read from
+    source: str = ""  # the JSON file it was read from
 
     @property
     def family(self) -> str:
@@ -186,8 +192,13 @@ class Recipe:
 
     def fingerprint(self, scale: str) -> dict:
         """JSON-able: everything that makes the trained run (a change rebuilds it)."""
-        return {"run": self.run, "world": self.world, "scale": scale, "options": self.resolved(scale),
-                "model_config": self.model_config(scale)}
+        return {
+            "run": self.run,
+            "world": self.world,
+            "scale": scale,
+            "options": self.resolved(scale),
+            "model_config": self.model_config(scale),
+        }
 
 
 def _load_recipe_dict(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -212,15 +223,28 @@ def load_recipe(path: str | Path) -> Recipe:
     unknown = sorted(set(data) - _RECIPE_KEYS)
     missing = sorted({"run", "world", "options"} - set(data))
     if unknown or missing:
-        raise FactoryError(f"{path}: " + "; ".join(filter(None, [f"unknown keys {unknown}" if unknown else "",
-                                                                 f"missing keys {missing}" if missing else ""])))
+        raise FactoryError(
+            f"{path}: "
+            + "; ".join(
+                filter(
+                    None, [f"unknown keys {unknown}" if unknown else "", f"missing keys {missing}" if missing else ""]
+                )
+            )
+        )
     if not data["options"].get("family"):
         raise FactoryError(f"{path}: options.family is missing")
     bad_scales = sorted(set(data.get("scales", {})) - set(SCALES))
     if bad_scales:
         raise FactoryError(f"{path}: unknown scales {bad_scales}; scales: {', '.join(SCALES)}")
-    return Recipe(run=data["run"], world=data["world"], options=data["options"], scales=data.get("scales", {}),
-                  precompute=data.get("precompute", {}), description=data.get("description", ""), source=str(path))
+    return Recipe(
+        run=data["run"],
+        world=data["world"],
+        options=data["options"],
+        scales=data.get("scales", {}),
+        precompute=data.get("precompute", {}),
+        description=data.get("description", ""),
+        source=str(path),
+    )
 
 
 def load_recipes(folder: str | Path) -> list[Recipe]:
@@ -243,8 +267,10 @@ def family_recipes(family: str) -> list[Recipe]:
 # Training a recipe, and the registry's demo runs
 # ---------------------------------------------------------------------------------------------
 
+
 def train_options(recipe: Recipe, scale: str, data_dir: str | Path, out_dir: str | Path, progress: bool = True):
     from mmoe_core.training import TrainOptions
+
     fields = {f.name for f in dataclasses.fields(TrainOptions)}
     opts = recipe.resolved(scale)
     unknown = sorted(set(opts) - fields)
@@ -257,9 +283,14 @@ def train_recipe(recipe: Recipe, data_dir: str | Path, ckpt_dir: str | Path, sca
     """Train the recipe's run into ``ckpt_dir``; its fingerprint and description go into config.json's
     ``training`` section. Returns the loop's TrainResult."""
     from mmoe_core.training import get_trainer, train
+
     options = train_options(recipe, scale, data_dir, ckpt_dir, progress)
-    return train(get_trainer(options.family)(options), options, Path(ckpt_dir),
-                 extra_config={"recipe": recipe.fingerprint(scale), "description": recipe.description})
+    return train(
+        get_trainer(options.family)(options),
+        options,
+        Path(ckpt_dir),
+        extra_config={"recipe": recipe.fingerprint(scale), "description": recipe.description},
+    )
 
 
 def _train_demo_run(recipe: Recipe, data_dir: Path, ckpt_dir: Path, scale: str, progress: bool) -> None:
@@ -269,9 +300,17 @@ def _train_demo_run(recipe: Recipe, data_dir: Path, ckpt_dir: Path, scale: str, 
 def demo_run(recipe: Recipe, scale: str):
     """The :class:`mmoe_core.registry.DemoRun` of a recipe at ``scale``."""
     from mmoe_core.registry import DemoRun
-    return DemoRun(name=recipe.run, family=recipe.family, world=recipe.world, fingerprint=recipe.fingerprint(scale),
-                   train=functools.partial(_train_demo_run, recipe), precompute=recipe.precompute_options(scale),
-                   description=recipe.description, cost=float(recipe.resolved(scale).get("steps") or 0))
+
+    return DemoRun(
+        name=recipe.run,
+        family=recipe.family,
+        world=recipe.world,
+        fingerprint=recipe.fingerprint(scale),
+        train=functools.partial(_train_demo_run, recipe),
+        precompute=recipe.precompute_options(scale),
+        description=recipe.description,
+        cost=float(recipe.resolved(scale).get("steps") or 0),
+    )
 
 
 def _demo_runs(family: str, scale: str) -> list:

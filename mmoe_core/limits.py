@@ -15,6 +15,7 @@ The budget is the memory available now (``MemAvailable``; on a CUDA device also 
 being done: loading holds the model and the weights read from the file (2), training adds gradients and
 two AdamW moments (4).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,6 +33,7 @@ COPIES = {"load": 2, "train": 4}
 @dataclass(frozen=True)
 class Limit:
     """A number a config may hold: its type (int or float), its inclusive range, and whether null is allowed."""
+
     lo: float
     hi: float
     kind: type = int
@@ -76,9 +78,11 @@ def check_object(value: Any, where: str) -> Mapping[str, Any]:
 
 # ------------------------------------------------------------------------------------- footprint
 
+
 @dataclass(frozen=True)
 class Footprint:
     """What a model takes: parameter count and bytes of parameters and buffers (in their dtypes)."""
+
     parameters: int
     bytes: int
 
@@ -96,13 +100,13 @@ def human_bytes(n: float) -> str:
 def footprint_of(model) -> Footprint:
     params = list(model.parameters())
     buffers = list(model.buffers())
-    return Footprint(sum(p.numel() for p in params),
-                     sum(t.numel() * t.element_size() for t in (*params, *buffers)))
+    return Footprint(sum(p.numel() for p in params), sum(t.numel() * t.element_size() for t in (*params, *buffers)))
 
 
 def meta_footprint(build: Callable[[], Any]) -> tuple[Any, Footprint]:
     """(the model built on the meta device, its footprint): shapes only, nothing allocated."""
     import torch
+
     with torch.device("meta"):
         model = build()
     return model, footprint_of(model)
@@ -116,6 +120,7 @@ def available_memory(device: Any = None) -> tuple[int, str]:
     ram = _mem_available()
     if device is not None and str(device).startswith("cuda"):
         import torch
+
         if torch.cuda.is_available():
             free, _total = torch.cuda.mem_get_info(torch.device(device))
             return int(free), f"the free memory of {device}"
@@ -132,6 +137,7 @@ def _mem_available() -> int:
         pass
     try:
         import psutil
+
         return int(psutil.virtual_memory().available)
     except ImportError:
         return 1 << 62  # no way to know: do not refuse on memory grounds
@@ -143,6 +149,8 @@ def check_footprint(footprint: Footprint, where: str, purpose: str = "load", dev
     budget, source = available_memory(device)
     if need > budget:
         verb = "train" if purpose == "train" else "load"
-        raise ConfigError(f"{where} describes a model of {footprint.describe()}; to {verb} it needs about "
-                          f"{human_bytes(need)}, more than {source} ({human_bytes(budget)}). The config is damaged "
-                          f"or meant for a bigger machine: check its sizes, or raise ${MAX_BYTES_ENV} if it is right")
+        raise ConfigError(
+            f"{where} describes a model of {footprint.describe()}; to {verb} it needs about "
+            f"{human_bytes(need)}, more than {source} ({human_bytes(budget)}). The config is damaged "
+            f"or meant for a bigger machine: check its sizes, or raise ${MAX_BYTES_ENV} if it is right"
+        )

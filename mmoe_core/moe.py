@@ -31,10 +31,11 @@ writes along the *sequence* axis: with ``idx = top_k_indices`` of shape [B, L, k
 
 All experts are computed for every position and weighted by ``combine`` (NaNs zeroed), as published.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +53,9 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, dim_out: int | None = None, mult: float = 4, dropout: float = 0.0):
         super().__init__()
         inner = int(dim * mult)
-        self.ff = nn.Sequential(nn.Sequential(nn.Linear(dim, inner), nn.GELU()), nn.Dropout(dropout),
-                                nn.Linear(inner, dim_out or dim))
+        self.ff = nn.Sequential(
+            nn.Sequential(nn.Linear(dim, inner), nn.GELU()), nn.Dropout(dropout), nn.Linear(inner, dim_out or dim)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.ff(x)
@@ -68,15 +70,16 @@ def topk_softmax_gate(logits: Tensor, top_k: int) -> RouterOutput:
     return RouterOutput(logits, probs, top_ids, combine)
 
 
-def mmoe_reference_gate(logits: Tensor, top_k: int, capacity_factor: float = 1.0,
-                        epsilon: float = 1e-6) -> RouterOutput:
+def mmoe_reference_gate(
+    logits: Tensor, top_k: int, capacity_factor: float = 1.0, epsilon: float = 1e-6
+) -> RouterOutput:
     """Published MEL-MMoE SwitchGate arithmetic, reproduced exactly (see the module docstring)."""
     probs = F.softmax(logits, dim=-1)
     capacity = int(capacity_factor * logits.size(0))
     _, top_ids = probs.topk(top_k, dim=-1)
     mask = torch.zeros_like(probs).scatter_(1, top_ids, 1)  # dim 1, as published (sequence axis on 3-D)
     masked = probs * mask
-    denominators = masked.sum(0, keepdim=True) + epsilon    # over the batch axis, as published
+    denominators = masked.sum(0, keepdim=True) + epsilon  # over the batch axis, as published
     combine = masked / denominators * capacity
     combine = torch.nan_to_num(combine, nan=0.0)
     return RouterOutput(logits, probs, top_ids, combine)
@@ -85,8 +88,15 @@ def mmoe_reference_gate(logits: Tensor, top_k: int, capacity_factor: float = 1.0
 class SwitchGate(nn.Module):
     """Router: a linear map from the gate input to one logit per expert, then a gate kind."""
 
-    def __init__(self, dim: int, num_experts: int, top_k: int, kind: str = "topk_softmax",
-                 capacity_factor: float = 1.0, epsilon: float = 1e-6):
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        kind: str = "topk_softmax",
+        capacity_factor: float = 1.0,
+        epsilon: float = 1e-6,
+    ):
         super().__init__()
         if kind not in GATE_KINDS:
             raise ValueError(f"unknown gate kind {kind!r}; choose one of {GATE_KINDS}")
@@ -123,9 +133,20 @@ class SwitchMoE(nn.Module):
     and is recorded, but the layer returns zeros: its MoE output is removed, the rest of the model unchanged.
     """
 
-    def __init__(self, dim: int, output_dim: int, num_experts: int = 4, top_k: int = 2, *,
-                 gate: str = "topk_softmax", capacity_factor: float = 1.0, mult: float = 4,
-                 dropout: float = 0.0, dispatch: str = "dense", name: str = "moe"):
+    def __init__(
+        self,
+        dim: int,
+        output_dim: int,
+        num_experts: int = 4,
+        top_k: int = 2,
+        *,
+        gate: str = "topk_softmax",
+        capacity_factor: float = 1.0,
+        mult: float = 4,
+        dropout: float = 0.0,
+        dispatch: str = "dense",
+        name: str = "moe",
+    ):
         super().__init__()
         if dispatch not in DISPATCH_KINDS:
             raise ValueError(f"unknown dispatch {dispatch!r}; choose one of {DISPATCH_KINDS}")
@@ -140,8 +161,14 @@ class SwitchMoE(nn.Module):
     def gate_kind(self) -> str:
         return self.gate.kind
 
-    def forward(self, x: Tensor, gate_input: Tensor | None = None, *,
-                recorder: RoutingRecorder | None = None, meta: PositionMeta | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        gate_input: Tensor | None = None,
+        *,
+        recorder: RoutingRecorder | None = None,
+        meta: PositionMeta | None = None,
+    ) -> Tensor:
         router = self.gate(x if gate_input is None else gate_input, self.knocked_out)
         if recorder is not None:
             recorder.add(self.name, router, meta)
@@ -170,6 +197,7 @@ class SwitchMoE(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Auxiliary losses: small pure functions over router outputs (torch, differentiable).
 # ---------------------------------------------------------------------------------------------
+
 
 def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
@@ -226,8 +254,10 @@ class EntropyTwoStage:
         return "coverage" if self.trigger_at is None else "specialisation"
 
     def update(self, step: int, mean_token_entropy_norm: float) -> str:
-        if self.trigger_at is None and (mean_token_entropy_norm < self.trigger_entropy or
-                                        (self.trigger_step is not None and step >= self.trigger_step)):
+        if self.trigger_at is None and (
+            mean_token_entropy_norm < self.trigger_entropy
+            or (self.trigger_step is not None and step >= self.trigger_step)
+        ):
             self.trigger_at = step
         return self.phase
 
@@ -235,9 +265,14 @@ class EntropyTwoStage:
         return coverage_loss(probs) if self.phase == "coverage" else specialisation_loss(probs)
 
 
-def aux_losses(recorder: RoutingRecorder, balance: float = 0.0, z_loss: float = 0.0,
-               two_stage: EntropyTwoStage | None = None, two_stage_weight: float = 0.0,
-               num_experts: int | None = None) -> dict[str, Tensor]:
+def aux_losses(
+    recorder: RoutingRecorder,
+    balance: float = 0.0,
+    z_loss: float = 0.0,
+    two_stage: EntropyTwoStage | None = None,
+    two_stage_weight: float = 0.0,
+    num_experts: int | None = None,
+) -> dict[str, Tensor]:
     """Sum each enabled auxiliary loss over the calls a (keep_graph) recorder collected."""
     parts: dict[str, Tensor] = {}
     for call in recorder.calls:

@@ -2,6 +2,7 @@
 that answers questions (MoEMoE, the Hugging Face vision-language MoE). MoEMoE's closed answer
 vocabulary lives with that family (``mmoe_core.families.moemoe.vocab``).
 """
+
 from __future__ import annotations
 
 import re

@@ -8,13 +8,15 @@ Which family opens a checkpoint directory: ``config.json``'s ``"family"`` key na
 checkpoints); a directory without one (a Hugging Face model folder, say) goes to the first family
 whose ``recognises(path)`` says yes.
 """
+
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,21 +27,23 @@ if TYPE_CHECKING:  # the adapter module imports this one lazily; no cycle at run
 @dataclass(frozen=True)
 class DemoRun:
     """One run the demo build makes: train a checkpoint from a data world, then precompute it."""
-    name: str                                  # the run: artifacts/checkpoints/<name>, artifacts/runs/<name>
+
+    name: str  # the run: artifacts/checkpoints/<name>, artifacts/runs/<name>
     family: str
-    world: str                                 # a registered World: its data under artifacts/data/<world>
-    fingerprint: Mapping[str, Any]             # JSON-able: what makes the run; a change rebuilds it
+    world: str  # a registered World: its data under artifacts/data/<world>
+    fingerprint: Mapping[str, Any]  # JSON-able: what makes the run; a change rebuilds it
     train: Callable[[Path, Path, str, bool], None]  # (data_dir, ckpt_dir, scale, progress) -> writes ckpt_dir
     precompute: Mapping[str, Any] = field(default_factory=dict)  # analysis.precompute options (split, ...)
     description: str = ""
-    cost: float = 0.0                          # relative build time (e.g. steps): parallel builds start the costliest
+    cost: float = 0.0  # relative build time (e.g. steps): parallel builds start the costliest
 
 
 @dataclass(frozen=True)
 class World:
     """A generated data world with ground truth (written in a real dataset layout)."""
+
     name: str
-    build: Callable[[Path, str, int], None]    # (out_dir, scale, seed): write the world
+    build: Callable[[Path, str, int], None]  # (out_dir, scale, seed): write the world
     is_built: Callable[[Path, str, int], bool]  # (out_dir, scale, seed): already there, same scale and seed
     description: str = ""
 
@@ -47,13 +51,13 @@ class World:
 @dataclass(frozen=True)
 class Family:
     name: str
-    title: str                                              # in words, for the pages and CLIs
-    adapter: type                                            # a ModelAdapter subclass
+    title: str  # in words, for the pages and CLIs
+    adapter: type  # a ModelAdapter subclass
     build_model: Callable[[dict], torch.nn.Module] | None = None  # config.json -> model (random weights)
-    trainer: Callable[[Any], Any] | None = None              # TrainOptions -> FamilyTrainer
+    trainer: Callable[[Any], Any] | None = None  # TrainOptions -> FamilyTrainer
     # (ckpt_dir, device, snapshot) -> adapter; default: config.json + model.safetensors into build_model
-    load: Callable[..., "ModelAdapter"] | None = None
-    recognises: Callable[[Path], bool] | None = None         # a foreign checkpoint layout this family opens
+    load: Callable[..., ModelAdapter] | None = None
+    recognises: Callable[[Path], bool] | None = None  # a foreign checkpoint layout this family opens
     # (config.json, where) -> raises ConfigError: the family's type and range checks of an untrusted config
     check_config: Callable[[dict, str], None] | None = None
     demo_runs: Callable[[str], list[DemoRun]] | None = None  # scale ("default" | "tiny") -> its demo runs
@@ -86,8 +90,12 @@ def worlds() -> dict[str, World]:
 def demo_runs(scale: str) -> list[DemoRun]:
     """Every registered family's demo runs, in family-name order."""
     _load_builtins()
-    return [run for name in sorted(_FAMILIES) if _FAMILIES[name].demo_runs is not None
-            for run in _FAMILIES[name].demo_runs(scale)]
+    return [
+        run
+        for name in sorted(_FAMILIES)
+        if _FAMILIES[name].demo_runs is not None
+        for run in _FAMILIES[name].demo_runs(scale)
+    ]
 
 
 def _load_builtins() -> None:
@@ -98,6 +106,7 @@ def _load_builtins() -> None:
     for name in _BUILTIN_MODULES:
         importlib.import_module(name)
     import mmoe_core.families as pkg
+
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.ispkg:
             importlib.import_module(f"{pkg.__name__}.{info.name}")
@@ -125,6 +134,7 @@ def build_model(config: dict) -> torch.nn.Module:
 def family_for_checkpoint(ckpt_dir: Path) -> Family:
     """The family that opens ``ckpt_dir`` (see the module docstring); a CheckpointError when none does."""
     from mmoe_core.checkpoint import MAX_CONFIG_BYTES, CheckpointError, check_dir, read_json_file
+
     _load_builtins()
     ckpt_dir = check_dir(Path(ckpt_dir))
     config_path = ckpt_dir / "config.json"
@@ -132,15 +142,19 @@ def family_for_checkpoint(ckpt_dir: Path) -> Family:
         config = read_json_file(config_path, MAX_CONFIG_BYTES)
         if isinstance(config, dict) and "family" in config:
             if config["family"] not in _FAMILIES:
-                raise CheckpointError(f"{config_path}: family {config['family']!r} is not a registered model family "
-                                      f"({', '.join(sorted(_FAMILIES))}); the file is damaged or from a plug-in "
-                                      "that is not installed")
+                raise CheckpointError(
+                    f"{config_path}: family {config['family']!r} is not a registered model family "
+                    f"({', '.join(sorted(_FAMILIES))}); the file is damaged or from a plug-in "
+                    "that is not installed"
+                )
             return _FAMILIES[config["family"]]
     for family in _FAMILIES.values():
         if family.recognises is not None and family.recognises(ckpt_dir):
             return family
-    raise CheckpointError(f"{ckpt_dir} is not a checkpoint any family opens (no config.json with a 'family', and no "
-                          f"family recognises its layout; families: {', '.join(sorted(_FAMILIES))})")
+    raise CheckpointError(
+        f"{ckpt_dir} is not a checkpoint any family opens (no config.json with a 'family', and no "
+        f"family recognises its layout; families: {', '.join(sorted(_FAMILIES))})"
+    )
 
 
 def check_config(config: dict, source: str, purpose: str = "load", device=None) -> torch.nn.Module | None:
@@ -150,6 +164,7 @@ def check_config(config: dict, source: str, purpose: str = "load", device=None) 
     None for a family that builds its models in its own load(). Raises ConfigError with the numbers."""
     from mmoe_core.errors import ConfigError
     from mmoe_core.limits import check_footprint, meta_footprint
+
     family = get(str(config.get("family")))
     if family.check_config is not None:
         family.check_config(config, source)
@@ -165,9 +180,10 @@ def check_config(config: dict, source: str, purpose: str = "load", device=None) 
     return model
 
 
-def load_own_checkpoint(family: Family, ckpt_dir: Path, device, snapshot: int | None = None) -> "ModelAdapter":
+def load_own_checkpoint(family: Family, ckpt_dir: Path, device, snapshot: int | None = None) -> ModelAdapter:
     """The default load(): MoEscope's own layout (config.json + model.safetensors [+ snapshots])."""
     from mmoe_core.checkpoint import CONFIG_NAME, check_fits, checked_header, load_config, load_into, load_state
+
     config = load_config(ckpt_dir)
     header = checked_header(ckpt_dir, snapshot)
     meta = check_config(config, str(Path(ckpt_dir) / CONFIG_NAME), "load", device)

@@ -11,17 +11,17 @@ One recorder serves two users:
 * analysis (``keep_graph=False``): detached CPU copies plus per-position metadata (example, position,
   position kind, modality of the routed input and of the gate input) are kept for the artifact store.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
 # Vocabulary of position kinds; families may add their own strings, these are the shared ones.
-POSITION_KINDS = ("cls", "text_token", "image_patch", "question_token", "context_token", "joint_token",
-                  "decoder_step")
+POSITION_KINDS = ("cls", "text_token", "image_patch", "question_token", "context_token", "joint_token", "decoder_step")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class PositionMeta:
     ``call`` tells apart several calls of the same layer (e.g. "mention" vs "entity" side).
     ``tokens`` optionally carries the surface string of each (b, l) position for display.
     """
+
     call: str
     example_ids: Sequence[int]
     kinds: Sequence[str]
@@ -49,10 +50,20 @@ class PositionMeta:
     grid: Sequence | None = None
 
     @staticmethod
-    def uniform(call: str, example_ids: Sequence[int], length: int, kind: str, routed: str, gate: str,
-                first_kind: str | None = None, first_routed: str | None = None,
-                first_gate: str | None = None, tokens=None, valid=None,
-                subject: str = "example") -> "PositionMeta":
+    def uniform(
+        call: str,
+        example_ids: Sequence[int],
+        length: int,
+        kind: str,
+        routed: str,
+        gate: str,
+        first_kind: str | None = None,
+        first_routed: str | None = None,
+        first_gate: str | None = None,
+        tokens=None,
+        valid=None,
+        subject: str = "example",
+    ) -> PositionMeta:
         """Meta for the common layout [first position; length-1 positions of one kind]."""
         kinds = [kind] * length
         routed_m = [routed] * length
@@ -86,15 +97,17 @@ class RouterOutput:
     For the standard gate it is the renormalised top-k probabilities scattered into E slots; for the
     faithful ``mmoe_reference`` gate it can differ from what ``topk_ids`` says (see moe.py).
     """
-    logits: Tensor      # [..., E]
-    probs: Tensor       # [..., E] softmax(logits)
-    topk_ids: Tensor    # [..., k]
-    combine: Tensor     # [..., E]
+
+    logits: Tensor  # [..., E]
+    probs: Tensor  # [..., E] softmax(logits)
+    topk_ids: Tensor  # [..., k]
+    combine: Tensor  # [..., E]
 
 
 @dataclass
 class LayerCall:
     """One recorded call of one MoE layer."""
+
     layer: str
     router: RouterOutput
     meta: PositionMeta | None
@@ -103,13 +116,18 @@ class LayerCall:
 @dataclass
 class RoutingRecorder:
     """Collects :class:`LayerCall` s during a forward. Pass it down; read ``calls`` afterwards."""
+
     keep_graph: bool = False
     calls: list[LayerCall] = field(default_factory=list)
 
     def add(self, layer: str, router: RouterOutput, meta: PositionMeta | None) -> None:
         if not self.keep_graph:
-            router = RouterOutput(*(t.detach().float().cpu() if t.is_floating_point() else t.detach().cpu()
-                                    for t in (router.logits, router.probs, router.topk_ids, router.combine)))
+            router = RouterOutput(
+                *(
+                    t.detach().float().cpu() if t.is_floating_point() else t.detach().cpu()
+                    for t in (router.logits, router.probs, router.topk_ids, router.combine)
+                )
+            )
         self.calls.append(LayerCall(layer, router, meta))
 
     def by_layer(self) -> dict[str, list[LayerCall]]:

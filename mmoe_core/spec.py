@@ -28,11 +28,13 @@ Prediction rows (what ``adapter.run`` returns per example) use these keys, whate
 ``top_scores`` (best first); an answer adds nothing; ``lm_loss`` adds ``loss`` (mean per-token loss),
 ``token_losses`` and ``next_tokens`` (top-5 strings at the last position).
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 FIELD_KINDS = ("text", "long_text", "image", "category", "number", "id")
 INPUT_KINDS = ("text_tokens", "image_patches")
@@ -41,61 +43,62 @@ OUTPUT_KINDS = ("source_weights", "named_scores")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 # How the combine weights of the chosen experts are formed from the gate's scores.
 NORMALISATIONS = (
-    "topk_renormalised",   # chosen scores divided by their sum (Mixtral, OLMoE with norm_topk_prob ...)
-    "topk_raw",            # chosen scores as they are (Qwen-MoE with norm_topk_prob=False ...)
-    "topk_scaled",         # chosen scores (renormalised or not) times a routed scaling factor (DeepSeek-V3)
-    "batch_column",        # published MEL-MMoE SwitchGate: columns over the batch axis, times a capacity
+    "topk_renormalised",  # chosen scores divided by their sum (Mixtral, OLMoE with norm_topk_prob ...)
+    "topk_raw",  # chosen scores as they are (Qwen-MoE with norm_topk_prob=False ...)
+    "topk_scaled",  # chosen scores (renormalised or not) times a routed scaling factor (DeepSeek-V3)
+    "batch_column",  # published MEL-MMoE SwitchGate: columns over the batch axis, times a capacity
 )
 
 
 @dataclass(frozen=True)
 class ExampleField:
-    name: str                  # key in the example dict and column of the examples table
-    label: str                 # in words, for a person: "Mention sentence", "Question"
-    kind: str = "text"         # one of FIELD_KINDS
-    editable: bool = False     # the playground offers a widget for it
-    role: str = ""             # "title": the example's headline; "gold": the gold answer / entity
-    max_chars: int = 2000      # editable text is cut here (and the page says so)
+    name: str  # key in the example dict and column of the examples table
+    label: str  # in words, for a person: "Mention sentence", "Question"
+    kind: str = "text"  # one of FIELD_KINDS
+    editable: bool = False  # the playground offers a widget for it
+    role: str = ""  # "title": the example's headline; "gold": the gold answer / entity
+    max_chars: int = 2000  # editable text is cut here (and the page says so)
 
 
 @dataclass(frozen=True)
 class ImageGrid:
     rows: int
     cols: int
-    first_position: int = 0    # index, among the input's positions, of patch (0, 0); row-major after it
+    first_position: int = 0  # index, among the input's positions, of patch (0, 0); row-major after it
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    name: str                  # e.g. "mention_text", "image": a key of attribution_inputs()
-    kind: str                  # one of INPUT_KINDS
+    name: str  # e.g. "mention_text", "image": a key of attribution_inputs()
+    kind: str  # one of INPUT_KINDS
     description: str
-    field: str = ""            # the example field this input reads (for the playground), if any
+    field: str = ""  # the example field this input reads (for the playground), if any
     grid: ImageGrid | None = None  # image inputs: the patch grid (may vary per example: see input_labels)
 
 
 @dataclass(frozen=True)
 class GateSpec:
     """What the gate does, as declared by the family (and shown on the pages)."""
-    kind: str = "topk_softmax"            # a name: "topk_softmax", "mmoe_reference", "hf:<RouterClass>"
-    score: str = "softmax"                # one of SCORE_FUNCTIONS
+
+    kind: str = "topk_softmax"  # a name: "topk_softmax", "mmoe_reference", "hf:<RouterClass>"
+    score: str = "softmax"  # one of SCORE_FUNCTIONS
     normalisation: str = "topk_renormalised"  # one of NORMALISATIONS
-    batch_dependent: bool = False         # one example's weights depend on the other rows of its batch
-    shared_experts: int = 0               # always-on experts beside the routed ones (not in the E columns)
-    capacity: float | None = None         # capacity factor, when the gate applies one
-    score_correction_bias: bool = False   # a learned bias changes the choice but not the weights (DeepSeek-V3)
-    group_limited: str = ""               # e.g. "8 groups, top-4 groups" (DeepSeek-V3), "" when none
-    note: str = ""                        # anything else a user must know, in words
+    batch_dependent: bool = False  # one example's weights depend on the other rows of its batch
+    shared_experts: int = 0  # always-on experts beside the routed ones (not in the E columns)
+    capacity: float | None = None  # capacity factor, when the gate applies one
+    score_correction_bias: bool = False  # a learned bias changes the choice but not the weights (DeepSeek-V3)
+    group_limited: str = ""  # e.g. "8 groups, top-4 groups" (DeepSeek-V3), "" when none
+    note: str = ""  # anything else a user must know, in words
 
 
 @dataclass(frozen=True)
 class RoutedLayerSpec:
-    name: str                  # the layer's name, as it appears in routing records
+    name: str  # the layer's name, as it appears in routing records
     num_experts: int
     top_k: int
     gate: GateSpec = field(default_factory=GateSpec)
-    routed: str = ""           # what is routed, in words
-    gate_sees: str = ""        # what the gate input is, in words
+    routed: str = ""  # what is routed, in words
+    gate_sees: str = ""  # what the gate input is, in words
     calls: tuple[str, ...] = ()  # the PositionMeta.call values this layer is called with
 
     @property
@@ -105,33 +108,33 @@ class RoutedLayerSpec:
 
 @dataclass(frozen=True)
 class PredictionSpec:
-    kind: str                  # one of PREDICTION_KINDS
+    kind: str  # one of PREDICTION_KINDS
     description: str
     headline: tuple[str, ...] = ()  # keys of summary["overall"] to show first, e.g. ("hits@1", "mrr")
-    item: str = "item"         # what is predicted, in words: "entity", "answer", "next token"
+    item: str = "item"  # what is predicted, in words: "entity", "answer", "next token"
 
 
 @dataclass(frozen=True)
 class SourceSpec:
-    name: str                  # e.g. "image": also a value of the ground-truth label it is checked against
-    column: str                # the list column holding its per-position weights, e.g. "alpha"
-    label: str                 # in words: "alpha (image)"
+    name: str  # e.g. "image": also a value of the ground-truth label it is checked against
+    column: str  # the list column holding its per-position weights, e.g. "alpha"
+    label: str  # in words: "alpha (image)"
     colour: str = ""
 
 
 @dataclass(frozen=True)
 class OutputSpec:
-    name: str                  # key in RunOutput.extras and the stored table name
-    kind: str                  # one of OUTPUT_KINDS
+    name: str  # key in RunOutput.extras and the stored table name
+    kind: str  # one of OUTPUT_KINDS
     description: str
     sources: tuple[SourceSpec, ...] = ()  # source_weights: the named sources (weights sum to 1 per position)
-    truth_label: str = ""      # source_weights: the ground-truth label naming each example's source
+    truth_label: str = ""  # source_weights: the ground-truth label naming each example's source
     positions: str = "tokens"  # source_weights: the list column naming the positions
 
 
 @dataclass(frozen=True)
 class LabelSpec:
-    name: str                  # key of example["labels"]
+    name: str  # key of example["labels"]
     description: str
     ground_truth: bool = False  # generated with the data (checkable), not predicted
     # For a label that says which input decides an example: label value -> the names of the inputs
@@ -141,22 +144,22 @@ class LabelSpec:
 
 @dataclass(frozen=True)
 class AttributionTarget:
-    name: str                  # "score" | "answer_logit" | "next_token_logit" | "router_logit"
+    name: str  # "score" | "answer_logit" | "next_token_logit" | "router_logit"
     description: str
     needs_layer: bool = False  # router_logit: needs (layer, expert, position)
 
 
 @dataclass(frozen=True)
 class TrainingPhase:
-    option: str                # the training option that sets it, e.g. "image_warmup_steps"
-    step: int                  # first step of the new phase
-    label: str                 # in words, for the figure: "image tower frozen"
+    option: str  # the training option that sets it, e.g. "image_warmup_steps"
+    step: int  # first step of the new phase
+    label: str  # in words, for the figure: "image tower frozen"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     family: str
-    title: str                 # the family in words: "MMoE: multimodal entity linking"
+    title: str  # the family in words: "MMoE: multimodal entity linking"
     fields: tuple[ExampleField, ...] = ()
     inputs: tuple[InputSpec, ...] = ()
     routed_layers: tuple[RoutedLayerSpec, ...] = ()
@@ -170,8 +173,10 @@ class ModelSpec:
 
     # ---- lookups the pages need ---------------------------------------------------------------
     def title_field(self) -> ExampleField | None:
-        return next((f for f in self.fields if f.role == "title"), next(
-            (f for f in self.fields if f.kind in ("text", "long_text")), None))
+        return next(
+            (f for f in self.fields if f.role == "title"),
+            next((f for f in self.fields if f.kind in ("text", "long_text")), None),
+        )
 
     def text_fields(self) -> list[ExampleField]:
         return [f for f in self.fields if f.kind in ("text", "long_text")]
@@ -206,7 +211,7 @@ class ModelSpec:
         return _plain(dataclasses.asdict(self))
 
     @staticmethod
-    def from_dict(d: Mapping[str, Any]) -> "ModelSpec":
+    def from_dict(d: Mapping[str, Any]) -> ModelSpec:
         return _build(ModelSpec, d)
 
 
@@ -220,11 +225,17 @@ def _plain(value: Any) -> Any:
 
 # The nested dataclass of each field that holds one (or a tuple of them); the rest stay as read.
 _NESTED: dict[tuple[type, str], type] = {
-    (ModelSpec, "fields"): ExampleField, (ModelSpec, "inputs"): InputSpec,
-    (ModelSpec, "routed_layers"): RoutedLayerSpec, (ModelSpec, "prediction"): PredictionSpec,
-    (ModelSpec, "outputs"): OutputSpec, (ModelSpec, "labels"): LabelSpec,
-    (ModelSpec, "attribution_targets"): AttributionTarget, (ModelSpec, "training_phases"): TrainingPhase,
-    (InputSpec, "grid"): ImageGrid, (RoutedLayerSpec, "gate"): GateSpec, (OutputSpec, "sources"): SourceSpec,
+    (ModelSpec, "fields"): ExampleField,
+    (ModelSpec, "inputs"): InputSpec,
+    (ModelSpec, "routed_layers"): RoutedLayerSpec,
+    (ModelSpec, "prediction"): PredictionSpec,
+    (ModelSpec, "outputs"): OutputSpec,
+    (ModelSpec, "labels"): LabelSpec,
+    (ModelSpec, "attribution_targets"): AttributionTarget,
+    (ModelSpec, "training_phases"): TrainingPhase,
+    (InputSpec, "grid"): ImageGrid,
+    (RoutedLayerSpec, "gate"): GateSpec,
+    (OutputSpec, "sources"): SourceSpec,
 }
 
 
@@ -238,8 +249,9 @@ def _build(cls: type, d: Mapping[str, Any]):
             continue  # written by a newer version: ignored, not fatal
         nested = _NESTED.get((cls, key))
         if nested is not None and value is not None:
-            value = (tuple(_build(nested, v) for v in value) if isinstance(value, (list, tuple))
-                     else _build(nested, value))
+            value = (
+                tuple(_build(nested, v) for v in value) if isinstance(value, (list, tuple)) else _build(nested, value)
+            )
         elif key == "decides":
             value = {str(k): tuple(v) for k, v in dict(value).items()}
         elif isinstance(value, list):

@@ -8,6 +8,7 @@ family when ``--family`` is left out). Family-specific options pass through ``--
 --opt text_hidden=32`` for MMoE, on top of the named config. Progress goes to stderr; the last line on
 stdout names the checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,9 @@ def parse_opt(items: list[str]) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainOptions()
-    p = argparse.ArgumentParser(prog="python -m mmoe_core.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m mmoe_core.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--family", choices=trainer_families(), help="model family (default: the --model-config's)")
     p.add_argument("--model-config", help="named model config to start from (list: --list-model-configs)")
     p.add_argument("--list-model-configs", action="store_true", help="print the named model configs and exit")
@@ -48,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--router-lr-mult", type=float, default=d.router_lr_mult,
-                   help="learning-rate multiplier for router weights")
+    p.add_argument(
+        "--router-lr-mult", type=float, default=d.router_lr_mult, help="learning-rate multiplier for router weights"
+    )
     p.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default=d.lr_schedule)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
@@ -78,14 +81,36 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
     if args.model_config:
         family_options = {factory.MODEL_CONFIG_OPTION: args.model_config, **family_options}
     return TrainOptions(
-        family=args.family, data_dir=args.data, out_dir=args.out, epochs=args.epochs, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        router_lr_mult=args.router_lr_mult, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
-        grad_clip=args.grad_clip, gate=args.gate, experts=args.experts, top_k=args.top_k, balance=args.balance,
-        z_loss=args.z_loss, two_stage=args.two_stage, two_stage_weight=args.two_stage_weight,
-        trigger_entropy=args.trigger_entropy, trigger_step=args.trigger_step, snapshot_every=args.snapshot_every,
-        log_every=args.log_every, seed=args.seed, device=args.device, threads=args.threads, dme=args.dme,
-        progress=not args.no_progress, family_options=family_options)
+        family=args.family,
+        data_dir=args.data,
+        out_dir=args.out,
+        epochs=args.epochs,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        router_lr_mult=args.router_lr_mult,
+        lr_schedule=args.lr_schedule,
+        warmup_steps=args.warmup_steps,
+        grad_clip=args.grad_clip,
+        gate=args.gate,
+        experts=args.experts,
+        top_k=args.top_k,
+        balance=args.balance,
+        z_loss=args.z_loss,
+        two_stage=args.two_stage,
+        two_stage_weight=args.two_stage_weight,
+        trigger_entropy=args.trigger_entropy,
+        trigger_step=args.trigger_step,
+        snapshot_every=args.snapshot_every,
+        log_every=args.log_every,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+        dme=args.dme,
+        progress=not args.no_progress,
+        family_options=family_options,
+    )
 
 
 def resolve_family(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
@@ -131,8 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     trainer = build_trainer(args.family, options)
     result = train(trainer, options)
     trigger = "" if result.trigger_step is None else f", two-stage switched at step {result.trigger_step}"
-    print(f"trained {args.family}: {result.steps} steps, {result.epochs} epochs in {result.seconds:.1f} s, "
-          f"final loss {result.final_loss:.4f}{trigger}", file=sys.stderr)
+    print(
+        f"trained {args.family}: {result.steps} steps, {result.epochs} epochs in {result.seconds:.1f} s, "
+        f"final loss {result.final_loss:.4f}{trigger}",
+        file=sys.stderr,
+    )
     print(f"checkpoint: {result.out_dir}")
     return 0
 

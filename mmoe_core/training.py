@@ -44,11 +44,13 @@ so a failed or killed run leaves the previous checkpoint as it was.
 train_log.parquet: one row per logging step with ``step``, ``epoch``, ``time_s``, ``lr``, ``loss`` (the
 total), ``loss.<part>`` (task parts and aux parts: ``loss.balance``, ``loss.z_loss``, ``loss.entropy_stage``),
 ``two_stage_phase``, ``two_stage_trigger_step`` (None until it switches) and, for every routed layer,
-``route.<layer>.<indicator>`` with indicators ``token_entropy`` (nats), ``token_entropy_norm`` (/ log E), ``effective_experts`` (exp of the entropy of the
+``route.<layer>.<indicator>`` with indicators ``token_entropy`` (nats), ``token_entropy_norm`` (/ log E),
+``effective_experts`` (exp of the entropy of the
 mean router distribution), ``max_load`` (max_i f_i * E, f = share of top-k slots), ``balance_loss``
 (E * sum f_i P_i) and ``max_weight_share`` (max_i of expert i's share of the combine weight, times E),
 over the valid positions of that step's batch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,9 +58,10 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -74,32 +77,33 @@ from mmoe_core.routing_record import RoutingRecorder
 @dataclass
 class TrainOptions:
     """Every option of a training run; stored under ``training`` in config.json."""
+
     family: str = "mmoe"
     data_dir: str = ""
     out_dir: str = ""
     epochs: int = 1
-    steps: int | None = None          # stop after this many steps (cycling epochs); overrides epochs
+    steps: int | None = None  # stop after this many steps (cycling epochs); overrides epochs
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    router_lr_mult: float = 1.0       # learning-rate multiplier of the router weights
-    lr_schedule: str = "constant"     # constant | linear | cosine (decay to 0 at the last step)
+    router_lr_mult: float = 1.0  # learning-rate multiplier of the router weights
+    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 at the last step)
     warmup_steps: int = 0
-    grad_clip: float = 0.0            # max gradient norm; 0 = off
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
     gate: str = "topk_softmax"
     experts: int = 4
     top_k: int = 3
-    balance: float = 0.0              # weight of the switch balance loss
-    z_loss: float = 0.0               # weight of the router z-loss
-    two_stage: bool = False           # MAGNET-style entropy two-stage (coverage, then specialisation)
+    balance: float = 0.0  # weight of the switch balance loss
+    z_loss: float = 0.0  # weight of the router z-loss
+    two_stage: bool = False  # MAGNET-style entropy two-stage (coverage, then specialisation)
     two_stage_weight: float = 0.01
-    trigger_entropy: float = 0.6      # switch when mean normalised token entropy falls below this ...
-    trigger_step: int | None = None   # ... or at this step (0 = specialisation only)
+    trigger_entropy: float = 0.6  # switch when mean normalised token entropy falls below this ...
+    trigger_step: int | None = None  # ... or at this step (0 = specialisation only)
     snapshot_every: int = 0
     log_every: int = 10
     seed: int = 0
     device: str = "auto"
-    threads: int = 0                  # CPU threads for torch during training; 0 = torch's default
+    threads: int = 0  # CPU threads for torch during training; 0 = torch's default
     dme: bool = False
     progress: bool = True
     family_options: dict = field(default_factory=dict)
@@ -122,6 +126,7 @@ class TrainResult:
 @runtime_checkable
 class FamilyTrainer(Protocol):
     """The required part of the protocol (see the module docstring for the optional hooks)."""
+
     family: str
 
     def model_config(self) -> dict: ...
@@ -136,11 +141,13 @@ class FamilyTrainer(Protocol):
 def trainer_families() -> list[str]:
     """Families of the registry that can be trained here."""
     from mmoe_core import registry
+
     return [name for name in registry.families() if registry.get(name).trainer is not None]
 
 
 def get_trainer(family: str) -> Callable[[TrainOptions], FamilyTrainer]:
     from mmoe_core import registry
+
     try:
         entry = registry.get(family)
     except KeyError as exc:
@@ -153,6 +160,7 @@ def get_trainer(family: str) -> Callable[[TrainOptions], FamilyTrainer]:
 # ---------------------------------------------------------------------------------------------
 # Small pure helpers
 # ---------------------------------------------------------------------------------------------
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -195,8 +203,9 @@ def is_router_parameter(name: str) -> bool:
     return ".gate.w_gate." in f".{name}"
 
 
-def parameter_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
-                     router_lr_mult: float) -> list[dict]:
+def parameter_groups(
+    named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float, router_lr_mult: float
+) -> list[dict]:
     """AdamW groups: decay / no decay (1-D: biases, norms) x router / rest."""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in named:
@@ -250,14 +259,18 @@ def recorder_indicators(recorder: RoutingRecorder) -> dict[str, dict[str, float]
 
 def mean_entropy_norm(recorder: RoutingRecorder) -> float:
     """Mean normalised token entropy over every valid routed position (the two-stage trigger signal)."""
-    values = [token_entropy(p.detach().float()).mean() / math.log(p.shape[-1])
-              for p, _, _ in layer_positions(recorder).values() if p.shape[0]]
+    values = [
+        token_entropy(p.detach().float()).mean() / math.log(p.shape[-1])
+        for p, _, _ in layer_positions(recorder).values()
+        if p.shape[0]
+    ]
     return float(torch.stack(values).mean()) if values else 1.0
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
+
 
 def _total_steps(trainer, options: TrainOptions) -> int | None:
     if options.steps:
@@ -270,19 +283,34 @@ def build_config(trainer, options: TrainOptions, extra: dict | None = None) -> d
     """config.json, one style for every family: {"family", "model", "data", "training"} (``code_version`` is
     added on save). ``extra`` (e.g. a demo recipe's fingerprint and description) joins the training section."""
     data_config = getattr(trainer, "data_config", None)
-    return {"family": trainer.family, "model": trainer.model_config(),
-            "data": data_config() if callable(data_config) else {},
-            "training": {**options.to_dict(), **(extra or {})}}
+    return {
+        "family": trainer.family,
+        "model": trainer.model_config(),
+        "data": data_config() if callable(data_config) else {},
+        "training": {**options.to_dict(), **(extra or {})},
+    }
 
 
 OPTION_LIMITS: dict[str, Limit] = {
-    "epochs": Limit(1, 1e6), "steps": Limit(1, 1e10, optional=True), "batch_size": Limit(1, 1e6),
-    "lr": Limit(0.0, 10.0, float), "weight_decay": Limit(0.0, 10.0, float), "router_lr_mult": Limit(0.0, 1e4, float),
-    "warmup_steps": Limit(0, 1e10), "grad_clip": Limit(0.0, 1e9, float), "experts": Limit(1, 1024),
-    "top_k": Limit(1, 1024), "balance": Limit(0.0, 1e6, float), "z_loss": Limit(0.0, 1e6, float),
-    "two_stage_weight": Limit(0.0, 1e6, float), "trigger_entropy": Limit(0.0, 1.0, float),
-    "trigger_step": Limit(0, 1e10, optional=True), "snapshot_every": Limit(0, 1e10), "log_every": Limit(0, 1e10),
-    "seed": Limit(0, 2**32 - 1), "threads": Limit(0, 4096),
+    "epochs": Limit(1, 1e6),
+    "steps": Limit(1, 1e10, optional=True),
+    "batch_size": Limit(1, 1e6),
+    "lr": Limit(0.0, 10.0, float),
+    "weight_decay": Limit(0.0, 10.0, float),
+    "router_lr_mult": Limit(0.0, 1e4, float),
+    "warmup_steps": Limit(0, 1e10),
+    "grad_clip": Limit(0.0, 1e9, float),
+    "experts": Limit(1, 1024),
+    "top_k": Limit(1, 1024),
+    "balance": Limit(0.0, 1e6, float),
+    "z_loss": Limit(0.0, 1e6, float),
+    "two_stage_weight": Limit(0.0, 1e6, float),
+    "trigger_entropy": Limit(0.0, 1.0, float),
+    "trigger_step": Limit(0, 1e10, optional=True),
+    "snapshot_every": Limit(0, 1e10),
+    "log_every": Limit(0, 1e10),
+    "seed": Limit(0, 2**32 - 1),
+    "threads": Limit(0, 4096),
 }
 
 
@@ -296,17 +324,21 @@ def check_options(options: TrainOptions) -> None:
     try:
         device = resolve_device(options.device)
     except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"training options: device {options.device!r} is not a device name ({exc}); use auto, "
-                          "cpu, cuda or cuda:N") from None
+        raise ConfigError(
+            f"training options: device {options.device!r} is not a device name ({exc}); use auto, cpu, cuda or cuda:N"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"training options: device {options.device!r} asked for, but this machine has no CUDA "
-                          "device; use --device cpu or auto")
+        raise ConfigError(
+            f"training options: device {options.device!r} asked for, but this machine has no CUDA "
+            "device; use --device cpu or auto"
+        )
 
 
 def check_trainable(trainer, config: dict, device: torch.device) -> None:
     """The untrusted-config checks of :func:`mmoe_core.registry.check_config` (a registered family), or at
     least the model's footprint built on the meta device, against the memory training needs."""
     from mmoe_core import registry
+
     where = "the training options (model section)"
     if config["family"] in registry.families():
         registry.check_config(config, where, "train", device)
@@ -318,8 +350,9 @@ def check_trainable(trainer, config: dict, device: torch.device) -> None:
     check_footprint(footprint, where, "train", device)
 
 
-def train(trainer, options: TrainOptions, out_dir: str | Path | None = None,
-          extra_config: dict | None = None) -> TrainResult:
+def train(
+    trainer, options: TrainOptions, out_dir: str | Path | None = None, extra_config: dict | None = None
+) -> TrainResult:
     """Train ``trainer``'s model with ``options`` and write the checkpoint at ``out_dir``.
 
     The options and the model's size are checked first; the checkpoint is written beside ``out_dir`` and
@@ -352,10 +385,14 @@ def _train(trainer, options: TrainOptions, out_dir: Path, config: dict, device: 
         trainer.setup(model, device)
     model.train()
 
-    named = (trainer.trainable_parameters(model, options) if callable(getattr(trainer, "trainable_parameters", None))
-             else [(n, p) for n, p in model.named_parameters() if p.requires_grad])
-    optimizer = torch.optim.AdamW(parameter_groups(list(named), options.lr, options.weight_decay,
-                                                   options.router_lr_mult), lr=options.lr)
+    named = (
+        trainer.trainable_parameters(model, options)
+        if callable(getattr(trainer, "trainable_parameters", None))
+        else [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    )
+    optimizer = torch.optim.AdamW(
+        parameter_groups(list(named), options.lr, options.weight_decay, options.router_lr_mult), lr=options.lr
+    )
     two_stage = EntropyTwoStage(options.trigger_entropy, options.trigger_step) if options.two_stage else None
     recorder = RoutingRecorder(keep_graph=True)
     total = _total_steps(trainer, options)
@@ -363,8 +400,7 @@ def _train(trainer, options: TrainOptions, out_dir: Path, config: dict, device: 
 
     rows: list[dict] = []
     step, epoch, started, loss_value = 0, 0, time.perf_counter(), float("nan")
-    bar = tqdm(total=total, desc=f"train {trainer.family}", unit="step", disable=not options.progress,
-               file=sys.stderr)
+    bar = tqdm(total=total, desc=f"train {trainer.family}", unit="step", disable=not options.progress, file=sys.stderr)
     done = False
     while not done:
         batches_this_epoch = 0
@@ -382,8 +418,9 @@ def _train(trainer, options: TrainOptions, out_dir: Path, config: dict, device: 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if options.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                               options.grad_clip)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], options.grad_clip
+                )
             optimizer.step()
             loss_value = float(loss.detach())
             step += 1
@@ -408,21 +445,40 @@ def _train(trainer, options: TrainOptions, out_dir: Path, config: dict, device: 
     recorder.clear()
     seconds = time.perf_counter() - started
     trigger = two_stage.trigger_at if two_stage is not None else None
-    config["training"].update({"steps_done": step, "epochs_done": epoch, "train_seconds": round(seconds, 2),
-                               "two_stage_trigger_step": trigger})
+    config["training"].update(
+        {
+            "steps_done": step,
+            "epochs_done": epoch,
+            "train_seconds": round(seconds, 2),
+            "two_stage_trigger_step": trigger,
+        }
+    )
     log = pd.DataFrame(rows)
     model.eval()
     write_checkpoint(model, config, out_dir, train_log=log)
     return TrainResult(out_dir, step, epoch, seconds, loss_value, trigger, log)
 
 
-def _log_row(step: int, epoch: int, started: float, lr: float, loss: float, parts: dict[str, Tensor],
-             recorder: RoutingRecorder, two_stage: EntropyTwoStage | None) -> dict:
-    row: dict[str, Any] = {"step": step, "epoch": epoch, "time_s": round(time.perf_counter() - started, 3),
-                           "lr": lr, "loss": loss}
+def _log_row(
+    step: int,
+    epoch: int,
+    started: float,
+    lr: float,
+    loss: float,
+    parts: dict[str, Tensor],
+    recorder: RoutingRecorder,
+    two_stage: EntropyTwoStage | None,
+) -> dict:
+    row: dict[str, Any] = {
+        "step": step,
+        "epoch": epoch,
+        "time_s": round(time.perf_counter() - started, 3),
+        "lr": lr,
+        "loss": loss,
+    }
     row.update({f"loss.{name}": float(value.detach()) for name, value in parts.items()})
     row["two_stage_phase"] = two_stage.phase if two_stage is not None else ""
-    row["two_stage_trigger_step"] = (two_stage.trigger_at if two_stage is not None else None)
+    row["two_stage_trigger_step"] = two_stage.trigger_at if two_stage is not None else None
     for layer, indicators in recorder_indicators(recorder).items():
         row.update({f"route.{layer}.{name}": value for name, value in indicators.items()})
     return row

@@ -7,6 +7,7 @@ logit can be attributed now with the run's live model. Text inputs show as colou
 model's declaration: those that need a (layer, expert, position) are router logits, the others the
 prediction. The share of each input is compared across the values of a declared label.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,21 +51,35 @@ def pick_example(attributions: pd.DataFrame, examples: pd.DataFrame, spec: Model
         tags = widgets.label_tags(row, spec)
         return widgets.example_title(row, spec) + (f" ({tags})" if tags else "")
 
-    index = state.synced_example("Example (attributed sample)", sampled, key="attr_example", format_func=describe,
-                                 among="the examples the precompute attributed")
+    index = state.synced_example(
+        "Example (attributed sample)",
+        sampled,
+        key="attr_example",
+        format_func=describe,
+        among="the examples the precompute attributed",
+    )
     return index, by_index.get(index, {})
 
 
 def one_example(run: str, attributions: pd.DataFrame, index: int, row: dict, spec: ModelSpec, method_slot) -> None:
     mine = attributions[attributions["example_index"] == index]
     methods = [m for m in METHOD_NAMES if m in set(mine["method"])] + sorted(set(mine["method"]) - set(METHOD_NAMES))
-    method = method_slot.radio("Method", methods, format_func=lambda m: METHOD_NAMES.get(m, m), key="attr_method",
-                               horizontal=True)
+    method = method_slot.radio(
+        "Method", methods, format_func=lambda m: METHOD_NAMES.get(m, m), key="attr_method", horizontal=True
+    )
     picture = widgets.example_picture(row, spec) if row else None
     choices = attribution_choices(mine[mine["method"] == method])
-    merged = choices.merge(mine[["method", "target", "layer", "expert", "call", "target_position"]]
-                           .drop_duplicates(["method", "target", "layer", "expert"]),
-                           on=["method", "target", "layer", "expert"], how="left") if "call" in mine else choices
+    merged = (
+        choices.merge(
+            mine[["method", "target", "layer", "expert", "call", "target_position"]].drop_duplicates(
+                ["method", "target", "layer", "expert"]
+            ),
+            on=["method", "target", "layer", "expert"],
+            how="left",
+        )
+        if "call" in mine
+        else choices
+    )
     routers = router_targets(spec)
     prediction = merged[~merged["target"].isin(routers)]
     router = merged[merged["target"].isin(routers)]
@@ -81,11 +96,17 @@ def one_example(run: str, attributions: pd.DataFrame, index: int, row: dict, spe
     with right:
         st.markdown("#### Router logit")
         if router.empty:
-            st.info("No router-logit attribution stored for this example and method "
-                    "(the precompute attributes one router logit per example, by integrated gradients).")
+            st.info(
+                "No router-logit attribution stored for this example and method "
+                "(the precompute attributes one router logit per example, by integrated gradients)."
+            )
         else:
-            pick = st.selectbox("Router logit (layer, expert)", list(range(len(router))),
-                                format_func=lambda i: _target_label(router.iloc[i]), key="attr_router")
+            pick = st.selectbox(
+                "Router logit (layer, expert)",
+                list(range(len(router))),
+                format_func=lambda i: _target_label(router.iloc[i]),
+                key="attr_router",
+            )
             chosen = router.iloc[pick]
             rows = attribution_rows(mine, None, method, chosen["target"], chosen["layer"], int(chosen["expert"]))
             widgets.show_delta(rows)
@@ -96,6 +117,7 @@ def one_example(run: str, attributions: pd.DataFrame, index: int, row: dict, spe
 def router_now(run: str, index: int, picture, spec: ModelSpec) -> None:
     """Attribute any router logit of this example now (layer, call, expert, position), with the live model."""
     from analysis.live import live_attribution
+
     with st.expander("Attribute another router logit now"):
         routing = reads.example_routing(run, index)
         specs = reads.layer_specs(run)
@@ -110,8 +132,13 @@ def router_now(run: str, index: int, picture, spec: ModelSpec) -> None:
         labels = {int(p): f"{int(p)}: {t}" if t else str(int(p)) for p, t in zip(rows["position"], rows["token"])}
         position = c[2].selectbox("Position", list(labels), format_func=labels.get, key="attr_now_position")
         top1 = int(rows.loc[rows["position"] == position, "top1"].iloc[0])
-        expert = c[3].selectbox("Expert", list(range(specs[layer].num_experts)), index=top1, key="attr_now_expert",
-                                help=f"The router chose expert {top1} first at this position.")
+        expert = c[3].selectbox(
+            "Expert",
+            list(range(specs[layer].num_experts)),
+            index=top1,
+            key="attr_now_expert",
+            help=f"The router chose expert {top1} first at this position.",
+        )
         key = ("attr_now", run, index, layer, call, int(position), int(expert))
         if st.button("Compute (integrated gradients, 16 steps)", key="attr_now_go"):
             try:
@@ -125,8 +152,15 @@ def router_now(run: str, index: int, picture, spec: ModelSpec) -> None:
                 return
             try:
                 with lock, st.spinner("Integrated gradients…"):
-                    st.session_state[key] = live_attribution(adapter, examples[index], "ig", layer=layer,
-                                                             expert=int(expert), position=int(position), call=call)
+                    st.session_state[key] = live_attribution(
+                        adapter,
+                        examples[index],
+                        "ig",
+                        layer=layer,
+                        expert=int(expert),
+                        position=int(position),
+                        call=call,
+                    )
             except Exception as exc:  # e.g. a call the adapter cannot attribute to its inputs
                 state.show_failure("Cannot attribute that router logit", exc)
                 return
@@ -138,8 +172,10 @@ def router_now(run: str, index: int, picture, spec: ModelSpec) -> None:
 
 def share_by_label(attributions: pd.DataFrame, spec: ModelSpec) -> None:
     st.subheader("Input share by label")
-    st.caption("Mean share of each input in an example's total |attribution| of the prediction, per value of a "
-               "label: e.g. the picture's share where the label says the picture decides, against the rest.")
+    st.caption(
+        "Mean share of each input in an example's total |attribution| of the prediction, per value of a "
+        "label: e.g. the picture's share where the label says the picture decides, against the rest."
+    )
     decisive = spec.decisive_label()
     names = [lab.name for lab in spec.labels]
     if decisive is not None:  # the label that says which input decides comes first
@@ -159,11 +195,18 @@ def share_by_label(attributions: pd.DataFrame, spec: ModelSpec) -> None:
     inputs = [c for c in shares.columns if c != "n_examples"]
     fig = go.Figure()
     for name in inputs:
-        fig.add_bar(x=shares.index.astype(str), y=shares[name], name=name,
-                    hovertemplate=f"{name}: %{{y:.1%}}<extra></extra>")
-    fig.update_layout(barmode="stack" if method == "ig" else "group", yaxis_title="mean share",
-                      yaxis_tickformat=".0%", xaxis_title=label, height=360, legend_orientation="h",
-                      margin=dict(t=30, b=10, l=10, r=10))
+        fig.add_bar(
+            x=shares.index.astype(str), y=shares[name], name=name, hovertemplate=f"{name}: %{{y:.1%}}<extra></extra>"
+        )
+    fig.update_layout(
+        barmode="stack" if method == "ig" else "group",
+        yaxis_title="mean share",
+        yaxis_tickformat=".0%",
+        xaxis_title=label,
+        height=360,
+        legend_orientation="h",
+        margin=dict(t=30, b=10, l=10, r=10),
+    )
     st.plotly_chart(fig, key="attr_share_chart")
     st.dataframe(shares.style.format({c: "{:.1%}" for c in inputs}), width="stretch")
     if method != "ig" and len(inputs) == 1:
@@ -172,8 +215,10 @@ def share_by_label(attributions: pd.DataFrame, spec: ModelSpec) -> None:
 
 def render() -> None:
     st.title("Attributions")
-    st.caption("Which inputs move the prediction and a router's logit. Red: pushes it up; blue: pushes it "
-               "down. Integrated gradients (zero baseline) and occlusion.")
+    st.caption(
+        "Which inputs move the prediction and a router's logit. Red: pushes it up; blue: pushes it "
+        "down. Integrated gradients (zero baseline) and occlusion."
+    )
     run, store = state.require_run()
     if not store.has("attributions"):
         st.info(f"Run **{run}** has no attributions table; {state.rebuild_hint(run)}.", icon=":material/info:")

@@ -4,6 +4,7 @@ example routed by both (the routing explorer's figures for each run).
 Run A is the run picked in the sidebar; run B is picked here and kept in the URL as ``?compare=NAME``.
 Layout only: everything comes from the two runs' artifacts through pages.reads.
 """
+
 from __future__ import annotations
 
 import pandas as pd
@@ -23,8 +24,10 @@ def pick_other(run: str, runs: list[str]) -> str | None:
     key = "compare_run_b"
     wanted = st.query_params.get(COMPARE_PARAM)
     if wanted is not None and wanted not in others:
-        st.warning(f"The link asks to compare with run {state.literal(wanted)}, which is not available here; "
-                   "pick another.", icon=":material/link_off:")
+        st.warning(
+            f"The link asks to compare with run {state.literal(wanted)}, which is not available here; pick another.",
+            icon=":material/link_off:",
+        )
     elif wanted is not None and st.session_state.get(key) != wanted:
         st.session_state[key] = wanted
     if st.session_state.get(key) not in others:
@@ -50,10 +53,16 @@ def metrics_side_by_side(a: str, b: str) -> None:
     if not names:
         st.info("Neither run has headline metrics.")
         return
-    st.dataframe(pd.DataFrame({"measure": names,
-                               a: [format_metric(n, overall_a[n]) if n in overall_a else "" for n in names],
-                               b: [format_metric(n, overall_b[n]) if n in overall_b else "" for n in names]}),
-                 hide_index=True)
+    st.dataframe(
+        pd.DataFrame(
+            {
+                "measure": names,
+                a: [format_metric(n, overall_a[n]) if n in overall_a else "" for n in names],
+                b: [format_metric(n, overall_b[n]) if n in overall_b else "" for n in names],
+            }
+        ),
+        hide_index=True,
+    )
 
 
 def verdicts_side_by_side(a: str, b: str) -> None:
@@ -61,15 +70,21 @@ def verdicts_side_by_side(a: str, b: str) -> None:
     for run in (a, b):
         lm = reads.table(run, "layer_metrics")
         if lm is not None and len(lm):
-            frames.append(lm[["layer", "verdict", "reason"]].rename(columns={"verdict": f"{run}",
-                                                                               "reason": f"reason ({run})"}))
+            frames.append(
+                lm[["layer", "verdict", "reason"]].rename(columns={"verdict": f"{run}", "reason": f"reason ({run})"})
+            )
         else:
             frames.append(pd.DataFrame(columns=["layer", run, f"reason ({run})"]))
     merged = frames[0].merge(frames[1], on="layer", how="outer")
     merged = merged[["layer", a, b, f"reason ({a})", f"reason ({b})"]]
-    st.dataframe(merged.style.map(F.verdict_css, subset=[a, b]), hide_index=True,
-                 column_config={f"reason ({a})": st.column_config.TextColumn(width="large"),
-                                f"reason ({b})": st.column_config.TextColumn(width="large")})
+    st.dataframe(
+        merged.style.map(F.verdict_css, subset=[a, b]),
+        hide_index=True,
+        column_config={
+            f"reason ({a})": st.column_config.TextColumn(width="large"),
+            f"reason ({b})": st.column_config.TextColumn(width="large"),
+        },
+    )
 
 
 def same_example(a: str, b: str) -> None:
@@ -79,13 +94,16 @@ def same_example(a: str, b: str) -> None:
         return
     key_col = "id" if "id" in ex_a and "id" in ex_b else None
     if key_col:  # the same example in both runs: same id (the index may differ)
-        shared = ex_a[[key_col, "example_index"]].merge(ex_b[[key_col, "example_index"]], on=key_col,
-                                                        suffixes=("_a", "_b"))
+        shared = ex_a[[key_col, "example_index"]].merge(
+            ex_b[[key_col, "example_index"]], on=key_col, suffixes=("_a", "_b")
+        )
     else:
         shared = pd.DataFrame()
     if shared.empty:
-        st.info(f"`{a}` and `{b}` share no examples (different datasets or families), so one example cannot be "
-                "routed by both.")
+        st.info(
+            f"`{a}` and `{b}` share no examples (different datasets or families), so one example cannot be "
+            "routed by both."
+        )
         return
     ids = shared[key_col].astype(str).tolist()
     wanted, message = state.url_example(ex_a)
@@ -114,12 +132,19 @@ def same_example(a: str, b: str) -> None:
         return
     left, right = st.columns([1, 2])
     layer = left.radio("Layer", layers, horizontal=True, key="compare_layer")
-    calls = [c for c in dict.fromkeys(rows_a.loc[rows_a["layer"] == layer, "call"])
-             if c in set(rows_b.loc[rows_b["layer"] == layer, "call"])]
+    calls = [
+        c
+        for c in dict.fromkeys(rows_a.loc[rows_a["layer"] == layer, "call"])
+        if c in set(rows_b.loc[rows_b["layer"] == layer, "call"])
+    ]
     example_row = ex_a[ex_a["example_index"] == idx_a].iloc[0]
     calls = widgets.order_calls(calls, widgets.own_side(rows_a, example_row, spec_a))  # the example's own first
-    call = right.radio("Call", calls, key=f"compare_call_{layer}",
-                       format_func=lambda c: widgets.call_label(rows_a[rows_a["layer"] == layer], c))
+    call = right.radio(
+        "Call",
+        calls,
+        key=f"compare_call_{layer}",
+        format_func=lambda c: widgets.call_label(rows_a[rows_a["layer"] == layer], c),
+    )
     picture = widgets.example_picture(example_row, spec_a)
     if picture is not None:
         st.image(picture, caption="the example's image", width=160)
@@ -128,10 +153,20 @@ def same_example(a: str, b: str) -> None:
     for column, run, rows, specs, idx in sides:
         with column:
             declared = specs.get(layer)
-            st.markdown(f"**{run}** · {declared.gate_kind}, top-{declared.top_k} of {declared.num_experts}"
-                        if declared else f"**{run}**")
-            widgets.show_call_routing(rows, layer, call, declared.num_experts if declared else None,
-                                      key=f"compare_{run}_{layer}_{call}", title_prefix=run, wrap=8)
+            st.markdown(
+                f"**{run}** · {declared.gate_kind}, top-{declared.top_k} of {declared.num_experts}"
+                if declared
+                else f"**{run}**"
+            )
+            widgets.show_call_routing(
+                rows,
+                layer,
+                call,
+                declared.num_experts if declared else None,
+                key=f"compare_{run}_{layer}_{call}",
+                title_prefix=run,
+                wrap=8,
+            )
             state.example_link(run, idx, label=f"Open in the routing explorer ({run})")
 
 
@@ -139,8 +174,10 @@ def loads_side_by_side(a: str, b: str) -> None:
     left, right = st.columns(2)
     for column, name in ((left, a), (right, b)):
         with column:
-            st.plotly_chart(F.load_heatmap(reads.layer_loads(name), title=f"{name}: share of top-k slots"),
-                            key=f"compare_loads_{name}")
+            st.plotly_chart(
+                F.load_heatmap(reads.layer_loads(name), title=f"{name}: share of top-k slots"),
+                key=f"compare_loads_{name}",
+            )
 
 
 def render() -> None:

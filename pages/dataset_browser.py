@@ -4,6 +4,7 @@ The page builds itself from the worlds' declared views (:mod:`mmoe_core.data.vie
 filters, split, picture, detail columns and related rows), read through the same readers a user points
 at real data. It shows data only, never a model.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,11 @@ def read_table(world: str, table: str, root: str, stamp: float) -> pd.DataFrame:
 
 
 def missing_world(view: DatasetView, root: Path) -> None:
-    st.info(f"No {view.title.lower()} at `{root}`. Build the demo worlds with\n\n```\n{BUILD_COMMAND}\n```\n\n"
-            "(or `make demo`), then reload this page.", icon=":material/info:")
+    st.info(
+        f"No {view.title.lower()} at `{root}`. Build the demo worlds with\n\n```\n{BUILD_COMMAND}\n```\n\n"
+        "(or `make demo`), then reload this page.",
+        icon=":material/info:",
+    )
 
 
 def _filtered(view: TableView, table: pd.DataFrame, key: str) -> pd.DataFrame:
@@ -65,10 +69,13 @@ def cards(rows: pd.DataFrame, view: TableView, marks: str = "") -> None:
 def one_row(view: TableView, root: Path, shown: pd.DataFrame, key: str) -> None:
     if view.key not in shown or shown.empty:
         return
-    titles = dict(zip(shown[view.key].astype(str), shown[view.title].astype(str) if view.title in shown
-                      else shown[view.key].astype(str)))
-    picked = st.selectbox("Row", list(titles), key=f"{key}_row",
-                          format_func=lambda k: f"{k} · {titles[k][:90]}")
+    titles = dict(
+        zip(
+            shown[view.key].astype(str),
+            shown[view.title].astype(str) if view.title in shown else shown[view.key].astype(str),
+        )
+    )
+    picked = st.selectbox("Row", list(titles), key=f"{key}_row", format_func=lambda k: f"{k} · {titles[k][:90]}")
     row = shown[shown[view.key].astype(str) == picked].iloc[0].to_dict()
     picture, text = st.columns([1, 3])
     with picture:
@@ -96,8 +103,9 @@ def table_tab(dataset: DatasetView, view: TableView, root: Path) -> None:
     st.caption(f"{dataset.title}: {view.description}.")
     shown = _filtered(view, table, key)
     st.caption(f"{len(shown)} of {len(table)} rows shown")
-    st.dataframe(shown.drop(columns=[view.image], errors="ignore") if view.image else shown, hide_index=True,
-                 height=260)
+    st.dataframe(
+        shown.drop(columns=[view.image], errors="ignore") if view.image else shown, hide_index=True, height=260
+    )
     if view.gallery:
         if len(shown) > GALLERY_LIMIT:
             st.caption(f"Pictures of the first {GALLERY_LIMIT}; filter to see one group whole.")

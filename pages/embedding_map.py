@@ -5,6 +5,7 @@ the declared fields; selecting a point opens that example in the routing explore
 Layout only: the frame (coordinates + fields + labels + majority top-1 expert) comes from
 ``analysis.live.embedding_frame`` over the run's stored tables.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,20 +54,34 @@ def colour_options(spec: ModelSpec) -> dict[str, str]:
 
 
 def hover_columns(spec: ModelSpec, frame) -> list[str]:
-    return [c for c in ("id", *[f.name for f in spec.fields if f.kind in ("text", "category", "number", "id")],
-                        *[lab.name for lab in spec.labels], "prediction", "correct") if c in frame]
+    return [
+        c
+        for c in (
+            "id",
+            *[f.name for f in spec.fields if f.kind in ("text", "category", "number", "id")],
+            *[lab.name for lab in spec.labels],
+            "prediction",
+            "correct",
+        )
+        if c in frame
+    ]
 
 
 def render() -> None:
     st.title("Embedding map")
     run, store = state.require_run()
     if not store.has("projection"):
-        st.info(f"Run **{run}** has no fitted projection (the model gave no representations, or the run is too "
-                f"small); rebuild it with `python -m analysis.precompute --run {run}`.", icon=":material/info:")
+        st.info(
+            f"Run **{run}** has no fitted projection (the model gave no representations, or the run is too "
+            f"small); rebuild it with `python -m analysis.precompute --run {run}`.",
+            icon=":material/info:",
+        )
         return
     method = str((store.manifest.get("params") or {}).get("projection") or "2-D").upper()
-    st.caption(f"A {method} map of each example's routed representation (fitted once by the precompute). "
-               "Click a point (or lasso several) to open it in the routing explorer.")
+    st.caption(
+        f"A {method} map of each example's routed representation (fitted once by the precompute). "
+        "Click a point (or lasso several) to open it in the routing explorer."
+    )
 
     spec = reads.spec(run)
     layers = reads.layer_names(run)
@@ -77,14 +92,22 @@ def render() -> None:
     colour = options[colour_name]
     layer = call = None
     if colour == "expert":
-        layer = c2.selectbox("Layer", layers, key="emb_layer",
-                             help="Each example's colour is the expert most often top-1 over its positions in this "
-                                  "layer (majority; ties to the lower id).")
+        layer = c2.selectbox(
+            "Layer",
+            layers,
+            key="emb_layer",
+            help="Each example's colour is the expert most often top-1 over its positions in this "
+            "layer (majority; ties to the lower id).",
+        )
         calls = _calls(run, version, layer, store)
         if len(calls) > 1:
-            picked = c3.selectbox("Positions of", ["all calls", *calls], key="emb_call",
-                                  help="Which calls of the layer count (e.g. one side of a paired input, one "
-                                       "direction of a cross-modal layer).")
+            picked = c3.selectbox(
+                "Positions of",
+                ["all calls", *calls],
+                key="emb_call",
+                help="Which calls of the layer count (e.g. one side of a paired input, one "
+                "direction of a cross-modal layer).",
+            )
             call = None if picked == "all calls" else picked
     frame = _frame(run, version, layer, call, store)
     if colour not in frame:
@@ -99,13 +122,29 @@ def render() -> None:
     if colour == "expert":
         orders["expert"] = sorted(frame["expert"].unique(), key=lambda e: (e == "none", len(e), e))
     colour_map = {f"expert {i}": F.expert_colour(i) for i in range(64)} if colour == "expert" else None
-    fig = px.scatter(frame, x="x", y="y", color=colour, custom_data=["example_index"], hover_data=hover,
-                     labels={c: names[c] for c in hover if c in names},
-                     color_discrete_sequence=px.colors.qualitative.Bold, color_discrete_map=colour_map,
-                     category_orders=orders, height=560)
+    fig = px.scatter(
+        frame,
+        x="x",
+        y="y",
+        color=colour,
+        custom_data=["example_index"],
+        hover_data=hover,
+        labels={c: names[c] for c in hover if c in names},
+        color_discrete_sequence=px.colors.qualitative.Bold,
+        color_discrete_map=colour_map,
+        category_orders=orders,
+        height=560,
+    )
     fig.update_traces(marker=dict(size=8, line=dict(width=0.5, color="white")))
-    fig.update_layout(xaxis_title=None, yaxis_title=None, legend_title=None, legend_orientation="h",
-                      legend_y=-0.02, legend_yanchor="top", margin=dict(t=30, b=10, l=10, r=10))
+    fig.update_layout(
+        xaxis_title=None,
+        yaxis_title=None,
+        legend_title=None,
+        legend_orientation="h",
+        legend_y=-0.02,
+        legend_yanchor="top",
+        margin=dict(t=30, b=10, l=10, r=10),
+    )
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False)
     event = st.plotly_chart(fig, key="emb_map", on_select="rerun", selection_mode=("points", "lasso", "box"))
@@ -118,14 +157,23 @@ def render() -> None:
     st.subheader("Selected")
     chosen = frame[frame["example_index"].isin(picked)]
     show = ["example_index", *hover_columns(spec, chosen), *(["expert"] if "expert" in chosen else [])]
-    st.dataframe(chosen[show], hide_index=True, width="stretch",
-                 column_config={c: st.column_config.Column(names[c]) for c in show if c in names})
+    st.dataframe(
+        chosen[show],
+        hide_index=True,
+        width="stretch",
+        column_config={c: st.column_config.Column(names[c]) for c in show if c in names},
+    )
     first = picked[0]
     if len(picked) > 1:
         first = st.selectbox("Open which example", picked, key="emb_open_pick")
     explorer_exists = (Path(__file__).resolve().parent / Path(ROUTING_EXPLORER).name).is_file()
-    if st.button(f"Open example #{first} in the routing explorer", type="primary", disabled=not explorer_exists,
-                 key="emb_open", help=None if explorer_exists else "the routing explorer page is not installed"):
+    if st.button(
+        f"Open example #{first} in the routing explorer",
+        type="primary",
+        disabled=not explorer_exists,
+        key="emb_open",
+        help=None if explorer_exists else "the routing explorer page is not installed",
+    ):
         _open_in_explorer(run, first)
 
 

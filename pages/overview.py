@@ -6,6 +6,7 @@ card and the verdict table are arranged by analysis.report's helpers, so the exp
 same thing. The headline measures come first as the model declares them (``spec.prediction.headline``),
 and every warning the model declares (``spec.notes``) is shown.
 """
+
 from __future__ import annotations
 
 import pandas as pd
@@ -33,8 +34,11 @@ def verdict_table(run: str) -> None:
         st.info(f"Run `{run}` has no layer_metrics table; {state.rebuild_hint(run)}.")
         return
     widgets.verdict_lines(lm)
-    st.dataframe(verdict_frame(lm).style.map(F.verdict_css, subset=["verdict"]).format(precision=3), hide_index=True,
-                 column_config={"reason": st.column_config.TextColumn(width="large")})
+    st.dataframe(
+        verdict_frame(lm).style.map(F.verdict_css, subset=["verdict"]).format(precision=3),
+        hide_index=True,
+        column_config={"reason": st.column_config.TextColumn(width="large")},
+    )
 
 
 def unrouted_note(run: str) -> None:
@@ -45,8 +49,11 @@ def unrouted_note(run: str) -> None:
     hit = lm[lm["unrouted_fraction"].fillna(0) > 0]
     if len(hit):
         shares = ", ".join(f"{r.layer} {r.unrouted_fraction:.0%}" for r in hit.itertuples(index=False))
-        st.info(f"Some positions get no expert output at all (their combine weights are all zero): {shares} of "
-                "the routed positions. The routing explorer shows them as **not routed**.", icon=":material/info:")
+        st.info(
+            f"Some positions get no expert output at all (their combine weights are all zero): {shares} of "
+            "the routed positions. The routing explorer shows them as **not routed**.",
+            icon=":material/info:",
+        )
 
 
 def headline_first(names, headline) -> list[str]:
@@ -70,17 +77,23 @@ def headline(run: str, spec: ModelSpec) -> None:
     if not by:
         return
     rates = rate_measures(metrics.get("overall") or {})
-    declared = [m for m in headline_first(rates, spec.prediction.headline)
-                if m.lower() in {h.lower() for h in spec.prediction.headline}]
+    declared = [
+        m
+        for m in headline_first(rates, spec.prediction.headline)
+        if m.lower() in {h.lower() for h in spec.prediction.headline}
+    ]
     chosen = declared[:3] or rates[:3]
     tabs = st.tabs([f"by {label.replace('_', ' ')}" for label in by])
     for tab, (label, frame) in zip(tabs, by.items()):
         with tab:
             left, right = st.columns([3, 2])
             with left:
-                st.plotly_chart(F.headline_bars(metrics[f"by_{label}"], chosen,
-                                                f"{', '.join(chosen)} by {label.replace('_', ' ')}"),
-                                key=f"headline_{label}")
+                st.plotly_chart(
+                    F.headline_bars(
+                        metrics[f"by_{label}"], chosen, f"{', '.join(chosen)} by {label.replace('_', ' ')}"
+                    ),
+                    key=f"headline_{label}",
+                )
             with right:
                 st.dataframe(frame, hide_index=True)
 
@@ -94,31 +107,50 @@ def examples_section(run: str, spec: ModelSpec) -> None:
     predictions = reads.predictions(run)
     if predictions is not None and "example_index" in predictions:
         keep = [c for c in PREDICTION_COLUMNS if c in predictions]
-        shown = shown.merge(predictions[["example_index", *keep]], on="example_index", how="left",
-                            suffixes=("", " (predicted)"))
+        shown = shown.merge(
+            predictions[["example_index", *keep]], on="example_index", how="left", suffixes=("", " (predicted)")
+        )
     item = spec.prediction.item or "prediction"
-    cols = ["example_index", *widgets.display_columns(spec, shown),
-            *[c for c in PREDICTION_COLUMNS if c in shown and c not in widgets.display_columns(spec, shown)]]
-    labels = {**widgets.column_labels(spec), "prediction": f"predicted {item}", "gold": f"gold {item}",
-              "rank": "gold rank"}
-    widgets.example_table(shown[list(dict.fromkeys(cols))], run, key=f"overview_examples_{run}", height=320,
-                          column_config={c: st.column_config.Column(labels[c]) for c in cols if c in labels})
+    cols = [
+        "example_index",
+        *widgets.display_columns(spec, shown),
+        *[c for c in PREDICTION_COLUMNS if c in shown and c not in widgets.display_columns(spec, shown)],
+    ]
+    labels = {
+        **widgets.column_labels(spec),
+        "prediction": f"predicted {item}",
+        "gold": f"gold {item}",
+        "rank": "gold rank",
+    }
+    widgets.example_table(
+        shown[list(dict.fromkeys(cols))],
+        run,
+        key=f"overview_examples_{run}",
+        height=320,
+        column_config={c: st.column_config.Column(labels[c]) for c in cols if c in labels},
+    )
 
 
 def card_section(run: str, spec: ModelSpec, manifest: dict, config: dict) -> None:
     card, opts = st.columns([3, 2])
     lines = model_card(manifest, config, spec)
     with card:
-        st.dataframe(pd.DataFrame(lines, columns=["field", "value"]), hide_index=True,
-                     column_config={"value": st.column_config.TextColumn(width="large")})
+        st.dataframe(
+            pd.DataFrame(lines, columns=["field", "value"]),
+            hide_index=True,
+            column_config={"value": st.column_config.TextColumn(width="large")},
+        )
     with opts:
         options = training_options(config)
         if options:
-            st.dataframe(pd.DataFrame({"training option": list(options), "value": [str(v) for v in options.values()]}),
-                         hide_index=True)
+            st.dataframe(
+                pd.DataFrame({"training option": list(options), "value": [str(v) for v in options.values()]}),
+                hide_index=True,
+            )
     st.markdown("**Routed layers** (E experts, top-k, what the gate does, what is routed, what the gate sees)")
-    st.dataframe(layers_frame(spec), hide_index=True,
-                 column_config={"note": st.column_config.TextColumn(width="large")})
+    st.dataframe(
+        layers_frame(spec), hide_index=True, column_config={"note": st.column_config.TextColumn(width="large")}
+    )
 
 
 def render() -> None:
@@ -126,15 +158,19 @@ def render() -> None:
     run, store = state.require_run()
     spec = reads.spec(run)
     manifest = reads.manifest(run)
-    st.caption(f"Run **{run}** · {spec.title} · {manifest.get('num_examples', '?')} examples of split "
-               f"`{manifest.get('split', '?')}` · built {manifest.get('created', '?')}")
+    st.caption(
+        f"Run **{run}** · {spec.title} · {manifest.get('num_examples', '?')} examples of split "
+        f"`{manifest.get('split', '?')}` · built {manifest.get('created', '?')}"
+    )
     for note in spec.notes:
         st.info(note, icon=":material/info:")
     unrouted_note(run)
 
     st.subheader("Per-layer verdicts")
-    st.caption("healthy / warning / collapsed from the documented thresholds (analysis.routing.THRESHOLDS); "
-               "each reason quotes the numbers behind it. Details on the Utilization and collapse page.")
+    st.caption(
+        "healthy / warning / collapsed from the documented thresholds (analysis.routing.THRESHOLDS); "
+        "each reason quotes the numbers behind it. Details on the Utilization and collapse page."
+    )
     verdict_table(run)
 
     st.subheader("Headline metrics")

@@ -13,6 +13,7 @@ schedules the live run (a fragment that reruns the page a moment later); every l
 live model's results (the model loaded once per process, shared) in a fragment under a spinner. Layout
 only: every number comes from ``analysis.live``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,12 +44,13 @@ from pages import reads, state, widgets
 
 IMAGE_SOURCES = ("the example's picture", "upload a picture", "draw a picture")
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "webp"]
-PAINTED_KEY = "pg_painted"          # set by the first run of a session: later runs draw the live results
-START_KEY = "pg_start_runs"         # runs of the fragment that starts the live run after the first paint
+PAINTED_KEY = "pg_painted"  # set by the first run of a session: later runs draw the live results
+START_KEY = "pg_start_runs"  # runs of the fragment that starts the live run after the first paint
 START_AFTER_S = 0.3
 
 
 # -- inputs --------------------------------------------------------------------------------------------
+
 
 def text_widget(run: str, index: int, f: ExampleField, stored) -> str:
     """The widget of one editable text field (held to max_chars), with a note when cut or empty."""
@@ -64,8 +66,9 @@ def text_widget(run: str, index: int, f: ExampleField, stored) -> str:
     if note is None and value == default and stored_note:
         note = stored_note  # the example's own text was longer than the model takes
     elif note is None and len(value) >= f.max_chars:
-        note = (f"{f.label}: {f.max_chars} characters, the most the model takes; anything typed or pasted "
-                "past them is cut.")
+        note = (
+            f"{f.label}: {f.max_chars} characters, the most the model takes; anything typed or pasted past them is cut."
+        )
     if note:
         st.caption(note)
     return value
@@ -86,8 +89,10 @@ def kept_upload(key: str, upload):
             except UploadError as exc:
                 refused = st.session_state[refused_key] = (file_id, str(exc))
         if refused is not None and refused[0] == file_id:
-            st.error(f"Upload refused: {state.escape_markdown(refused[1])}. "
-                     + ("Keeping the previous picture." if held else "Keeping the example's picture."))
+            st.error(
+                f"Upload refused: {state.escape_markdown(refused[1])}. "
+                + ("Keeping the previous picture." if held else "Keeping the example's picture.")
+            )
     return held[1] if held else None
 
 
@@ -96,9 +101,13 @@ def picture_controls(f: ExampleField):
     key = f"pg_{f.name}"
     source = st.radio(f.label, IMAGE_SOURCES, horizontal=True, key=f"{key}_source")
     if source == IMAGE_SOURCES[1]:
-        upload = st.file_uploader(f"PNG, JPEG or WebP, up to {MAX_UPLOAD_BYTES // (1024 * 1024)} MB and "
-                                  f"{MAX_UPLOAD_PIXELS / 1e6:g} megapixels", type=UPLOAD_TYPES,
-                                  max_upload_size=max(1, MAX_UPLOAD_BYTES // (1024 * 1024)), key=f"{key}_upload")
+        upload = st.file_uploader(
+            f"PNG, JPEG or WebP, up to {MAX_UPLOAD_BYTES // (1024 * 1024)} MB and "
+            f"{MAX_UPLOAD_PIXELS / 1e6:g} megapixels",
+            type=UPLOAD_TYPES,
+            max_upload_size=max(1, MAX_UPLOAD_BYTES // (1024 * 1024)),
+            key=f"{key}_upload",
+        )
         good = kept_upload(key, upload)
         if good is not None:
             st.caption(state.escape_markdown(good.detail))
@@ -107,8 +116,10 @@ def picture_controls(f: ExampleField):
     if source == IMAGE_SOURCES[2]:
         opts = drawing_options()
         c = st.columns(4)
-        attrs = {name: c[i].selectbox(name.capitalize(), opts[name], key=f"{key}_draw_{name}")
-                 for i, name in enumerate(("shape", "colour", "pattern", "background"))}
+        attrs = {
+            name: c[i].selectbox(name.capitalize(), opts[name], key=f"{key}_draw_{name}")
+            for i, name in enumerate(("shape", "colour", "pattern", "background"))
+        }
         with st.expander("Finish and trim"):
             d = st.columns(2)
             attrs["finish"] = d[0].selectbox("Finish", opts["finish"], key=f"{key}_draw_finish")
@@ -124,14 +135,19 @@ def knockout_controls(spec: ModelSpec) -> tuple[tuple[str, int] | None, bool]:
     knockout = None
     if name != "none":
         layer = layers[name]
-        expert = st.selectbox("Expert", list(range(layer.num_experts)), key="pg_ko_expert",
-                              help=f"{layer.num_experts} experts, top-{layer.top_k}, gate {layer.gate_kind}")
+        expert = st.selectbox(
+            "Expert",
+            list(range(layer.num_experts)),
+            key="pg_ko_expert",
+            help=f"{layer.num_experts} experts, top-{layer.top_k}, gate {layer.gate_kind}",
+        )
         knockout = (name, int(expert))
     want_attr = st.toggle("Attribution (integrated gradients, 16 steps)", value=True, key="pg_attr")
     return knockout, want_attr
 
 
 # -- live results --------------------------------------------------------------------------------------
+
 
 def _fingerprint(example: dict) -> str:
     """Identifies a live example's content (texts and picture pixels) for the session cache."""
@@ -164,9 +180,12 @@ def timing_badge(slot, result, want_attr: bool) -> None:
     t = result.timings
     attribution = _ms(t.get("attribution")) if want_attr and "attribution" in t else ("…" if want_attr else "off")
     with slot.container():
-        st.badge(f"{result.device.upper()} · forward {_ms(t.get('forward'))} · routing {_ms(t.get('routing'))} · "
-                 f"attribution {attribution} · total {_ms(t.get('total'))}",
-                 icon=":material/timer:", color="green" if result.device.startswith("cuda") else "gray")
+        st.badge(
+            f"{result.device.upper()} · forward {_ms(t.get('forward'))} · routing {_ms(t.get('routing'))} · "
+            f"attribution {attribution} · total {_ms(t.get('total'))}",
+            icon=":material/timer:",
+            color="green" if result.device.startswith("cuda") else "gray",
+        )
 
 
 def prediction(result, baseline, knockout, spec: ModelSpec) -> None:
@@ -176,18 +195,25 @@ def prediction(result, baseline, knockout, spec: ModelSpec) -> None:
         rank = result.prediction.get("rank")
         before = baseline.prediction.get("rank") if baseline else None
         m[0].metric(f"top-1 {item}", result.predicted or "–")
-        m[1].metric("gold rank", "–" if rank is None else int(rank),
-                    delta=None if before is None or rank is None else int(rank) - int(before), delta_color="inverse",
-                    help=f"rank of the gold {item} among all candidates (1 = best)"
-                         + ("; the change is against the same example without the knockout" if knockout else ""))
+        m[1].metric(
+            "gold rank",
+            "–" if rank is None else int(rank),
+            delta=None if before is None or rank is None else int(rank) - int(before),
+            delta_color="inverse",
+            help=f"rank of the gold {item} among all candidates (1 = best)"
+            + ("; the change is against the same example without the knockout" if knockout else ""),
+        )
         m[2].metric("top-1 score", f"{result.prediction.get('score', float('nan')):.3f}")
         table = result.ranking.copy()
         table["gold"] = table["gold"].map({True: "gold", False: ""})
         if baseline is not None and baseline.ranking is not None:
-            before = baseline.ranking["name"].astype(str).tolist()[:len(table)]
+            before = baseline.ranking["name"].astype(str).tolist()[: len(table)]
             table["without knockout"] = before + [""] * (len(table) - len(before))
-        st.dataframe(table.rename(columns={"name": item}), hide_index=True,
-                     column_config={"score": st.column_config.NumberColumn(format="%.3f")})
+        st.dataframe(
+            table.rename(columns={"name": item}),
+            hide_index=True,
+            column_config={"score": st.column_config.NumberColumn(format="%.3f")},
+        )
         if len(table) < TOP_N:
             st.caption(f"The model reports its top {len(table)}.")
         return
@@ -195,8 +221,10 @@ def prediction(result, baseline, knockout, spec: ModelSpec) -> None:
     m[1].metric(f"gold {item}", result.gold or "–")
     m[2].metric("correct", "–" if result.correct is None else ("yes" if result.correct else "no"))
     if result.kind == "lm_loss" and result.prediction.get("loss") is not None:
-        st.caption(f"Mean per-token loss {float(result.prediction['loss']):.3f}; likely next tokens: "
-                   + ", ".join(map(str, result.prediction.get("next_tokens") or [])))
+        st.caption(
+            f"Mean per-token loss {float(result.prediction['loss']):.3f}; likely next tokens: "
+            + ", ".join(map(str, result.prediction.get("next_tokens") or []))
+        )
     if baseline is not None:
         st.caption(f"Without the knockout the {item} is **{baseline.predicted or '–'}**.")
 
@@ -207,21 +235,30 @@ def routing(result, baseline, knockout, spec: ModelSpec, picture) -> None:
     if knockout:
         changes = routing_changes(baseline.routing, result.routing)
         total = int(changes["changed"].sum()) if len(changes) else 0
-        st.metric(f"positions whose top-1 expert changed with expert {knocked_expert} of {knocked_layer} out",
-                  f"{total} of {int(changes['positions'].sum()) if len(changes) else 0}")
-        st.dataframe(changes.rename(columns={"changed_share": "share changed"}), hide_index=True,
-                     column_config={"share changed": st.column_config.ProgressColumn(min_value=0, max_value=1,
-                                                                                      format="percent")})
+        st.metric(
+            f"positions whose top-1 expert changed with expert {knocked_expert} of {knocked_layer} out",
+            f"{total} of {int(changes['positions'].sum()) if len(changes) else 0}",
+        )
+        st.dataframe(
+            changes.rename(columns={"changed_share": "share changed"}),
+            hide_index=True,
+            column_config={
+                "share changed": st.column_config.ProgressColumn(min_value=0, max_value=1, format="percent")
+            },
+        )
     tabs = st.tabs([layer.name for layer in spec.routed_layers])
     for layer, tab in zip(spec.routed_layers, tabs):
         with tab:
-            st.caption(f"{layer.num_experts} experts, top-{layer.top_k}, gate {layer.gate_kind} · routes "
-                       f"{layer.routed}; the gate sees {layer.gate_sees}"
-                       + (f" · **expert {knocked_expert} is knocked out**" if layer.name == knocked_layer else ""))
+            st.caption(
+                f"{layer.num_experts} experts, top-{layer.top_k}, gate {layer.gate_kind} · routes "
+                f"{layer.routed}; the gate sees {layer.gate_sees}"
+                + (f" · **expert {knocked_expert} is knocked out**" if layer.name == knocked_layer else "")
+            )
             rows = result.routing[result.routing["layer"] == layer.name]
             for call in dict.fromkeys(rows["call"]):
-                widgets.show_call_routing(rows, layer.name, call, layer.num_experts,
-                                          key=f"pg_route_{layer.name}_{call}", picture=picture)
+                widgets.show_call_routing(
+                    rows, layer.name, call, layer.num_experts, key=f"pg_route_{layer.name}_{call}", picture=picture
+                )
 
 
 def source_weights(result, spec: ModelSpec) -> None:
@@ -230,8 +267,10 @@ def source_weights(result, spec: ModelSpec) -> None:
         if not payload:
             continue
         st.subheader(f"{output.name}: source weights of this example")
-        st.plotly_chart(F.source_weight_positions(long_weights(payload, output), output.sources, "", height=300),
-                        key=f"pg_sw_{output.name}")
+        st.plotly_chart(
+            F.source_weight_positions(long_weights(payload, output), output.sources, "", height=300),
+            key=f"pg_sw_{output.name}",
+        )
 
 
 def on_the_map(run: str, store, result) -> None:
@@ -242,19 +281,35 @@ def on_the_map(run: str, store, result) -> None:
             st.caption("The run has no fitted map (or the model gives no representation).")
             return
         fig = go.Figure()
-        fig.add_scatter(x=proj["x"], y=proj["y"], mode="markers", name="run examples",
-                        marker=dict(size=5, color="lightgrey"))
-        fig.add_scatter(x=[point["x"]], y=[point["y"]], mode="markers", name="live example",
-                        marker=dict(size=16, symbol="star", color="crimson", line=dict(width=1, color="black")))
+        fig.add_scatter(
+            x=proj["x"], y=proj["y"], mode="markers", name="run examples", marker=dict(size=5, color="lightgrey")
+        )
+        fig.add_scatter(
+            x=[point["x"]],
+            y=[point["y"]],
+            mode="markers",
+            name="live example",
+            marker=dict(size=16, symbol="star", color="crimson", line=dict(width=1, color="black")),
+        )
         fig.update_layout(height=360, margin=dict(t=10, b=10, l=10, r=10), legend_orientation="h")
         st.plotly_chart(fig, key="pg_map")
-        st.caption(f"Placed by the stored {point['method'].upper()} map; distance to the nearest fitted example "
-                   f"{point['distance']:.3g}.")
+        st.caption(
+            f"Placed by the stored {point['method'].upper()} map; distance to the nearest fitted example "
+            f"{point['distance']:.3g}."
+        )
 
 
 @st.fragment
-def live_section(run: str, store, spec: ModelSpec, index: int, texts: dict, pictures: dict,
-                 knockout: tuple[str, int] | None, want_attr: bool) -> None:
+def live_section(
+    run: str,
+    store,
+    spec: ModelSpec,
+    index: int,
+    texts: dict,
+    pictures: dict,
+    knockout: tuple[str, int] | None,
+    want_attr: bool,
+) -> None:
     """Everything the live model does for the edited example, after the stored results are on screen."""
     try:
         with st.spinner("Loading the model (once per server)…"):
@@ -301,8 +356,10 @@ def live_section(run: str, store, spec: ModelSpec, index: int, texts: dict, pict
         if result.attribution is None:
             st.warning(f"Attribution failed: {state.escape_markdown(result.attribution_error)}")
         else:
-            st.caption(f"Integrated gradients of the {result.attribution['target'].iloc[0]} "
-                       f"{'with the knockout ' if knockout else ''}w.r.t. each input (red up, blue down).")
+            st.caption(
+                f"Integrated gradients of the {result.attribution['target'].iloc[0]} "
+                f"{'with the knockout ' if knockout else ''}w.r.t. each input (red up, blue down)."
+            )
             widgets.show_delta(result.attribution)
             widgets.show_inputs(result.attribution, picture, "pg_attr", spec, grids=adapter.input_grids(example))
     on_the_map(run, store, result)
@@ -316,8 +373,10 @@ def start_live() -> None:
     runs = st.session_state[START_KEY] = st.session_state.get(START_KEY, 0) + 1
     if runs > 1:
         st.rerun()
-    st.caption(":material/hourglass_top: Starting the live model: its routing, prediction and attribution of "
-               "this example follow in a moment.")
+    st.caption(
+        ":material/hourglass_top: Starting the live model: its routing, prediction and attribution of "
+        "this example follow in a moment."
+    )
 
 
 def stored_results(run: str, index: int, row: dict, spec: ModelSpec) -> None:
@@ -330,8 +389,10 @@ def stored_results(run: str, index: int, row: dict, spec: ModelSpec) -> None:
 
 def render() -> None:
     st.title("Live playground")
-    st.caption("Edit an example, swap its picture, knock out an expert: the model runs now and the routing, "
-               "prediction and attribution below follow.")
+    st.caption(
+        "Edit an example, swap its picture, knock out an expert: the model runs now and the routing, "
+        "prediction and attribution below follow."
+    )
     run, store = state.require_run()
     spec = reads.spec(run)
     examples = reads.examples(run)
@@ -339,8 +400,13 @@ def render() -> None:
         st.info(f"Run `{run}` has no examples; {state.rebuild_hint(run)}.")
         return
     rows = {int(r["example_index"]): r for r in examples.to_dict("records")}
-    index = state.synced_example("Base example", list(rows), key=f"pg_base_{run}", among="this run's examples",
-                                 format_func=lambda i: widgets.example_title(rows[i], spec, 90))
+    index = state.synced_example(
+        "Base example",
+        list(rows),
+        key=f"pg_base_{run}",
+        among="this run's examples",
+        format_func=lambda i: widgets.example_title(rows[i], spec, 90),
+    )
     row = rows[index]
     edit, side = st.columns([3, 2])
     with edit:

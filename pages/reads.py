@@ -6,6 +6,7 @@ live model are ``st.cache_resource`` (one per process, shared by every session);
 ``st.cache_data``. Nothing here draws anything: messages about a run that cannot be opened are the
 business of :mod:`pages.state`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,6 +43,7 @@ def run_version(run: str) -> str:
     directory's path (memoised on path, mtime and size: a stat per call). A republish (new version dir,
     new manifest) or another artifacts root gives a new value, so every cache keyed by it refreshes."""
     from analysis.hashing import file_sha256
+
     path = Path(os.path.realpath(artifacts_root() / "runs" / run)) / "manifest.json"
     try:
         st_ = path.stat()
@@ -84,6 +86,7 @@ def status(run: str) -> tuple[str, str]:
 
 # ----------------------------------------------------------------------------------------- declaration
 
+
 @st.cache_resource(show_spinner=False, max_entries=32)
 def _spec(run: str, version: str, _store: RunStore) -> ModelSpec | None:
     try:
@@ -116,6 +119,7 @@ def manifest(run: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- tables
+
 
 @st.cache_data(show_spinner=False, max_entries=128)
 def _table(run: str, version: str, name: str, columns: tuple | None, _store: RunStore) -> pd.DataFrame:
@@ -197,6 +201,7 @@ def example_routing(run: str, example_index: int) -> pd.DataFrame | None:
 @st.cache_data(show_spinner="Summarising the source weights…", max_entries=16)
 def _source_weights(run: str, version: str, output_name: str, _store: RunStore):
     from analysis.source_weights import long_weights, summarise
+
     output = next(o for o in spec(run).outputs if o.name == output_name)
     weights = _store.table(output_name)
     labels = [label.name for label in spec(run).labels]
@@ -211,9 +216,11 @@ def source_weights(run: str, output_name: str):
 
 # ----------------------------------------------------------------------------------------- live model
 
+
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _live_model(run: str, checkpoint_hash: str | None, root: str):
     from analysis.live import load_base_examples, load_live_adapter, warm_up
+
     adapter = load_live_adapter(run, root)
     base = load_base_examples(adapter, run, root)
     if base:  # lazy imports and caches are paid here, under the loading spinner, not by the first edit
@@ -226,5 +233,6 @@ def live_model(run: str):
     and shared by every session and page. The lock serialises live runs (a knockout changes the shared
     model for the length of a run). Raises what loading raises (a checkpoint or dataset gone)."""
     from analysis.live import run_inputs
+
     inputs = run_inputs(run, artifacts_root())
     return _live_model(run, inputs.checkpoint_hash, str(artifacts_root()))

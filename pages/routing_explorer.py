@@ -7,6 +7,7 @@ top-k ids and weights and the token entropy; grey cells are positions the layer 
 declared fields, labels and stored prediction (by name) are shown above. Layout only: rows come from
 the run's routing table through pages.reads.
 """
+
 from __future__ import annotations
 
 import pandas as pd
@@ -32,8 +33,14 @@ def pick_example(run: str, examples: pd.DataFrame, spec: ModelSpec) -> int:
     def on_change() -> None:
         st.query_params[state.EXAMPLE_PARAM] = str(st.session_state[key])
 
-    st.selectbox("Example", list(titles), key=key, format_func=lambda i: titles.get(i, str(i)), on_change=on_change,
-                 help="Also set by ?example=<index> in the URL; rows on other pages link here.")
+    st.selectbox(
+        "Example",
+        list(titles),
+        key=key,
+        format_func=lambda i: titles.get(i, str(i)),
+        on_change=on_change,
+        help="Also set by ?example=<index> in the URL; rows on other pages link here.",
+    )
     index = int(st.session_state[key])
     if st.query_params.get(state.EXAMPLE_PARAM) != str(index):
         st.query_params[state.EXAMPLE_PARAM] = str(index)
@@ -56,13 +63,20 @@ def k_experts_table(part: pd.DataFrame, layer: str, call: str, top_k: int | None
     k = len(part["topk_ids"].iloc[0]) if len(part) else top_k
     st.subheader(f"The {k} experts of every routed position")
     routed = int(part["routed"].astype(bool).sum()) if "routed" in part else len(part)
-    st.caption(f"{layer} · {call}: top-{k} expert ids (best first) and their combine weights per position; "
-               f"{routed} of {len(part)} positions routed. Gate weights (combine) are the weights actually "
-               "applied; under a gate that normalises over the batch they can differ from the top-k ids.")
+    st.caption(
+        f"{layer} · {call}: top-{k} expert ids (best first) and their combine weights per position; "
+        f"{routed} of {len(part)} positions routed. Gate weights (combine) are the weights actually "
+        "applied; under a gate that normalises over the batch they can differ from the top-k ids."
+    )
     table = F.routing_table(part)
-    st.dataframe(table.style.map(lambda v: f"color: #777; background-color: {F.NOT_ROUTED_COLOUR}"
-                                 if v == F.NOT_ROUTED_LABEL else "", subset=["routed"]).format(precision=3),
-                 hide_index=True, key=f"explorer_table_{layer}_{call}")
+    st.dataframe(
+        table.style.map(
+            lambda v: f"color: #777; background-color: {F.NOT_ROUTED_COLOUR}" if v == F.NOT_ROUTED_LABEL else "",
+            subset=["routed"],
+        ).format(precision=3),
+        hide_index=True,
+        key=f"explorer_table_{layer}_{call}",
+    )
 
 
 def every_call(rows_all: pd.DataFrame, layers: list[str]) -> None:
@@ -98,25 +112,45 @@ def render() -> None:
     layers = [name for name in specs if name in set(rows_all["layer"])] + sorted(set(rows_all["layer"]) - set(specs))
     left, right = st.columns([1, 2])
     with left:
-        layer = state.synced_radio("Layer", layers, key=f"explorer_layer_{run}", param="layer", clears=("call",),
-                                   horizontal=True,
-                                   format_func=lambda name: f"{name} ({specs[name].gate_kind}, top-"
-                                   f"{specs[name].top_k} of {specs[name].num_experts})" if name in specs else name)
+        layer = state.synced_radio(
+            "Layer",
+            layers,
+            key=f"explorer_layer_{run}",
+            param="layer",
+            clears=("call",),
+            horizontal=True,
+            format_func=lambda name: (
+                f"{name} ({specs[name].gate_kind}, top-{specs[name].top_k} of {specs[name].num_experts})"
+                if name in specs
+                else name
+            ),
+        )
     layer_rows = rows_all[rows_all["layer"] == layer]
-    calls = widgets.order_calls(list(dict.fromkeys(layer_rows["call"])),
-                                widgets.own_side(rows_all, row, spec))  # the example's own positions first
+    calls = widgets.order_calls(
+        list(dict.fromkeys(layer_rows["call"])), widgets.own_side(rows_all, row, spec)
+    )  # the example's own positions first
     with right:
-        call = state.synced_radio("Call (what is routed, what the gate sees)", calls,
-                                  key=f"explorer_call_{run}_{layer}", param="call",
-                                  format_func=lambda c: widgets.call_label(layer_rows, c))
+        call = state.synced_radio(
+            "Call (what is routed, what the gate sees)",
+            calls,
+            key=f"explorer_call_{run}_{layer}",
+            param="call",
+            format_func=lambda c: widgets.call_label(layer_rows, c),
+        )
     declared = specs.get(layer)
     if declared is not None:
         st.caption(f"**{layer}** routes {declared.routed}; its gate sees {declared.gate_sees}.")
     part = layer_rows[layer_rows["call"] == call]
     if picture is not None and not F.split_call_rows(part)[0].shape[0]:  # image calls show it beside their grid
         pic.image(picture, caption="the example's image", width=180)
-    widgets.show_call_routing(rows_all, layer, call, declared.num_experts if declared else None,
-                              key=f"explorer_{layer}_{call}", picture=picture)
+    widgets.show_call_routing(
+        rows_all,
+        layer,
+        call,
+        declared.num_experts if declared else None,
+        key=f"explorer_{layer}_{call}",
+        picture=picture,
+    )
     k_experts_table(part, layer, call, declared.top_k if declared else None)
     every_call(rows_all, layers)
 

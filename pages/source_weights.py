@@ -6,6 +6,7 @@ the model's declaration). The page shows whether the dominant source agrees with
 weights by any declared label, and one example position by position. Layout only: the numbers come from
 ``analysis.source_weights`` over the run's stored table, through pages.reads.
 """
+
 from __future__ import annotations
 
 import html
@@ -26,9 +27,11 @@ def _pct(x: float) -> str:
 def pick_output(run: str, spec: ModelSpec, store) -> OutputSpec | None:
     outputs = [o for o in spec.output("source_weights") if store.has(o.name)]
     if not outputs:
-        st.info(f"Run **{run}** ({spec.title}) declares no output of kind *source weights* (a weight per "
-                "position on each of a few named sources), so there is nothing to show here.",
-                icon=":material/info:")
+        st.info(
+            f"Run **{run}** ({spec.title}) declares no output of kind *source weights* (a weight per "
+            "position on each of a few named sources), so there is nothing to show here.",
+            icon=":material/info:",
+        )
         return None
     if len(outputs) == 1:
         return outputs[0]
@@ -44,22 +47,32 @@ def agreement(summary: SourceWeightsSummary) -> None:
         return
     st.subheader(f"Does the dominant source match the {truth.replace('_', ' ')}?")
     cols = st.columns(1 + len(output.sources))
-    cols[0].metric(f"agreement with {truth.replace('_', ' ')}", _pct(summary.agreement), help=summary.definition,
-                   border=True)
+    cols[0].metric(
+        f"agreement with {truth.replace('_', ' ')}", _pct(summary.agreement), help=summary.definition, border=True
+    )
     for col, source in zip(cols[1:], output.sources):
-        col.metric(f"{source.name} examples weighted to {source.name}",
-                   _pct(summary.agreement_by_source.get(source.name, float("nan"))), border=True)
-    st.caption(f"**Definition.** {summary.definition} Over {summary.agreement_n} single-source examples "
-               f"of {len(summary.per_example)}.")
+        col.metric(
+            f"{source.name} examples weighted to {source.name}",
+            _pct(summary.agreement_by_source.get(source.name, float("nan"))),
+            border=True,
+        )
+    st.caption(
+        f"**Definition.** {summary.definition} Over {summary.agreement_n} single-source examples "
+        f"of {len(summary.per_example)}."
+    )
     left, right = st.columns([2, 3])
     with left:
         st.markdown(f"**Confusion: {truth.replace('_', ' ')} × dominant source** (examples)")
         st.dataframe(summary.confusion, width="stretch")
-        st.caption("Examples whose label names no single source have no one right side: shown for reference, "
-                   "left out of the agreement.")
+        st.caption(
+            "Examples whose label names no single source have no one right side: shown for reference, "
+            "left out of the agreement."
+        )
     with right:
-        st.plotly_chart(F.source_weight_bars(by_label(summary, truth), truth, output.sources,
-                                             f"By {truth.replace('_', ' ')}"), key="sw_by_truth")
+        st.plotly_chart(
+            F.source_weight_bars(by_label(summary, truth), truth, output.sources, f"By {truth.replace('_', ' ')}"),
+            key="sw_by_truth",
+        )
 
 
 def by_labels(summary: SourceWeightsSummary) -> None:
@@ -67,8 +80,10 @@ def by_labels(summary: SourceWeightsSummary) -> None:
     if not others:
         return
     label = st.selectbox("Mean weights by label", others, key="sw_by_label") if len(others) > 1 else others[0]
-    st.plotly_chart(F.source_weight_bars(by_label(summary, label), label, summary.output.sources,
-                                         f"By {label.replace('_', ' ')}"), key="sw_by_other")
+    st.plotly_chart(
+        F.source_weight_bars(by_label(summary, label), label, summary.output.sources, f"By {label.replace('_', ' ')}"),
+        key="sw_by_other",
+    )
 
 
 def one_example(run: str, spec: ModelSpec, weights: pd.DataFrame, summary: SourceWeightsSummary) -> None:
@@ -95,15 +110,25 @@ def one_example(run: str, spec: ModelSpec, weights: pd.DataFrame, summary: Sourc
         truth = f"{value}; " if value is not None and pd.notna(value) else ""
         return f"{widgets.example_title(rows.get(i, {'example_index': i}), spec)} ({truth}dominant {row['dominant']})"
 
-    index = state.synced_example("Example", [int(i) for i in shown["example_index"]], key="sw_example",
-                                 format_func=describe, container=f2,
-                                 among="this run's examples" if shown is per else "the examples of that filter")
+    index = state.synced_example(
+        "Example",
+        [int(i) for i in shown["example_index"]],
+        key="sw_example",
+        format_func=describe,
+        container=f2,
+        among="this run's examples" if shown is per else "the examples of that filter",
+    )
     row = per[per["example_index"] == index].iloc[0]
     title = spec.title_field()
     heading = str(rows.get(index, {}).get(title.name, "")) if title is not None else ""
-    st.plotly_chart(F.source_weight_positions(weights[weights["example_index"] == index], output.sources,
-                                              f"“{html.escape(heading)}”" if heading else f"example {index}"),
-                    key="sw_positions")
+    st.plotly_chart(
+        F.source_weight_positions(
+            weights[weights["example_index"] == index],
+            output.sources,
+            f"“{html.escape(heading)}”" if heading else f"example {index}",
+        ),
+        key="sw_positions",
+    )
     cols = st.columns(len(output.sources) + 2)
     for col, source in zip(cols, output.sources):
         col.metric(f"mean {source.label}", f"{row[mean_column(source.name)]:.3f}")
@@ -122,8 +147,9 @@ def render() -> None:
     output = pick_output(run, spec, store)
     if output is None:
         return
-    st.caption(f"**{output.name}** · {output.description} Sources: "
-               + ", ".join(f"{s.label}" for s in output.sources) + ".")
+    st.caption(
+        f"**{output.name}** · {output.description} Sources: " + ", ".join(f"{s.label}" for s in output.sources) + "."
+    )
     weights, summary = reads.source_weights(run, output.name)
     agreement(summary)
     by_labels(summary)

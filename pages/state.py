@@ -9,6 +9,7 @@
 Importing this module first makes a deep link on a fresh server run through app.py (see
 :func:`_route_through_app`).
 """
+
 from __future__ import annotations
 
 import os
@@ -114,6 +115,7 @@ def show_failure(what: str, exc: BaseException) -> None:
 
 # ----------------------------------------------------------------------------------------- device
 
+
 def _gpu_driver_present() -> bool:
     """Cheap check (no torch import): an NVIDIA or ROCm driver on this machine."""
     return os.path.exists("/proc/driver/nvidia/gpus") or os.path.exists("/dev/nvidia0") or os.path.exists("/dev/kfd")
@@ -121,11 +123,12 @@ def _gpu_driver_present() -> bool:
 
 @st.cache_resource(show_spinner=False)
 def device_label() -> str:
-    """"GPU: <name>" or "CPU (no GPU found)": where live runs go. Imports torch only when a GPU driver is
+    """ "GPU: <name>" or "CPU (no GPU found)": where live runs go. Imports torch only when a GPU driver is
     present (or torch is already loaded), so a CPU-only first render does not pay torch's import."""
     if "torch" not in sys.modules and not _gpu_driver_present():
         return "CPU (no GPU found)"
     import torch
+
     if torch.cuda.is_available():
         return f"GPU: {torch.cuda.get_device_name(0)}"
     return "CPU (no GPU found)"
@@ -133,11 +136,15 @@ def device_label() -> str:
 
 # ----------------------------------------------------------------------------------------- the run
 
+
 def no_runs_message() -> None:
     """The "nothing built yet" state, with the exact commands."""
-    st.info(f"No runs are built yet under `{reads.artifacts_root() / 'runs'}`. Build the demo worlds, runs and "
-            f"artifacts with\n\n```\n{MAKE_COMMAND}\n```\n\nor, without serving the app,\n\n"
-            f"```\n{BUILD_COMMAND}\n```\n\nthen reload this page.", icon=":material/info:")
+    st.info(
+        f"No runs are built yet under `{reads.artifacts_root() / 'runs'}`. Build the demo worlds, runs and "
+        f"artifacts with\n\n```\n{MAKE_COMMAND}\n```\n\nor, without serving the app,\n\n"
+        f"```\n{BUILD_COMMAND}\n```\n\nthen reload this page.",
+        icon=":material/info:",
+    )
 
 
 def _on_pick() -> None:
@@ -154,9 +161,11 @@ def _sync_run_picker(runs: list[str]) -> list[str]:
             state[_PICKER_KEY] = wanted
     else:
         if wanted is not None:
-            errors.append(f"The link asks for run {literal(wanted)}, which does not exist here. Showing "
-                          f"{literal(state.get(_PICKER_KEY) if state.get(_PICKER_KEY) in runs else runs[0])} "
-                          f"instead; available runs: {', '.join(literal(r) for r in runs)}.")
+            errors.append(
+                f"The link asks for run {literal(wanted)}, which does not exist here. Showing "
+                f"{literal(state.get(_PICKER_KEY) if state.get(_PICKER_KEY) in runs else runs[0])} "
+                f"instead; available runs: {', '.join(literal(r) for r in runs)}."
+            )
         if state.get(_PICKER_KEY) not in runs:
             state[_PICKER_KEY] = runs[0]
     return errors
@@ -173,8 +182,13 @@ def render_sidebar() -> None:
         label = device_label()
         st.badge(label, icon=":material/memory:", color="green" if label.startswith("GPU") else "gray")
         if runs:
-            st.selectbox("Run", runs, key=_PICKER_KEY, on_change=_on_pick,
-                         help="The run every page shows; kept in the URL (?run=...) so links open the same run.")
+            st.selectbox(
+                "Run",
+                runs,
+                key=_PICKER_KEY,
+                on_change=_on_pick,
+                help="The run every page shows; kept in the URL (?run=...) so links open the same run.",
+            )
             run = st.session_state[_PICKER_KEY]
             if st.query_params.get(RUN_PARAM) != run:
                 st.query_params[RUN_PARAM] = run
@@ -249,6 +263,7 @@ def rebuild_hint(run: str) -> str:
 
 # ----------------------------------------------------------------------------------------- links
 
+
 def example_url(run: str, example_index: int) -> str:
     """Relative URL of the routing explorer showing one example (for markdown links / link columns)."""
     return f"{EXPLORER_URL_PATH}?{urlencode({RUN_PARAM: run, EXAMPLE_PARAM: int(example_index)})}"
@@ -256,8 +271,12 @@ def example_url(run: str, example_index: int) -> str:
 
 def example_link(run: str, example_index: int, label: str | None = None) -> None:
     """A link that opens ``example_index`` of ``run`` in the routing explorer."""
-    st.page_link(EXPLORER_PAGE, label=label or f"Open example {int(example_index)} in the routing explorer",
-                 icon=":material/route:", query_params={RUN_PARAM: run, EXAMPLE_PARAM: str(int(example_index))})
+    st.page_link(
+        EXPLORER_PAGE,
+        label=label or f"Open example {int(example_index)} in the routing explorer",
+        icon=":material/route:",
+        query_params={RUN_PARAM: run, EXAMPLE_PARAM: str(int(example_index))},
+    )
 
 
 def open_example(run: str, example_index: int) -> None:
@@ -297,17 +316,19 @@ def url_example(frame, key_column: str = "example_index") -> tuple[int | None, s
 
 # ----------------------------------------------------------------------------------------- synced widgets
 
-def synced_radio(label: str, options: Sequence[str], key: str, param: str, clears: Sequence[str] = (),
-                 **kwargs) -> str:
+
+def synced_radio(label: str, options: Sequence[str], key: str, param: str, clears: Sequence[str] = (), **kwargs) -> str:
     """A radio whose choice is kept in the URL as ``?<param>=<value>`` (a link opens the same choice);
     a value the options do not have gets a message and the first option. A change by the user drops the
     URL params named in ``clears`` (choices that depend on this one)."""
     options = [str(o) for o in options]
     wanted = st.query_params.get(param)
     if wanted is not None and wanted not in options:
-        st.warning(f"The link asks for {label.split(' (')[0].lower()} {literal(wanted)}, which is not one of "
-                   f"{', '.join(literal(o) for o in options)}; showing {literal(options[0])}.",
-                   icon=":material/link_off:")
+        st.warning(
+            f"The link asks for {label.split(' (')[0].lower()} {literal(wanted)}, which is not one of "
+            f"{', '.join(literal(o) for o in options)}; showing {literal(options[0])}.",
+            icon=":material/link_off:",
+        )
         st.session_state[key] = options[0]
     elif wanted is not None and st.session_state.get(key) != wanted:
         st.session_state[key] = wanted
@@ -325,9 +346,16 @@ def synced_radio(label: str, options: Sequence[str], key: str, param: str, clear
     return value
 
 
-def synced_example(label: str, options: Sequence[int], key: str, format_func: Callable[[int], str],
-                   container: Any = st, warn: bool = True, among: str = "the examples this page shows",
-                   **kwargs) -> int:
+def synced_example(
+    label: str,
+    options: Sequence[int],
+    key: str,
+    format_func: Callable[[int], str],
+    container: Any = st,
+    warn: bool = True,
+    among: str = "the examples this page shows",
+    **kwargs,
+) -> int:
     """A select box of example indices kept in the URL as ``?example=<index>``. A URL value that is not
     among ``options`` (not an ASCII number, or out of range) leaves the choice as it was, with
     :func:`bad_example_message` (unless ``warn`` is False)."""
@@ -340,8 +368,10 @@ def synced_example(label: str, options: Sequence[int], key: str, format_func: Ca
         st.session_state[key] = options[0]
     if raw is not None and wanted not in options and warn:
         shown = st.session_state[key]
-        st.warning(bad_example_message(raw, options, f"example {literal(format_func(shown))}", among),
-                   icon=":material/link_off:")
+        st.warning(
+            bad_example_message(raw, options, f"example {literal(format_func(shown))}", among),
+            icon=":material/link_off:",
+        )
 
     def on_change() -> None:
         st.query_params[EXAMPLE_PARAM] = str(st.session_state[key])

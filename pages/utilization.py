@@ -5,6 +5,7 @@ router token-entropy histograms, co-selection, specialisation against labels (mu
 shuffled labels), metrics per slice, and the verdict reasons with their numbers. Layout only: every
 number is precomputed in the run's tables and read through pages.reads.
 """
+
 from __future__ import annotations
 
 import pandas as pd
@@ -14,8 +15,20 @@ from analysis import figures as F
 from analysis.report import verdict_frame
 from pages import reads, state, widgets
 
-SLICE_COLUMNS = ["layer", "slice", "value", "verdict", "num_positions", "effective_experts", "token_entropy",
-                 "load_cv", "max_load_ratio", "unrouted_fraction", "switch_balance_loss", "reason"]
+SLICE_COLUMNS = [
+    "layer",
+    "slice",
+    "value",
+    "verdict",
+    "num_positions",
+    "effective_experts",
+    "token_entropy",
+    "load_cv",
+    "max_load_ratio",
+    "unrouted_fraction",
+    "switch_balance_loss",
+    "reason",
+]
 
 
 def verdicts(run: str) -> None:
@@ -24,8 +37,9 @@ def verdicts(run: str) -> None:
     if lm is not None and len(lm):
         widgets.verdict_lines(lm)
         with st.expander("All indicators per layer"):
-            st.dataframe(verdict_frame(lm).style.map(F.verdict_css, subset=["verdict"]).format(precision=3),
-                         hide_index=True)
+            st.dataframe(
+                verdict_frame(lm).style.map(F.verdict_css, subset=["verdict"]).format(precision=3), hide_index=True
+            )
     else:
         st.info("This run has no layer_metrics table.")
 
@@ -36,17 +50,32 @@ def loads_section(run: str):
     if loads is None or loads.empty:
         st.info("This run has no routing table, so no loads.")
     else:
-        st.plotly_chart(F.load_bars(loads, "Load per expert: share of top-k slots (solid) and of combine weight "
-                                           "(hatched), per layer"), key="load_bars")
-        value = st.radio("Heatmap of", ["slot_fraction", "weight_fraction"], horizontal=True, key="util_heat_value",
-                         format_func=lambda v: {"slot_fraction": "share of top-k slots",
-                                                "weight_fraction": "share of combine weight"}[v])
-        title = ("Share of top-k slots: layers \u00d7 experts" if value == "slot_fraction"
-                 else "Share of combine weight: layers \u00d7 experts")
+        st.plotly_chart(
+            F.load_bars(
+                loads, "Load per expert: share of top-k slots (solid) and of combine weight (hatched), per layer"
+            ),
+            key="load_bars",
+        )
+        value = st.radio(
+            "Heatmap of",
+            ["slot_fraction", "weight_fraction"],
+            horizontal=True,
+            key="util_heat_value",
+            format_func=lambda v: {
+                "slot_fraction": "share of top-k slots",
+                "weight_fraction": "share of combine weight",
+            }[v],
+        )
+        title = (
+            "Share of top-k slots: layers \u00d7 experts"
+            if value == "slot_fraction"
+            else "Share of combine weight: layers \u00d7 experts"
+        )
         st.plotly_chart(F.load_heatmap(loads, value, title), key="load_heatmap")
         with st.expander("Loads split by call / position kind / modality"):
-            by = st.selectbox("Split by", ["call", "position_kind", "routed_modality", "gate_modality"],
-                              key="util_loads_by")
+            by = st.selectbox(
+                "Split by", ["call", "position_kind", "routed_modality", "gate_modality"], key="util_loads_by"
+            )
             split = reads.layer_loads(run, by=[by])
             if split is not None:
                 wide = split.pivot_table(index=["layer", by], columns="expert", values="slot_fraction").round(3)
@@ -60,8 +89,14 @@ def entropy_section(run: str, loads) -> None:
     specs = reads.layer_specs(run)
     layers = list(specs) or (sorted(loads["layer"].unique()) if loads is not None else [])
     values = reads.entropy_values(run, layers)
-    st.plotly_chart(F.entropy_histograms(values, {name: layer.num_experts for name, layer in specs.items()},
-                                         "Router token entropy per position (nats), per layer"), key="entropy")
+    st.plotly_chart(
+        F.entropy_histograms(
+            values,
+            {name: layer.num_experts for name, layer in specs.items()},
+            "Router token entropy per position (nats), per layer",
+        ),
+        key="entropy",
+    )
     st.caption("0 = the router puts all its probability on one expert; log E (dashed) = uniform over all experts.")
 
 
@@ -73,9 +108,11 @@ def coselection_section(run: str) -> None:
     else:
         left, right = st.columns([3, 2])
         layer = right.selectbox("Layer", list(dict.fromkeys(cosel["layer"])), key="util_cosel_layer")
-        right.caption("How often two experts are chosen together for one position (off the diagonal) and how "
-                      "often each is chosen at all (the diagonal). With top-1 routing only the diagonal is filled; "
-                      "a pair that is always chosen together behaves like one wide expert.")
+        right.caption(
+            "How often two experts are chosen together for one position (off the diagonal) and how "
+            "often each is chosen at all (the diagonal). With top-1 routing only the diagonal is filled; "
+            "a pair that is always chosen together behaves like one wide expert."
+        )
         with left:
             st.plotly_chart(F.coselection_heatmap(cosel, layer), key="coselection")
 
@@ -86,10 +123,16 @@ def specialisation_section(run: str) -> None:
     if spec is None or spec.empty:
         st.info("This run has no specialisation table.")
     else:
-        st.plotly_chart(F.specialisation_bars(spec, "Mutual information between the top-1 expert and each label, "
-                                                    "vs the same with shuffled labels"), key="specialisation")
-        st.caption("A blue bar above its red mark: the chosen expert tells more about the label than chance "
-                   "(the largest MI over 20 label shuffles) does.")
+        st.plotly_chart(
+            F.specialisation_bars(
+                spec, "Mutual information between the top-1 expert and each label, vs the same with shuffled labels"
+            ),
+            key="specialisation",
+        )
+        st.caption(
+            "A blue bar above its red mark: the chosen expert tells more about the label than chance "
+            "(the largest MI over 20 label shuffles) does."
+        )
         with st.expander("Specialisation numbers"):
             st.dataframe(spec.round(4), hide_index=True)
 
@@ -117,15 +160,20 @@ def slices_section(run: str) -> None:
     for col in table.columns:
         if pd.api.types.is_float_dtype(table[col]):
             table[col] = table[col].round(3)
-    st.dataframe(table.style.map(F.verdict_css, subset=["verdict"]).format(precision=3), hide_index=True,
-                 column_config={"reason": st.column_config.TextColumn(width="large")})
+    st.dataframe(
+        table.style.map(F.verdict_css, subset=["verdict"]).format(precision=3),
+        hide_index=True,
+        column_config={"reason": st.column_config.TextColumn(width="large")},
+    )
 
 
 def render() -> None:
     st.title("Utilization and collapse")
     run, store = state.require_run()
-    st.caption(f"Run **{run}**: {len(reads.layer_specs(run))} routed layers; every number is over the run's "
-               f"{reads.manifest(run).get('num_examples', '?')} examples and all their routed positions.")
+    st.caption(
+        f"Run **{run}**: {len(reads.layer_specs(run))} routed layers; every number is over the run's "
+        f"{reads.manifest(run).get('num_examples', '?')} examples and all their routed positions."
+    )
     verdicts(run)
     loads = loads_section(run)
     entropy_section(run, loads)

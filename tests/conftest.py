@@ -5,6 +5,7 @@
 and their precomputed artifacts, all in a temporary artifacts root. It sets MOESCOPE_ARTIFACTS for
 the session so that pages, the store and the CLIs all read that root.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,14 @@ DEMO_RUNS = ("mmoe-balanced", "mmoe-collapsing", "mmoe-reference-gate", "moemoe-
 def demo_artifacts(tmp_path_factory) -> Path:
     root = Path(os.environ.get("MOESCOPE_TEST_ARTIFACTS") or tmp_path_factory.mktemp("artifacts"))
     env = {**os.environ, "MOESCOPE_ARTIFACTS": str(root)}
-    done = subprocess.run([sys.executable, "-m", "demo_build", "--scale", "tiny", "--no-progress"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(
+        [sys.executable, "-m", "demo_build", "--scale", "tiny", "--no-progress"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if done.returncode != 0:
         pytest.fail(f"tiny demo build failed (rc {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     missing = [run for run in DEMO_RUNS if not (root / "runs" / run / "manifest.json").is_file()]
@@ -65,8 +72,10 @@ class _TierGuard:
     def pytest_fixture_setup(self, fixturedef, request) -> None:
         item = self.item
         if fixturedef.argname == "demo_artifacts" and item is not None and item.get_closest_marker("e2e") is None:
-            pytest.fail(f"{item.nodeid} needs the demo build but is not in the e2e tier: request one of "
-                        f"{sorted(E2E_FIXTURES)} as a fixture argument (tests/conftest.py marks those)")
+            pytest.fail(
+                f"{item.nodeid} needs the demo build but is not in the e2e tier: request one of "
+                f"{sorted(E2E_FIXTURES)} as a fixture argument (tests/conftest.py marks those)"
+            )
 
 
 def pytest_configure(config: pytest.Config) -> None:

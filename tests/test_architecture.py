@@ -9,6 +9,7 @@ still an arrow), except under ``if TYPE_CHECKING:`` for the cycle check (never e
 ``importlib.import_module("name")`` with a literal name count for the layer checks; they are not cycle
 arrows, since that is how the registry discovers plugins that import it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -27,9 +28,9 @@ class Module:
     name: str
     path: Path
     is_package: bool
-    imports: set[tuple[str, str]] = field(default_factory=set)      # (module, member or ""), absolute
+    imports: set[tuple[str, str]] = field(default_factory=set)  # (module, member or ""), absolute
     typing_only: set[tuple[str, str]] = field(default_factory=set)  # imported under TYPE_CHECKING only
-    dynamic: set[str] = field(default_factory=set)                  # importlib.import_module("...") literals
+    dynamic: set[str] = field(default_factory=set)  # importlib.import_module("...") literals
 
     def names(self, typing: bool = True) -> set[str]:
         """Every dotted name imported (``from a import b``: both a and a.b), for the layer checks."""
@@ -45,8 +46,9 @@ def module_name(path: Path) -> tuple[str, bool]:
 
 
 def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _absolute(module: Module, node: ast.ImportFrom) -> str:
@@ -76,9 +78,13 @@ def read_module(path: Path) -> Module:
         elif isinstance(node, ast.ImportFrom):
             base = _absolute(module, node)
             names = [(base, alias.name) for alias in node.names]
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == \
-                "import_module" and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str):
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             module.dynamic.add(node.args[0].value)
         for n in names:
             (module.typing_only if typing_only else module.imports).add(n)
@@ -150,6 +156,7 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
                 found.append(sorted(component))
 
     import sys
+
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(max(limit, 10 * len(edges) + 100))
     try:
@@ -189,6 +196,7 @@ def _format(items) -> str:
 
 # ------------------------------------------------------------------------------- the checker itself
 
+
 def test_the_checker_resolves_imports_and_finds_cycles():
     assert "mmoe_core.registry" in MODULES and "demo_build" in MODULES
     adapter = MODULES["mmoe_core.adapter"]
@@ -202,6 +210,7 @@ def test_the_checker_resolves_imports_and_finds_cycles():
 
 # ------------------------------------------------------------------------------- mmoe_core and demo_build
 
+
 def test_no_import_cycle_in_mmoe_core_and_the_demo_build():
     found = _cycles_within(("mmoe_core", "demo_build"))
     assert not found, "import cycles:\n  " + _format(found)
@@ -214,6 +223,7 @@ def test_mmoe_core_knows_nothing_above_it():
 
 def test_demo_build_names_no_family():
     from mmoe_core import registry
+
     tree = ast.parse((REPO / "demo_build.py").read_text())
     words = set()
     for node in ast.walk(tree):
@@ -229,6 +239,7 @@ def test_demo_build_names_no_family():
 
 
 # ------------------------------------------------------------------------------- analysis and pages
+
 
 def test_no_import_cycle_anywhere():
     found = _cycles_within(tuple(_top(s.removesuffix(".py")) for s in SOURCES))

@@ -9,6 +9,7 @@ Toy model (W = 8; text: 6 token embeddings, image: 4 patch embeddings; routed se
 So the score reads text 0, text 1, image 0 (through the gate of text 0) and image 2; text 2..5 and
 image patches 1 and 3 are ignored. Router logit (position p, expert e) = w_e.(x_p + 0.5 image[0]) + b_e.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,9 @@ class ToyModel(nn.Module):
         x = torch.cat([text, image], dim=1)
         gate_input = x + GATE_MIX * image[:, :1]
         routed = self.moe(x, gate_input, recorder=recorder, meta=meta)
-        return (TEXT_WEIGHT * text[:, 1] @ self.u + IMAGE_WEIGHT * image[:, 2] @ self.u
-                + MOE_WEIGHT * routed[:, 0] @ self.v)
+        return (
+            TEXT_WEIGHT * text[:, 1] @ self.u + IMAGE_WEIGHT * image[:, 2] @ self.u + MOE_WEIGHT * routed[:, 0] @ self.v
+        )
 
 
 class ToyAdapter(ModelAdapter):
@@ -69,15 +71,26 @@ class ToyAdapter(ModelAdapter):
         return [InputSpec("text", "text_tokens", "token embeddings"), InputSpec("image", "image_patches", "patches")]
 
     def routed_layers(self):
-        return [RoutedLayerSpec("toy_moe", E, E, GateSpec(), routed="text tokens and image patches",
-                                gate_sees="the position plus image patch 0", calls=("mention",))]
+        return [
+            RoutedLayerSpec(
+                "toy_moe",
+                E,
+                E,
+                GateSpec(),
+                routed="text tokens and image patches",
+                gate_sees="the position plus image patch 0",
+                calls=("mention",),
+            )
+        ]
 
     def prediction_spec(self):
         return PredictionSpec("ranking", "toy score")
 
     def attribution_targets(self):
-        return [AttributionTarget("score", "toy score"),
-                AttributionTarget("router_logit", "a router logit", needs_layer=True)]
+        return [
+            AttributionTarget("score", "toy score"),
+            AttributionTarget("router_logit", "a router logit", needs_layer=True),
+        ]
 
     def load_examples(self, data_dir: Path, split: str = "test"):
         return []
@@ -115,6 +128,7 @@ class ToyAdapter(ModelAdapter):
             self.model(text, image, recorder=recorder, meta=self._meta([example] * text.shape[0]))
             recorded = next(c for c in recorder.calls if c.layer == layer and c.meta.call == (call or "mention"))
             return recorded.router.logits[:, position, expert]
+
         return router_logit
 
     def input_labels(self, example):
@@ -134,8 +148,13 @@ def make_example(index: int, decisive: str = "both", seed: int | None = None, u:
         direction = u.numpy()
         text[1] = direction * (4.0 if decisive in ("text", "both") else 0.1) + 0.05 * rng.normal(size=W)
         image[2] = direction * (4.0 if decisive in ("image", "both") else 0.1) + 0.05 * rng.normal(size=W)
-    return {"index": index, "id": f"ex{index}", "labels": {"decisive": decisive},
-            "text_emb": text.astype(np.float32), "image_emb": image.astype(np.float32)}
+    return {
+        "index": index,
+        "id": f"ex{index}",
+        "labels": {"decisive": decisive},
+        "text_emb": text.astype(np.float32),
+        "image_emb": image.astype(np.float32),
+    }
 
 
 def score_of(adapter: ToyAdapter, example: dict, zero: bool = False) -> float:
@@ -147,6 +166,7 @@ def score_of(adapter: ToyAdapter, example: dict, zero: bool = False) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 def test_ig_completeness_and_small_delta(adapter):
     example = make_example(3)
@@ -213,7 +233,8 @@ def test_to_rows_have_the_table_columns(adapter):
     assert len(rows) == L + P
     assert set(rows[0]) == set(TABLE_COLUMNS)
     assert {(r["layer"], r["expert"], r["target"], r["target_position"]) for r in rows} == {
-        ("toy_moe", 1, "router_logit", 0)}
+        ("toy_moe", 1, "router_logit", 0)
+    }
 
 
 def test_default_router_target_is_top1_of_first_position(adapter):
@@ -229,6 +250,7 @@ def test_batch_dependent_forward_warns(adapter):
         def attribution_forward(self, example, target, **kw):
             base = super().attribution_forward(example, target, **kw)
             return lambda text, image: base(text, image) / (1 + text.shape[0])
+
     with pytest.warns(RuntimeWarning, match="batch dependent"):
         integrated_gradients(BatchNormalised(adapter.model, {}), make_example(9), n_steps=4)
 
@@ -239,8 +261,9 @@ def test_table_stratified_sample_and_image_share_by_decisive_label(adapter):
     examples = [make_example(i, kind, u=u) for i, kind in enumerate(["text"] * 12 + ["image"] * 12 + ["both"] * 6)]
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        table = attribution_table(adapter, examples, sample_size=9, stratify_by="decisive", seed=1, progress=False,
-                                  n_steps=16)
+        table = attribution_table(
+            adapter, examples, sample_size=9, stratify_by="decisive", seed=1, progress=False, n_steps=16
+        )
     sampled = sorted(table["example_index"].unique())
     assert len(sampled) == 9 and sampled != list(range(9))
     assert set(table["decisive"]) == {"text", "image", "both"}
@@ -257,16 +280,31 @@ def test_table_stratified_sample_and_image_share_by_decisive_label(adapter):
 
 def test_modality_share_by_label_on_a_hand_made_table():
     def rows(example, label, shares, method="ig", target="score"):
-        return [{"example_index": example, "method": method, "target": target, "input": name, "position": p,
-                 "share": share, "decisive": label} for name, share in shares.items() for p in range(3)]
+        return [
+            {
+                "example_index": example,
+                "method": method,
+                "target": target,
+                "input": name,
+                "position": p,
+                "share": share,
+                "decisive": label,
+            }
+            for name, share in shares.items()
+            for p in range(3)
+        ]
+
     table = pd.DataFrame(
         rows(0, "text", {"mention_text": 0.8, "mention_image": 0.2})
         + rows(1, "text", {"mention_text": 0.6, "mention_image": 0.4})
         + rows(2, "image", {"mention_text": 0.1, "mention_image": 0.9})
         + rows(3, "image", {"mention_text": 1.0})  # no image input: counts as image share 0
         + rows(2, "image", {"mention_text": 0.5, "mention_image": 0.5}, target="router_logit")  # ignored
-        + rows(1, "text", {"mention_image": 1.0}, method="occlusion"))  # ignored
+        + rows(1, "text", {"mention_image": 1.0}, method="occlusion")
+    )  # ignored
     shares = modality_share_by_label(table, "decisive")
-    expected = pd.DataFrame({"mention_image": [0.45, 0.3], "mention_text": [0.55, 0.7], "n_examples": [2, 2]},
-                            index=pd.Index(["image", "text"], name="decisive"))
+    expected = pd.DataFrame(
+        {"mention_image": [0.45, 0.3], "mention_text": [0.55, 0.7], "n_examples": [2, 2]},
+        index=pd.Index(["image", "text"], name="decisive"),
+    )
     pd.testing.assert_frame_equal(shares, expected, check_dtype=False, check_like=True)

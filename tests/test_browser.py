@@ -11,6 +11,7 @@ tiny demo runs (the ``runs_root`` fixture of tests/test_pages_apptest.py: confte
 when present). Every wait is bounded; the server is stopped at the end.
 ``MOESCOPE_SCREENSHOT_HEIGHT`` makes the window taller (to review whole pages by eye).
 """
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,8 @@ QUIET_S = 1.5  # the app counts as idle after this long without a running indica
 
 pytestmark = pytest.mark.skipif(
     not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-    reason=f"headless browser test needs {CHROMIUM} and {CHROMEDRIVER} (not installed here)")
+    reason=f"headless browser test needs {CHROMIUM} and {CHROMEDRIVER} (not installed here)",
+)
 
 # (screenshot name, url path, run or None for the sidebar's default, extra query params, CSS selectors that
 # must appear once the page is idle)
@@ -49,8 +51,13 @@ TABLE = '[data-testid="stDataFrame"]'
 PAGES = [
     ("overview", "overview", "mmoe-collapsing", {}, [PLOT, TABLE]),
     ("routing_explorer", "routing_explorer", "mmoe-reference-gate", {"example": "1"}, [PLOT, TABLE]),
-    ("routing_explorer_patches", "routing_explorer", "mmoe-balanced",
-     {"example": "1", "layer": "image_intra", "call": "mention"}, [PLOT, TABLE]),
+    (
+        "routing_explorer_patches",
+        "routing_explorer",
+        "mmoe-balanced",
+        {"example": "1", "layer": "image_intra", "call": "mention"},
+        [PLOT, TABLE],
+    ),
     ("utilization", "utilization", "mmoe-collapsing", {}, [PLOT, TABLE]),
     ("dynamics", "dynamics", "mmoe-collapsing", {}, [PLOT]),
     ("dynamics_moemoe", "dynamics", "moemoe-qa", {}, [PLOT]),  # the training schedule's phase lines
@@ -76,9 +83,29 @@ def server(runs_root):  # noqa: F811
     env = {**os.environ, "MOESCOPE_ARTIFACTS": str(runs_root), "PYTHONPATH": str(REPO)}
     log = tempfile.NamedTemporaryFile(prefix="moescope-server-", suffix=".log", delete=False)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--browser.gatherUsageStats",
+            "false",
+            "--server.fileWatcherType",
+            "none",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVER_TIMEOUT
@@ -119,9 +146,18 @@ def browser():
     options = Options()
     options.binary_location = CHROMIUM
     options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run", f"--user-data-dir={profile}", f"--window-size=1400,{height}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        f"--window-size=1400,{height}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(PAGE_TIMEOUT)
@@ -137,8 +173,10 @@ def _wait_idle(driver, expected: list[str], timeout: float) -> tuple[float, list
     and every ``expected`` selector is present. Returns (seconds waited, selectors still missing)."""
     from selenium.webdriver.common.by import By
 
-    busy = ('[data-testid="stStatusWidget"], [data-testid="stAppSkeleton"], [data-testid="stSkeleton"], '
-            '[data-testid="stSpinner"]')
+    busy = (
+        '[data-testid="stStatusWidget"], [data-testid="stAppSkeleton"], [data-testid="stSkeleton"], '
+        '[data-testid="stSpinner"]'
+    )
     failed = '[data-testid="stException"], [data-testid="stAlertContentError"]'
     start = time.monotonic()
     quiet_since = None
@@ -178,6 +216,7 @@ def _outside_requests(driver) -> list[str]:
     """URLs of every request since the last call that went to a host other than this machine (from
     Chrome's performance log: documents, scripts, fonts, images, icons, XHR and websockets alike)."""
     from urllib.parse import urlparse
+
     urls = []
     for entry in driver.get_log("performance"):
         try:
@@ -197,13 +236,15 @@ def _outside_requests(driver) -> list[str]:
 
 
 def _icon_links(driver) -> list[str]:
-    return driver.execute_script(
-        "return Array.from(document.querySelectorAll('link[rel*=icon]')).map(l => l.href)") or []
+    return (
+        driver.execute_script("return Array.from(document.querySelectorAll('link[rel*=icon]')).map(l => l.href)") or []
+    )
 
 
 def _first_paint(driver, url: str, timeout: float = PAGE_TIMEOUT) -> float | None:
     """Load ``url`` and return the seconds until the page's title (``stMain h1``) is in the DOM."""
     from selenium.webdriver.common.by import By
+
     start = time.monotonic()
     driver.get(url)
     while time.monotonic() - start < timeout:
@@ -221,6 +262,7 @@ def test_playground_first_paint_shows_stored_results_before_the_live_model(serve
     """A first visit to the playground paints the inputs and the stored prediction of the base example at
     once, then the live results arrive (the model loads after the first paint). Screenshots of both."""
     from selenium.webdriver.common.by import By
+
     SHOTS.mkdir(parents=True, exist_ok=True)
     browser.get("about:blank")
     first = _first_paint(browser, f"{server}/playground?run=mmoe-balanced")
@@ -228,8 +270,11 @@ def test_playground_first_paint_shows_stored_results_before_the_live_model(serve
     deadline = time.monotonic() + PAGE_TIMEOUT
     stored = None
     while time.monotonic() < deadline and stored is None:
-        hits = [e for e in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]')
-                if e.text.startswith("Stored prediction of the base example")]
+        hits = [
+            e
+            for e in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]')
+            if e.text.startswith("Stored prediction of the base example")
+        ]
         stored = time.monotonic() if hits else None
         time.sleep(0.05)
     assert stored is not None, "the stored prediction of the base example is not shown"
@@ -240,8 +285,9 @@ def test_playground_first_paint_shows_stored_results_before_the_live_model(serve
     metrics = " ".join(e.text for e in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stMetric"]'))
     assert "gold rank" in metrics
     assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
-    _record_timings({"playground first paint (title)": round(first, 2),
-                     "playground live results settled": round(waited + first, 2)})
+    _record_timings(
+        {"playground first paint (title)": round(first, 2), "playground live results settled": round(waited + first, 2)}
+    )
 
 
 def test_every_page_renders_in_the_browser(server, browser, runs_root):  # noqa: F811
@@ -271,8 +317,11 @@ def test_every_page_renders_in_the_browser(server, browser, runs_root):  # noqa:
         for box in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentError"]'):
             problems.append(f"{name}: error alert: {box.text[:600]}")
         problems += [f"{name}: request off this machine: {u}" for u in _outside_requests(browser)]
-        problems += [f"{name}: page icon not inline or local: {h}" for h in _icon_links(browser)
-                     if not (h.startswith("data:") or h.startswith(server))]
+        problems += [
+            f"{name}: page icon not inline or local: {h}"
+            for h in _icon_links(browser)
+            if not (h.startswith("data:") or h.startswith(server))
+        ]
     _record_timings(timings)
     assert not problems, "\n".join(problems)
 
@@ -284,19 +333,26 @@ def test_crafted_url_params_show_as_text(server, browser):  # noqa: F811
     """?run= with Markdown renders no link, bold text or image inside the warning (and fetches nothing);
     ?example=² on the playground, attributions and source-weights pages is a warning, not a traceback."""
     from selenium.webdriver.common.by import By
+
     browser.get("about:blank")
     browser.get_log("performance")
     browser.get(f"{server}/overview?{urlencode({'run': CRAFTED_RUN})}")
     _, missing = _wait_idle(browser, ['[data-testid="stAlertContentWarning"]'], PAGE_TIMEOUT)
     assert not missing, missing
-    alert = next(a for a in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentWarning"]')
-                 if "The link asks for run" in a.text)
+    alert = next(
+        a
+        for a in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentWarning"]')
+        if "The link asks for run" in a.text
+    )
     assert not alert.find_elements(By.CSS_SELECTOR, "a, img, strong, b, em"), alert.get_attribute("innerHTML")
     codes = [c.text for c in alert.find_elements(By.CSS_SELECTOR, "code")]
     assert CRAFTED_RUN[:80] in codes, codes  # cut at 80 characters (pages.state.LITERAL_CHARS)
     assert not _outside_requests(browser)
-    for path, run in (("playground", "mmoe-balanced"), ("attributions", "mmoe-balanced"),
-                      ("source_weights", "moemoe-qa")):
+    for path, run in (
+        ("playground", "mmoe-balanced"),
+        ("attributions", "mmoe-balanced"),
+        ("source_weights", "moemoe-qa"),
+    ):
         browser.get("about:blank")
         query = urlencode({"run": run, "example": "\u00b2"})
         browser.get(f"{server}/{path}?{query}")
@@ -313,6 +369,7 @@ def test_a_picture_at_the_upload_limit_settles_without_a_browser_error(server, b
     and no error box. The time it takes goes to browser_timings.json."""
     from PIL import Image
     from selenium.webdriver.common.by import By
+
     picture = tmp_path / "big-5000x5000.png"
     image = Image.new("RGB", (5000, 5000), (235, 235, 240))
     image.paste((200, 30, 30), (1000, 1000, 4000, 4000))
@@ -321,8 +378,11 @@ def test_a_picture_at_the_upload_limit_settles_without_a_browser_error(server, b
     browser.get(f"{server}/playground?run=mmoe-balanced")
     _, missing = _wait_idle(browser, ['[data-testid="stMetric"]'], PAGE_TIMEOUT)
     assert not missing, missing
-    radio = next(e for e in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stRadio"] label')
-                 if "upload a picture" in e.text)
+    radio = next(
+        e
+        for e in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stRadio"] label')
+        if "upload a picture" in e.text
+    )
     radio.click()
     _, missing = _wait_idle(browser, ['input[type="file"]'], PAGE_TIMEOUT)
     assert not missing, missing
@@ -330,8 +390,10 @@ def test_a_picture_at_the_upload_limit_settles_without_a_browser_error(server, b
     start = time.monotonic()
     browser.find_element(By.CSS_SELECTOR, 'input[type="file"]').send_keys(str(picture))
     deadline = time.monotonic() + PAGE_TIMEOUT
-    while time.monotonic() < deadline and "5000 x 5000 pixels" not in browser.find_element(
-            By.CSS_SELECTOR, '[data-testid="stMain"]').text:
+    while (
+        time.monotonic() < deadline
+        and "5000 x 5000 pixels" not in browser.find_element(By.CSS_SELECTOR, '[data-testid="stMain"]').text
+    ):
         time.sleep(0.1)
     waited, missing = _wait_idle(browser, ['[data-testid="stMetric"]', PLOT], PAGE_TIMEOUT)
     settled = time.monotonic() - start
@@ -360,8 +422,9 @@ def test_example_row_opens_the_routing_explorer(server, browser, runs_root):  # 
     # The row-selection checkbox column is the grid's first column; the third data row sits below the header.
     height = table.size["height"]
     for _ in range(3):  # the grid can take a moment to accept clicks after it is drawn
-        ActionChains(browser).move_to_element_with_offset(table, -table.size["width"] // 2 + 14,
-                                                          -height // 2 + 35 * 3 + 17).click().perform()
+        ActionChains(browser).move_to_element_with_offset(
+            table, -table.size["width"] // 2 + 14, -height // 2 + 35 * 3 + 17
+        ).click().perform()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and "routing_explorer" not in browser.current_url:
             time.sleep(0.25)

@@ -1,4 +1,5 @@
 """Checkpoints: bit-exact save/load round trip, snapshots, strict loading."""
+
 from __future__ import annotations
 
 import json
@@ -7,18 +8,35 @@ import pytest
 import torch
 
 from mmoe_core.adapter import load_adapter
-from mmoe_core.checkpoint import (CheckpointError, list_snapshots, load_config, load_into, load_state,
-                                  save_checkpoint, save_snapshot)
+from mmoe_core.checkpoint import (
+    CheckpointError,
+    list_snapshots,
+    load_config,
+    load_into,
+    load_state,
+    save_checkpoint,
+    save_snapshot,
+)
 from mmoe_core.encoders import EncoderSpec
 from mmoe_core.families.mmoe.model import build_model
 
-CONFIG = {"family": "mmoe", "model": dict(encoder=EncoderSpec(name="tiny-32").to_dict(), image_dim=8, text_hidden=8,
-                                          image_hidden=8, cross_hidden=8, expert_mult=1)}
+CONFIG = {
+    "family": "mmoe",
+    "model": dict(
+        encoder=EncoderSpec(name="tiny-32").to_dict(),
+        image_dim=8,
+        text_hidden=8,
+        image_hidden=8,
+        cross_hidden=8,
+        expert_mult=1,
+    ),
+}
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from mmoe_core.data.generate import generate_entity_world
+
     return generate_entity_world(tmp_path_factory.mktemp("world") / "entity", scale="tiny", progress=False)
 
 
@@ -47,7 +65,9 @@ def test_round_trip_is_bit_exact_and_predicts_the_same(tmp_path, world):
     examples = adapter.load_examples(world, "test")[:8]
     a = adapter.run(examples, record=False).predictions
     b = fresh.run(examples, record=False).predictions
-    assert [(p["rank"], p["top_ids"], p["top_scores"]) for p in a] == [(p["rank"], p["top_ids"], p["top_scores"]) for p in b]
+    assert [(p["rank"], p["top_ids"], p["top_scores"]) for p in a] == [
+        (p["rank"], p["top_ids"], p["top_scores"]) for p in b
+    ]
 
 
 def test_snapshots_are_listed_and_loadable(tmp_path):

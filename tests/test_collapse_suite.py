@@ -26,9 +26,17 @@ def healthy(E=4, k=3, examples=48, length=12, seed=0, layer="layer"):
     logits = rng.normal(size=(examples * length, E))
     probs = r.softmax(logits)
     ids, combine = standard_gate(probs, k)
-    return cs.Routing(probs, ids, combine, logits=logits, example=np.repeat(np.arange(examples), length),
-                      position=np.tile(np.arange(length), examples), combine_alone=combine.copy(),
-                      labels={"routed_modality": np.array(["text"] * (examples * length))}, layer=layer)
+    return cs.Routing(
+        probs,
+        ids,
+        combine,
+        logits=logits,
+        example=np.repeat(np.arange(examples), length),
+        position=np.tile(np.arange(length), examples),
+        combine_alone=combine.copy(),
+        labels={"routed_modality": np.array(["text"] * (examples * length))},
+        layer=layer,
+    )
 
 
 def routing_frame(*layers: cs.Routing) -> pd.DataFrame:
@@ -36,11 +44,21 @@ def routing_frame(*layers: cs.Routing) -> pd.DataFrame:
     parts = []
     for layer in layers:
         T = len(layer.probs)
-        skeleton = pd.DataFrame({
-            "layer": layer.layer, "call": 0, "example_index": layer.example, "example_id":
-            [str(i) for i in layer.example], "position": layer.position,
-            "position_kind": np.where(layer.position == 0, "cls", "token"), "token": "",
-            "routed_modality": "text", "gate_modality": "text", "grid_row": -1, "grid_col": -1})
+        skeleton = pd.DataFrame(
+            {
+                "layer": layer.layer,
+                "call": 0,
+                "example_index": layer.example,
+                "example_id": [str(i) for i in layer.example],
+                "position": layer.position,
+                "position_kind": np.where(layer.position == 0, "cls", "token"),
+                "token": "",
+                "routed_modality": "text",
+                "gate_modality": "text",
+                "grid_row": -1,
+                "grid_col": -1,
+            }
+        )
         layer = cs.Routing(**{**layer.__dict__, "combine_alone": None})
         parts.append(layer.write_into(skeleton))
         assert len(parts[-1]) == T
@@ -213,20 +231,29 @@ def issue_layer():
     ids, combine = standard_gate(probs, 3)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(omit))  # positions unrelated to the routing
-    return cs.Routing(probs[order], ids[order], combine[order],
-                      example=np.repeat(np.arange(40), 10), position=np.tile(np.arange(10), 40))
+    return cs.Routing(
+        probs[order],
+        ids[order],
+        combine[order],
+        example=np.repeat(np.arange(40), 10),
+        position=np.tile(np.arange(10), 40),
+    )
 
 
 def test_issue_layer_untouched_now_warns_where_routing_said_healthy():
     got = cs.layer_verdict(issue_layer())
     # routing alone says healthy, as the issue reports, until the rule is wired into it
-    assert (got["routing_verdict"], tuple(got["caught_by"])) in {("healthy", ("weight_collapse",)),
-                                                         ("warning", ("routing.verdict",))}
+    assert (got["routing_verdict"], tuple(got["caught_by"])) in {
+        ("healthy", ("weight_collapse",)),
+        ("warning", ("routing.verdict",)),
+    }
     assert got["verdict"] == "warning"
     assert got["reason"].count("weight collapse under top-k") == 1
-    assert got["reason"].startswith("warning: weight collapse under top-k: the slots name 3.98 "
-                                    "effective experts of 4 (at most 29% each) but expert 2 gets "
-                                    "42% of the combine weight for 24% of slots (1.76x)")
+    assert got["reason"].startswith(
+        "warning: weight collapse under top-k: the slots name 3.98 "
+        "effective experts of 4 (at most 29% each) but expert 2 gets "
+        "42% of the combine weight for 24% of slots (1.76x)"
+    )
     if got["routing_verdict"] == "healthy":
         assert got["reason"].endswith("no dead experts")  # routing's own numbers stay
 
@@ -255,16 +282,16 @@ from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(3, 8), st.integers(1, 3), st.integers(0, 2**31 - 1),
-       st.sampled_from([0.3, 1.0, 3.0]))
+@given(st.integers(3, 8), st.integers(1, 3), st.integers(0, 2**31 - 1), st.sampled_from([0.3, 1.0, 3.0]))
 def test_random_healthy_routers_pass_the_whole_suite(E, k, seed, sharpness):
     k = min(k, E - 1)
     h = healthy(E, k, examples=40, length=12, seed=seed)
     logits = h.logits * sharpness  # flat to sharp routers, all content driven
     probs = r.softmax(logits)
     ids, combine = standard_gate(probs, k)
-    h = cs.Routing(probs, ids, combine, logits=logits, example=h.example, position=h.position,
-                   combine_alone=combine.copy())
+    h = cs.Routing(
+        probs, ids, combine, logits=logits, example=h.example, position=h.position, combine_alone=combine.copy()
+    )
     table = cs.validate(h)
     judged = table[table["verdict"] != "n/a"]
     assert judged["passed"].astype(bool).all(), judged[["pathology", "verdict", "reason"]].to_string()

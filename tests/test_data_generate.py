@@ -3,6 +3,7 @@
 The label checks below deliberately do not call the generator's own check: they recompute candidate
 sets from kb_entity.json, the split files and ground_truth.json with their own tokeniser.
 """
+
 from __future__ import annotations
 
 import json
@@ -292,14 +293,35 @@ def test_qa_default_scale_plan_meets_the_minimum_counts():
 def test_cli_writes_a_tiny_entity_world(tmp_path):
     out = tmp_path / "cli_world"
     result = subprocess.run(
-        [sys.executable, "-m", "mmoe_core.data.generate", "--world", "entity", "--out", str(out),
-         "--seed", "3", "--scale", "tiny"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "mmoe_core.data.generate",
+            "--world",
+            "entity",
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+            "--scale",
+            "tiny",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "entity world pictures" in result.stderr  # the tqdm bar goes to stderr
-    for name in ("kb_entity.json", "qid2id.json", "DEMO_train.json", "DEMO_dev.json", "DEMO_test.json",
-                 "ground_truth.json", "world.json"):
+    for name in (
+        "kb_entity.json",
+        "qid2id.json",
+        "DEMO_train.json",
+        "DEMO_dev.json",
+        "DEMO_test.json",
+        "ground_truth.json",
+        "world.json",
+    ):
         assert (out / name).is_file(), name
     assert json.loads((out / "world.json").read_text())["seed"] == 3
     assert not (tmp_path / "cli_world.partial").exists()

@@ -1,4 +1,5 @@
 """Readers: a generated world reads back into the expected records; malformed input fails clearly."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,15 @@ import pytest
 
 from mmoe_core.data.generate import generate_entity_world, generate_qa_world
 from mmoe_core.data.readers import (
-    DatasetError, candidates_for, detect_dataset_name, entity_table, load_image, mention_table, qa_table,
-    read_entity_dataset, read_qa_dataset,
+    DatasetError,
+    candidates_for,
+    detect_dataset_name,
+    entity_table,
+    load_image,
+    mention_table,
+    qa_table,
+    read_entity_dataset,
+    read_qa_dataset,
 )
 from mmoe_core.data.records import Entity, Mention, QAItem
 
@@ -77,7 +85,12 @@ def test_entity_world_reads_back(entity_root):
         for record, mention in zip(linked, ds.splits[split]):
             assert isinstance(mention, Mention)
             assert (mention.id, mention.mention, mention.entity_name, mention.sentence, mention.desc) == (
-                record["id"], record["mentions"], record["entities"], record["sentence"], record["desc"])
+                record["id"],
+                record["mentions"],
+                record["entities"],
+                record["sentence"],
+                record["desc"],
+            )
             assert mention.answer_qid == record["answer"] and mention.answer_index == qid2id[record["answer"]]
             assert (mention.image is None) == (record["imgPath"] == "")
             assert mention.decisive == truth["mentions"][record["id"]]["decisive"]
@@ -103,10 +116,27 @@ def test_qa_world_reads_back(qa_root):
         assert len(ds.splits[split]) == len(rows)
         for row, item in zip(rows, ds.splits[split]):
             assert isinstance(item, QAItem)
-            assert (item.id, item.question, item.answer, item.question_type, item.answer_source, item.context,
-                    item.category, item.context_conflict, item.product_id) == (
-                row["id"], row["question"], row["answer"], row["question_type"], row["answer_source"],
-                row["context"], row["category"], row["context_conflict"], row["product_id"])
+            assert (
+                item.id,
+                item.question,
+                item.answer,
+                item.question_type,
+                item.answer_source,
+                item.context,
+                item.category,
+                item.context_conflict,
+                item.product_id,
+            ) == (
+                row["id"],
+                row["question"],
+                row["answer"],
+                row["question_type"],
+                row["answer_source"],
+                row["context"],
+                row["category"],
+                row["context_conflict"],
+                row["product_id"],
+            )
             assert item.image == qa_root / row["image"] and item.image.is_file()
     assert len(ds.products) == 64 and ds.world["world"] == "qa"
     assert len(qa_table(ds)) == sum(len(s) for s in ds.splits.values())

@@ -1,4 +1,5 @@
 """The demo build (demo_build.py): registered worlds and demo runs, skipping what is built."""
+
 from __future__ import annotations
 
 import json
@@ -36,6 +37,7 @@ def test_builds_a_tiny_run_once(tmp_path, monkeypatch, no_precompute):
 
 # ------------------------------------------------------------------- a toy family, through the registry only
 
+
 def _toy_world(out_dir: Path, scale: str, seed: int) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "world.json").write_text(json.dumps({"scale": scale, "seed": seed}))
@@ -51,25 +53,40 @@ TRAINED: list[str] = []
 
 def _toy_train(data_dir: Path, ckpt_dir: Path, scale: str, progress: bool) -> None:
     TRAINED.append(scale)
-    save_checkpoint(torch.nn.Linear(2, 2), {"family": "toy-demo", "model": {}, "data": {"root": str(data_dir)},
-                                            "training": {}}, ckpt_dir)
+    save_checkpoint(
+        torch.nn.Linear(2, 2),
+        {"family": "toy-demo", "model": {}, "data": {"root": str(data_dir)}, "training": {}},
+        ckpt_dir,
+    )
 
 
 def _toy_runs(steps: int):
     def runs(scale: str) -> list[registry.DemoRun]:
-        return [registry.DemoRun("toy-run", "toy-demo", "toy-world", {"steps": steps, "scale": scale}, _toy_train,
-                                 {"split": "test"}, "a toy run")]
+        return [
+            registry.DemoRun(
+                "toy-run",
+                "toy-demo",
+                "toy-world",
+                {"steps": steps, "scale": scale},
+                _toy_train,
+                {"split": "test"},
+                "a toy run",
+            )
+        ]
+
     return runs
 
 
 @pytest.fixture
 def toy_family(monkeypatch, tmp_path):
     from mmoe_core.adapter import ModelAdapter
+
     monkeypatch.setenv("MOESCOPE_ARTIFACTS", str(tmp_path))
     registry.families()  # the built-ins first, so that the toy entries are undone last
     monkeypatch.setitem(registry._WORLDS, "toy-world", registry.World("toy-world", _toy_world, _toy_world_built))
-    monkeypatch.setitem(registry._FAMILIES, "toy-demo",
-                        registry.Family("toy-demo", "toy", ModelAdapter, demo_runs=_toy_runs(3)))
+    monkeypatch.setitem(
+        registry._FAMILIES, "toy-demo", registry.Family("toy-demo", "toy", ModelAdapter, demo_runs=_toy_runs(3))
+    )
     TRAINED.clear()
     return tmp_path
 
@@ -83,9 +100,11 @@ def test_a_registered_family_is_built_without_demo_build_naming_it(toy_family, m
     assert not demo_build.build(only="toy-run", scale="tiny", progress=False)["runs"]["toy-run"]["trained"]
     assert demo_build.build(only="toy-run", scale="tiny", progress=False, force=True)["runs"]["toy-run"]["trained"]
     # a changed recipe (fingerprint) retrains
-    monkeypatch.setitem(registry._FAMILIES, "toy-demo",
-                        registry.Family("toy-demo", "toy", registry._FAMILIES["toy-demo"].adapter,
-                                        demo_runs=_toy_runs(4)))
+    monkeypatch.setitem(
+        registry._FAMILIES,
+        "toy-demo",
+        registry.Family("toy-demo", "toy", registry._FAMILIES["toy-demo"].adapter, demo_runs=_toy_runs(4)),
+    )
     assert demo_build.build(only="toy-run", scale="tiny", progress=False)["runs"]["toy-run"]["trained"]
     assert TRAINED == ["tiny"] * 3 and no_precompute == ["toy-run"] * 4
 
@@ -98,9 +117,14 @@ def test_a_failed_training_leaves_no_stamp(toy_family, monkeypatch, no_precomput
     def broken(scale):
         def fail(*args):
             raise RuntimeError("training broke")
+
         return [registry.DemoRun("toy-run", "toy-demo", "toy-world", {"steps": 5}, fail)]
-    monkeypatch.setitem(registry._FAMILIES, "toy-demo",
-                        registry.Family("toy-demo", "toy", registry._FAMILIES["toy-demo"].adapter, demo_runs=broken))
+
+    monkeypatch.setitem(
+        registry._FAMILIES,
+        "toy-demo",
+        registry.Family("toy-demo", "toy", registry._FAMILIES["toy-demo"].adapter, demo_runs=broken),
+    )
     with pytest.raises(RuntimeError, match="training broke"):
         demo_build.build(only="toy-run", scale="tiny", progress=False)
     assert not stamp.exists()  # the next build retrains

@@ -1,4 +1,5 @@
 """Projections: stratified fit samples, PCA/UMAP persistence without pickle, placing new points."""
+
 from __future__ import annotations
 
 import zipfile

@@ -6,6 +6,7 @@ is frozen to send every position to expert 0 (so expert 0 alone learns the task)
 second routed layer without an ``ablated`` switch (the toy family's sigmoid sieve), then a head. Unit
 tier: no demo build.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,6 +43,7 @@ CLASSES, WIDTH, SIDE = 3, 8, 3  # classes, feature width, positions per input
 
 # ---------------------------------------------------------------------------------------------- the model
 
+
 class Probe(nn.Module):
     def __init__(self, seed: int = 0):
         super().__init__()
@@ -54,15 +56,21 @@ class Probe(nn.Module):
         self.sieve = SigmoidSieve(16, num_experts=2, top_k=1, name="sieve")
         self.head = nn.Linear(16, CLASSES)
 
-    def forward(self, left: Tensor, right: Tensor, recorder: RoutingRecorder | None = None,
-                example_ids: Sequence[int] = ()) -> Tensor:
+    def forward(
+        self, left: Tensor, right: Tensor, recorder: RoutingRecorder | None = None, example_ids: Sequence[int] = ()
+    ) -> Tensor:
         x = torch.cat([left, right], dim=1)
         meta = None
         if recorder is not None:
             n = x.shape[1]
-            meta = PositionMeta("probe", list(example_ids), ["token"] * n,
-                                ["left"] * SIDE + ["right"] * SIDE, ["left"] * SIDE + ["right"] * SIDE,
-                                [[f"p{i}" for i in range(n)]] * x.shape[0])
+            meta = PositionMeta(
+                "probe",
+                list(example_ids),
+                ["token"] * n,
+                ["left"] * SIDE + ["right"] * SIDE,
+                ["left"] * SIDE + ["right"] * SIDE,
+                [[f"p{i}" for i in range(n)]] * x.shape[0],
+            )
         h = self.moe(x, recorder=recorder, meta=meta).amax(dim=1)
         return self.head(h + self.sieve(h))
 
@@ -75,14 +83,24 @@ def make_examples(n: int, seed: int) -> list[dict]:
         cls, side = int(rng.integers(CLASSES)), ("left", "right")[int(rng.integers(2))]
         feats = {s: rng.normal(0, 1.0, size=(SIDE, WIDTH)) for s in ("left", "right")}
         feats[side][int(rng.integers(SIDE))] = prototypes[cls] + rng.normal(0, 0.3, size=WIDTH)
-        out.append({"index": i, "id": f"ex{i}", "gold": cls, "left": feats["left"], "right": feats["right"],
-                    "labels": {"side": side, "parity": "even" if i % 2 == 0 else "odd"}})
+        out.append(
+            {
+                "index": i,
+                "id": f"ex{i}",
+                "gold": cls,
+                "left": feats["left"],
+                "right": feats["right"],
+                "labels": {"side": side, "parity": "even" if i % 2 == 0 else "odd"},
+            }
+        )
     return out
 
 
 def _tensors(examples: Sequence[dict]) -> tuple[Tensor, Tensor]:
-    return (torch.tensor(np.stack([e["left"] for e in examples]), dtype=torch.float32),
-            torch.tensor(np.stack([e["right"] for e in examples]), dtype=torch.float32))
+    return (
+        torch.tensor(np.stack([e["left"] for e in examples]), dtype=torch.float32),
+        torch.tensor(np.stack([e["right"] for e in examples]), dtype=torch.float32),
+    )
 
 
 class ProbeAdapter(ModelAdapter):
@@ -105,14 +123,27 @@ class ProbeAdapter(ModelAdapter):
         return [AttributionTarget("score", "gold logit")]
 
     def output_spec(self):
-        return [OutputSpec("mix", "source_weights", "", sources=(SourceSpec("left", "w_left", "left"),
-                                                                SourceSpec("right", "w_right", "right")),
-                           truth_label="side", positions="positions")]
+        return [
+            OutputSpec(
+                "mix",
+                "source_weights",
+                "",
+                sources=(SourceSpec("left", "w_left", "left"), SourceSpec("right", "w_right", "right")),
+                truth_label="side",
+                positions="positions",
+            )
+        ]
 
     def label_spec(self):
-        return [LabelSpec("side", "the side holding the prototype", ground_truth=True,
-                          decides={"left": ("left",), "right": ("right",)}),
-                LabelSpec("parity", "index parity")]
+        return [
+            LabelSpec(
+                "side",
+                "the side holding the prototype",
+                ground_truth=True,
+                decides={"left": ("left",), "right": ("right",)},
+            ),
+            LabelSpec("parity", "index parity"),
+        ]
 
     def load_examples(self, data_dir: Path, split: str = "test"):
         return make_examples(60, 1)
@@ -122,27 +153,47 @@ class ProbeAdapter(ModelAdapter):
         recorder = RoutingRecorder() if record else None
         preds, mix = [], []
         for s in range(0, len(examples), batch_size):
-            chunk = list(examples[s:s + batch_size])
+            chunk = list(examples[s : s + batch_size])
             left, right = _tensors(chunk)
             logits = self.model(left, right, recorder, [e["index"] for e in chunk])
             # the declared source weights: share of the pooled features whose maximum sits on each side
             pooled_from = self.model.moe(torch.cat([left, right], dim=1)).argmax(dim=1)  # [B, D]
             share_left = (pooled_from < SIDE).float().mean(dim=1)
-            mix += [{"index": e["index"], "positions": ["pooled"], "w_left": [float(share_left[row])],
-                     "w_right": [1 - float(share_left[row])]} for row, e in enumerate(chunk)]
+            mix += [
+                {
+                    "index": e["index"],
+                    "positions": ["pooled"],
+                    "w_left": [float(share_left[row])],
+                    "w_right": [1 - float(share_left[row])],
+                }
+                for row, e in enumerate(chunk)
+            ]
             for row, e in enumerate(chunk):
                 order = logits[row].argsort(descending=True).tolist()
                 rank = order.index(e["gold"]) + 1
-                preds.append({"index": e["index"], "id": e["id"], "prediction": str(order[0]), "gold": str(e["gold"]),
-                              "rank": rank, "correct": rank == 1, "score": float(logits[row, order[0]])})
+                preds.append(
+                    {
+                        "index": e["index"],
+                        "id": e["id"],
+                        "prediction": str(order[0]),
+                        "gold": str(e["gold"]),
+                        "rank": rank,
+                        "correct": rank == 1,
+                        "score": float(logits[row, order[0]]),
+                    }
+                )
         return RunOutput(preds, recorder, {"mix": mix})
 
     def summarize(self, predictions, examples):
         side = {e["index"]: e["labels"]["side"] for e in examples}
 
         def metrics(rows):
-            return {"Hits@1": float(np.mean([p["rank"] == 1 for p in rows])),
-                    "MRR": float(np.mean([1 / p["rank"] for p in rows])), "n": len(rows)}
+            return {
+                "Hits@1": float(np.mean([p["rank"] == 1 for p in rows])),
+                "MRR": float(np.mean([1 / p["rank"] for p in rows])),
+                "n": len(rows),
+            }
+
         groups: dict[str, list] = {}
         for p in predictions:
             groups.setdefault(side[p["index"]], []).append(p)
@@ -189,15 +240,26 @@ def trained() -> ProbeAdapter:
 
 # ---------------------------------------------------------------------------------------------- agreement
 
+
 def _spec(**kw) -> ModelSpec:
-    return ModelSpec(family="t", title="t", labels=(
-        LabelSpec("side", "", ground_truth=True, decides={"left": ("left",), "right": ("right",)}),
-        LabelSpec("parity", "")), **kw)
+    return ModelSpec(
+        family="t",
+        title="t",
+        labels=(
+            LabelSpec("side", "", ground_truth=True, decides={"left": ("left",), "right": ("right",)}),
+            LabelSpec("parity", ""),
+        ),
+        **kw,
+    )
 
 
 def _attribution_table(mass: dict[int, dict[str, float]], method: str = "ig") -> pd.DataFrame:
-    rows = [{"example_index": i, "method": method, "target": "score", "input": name, "position": p,
-             "abs_value": m / 2} for i, by_input in mass.items() for name, m in by_input.items() for p in range(2)]
+    rows = [
+        {"example_index": i, "method": method, "target": "score", "input": name, "position": p, "abs_value": m / 2}
+        for i, by_input in mass.items()
+        for name, m in by_input.items()
+        for p in range(2)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -227,13 +289,27 @@ def test_a_method_that_attributes_only_the_decided_input_is_not_scored():
 
 
 def _source_weights(dominant: Sequence[str]) -> pd.DataFrame:
-    return pd.DataFrame([{"example_index": i, "position": 0, "token": "", "left": 0.8 if d == "left" else 0.2,
-                          "right": 0.2 if d == "left" else 0.8} for i, d in enumerate(dominant)])
+    return pd.DataFrame(
+        [
+            {
+                "example_index": i,
+                "position": 0,
+                "token": "",
+                "left": 0.8 if d == "left" else 0.2,
+                "right": 0.2 if d == "left" else 0.8,
+            }
+            for i, d in enumerate(dominant)
+        ]
+    )
 
 
-OUTPUT = OutputSpec("mix", "source_weights", "", sources=(SourceSpec("left", "w_left", "left"),
-                                                          SourceSpec("right", "w_right", "right")),
-                    truth_label="side")
+OUTPUT = OutputSpec(
+    "mix",
+    "source_weights",
+    "",
+    sources=(SourceSpec("left", "w_left", "left"), SourceSpec("right", "w_right", "right")),
+    truth_label="side",
+)
 
 
 def test_source_agreement_against_random_pairings():
@@ -252,6 +328,7 @@ def test_source_agreement_against_random_pairings():
 
 # ---------------------------------------------------------------------------------------------- specialisation
 
+
 def test_grouped_permutation_mi_and_its_p_value():
     rng = np.random.default_rng(0)
     labels = np.repeat(rng.integers(0, 2, size=50), 10)  # one label per example of 10 positions
@@ -268,9 +345,14 @@ def test_grouped_permutation_mi_and_its_p_value():
 
 def test_routing_specialisation_rows_per_layer_and_label():
     n = 40
-    routing = pd.DataFrame({"layer": "moe", "example_index": np.repeat(np.arange(n), 4),
-                            "position_kind": np.tile(["cls", "token", "token", "token"], n),
-                            "routed_modality": "text"})
+    routing = pd.DataFrame(
+        {
+            "layer": "moe",
+            "example_index": np.repeat(np.arange(n), 4),
+            "position_kind": np.tile(["cls", "token", "token", "token"], n),
+            "routed_modality": "text",
+        }
+    )
     side = np.where(np.arange(n) % 2 == 0, "left", "right")
     routing["top1"] = np.where(np.repeat(side, 4) == "left", 0, 1)
     examples = pd.DataFrame({"example_index": np.arange(n), "side": side, "parity": "x"})
@@ -281,6 +363,7 @@ def test_routing_specialisation_rows_per_layer_and_label():
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
+
 
 def test_randomisation_stages_are_cumulative_from_the_output_end():
     stages = X.randomisation_stages(["embed", "block1", "block2", "head"], 2)
@@ -298,6 +381,7 @@ def test_deletion_and_insertion_beat_random_orders_for_a_faithful_explanation():
 
     def forward(x: Tensor) -> Tensor:  # a linear model of six one-dimensional positions
         return (x[..., 0] * w).sum(dim=1)
+
     x = (torch.ones(1, 6, 1),)
     faithful = X.deletion_insertion(forward, x, [w.numpy()], steps=6, random_orders=16)
     assert faithful["deletion"] < faithful["deletion_random"] < faithful["insertion_random"] < faithful["insertion"]
@@ -308,8 +392,11 @@ def test_deletion_and_insertion_beat_random_orders_for_a_faithful_explanation():
 
 
 def test_metrics_resolve_case_insensitively_and_slices_come_from_by_labels():
-    summary = {"overall": {"Hits@1": 0.5, "MRR": 0.6, "n": 10},
-               "by_side": {"left": {"Hits@1": 1.0, "MRR": 1.0, "n": 5}}, "num_entities": 7}
+    summary = {
+        "overall": {"Hits@1": 0.5, "MRR": 0.6, "n": 10},
+        "by_side": {"left": {"Hits@1": 1.0, "MRR": 1.0, "n": 5}},
+        "num_entities": 7,
+    }
     metrics = X._resolve_metrics(summary["overall"], ("hits@1",))
     assert metrics == ["Hits@1"]
     assert X.metric_rows(summary, metrics) == [("Hits@1", "", "all", 0.5, 10), ("Hits@1", "side", "left", 1.0, 5)]
@@ -330,16 +417,25 @@ def test_detector_suite_on_a_healthy_routing_catches_every_injection():
     combine = np.zeros_like(probs)
     rows = np.arange(t)[:, None]
     combine[rows, top] = probs[rows, top] / probs[rows, top].sum(axis=1, keepdims=True)
-    routing = pd.DataFrame({"layer": "moe", "example_index": np.repeat(np.arange(60), 10),
-                            "position": np.tile(np.arange(10), 60), "position_kind": "token",
-                            "probs": list(probs), "topk_ids": list(top), "combine": list(combine),
-                            "logits": list(np.log(probs))})
+    routing = pd.DataFrame(
+        {
+            "layer": "moe",
+            "example_index": np.repeat(np.arange(60), 10),
+            "position": np.tile(np.arange(10), 60),
+            "position_kind": "token",
+            "probs": list(probs),
+            "topk_ids": list(top),
+            "combine": list(combine),
+            "logits": list(np.log(probs)),
+        }
+    )
     suite = X.detector_suite(routing)
     assert {"none", "dead_expert", "all_to_one", "weight_collapse"} <= set(suite["pathology"])
     assert suite["passed"].dropna().all(), suite[["pathology", "verdict", "reason"]].to_string()
 
 
 # ---------------------------------------------------------------------------------------------- on the model
+
 
 def input_times_constant(method, forward, inputs, n_steps=32, internal_batch_size=8):
     """An 'explanation' that ignores the model: each position's input summed, times 2."""
@@ -355,8 +451,9 @@ def test_randomisation_flags_what_ignores_the_model_and_not_ig(trained):
     assert {stage for _, stage in by} == {"1/3", "2/3", "3/3"}
     assert by[("ig", "3/3")]["value"] < X.THRESHOLDS.randomisation_spearman and not by[("ig", "3/3")]["flagged"]
     assert all(r["flagged"] and r["value"] == pytest.approx(1.0) for (m, _), r in by.items() if m == "input_norm")
-    constant = X.randomisation_rows(trained, spec, examples, methods=("x2",), n_stages=3,
-                                    explain_fn=input_times_constant)
+    constant = X.randomisation_rows(
+        trained, spec, examples, methods=("x2",), n_stages=3, explain_fn=input_times_constant
+    )
     assert all(r["flagged"] for r in constant)
     after = trained.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -398,10 +495,10 @@ def test_knockout_of_the_expert_that_carries_the_prediction_lowers_the_metric(tr
     routing = routing_frame(trained.run(examples).recorder)
     table, notes = X.knockout_effects(trained, trained.spec(), examples, routing=routing)
     overall = table[(table["label"] == "") & (table["metric"] == "Hits@1")].set_index(["layer", "expert"])
-    assert overall.loc[("moe", 0), "delta"] < -0.4           # expert 0 carries every position
-    assert overall.loc[("moe", 1), "delta"] == 0.0           # expert 2 is never chosen, even without 0 ...
-    assert overall.loc[("moe", 2), "delta"] == 0.0           # ... so knocking out 1 or 2 changes nothing
-    assert overall.loc[("moe", -1), "delta"] < -0.4          # the whole layer removed
+    assert overall.loc[("moe", 0), "delta"] < -0.4  # expert 0 carries every position
+    assert overall.loc[("moe", 1), "delta"] == 0.0  # expert 2 is never chosen, even without 0 ...
+    assert overall.loc[("moe", 2), "delta"] == 0.0  # ... so knocking out 1 or 2 changes nothing
+    assert overall.loc[("moe", -1), "delta"] < -0.4  # the whole layer removed
     assert overall.loc[("moe", 0), "load"] == 1.0 and overall.loc[("moe", 1), "load"] == 0.0
     assert ("sieve", -1) not in overall.index and "sieve" in notes
     assert {"left", "right"} <= set(table.loc[table["label"] == "side", "slice"])
@@ -412,31 +509,65 @@ def test_the_precompute_step_writes_every_table_and_the_json(trained):
     examples = trained.load_examples(Path("."))
     run = trained.run(examples)
     routing = routing_frame(run.recorder)
-    examples_df = pd.DataFrame({"example_index": [e["index"] for e in examples],
-                                "side": [e["labels"]["side"] for e in examples],
-                                "parity": [e["labels"]["parity"] for e in examples]})
+    examples_df = pd.DataFrame(
+        {
+            "example_index": [e["index"] for e in examples],
+            "side": [e["labels"]["side"] for e in examples],
+            "parity": [e["labels"]["parity"] for e in examples],
+        }
+    )
     from analysis.attribution import attribution_table
-    attributions = attribution_table(trained, examples, sample_size=6, stratify_by="side", progress=False,
-                                     n_steps=8, router_target=None)
+
+    attributions = attribution_table(
+        trained, examples, sample_size=6, stratify_by="side", progress=False, n_steps=8, router_target=None
+    )
     weights = _source_weights([e["labels"]["side"] for e in examples])
-    params = {"attribution_sample": 4, "dynamics_sample": 20, "seed": 0, "randomisation_stages": 2,
-              "sanity_ig_steps": 8}
-    out = X.explanation_checks_step(trained, trained.spec(), examples, routing=routing, examples_df=examples_df,
-                                    attributions=attributions, extras={"mix": weights}, params=params)
+    params = {
+        "attribution_sample": 4,
+        "dynamics_sample": 20,
+        "seed": 0,
+        "randomisation_stages": 2,
+        "sanity_ig_steps": 8,
+    }
+    out = X.explanation_checks_step(
+        trained,
+        trained.spec(),
+        examples,
+        routing=routing,
+        examples_df=examples_df,
+        attributions=attributions,
+        extras={"mix": weights},
+        params=params,
+    )
     checks = out["tables"]["explanation_checks"]
     assert list(checks.columns) == list(X.CHECK_COLUMNS)
-    assert {"attr_decisive_share", "source_agreement", "routing_specialisation", "randomisation_spearman",
-            "deletion_auc", "insertion_auc", "infidelity", "sensitivity_max"} <= set(checks["check"])
+    assert {
+        "attr_decisive_share",
+        "source_agreement",
+        "routing_specialisation",
+        "randomisation_spearman",
+        "deletion_auc",
+        "insertion_auc",
+        "infidelity",
+        "sensitivity_max",
+    } <= set(checks["check"])
     ig = checks[(checks["check"] == "attr_decisive_share") & (checks["method"] == "ig")].set_index("slice")
     assert ig.loc["left", "value"] > ig.loc["left", "baseline"]
     assert ig.loc["right", "value"] > ig.loc["right", "baseline"]
     assert set(out["tables"]["knockout_effects"]["layer"]) == {"moe", "sieve"}
     assert len(out["tables"]["detector_suite"])
     summary = out["json"]
-    for key in ("attr_decisive_share", "qga_agreement", "randomisation_spearman", "deletion_auc", "knockout",
-                "detector_suite"):
+    for key in (
+        "attr_decisive_share",
+        "qga_agreement",
+        "randomisation_spearman",
+        "deletion_auc",
+        "knockout",
+        "detector_suite",
+    ):
         assert summary[key], key
     assert summary["samples"] == {"knockout": 20, "sanity": 2}
     assert summary["knockout"]["moe"]["0"]["Hits@1"] < 0 and summary["knockout_notes"]["sieve"]
     import json
+
     json.dumps(summary, allow_nan=False)

@@ -1,6 +1,7 @@
 """AppTest of the explanation-checks page on a run of the tiny probe model (tests/test_explanation_checks.py),
 precomputed into a temporary artifacts root with the real write_run (so the checks step runs as in a
 precompute). Unit tier: no demo build."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,12 +27,19 @@ def probe_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("probe-artifacts")
     adapter = train_probe()
     examples = adapter.load_examples(Path("."))
-    params = {**P.DEFAULT_PARAMS, "attribution_sample": 6, "dynamics_sample": 30, "projection": "pca",
-              "sanity_ig_steps": 8, "randomisation_stages": 3}
+    params = {
+        **P.DEFAULT_PARAMS,
+        "attribution_sample": 6,
+        "dynamics_sample": 30,
+        "projection": "pca",
+        "sanity_ig_steps": 8,
+        "randomisation_stages": 3,
+    }
     part = S.run_examples(adapter, adapter.spec(), examples, 32, Dist(), progress=False)
     merged = S.merge_parts([part])
-    merged["attributions"] = attribution_table(adapter, examples, sample_size=6, stratify_by="side", progress=False,
-                                               n_steps=8, router_target=None)
+    merged["attributions"] = attribution_table(
+        adapter, examples, sample_size=6, stratify_by="side", progress=False, n_steps=8, router_target=None
+    )
     ckpt, data = root / "ckpt", root / "data"
     ckpt.mkdir()
     (ckpt / "config.json").write_text('{"family": "probe"}')
@@ -69,13 +77,13 @@ def test_the_page_shows_agreement_sanity_flags_knockout_and_the_detector(page, p
     text = _text(at)
     for heading in ("Ground-truth agreement", "Sanity checks", "Expert knockout", "collapse detector"):
         assert heading in text, heading
-    assert "side" in text                                       # the declared decisive label, by name
+    assert "side" in text  # the declared decisive label, by name
     frames = [df.value for df in at.dataframe]
     flags = [f for frame in frames if "flag" in getattr(frame, "columns", []) for f in frame["flag"]]
-    assert "flagged" in flags and "ok" in flags                 # the input-norm control is flagged, IG is not
+    assert "flagged" in flags and "ok" in flags  # the input-norm control is flagged, IG is not
     charts = [c for c in at.get("plotly_chart")]
-    assert len(charts) >= 4                                     # specialisation, randomisation, knockout, load
-    assert "sieve: not removable" in text                       # a routed layer without the ablation switch
+    assert len(charts) >= 4  # specialisation, randomisation, knockout, load
+    assert "sieve: not removable" in text  # a routed layer without the ablation switch
     assert at.selectbox(key="ec_metric").options == ["Hits@1"]  # the declared headline metric
     at.selectbox(key="ec_slice").set_value("side = left").run()
     assert not at.exception, [e.message for e in at.exception]
@@ -84,11 +92,16 @@ def test_the_page_shows_agreement_sanity_flags_knockout_and_the_detector(page, p
 
 def test_a_run_without_checks_says_how_to_build_them(probe_root, monkeypatch, tmp_path):
     import shutil
+
     root = tmp_path / "copy"
     shutil.copytree(probe_root, root, symlinks=True)
     run_dir = (root / "runs" / RUN).resolve()
-    for name in ("explanation_checks.parquet", "knockout_effects.parquet", "detector_suite.parquet",
-                 "explanation_checks.json"):
+    for name in (
+        "explanation_checks.parquet",
+        "knockout_effects.parquet",
+        "detector_suite.parquet",
+        "explanation_checks.json",
+    ):
         (run_dir / name).unlink()
     monkeypatch.setenv("MOESCOPE_ARTIFACTS", str(root))
     st.cache_data.clear()

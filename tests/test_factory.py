@@ -1,4 +1,5 @@
 """Model configs and demo recipes as JSON data, read by mmoe_core.factory."""
+
 from __future__ import annotations
 
 import json
@@ -41,15 +42,18 @@ def test_extra_model_config_folders(tmp_path, monkeypatch):
     factory.add_model_config(tmp_path)
     assert factory.get_model_config("mine")["model"] == {"image_dim": 8}
     (tmp_path / "bad.json").write_text(json.dumps({"model": {}}))
-    with pytest.raises(FactoryError, match="needs a \"family\" string"):
+    with pytest.raises(FactoryError, match='needs a "family" string'):
         factory.get_model_config("bad")
     (tmp_path / "bad.json").unlink()
 
 
 def test_deep_merge():
     base = {"a": 1, "o": {"x": 1, "y": {"p": 1}}, "l": [1, 2]}
-    assert factory.deep_merge(base, {"o": {"y": {"q": 2}}, "l": [3]}) == {"a": 1, "o": {"x": 1, "y": {"p": 1, "q": 2}},
-                                                                         "l": [3]}
+    assert factory.deep_merge(base, {"o": {"y": {"q": 2}}, "l": [3]}) == {
+        "a": 1,
+        "o": {"x": 1, "y": {"p": 1, "q": 2}},
+        "l": [3],
+    }
     assert base["o"]["y"] == {"p": 1}  # not changed in place
 
 
@@ -58,19 +62,44 @@ def _write(folder, name, data):
 
 
 def test_recipes_extend_a_base_and_resolve_per_scale(tmp_path):
-    _write(tmp_path, "_base", {"world": "entity", "options": {"family": "mmoe", "steps": 10, "lr": 0.1,
-                                                               "family_options": {"model_config": "mmoe-tiny-64",
-                                                                                  "per_name": 4}},
-                               "scales": {"tiny": {"options": {"steps": 2, "family_options": {
-                                   "model_config": "mmoe-tiny-32"}}, "precompute": {"attribution_sample": 4}}}})
-    _write(tmp_path, "run-a", {"run": "run-a", "extends": "_base", "options": {"lr": 0.2},
-                               "scales": {"tiny": {"options": {"lr": 0.3}}}})
+    _write(
+        tmp_path,
+        "_base",
+        {
+            "world": "entity",
+            "options": {
+                "family": "mmoe",
+                "steps": 10,
+                "lr": 0.1,
+                "family_options": {"model_config": "mmoe-tiny-64", "per_name": 4},
+            },
+            "scales": {
+                "tiny": {
+                    "options": {"steps": 2, "family_options": {"model_config": "mmoe-tiny-32"}},
+                    "precompute": {"attribution_sample": 4},
+                }
+            },
+        },
+    )
+    _write(
+        tmp_path,
+        "run-a",
+        {"run": "run-a", "extends": "_base", "options": {"lr": 0.2}, "scales": {"tiny": {"options": {"lr": 0.3}}}},
+    )
     (recipe,) = factory.load_recipes(tmp_path)  # the base is not a run
     assert recipe.family == "mmoe" and recipe.world == "entity"
-    assert recipe.resolved("default") == {"family": "mmoe", "steps": 10, "lr": 0.2,
-                                          "family_options": {"model_config": "mmoe-tiny-64", "per_name": 4}}
-    assert recipe.resolved("tiny") == {"family": "mmoe", "steps": 2, "lr": 0.3,
-                                       "family_options": {"model_config": "mmoe-tiny-32", "per_name": 4}}
+    assert recipe.resolved("default") == {
+        "family": "mmoe",
+        "steps": 10,
+        "lr": 0.2,
+        "family_options": {"model_config": "mmoe-tiny-64", "per_name": 4},
+    }
+    assert recipe.resolved("tiny") == {
+        "family": "mmoe",
+        "steps": 2,
+        "lr": 0.3,
+        "family_options": {"model_config": "mmoe-tiny-32", "per_name": 4},
+    }
     assert recipe.precompute_options("tiny") == {"attribution_sample": 4} and recipe.precompute_options("default") == {}
     fingerprint = recipe.fingerprint("tiny")
     assert fingerprint["model_config"] == factory.get_model_config("mmoe-tiny-32")  # editing the config rebuilds
@@ -117,6 +146,7 @@ def test_mmoe_recipes_give_the_model_configs_they_gave_before(scale):
 
 def test_train_cli_lists_model_configs_and_checks_the_family(capsys):
     from mmoe_core import train
+
     assert train.main(["--list-model-configs"]) == 0
     assert "mmoe-tiny-32  (mmoe)" in capsys.readouterr().out
     with pytest.raises(SystemExit) as stop:

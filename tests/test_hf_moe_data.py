@@ -1,5 +1,6 @@
 """Hugging Face MoE family data: the JSONL reader's checks, the product-QA world read directly, the
 corpus world."""
+
 from __future__ import annotations
 
 import json
@@ -21,14 +22,24 @@ def _write(path: Path, rows: list) -> Path:
 def test_jsonl_records_become_examples(tmp_path):
     (tmp_path / "pics").mkdir()
     Image.new("RGB", (8, 8), "red").save(tmp_path / "pics" / "a.png")
-    path = _write(tmp_path / "data.jsonl", [
-        {"id": "x1", "text": "a red mug", "image": "pics/a.png", "answer": "red", "question": "colour?",
-         "labels": {"source": "image", "n": 3}},
-        "",
-        {"text": "plain text only", "note": "kept aside"},
-    ])
-    (tmp_path / "labels.json").write_text(json.dumps({"source": {"description": "where", "ground_truth": True,
-                                                                 "decides": {"image": ["image"]}}}))
+    path = _write(
+        tmp_path / "data.jsonl",
+        [
+            {
+                "id": "x1",
+                "text": "a red mug",
+                "image": "pics/a.png",
+                "answer": "red",
+                "question": "colour?",
+                "labels": {"source": "image", "n": 3},
+            },
+            "",
+            {"text": "plain text only", "note": "kept aside"},
+        ],
+    )
+    (tmp_path / "labels.json").write_text(
+        json.dumps({"source": {"description": "where", "ground_truth": True, "decides": {"image": ["image"]}}})
+    )
     examples, labels = load_examples(path, "test")
     assert [e["index"] for e in examples] == [0, 1]
     first, second = examples
@@ -39,19 +50,22 @@ def test_jsonl_records_become_examples(tmp_path):
     assert [lab.name for lab in labels] == ["source", "n"]
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"image": "a.png"}, "line 1, field 'text': required"),
-    ({"text": ""}, "field 'text': required"),
-    ({"text": "x", "image": "../outside.png"}, "field 'image'.*no '..'"),
-    ({"text": "x", "image": "/etc/passwd"}, "field 'image'.*not absolute"),
-    ({"text": "x", "image": "missing.png"}, "image not found"),
-    ({"text": "x", "image": 3}, "expected a relative path string"),
-    ({"text": "x", "labels": ["a"]}, "field 'labels': expected an object"),
-    ({"text": "x", "labels": {"a": {"b": 1}}}, "labels.a"),
-    ({"text": "x", "answer": 5}, "field 'answer': expected a string"),
-    ("[1, 2]", "expected an object"),
-    ("{not json", "line 1: invalid JSON"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"image": "a.png"}, "line 1, field 'text': required"),
+        ({"text": ""}, "field 'text': required"),
+        ({"text": "x", "image": "../outside.png"}, "field 'image'.*no '..'"),
+        ({"text": "x", "image": "/etc/passwd"}, "field 'image'.*not absolute"),
+        ({"text": "x", "image": "missing.png"}, "image not found"),
+        ({"text": "x", "image": 3}, "expected a relative path string"),
+        ({"text": "x", "labels": ["a"]}, "field 'labels': expected an object"),
+        ({"text": "x", "labels": {"a": {"b": 1}}}, "labels.a"),
+        ({"text": "x", "answer": 5}, "field 'answer': expected a string"),
+        ("[1, 2]", "expected an object"),
+        ("{not json", "line 1: invalid JSON"),
+    ],
+)
 def test_jsonl_errors_name_line_and_field(tmp_path, record, message):
     path = _write(tmp_path / "bad.jsonl", [record])
     with pytest.raises(DatasetError, match=message):
@@ -79,6 +93,7 @@ def test_symlink_out_of_folder_is_refused(tmp_path):
 
 def test_product_qa_world_read_directly(tmp_path):
     from mmoe_core.data.generate import generate_qa_world
+
     root = generate_qa_world(tmp_path / "qa", seed=0, scale="tiny", progress=False)
     examples, labels = load_examples(root, "test")
     assert examples and all(Path(e["image_path"]).is_file() for e in examples)
@@ -111,6 +126,7 @@ def test_training_rows_start_with_the_inference_prompt(tmp_path, pack):
     from mmoe_core.families.hf_moe import encoding as enc
     from mmoe_core.families.hf_moe.build import build_vl_processor, build_word_tokenizer
     from mmoe_core.families.hf_moe.trainer import _qa_texts, qa_batch, qa_groups, qa_row, short_context
+
     root = generate_qa_world(tmp_path / "qa", seed=0, scale="tiny", progress=False)
     examples, _ = load_examples(root, "train")
     tok = build_word_tokenizer(_qa_texts(examples), vision=True)
@@ -119,7 +135,7 @@ def test_training_rows_start_with_the_inference_prompt(tmp_path, pack):
     group = [examples[i] for i in qa_groups(examples, pack, np.random.default_rng(0))[0]]
     row = qa_row(processor, group, order)
     prompt = enc.encode_vl(processor, [group[0]], order)["input_ids"][0].tolist()
-    assert row["ids"][:len(prompt)] == prompt and not any(row["label"][:len(prompt)])
+    assert row["ids"][: len(prompt)] == prompt and not any(row["label"][: len(prompt)])
     answers = tok.decode([t for t, lab in zip(row["ids"], row["label"]) if lab and t != tok.eos_token_id])
     assert answers.split() == " ".join(e["answer"].lower() for e in group).split()
     short = short_context(group[0]["text"], [e["answer"] for e in group], 0.0, np.random.default_rng(0))

@@ -1,5 +1,6 @@
 """End-to-end tier: the Hugging Face family's two tiny demo runs, trained and precomputed by the demo
 build, take the path a user's checkpoint takes (save_pretrained folder -> registry -> precompute)."""
+
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ VL_RUN, LM_RUN = "hf-qwen3vl-qa", "hf-olmoe-corpus"
 def test_demo_checkpoint_is_a_plain_hf_folder(demo_artifacts, run):
     from mmoe_core.families.hf_moe.loading import recognises
     from mmoe_core.registry import family_for_checkpoint
+
     ckpt = demo_artifacts / "checkpoints" / run
     config = json.loads((ckpt / "config.json").read_text())
     assert "model_type" in config and "family" not in config and (ckpt / "model.safetensors").is_file()

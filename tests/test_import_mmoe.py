@@ -6,6 +6,7 @@ with random tensors. The reference it is compared with is written here, independ
 of the public code (codes/model/modeling_mmoe.py, codes/model/moe.py of zhiweihu1103/MEL-MMoE) and of
 Hugging Face's CLIP forward; it shares no code with mmoe_core.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,10 +22,10 @@ import torch.nn.functional as F
 from mmoe_core.families.mmoe.import_mmoe import ImportRefused, build_imported, import_checkpoint, main, read_checkpoint
 
 # A small published config (the config/*.yaml ``model:`` names).
-TEXT_W, TEXT_LAYERS, TEXT_HEADS, TEXT_POS = 32, 2, 2, 77      # dt = input_hidden_dim = projection width
-VIS_W, VIS_LAYERS, VIS_HEADS = 48, 2, 3                       # input_image_hidden_dim
-IMAGE, PATCH = 32, 8                                          # 16 patches + CLS = 17 image tokens
-TEXT_LEN = (IMAGE // PATCH) ** 2 + 1                          # text_max_length must equal it (InterMoE)
+TEXT_W, TEXT_LAYERS, TEXT_HEADS, TEXT_POS = 32, 2, 2, 77  # dt = input_hidden_dim = projection width
+VIS_W, VIS_LAYERS, VIS_HEADS = 48, 2, 3  # input_image_hidden_dim
+IMAGE, PATCH = 32, 8  # 16 patches + CLS = 17 image tokens
+TEXT_LEN = (IMAGE // PATCH) ** 2 + 1  # text_max_length must equal it (InterMoE)
 DT, DV, TGLU, IDLU, CMFU = TEXT_W, 16, 24, 16, 20
 E, K = 4, 3
 VOCAB, EOT, SOT = 49408, 49407, 49406
@@ -34,6 +35,7 @@ TOL = 1e-4
 # ---------------------------------------------------------------------------------------------
 # A published state dict with random weights
 # ---------------------------------------------------------------------------------------------
+
 
 def _lin(sd, name, out_f, in_f, g, bias=True):
     sd[f"{name}.weight"] = torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)
@@ -100,8 +102,12 @@ def published_state(seed: int = 0) -> dict[str, torch.Tensor]:
     _ln(sd, m + "cross_module.gate_layer_norm", CMFU, g)
     _ln(sd, m + "cross_module.context_layer_norm", CMFU, g)
     _switch_moe(sd, m + "cross_module.moe_layer", CMFU, CMFU, g)
-    for name, dim in (("text_cls_layernorm", DT), ("text_tokens_layernorm", DT), ("image_cls_layernorm", DV),
-                      ("image_tokens_layernorm", DV)):
+    for name, dim in (
+        ("text_cls_layernorm", DT),
+        ("text_tokens_layernorm", DT),
+        ("image_cls_layernorm", DV),
+        ("image_tokens_layernorm", DV),
+    ):
         _ln(sd, m + name, dim, g)
     return sd
 
@@ -112,6 +118,7 @@ HEAD_OPTS = dict(text_heads=TEXT_HEADS, vision_heads=VIS_HEADS)
 # ---------------------------------------------------------------------------------------------
 # Reference: the published forward, written from the public code (independent of mmoe_core)
 # ---------------------------------------------------------------------------------------------
+
 
 def _linear(sd, name, x):
     return F.linear(x, sd[f"{name}.weight"], sd.get(f"{name}.bias"))
@@ -134,8 +141,7 @@ def ref_switch_gate(sd, p, x, top_k):
 
 def ref_switch_moe(sd, p, x, gate_input, top_k):
     gates = ref_switch_gate(sd, f"{p}.gate", gate_input, top_k)
-    outs = [_linear(sd, f"{p}.experts.{i}.ff.2", F.gelu(_linear(sd, f"{p}.experts.{i}.ff.0.0", x)))
-            for i in range(E)]
+    outs = [_linear(sd, f"{p}.experts.{i}.ff.2", F.gelu(_linear(sd, f"{p}.experts.{i}.ff.0.0", x))) for i in range(E)]
     gates = torch.where(torch.isnan(gates), torch.zeros_like(gates), gates)
     stacked = torch.stack(outs, dim=-1)
     stacked = torch.where(torch.isnan(stacked), torch.zeros_like(stacked), stacked)
@@ -154,7 +160,7 @@ def ref_intra_unit(sd, p, hidden, e_cls, e_tok, m_cls, m_tok, top_k):
     k = _linear(sd, f"{p}.fc_key", m_tokens).unsqueeze(0)
     v = _linear(sd, f"{p}.fc_value", m_tokens).unsqueeze(0)
     att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hidden), dim=-1)
-    context = _layer_norm(sd, f"{p}.layer_norm", (att @ v).mean(dim=-2))     # [N, B, H]
+    context = _layer_norm(sd, f"{p}.layer_norm", (att @ v).mean(dim=-2))  # [N, B, H]
     g2l = (e_cls_fc * context).sum(-1).transpose(0, 1)
     g2g = m_cls @ e_cls.transpose(-1, -2)
     return (g2l + g2g) / 2
@@ -162,23 +168,31 @@ def ref_intra_unit(sd, p, hidden, e_cls, e_tok, m_cls, m_tok, top_k):
 
 def ref_cross_unit(sd, p, e_tc, e_tt, m_tc, m_tt, e_ic, e_it, m_ic, m_it, top_k):
     """CrossUnit.forward, including its entity/mention asymmetry in the tanh gate's input."""
-    e_tc = _linear(sd, f"{p}.text_fc", e_tc); e_tc_ori = e_tc
+    e_tc = _linear(sd, f"{p}.text_fc", e_tc)
+    e_tc_ori = e_tc
     e_tt = _linear(sd, f"{p}.text_fc", e_tt)
-    m_tc = _linear(sd, f"{p}.text_fc", m_tc); m_tc_ori = m_tc
+    m_tc = _linear(sd, f"{p}.text_fc", m_tc)
+    m_tc_ori = m_tc
     m_tt = _linear(sd, f"{p}.text_fc", m_tt)
-    e_ic = _linear(sd, f"{p}.image_fc", e_ic); e_ic_ori = e_ic
+    e_ic = _linear(sd, f"{p}.image_fc", e_ic)
+    e_ic_ori = e_ic
     e_it = _linear(sd, f"{p}.image_fc", e_it)
-    m_ic = _linear(sd, f"{p}.image_fc", m_ic); m_ic_ori = m_ic
+    m_ic = _linear(sd, f"{p}.image_fc", m_ic)
+    m_ic_ori = m_ic
     m_it = _linear(sd, f"{p}.image_fc", m_it)
     e_tc_it = torch.cat([e_tc.unsqueeze(1), e_it], dim=1)
     e_ic_tt = torch.cat([e_ic.unsqueeze(1), e_tt], dim=1)
     m_tc_it = torch.cat([m_tc.unsqueeze(1), m_it], dim=1)
     m_ic_tt = torch.cat([m_ic.unsqueeze(1), m_tt], dim=1)
     moe = f"{p}.moe_layer"
-    out = ref_switch_moe(sd, moe, e_tc_it, e_ic_tt, top_k); e_tc, e_it = out[:, 0], out[:, 1:]
-    out = ref_switch_moe(sd, moe, m_tc_it, m_ic_tt, top_k); m_tc, m_it = out[:, 0], out[:, 1:]
-    out = ref_switch_moe(sd, moe, e_ic_tt, e_tc_it, top_k); e_ic, e_tt = out[:, 0], out[:, 1:]
-    out = ref_switch_moe(sd, moe, m_ic_tt, m_tc_it, top_k); m_ic, m_tt = out[:, 0], out[:, 1:]
+    out = ref_switch_moe(sd, moe, e_tc_it, e_ic_tt, top_k)
+    e_tc, e_it = out[:, 0], out[:, 1:]
+    out = ref_switch_moe(sd, moe, m_tc_it, m_ic_tt, top_k)
+    m_tc, m_it = out[:, 0], out[:, 1:]
+    out = ref_switch_moe(sd, moe, e_ic_tt, e_tc_it, top_k)
+    e_ic, e_tt = out[:, 0], out[:, 1:]
+    out = ref_switch_moe(sd, moe, m_ic_tt, m_tc_it, top_k)
+    m_ic, m_tt = out[:, 0], out[:, 1:]
 
     def gate(x):
         return torch.tanh(_linear(sd, f"{p}.gate_fc", x))
@@ -188,9 +202,9 @@ def ref_cross_unit(sd, p, e_tc, e_tt, m_tc, m_tt, e_ic, e_it, m_ic, m_it, top_k)
         return (probs @ tokens).squeeze()
 
     e_ctx = attend(e_tc, e_it)
-    e_ctx = _layer_norm(sd, f"{p}.gate_layer_norm", e_tc_ori * gate(e_ctx) + e_ctx)        # entity: gate(context)
+    e_ctx = _layer_norm(sd, f"{p}.gate_layer_norm", e_tc_ori * gate(e_ctx) + e_ctx)  # entity: gate(context)
     m_ctx = attend(m_tc, m_it)
-    m_ctx = _layer_norm(sd, f"{p}.gate_layer_norm", m_tc_ori * gate(m_tc_ori) + m_ctx)     # mention: gate(cls)
+    m_ctx = _layer_norm(sd, f"{p}.gate_layer_norm", m_tc_ori * gate(m_tc_ori) + m_ctx)  # mention: gate(cls)
     s_ti = m_ctx @ e_ctx.transpose(-1, -2)
     e_ctx2 = attend(e_ic, e_tt)
     e_ctx2 = _layer_norm(sd, f"{p}.gate_layer_norm", e_ic_ori * gate(e_ctx2) + e_ctx2)
@@ -208,8 +222,10 @@ def ref_matcher(sd, ent, men, top_k=K):
     e_tc, m_tc = _layer_norm(sd, m + "text_cls_layernorm", e_tc), _layer_norm(sd, m + "text_cls_layernorm", m_tc)
     e_tt, m_tt = _layer_norm(sd, m + "text_tokens_layernorm", e_tt), _layer_norm(sd, m + "text_tokens_layernorm", m_tt)
     e_ic, m_ic = _layer_norm(sd, m + "image_cls_layernorm", e_ic), _layer_norm(sd, m + "image_cls_layernorm", m_ic)
-    e_it, m_it = (_layer_norm(sd, m + "image_tokens_layernorm", e_it),
-                  _layer_norm(sd, m + "image_tokens_layernorm", m_it))
+    e_it, m_it = (
+        _layer_norm(sd, m + "image_tokens_layernorm", e_it),
+        _layer_norm(sd, m + "image_tokens_layernorm", m_it),
+    )
     text = ref_intra_unit(sd, m + "text_module", TGLU, e_tc, e_tt, m_tc, m_tt, top_k)
     image = ref_intra_unit(sd, m + "vision_module", IDLU, e_ic, e_it, m_ic, m_it, top_k)
     cross = ref_cross_unit(sd, m + "cross_module", e_tc, e_tt, m_tc, m_tt, e_ic, e_it, m_ic, m_it, top_k)
@@ -218,13 +234,15 @@ def ref_matcher(sd, ent, men, top_k=K):
 
 # Reference: Hugging Face CLIPModel forward on HF-layout weights (quick_gelu, causal + padding mask).
 
+
 def _hf_attention(sd, p, x, heads, mask):
     b, n, w = x.shape
     hd = w // heads
 
     def split(t):
         return t.view(b, n, heads, hd).transpose(1, 2)
-    q = split(_linear(sd, f"{p}.q_proj", x) * hd ** -0.5)
+
+    q = split(_linear(sd, f"{p}.q_proj", x) * hd**-0.5)
     k, v = split(_linear(sd, f"{p}.k_proj", x)), split(_linear(sd, f"{p}.v_proj", x))
     w_ = q @ k.transpose(-1, -2)
     if mask is not None:
@@ -262,17 +280,23 @@ def ref_encoder(sd, input_ids, attention_mask, pixels):
     y = torch.cat([cls, patches], dim=1) + sd[c + "vision_model.embeddings.position_embedding.weight"]
     y = _layer_norm(sd, c + "vision_model.pre_layrnorm", y)
     last = _hf_layers(sd, c + "vision_model", y, VIS_LAYERS, VIS_HEADS, None)
-    image_embeds = F.linear(_layer_norm(sd, c + "vision_model.post_layernorm", last[:, 0]),
-                            sd[c + "visual_projection.weight"])
+    image_embeds = F.linear(
+        _layer_norm(sd, c + "vision_model.post_layernorm", last[:, 0]), sd[c + "visual_projection.weight"]
+    )
     text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
     image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
-    return (text_embeds, text_tokens, _linear(sd, "encoder.image_cls_fc", image_embeds),
-            _linear(sd, "encoder.image_tokens_fc", last))
+    return (
+        text_embeds,
+        text_tokens,
+        _linear(sd, "encoder.image_cls_fc", image_embeds),
+        _linear(sd, "encoder.image_tokens_fc", last),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
 
 def hf_inputs(n: int, lengths: list[int], seed: int):
     """HF-tokenizer-style ids (SOT .. EOT, padded with EOT as the OpenAI CLIP tokenizer does), its
@@ -281,7 +305,7 @@ def hf_inputs(n: int, lengths: list[int], seed: int):
     ids = torch.full((n, TEXT_LEN), EOT)
     for row, length in enumerate(lengths):
         ids[row, 0] = SOT
-        ids[row, 1:length - 1] = torch.randint(1, EOT - 2, (length - 2,), generator=g)
+        ids[row, 1 : length - 1] = torch.randint(1, EOT - 2, (length - 2,), generator=g)
         ids[row, length - 1] = EOT
     mask = (torch.arange(TEXT_LEN)[None] < torch.tensor(lengths)[:, None]).long()
     zero_padded = torch.where(mask.bool(), ids, torch.zeros_like(ids))
@@ -315,6 +339,7 @@ def imported(ckpt_file):
 # Fidelity
 # ---------------------------------------------------------------------------------------------
 
+
 def test_config_from_shapes(imported):
     _, config = imported
     m = config["model"]
@@ -324,9 +349,22 @@ def test_config_from_shapes(imported):
     enc = m["encoder"]
     assert enc["kind"] == "hf_clip"
     x = enc["extra"]
-    assert (x["context_length"], x["text_positions"], x["image_size"], x["patch_size"]) == (TEXT_LEN, TEXT_POS, IMAGE, PATCH)
-    assert (x["text_layers"], x["vision_layers"], x["text_heads"], x["vision_heads"]) == (TEXT_LAYERS, VIS_LAYERS, TEXT_HEADS, VIS_HEADS)
-    assert config["training"]["imported"]["format"] == "lightning" and config["training"]["imported"]["lightning"]["epoch"] == 3
+    assert (x["context_length"], x["text_positions"], x["image_size"], x["patch_size"]) == (
+        TEXT_LEN,
+        TEXT_POS,
+        IMAGE,
+        PATCH,
+    )
+    assert (x["text_layers"], x["vision_layers"], x["text_heads"], x["vision_heads"]) == (
+        TEXT_LAYERS,
+        VIS_LAYERS,
+        TEXT_HEADS,
+        VIS_HEADS,
+    )
+    assert (
+        config["training"]["imported"]["format"] == "lightning"
+        and config["training"]["imported"]["lightning"]["epoch"] == 3
+    )
 
 
 def _feature_encoder(model, sides):
@@ -341,13 +379,18 @@ def _feature_encoder(model, sides):
         def forward(self, ids, pixels, token_embeds=None, patch_embeds=None):
             side, rows = sides[int(pixels[0, 0])], pixels[:, 1].long()
             return EncodedSide(*(t[rows] for t in side))
+
     return FeatureEncoder(model.encoder.towers)
 
 
 def _random_features(n, seed):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, DT, generator=g), torch.randn(n, TEXT_LEN, DT, generator=g),
-            torch.randn(n, DV, generator=g), torch.randn(n, TEXT_LEN, DV, generator=g))
+    return (
+        torch.randn(n, DT, generator=g),
+        torch.randn(n, TEXT_LEN, DT, generator=g),
+        torch.randn(n, DV, generator=g),
+        torch.randn(n, TEXT_LEN, DV, generator=g),
+    )
 
 
 def test_matcher_scores_equal_published_forward(state, imported):
@@ -362,16 +405,25 @@ def test_matcher_scores_equal_published_forward(state, imported):
         pix_e = torch.stack([torch.zeros(n_ent), torch.arange(n_ent, dtype=torch.float)], 1)
         pix_m = torch.stack([torch.ones(n_men), torch.arange(n_men, dtype=torch.float)], 1)
         with torch.no_grad():
-            got = model.match(model.encode_entities(ids_e, pix_e, chunk_size=n_ent), model.encode_mentions(ids_m, pix_m))
+            got = model.match(
+                model.encode_entities(ids_e, pix_e, chunk_size=n_ent), model.encode_mentions(ids_m, pix_m)
+            )
             # the published evaluation encodes the KB in chunks (eval_chunk_size): so does MoEscope
-            chunked = model.match(model.encode_entities(ids_e, pix_e, chunk_size=4), model.encode_mentions(ids_m, pix_m))
+            chunked = model.match(
+                model.encode_entities(ids_e, pix_e, chunk_size=4), model.encode_mentions(ids_m, pix_m)
+            )
     finally:
         model.encoder = encoder
     with torch.no_grad():
         ref, (t, i, c) = ref_matcher(state, ent, men)
-        ref_chunks = torch.cat([ref_matcher(state, tuple(x[a:a + 4] for x in ent), men)[0] for a in (0, 4)], dim=1)
-    diffs = {"overall": maxdiff(got.overall, ref), "text": maxdiff(got.text, t), "image": maxdiff(got.image, i),
-             "cross": maxdiff(got.cross, c), "chunked": maxdiff(chunked.overall, ref_chunks)}
+        ref_chunks = torch.cat([ref_matcher(state, tuple(x[a : a + 4] for x in ent), men)[0] for a in (0, 4)], dim=1)
+    diffs = {
+        "overall": maxdiff(got.overall, ref),
+        "text": maxdiff(got.text, t),
+        "image": maxdiff(got.image, i),
+        "cross": maxdiff(got.cross, c),
+        "chunked": maxdiff(chunked.overall, ref_chunks),
+    }
     print("matcher-level max abs diff:", diffs)
     assert all(d < TOL for d in diffs.values()), diffs
     assert maxdiff(ref, ref_chunks) > 1e-3  # the reference gate really depends on the chunk: not a vacuous check
@@ -384,7 +436,9 @@ def test_encoder_features_equal_hf_layout_forward(state, imported):
         ref = ref_encoder(state, ids, mask, pixels)
         for name, id_version in (("hf-padded", ids), ("zero-padded", zero_padded)):
             got = model.encoder(id_version, pixels)
-            diffs = [maxdiff(a, b) for a, b in zip((got.text_cls, got.text_tokens, got.image_cls, got.image_tokens), ref)]
+            diffs = [
+                maxdiff(a, b) for a, b in zip((got.text_cls, got.text_tokens, got.image_cls, got.image_tokens), ref)
+            ]
             print(f"encoder max abs diff ({name} ids): text_cls, text_tokens, image_cls, image_tokens =", diffs)
             assert max(diffs) < TOL, (name, diffs)
         unmasked = ref_encoder(state, ids, torch.ones_like(mask), pixels)
@@ -407,6 +461,7 @@ def test_end_to_end_scores_equal_published_forward(state, imported):
 def test_end_to_end_exact_in_float64(state, imported):
     """In float64 the two forwards agree to rounding: the arithmetic is the same, not merely close."""
     import copy
+
     model = copy.deepcopy(imported[0]).double()
     sd64 = {k: (v.double() if v.is_floating_point() else v) for k, v in state.items()}
     ids_e, mask_e, zp_e, pix_e = hf_inputs(5, [4, TEXT_LEN, 6, 3, 12], seed=7)
@@ -421,18 +476,38 @@ def test_end_to_end_exact_in_float64(state, imported):
 
 
 def test_against_transformers_clip_if_installed(state, imported):
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed (optional): the "
-                                       "HF-layout reference forward above covers the encoder")
+    transformers = pytest.importorskip(
+        "transformers",
+        reason="transformers is not installed (optional): the HF-layout reference forward above covers the encoder",
+    )
     from transformers import CLIPConfig, CLIPModel
+
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=VOCAB, hidden_size=TEXT_W, intermediate_size=4 * TEXT_W, num_hidden_layers=TEXT_LAYERS,
-                         num_attention_heads=TEXT_HEADS, max_position_embeddings=TEXT_POS, hidden_act="quick_gelu",
-                         eos_token_id=2, bos_token_id=SOT, pad_token_id=EOT),
-        vision_config=dict(hidden_size=VIS_W, intermediate_size=4 * VIS_W, num_hidden_layers=VIS_LAYERS,
-                           num_attention_heads=VIS_HEADS, image_size=IMAGE, patch_size=PATCH, hidden_act="quick_gelu"),
-        projection_dim=TEXT_W)
+        text_config=dict(
+            vocab_size=VOCAB,
+            hidden_size=TEXT_W,
+            intermediate_size=4 * TEXT_W,
+            num_hidden_layers=TEXT_LAYERS,
+            num_attention_heads=TEXT_HEADS,
+            max_position_embeddings=TEXT_POS,
+            hidden_act="quick_gelu",
+            eos_token_id=2,
+            bos_token_id=SOT,
+            pad_token_id=EOT,
+        ),
+        vision_config=dict(
+            hidden_size=VIS_W,
+            intermediate_size=4 * VIS_W,
+            num_hidden_layers=VIS_LAYERS,
+            num_attention_heads=VIS_HEADS,
+            image_size=IMAGE,
+            patch_size=PATCH,
+            hidden_act="quick_gelu",
+        ),
+        projection_dim=TEXT_W,
+    )
     clip = CLIPModel(cfg).eval()
-    hf = {k[len("encoder.clip."):]: v for k, v in state.items() if k.startswith("encoder.clip.")}
+    hf = {k[len("encoder.clip.") :]: v for k, v in state.items() if k.startswith("encoder.clip.")}
     own = clip.state_dict()
     clip.load_state_dict({k: v for k, v in hf.items() if k in own}, strict=True)
     model, _ = imported
@@ -442,14 +517,19 @@ def test_against_transformers_clip_if_installed(state, imported):
         towers = model.encoder.towers
         tc, tt = towers.encode_text(zero_padded)
         ic, it = towers.encode_image(pixels)
-    diffs = [maxdiff(out.text_embeds, tc), maxdiff(out.text_model_output[0], tt), maxdiff(out.image_embeds, ic),
-             maxdiff(out.vision_model_output[0], it)]
+    diffs = [
+        maxdiff(out.text_embeds, tc),
+        maxdiff(out.text_model_output[0], tt),
+        maxdiff(out.image_embeds, ic),
+        maxdiff(out.vision_model_output[0], it),
+    ]
     print(f"transformers {transformers.__version__} CLIPModel max abs diff:", diffs)
     assert max(diffs) < TOL
 
 
 def test_towers_have_every_attribute_of_open_clip_towers(imported):
     from mmoe_core.encoders import EncoderSpec, build_towers
+
     model, _ = imported
     plain = build_towers(EncoderSpec(kind="tiny", name="tiny-32"))
     assert set(vars(plain)) - set(vars(model.encoder.towers)) == set()
@@ -460,8 +540,10 @@ def test_towers_have_every_attribute_of_open_clip_towers(imported):
 # Files, layouts and refusals
 # ---------------------------------------------------------------------------------------------
 
+
 def test_lightning_ckpt_written_and_reloaded(tmp_path, ckpt_file, state, imported):
     from mmoe_core.adapter import load_adapter
+
     out = import_checkpoint(ckpt_file, tmp_path / "ckpt", top_k=K, **HEAD_OPTS)
     adapter = load_adapter(out, device="cpu")
     assert adapter.routed_layers()[0].gate_kind == "mmoe_reference"
@@ -473,8 +555,10 @@ def test_lightning_ckpt_written_and_reloaded(tmp_path, ckpt_file, state, importe
 def test_plain_state_dict_layouts(tmp_path, state, imported):
     """.safetensors without the Lightning prefixes, and .pt with a DDP-style wrapper prefix."""
     from safetensors.torch import save_file
-    bare = {(k.split(".", 1)[1] if k.startswith(("encoder.", "matcher.")) else k): v.contiguous()
-            for k, v in state.items()}
+
+    bare = {
+        (k.split(".", 1)[1] if k.startswith(("encoder.", "matcher.")) else k): v.contiguous() for k, v in state.items()
+    }
     save_file(bare, str(tmp_path / "bare.safetensors"))
     torch.save({"module." + k: v for k, v in state.items()}, tmp_path / "wrapped.pt")
     model, _ = imported
@@ -498,12 +582,15 @@ def test_refusal_lists_missing_and_unexpected_keys(tmp_path, state):
     with pytest.raises(ImportRefused) as info:
         import_checkpoint(path, out, top_k=K, **HEAD_OPTS)
     msg = str(info.value)
-    for key in ("matcher.text_module.extra_head.weight", "encoder.clip.text_model.some_new_buffer",
-                "encoder.clip.vision_model.encoder.layers.1.self_attn.q_proj.bias",  # an incomplete q/k/v triple
-                "matcher.cross_module.gate_fc.weight",                               # missing
-                "encoder.towers.clip.visual.transformer.resblocks.1.attn.in_proj_bias",
-                "encoder.clip.vision_model.encoder.layers.1.self_attn.{q,k,v}_proj.bias",
-                "matcher.vision_module.fc_key.weight"):                              # wrong shape
+    for key in (
+        "matcher.text_module.extra_head.weight",
+        "encoder.clip.text_model.some_new_buffer",
+        "encoder.clip.vision_model.encoder.layers.1.self_attn.q_proj.bias",  # an incomplete q/k/v triple
+        "matcher.cross_module.gate_fc.weight",  # missing
+        "encoder.towers.clip.visual.transformer.resblocks.1.attn.in_proj_bias",
+        "encoder.clip.vision_model.encoder.layers.1.self_attn.{q,k,v}_proj.bias",
+        "matcher.vision_module.fc_key.weight",
+    ):  # wrong shape
         assert key in msg, key
     assert not out.exists()
     assert main([str(path), "--out", str(out), "--top-k", "3", "--text-heads", "2", "--vision-heads", "3"]) == 2
@@ -539,9 +626,14 @@ def test_omegaconf_hyper_parameters_read_without_omegaconf(tmp_path, state, monk
     fake["omegaconf.nodes"].AnyNode = AnyNode
     for name, module in fake.items():
         monkeypatch.setitem(sys.modules, name, module)
-    hp = DictConfig({"model": DictConfig({"top_experts": AnyNode(2), "num_experts": AnyNode(E)}),
-                     "data": DictConfig({"text_max_length": AnyNode(TEXT_LEN), "eval_chunk_size": AnyNode(3),
-                                         "eval_batch_size": AnyNode(20)})})
+    hp = DictConfig(
+        {
+            "model": DictConfig({"top_experts": AnyNode(2), "num_experts": AnyNode(E)}),
+            "data": DictConfig(
+                {"text_max_length": AnyNode(TEXT_LEN), "eval_chunk_size": AnyNode(3), "eval_batch_size": AnyNode(20)}
+            ),
+        }
+    )
     path = tmp_path / "with_hparams.ckpt"
     torch.save({"state_dict": state, "epoch": 3, "hyper_parameters": hp, "hyper_parameters_type": DictConfig}, path)
     for name in fake:
@@ -590,6 +682,7 @@ def test_arbitrary_objects_are_refused(tmp_path, state):
 # The imported run in the dashboard's pipeline
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.e2e  # import -> world -> precompute end to end: about a minute of CPU, so not in the unit tier
 def test_precompute_shows_reference_gate_effects(tmp_path, ckpt_file):
     """Import, precompute on a tiny generated entity world, and find the reference gate's signature in the
@@ -597,13 +690,26 @@ def test_precompute_shows_reference_gate_effects(tmp_path, ckpt_file):
     generate = pytest.importorskip("mmoe_core.data.generate", reason="the demo world generator is not available")
     from analysis.precompute import precompute
     from analysis.store import RunStore
+
     world = tmp_path / "world"
     assert generate.main(["--world", "entity", "--scale", "tiny", "--quiet", "--out", str(world)]) in (0, None)
-    ckpt = import_checkpoint(ckpt_file, tmp_path / "artifacts" / "checkpoints" / "imported", top_k=K,
-                             data_dir=str(world), **HEAD_OPTS)
-    precompute("imported", checkpoint=str(ckpt), data=str(world), root=tmp_path / "artifacts", progress=False,
-               device="cpu", max_examples=12, batch_size=8, attribution_sample=2, projection="pca",
-               dynamics_sample=4, batch_dependence_sample=4)
+    ckpt = import_checkpoint(
+        ckpt_file, tmp_path / "artifacts" / "checkpoints" / "imported", top_k=K, data_dir=str(world), **HEAD_OPTS
+    )
+    precompute(
+        "imported",
+        checkpoint=str(ckpt),
+        data=str(world),
+        root=tmp_path / "artifacts",
+        progress=False,
+        device="cpu",
+        max_examples=12,
+        batch_size=8,
+        attribution_sample=2,
+        projection="pca",
+        dynamics_sample=4,
+        batch_dependence_sample=4,
+    )
     with RunStore("imported", root=tmp_path / "artifacts") as store:
         metrics = store.table("layer_metrics")
     assert set(metrics["layer"]) == {"text_intra", "image_intra", "cross_inter"}

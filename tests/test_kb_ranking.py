@@ -1,4 +1,5 @@
 """KB ranking engine: exact mode == the published chunked loop, cache round trip, two-stage agreement."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,21 +22,26 @@ from mmoe_core.families.mmoe.kb_ranking import (
 from mmoe_core.families.mmoe.model import MMoEMatcher
 from mmoe_core.families.mmoe.ranking import gold_ranks
 
-TEXT_DIM, DV, H, L = 16, 8, 8, 6   # text tokens L, image tokens L (ViT CLS + patches): InterMoE needs equal
+TEXT_DIM, DV, H, L = 16, 8, 8, 6  # text tokens L, image tokens L (ViT CLS + patches): InterMoE needs equal
 N_ENT, N_MEN, CHUNK, MEN_BATCH = 45, 12, 8, 5
 
 
 def matcher(gate: str) -> MMoEMatcher:
     torch.manual_seed(0)
-    cfg = MMoEConfig(image_dim=DV, text_hidden=H, image_hidden=H, cross_hidden=H, num_experts=4, top_k=3,
-                     gate=gate, expert_mult=1)
+    cfg = MMoEConfig(
+        image_dim=DV, text_hidden=H, image_hidden=H, cross_hidden=H, num_experts=4, top_k=3, gate=gate, expert_mult=1
+    )
     return MMoEMatcher(TEXT_DIM, cfg).eval()
 
 
 def raw(n: int, seed: int) -> EncodedSide:
     g = torch.Generator().manual_seed(seed)
-    return EncodedSide(torch.randn(n, TEXT_DIM, generator=g), torch.randn(n, L, TEXT_DIM, generator=g),
-                       torch.randn(n, DV, generator=g), torch.randn(n, L, DV, generator=g))
+    return EncodedSide(
+        torch.randn(n, TEXT_DIM, generator=g),
+        torch.randn(n, L, TEXT_DIM, generator=g),
+        torch.randn(n, DV, generator=g),
+        torch.randn(n, L, DV, generator=g),
+    )
 
 
 KB = raw(N_ENT, 1)
@@ -49,19 +55,22 @@ def source(a: int, b: int) -> EncodedSide:
 def mention_raw() -> EncodedSide:
     noise = raw(N_MEN, 3)
     base = KB.rows(GOLD)
-    return EncodedSide(*(getattr(base, f) + 0.5 * getattr(noise, f) for f in
-                         ("text_cls", "text_tokens", "image_cls", "image_tokens")))
+    return EncodedSide(
+        *(getattr(base, f) + 0.5 * getattr(noise, f) for f in ("text_cls", "text_tokens", "image_cls", "image_tokens"))
+    )
 
 
 def mention_batches(m: MMoEMatcher):
     """Mentions encoded in published batches (matters for the reference gate), with their golds."""
     r = mention_raw()
-    return [(mention_side(m, r.rows(slice(s, s + MEN_BATCH))), GOLD[s:s + MEN_BATCH])
-            for s in range(0, N_MEN, MEN_BATCH)]
+    return [
+        (mention_side(m, r.rows(slice(s, s + MEN_BATCH))), GOLD[s : s + MEN_BATCH]) for s in range(0, N_MEN, MEN_BATCH)
+    ]
 
 
 def all_mentions(batches):
     from mmoe_core.families.mmoe.features import MentionFeatures
+
     return MentionFeatures.cat([b for b, _ in batches])
 
 
@@ -71,8 +80,7 @@ def test_exact_equals_published_chunked_loop(gate):
     batches = mention_batches(m)
     base = published_ranking(m, source, N_ENT, batches, chunk_size=CHUNK, k=N_ENT, keep_scores=True)
     cache = KBCache.build(m, source, N_ENT, checkpoint=state_hash(m), gate=gate, chunk_size=CHUNK)
-    res = KBRanker(m, cache, memory_budget_mb=0.01).rank_exact(all_mentions(batches), GOLD, k=N_ENT,
-                                                                keep_scores=True)
+    res = KBRanker(m, cache, memory_budget_mb=0.01).rank_exact(all_mentions(batches), GOLD, k=N_ENT, keep_scores=True)
     same = same_ranking(base, res)
     assert same["identical_ranks"], same
     assert same["max_abs_score_diff"] <= 1e-5, same
@@ -158,18 +166,38 @@ def test_entity_side_matches_mmoe_model():
     """entity_side / mention_side rebuilt from the matcher's submodules == MMoEModel's own sides."""
     from mmoe_core.encoders import EncoderSpec
     from mmoe_core.families.mmoe.model import build_model
+
     torch.manual_seed(0)
-    model = build_model({"family": "mmoe", "model": dict(encoder=EncoderSpec(name="tiny-32").to_dict(), image_dim=8,
-                                                         text_hidden=8, image_hidden=8, cross_hidden=8,
-                                                         expert_mult=1, gate="mmoe_reference")}).eval()
+    model = build_model(
+        {
+            "family": "mmoe",
+            "model": dict(
+                encoder=EncoderSpec(name="tiny-32").to_dict(),
+                image_dim=8,
+                text_hidden=8,
+                image_hidden=8,
+                cross_hidden=8,
+                expert_mult=1,
+                gate="mmoe_reference",
+            ),
+        }
+    ).eval()
     ids = model.towers.tokenize([f"entity number {i}" for i in range(7)])
     pixels = torch.randn(7, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cache = KBCache.from_model(model, ids, pixels, chunk_size=3)
         enc = model.encoder(ids, pixels)
         from mmoe_core.families.mmoe.features import text_valid_mask
-        mine = [entity_side(model.matcher, enc.rows(slice(a, a + 3)), torch.arange(a, min(a + 3, 7)),
-                            text_valid_mask(ids[a:a + 3])) for a in range(0, 7, 3)]
+
+        mine = [
+            entity_side(
+                model.matcher,
+                enc.rows(slice(a, a + 3)),
+                torch.arange(a, min(a + 3, 7)),
+                text_valid_mask(ids[a : a + 3]),
+            )
+            for a in range(0, 7, 3)
+        ]
         men_model = model.encode_mentions(ids[:4], pixels[:4])
         men_mine = mention_side(model.matcher, enc.rows(slice(0, 4)), text_valid_mask(ids[:4]))
     for name in ("text_query", "image_query", "cross_text_image", "text_cls_moe"):

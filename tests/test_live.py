@@ -3,6 +3,7 @@ fields (edited / drawn), live runs with a knockout, the generic source-weights s
 
 The live-run tests use the real tiny demo runs of the session fixture ``demo_artifacts`` (tests/conftest.py).
 """
+
 from __future__ import annotations
 
 import io
@@ -25,6 +26,7 @@ MMOE_RUN, QA_RUN = "mmoe-balanced", "moemoe-qa"
 
 # ------------------------------------------------------------------------------------------ uploads
 
+
 def _encoded(kind: str, size=(12, 10), colour="red") -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, colour).save(buf, kind)
@@ -38,8 +40,12 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
 def _png_claiming(width: int, height: int) -> bytes:
     """A small, well-formed PNG whose header claims ``width`` x ``height`` pixels (data for a few rows)."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize("kind", ["PNG", "JPEG", "WEBP"])
@@ -116,6 +122,7 @@ def test_an_upload_is_kept_once_at_a_bounded_size():
     """A picture at the pixel limit (5000 x 5000) is kept as one copy for the model and a thumbnail;
     the aspect of a phone photo is kept."""
     from analysis.live import MODEL_SIDE, THUMB_SIDE, receive_upload
+
     big = Image.new("RGB", (5000, 5000), (240, 240, 240))
     big.paste((200, 20, 20), (1000, 1000, 4000, 4000))
     got = receive_upload(_png_of(big), "big.png")
@@ -134,6 +141,7 @@ def test_an_upload_is_kept_once_at_a_bounded_size():
 
 def test_thumbnail_array_bounds_what_a_chart_embeds():
     from analysis.live import thumbnail_array
+
     assert thumbnail_array(None) is None
     assert thumbnail_array(np.zeros((5000, 4000, 3), np.uint8), side=256).shape == (256, 205, 3)
     assert thumbnail_array(np.zeros((40, 30, 3), np.uint8)).shape == (40, 30, 3)
@@ -142,19 +150,29 @@ def test_thumbnail_array_bounds_what_a_chart_embeds():
 
 # ------------------------------------------------------------------------------------------ pure summaries
 
-TWO_SOURCES = OutputSpec("mix", "source_weights", "weights over two sources",
-                         sources=(SourceSpec("left", "w_left", "left source", "#111111"),
-                                  SourceSpec("right", "w_right", "right source", "#222222")),
-                         truth_label="where", positions="tokens")
+TWO_SOURCES = OutputSpec(
+    "mix",
+    "source_weights",
+    "weights over two sources",
+    sources=(
+        SourceSpec("left", "w_left", "left source", "#111111"),
+        SourceSpec("right", "w_right", "right source", "#222222"),
+    ),
+    truth_label="where",
+    positions="tokens",
+)
 
 
 def test_source_weights_summary_agreement_and_confusion():
-    rows = [{"index": 0, "tokens": ["a", "b"], "w_left": [0.9, 0.7], "w_right": [0.1, 0.3]},
-            {"index": 1, "tokens": ["c"], "w_left": [0.2], "w_right": [0.8]},
-            {"index": 2, "tokens": ["d", "e"], "w_left": [0.4, 0.3], "w_right": [0.6, 0.7]},
-            {"index": 3, "tokens": ["f"], "w_left": [0.8], "w_right": [0.2]}]
-    examples = pd.DataFrame({"example_index": [0, 1, 2, 3], "kind": ["x", "y", "x", "z"],
-                             "where": ["left", "right", "left", "both"]})
+    rows = [
+        {"index": 0, "tokens": ["a", "b"], "w_left": [0.9, 0.7], "w_right": [0.1, 0.3]},
+        {"index": 1, "tokens": ["c"], "w_left": [0.2], "w_right": [0.8]},
+        {"index": 2, "tokens": ["d", "e"], "w_left": [0.4, 0.3], "w_right": [0.6, 0.7]},
+        {"index": 3, "tokens": ["f"], "w_left": [0.8], "w_right": [0.2]},
+    ]
+    examples = pd.DataFrame(
+        {"example_index": [0, 1, 2, 3], "kind": ["x", "y", "x", "z"], "where": ["left", "right", "left", "both"]}
+    )
     s = source_weights.summarise(rows, examples, TWO_SOURCES, labels=["kind"])
     # dominant: 0 left (right), 1 right (right), 2 right (wrong), 3 left (both: not counted)
     assert s.agreement_n == 3 and s.agreement == pytest.approx(2 / 3)
@@ -188,18 +206,31 @@ def test_patch_grid_uses_the_declared_grid():
 
 
 def test_ranking_frame_shows_names_and_marks_the_gold():
-    prediction = {"prediction": "Orion", "prediction_id": 7, "gold": "Vega", "gold_id": 3, "score": 2.0,
-                  "top_ids": [7, 3, 5], "top_names": ["Orion", "Vega", "Orion"], "top_scores": [2.0, 1.5, 1.0]}
+    prediction = {
+        "prediction": "Orion",
+        "prediction_id": 7,
+        "gold": "Vega",
+        "gold_id": 3,
+        "score": 2.0,
+        "top_ids": [7, 3, 5],
+        "top_names": ["Orion", "Vega", "Orion"],
+        "top_scores": [2.0, 1.5, 1.0],
+    }
     frame = live.ranking_frame(prediction)
     assert frame["name"].tolist() == ["Orion", "Vega", "Orion"] and frame["gold"].tolist() == [False, True, False]
     assert "id" not in frame and frame["rank"].tolist() == [1, 2, 3]
 
 
-TOY_SPEC = ModelSpec("toy", "toy", fields=(
-    ExampleField("prompt", "Prompt", "text", editable=True, role="title", max_chars=10),
-    ExampleField("notes", "Notes", "long_text", editable=True, max_chars=40),
-    ExampleField("picture", "Picture", "image", editable=True),
-    ExampleField("gold", "Gold", "text", role="gold")))
+TOY_SPEC = ModelSpec(
+    "toy",
+    "toy",
+    fields=(
+        ExampleField("prompt", "Prompt", "text", editable=True, role="title", max_chars=10),
+        ExampleField("notes", "Notes", "long_text", editable=True, max_chars=40),
+        ExampleField("picture", "Picture", "image", editable=True),
+        ExampleField("gold", "Gold", "text", role="gold"),
+    ),
+)
 
 
 def test_live_example_edits_only_declared_fields_and_cuts_long_text():
@@ -227,6 +258,7 @@ def test_draw_image_and_unknown_attributes():
 
 # ------------------------------------------------------------------------------------------ real runs
 
+
 @pytest.fixture(scope="session")
 def built_demo_root(demo_artifacts) -> Path:
     """The tiny demo runs (tests/conftest.py builds them once per session and sets MOESCOPE_ARTIFACTS)."""
@@ -243,6 +275,7 @@ def live_models(built_demo_root):
             adapter = live.load_live_adapter(run, built_demo_root, device="cpu")
             cache[run] = (adapter, live.load_base_examples(adapter, run, built_demo_root))
         return cache[run]
+
     return get
 
 
@@ -360,11 +393,16 @@ def test_run_inputs_names_checkpoint_and_dataset(built_demo_root):
 
 
 def test_input_share_by_label_counts_each_example_once():
-    table = pd.DataFrame({
-        "example_index": [0, 0, 1, 2, 2, 2], "method": "ig",
-        "target": ["score", "score", "score", "score", "score", "router_logit"],
-        "input": ["words", "picture", "words", "words", "picture", "words"],
-        "share": [0.25, 0.75, 1.0, 0.5, 0.5, 1.0], "where": ["a", "a", "b", "a", "a", "a"]})
+    table = pd.DataFrame(
+        {
+            "example_index": [0, 0, 1, 2, 2, 2],
+            "method": "ig",
+            "target": ["score", "score", "score", "score", "score", "router_logit"],
+            "input": ["words", "picture", "words", "words", "picture", "words"],
+            "share": [0.25, 0.75, 1.0, 0.5, 0.5, 1.0],
+            "where": ["a", "a", "b", "a", "a", "a"],
+        }
+    )
     shares = live.input_share_by_label(table, "where", "ig", router_targets=["router_logit"])
     assert shares.loc["a", "picture"] == pytest.approx(0.625) and shares.loc["a", "words"] == pytest.approx(0.375)
     assert shares.loc["b", "picture"] == 0 and shares.loc["b", "n_examples"] == 1 and shares.loc["a", "n_examples"] == 2

@@ -1,4 +1,5 @@
 """MMoE model, adapter, ranking metrics, hard-negative batches and DME (tiny sizes, untrained weights)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,14 @@ from mmoe_core.families.mmoe.ranking import gold_ranks, metrics_by_label, rank_m
 from mmoe_core.families.mmoe.trainer import hard_negative_batches
 from mmoe_core.routing_record import RoutingRecorder, flatten_call
 
-SMALL = dict(encoder=EncoderSpec(name="tiny-32").to_dict(), image_dim=8, text_hidden=8, image_hidden=8,
-             cross_hidden=8, expert_mult=1)
+SMALL = dict(
+    encoder=EncoderSpec(name="tiny-32").to_dict(),
+    image_dim=8,
+    text_hidden=8,
+    image_hidden=8,
+    cross_hidden=8,
+    expert_mult=1,
+)
 
 
 def small_config(**overrides) -> dict:
@@ -39,13 +46,14 @@ def inputs(model: MMoEModel, n: int, seed: int = 0):
 
 # ---------------------------------------------------------------------------------- ranking
 
+
 def test_token_mask_keeps_the_real_token_with_id_0(model):
     ids = model.towers.tokenize(["wow!( what a band", ""])
     eot = int(ids[0].argmax())
-    assert (ids[0, :eot] == 0).any()               # "!" is BPE id 0 ...
+    assert (ids[0, :eot] == 0).any()  # "!" is BPE id 0 ...
     mask = text_valid_mask(ids)
-    assert mask[0, 1:eot + 2].all() and not mask[0, eot + 2:].any()   # ... and still a real token
-    assert mask[1].sum() == 3                      # CLS, SOT, EOT of the empty text
+    assert mask[0, 1 : eot + 2].all() and not mask[0, eot + 2 :].any()  # ... and still a real token
+    assert mask[1].sum() == 3  # CLS, SOT, EOT of the empty text
 
 
 def test_rank_matrix_is_argsort_of_argsort_with_ties_by_index():
@@ -69,20 +77,32 @@ def test_ranking_metrics_exact_on_a_hand_made_ranking():
 
 # ---------------------------------------------------------------------------------- model
 
+
 def test_parameter_names_follow_the_published_matcher(model):
     keys = set(model.state_dict())
-    for key in ["encoder.image_cls_fc.weight", "encoder.image_tokens_fc.weight",
-                "matcher.text_module.fc_query.weight", "matcher.text_module.fc_key.bias",
-                "matcher.text_module.fc_value.weight", "matcher.text_module.layer_norm.weight",
-                "matcher.text_module.moe_layer.gate.w_gate.weight",
-                "matcher.text_module.moe_layer.experts.3.ff.0.0.weight",
-                "matcher.text_module.moe_layer.experts.3.ff.2.weight",
-                "matcher.vision_module.fc_query.weight", "matcher.vision_module.moe_layer.gate.w_gate.bias",
-                "matcher.cross_module.text_fc.weight", "matcher.cross_module.image_fc.weight",
-                "matcher.cross_module.gate_fc.weight", "matcher.cross_module.gate_layer_norm.weight",
-                "matcher.cross_module.context_layer_norm.weight", "matcher.cross_module.moe_layer.gate.w_gate.weight",
-                "matcher.text_cls_layernorm.weight", "matcher.text_tokens_layernorm.weight",
-                "matcher.image_cls_layernorm.weight", "matcher.image_tokens_layernorm.weight"]:
+    for key in [
+        "encoder.image_cls_fc.weight",
+        "encoder.image_tokens_fc.weight",
+        "matcher.text_module.fc_query.weight",
+        "matcher.text_module.fc_key.bias",
+        "matcher.text_module.fc_value.weight",
+        "matcher.text_module.layer_norm.weight",
+        "matcher.text_module.moe_layer.gate.w_gate.weight",
+        "matcher.text_module.moe_layer.experts.3.ff.0.0.weight",
+        "matcher.text_module.moe_layer.experts.3.ff.2.weight",
+        "matcher.vision_module.fc_query.weight",
+        "matcher.vision_module.moe_layer.gate.w_gate.bias",
+        "matcher.cross_module.text_fc.weight",
+        "matcher.cross_module.image_fc.weight",
+        "matcher.cross_module.gate_fc.weight",
+        "matcher.cross_module.gate_layer_norm.weight",
+        "matcher.cross_module.context_layer_norm.weight",
+        "matcher.cross_module.moe_layer.gate.w_gate.weight",
+        "matcher.text_cls_layernorm.weight",
+        "matcher.text_tokens_layernorm.weight",
+        "matcher.image_cls_layernorm.weight",
+        "matcher.image_tokens_layernorm.weight",
+    ]:
         assert key in keys, key
     names = {m.name for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts")}
     assert names == set(LAYER_NAMES.values())
@@ -138,10 +158,16 @@ def test_routing_records_describe_every_call(model):
         model.encode_entities(ids[:2], px[:2], entity_index=[5, 7], recorder=recorder)
     torch.testing.assert_close(recorded.representation, plain.representation, rtol=0, atol=0)
     calls = {(c.layer, c.meta.call) for c in recorder.calls}
-    assert calls == {("text_intra", "mention"), ("image_intra", "mention"),
-                     ("cross_inter", "mention:text_cls+image_tokens"), ("cross_inter", "mention:image_cls+text_tokens"),
-                     ("text_intra", "entity"), ("image_intra", "entity"),
-                     ("cross_inter", "entity:text_cls+image_tokens"), ("cross_inter", "entity:image_cls+text_tokens")}
+    assert calls == {
+        ("text_intra", "mention"),
+        ("image_intra", "mention"),
+        ("cross_inter", "mention:text_cls+image_tokens"),
+        ("cross_inter", "mention:image_cls+text_tokens"),
+        ("text_intra", "entity"),
+        ("image_intra", "entity"),
+        ("cross_inter", "entity:text_cls+image_tokens"),
+        ("cross_inter", "entity:image_cls+text_tokens"),
+    }
     text = next(c for c in recorder.calls if c.layer == "text_intra" and c.meta.call == "mention")
     rows = flatten_call(text)
     n_tokens = int((ids != 0).sum())
@@ -165,6 +191,7 @@ def test_routing_records_describe_every_call(model):
 def test_no_recorder_builds_no_metadata(model, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("metadata built without a recorder")
+
     monkeypatch.setattr(MMoEModel, "layout", boom)
     ids, px = inputs(model, 2)
     with torch.no_grad():
@@ -173,10 +200,11 @@ def test_no_recorder_builds_no_metadata(model, monkeypatch):
 
 # ---------------------------------------------------------------------------------- batches and DME
 
+
 def test_hard_negative_batches_keep_golds_distinct_and_names_together():
     rng = np.random.default_rng(0)
-    golds = [g for g in range(12) for _ in range(3)]          # 12 entities, 3 mentions each
-    names = [f"name{g // 4}" for g in golds]                  # 3 names, 4 entities each
+    golds = [g for g in range(12) for _ in range(3)]  # 12 entities, 3 mentions each
+    names = [f"name{g // 4}" for g in golds]  # 3 names, 4 entities each
     batches = hard_negative_batches(golds, names, batch_size=8, per_name=4, rng=rng)
     used = [r for b in batches for r in b]
     assert len(used) == len(set(used)) and len(used) >= len(golds) - 2
@@ -187,6 +215,7 @@ def test_hard_negative_batches_keep_golds_distinct_and_names_together():
 
 def test_embedding_chooser_and_a_pluggable_chooser(model):
     from mmoe_core.families.mmoe.dme import EmbeddingChooser, choose_descriptions
+
     chooser = EmbeddingChooser(model)
     descs = ["a red circle on a white background", "Jaguar is a British rock band", "a ship on the Baltic"]
     assert chooser(descs[1], descs) == 1  # identical text is the most similar
@@ -197,9 +226,11 @@ def test_embedding_chooser_and_a_pluggable_chooser(model):
 
 # ---------------------------------------------------------------------------------- adapter on a tiny world
 
+
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
     from mmoe_core.data.generate import generate_entity_world
+
     return generate_entity_world(tmp_path_factory.mktemp("world") / "entity", seed=0, scale="tiny", progress=False)
 
 
@@ -251,8 +282,14 @@ def test_run_ranks_over_the_whole_kb(adapter, examples):
 
 def test_knockout_changes_routing(adapter, examples):
     def chosen(out):
-        return torch.cat([c.router.topk_ids.reshape(-1) for c in out.recorder.calls
-                          if c.layer == "text_intra" and c.meta.call == "mention"])
+        return torch.cat(
+            [
+                c.router.topk_ids.reshape(-1)
+                for c in out.recorder.calls
+                if c.layer == "text_intra" and c.meta.call == "mention"
+            ]
+        )
+
     before = chosen(adapter.run(examples[:4]))
     expert = int(torch.mode(before).values)
     with adapter.knockout("text_intra", expert):
@@ -265,17 +302,19 @@ def test_knockout_changes_routing(adapter, examples):
 def test_kb_routing_is_recorded_once_per_knockout_state(adapter, examples, monkeypatch):
     def kb_calls(out):
         return [c for c in out.recorder.calls if c.meta.call.startswith("entity")]
+
     first = kb_calls(adapter.run(examples[:2]))
     assert first and {c.meta.subject for c in first} == {"kb"}
     encoded = []
     original = adapter.model.encode_entities
     monkeypatch.setattr(adapter.model, "encode_entities", lambda *a, **k: encoded.append(1) or original(*a, **k))
     again = kb_calls(adapter.run(examples[2:4]))
-    assert not encoded and [id(c) for c in again] == [id(c) for c in first]   # reused, not re-run
+    assert not encoded and [id(c) for c in again] == [id(c) for c in first]  # reused, not re-run
     expert = int(first[0].router.topk_ids.reshape(-1)[0])
     with adapter.knockout(first[0].layer, expert):
         knocked = kb_calls(adapter.run(examples[:2]))
     assert encoded and all((c.router.topk_ids != expert).all() for c in knocked if c.layer == first[0].layer)
+
 
 def test_attribution_inputs_and_forwards(adapter, examples):
     ex = examples[0]
@@ -294,8 +333,9 @@ def test_attribution_inputs_and_forwards(adapter, examples):
     # InterMoE routing of [text CLS; image tokens] is decided by [image CLS; text tokens]: position 0 by the
     # image alone, position 2 by a text token.
     for position, moves, still in [(0, image, text), (2, text, image)]:
-        logit = adapter.attribution_forward(ex, "router_logit", layer="cross_inter", expert=1, position=position,
-                                            call="mention:text_cls+image_tokens")
+        logit = adapter.attribution_forward(
+            ex, "router_logit", layer="cross_inter", expert=1, position=position, call="mention:text_cls+image_tokens"
+        )
         text_in, image_in = text.clone().requires_grad_(True), image.clone().requires_grad_(True)
         out = logit(text_in, image_in)
         out.sum().backward()
@@ -313,6 +353,7 @@ def test_dme_appends_the_chosen_candidate_description(adapter, examples):
     def last_candidate(mention, candidates):
         seen.append((mention, len(candidates)))
         return len(candidates) - 1
+
     adapter.model.cfg.mention_desc, adapter.dme_chooser = "dme", last_candidate
     try:
         enhanced = adapter.example_texts([ex])[0]

@@ -1,4 +1,5 @@
 """SwitchMoE gates, dispatch, routing records and auxiliary losses on hand-built tensors."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,17 @@ import math
 import pytest
 import torch
 
-from mmoe_core.moe import (EntropyTwoStage, SwitchMoE, aux_losses, coverage_loss, mmoe_reference_gate, router_z_loss,
-                           specialisation_loss, switch_balance_loss, topk_softmax_gate)
+from mmoe_core.moe import (
+    EntropyTwoStage,
+    SwitchMoE,
+    aux_losses,
+    coverage_loss,
+    mmoe_reference_gate,
+    router_z_loss,
+    specialisation_loss,
+    switch_balance_loss,
+    topk_softmax_gate,
+)
 from mmoe_core.routing_record import PositionMeta, RouterOutput, RoutingRecorder
 from mmoe_core.training import routing_indicators
 
@@ -18,6 +28,7 @@ def logits_of(probs: list) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- gates
+
 
 def test_topk_softmax_renormalises_over_the_chosen_k():
     out = topk_softmax_gate(logits_of([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]), top_k=2)
@@ -47,10 +58,18 @@ REF_PROBS = [
 # masked:   ex0 [[.5,.3,0],[.1,.6,0],[.25,.15,0],[0,0,0]]   ex1 [[.2,0,0],[.6,.1,0],[.1,.2,0],[0,0,0]]
 # batch sums per (l, e): [[.7,.3,0],[.7,.7,0],[.35,.35,0],[0,0,0]]; capacity int(1.0 * 2) = 2
 REF_COMBINE = [
-    [[0.5 / 0.7 * 2, 0.3 / 0.3 * 2, 0.0], [0.1 / 0.7 * 2, 0.6 / 0.7 * 2, 0.0],
-     [0.25 / 0.35 * 2, 0.15 / 0.35 * 2, 0.0], [0.0, 0.0, 0.0]],
-    [[0.2 / 0.7 * 2, 0.0, 0.0], [0.6 / 0.7 * 2, 0.1 / 0.7 * 2, 0.0],
-     [0.1 / 0.35 * 2, 0.2 / 0.35 * 2, 0.0], [0.0, 0.0, 0.0]],
+    [
+        [0.5 / 0.7 * 2, 0.3 / 0.3 * 2, 0.0],
+        [0.1 / 0.7 * 2, 0.6 / 0.7 * 2, 0.0],
+        [0.25 / 0.35 * 2, 0.15 / 0.35 * 2, 0.0],
+        [0.0, 0.0, 0.0],
+    ],
+    [
+        [0.2 / 0.7 * 2, 0.0, 0.0],
+        [0.6 / 0.7 * 2, 0.1 / 0.7 * 2, 0.0],
+        [0.1 / 0.35 * 2, 0.2 / 0.35 * 2, 0.0],
+        [0.0, 0.0, 0.0],
+    ],
 ]
 
 
@@ -82,6 +101,7 @@ def test_mmoe_reference_depends_on_the_batch():
 
 
 # ---------------------------------------------------------------------------------- dispatch and records
+
 
 @pytest.mark.parametrize("gate", ["topk_softmax", "mmoe_reference"])
 def test_sparse_and_dense_dispatch_give_equal_outputs(gate):

@@ -1,5 +1,6 @@
 """MoEMoE: QGA, alignment losses, expert-only training, checkpoints, routing records, the adapter,
 the trainer hooks and the CLIs, all at tiny sizes on the tiny product QA world."""
+
 from __future__ import annotations
 
 import json
@@ -37,12 +38,14 @@ TINY = "moemoe-d16"  # the test sizes: a named model config (model_configs/moemo
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from mmoe_core.data.generate import generate_qa_world
+
     return generate_qa_world(tmp_path_factory.mktemp("qa") / "qa", scale="tiny", progress=False)
 
 
 @pytest.fixture(scope="module")
 def examples(world):
     from mmoe_core.data.readers import read_qa_dataset
+
     dataset = read_qa_dataset(world)
     return {split: examples_from_dataset(items) for split, items in dataset.splits.items()}
 
@@ -59,6 +62,7 @@ def _model(config, seed: int = 0):
 
 
 # ------------------------------------------------------------------------------------ pure functions
+
 
 def test_normalised_exact_match():
     assert normalise_answer("  Navy   Blue. ") == "navy blue"
@@ -84,9 +88,9 @@ def test_qga_weights_are_a_softmax_over_two_sources():
 
 def test_alignment_loss_on_hand_built_embeddings():
     a = torch.tensor([[1.0, 0.0, 0.0]])
-    assert alignment_loss(a, a.clone() * 3).item() == pytest.approx(0.0, abs=1e-6)      # identical direction
+    assert alignment_loss(a, a.clone() * 3).item() == pytest.approx(0.0, abs=1e-6)  # identical direction
     assert alignment_loss(a, torch.tensor([[0.0, 2.0, 0.0]])).item() == pytest.approx(1.0)  # orthogonal
-    assert alignment_loss(a, -a).item() == pytest.approx(2.0)                             # opposite
+    assert alignment_loss(a, -a).item() == pytest.approx(2.0)  # opposite
 
 
 def test_augmented_pictures_are_turned_or_mirrored_copies():
@@ -115,8 +119,9 @@ def test_resizing_keeps_items_intact():
     assert set(repeated[0, :, 0].tolist()) == {0.0, 1.0, 2.0}  # every item survives, none is blended
     assert repeated[0, :, 0].tolist() == sorted(repeated[0, :, 0].tolist())
     assert repeat_to_length(torch.ones(1, 8, 2), 4).shape == (1, 4, 2)  # shrinking averages
-    stretched = stretch_valid_tokens(torch.tensor([[1.0, 2.0, 9.0, 9.0], [5.0, 6.0, 7.0, 9.0]]),
-                                     torch.tensor([2, 3]), 6)
+    stretched = stretch_valid_tokens(
+        torch.tensor([[1.0, 2.0, 9.0, 9.0], [5.0, 6.0, 7.0, 9.0]]), torch.tensor([2, 3]), 6
+    )
     assert stretched.tolist() == [[1, 1, 1, 2, 2, 2], [5, 5, 6, 6, 7, 7]]  # padding never used
 
 
@@ -126,6 +131,7 @@ def test_valid_steps_stop_after_eos():
 
 
 # ---------------------------------------------------------------------------------------- the model
+
 
 def test_qga_shapes_range_and_factorised_memory(config, examples):
     model = _model(config).eval()
@@ -158,7 +164,7 @@ def test_copy_targets_put_each_answer_word_on_all_its_pieces(config):
     assert by_word["300"] == ["3</w>", "0</w>", "0</w>"]
     assert "".join(by_word["oeko-tex"]).replace("</w>", "").startswith("oeko-tex")
     assert by_word["ml"][0] == "ml</w>" and by_word["purple"][0] == "purple</w>"
-    assert targets[0] == vocab.pad_id and (targets[len([p for p in pieces if p]) - 1:] == vocab.pad_id).all()
+    assert targets[0] == vocab.pad_id and (targets[len([p for p in pieces if p]) - 1 :] == vocab.pad_id).all()
 
 
 def test_copy_pointer_gives_a_distribution_and_can_copy(config, examples):
@@ -228,6 +234,7 @@ def test_expert_only_freezes_the_backbone(config, examples):
 
 # ------------------------------------------------------------------------------ adapter + checkpoint
 
+
 @pytest.fixture(scope="module")
 def saved(config, tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("ckpt") / "moemoe"
@@ -276,13 +283,33 @@ def test_run_records_decoder_steps_and_qga(saved, examples):
 
 def test_summarize_hand_made_predictions():
     examples = [
-        {"index": 0, "answer": "Red", "labels": {"question_type": "colour", "answer_source": "image", "category": "mug"}},
-        {"index": 1, "answer": "Norvik", "labels": {"question_type": "brand", "answer_source": "context", "category": "mug"}},
-        {"index": 2, "answer": "6 months", "labels": {"question_type": "warranty", "answer_source": "context", "category": "hat"}},
-        {"index": 3, "answer": "blue", "labels": {"question_type": "colour", "answer_source": "both", "category": "hat"}},
+        {
+            "index": 0,
+            "answer": "Red",
+            "labels": {"question_type": "colour", "answer_source": "image", "category": "mug"},
+        },
+        {
+            "index": 1,
+            "answer": "Norvik",
+            "labels": {"question_type": "brand", "answer_source": "context", "category": "mug"},
+        },
+        {
+            "index": 2,
+            "answer": "6 months",
+            "labels": {"question_type": "warranty", "answer_source": "context", "category": "hat"},
+        },
+        {
+            "index": 3,
+            "answer": "blue",
+            "labels": {"question_type": "colour", "answer_source": "both", "category": "hat"},
+        },
     ]
-    predictions = [{"index": 0, "prediction": "red"}, {"index": 1, "prediction": "norvik"},
-                   {"index": 2, "prediction": "6"}, {"index": 3, "prediction": "green"}]
+    predictions = [
+        {"index": 0, "prediction": "red"},
+        {"index": 1, "prediction": "norvik"},
+        {"index": 2, "prediction": "6"},
+        {"index": 3, "prediction": "green"},
+    ]
     summary = MoEMoEAdapter.summarize(None, predictions, examples)
     assert summary["overall"] == {"exact_match": 0.5, "n": 4}
     assert summary["by_question_type"]["colour"] == {"exact_match": 0.5, "n": 2}
@@ -290,8 +317,12 @@ def test_summarize_hand_made_predictions():
     assert summary["by_answer_source"]["context"] == {"exact_match": 0.5, "n": 2}
     assert summary["by_answer_source"]["both"]["exact_match"] == 0.0
     assert summary["by_category"]["mug"]["exact_match"] == 1.0
-    qga = [{"index": 0, "alpha": [0.9, 0.8], "beta": [0.1, 0.2]}, {"index": 1, "alpha": [0.7], "beta": [0.3]},
-           {"index": 2, "alpha": [0.1], "beta": [0.9]}, {"index": 3, "alpha": [0.1], "beta": [0.9]}]
+    qga = [
+        {"index": 0, "alpha": [0.9, 0.8], "beta": [0.1, 0.2]},
+        {"index": 1, "alpha": [0.7], "beta": [0.3]},
+        {"index": 2, "alpha": [0.1], "beta": [0.9]},
+        {"index": 3, "alpha": [0.1], "beta": [0.9]},
+    ]
     agreement = qga_agreement(qga, examples)
     assert agreement["n"] == 3 and agreement["agreement"] == pytest.approx(2 / 3)
 
@@ -310,8 +341,10 @@ def test_declarations_and_attribution(saved, examples):
     for name, tensor in inputs.items():
         assert tensor.shape[0] == 1 and tensor.shape[1] == len(labels[name])
     doubled = [torch.cat([t, t * 0.5]).requires_grad_(True) for t in inputs.values()]
-    for fn in (adapter.attribution_forward(example, "answer_logit"),
-               adapter.attribution_forward(example, "router_logit", layer="decoder.1.moe", expert=2, position=0)):
+    for fn in (
+        adapter.attribution_forward(example, "answer_logit"),
+        adapter.attribution_forward(example, "router_logit", layer="decoder.1.moe", expert=2, position=0),
+    ):
         out = fn(*doubled)
         assert out.shape == (2,)
         grads = torch.autograd.grad(out.sum(), doubled, allow_unused=True)
@@ -330,13 +363,39 @@ def test_knockout_removes_an_expert(saved, examples):
 
 # -------------------------------------------------------------------------- trainer, CLIs and demo
 
+
 def test_train_cli_phases_and_evaluate_cli(world, tmp_path, capsys):
     from mmoe_core import evaluate, train
+
     out = tmp_path / "run"
     opts = ["--model-config", TINY]
-    assert train.main(["--family", "moemoe", "--data", str(world), "--out", str(out), "--steps", "6",
-                       "--batch-size", "20", "--lr", "3e-3", "--top-k", "2", "--snapshot-every", "3",
-                       "--no-progress", "--opt", "expert_only_after_steps=3", *opts]) == 0
+    assert (
+        train.main(
+            [
+                "--family",
+                "moemoe",
+                "--data",
+                str(world),
+                "--out",
+                str(out),
+                "--steps",
+                "6",
+                "--batch-size",
+                "20",
+                "--lr",
+                "3e-3",
+                "--top-k",
+                "2",
+                "--snapshot-every",
+                "3",
+                "--no-progress",
+                "--opt",
+                "expert_only_after_steps=3",
+                *opts,
+            ]
+        )
+        == 0
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["family"] == "moemoe" and config["model"]["aux_weight"] == 0.1
     assert config["model"]["answer_vocab"][:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -355,12 +414,38 @@ def test_train_cli_phases_and_evaluate_cli(world, tmp_path, capsys):
 
 def test_image_warmup_trains_the_tower_first_then_freezes_it(world, tmp_path, capsys):
     from mmoe_core import train
+
     out = tmp_path / "warm"
     opts = ["--model-config", TINY]
-    assert train.main(["--family", "moemoe", "--data", str(world), "--out", str(out), "--steps", "5",
-                       "--batch-size", "20", "--lr", "3e-3", "--top-k", "2", "--snapshot-every", "1",
-                       "--no-progress", "--opt", "image_warmup_steps=2", "--opt", "image_warmup_products=4",
-                       *opts]) == 0
+    assert (
+        train.main(
+            [
+                "--family",
+                "moemoe",
+                "--data",
+                str(world),
+                "--out",
+                str(out),
+                "--steps",
+                "5",
+                "--batch-size",
+                "20",
+                "--lr",
+                "3e-3",
+                "--top-k",
+                "2",
+                "--snapshot-every",
+                "1",
+                "--no-progress",
+                "--opt",
+                "image_warmup_steps=2",
+                "--opt",
+                "image_warmup_products=4",
+                *opts,
+            ]
+        )
+        == 0
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["image_warmup_steps"] == 2
     states = {step: load_state(out, snapshot=step) for step in (1, 2, 3, 5)}
@@ -378,12 +463,31 @@ def test_image_warmup_trains_the_tower_first_then_freezes_it(world, tmp_path, ca
     assert any(k.startswith("decoder.") for k in qa_steps)
     assert not any(tower(k) for k in qa_steps)  # frozen after the warm-up
     import pandas as pd
+
     log = pd.read_parquet(out / "train_log.parquet").set_index("step")
     assert np.isfinite(log.loc[1, "loss.image_reading"]) and np.isfinite(log.loc[5, "loss.ce"])
     capsys.readouterr()
-    assert train.main(["--family", "moemoe", "--data", str(world), "--out", str(tmp_path / "bad"), "--steps", "4",
-                       "--no-progress", "--opt", "image_warmup_steps=3", "--opt", "expert_only_after_steps=2",
-                       *opts]) == 2
+    assert (
+        train.main(
+            [
+                "--family",
+                "moemoe",
+                "--data",
+                str(world),
+                "--out",
+                str(tmp_path / "bad"),
+                "--steps",
+                "4",
+                "--no-progress",
+                "--opt",
+                "image_warmup_steps=3",
+                "--opt",
+                "expert_only_after_steps=2",
+                *opts,
+            ]
+        )
+        == 2
+    )
     assert "freezes it before the warm-up ends" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "model.safetensors").exists()
 

@@ -5,6 +5,7 @@ Runs come from the session fixture ``demo_artifacts`` (tests/conftest.py: the ti
 session), or from ``$MOESCOPE_TEST_RUNS_ROOT`` when set (an already built root). First-render times of every page are
 written to ``test-output/apptest_timings.json`` (reported, never asserted).
 """
+
 from __future__ import annotations
 
 import base64
@@ -35,6 +36,7 @@ TIMEOUT = 120
 
 # ------------------------------------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="session")
 def runs_root(request) -> Path:
     """Artifacts root holding the real tiny demo runs: conftest's ``demo_artifacts`` (builds them once per
@@ -54,12 +56,14 @@ def root(runs_root, monkeypatch) -> Path:
 
 def _clear_caches() -> None:
     import streamlit as st
+
     st.cache_data.clear()
     st.cache_resource.clear()
 
 
 def _runs(root: Path) -> list[str]:
     from analysis.store import list_runs
+
     return list_runs(root)
 
 
@@ -128,10 +132,12 @@ def _array(value) -> np.ndarray:
 
 def _store(root: Path, run: str):
     from analysis.store import RunStore
+
     return RunStore(run, root)
 
 
 # ------------------------------------------------------------------------------------------- overview
+
 
 @pytest.mark.parametrize("run", ALL_RUNS)
 def test_overview_renders_model_card_metrics_and_verdicts(root, run):
@@ -186,6 +192,7 @@ def test_reference_gate_overview_explains_the_gate(root):
 
 # ------------------------------------------------------------------------------------------- explorer
 
+
 def _explorer_table(at: AppTest) -> pd.DataFrame:
     return next(t for t in frames(at) if "top-k experts" in t.columns)
 
@@ -239,8 +246,11 @@ def test_explorer_image_call_draws_patch_grid(root):
     table = _explorer_table(at)
     patches = table[table["kind"] == "image_patch"]
     assert len(patches) >= 4
-    spec = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
-                if "image patches" in json.loads(c.proto.spec)["layout"]["title"]["text"])
+    spec = next(
+        json.loads(c.proto.spec)
+        for c in at.get("plotly_chart")
+        if "image patches" in json.loads(c.proto.spec)["layout"]["title"]["text"]
+    )
     grid = _array(spec["data"][0]["z"])
     declared = next(i.grid for i in _store(root, "mmoe-balanced").spec().image_inputs())
     assert grid.shape == (declared.rows, declared.cols) and len(patches) == declared.rows * declared.cols
@@ -299,17 +309,24 @@ def test_prediction_text_names_both_sides_and_escapes_data_text():
     name (the demo worlds share names between entities); data text cannot render as Markdown."""
     from mmoe_core.spec import ModelSpec, PredictionSpec
     from pages.widgets import prediction_text
+
     spec = ModelSpec("toy", "toy", prediction=PredictionSpec("ranking", "", item="entity"))
-    line = prediction_text({"prediction": "Trinity", "prediction_id": 28, "gold": "Trinity", "gold_id": 29,
-                            "rank": 2, "correct": False}, spec)
+    line = prediction_text(
+        {"prediction": "Trinity", "prediction_id": 28, "gold": "Trinity", "gold_id": 29, "rank": 2, "correct": False},
+        spec,
+    )
     assert line == "entity: **Trinity** (another entity of the same name) · gold: **Trinity** · gold rank **2** · wrong"
     assert "28" not in line and "29" not in line
     crafted = prediction_text({"prediction": "[x](http://evil.example)", "gold": "**b**", "correct": True}, spec)
     assert "\\[x\\]\\(http\\://evil\\.example\\)" in crafted and "\\*\\*b\\*\\*" in crafted
 
 
-CRAFTED_RUNS = ["x` [a live link](http://evil.example/a) **bold** ![remote](http://evil.example/i.png)",
-                "www.evil.example :red[red] $x^2$ <b>b</b>", "``", "a\n\n# heading"]
+CRAFTED_RUNS = [
+    "x` [a live link](http://evil.example/a) **bold** ![remote](http://evil.example/i.png)",
+    "www.evil.example :red[red] $x^2$ <b>b</b>",
+    "``",
+    "a\n\n# heading",
+]
 
 
 @pytest.mark.parametrize("value", CRAFTED_RUNS)
@@ -345,8 +362,10 @@ def test_a_page_that_fails_on_bad_artifacts_shows_one_message(root, monkeypatch)
     from pages import reads
 
     def stale(*args, **kwargs):
-        raise ValueError("run 'mmoe-balanced': metrics.json changed since it was published; rebuild with: "
-                         "python -m analysis.precompute --run mmoe-balanced")
+        raise ValueError(
+            "run 'mmoe-balanced': metrics.json changed since it was published; rebuild with: "
+            "python -m analysis.precompute --run mmoe-balanced"
+        )
 
     monkeypatch.setattr(reads, "read_json", stale)
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
@@ -366,6 +385,7 @@ def test_a_page_that_fails_on_bad_artifacts_shows_one_message(root, monkeypatch)
 
 
 # ------------------------------------------------------------------------------------------- other pages
+
 
 @pytest.mark.parametrize("run", ALL_RUNS)
 def test_utilization_page(root, run):
@@ -390,6 +410,7 @@ def test_dynamics_page(root, run):
         assert plotly_count(at) >= 2
         spec = json.loads(at.get("plotly_chart")[0].proto.spec)
         from analysis.report import trigger_step
+
         trigger = trigger_step(store.manifest, store.read_json("config"))
         if trigger is not None:
             assert f"step {trigger}" in markdown_text(at)
@@ -407,8 +428,11 @@ def test_compare_page_routes_the_same_example_with_both_runs(root):
     _need(root, "mmoe-balanced", "mmoe-collapsing")
     at = render("compare", "mmoe-balanced", compare="mmoe-collapsing")
     no_exceptions(at)
-    verdicts = next(t for t in frames(at) if "mmoe-balanced" in t.columns and "mmoe-collapsing" in t.columns
-                    and "layer" in t.columns)
+    verdicts = next(
+        t
+        for t in frames(at)
+        if "mmoe-balanced" in t.columns and "mmoe-collapsing" in t.columns and "layer" in t.columns
+    )
     assert "collapsed" in set(verdicts["mmoe-collapsing"])
     titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
     assert any(t.startswith("mmoe-balanced:") for t in titles) and any(t.startswith("mmoe-collapsing:") for t in titles)
@@ -425,9 +449,11 @@ def test_export_page_offers_the_report(root):
 
 # ------------------------------------------------------------------------------------------- report
 
+
 def test_build_report_is_self_contained_with_verdict_table(root):
     _need(root, "mmoe-collapsing")
     from analysis.report import build_report
+
     html = build_report("mmoe-collapsing", root)
     assert html.startswith("<!DOCTYPE html>")
     assert '<table id="verdicts">' in html
@@ -444,16 +470,29 @@ def test_report_cli_writes_the_file(root, tmp_path):
     _need(root, "mmoe-balanced")
     out = tmp_path / "report.html"
     env = {**os.environ, "MOESCOPE_ARTIFACTS": str(root), "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "analysis.report", "--run", "mmoe-balanced", "--out", str(out)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "analysis.report", "--run", "mmoe-balanced", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert '<table id="verdicts">' in out.read_text()
-    bad = subprocess.run([sys.executable, "-m", "analysis.report", "--run", "no-such-run"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "analysis.report", "--run", "no-such-run"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "no-such-run" in bad.stderr
 
 
 # ------------------------------------------------------------------------------------------- clear states
+
 
 def test_no_runs_yet_shows_the_build_command(tmp_path, monkeypatch):
     monkeypatch.setenv("MOESCOPE_ARTIFACTS", str(tmp_path / "empty"))

@@ -4,6 +4,7 @@
 Each page is run on its own (``AppTest.from_file``) with ``?run=`` in the URL, as a link would open it;
 the assertions compare what the page shows with what the run's tables say.
 """
+
 from __future__ import annotations
 
 import base64
@@ -155,8 +156,9 @@ def test_playground_builds_its_inputs_from_the_declared_fields(root, run):
     at.toggle(key="pg_attr").set_value(False).run()
     _ok(at)
     assert len((at.text_input if texts else at.text_area)[0].value) == first.max_chars
-    assert any(f"{first.label}: {first.max_chars} characters, the most the model takes" in c.value
-               for c in at.caption), [c.value for c in at.caption]
+    assert any(
+        f"{first.label}: {first.max_chars} characters, the most the model takes" in c.value for c in at.caption
+    ), [c.value for c in at.caption]
     widget = (at.text_input if texts else at.text_area)[0]
     widget.set_value("")
     at.run()
@@ -179,6 +181,7 @@ def test_playground_first_run_paints_the_stored_results_without_the_model(root, 
 
     monkeypatch.setattr(live, "load_live_adapter", counted)
     import streamlit as st
+
     st.cache_resource.clear()
     at = _ok(_page("playground", MMOE_RUN).run())
     assert loads == [] and not at.metric
@@ -191,6 +194,7 @@ def test_playground_first_run_paints_the_stored_results_without_the_model(root, 
 
 def _png_bytes(image) -> bytes:
     import io
+
     buf = io.BytesIO()
     image.save(buf, "PNG")
     return buf.getvalue()
@@ -199,6 +203,7 @@ def _png_bytes(image) -> bytes:
 def _pictures_in(value, seen=None, depth=0):
     """Every PIL image reachable from ``value`` (dicts, lists, tuples, dataclass-like objects)."""
     from PIL import Image
+
     seen = set() if seen is None else seen
     if id(value) in seen or depth > 6:
         return
@@ -221,6 +226,7 @@ def test_playground_keeps_an_upload_once_and_charts_get_thumbnails(root):
     picture in session state, and no chart embeds more than a thumbnail (the attribution chart used to
     carry the whole picture: "RangeError: Invalid string length" in the browser)."""
     from PIL import Image
+
     big = Image.new("RGB", (5000, 5000), (235, 235, 240))
     big.paste((200, 30, 30), (1000, 1000, 4000, 4000))
     data = _png_bytes(big)
@@ -231,8 +237,9 @@ def test_playground_keeps_an_upload_once_and_charts_get_thumbnails(root):
     at.file_uploader[0].set_value(("big.png", data, "image/png")).run()
     _ok(at)
     assert not at.error, [e.value for e in at.error]
-    assert any("5000 x 5000 pixels" in str(c.value) and "kept at" in str(c.value) for c in at.caption), \
-        [c.value for c in at.caption]
+    assert any("5000 x 5000 pixels" in str(c.value) and "kept at" in str(c.value) for c in at.caption), [
+        c.value for c in at.caption
+    ]
     sizes = [max(p.size) for key in list(at.session_state) for p in _pictures_in(at.session_state[key])]
     assert sizes and max(sizes) <= live.MODEL_SIDE, sizes
     charts = at.get("plotly_chart")
@@ -244,8 +251,9 @@ def test_playground_keeps_an_upload_once_and_charts_get_thumbnails(root):
                 z = trace["z"]  # nested lists, or plotly's typed array {"dtype", "bdata", "shape": "h, w, 3"}
                 shape = [int(n) for n in z["shape"].split(",")] if isinstance(z, dict) else np.shape(z)
                 assert shape[0] <= 256 and shape[1] <= 256, shape
-    assert any(t.get("type") == "image" for c in charts for t in json.loads(c.proto.spec)["data"]), \
+    assert any(t.get("type") == "image" for c in charts for t in json.loads(c.proto.spec)["data"]), (
         "the attribution chart draws the (thumbnail of the) uploaded picture"
+    )
     # the same file on the next rerun is not decoded again; a 16-bit grayscale PNG keeps its tones
     kept = at.session_state[f"pg_{field.name}_kept_upload"]
     _ok(at.run())
@@ -267,8 +275,10 @@ def test_playground_refused_upload_says_why_and_keeps_the_picture(root):
     assert _metric(at, "gold rank")  # the live run goes on with the example's picture
 
 
-@pytest.mark.parametrize("page,run", [("playground", MMOE_RUN), ("attributions", MMOE_RUN),
-                                      ("source_weights", QA_RUN), ("routing_explorer", MMOE_RUN)])
+@pytest.mark.parametrize(
+    "page,run",
+    [("playground", MMOE_RUN), ("attributions", MMOE_RUN), ("source_weights", QA_RUN), ("routing_explorer", MMOE_RUN)],
+)
 @pytest.mark.parametrize("value", ["\u00b2", "\u0663", "99999", "-1", "1e3", "**7**"])
 def test_bad_example_param_gives_one_clear_message(root, page, run, value):
     """?example=² (a digit to Python's int(), not to a link), other non-ASCII digits, out-of-range and
@@ -289,6 +299,7 @@ def test_a_refused_model_config_is_one_message_without_a_traceback(root, monkeyp
 
     monkeypatch.setattr(live, "load_live_adapter", refuse)
     import streamlit as st
+
     st.cache_resource.clear()
     at = _ok(_page("playground", MMOE_RUN).run().run())
     errors = [e.value for e in at.error]
@@ -299,6 +310,7 @@ def test_a_refused_model_config_is_one_message_without_a_traceback(root, monkeyp
 
 def test_dataset_browser_shows_every_declared_world(root):
     from mmoe_core.data.views import views
+
     at = _ok(AppTest.from_file(str(REPO / "pages" / "dataset_browser.py"), default_timeout=TIMEOUT).run())
     assert [t.label for t in at.tabs] == [f"{v.title} · {t.name}" for v in views() for t in v.tables]
     assert len(at.dataframe) >= len(at.tabs)

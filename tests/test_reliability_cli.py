@@ -4,6 +4,7 @@ paragraph ``error: ...`` naming the file and the fix, exit status 2, no tracebac
 Most faults are driven through each CLI's ``main`` in this process (fast); one subprocess per CLI proves
 the ``python -m`` entry point exits 2 without a traceback. Unit tier: no demo build.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,25 @@ from safetensors.torch import load_file, save_file
 
 from tests.reliability_helpers import ENV, REPO, expected_failure, rewrite_config, small_mmoe_checkpoint
 
-SMALL_OPTS = ["--steps", "1", "--batch-size", "4", "--no-progress", "--opt", "encoder=tiny-32", "--opt", "image_dim=8",
-              "--opt", "text_hidden=8", "--opt", "image_hidden=8", "--opt", "cross_hidden=8", "--opt", "expert_mult=1"]
+SMALL_OPTS = [
+    "--steps",
+    "1",
+    "--batch-size",
+    "4",
+    "--no-progress",
+    "--opt",
+    "encoder=tiny-32",
+    "--opt",
+    "image_dim=8",
+    "--opt",
+    "text_hidden=8",
+    "--opt",
+    "image_hidden=8",
+    "--opt",
+    "cross_hidden=8",
+    "--opt",
+    "expert_mult=1",
+]
 
 
 def call(main, argv, capsys) -> tuple[int, str]:
@@ -34,13 +52,17 @@ def call(main, argv, capsys) -> tuple[int, str]:
 
 def leftovers(folder) -> list[str]:
     """Hidden staging / temporary entries a failed writer would have left in ``folder``."""
-    return sorted(p.name for p in folder.iterdir() if ".staging" in p.name or p.name.endswith(".tmp")) \
-        if folder.is_dir() else []
+    return (
+        sorted(p.name for p in folder.iterdir() if ".staging" in p.name or p.name.endswith(".tmp"))
+        if folder.is_dir()
+        else []
+    )
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from mmoe_core.data.generate import generate_entity_world
+
     return generate_entity_world(tmp_path_factory.mktemp("world") / "entity", scale="tiny", progress=False)
 
 
@@ -61,6 +83,7 @@ def broken_world(world, tmp_path):
 
 
 # ------------------------------------------------------------------------------ faulty checkpoints
+
 
 def _copy(good, tmp_path, name="bad"):
     return shutil.copytree(good, tmp_path / name)
@@ -88,6 +111,7 @@ def with_value(value):
         state[name].view(-1)[0] = value
         save_file(state, str(ckpt / "model.safetensors"))
         return ckpt
+
     return make
 
 
@@ -138,6 +162,7 @@ FAULTY = {  # fault -> (make the checkpoint, words the message must hold)
 @pytest.mark.parametrize("fault", sorted(FAULTY))
 def test_evaluate_refuses_a_faulty_checkpoint(fault, good, world, tmp_path, capsys):
     from mmoe_core import evaluate
+
     make, words = FAULTY[fault]
     ckpt = make(good, tmp_path)
     message = expected_failure(call(evaluate.main, [ckpt, "--data", world, "--no-progress"], capsys), *words)
@@ -147,8 +172,12 @@ def test_evaluate_refuses_a_faulty_checkpoint(fault, good, world, tmp_path, caps
 
 def test_evaluate_refuses_bad_data_and_options(good, world, tmp_path, capsys):
     from mmoe_core import evaluate
-    expected_failure(call(evaluate.main, [good, "--data", broken_world(world, tmp_path), "--no-progress"], capsys),
-                     "kb_entity.json", "invalid JSON")
+
+    expected_failure(
+        call(evaluate.main, [good, "--data", broken_world(world, tmp_path), "--no-progress"], capsys),
+        "kb_entity.json",
+        "invalid JSON",
+    )
     expected_failure(call(evaluate.main, [good, "--data", world, "--modalities", "smell"], capsys), "--modalities")
     expected_failure(call(evaluate.main, [good, "--data", world, "--batch-size", "0"], capsys), "--batch-size")
     expected_failure(call(evaluate.main, [good, "--data", world, "--split", "nope"], capsys), "DEMO_nope.json")
@@ -169,56 +198,75 @@ TRAIN_FAULTS = {  # fault -> (extra argv, words)
 @pytest.mark.parametrize("fault", sorted(TRAIN_FAULTS))
 def test_train_refuses_bad_options_and_writes_nothing(fault, world, tmp_path, capsys):
     from mmoe_core import train
+
     extra, words = TRAIN_FAULTS[fault]
     out = tmp_path / "out" / "ckpt"
-    expected_failure(call(train.main, ["--family", "mmoe", "--data", world, "--out", out, *SMALL_OPTS, *extra], capsys),
-                     *words)
+    expected_failure(
+        call(train.main, ["--family", "mmoe", "--data", world, "--out", out, *SMALL_OPTS, *extra], capsys), *words
+    )
     assert not out.exists() and leftovers(out.parent) == []
 
 
 def test_train_refuses_bad_data_and_a_folder_that_is_not_a_checkpoint(world, tmp_path, capsys):
     from mmoe_core import train
+
     out = tmp_path / "ckpt"
     for data, words in ((tmp_path / "nowhere", ["nowhere"]), (broken_world(world, tmp_path), ["kb_entity.json"])):
-        expected_failure(call(train.main, ["--family", "mmoe", "--data", data, "--out", out, *SMALL_OPTS], capsys),
-                         *words)
+        expected_failure(
+            call(train.main, ["--family", "mmoe", "--data", data, "--out", out, *SMALL_OPTS], capsys), *words
+        )
         assert not out.exists()
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "thesis.tex").write_text("years of work")
-    expected_failure(call(train.main, ["--family", "mmoe", "--data", world, "--out", notes, *SMALL_OPTS], capsys),
-                     str(notes), "not a checkpoint")
+    expected_failure(
+        call(train.main, ["--family", "mmoe", "--data", world, "--out", notes, *SMALL_OPTS], capsys),
+        str(notes),
+        "not a checkpoint",
+    )
     assert (notes / "thesis.tex").read_text() == "years of work"
 
 
 @pytest.mark.parametrize("fault", ["missing folder", "truncated weights", "NaN weights", "absurd size"])
 def test_precompute_refuses_a_faulty_checkpoint_and_writes_nothing(fault, good, world, tmp_path, capsys):
     from analysis import precompute
+
     make, words = FAULTY[fault]
     ckpt, root = make(good, tmp_path), tmp_path / "root"
     words = ["no checkpoint at"] if fault == "missing folder" else words
-    expected_failure(call(precompute.main, ["--run", "r", "--checkpoint", ckpt, "--data", world, "--root", root,
-                                            "--device", "cpu"], capsys), *words)
+    expected_failure(
+        call(
+            precompute.main,
+            ["--run", "r", "--checkpoint", ckpt, "--data", world, "--root", root, "--device", "cpu"],
+            capsys,
+        ),
+        *words,
+    )
     assert not root.exists()
 
 
 def test_precompute_refuses_bad_data_and_options(good, world, tmp_path, capsys):
     from analysis import precompute
+
     root = tmp_path / "root"
     base = ["--checkpoint", good, "--root", root, "--device", "cpu"]
     expected_failure(call(precompute.main, ["--run", "r", *base, "--data", tmp_path / "nowhere"], capsys), "nowhere")
-    expected_failure(call(precompute.main, ["--run", "r", *base, "--data", broken_world(world, tmp_path)], capsys),
-                     "kb_entity.json")
+    expected_failure(
+        call(precompute.main, ["--run", "r", *base, "--data", broken_world(world, tmp_path)], capsys), "kb_entity.json"
+    )
     expected_failure(call(precompute.main, ["--run", "../escape", *base, "--data", world], capsys), "--run")
-    expected_failure(call(precompute.main, ["--run", "r", *base, "--data", world, "--batch-size", "0"], capsys),
-                     "--batch-size")
-    expected_failure(call(precompute.main, ["--run", "r", *base, "--data", world, "--device", "toaster"], capsys),
-                     "--device")
+    expected_failure(
+        call(precompute.main, ["--run", "r", *base, "--data", world, "--batch-size", "0"], capsys), "--batch-size"
+    )
+    expected_failure(
+        call(precompute.main, ["--run", "r", *base, "--data", world, "--device", "toaster"], capsys), "--device"
+    )
     assert not root.exists()
 
 
 def test_import_refuses_bad_files_and_writes_nothing(tmp_path, capsys):
     from mmoe_core.families.mmoe import import_mmoe
+
     out = tmp_path / "imported"
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
@@ -227,8 +275,12 @@ def test_import_refuses_bad_files_and_writes_nothing(tmp_path, capsys):
     cut.write_bytes(cut.read_bytes()[:300])
     nan = tmp_path / "nan.safetensors"
     save_file({"matcher.w": torch.tensor([1.0, math.nan])}, str(nan))
-    for path, words in ((tmp_path / "nowhere.ckpt", ["no such file"]), (text, ["notes.pt"]), (cut, ["cut.pt"]),
-                        (nan, ["NaN or Inf", "nan.safetensors"])):
+    for path, words in (
+        (tmp_path / "nowhere.ckpt", ["no such file"]),
+        (text, ["notes.pt"]),
+        (cut, ["cut.pt"]),
+        (nan, ["NaN or Inf", "nan.safetensors"]),
+    ):
         expected_failure(call(import_mmoe.main, [path, "--out", out, "--top-k", "3"], capsys), *words)
         assert not out.exists() and leftovers(tmp_path) == []
     notes = tmp_path / "notes"
@@ -243,22 +295,32 @@ def test_report_refuses_missing_partial_runs_and_bad_out(tmp_path, capsys):
 
     from analysis import report
     from analysis.store import RunWriter
+
     root = tmp_path / "root"
-    expected_failure(call(report.main, ["--run", "nope", "--root", root, "--out", tmp_path / "r.html"], capsys),
-                     "nope", "python -m analysis.precompute")
+    expected_failure(
+        call(report.main, ["--run", "nope", "--root", root, "--out", tmp_path / "r.html"], capsys),
+        "nope",
+        "python -m analysis.precompute",
+    )
     expected_failure(call(report.main, ["--run", "../x", "--root", root], capsys), "not a run name")
     with RunWriter("r", root=root) as w:
         w.write_table("examples", pd.DataFrame({"example_index": [0, 1]}))
-    expected_failure(call(report.main, ["--run", "r", "--root", root, "--out", tmp_path / "no" / "r.html"], capsys),
-                     str(tmp_path / "no"))
+    expected_failure(
+        call(report.main, ["--run", "r", "--root", root, "--out", tmp_path / "no" / "r.html"], capsys),
+        str(tmp_path / "no"),
+    )
     (root / "runs" / "r" / "examples.parquet").unlink()
-    expected_failure(call(report.main, ["--run", "r", "--root", root, "--out", tmp_path / "r.html"], capsys),
-                     "partial", "examples.parquet")
+    expected_failure(
+        call(report.main, ["--run", "r", "--root", root, "--out", tmp_path / "r.html"], capsys),
+        "partial",
+        "examples.parquet",
+    )
     assert not (tmp_path / "r.html").exists() and leftovers(tmp_path) == []
 
 
 def test_demo_build_refuses_unknown_runs_and_bad_options(tmp_path, capsys, monkeypatch):
     import demo_build
+
     monkeypatch.setenv("MOESCOPE_ARTIFACTS", str(tmp_path / "artifacts"))
     expected_failure(call(demo_build.main, ["--only", "nope", "--scale", "tiny"], capsys), "unknown run 'nope'")
     expected_failure(call(demo_build.main, ["--jobs", "0"], capsys), "--jobs")
@@ -272,6 +334,7 @@ def test_a_real_bug_keeps_its_traceback(good, world, monkeypatch):
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
+
     monkeypatch.setattr(evaluate, "load_adapter", broken)
     with pytest.raises(ZeroDivisionError):
         evaluate.main([str(good), "--data", str(world)])
@@ -283,18 +346,31 @@ def test_every_cli_exits_2_without_a_traceback(good, world, tmp_path):
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
     runs = {
-        "mmoe_core.train": (["--family", "mmoe", "--data", tmp_path / "nowhere", "--out", tmp_path / "o", *SMALL_OPTS],
-                            ["nowhere"]),
+        "mmoe_core.train": (
+            ["--family", "mmoe", "--data", tmp_path / "nowhere", "--out", tmp_path / "o", *SMALL_OPTS],
+            ["nowhere"],
+        ),
         "mmoe_core.evaluate": ([bad, "--data", world], ["not a safetensors file"]),
-        "analysis.precompute": (["--run", "r", "--checkpoint", bad, "--data", world, "--root", tmp_path / "root"],
-                                ["not a safetensors file"]),
+        "analysis.precompute": (
+            ["--run", "r", "--checkpoint", bad, "--data", world, "--root", tmp_path / "root"],
+            ["not a safetensors file"],
+        ),
         "analysis.report": (["--run", "nope", "--root", tmp_path / "root"], ["nope"]),
         "mmoe_core.families.mmoe.import_mmoe": ([text, "--out", tmp_path / "imp", "--top-k", "3"], ["notes.pt"]),
         "demo_build": (["--only", "nope", "--scale", "tiny"], ["unknown run 'nope'"]),
     }
     env = {**ENV, "MOESCOPE_ARTIFACTS": str(tmp_path / "artifacts")}
-    procs = {m: subprocess.Popen([sys.executable, "-m", m, *map(str, argv)], cwd=REPO, env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for m, (argv, _) in runs.items()}
+    procs = {
+        m: subprocess.Popen(
+            [sys.executable, "-m", m, *map(str, argv)],
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for m, (argv, _) in runs.items()
+    }
     for module, proc in procs.items():
         _, err = proc.communicate(timeout=300)
         expected_failure((proc.returncode, err), *runs[module][1])

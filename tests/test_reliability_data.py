@@ -2,6 +2,7 @@
 link out), pictures open only as PNG, JPEG or WebP within the upload pixel cap, JSON fields are
 type-checked (ground truth included), files have size caps; every refusal names the file and the record.
 Unit tier (tiny generated worlds)."""
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,14 @@ from mmoe_core.families.hf_moe.data import read_jsonl, read_label_specs
 @pytest.fixture(scope="module")
 def entity_world(tmp_path_factory):
     from mmoe_core.data.generate import generate_entity_world
+
     return generate_entity_world(tmp_path_factory.mktemp("world") / "entity", scale="tiny", progress=False)
 
 
 @pytest.fixture(scope="module")
 def qa_world(tmp_path_factory):
     from mmoe_core.data.generate import generate_qa_world
+
     return generate_qa_world(tmp_path_factory.mktemp("world") / "qa", scale="tiny", progress=False)
 
 
@@ -71,11 +74,14 @@ def _replace_first_kb_picture(root, write):
     return name
 
 
-@pytest.mark.parametrize("fault, words", [
-    ("gif named png", ["not a PNG, JPEG or WebP"]),
-    ("text named png", ["not a PNG, JPEG or WebP"]),
-    ("over the pixel cap", ["megapixels", "the limit is 25 megapixels"]),
-])
+@pytest.mark.parametrize(
+    "fault, words",
+    [
+        ("gif named png", ["not a PNG, JPEG or WebP"]),
+        ("text named png", ["not a PNG, JPEG or WebP"]),
+        ("over the pixel cap", ["megapixels", "the limit is 25 megapixels"]),
+    ],
+)
 def test_pictures_open_only_in_the_expected_formats_and_within_the_pixel_cap(fault, words, entity_world, tmp_path):
     root = shutil.copytree(entity_world, tmp_path / "w")
 
@@ -86,6 +92,7 @@ def test_pictures_open_only_in_the_expected_formats_and_within_the_pixel_cap(fau
             path.write_text("<html>not a picture</html>")
         else:  # 5001 x 5001 = 25.01 MP of one colour: a tiny file, a huge decode
             Image.new("L", (5001, 5001)).save(path, format="PNG")
+
     name = _replace_first_kb_picture(root, write)
     with pytest.raises(DatasetError) as caught:
         read_entity_dataset(root)
@@ -102,18 +109,22 @@ def test_a_truncated_picture_is_refused_when_decoded_naming_it(entity_world, tmp
     def write(path):
         Image.new("RGB", (64, 64), (200, 10, 10)).save(path)
         path.write_bytes(path.read_bytes()[:60])
+
     name = _replace_first_kb_picture(root, write)
     read_entity_dataset(root)  # the header is fine
     with pytest.raises(DatasetError, match=rf"{name}.*damaged or truncated PNG"):
         load_image(root / "kb_image" / name, root=root)
 
 
-@pytest.mark.parametrize("change, words", [
-    (lambda t: t["mentions"].__setitem__("M00000", "both"), ["ground_truth.json", "mentions.M00000", "object"]),
-    (lambda t: t["mentions"]["M00000"].update(decisive="smell"), ["mentions.M00000.decisive", "'smell'"]),
-    (lambda t: t.update(entities=[1, 2]), ["ground_truth.json", "entities"]),
-    (lambda t: t["entities"].__setitem__(next(iter(t["entities"])), {"type": 5}), ["string 'type'"]),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda t: t["mentions"].__setitem__("M00000", "both"), ["ground_truth.json", "mentions.M00000", "object"]),
+        (lambda t: t["mentions"]["M00000"].update(decisive="smell"), ["mentions.M00000.decisive", "'smell'"]),
+        (lambda t: t.update(entities=[1, 2]), ["ground_truth.json", "entities"]),
+        (lambda t: t["entities"].__setitem__(next(iter(t["entities"])), {"type": 5}), ["string 'type'"]),
+    ],
+)
 def test_ground_truth_entries_are_type_checked(change, words, entity_world, tmp_path):
     root = shutil.copytree(entity_world, tmp_path / "w", symlinks=True)
     edit_json(root / "ground_truth.json", change)
@@ -168,5 +179,6 @@ def test_hf_jsonl_pictures_and_label_descriptions_are_checked(tmp_path):
 
 def test_uploads_and_datasets_share_one_pixel_cap():
     from analysis.live import uploads
+
     assert uploads.MAX_UPLOAD_PIXELS == images.MAX_IMAGE_PIXELS == 25_000_000
     assert uploads.sniff_image_type is images.sniff_image_type

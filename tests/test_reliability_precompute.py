@@ -2,6 +2,7 @@
 before publishing: a change meanwhile refuses the run); SIGKILL midway leaves the previous run readable and
 complete; a second precompute of the same run refuses, or with --wait waits its turn. Unit tier (the toy
 family of tests/toy_family.py)."""
+
 from __future__ import annotations
 
 import json
@@ -50,6 +51,7 @@ def toy_family():
     from mmoe_core import registry
     from mmoe_core.data import views
     from tests import toy_family as toy
+
     toy.register()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -70,8 +72,9 @@ def inputs(tmp_path_factory):
 
 
 def build(world, ckpt, root, **kwargs):
-    return P.precompute(RUN, checkpoint=str(ckpt), data=str(world), root=root, device="cpu", progress=False,
-                        **{**OPTS, **kwargs})
+    return P.precompute(
+        RUN, checkpoint=str(ckpt), data=str(world), root=root, device="cpu", progress=False, **{**OPTS, **kwargs}
+    )
 
 
 def snapshot_of(root) -> tuple[dict, dict]:
@@ -107,14 +110,14 @@ def test_sigkill_midway_leaves_the_previous_run_readable_and_complete(inputs, tm
     proc = paused(world, ckpt, root, tmp_path, pause=120)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
-    assert proc.returncode == -signal.SIGKILL and staging(root)          # it died half way
+    assert proc.returncode == -signal.SIGKILL and staging(root)  # it died half way
     status = run_status(RUN, root, verify=True)
     assert status.state == "ready", status.message
     after = snapshot_of(root)
     assert after[0] == before[0]
     for name, frame in before[1].items():
         pd.testing.assert_frame_equal(after[1][name], frame)
-    build(world, ckpt, root, force=True)                                  # the next one publishes and cleans up
+    build(world, ckpt, root, force=True)  # the next one publishes and cleans up
     assert staging(root) == [] and snapshot_of(root)[0]["created"] != before[0]["created"]
 
 
@@ -124,11 +127,29 @@ def test_a_second_precompute_of_the_run_refuses_or_waits(inputs, tmp_path, capsy
     proc = paused(world, ckpt, root, tmp_path, pause=8)
     try:
         capsys.readouterr()
-        rc = P.main(["--run", RUN, "--checkpoint", str(ckpt), "--data", str(world), "--root", str(root),
-                     "--device", "cpu", "--attribution-sample", "0", "--dynamics-sample", "4", "--projection", "pca"])
+        rc = P.main(
+            [
+                "--run",
+                RUN,
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(world),
+                "--root",
+                str(root),
+                "--device",
+                "cpu",
+                "--attribution-sample",
+                "0",
+                "--dynamics-sample",
+                "4",
+                "--projection",
+                "pca",
+            ]
+        )
         expected_failure((rc, capsys.readouterr().err), "another precompute of run 'toy' is running", "--wait")
         started = time.monotonic()
-        assert build(world, ckpt, root, wait=True) is None                # waited, then found it built
+        assert build(world, ckpt, root, wait=True) is None  # waited, then found it built
         err = capsys.readouterr().err
         assert "waiting for it" in err and "the other precompute built it" in err
         assert proc.wait(timeout=60) == 0, proc.stderr.read()
@@ -157,6 +178,7 @@ def test_inputs_changed_during_the_run_are_refused_and_not_published(what, input
             with open(world / "test.jsonl", "a") as f:
                 f.write("\n")
         return out
+
     monkeypatch.setattr(P, "run_examples", changing)
     with pytest.raises(InputsChanged, match=f"the {what} .* changed while the precompute read it"):
         build(world, ckpt, root, force=True)

@@ -1,6 +1,7 @@
 """Readers of a published run survive a republish while they render: an open RunStore holds its version
 (a shared flock), so the publisher keeps it until the reader closes, instead of deleting it under the
 reader (which gave DuckDB I/O errors). Unit tier (no model)."""
+
 from __future__ import annotations
 
 import shutil
@@ -49,15 +50,15 @@ def test_the_fault_a_version_deleted_under_an_open_reader_is_an_io_error(tmp_pat
 def test_a_republish_in_another_process_while_a_reader_renders(tmp_path):
     publish(tmp_path, 3)
     store = RunStore("demo", tmp_path)
-    first = store.table("examples")                       # the page has started rendering
+    first = store.table("examples")  # the page has started rendering
     proc = python(REPUBLISH, [tmp_path, 5])
     assert proc.wait(timeout=120) == 0, proc.stderr.read()
     assert not store.is_current() and len(versions(tmp_path)) == 2
     pd.testing.assert_frame_equal(store.table("examples"), first)  # the rest of the page: same version
     assert store.table("predictions")["score"].tolist() == [3.0] * 3
-    with RunStore("demo", tmp_path) as fresh:             # the next render opens the new one
+    with RunStore("demo", tmp_path) as fresh:  # the next render opens the new one
         assert len(fresh.table("examples")) == 5
-    store.close()                                         # the last reader of the old version is gone
+    store.close()  # the last reader of the old version is gone
     assert collect_versions("demo", tmp_path / "runs" / ".versions", keep=fresh.dir.name) == []
     assert versions(tmp_path) == [fresh.dir.name]
     assert run_status("demo", tmp_path).state not in ("missing", "partial")
@@ -79,6 +80,7 @@ def test_readers_and_publishers_at_once_never_fail(tmp_path):
             except BaseException as exc:  # noqa: BLE001 - every failure is collected and reported
                 errors.append(exc)
                 return
+
     threads = [threading.Thread(target=reader) for _ in range(3)]
     for t in threads:
         t.start()
@@ -88,7 +90,7 @@ def test_readers_and_publishers_at_once_never_fail(tmp_path):
     for t in threads:
         t.join(timeout=60)
     assert errors == []
-    publish(tmp_path, 9)                                  # no reader left: only the current version stays
+    publish(tmp_path, 9)  # no reader left: only the current version stays
     assert len(versions(tmp_path)) == 1
 
 
@@ -96,11 +98,11 @@ def test_a_held_version_is_kept_and_a_collected_one_is_not_held(tmp_path):
     publish(tmp_path, 2)
     with RunStore("demo", tmp_path) as store:
         old = store.dir
-        hold = hold_version(old)                          # a second reader of the same version
+        hold = hold_version(old)  # a second reader of the same version
         store.close()
         publish(tmp_path, 3)
-        assert old.is_dir()                               # still held by the second reader
+        assert old.is_dir()  # still held by the second reader
         release_version(hold)
     publish(tmp_path, 4)
     assert not old.exists()
-    assert hold_version(old) is None                      # gone: a reader resolves the link again
+    assert hold_version(old) is None  # gone: a reader resolves the link again

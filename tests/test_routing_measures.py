@@ -199,8 +199,7 @@ def test_even_slots_and_weights_are_not_flagged():
 
 
 def test_two_experts_holding_the_weight_is_collapsed_and_names_the_starved():
-    level, reason = findings.weight_collapse_clause([1 / 3, 1 / 3, 1 / 6, 1 / 6], None,
-                                             [0.49, 0.49, 0.01, 0.01])
+    level, reason = findings.weight_collapse_clause([1 / 3, 1 / 3, 1 / 6, 1 / 6], None, [0.49, 0.49, 0.01, 0.01])
     assert level == "collapsed"
     assert "the combine weight spreads over only 2.21 effective experts (0.58x the slots')" in reason
     assert "most of it on experts 0, 1" in reason
@@ -217,7 +216,8 @@ def test_worst_view_first_and_the_other_summarised():
     level, reason = findings.weight_collapse_clause([0.25] * 4, [0.55, 0.15, 0.15, 0.15], [0.7, 0.1, 0.1, 0.1])
     assert level == "warning"
     assert reason.index("of the combine weight for 25% of slots (2.80x)") < reason.index(
-        "the router importance agrees (3.26 effective experts, at most 55% on one)")
+        "the router importance agrees (3.26 effective experts, at most 55% on one)"
+    )
 
 
 def constructed_issue_layer():
@@ -308,8 +308,7 @@ def test_conditional_mi_with_one_group_is_sklearns_mi():
     rng = np.random.default_rng(3)
     e, q = rng.integers(0, 4, 500), rng.integers(0, 7, 500)
     e[:200] = q[:200] % 4
-    assert findings.position_dependence(e[:, None], q, n_shuffles=0)["mi"] == pytest.approx(
-        mutual_info_score(q, e))
+    assert findings.position_dependence(e[:, None], q, n_shuffles=0)["mi"] == pytest.approx(mutual_info_score(q, e))
 
 
 def test_batch_dependence():
@@ -414,15 +413,21 @@ def test_measures_do_not_depend_on_expert_labels(case):
     assert m.dead_expert_fraction(f2) == m.dead_expert_fraction(f)
     assert m.top_n_coverage(f2, 1) == pytest.approx(m.top_n_coverage(f, 1))
     np.testing.assert_allclose(m.co_activation(i2, E)[np.ix_(perm, perm)], m.co_activation(ids, E))
-    assert m.cross_layer_consistency(i2, perm[ids[::-1]]) == pytest.approx(
-        m.cross_layer_consistency(ids, ids[::-1]))
+    assert m.cross_layer_consistency(i2, perm[ids[::-1]]) == pytest.approx(m.cross_layer_consistency(ids, ids[::-1]))
     assert m.router_saturation([i2[::-1]], perm[ids[::-1]]).tolist() == pytest.approx(
-        m.router_saturation([ids[::-1]], ids[::-1]).tolist())
+        m.router_saturation([ids[::-1]], ids[::-1]).tolist()
+    )
     a, b = findings.weight_collapse_finding(probs, ids, combine), findings.weight_collapse_finding(p2, i2, c2)
     assert (a is None) == (b is None) and (a is None or a[0] == b[0])
     ind, ind2 = m.weight_collapse_indicators(probs, ids, combine), m.weight_collapse_indicators(p2, i2, c2)
-    for key in ("weight_displacement", "importance_displacement", "effective_by_weight", "weight_per_slot",
-                "effective_by_slots", "weight_spread_ratio"):
+    for key in (
+        "weight_displacement",
+        "importance_displacement",
+        "effective_by_weight",
+        "weight_per_slot",
+        "effective_by_slots",
+        "weight_spread_ratio",
+    ):
         assert ind2[key] == pytest.approx(ind[key], abs=1e-9)
 
 

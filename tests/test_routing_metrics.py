@@ -209,11 +209,29 @@ def test_unrouted_weight_share_never_weighted_outside_topk():
 # --------------------------------------------------------------------------- summaries
 
 SUMMARY_KEYS = {
-    "num_positions", "num_experts", "top_k", "load", "importance", "switch_balance_loss",
-    "z_loss", "token_entropy", "token_entropy_norm", "marginal_entropy", "effective_experts",
-    "effective_experts_ratio", "load_cv", "max_load_ratio", "dead_experts",
-    "nearly_dead_experts", "gini", "top1_prob", "top1_gap", "unrouted_fraction",
-    "experts_never_weighted", "weight_share", "weighted_outside_topk_fraction",
+    "num_positions",
+    "num_experts",
+    "top_k",
+    "load",
+    "importance",
+    "switch_balance_loss",
+    "z_loss",
+    "token_entropy",
+    "token_entropy_norm",
+    "marginal_entropy",
+    "effective_experts",
+    "effective_experts_ratio",
+    "load_cv",
+    "max_load_ratio",
+    "dead_experts",
+    "nearly_dead_experts",
+    "gini",
+    "top1_prob",
+    "top1_gap",
+    "unrouted_fraction",
+    "experts_never_weighted",
+    "weight_share",
+    "weighted_outside_topk_fraction",
 }
 
 
@@ -276,8 +294,7 @@ def test_uniform_routing_is_healthy(k, ratio_max):
     label, reason = r.verdict(summary_of(np.zeros((40, E)), ids, combine))
     assert label == "healthy"
     assert reason == (
-        "healthy: effective experts 4.00 of 4, load CV 0.00, "
-        f"max-load ratio 1.00 of {ratio_max}, no dead experts"
+        f"healthy: effective experts 4.00 of 4, load CV 0.00, max-load ratio 1.00 of {ratio_max}, no dead experts"
     )
 
 
@@ -304,9 +321,7 @@ def test_nearly_all_on_one_expert_names_the_nearly_dead_one():
     ids, combine = standard_gate(logits, 1)
     label, reason = r.verdict(summary_of(logits, ids, combine))
     assert label == "collapsed"
-    assert reason.startswith(
-        "collapsed: expert 2 takes 99% of routing slots (max-load ratio 3.96 of 4)"
-    )
+    assert reason.startswith("collapsed: expert 2 takes 99% of routing slots (max-load ratio 3.96 of 4)")
     assert "3 of 4 experts do no work (0, 1, 3); 2 dead experts (1, 3); " in reason
     assert "1 nearly dead expert (0: 1.0% of slots)" in reason
 
@@ -335,10 +350,7 @@ def test_two_expert_collapse_of_four_is_collapsed():
     label2, reason2 = r.verdict(summary_of(logits, ids2, combine2))
     assert label2 == "collapsed"
     assert "2 dead experts (2, 3)" in reason2
-    assert (
-        "every position picks the same 2 experts (0, 1): the top-k choice ignores the input"
-        in reason2
-    )
+    assert "every position picks the same 2 experts (0, 1): the top-k choice ignores the input" in reason2
 
 
 def test_top3_of_four_with_fourth_dead_is_a_warning():
@@ -366,9 +378,7 @@ def test_topk_router_on_one_expert_collapses_by_weight(k):
     assert label == "collapsed"
     # Renormalised over the k chosen: e^5 / (e^5 + k - 1) ~ 0.993 (k=2), 0.987 (k=3).
     assert s["weight_share"][2] == pytest.approx(math.exp(5) / (math.exp(5) + k - 1), abs=3e-3)
-    assert reason.startswith(
-        "collapsed: expert 2 carries 99% of the combine weight; effective experts 1.1"
-    )
+    assert reason.startswith("collapsed: expert 2 carries 99% of the combine weight; effective experts 1.1")
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -400,10 +410,7 @@ def test_published_gate_flags_unrouted_and_never_weighted_expert():
     label, reason = r.verdict(s)
     assert label == "collapsed"
     assert "75% of positions (9 of 12) get no expert weight (unrouted)" in reason
-    assert (
-        "expert 3 never gets combine weight although top-k picks it for 100% of positions"
-        in reason
-    )
+    assert "expert 3 never gets combine weight although top-k picks it for 100% of positions" in reason
     assert "8.3% of positions put combine weight on experts outside their top-k" in reason
 
 
@@ -444,6 +451,7 @@ def test_thresholds_are_frozen_and_replaceable():
 
 def test_mutual_information_of_codes_equals_sklearn():
     from sklearn.metrics import mutual_info_score
+
     rng = np.random.default_rng(3)
     for n, na, nb in ((1, 1, 1), (50, 3, 4), (5000, 7, 2)):
         a, b = rng.integers(0, na, size=n), rng.integers(0, nb, size=n)
@@ -460,14 +468,15 @@ def sigmoid_call(T=60, seed=0):
     import torch
 
     from mmoe_core.routing_record import LayerCall, PositionMeta, RouterOutput
+
     rng = np.random.default_rng(seed)
     logits = rng.normal(size=(1, T, E)).astype(np.float32)
-    logits[..., 0] += 5.0                      # softmax(logits) piles onto expert 0 ...
+    logits[..., 0] += 5.0  # softmax(logits) piles onto expert 0 ...
     probs = 1 / (1 + np.exp(-logits))
     probs[..., 1:] = np.clip(probs[..., 1:] + 0.6, 0, 1)  # ... the gate's own scores spread out
     top = np.argsort(-probs, axis=-1)[..., :2]
     combine = np.zeros_like(probs)
-    np.put_along_axis(combine, top, np.take_along_axis(probs, top, -1), -1)   # raw top-k weights
+    np.put_along_axis(combine, top, np.take_along_axis(probs, top, -1), -1)  # raw top-k weights
     router = RouterOutput(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (logits, probs, top, combine)))
     meta = PositionMeta.uniform("c", [7], T, "text_token", "text", "text")
     return LayerCall("sig", router, meta), logits[0], probs[0]
@@ -476,12 +485,13 @@ def sigmoid_call(T=60, seed=0):
 def test_sigmoid_gate_indicators_use_the_recorded_probs():
     from analysis.indicator_tables import layer_metrics_frame
     from analysis.routing_table import routing_frame
+
     call, logits, probs = sigmoid_call()
     table = routing_frame([call])
     assert list(table.columns[:6]) == ["layer", "call", "example_index", "example_id", "position", "position_kind"]
     np.testing.assert_allclose(np.stack(table["probs"]), probs)
     dist = probs / probs.sum(axis=1, keepdims=True)
-    assert not np.allclose(dist, r.softmax(logits), atol=0.05)   # the two readings really differ
+    assert not np.allclose(dist, r.softmax(logits), atol=0.05)  # the two readings really differ
     np.testing.assert_allclose(table["entropy"], r.token_entropy(dist), rtol=1e-5)
     np.testing.assert_allclose(table["top1_prob"], dist.max(axis=1), rtol=1e-5)
     row = layer_metrics_frame(table).iloc[0]
@@ -496,6 +506,7 @@ def test_sigmoid_gate_indicators_use_the_recorded_probs():
 def test_routing_distribution_normalises_scores_and_keeps_softmax():
     logits = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
     np.testing.assert_allclose(r.routing_distribution(r.softmax(logits)), r.softmax(logits))
-    np.testing.assert_allclose(r.routing_distribution([[0.5, 0.25, 0.25], [0.0, 0.0, 0.0]]),
-                               [[0.5, 0.25, 0.25], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(
+        r.routing_distribution([[0.5, 0.25, 0.25], [0.0, 0.0, 0.0]]), [[0.5, 0.25, 0.25], [0.0, 0.0, 0.0]]
+    )
     np.testing.assert_allclose(r.routing_distribution([[0.9, 0.9, 0.2]]), [[0.45, 0.45, 0.1]])

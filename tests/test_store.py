@@ -1,4 +1,5 @@
 """Tests for the artifact store (analysis/store/) and hashing (analysis/hashing.py)."""
+
 from __future__ import annotations
 
 import json
@@ -46,24 +47,39 @@ from mmoe_core.spec import (
 REPO = Path(__file__).resolve().parents[1]
 # A declaration with one of each piece, so the manifest round trip covers every nested type.
 SPEC = ModelSpec(
-    family="toy", title="Toy: two inputs",
+    family="toy",
+    title="Toy: two inputs",
     fields=(ExampleField("text", "Text", editable=True, role="title"), ExampleField("image_path", "Image", "image")),
-    inputs=(InputSpec("tokens", "text_tokens", "token embeddings", field="text"),
-            InputSpec("patches", "image_patches", "patch embeddings", grid=ImageGrid(2, 3, first_position=1))),
-    routed_layers=(RoutedLayerSpec("l0", 4, 2, GateSpec("hf:Router", "sigmoid", "topk_scaled", shared_experts=1,
-                                                        capacity=1.25, score_correction_bias=True),
-                                   calls=("mention",)),),
+    inputs=(
+        InputSpec("tokens", "text_tokens", "token embeddings", field="text"),
+        InputSpec("patches", "image_patches", "patch embeddings", grid=ImageGrid(2, 3, first_position=1)),
+    ),
+    routed_layers=(
+        RoutedLayerSpec(
+            "l0",
+            4,
+            2,
+            GateSpec(
+                "hf:Router", "sigmoid", "topk_scaled", shared_experts=1, capacity=1.25, score_correction_bias=True
+            ),
+            calls=("mention",),
+        ),
+    ),
     prediction=PredictionSpec("ranking", "rank items", headline=("hits@1", "mrr"), item="entity"),
-    outputs=(OutputSpec("mix", "source_weights", "weights", sources=(SourceSpec("image", "a", "alpha"),),
-                        truth_label="src"),),
+    outputs=(
+        OutputSpec("mix", "source_weights", "weights", sources=(SourceSpec("image", "a", "alpha"),), truth_label="src"),
+    ),
     labels=(LabelSpec("src", "source", ground_truth=True, decides={"image": ("patches",)}),),
     attribution_targets=(AttributionTarget("score", "the score"),),
     training_phases=(TrainingPhase("warmup_steps", 10, "warm-up over"),),
-    model_card={"encoder": "tiny"}, notes=("a note",))
+    model_card={"encoder": "tiny"},
+    notes=("a note",),
+)
 BASE = {"spec": SPEC.to_dict()}
 
 
 # ----------------------------------------------------------------------------------- fixtures
+
 
 def make_routing(n_examples=3, layers=("l0", "l1"), positions=4, experts=4, k=2, seed=0) -> pd.DataFrame:
     """A small routing table in the precompute's schema, rows shuffled."""
@@ -78,13 +94,27 @@ def make_routing(n_examples=3, layers=("l0", "l1"), positions=4, experts=4, k=2,
                 top = np.argsort(-p)[:k]
                 comb = np.zeros(experts, np.float32)
                 comb[top] = p[top] / p[top].sum()
-                rows.append(dict(
-                    layer=layer, call="mention", example_index=ex, example_id=f"ex{ex}", position=pos,
-                    position_kind="cls" if pos == 0 else "text_token", token=f"t{pos}",
-                    routed_modality="text" if pos % 2 == 0 else "image", gate_modality="text",
-                    top1=int(top[0]), topk_ids=top.astype(np.int16), topk_weights=comb[top], combine=comb,
-                    logits=logits, entropy=float(-(p * np.log(p)).sum()), top1_prob=float(p.max()),
-                    routed=True))
+                rows.append(
+                    dict(
+                        layer=layer,
+                        call="mention",
+                        example_index=ex,
+                        example_id=f"ex{ex}",
+                        position=pos,
+                        position_kind="cls" if pos == 0 else "text_token",
+                        token=f"t{pos}",
+                        routed_modality="text" if pos % 2 == 0 else "image",
+                        gate_modality="text",
+                        top1=int(top[0]),
+                        topk_ids=top.astype(np.int16),
+                        topk_weights=comb[top],
+                        combine=comb,
+                        logits=logits,
+                        entropy=float(-(p * np.log(p)).sum()),
+                        top1_prob=float(p.max()),
+                        routed=True,
+                    )
+                )
     return pd.DataFrame(rows).sample(frac=1.0, random_state=seed).reset_index(drop=True)
 
 
@@ -94,25 +124,45 @@ def hand_routing() -> pd.DataFrame:
         ("a", 0, 0, [0, 1], [0.75, 0.25, 0.0]),
         ("a", 0, 1, [0, 1], [0.5, 0.5, 0.0]),
         ("a", 1, 0, [1, 0], [0.4, 0.6, 0.0]),
-        ("a", 1, 1, [0, 1], [1.0, 0.0, 0.0]),   # mmoe_reference-like: second choice got no weight
+        ("a", 1, 1, [0, 1], [1.0, 0.0, 0.0]),  # mmoe_reference-like: second choice got no weight
         ("b", 0, 0, [2, 1], [0.0, 0.3, 0.7]),
         ("b", 1, 0, [2, 0], [0.1, 0.0, 0.9]),
     ]
     rows = []
     for layer, ex, pos, ids, comb in spec:
-        rows.append(dict(layer=layer, call="c", example_index=ex, example_id=f"e{ex}", position=pos,
-                         position_kind="text_token", token="", routed_modality="text" if pos == 0 else "image",
-                         gate_modality="text", top1=ids[0], topk_ids=np.array(ids, np.int16),
-                         topk_weights=np.array([comb[i] for i in ids], np.float32),
-                         combine=np.array(comb, np.float32), logits=np.zeros(3, np.float32),
-                         entropy=float(pos + ex), top1_prob=0.5, routed=True))
+        rows.append(
+            dict(
+                layer=layer,
+                call="c",
+                example_index=ex,
+                example_id=f"e{ex}",
+                position=pos,
+                position_kind="text_token",
+                token="",
+                routed_modality="text" if pos == 0 else "image",
+                gate_modality="text",
+                top1=ids[0],
+                topk_ids=np.array(ids, np.int16),
+                topk_weights=np.array([comb[i] for i in ids], np.float32),
+                combine=np.array(comb, np.float32),
+                logits=np.zeros(3, np.float32),
+                entropy=float(pos + ex),
+                top1_prob=0.5,
+                routed=True,
+            )
+        )
     return pd.DataFrame(rows)
 
 
 def examples_df(n=3) -> pd.DataFrame:
-    return pd.DataFrame({"example_index": np.arange(n, dtype=np.int64), "example_id": [f"ex{i}" for i in range(n)],
-                         "label": ["a", "b", "a", "c", "b"][:n] if n <= 5 else ["a"] * n,
-                         "decided_by": ["text", "image", "both", "text", "image"][:n] if n <= 5 else ["text"] * n})
+    return pd.DataFrame(
+        {
+            "example_index": np.arange(n, dtype=np.int64),
+            "example_id": [f"ex{i}" for i in range(n)],
+            "label": ["a", "b", "a", "c", "b"][:n] if n <= 5 else ["a"] * n,
+            "decided_by": ["text", "image", "both", "text", "image"][:n] if n <= 5 else ["text"] * n,
+        }
+    )
 
 
 def publish(root: Path, run="demo", routing=None, examples=None, manifest_base=None, **kw) -> Path:
@@ -128,6 +178,7 @@ def publish(root: Path, run="demo", routing=None, examples=None, manifest_base=N
 
 def make_checkpoint(d: Path, scale: float = 1.0) -> Path:
     from safetensors.numpy import save_file
+
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps({"family": "mmoe", "experts": 4}))
     save_file({"w": (np.arange(12, dtype=np.float32).reshape(3, 4) * scale)}, str(d / "model.safetensors"))
@@ -153,6 +204,7 @@ def versions(root: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------- write/read
+
 
 def test_write_then_read_back(tmp_path):
     routing = make_routing()
@@ -206,7 +258,7 @@ def test_kb_routing_sorted_and_examples_in_example_order(tmp_path):
     s = RunStore("kb", tmp_path)
     back = s.table("kb_routing")
     assert list(back.example_index) == sorted(back.example_index)
-    assert not s.has("routing_loads")                       # aggregates are for the examples' routing only
+    assert not s.has("routing_loads")  # aggregates are for the examples' routing only
     assert list(s.examples().label) == ["y", "z", "x"]
 
 
@@ -231,6 +283,7 @@ def test_reserved_and_invalid_names(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- atomicity
+
 
 def test_exception_inside_with_keeps_previous_version(tmp_path):
     publish(tmp_path)
@@ -265,8 +318,8 @@ def test_failed_publish_leaves_old_run_and_next_writer_cleans(tmp_path, monkeypa
     monkeypatch.setattr(store_publish.os, "replace", real_replace)
     now = RunStore("demo", tmp_path)
     assert now.dir == old.dir and len(now.examples()) == 3
-    assert len(versions(tmp_path)) == 2          # the orphaned, never-published version
-    old.close(), now.close()                     # an open store holds its version: closed, it can go
+    assert len(versions(tmp_path)) == 2  # the orphaned, never-published version
+    old.close(), now.close()  # an open store holds its version: closed, it can go
     publish(tmp_path, examples=examples_df(4))
     assert len(versions(tmp_path)) == 1
     assert len(RunStore("demo", tmp_path).examples()) == 4
@@ -289,8 +342,12 @@ def test_killed_writer_leaves_old_run_and_is_cleaned_up(tmp_path):
     publish(tmp_path)
     old = RunStore("demo", tmp_path)
     old_examples = old.examples()
-    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER.format(repo=str(REPO), root=str(tmp_path))],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER.format(repo=str(REPO), root=str(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -9, proc.stderr
     leftover = Path(proc.stdout.strip())
     assert leftover.is_dir() and (leftover / "examples.parquet").exists()
@@ -310,7 +367,7 @@ def test_killed_writer_leaves_old_run_and_is_cleaned_up(tmp_path):
 def test_live_writer_staging_survives_another_writer(tmp_path):
     a = RunWriter("demo", root=tmp_path).open()
     a.write_table("examples", examples_df())
-    publish(tmp_path, run="other")                # its cleaner must not touch a's work
+    publish(tmp_path, run="other")  # its cleaner must not touch a's work
     assert a.staging_dir.is_dir()
     a.commit()
     assert RunStore("demo", tmp_path).examples().equals(examples_df())
@@ -357,6 +414,7 @@ def test_list_runs_ignores_hidden_and_incomplete(tmp_path):
 
 # ----------------------------------------------------------------------------------- status
 
+
 def test_stale_when_checkpoint_or_dataset_changes(tmp_path, monkeypatch):
     monkeypatch.setattr(store_status, "DATASET_HASH_TTL_S", 0.0)
     ckpt = make_checkpoint(tmp_path / "ckpt")
@@ -365,7 +423,7 @@ def test_stale_when_checkpoint_or_dataset_changes(tmp_path, monkeypatch):
     st = run_status("demo", tmp_path)
     assert st.state == "ready", st.message
     assert st.manifest["checkpoint_hash"] == checkpoint_hash(ckpt)
-    make_checkpoint(ckpt, scale=2.0)                               # same shapes, new weights
+    make_checkpoint(ckpt, scale=2.0)  # same shapes, new weights
     st = run_status("demo", tmp_path)
     assert st.state == "stale"
     assert "checkpoint" in st.message and "python -m analysis.precompute --run demo" in st.message
@@ -409,7 +467,7 @@ def test_partial_and_missing(tmp_path):
     d = RunStore("demo", tmp_path).dir
     data = bytearray((d / "projection_model.npz").read_bytes())
     data[0] ^= 0xFF
-    (d / "projection_model.npz").write_bytes(bytes(data))       # same size, different content
+    (d / "projection_model.npz").write_bytes(bytes(data))  # same size, different content
     assert run_status("demo", tmp_path).state == "ready"
     assert run_status("demo", tmp_path, verify=True).state == "partial"
 
@@ -430,7 +488,7 @@ def test_spec_round_trips_through_the_manifest(tmp_path):
     publish(tmp_path, manifest_base=inputs_manifest(ckpt, None, {}, spec=SPEC))
     s = RunStore("demo", tmp_path)
     assert s.status.state == "ready", s.status.message
-    assert s.spec() == SPEC                                   # every nested piece comes back typed
+    assert s.spec() == SPEC  # every nested piece comes back typed
     assert s.spec().layer("l0").gate.score == "sigmoid" and s.spec().decisive_label().name == "src"
     assert s.spec().image_inputs()[0].grid == ImageGrid(2, 3, 1)
     assert json.loads((s.dir / "manifest.json").read_text())["spec"] == SPEC.to_dict()
@@ -445,7 +503,7 @@ def test_manifest_without_spec_is_stale_with_the_rebuild_command(tmp_path):
     with pytest.raises(ValueError, match="rebuild with: python -m analysis.precompute --run demo"):
         RunStore("demo", tmp_path).spec()
     ckpt = make_checkpoint(tmp_path / "ckpt")
-    assert needs_rebuild("demo", ckpt, None, {}, root=tmp_path)   # the precompute rebuilds it
+    assert needs_rebuild("demo", ckpt, None, {}, root=tmp_path)  # the precompute rebuilds it
 
 
 def test_older_store_format_is_stale(tmp_path):
@@ -463,7 +521,7 @@ def test_needs_rebuild(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt")
     data = make_dataset(tmp_path / "data")
     params = {"split": "test", "max_examples": 100}
-    assert needs_rebuild("demo", ckpt, data, params, root=tmp_path)      # nothing built yet
+    assert needs_rebuild("demo", ckpt, data, params, root=tmp_path)  # nothing built yet
     publish(tmp_path, manifest_base=inputs_manifest(ckpt, data, params, spec=SPEC))
     assert not needs_rebuild("demo", ckpt, data, params, root=tmp_path)
     assert not needs_rebuild("demo", ckpt, data, {**params, "code_version": "9.9"}, root=tmp_path)
@@ -478,6 +536,7 @@ def test_needs_rebuild(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- queries
+
 
 def test_example_routing(tmp_path):
     routing = make_routing(n_examples=4, layers=("l1", "l0"), positions=5)
@@ -499,15 +558,20 @@ def test_layer_loads_exact(tmp_path, aggregates):
     assert s.has("routing_loads") == aggregates
     loads = s.layer_loads()
     got = {(r.layer, r.expert): (r.slots, round(r.weight, 6)) for r in loads.itertuples()}
-    assert got == {("a", 0): (4, 2.65), ("a", 1): (4, 1.35), ("a", 2): (0, 0.0),
-                   ("b", 0): (1, 0.1), ("b", 1): (1, 0.3), ("b", 2): (2, 1.6)}
+    assert got == {
+        ("a", 0): (4, 2.65),
+        ("a", 1): (4, 1.35),
+        ("a", 2): (0, 0.0),
+        ("b", 0): (1, 0.1),
+        ("b", 1): (1, 0.3),
+        ("b", 2): (2, 1.6),
+    }
     a = loads[loads.layer == "a"]
     assert np.allclose(a.slot_fraction, [0.5, 0.5, 0.0]) and np.isclose(a.weight_fraction.sum(), 1.0)
     assert list(s.layer_loads(layer="b").expert) == [0, 1, 2]
     by = s.layer_loads(layer="a", by="routed_modality")
     got = {(r.routed_modality, r.expert): r.slots for r in by.itertuples()}
-    assert got == {("image", 0): 2, ("image", 1): 2, ("image", 2): 0,
-                   ("text", 0): 2, ("text", 1): 2, ("text", 2): 0}
+    assert got == {("image", 0): 2, ("image", 1): 2, ("image", 2): 0, ("text", 0): 2, ("text", 1): 2, ("text", 2): 0}
     with pytest.raises(ValueError):
         s.layer_loads(by="token")
     # cached result is not shared mutably
@@ -527,7 +591,7 @@ def test_entropy_values(tmp_path, monkeypatch):
     small = s.entropy_values("l0", sample=15, seed=3)
     assert len(small) == 15 and set(small.tolist()) <= set(full.tolist())
     assert np.array_equal(small, RunStore("demo", tmp_path).entropy_values("l0", sample=15, seed=3))
-    big = s.entropy_values("l1", sample=150)                 # more than the stored sample: from routing
+    big = s.entropy_values("l1", sample=150)  # more than the stored sample: from routing
     assert len(big) == 150
     assert len(s.entropy_values("l1", sample=10_000)) == 200
     assert len(s.entropy_values("l0", column="top1_prob")) == 200
@@ -545,8 +609,11 @@ def test_examples_filters_and_injection(tmp_path):
     for evil in ["a' OR '1'='1", "a'; DROP VIEW examples; --", 'a" OR 1=1 --']:
         assert len(s.examples({"label": evil})) == 0
     assert len(s.examples()) == 5 and "examples" in s.tables
-    assert list(s.table("examples", where="label = ? OR example_index > ?", params=["b", 3],
-                        order_by="-example_index").example_index) == [4, 1]
+    assert list(
+        s.table(
+            "examples", where="label = ? OR example_index > ?", params=["b", 3], order_by="-example_index"
+        ).example_index
+    ) == [4, 1]
     with pytest.raises(ValueError, match="unknown table"):
         s.table("examples; DROP TABLE x")
     with pytest.raises(ValueError, match="unknown table"):
@@ -591,15 +658,16 @@ def test_queries_from_threads(tmp_path):
 
 # ----------------------------------------------------------------------------------- hashing
 
+
 def test_hashes(tmp_path):
     data = make_dataset(tmp_path / "d")
     h = dir_hash(data)
     assert h == dir_hash(data) == dataset_hash(data)
-    (data / "train.json").write_text(json.dumps([{"id": 1, "text": "hellO"}]))   # same size, new content
+    (data / "train.json").write_text(json.dumps([{"id": 1, "text": "hellO"}]))  # same size, new content
     h2 = dir_hash(data)
     assert h2 != h
     h_all = dir_hash(data, content_suffixes=None)
-    (data / "images" / "1.png").write_bytes(b"\x89PNG FAKE")                      # image: names + sizes
+    (data / "images" / "1.png").write_bytes(b"\x89PNG FAKE")  # image: names + sizes
     assert dir_hash(data) == h2
     assert dir_hash(data, content_suffixes=None) != h_all
     (data / "images" / "2.png").write_bytes(b"x")

@@ -1,5 +1,6 @@
 """The routing layouts of the artifact store: the "split" layout (many experts) answers the page queries
 exactly like the "wide" one, and one example's routing is a read of few row groups."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,16 +38,30 @@ def many_expert_routing(n_examples=EXAMPLES, seed=0, dead=(5,)) -> pd.DataFrame:
     li = np.tile(np.repeat(np.arange(len(LAYERS)), POSITIONS), n_examples)
     pos = np.tile(np.arange(POSITIONS), n_examples * len(LAYERS))
     image = pos < 64
-    frame = pd.DataFrame({
-        "layer": np.array(LAYERS)[li], "call": "sequence", "example_index": ex, "example_id": [f"e{i}" for i in ex],
-        "position": pos, "position_kind": np.where(image, "image_patch", "text_token"),
-        "token": [f"t{i % 50}" for i in pos], "routed_modality": np.where(image, "image", "text"),
-        "gate_modality": np.where(image, "image", "text"), "grid_row": np.where(image, pos // 8, -1),
-        "grid_col": np.where(image, pos % 8, -1), "top1": top[:, 0].astype(np.int16),
-        "topk_ids": list(top.astype(np.int16)), "topk_weights": list(w), "combine": list(combine),
-        "probs": list(p.astype(np.float32)), "logits": list(logits),
-        "entropy": (-(p * np.log(p)).sum(1)).astype(np.float32), "top1_prob": p.max(1).astype(np.float32),
-        "routed": True})
+    frame = pd.DataFrame(
+        {
+            "layer": np.array(LAYERS)[li],
+            "call": "sequence",
+            "example_index": ex,
+            "example_id": [f"e{i}" for i in ex],
+            "position": pos,
+            "position_kind": np.where(image, "image_patch", "text_token"),
+            "token": [f"t{i % 50}" for i in pos],
+            "routed_modality": np.where(image, "image", "text"),
+            "gate_modality": np.where(image, "image", "text"),
+            "grid_row": np.where(image, pos // 8, -1),
+            "grid_col": np.where(image, pos % 8, -1),
+            "top1": top[:, 0].astype(np.int16),
+            "topk_ids": list(top.astype(np.int16)),
+            "topk_weights": list(w),
+            "combine": list(combine),
+            "probs": list(p.astype(np.float32)),
+            "logits": list(logits),
+            "entropy": (-(p * np.log(p)).sum(1)).astype(np.float32),
+            "top1_prob": p.max(1).astype(np.float32),
+            "routed": True,
+        }
+    )
     return frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
 
 
@@ -88,7 +103,7 @@ def test_example_routing_same_in_both_layouts(runs, example):
         got, want = np.stack(list(dense[col])), np.stack(list(one_a[col]))
         assert got.dtype == np.float32 and got.shape == (POSITIONS, E)
         if col == "combine":
-            assert np.array_equal(got, want)                  # rebuilt from the top-k: exact
+            assert np.array_equal(got, want)  # rebuilt from the top-k: exact
         else:
             assert np.allclose(got, want, rtol=2e-3, atol=1e-3)  # float16 on disk
     assert list(split.example_routing(example, columns=["position", "probs"]).columns) == ["position", "probs"]
@@ -110,8 +125,9 @@ def test_aggregates_same_in_both_layouts(runs):
     want = coselection_frame(routing).sort_values(["layer", "expert_a", "expert_b"]).reset_index(drop=True)
     for store in (RunStore("wide", root), RunStore("split", root)):
         got = store.coselection()
-        assert (got[["layer", "expert_a", "expert_b"]].to_numpy() == want[["layer", "expert_a", "expert_b"]]
-                .to_numpy()).all()
+        assert (
+            got[["layer", "expert_a", "expert_b"]].to_numpy() == want[["layer", "expert_a", "expert_b"]].to_numpy()
+        ).all()
         assert (got["count"].to_numpy() == want["count"].to_numpy()).all()
         assert set(store.coselection("blocks.0").layer) == {"blocks.0"}
         for name in LAYERS:
@@ -128,9 +144,11 @@ def test_one_example_reads_few_row_groups(runs):
         assert md.num_row_groups >= EXAMPLES * per_example // ROW_GROUP
         assert md.row_group(0).num_rows == (ROW_GROUP if table == "routing" else ROW_GROUP // 2)
         col = md.schema.names.index("example_index")
-        spans = [(md.row_group(i).column(col).statistics.min, md.row_group(i).column(col).statistics.max)
-                 for i in range(md.num_row_groups)]
-        assert all(lo <= hi for lo, hi in spans) and spans == sorted(spans)     # sorted: stats disjoint
+        spans = [
+            (md.row_group(i).column(col).statistics.min, md.row_group(i).column(col).statistics.max)
+            for i in range(md.num_row_groups)
+        ]
+        assert all(lo <= hi for lo, hi in spans) and spans == sorted(spans)  # sorted: stats disjoint
         hit = [i for i, (lo, hi) in enumerate(spans) if lo <= 51 <= hi]
         assert 1 <= len(hit) <= -(-per_example // md.row_group(0).num_rows) + 1
         stats = split.scan_stats(f"SELECT * FROM {table} WHERE example_index = ?", [51])
@@ -168,6 +186,7 @@ def test_split_without_dense_and_weight_outside_topk(tmp_path):
     odd = routing.copy()
     odd.at[0, "combine"] = odd.at[0, "combine"] + np.float32(0.01)
     import pyarrow as pa
+
     with pytest.raises(ValueError, match="wide"):
         check_combine_is_topk(pa.Table.from_pandas(odd, preserve_index=False))
     with RunWriter("odd", root=tmp_path, manifest_base={"spec": SPEC.to_dict()}) as w, pytest.raises(ValueError):

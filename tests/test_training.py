@@ -1,4 +1,5 @@
 """The generic training loop (a toy family and MMoE on a tiny world) and the CLIs."""
+
 from __future__ import annotations
 
 import json
@@ -11,23 +12,30 @@ from torch import nn
 
 from mmoe_core import registry
 from mmoe_core.adapter import ModelAdapter, load_adapter
-from mmoe_core.registry import Family
 from mmoe_core.checkpoint import list_snapshots, load_config
 from mmoe_core.moe import SwitchMoE
-from mmoe_core.training import (TrainOptions, get_trainer, lr_factor, parameter_groups, train,
-                                trainer_families)
+from mmoe_core.registry import Family
+from mmoe_core.training import TrainOptions, get_trainer, lr_factor, parameter_groups, train, trainer_families
 
-SMALL_MMOE = {"encoder": "tiny-32", "image_dim": 8, "text_hidden": 8, "image_hidden": 8, "cross_hidden": 8,
-              "expert_mult": 1}
+SMALL_MMOE = {
+    "encoder": "tiny-32",
+    "image_dim": 8,
+    "text_hidden": 8,
+    "image_hidden": 8,
+    "cross_hidden": 8,
+    "expert_mult": 1,
+}
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from mmoe_core.data.generate import generate_entity_world
+
     return generate_entity_world(tmp_path_factory.mktemp("world") / "entity", scale="tiny", progress=False)
 
 
 # ---------------------------------------------------------------------------------- a toy family
+
 
 class ToyModel(nn.Module):
     def __init__(self):
@@ -41,6 +49,7 @@ class ToyModel(nn.Module):
 
 class ToyTrainer:
     """The smallest FamilyTrainer: regression through one MoE layer; experts-only when asked."""
+
     family = "toy"
 
     def __init__(self, options: TrainOptions):
@@ -59,7 +68,7 @@ class ToyTrainer:
     def train_batches(self, rng: np.random.Generator, epoch: int):
         order = rng.permutation(64)
         for a in range(0, 64, 16):
-            rows = torch.as_tensor(order[a:a + 16])
+            rows = torch.as_tensor(order[a : a + 16])
             yield {"x": self.x[rows], "y": self.y[rows]}
 
     def loss_parts(self, model, batch, recorder):
@@ -77,9 +86,19 @@ registry.register(Family("toy", "a toy family (tests)", ModelAdapter, trainer=To
 
 
 def test_generic_loop_with_a_toy_family(tmp_path):
-    opts = TrainOptions(family="toy", epochs=3, lr=1e-2, balance=0.1, z_loss=1e-3, two_stage=True,
-                        trigger_step=5, log_every=1, snapshot_every=4, progress=False,
-                        family_options={"expert_only": True})
+    opts = TrainOptions(
+        family="toy",
+        epochs=3,
+        lr=1e-2,
+        balance=0.1,
+        z_loss=1e-3,
+        two_stage=True,
+        trigger_step=5,
+        log_every=1,
+        snapshot_every=4,
+        progress=False,
+        family_options={"expert_only": True},
+    )
     trainer = get_trainer("toy")(opts)
     torch.manual_seed(0)  # the loop seeds the same way before building its model
     before = ToyModel().backbone.weight.detach().clone()
@@ -88,11 +107,20 @@ def test_generic_loop_with_a_toy_family(tmp_path):
     assert result.steps == 12 and trainer.epochs_seen == [(0, 4), (1, 8), (2, 12)]
     assert result.trigger_step == 5 and load_config(tmp_path)["training"]["two_stage_trigger_step"] == 5
     log = pd.read_parquet(tmp_path / "train_log.parquet")
-    assert {"loss.mse", "loss.balance", "loss.z_loss", "loss.entropy_stage", "route.toy.effective_experts",
-            "route.toy.max_load", "route.toy.balance_loss", "route.toy.token_entropy"} <= set(log.columns)
+    assert {
+        "loss.mse",
+        "loss.balance",
+        "loss.z_loss",
+        "loss.entropy_stage",
+        "route.toy.effective_experts",
+        "route.toy.max_load",
+        "route.toy.balance_loss",
+        "route.toy.token_entropy",
+    } <= set(log.columns)
     assert list(log["two_stage_phase"][:5]) == ["coverage"] * 5 and log["two_stage_phase"].iloc[-1] == "specialisation"
     assert list_snapshots(tmp_path) == [4, 8, 12]
     from safetensors.torch import load_file
+
     final = load_file(str(tmp_path / "model.safetensors"))
     assert torch.equal(final["backbone.weight"], before)  # expert-only: the backbone never moved
 
@@ -112,15 +140,33 @@ def test_lr_schedule_and_router_groups():
 
 # ---------------------------------------------------------------------------------- MMoE on a tiny world
 
+
 def test_mmoe_training_smoke(world, tmp_path):
-    opts = TrainOptions(family="mmoe", data_dir=str(world), steps=16, batch_size=12, lr=3e-3, balance=0.01,
-                        log_every=1, snapshot_every=8, progress=False, family_options=SMALL_MMOE)
+    opts = TrainOptions(
+        family="mmoe",
+        data_dir=str(world),
+        steps=16,
+        batch_size=12,
+        lr=3e-3,
+        balance=0.01,
+        log_every=1,
+        snapshot_every=8,
+        progress=False,
+        family_options=SMALL_MMOE,
+    )
     result = train(get_trainer("mmoe")(opts), opts, tmp_path)
     log = result.log
     assert log["loss"].iloc[-4:].mean() < log["loss"].iloc[:4].mean()
     assert list_snapshots(tmp_path) == [8, 16]
-    assert {"loss.overall", "loss.text", "loss.image", "loss.cross", "loss.balance",
-            "route.text_intra.effective_experts", "route.cross_inter.max_load"} <= set(log.columns)
+    assert {
+        "loss.overall",
+        "loss.text",
+        "loss.image",
+        "loss.cross",
+        "loss.balance",
+        "route.text_intra.effective_experts",
+        "route.cross_inter.max_load",
+    } <= set(log.columns)
     config = load_config(tmp_path)
     assert config["family"] == "mmoe" and config["model"]["gate"] == "topk_softmax"
     assert config["model"]["encoder"]["name"] == "tiny-32" and config["training"]["seed"] == 0
@@ -130,17 +176,55 @@ def test_mmoe_training_smoke(world, tmp_path):
 
 
 def test_cli_train_then_evaluate_json(world, tmp_path, capsys):
-    from mmoe_core import evaluate, train as train_cli
+    from mmoe_core import evaluate
+    from mmoe_core import train as train_cli
+
     ckpt = tmp_path / "ckpt"
     opts = [f"--opt={k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in SMALL_MMOE.items()]
-    assert train_cli.main(["--family", "mmoe", "--data", str(world), "--out", str(ckpt), "--steps", "2",
-                           "--batch-size", "8", "--gate", "mmoe_reference", "--top-k", "2", "--dme", "--no-progress",
-                           *opts]) == 0
+    assert (
+        train_cli.main(
+            [
+                "--family",
+                "mmoe",
+                "--data",
+                str(world),
+                "--out",
+                str(ckpt),
+                "--steps",
+                "2",
+                "--batch-size",
+                "8",
+                "--gate",
+                "mmoe_reference",
+                "--top-k",
+                "2",
+                "--dme",
+                "--no-progress",
+                *opts,
+            ]
+        )
+        == 0
+    )
     model_config = load_config(ckpt)["model"]
     assert (model_config["gate"], model_config["top_k"], model_config["mention_desc"]) == ("mmoe_reference", 2, "dme")
     capsys.readouterr()
-    assert evaluate.main([str(ckpt), "--data", str(world), "--split", "test", "--json", "--limit", "10",
-                          "--modalities", "text,image"]) == 0
+    assert (
+        evaluate.main(
+            [
+                str(ckpt),
+                "--data",
+                str(world),
+                "--split",
+                "test",
+                "--json",
+                "--limit",
+                "10",
+                "--modalities",
+                "text,image",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     result = json.loads(out)  # exactly one JSON object on stdout
     assert out.strip().count("\n") == 0
@@ -150,4 +234,5 @@ def test_cli_train_then_evaluate_json(world, tmp_path, capsys):
 
 def test_parse_opt():
     from mmoe_core.train import parse_opt
+
     assert parse_opt(["a=1", "b=tiny-32", 'c={"x": 2}', "d=true"]) == {"a": 1, "b": "tiny-32", "c": {"x": 2}, "d": True}

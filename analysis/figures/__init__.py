@@ -11,6 +11,7 @@ Modules: :mod:`.base` (palettes, layout), :mod:`.routing` (one example's routing
 (loads, entropy, co-selection, specialisation, headline bars), :mod:`.dynamics` (over training),
 :mod:`.outputs` (declared outputs, attributions). Every public builder is importable from here.
 """
+
 from analysis.figures.base import (
     EXPERT_PALETTE,
     LAYER_PALETTE,
@@ -47,11 +48,37 @@ from analysis.figures.utilization import (
 )
 
 __all__ = [
-    "EXPERT_PALETTE", "LAYER_PALETTE", "NOT_ROUTED_COLOUR", "NOT_ROUTED_LABEL", "VERDICT_COLOURS",
+    "EXPERT_PALETTE",
+    "LAYER_PALETTE",
+    "NOT_ROUTED_COLOUR",
+    "NOT_ROUTED_LABEL",
+    "VERDICT_COLOURS",
     "VERDICT_BACKGROUNDS",
-    "expert_colour", "expert_colours", "layer_colour", "verdict_css", "format_ids", "format_weights",
-    "routing_table", "token_strip", "patch_grid", "patch_cells", "split_call_rows", "kind_words",
-    "source_weight_bars", "source_weight_positions", "attribution_patches", "load_bars", "load_heatmap",
-    "entropy_histograms", "coselection_heatmap", "specialisation_bars", "dynamics_lines", "dynamics_load_area",
-    "train_log_lines", "headline_bars", "DYNAMICS_INDICATORS", "empty_figure", "in_layer_order",
+    "expert_colour",
+    "expert_colours",
+    "layer_colour",
+    "verdict_css",
+    "format_ids",
+    "format_weights",
+    "routing_table",
+    "token_strip",
+    "patch_grid",
+    "patch_cells",
+    "split_call_rows",
+    "kind_words",
+    "source_weight_bars",
+    "source_weight_positions",
+    "attribution_patches",
+    "load_bars",
+    "load_heatmap",
+    "entropy_histograms",
+    "coselection_heatmap",
+    "specialisation_bars",
+    "dynamics_lines",
+    "dynamics_load_area",
+    "train_log_lines",
+    "headline_bars",
+    "DYNAMICS_INDICATORS",
+    "empty_figure",
+    "in_layer_order",
 ]

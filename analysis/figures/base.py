@@ -1,4 +1,5 @@
 """Palettes, layout and the small helpers every figure module shares (no figure of its own but the empty one)."""
+
 from __future__ import annotations
 
 import math
@@ -10,14 +11,36 @@ import plotly.graph_objects as go
 # One categorical palette for experts everywhere (tab10 without its grey, then tab20b/c darks): no grey,
 # so that grey can only mean "not routed".
 EXPERT_PALETTE: tuple[str, ...] = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
-    "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d",
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#bcbd22",
+    "#17becf",
+    "#393b79",
+    "#637939",
+    "#8c6d31",
+    "#843c39",
+    "#7b4173",
+    "#3182bd",
+    "#e6550d",
 )
 NOT_ROUTED_COLOUR = "#cfcfcf"
 NOT_ROUTED_LABEL = "not routed"
 # Layers (lines in the dynamics page): a palette that shares no colour with the expert palette.
-LAYER_PALETTE: tuple[str, ...] = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02",
-                                  "#a6761d", "#666666")
+LAYER_PALETTE: tuple[str, ...] = (
+    "#1b9e77",
+    "#d95f02",
+    "#7570b3",
+    "#e7298a",
+    "#66a61e",
+    "#e6ab02",
+    "#a6761d",
+    "#666666",
+)
 VERDICT_COLOURS: dict[str, str] = {"healthy": "#1a7f37", "warning": "#b35900", "collapsed": "#c62828"}
 VERDICT_BACKGROUNDS: dict[str, str] = {"healthy": "#dcf5e3", "warning": "#fff0d6", "collapsed": "#fde0e0"}
 
@@ -46,20 +69,28 @@ def verdict_css(verdict: object) -> str:
 
 
 # Legends go under the plot (container coordinates), clear of subplot titles and of the mode bar.
-LEGEND_BELOW = dict(orientation="h", yref="container", y=0.0, yanchor="bottom", x=0.0, xanchor="left",
-                    traceorder="normal")
+LEGEND_BELOW = dict(
+    orientation="h", yref="container", y=0.0, yanchor="bottom", x=0.0, xanchor="left", traceorder="normal"
+)
 _BELOW_MARGIN = 90  # px under the plot: tick labels, axis title, then the legend
 
 
-def _layout(fig: go.Figure, title: str, height: int, legend_below: bool = False, below: int = _BELOW_MARGIN,
-            **kw) -> go.Figure:
+def _layout(
+    fig: go.Figure, title: str, height: int, legend_below: bool = False, below: int = _BELOW_MARGIN, **kw
+) -> go.Figure:
     margin = kw.pop("margin", dict(t=60, b=40, l=50, r=20))
     if legend_below:
         kw["legend"] = LEGEND_BELOW
         margin = {**margin, "b": max(margin.get("b", 0), below)}
         height += below - 40
-    fig.update_layout(title=dict(text=title, x=0.0, xanchor="left", font=dict(size=15)), height=height,
-                      font=FONT, margin=margin, template="plotly_white", **kw)
+    fig.update_layout(
+        title=dict(text=title, x=0.0, xanchor="left", font=dict(size=15)),
+        height=height,
+        font=FONT,
+        margin=margin,
+        template="plotly_white",
+        **kw,
+    )
     return fig
 
 
@@ -86,13 +117,30 @@ def _legend_swatches(fig: go.Figure, num_experts: int, not_routed: bool, used: I
     """Legend entries (square markers) for the experts and for "not routed"."""
     used_set = set(range(num_experts)) if used is None else set(int(u) for u in used)
     for i in range(num_experts):
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"expert {i}",
-                                 marker=dict(symbol="square", size=13, color=expert_colour(i)),
-                                 showlegend=True, hoverinfo="skip", visible=True if i in used_set else "legendonly"))
+        fig.add_trace(
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="markers",
+                name=f"expert {i}",
+                marker=dict(symbol="square", size=13, color=expert_colour(i)),
+                showlegend=True,
+                hoverinfo="skip",
+                visible=True if i in used_set else "legendonly",
+            )
+        )
     if not_routed:
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=NOT_ROUTED_LABEL,
-                                 marker=dict(symbol="square", size=13, color=NOT_ROUTED_COLOUR,
-                                             line=dict(color="#888", width=1)), showlegend=True, hoverinfo="skip"))
+        fig.add_trace(
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="markers",
+                name=NOT_ROUTED_LABEL,
+                marker=dict(symbol="square", size=13, color=NOT_ROUTED_COLOUR, line=dict(color="#888", width=1)),
+                showlegend=True,
+                hoverinfo="skip",
+            )
+        )
 
 
 def _axis_ref(axis: str, index: int) -> str:

@@ -1,4 +1,5 @@
 """The routing of one example: positions as a strip and image patches on their grid, coloured by top-1 expert."""
+
 from __future__ import annotations
 
 import html
@@ -60,8 +61,10 @@ def _hover(row, routed: bool, k_label: str) -> str:
     if routed:
         lines.append(f"top-1 expert: <b>{int(top1)}</b>")
     else:
-        lines.append(f"<b>{NOT_ROUTED_LABEL}</b>: combine weights all zero, no expert output "
-                     f"(router's top-1 would be expert {int(top1)})")
+        lines.append(
+            f"<b>{NOT_ROUTED_LABEL}</b>: combine weights all zero, no expert output "
+            f"(router's top-1 would be expert {int(top1)})"
+        )
     if "topk_ids" in row and row["topk_ids"] is not None:
         lines.append(f"{k_label} ids: [{format_ids(row['topk_ids'])}]")
     if "topk_weights" in row and row["topk_weights"] is not None:
@@ -110,14 +113,26 @@ def token_strip(rows: pd.DataFrame, title: str, num_experts: int | None = None, 
         z[r, c] = int(row["top1"]) if routed[i] else E
         text[r][c] = _short(_token_label(row)) + ("" if routed[i] else "<br><i>not routed</i>")
         hover[r][c] = _hover(row, bool(routed[i]), k_label)
-    fig = go.Figure(go.Heatmap(z=z, text=text, hovertext=hover, texttemplate="%{text}", hoverinfo="text",
-                               colorscale=_discrete_scale(E), zmin=-0.5, zmax=E + 0.5, showscale=False,
-                               xgap=3, ygap=3, textfont=dict(size=12)))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            text=text,
+            hovertext=hover,
+            texttemplate="%{text}",
+            hoverinfo="text",
+            colorscale=_discrete_scale(E),
+            zmin=-0.5,
+            zmax=E + 0.5,
+            showscale=False,
+            xgap=3,
+            ygap=3,
+            textfont=dict(size=12),
+        )
+    )
     _legend_swatches(fig, E, not_routed=not routed.all(), used=rows.loc[routed, "top1"].unique())
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False, autorange="reversed")
-    return _layout(fig, title, height=90 + 46 * nrows, legend_below=True, below=45,
-                   margin=dict(t=50, b=45, l=10, r=10))
+    return _layout(fig, title, height=90 + 46 * nrows, legend_below=True, below=45, margin=dict(t=50, b=45, l=10, r=10))
 
 
 def _is_patch(rows: pd.DataFrame) -> pd.Series:
@@ -162,14 +177,28 @@ def patch_grid(rows: pd.DataFrame, title: str, num_experts: int | None = None, h
         z[r, c] = int(row["top1"]) if routed[i] else E
         text[r][c] = f"E{int(row['top1'])}" if routed[i] else "\u2205"
         hover[r][c] = _hover(row, bool(routed[i]), k_label)
-    fig = go.Figure(go.Heatmap(z=z, text=text, hovertext=hover, texttemplate="%{text}", hoverinfo="text",
-                               colorscale=_discrete_scale(E), zmin=-0.5, zmax=E + 0.5, showscale=False,
-                               xgap=2, ygap=2, textfont=dict(size=12)))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            text=text,
+            hovertext=hover,
+            texttemplate="%{text}",
+            hoverinfo="text",
+            colorscale=_discrete_scale(E),
+            zmin=-0.5,
+            zmax=E + 0.5,
+            showscale=False,
+            xgap=2,
+            ygap=2,
+            textfont=dict(size=12),
+        )
+    )
     _legend_swatches(fig, E, not_routed=not routed.all(), used=patches.loc[routed, "top1"].unique())
     fig.update_xaxes(visible=False, constrain="domain")
     fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x", constrain="domain")
-    return _layout(fig, title, height=height, legend=dict(orientation="v", x=1.02, y=1),
-                   margin=dict(t=50, b=10, l=10, r=10))
+    return _layout(
+        fig, title, height=height, legend=dict(orientation="v", x=1.02, y=1), margin=dict(t=50, b=10, l=10, r=10)
+    )
 
 
 def split_call_rows(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -194,15 +223,17 @@ def routing_table(rows: pd.DataFrame) -> pd.DataFrame:
     """One display row per position: token, kind, top-1, the k chosen experts and their weights, entropy,
     and whether the position was routed at all."""
     routed = _routed(rows)
-    out = pd.DataFrame({
-        "position": rows["position"].to_numpy(),
-        "token": [_token_label(r) for _, r in rows.iterrows()],
-        "kind": rows["position_kind"].to_numpy() if "position_kind" in rows else "",
-        "routed": np.where(routed, "routed", NOT_ROUTED_LABEL),
-        "top-1 expert": rows["top1"].astype(int).to_numpy(),
-        "top-k experts": [format_ids(v) for v in rows["topk_ids"]],
-        "top-k weights": [format_weights(v) for v in rows["topk_weights"]] if "topk_weights" in rows else "",
-        "gate weights (combine)": [format_weights(v) for v in rows["combine"]] if "combine" in rows else "",
-        "entropy (nats)": rows["entropy"].astype(float).round(3).to_numpy() if "entropy" in rows else np.nan,
-    })
+    out = pd.DataFrame(
+        {
+            "position": rows["position"].to_numpy(),
+            "token": [_token_label(r) for _, r in rows.iterrows()],
+            "kind": rows["position_kind"].to_numpy() if "position_kind" in rows else "",
+            "routed": np.where(routed, "routed", NOT_ROUTED_LABEL),
+            "top-1 expert": rows["top1"].astype(int).to_numpy(),
+            "top-k experts": [format_ids(v) for v in rows["topk_ids"]],
+            "top-k weights": [format_weights(v) for v in rows["topk_weights"]] if "topk_weights" in rows else "",
+            "gate weights (combine)": [format_weights(v) for v in rows["combine"]] if "combine" in rows else "",
+            "entropy (nats)": rows["entropy"].astype(float).round(3).to_numpy() if "entropy" in rows else np.nan,
+        }
+    )
     return out

@@ -14,20 +14,64 @@ Summaries of declared ``source_weights`` outputs live in :mod:`analysis.source_w
 anywhere here, and no family is named: everything is read from the adapter's
 :class:`~mmoe_core.spec.ModelSpec` and the contract's prediction keys.
 """
+
 import importlib
 
 # Submodule of every public name; imported on first use, so that a page asking for an upload check or a
 # summary does not pay for torch (which the live run needs) before its first element.
 _HOMES = {
-    "uploads": ("UploadError", "check_upload", "sniff_image_type", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS",
-                "draw_image", "drawing_options", "example_picture", "picture_keys"),
-    "pictures": ("MODEL_SIDE", "THUMB_SIDE", "to_rgb", "fit_within", "thumbnail", "thumbnail_array",
-                 "UploadedPicture", "receive_upload"),
-    "run": ("RunInputs", "run_inputs", "load_live_adapter", "load_base_examples", "warm_up", "clip_text",
-            "live_example", "LiveResult", "run_live", "attribute_live", "live_attribution", "cpu_threads",
-            "LIVE_CPU_THREADS", "routing_changes", "ranking_frame", "TOP_N", "project_live", "PROJECTION_FILE"),
-    "summaries": ("attribution_choices", "attribution_rows", "convergence_delta", "patch_grid", "input_share_by_label",
-                  "majority_expert", "layer_calls", "embedding_frame", "ATTRIBUTION_KEYS"),
+    "uploads": (
+        "UploadError",
+        "check_upload",
+        "sniff_image_type",
+        "MAX_UPLOAD_BYTES",
+        "MAX_UPLOAD_PIXELS",
+        "draw_image",
+        "drawing_options",
+        "example_picture",
+        "picture_keys",
+    ),
+    "pictures": (
+        "MODEL_SIDE",
+        "THUMB_SIDE",
+        "to_rgb",
+        "fit_within",
+        "thumbnail",
+        "thumbnail_array",
+        "UploadedPicture",
+        "receive_upload",
+    ),
+    "run": (
+        "RunInputs",
+        "run_inputs",
+        "load_live_adapter",
+        "load_base_examples",
+        "warm_up",
+        "clip_text",
+        "live_example",
+        "LiveResult",
+        "run_live",
+        "attribute_live",
+        "live_attribution",
+        "cpu_threads",
+        "LIVE_CPU_THREADS",
+        "routing_changes",
+        "ranking_frame",
+        "TOP_N",
+        "project_live",
+        "PROJECTION_FILE",
+    ),
+    "summaries": (
+        "attribution_choices",
+        "attribution_rows",
+        "convergence_delta",
+        "patch_grid",
+        "input_share_by_label",
+        "majority_expert",
+        "layer_calls",
+        "embedding_frame",
+        "ATTRIBUTION_KEYS",
+    ),
 }
 _WHERE = {name: module for module, names in _HOMES.items() for name in names}
 __all__ = list(_WHERE)

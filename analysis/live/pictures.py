@@ -12,6 +12,7 @@ and small thumbnails for what a page draws.
 
 No Streamlit and no model here.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,11 +20,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MODEL_SIDE", "THUMB_SIDE", "to_rgb", "fit_within", "thumbnail", "thumbnail_array",
-           "UploadedPicture", "receive_upload"]
+__all__ = [
+    "MODEL_SIDE",
+    "THUMB_SIDE",
+    "to_rgb",
+    "fit_within",
+    "thumbnail",
+    "thumbnail_array",
+    "UploadedPicture",
+    "receive_upload",
+]
 
-MODEL_SIDE = 448   # the copy a live run sees: >= CLIP's 224 / 336 and the demo towers' 64
-THUMB_SIDE = 256   # what pages and charts draw
+MODEL_SIDE = 448  # the copy a live run sees: >= CLIP's 224 / 336 and the demo towers' 64
+THUMB_SIDE = 256  # what pages and charts draw
 
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I;16S")
 
@@ -40,6 +49,7 @@ def to_rgb(image):
     grayscale (``F``) as 0..1 when it is, else by its maximum; images with transparency (RGBA, LA, PA,
     and palette images with a transparent entry) are composited over white; the rest by PIL."""
     from PIL import Image
+
     mode = image.mode
     if mode in _SIXTEEN_BIT or mode in ("I", "F"):
         values = np.asarray(image)
@@ -72,6 +82,7 @@ def fit_within(image, side: int):
     """A copy of ``image`` whose longer side is at most ``side`` pixels (aspect kept, Lanczos); the image
     itself when it already fits."""
     from PIL import Image
+
     w, h = image.size
     if max(w, h) <= side:
         return image
@@ -96,6 +107,7 @@ def thumbnail_array(picture, side: int = THUMB_SIDE) -> np.ndarray | None:
     if picture is None:
         return None
     from PIL import Image
+
     if isinstance(picture, np.ndarray):
         array = picture if picture.dtype == np.uint8 else np.clip(picture, 0, 255).astype(np.uint8)
         if array.ndim == 2:
@@ -110,6 +122,7 @@ def thumbnail_array(picture, side: int = THUMB_SIDE) -> np.ndarray | None:
 class UploadedPicture:
     """An accepted upload as a live run keeps it: the file's name, the sha256 of its bytes, its original
     size, the copy the model sees (longer side <= MODEL_SIDE) and a display thumbnail (<= THUMB_SIDE)."""
+
     name: str
     digest: str
     original_size: tuple[int, int]
@@ -122,18 +135,20 @@ class UploadedPicture:
 
     @property
     def detail(self) -> str:
-        """"<name>: 5000 x 5000 pixels, kept at 448 x 448 for the model" (what was kept of the upload)."""
+        """ "<name>: 5000 x 5000 pixels, kept at 448 x 448 for the model" (what was kept of the upload)."""
         (w, h), (mw, mh) = self.original_size, self.model.size
         kept = "kept as it is" if (w, h) == (mw, mh) else f"kept at {mw} x {mh} for the model"
         return f"{self.name}: {w} x {h} pixels, {kept}"
 
 
-def receive_upload(data: bytes, name: str = "", model_side: int = MODEL_SIDE,
-                   thumb_side: int = THUMB_SIDE) -> UploadedPicture:
+def receive_upload(
+    data: bytes, name: str = "", model_side: int = MODEL_SIDE, thumb_side: int = THUMB_SIDE
+) -> UploadedPicture:
     """Check an uploaded file (:func:`~analysis.live.uploads.check_upload`: size, type, pixel cap, full
     decode; :class:`~analysis.live.uploads.UploadError` when refused) and keep it once: a copy for the
     model and a thumbnail, the decoded full-resolution picture dropped."""
     from analysis.live.uploads import check_upload
+
     full = check_upload(data, name)
     try:
         size = full.size
@@ -143,5 +158,10 @@ def receive_upload(data: bytes, name: str = "", model_side: int = MODEL_SIDE,
     finally:
         full.close()
         del full
-    return UploadedPicture(name=name or "upload", digest=hashlib.sha256(bytes(data)).hexdigest(),
-                           original_size=tuple(size), model=model, thumb=fit_within(model, thumb_side))
+    return UploadedPicture(
+        name=name or "upload",
+        digest=hashlib.sha256(bytes(data)).hexdigest(),
+        original_size=tuple(size),
+        model=model,
+        thumb=fit_within(model, thumb_side),
+    )

@@ -6,6 +6,7 @@ dataset to open, the adapter's :class:`~mmoe_core.spec.ModelSpec` says which fie
 long a text may be), and predictions use the contract's keys (``prediction``, ``gold``, ``rank``,
 ``top_names`` ...: see :mod:`mmoe_core.spec`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,9 +24,26 @@ import pandas as pd
 from analysis.live.uploads import draw_image
 from mmoe_core.spec import ExampleField, ModelSpec
 
-__all__ = ["RunInputs", "run_inputs", "load_live_adapter", "load_base_examples", "warm_up", "clip_text",
-           "live_example", "LiveResult", "run_live", "attribute_live", "live_attribution", "cpu_threads",
-           "LIVE_CPU_THREADS", "routing_changes", "ranking_frame", "TOP_N", "project_live", "PROJECTION_FILE"]
+__all__ = [
+    "RunInputs",
+    "run_inputs",
+    "load_live_adapter",
+    "load_base_examples",
+    "warm_up",
+    "clip_text",
+    "live_example",
+    "LiveResult",
+    "run_live",
+    "attribute_live",
+    "live_attribution",
+    "cpu_threads",
+    "LIVE_CPU_THREADS",
+    "routing_changes",
+    "ranking_frame",
+    "TOP_N",
+    "project_live",
+    "PROJECTION_FILE",
+]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -34,9 +52,11 @@ __all__ = ["RunInputs", "run_inputs", "load_live_adapter", "load_base_examples",
 
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class RunInputs:
     """What a run was built from, read from its manifest: checkpoint dir and hash, dataset dir, split."""
+
     run: str
     checkpoint: Path
     checkpoint_hash: str | None
@@ -63,24 +83,32 @@ def run_inputs(run: str, root: str | os.PathLike | None = None) -> RunInputs:
     Falls back to ``<root>/checkpoints/<run>`` when the manifest names no checkpoint. Raises
     FileNotFoundError (with the build command) when the run or its checkpoint is missing."""
     from analysis.store import RunStore, resolve_root
+
     root = resolve_root(root)
     with RunStore(run, root) as store:
         manifest = dict(store.manifest)
     ckpt = _resolve(manifest.get("checkpoint"), root) or root / "checkpoints" / run
     if not (ckpt / "config.json").is_file():
-        raise FileNotFoundError(f"run {run!r} was built from the checkpoint {ckpt}, which is gone; rebuild it "
-                                "with `python -m demo_build` (demo runs) or `python -m mmoe_core.train`")
+        raise FileNotFoundError(
+            f"run {run!r} was built from the checkpoint {ckpt}, which is gone; rebuild it "
+            "with `python -m demo_build` (demo runs) or `python -m mmoe_core.train`"
+        )
     params = manifest.get("params") or {}
-    return RunInputs(run=run, checkpoint=ckpt, checkpoint_hash=manifest.get("checkpoint_hash"),
-                     dataset=_resolve(manifest.get("dataset"), root),
-                     split=str(manifest.get("split") or params.get("split") or "test"),
-                     family=manifest.get("family"))
+    return RunInputs(
+        run=run,
+        checkpoint=ckpt,
+        checkpoint_hash=manifest.get("checkpoint_hash"),
+        dataset=_resolve(manifest.get("dataset"), root),
+        split=str(manifest.get("split") or params.get("split") or "test"),
+        family=manifest.get("family"),
+    )
 
 
 def load_live_adapter(run: str, root: str | os.PathLike | None = None, device: str | None = None):
     """The run's checkpoint wrapped in its family's adapter, on ``device`` (default: the GPU when there
     is one, else the CPU), in eval mode. Pages cache it (keyed by run and checkpoint hash)."""
     from mmoe_core.adapter import default_device, load_adapter
+
     inputs = run_inputs(run, root)
     return load_adapter(inputs.checkpoint, device=device or default_device())
 
@@ -99,11 +127,11 @@ def load_base_examples(adapter, run: str, root: str | os.PathLike | None = None)
     rank against)."""
     inputs = run_inputs(run, root)
     if inputs.dataset is None or not inputs.dataset.exists():
-        raise FileNotFoundError(f"run {run!r} names the dataset {inputs.dataset}, which is gone; rebuild the demo "
-                                "worlds with `python -m demo_build`")
+        raise FileNotFoundError(
+            f"run {run!r} names the dataset {inputs.dataset}, which is gone; rebuild the demo "
+            "worlds with `python -m demo_build`"
+        )
     return adapter.load_examples(inputs.dataset, inputs.split)
-
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,17 +149,25 @@ def clip_text(spec_field: ExampleField, value: str | None) -> tuple[str, str | N
     """``value`` cut to the field's ``max_chars``, and a note for the person when it was cut or is empty."""
     text = "" if value is None else str(value)
     if len(text) > spec_field.max_chars:
-        return (text[:spec_field.max_chars],
-                f"{spec_field.label}: cut to its first {spec_field.max_chars} characters (of {len(text)}); "
-                "the model takes no more.")
+        return (
+            text[: spec_field.max_chars],
+            f"{spec_field.label}: cut to its first {spec_field.max_chars} characters (of {len(text)}); "
+            "the model takes no more.",
+        )
     if not text.strip():
         return text, f"{spec_field.label} is empty: the model runs on no text there."
     return text, None
 
 
-def live_example(spec_or_adapter, base_example: Mapping[str, Any], texts: Mapping[str, str] | None = None,
-                 image=None, drawn_attributes: Mapping[str, Any] | None = None, image_field: str | None = None,
-                 fields: Mapping[str, Any] | None = None) -> dict:
+def live_example(
+    spec_or_adapter,
+    base_example: Mapping[str, Any],
+    texts: Mapping[str, str] | None = None,
+    image=None,
+    drawn_attributes: Mapping[str, Any] | None = None,
+    image_field: str | None = None,
+    fields: Mapping[str, Any] | None = None,
+) -> dict:
     """A copy of ``base_example`` with edits, in the form ``adapter.run`` accepts.
 
     ``texts``: {field name: new text} for editable text fields of the spec (each cut to its
@@ -147,8 +183,10 @@ def live_example(spec_or_adapter, base_example: Mapping[str, Any], texts: Mappin
         spec_field = editable.get(name)
         if spec_field is None or spec_field.kind not in TEXT_KINDS:
             choices = [f.name for f in editable.values() if f.kind in TEXT_KINDS]
-            raise ValueError(f"{name!r} is not an editable text field of the {spec.family!r} family "
-                             f"(its editable text fields: {', '.join(choices) or 'none'})")
+            raise ValueError(
+                f"{name!r} is not an editable text field of the {spec.family!r} family "
+                f"(its editable text fields: {', '.join(choices) or 'none'})"
+            )
         example[name] = clip_text(spec_field, value)[0]
     if image is not None and drawn_attributes is not None:
         raise ValueError("give either an image or drawn_attributes, not both")
@@ -158,8 +196,10 @@ def live_example(spec_or_adapter, base_example: Mapping[str, Any], texts: Mappin
         images = [f.name for f in editable.values() if f.kind == "image"]
         if not images or (image_field is not None and image_field not in images):
             named = f" {image_field!r}" if image_field else ""
-            raise ValueError(f"the {spec.family!r} family has no editable image field{named} "
-                             f"(its editable image fields: {', '.join(images) or 'none'})")
+            raise ValueError(
+                f"the {spec.family!r} family has no editable image field{named} "
+                f"(its editable image fields: {', '.join(images) or 'none'})"
+            )
         example[image_field or images[0]] = image.convert("RGB")
     for key, value in dict(fields or {}).items():
         example[key] = value
@@ -173,6 +213,7 @@ def live_example(spec_or_adapter, base_example: Mapping[str, Any], texts: Mappin
 # Routing of a live run
 # ------------------------------------------------------------------------------------------------
 
+
 def routing_changes(before: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
     """Per layer, between two live runs of one example (e.g. without and with a knockout): positions,
     ``changed`` (top-1 expert differs), ``changed_share``, ``topk_changed`` (the set of chosen experts
@@ -181,20 +222,22 @@ def routing_changes(before: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
     columns = ["layer", "positions", "changed", "changed_share", "topk_changed"]
     if before is None or after is None or before.empty or after.empty:
         return pd.DataFrame(columns=columns)
-    joined = before[keys + ["top1", "topk_ids"]].merge(after[keys + ["top1", "topk_ids"]], on=keys,
-                                                       suffixes=("_before", "_after"))
+    joined = before[keys + ["top1", "topk_ids"]].merge(
+        after[keys + ["top1", "topk_ids"]], on=keys, suffixes=("_before", "_after")
+    )
     joined["changed"] = joined["top1_before"] != joined["top1_after"]
     joined["topk_changed"] = [set(a) != set(b) for a, b in zip(joined["topk_ids_before"], joined["topk_ids_after"])]
-    out = joined.groupby("layer", sort=True).agg(positions=("changed", "size"), changed=("changed", "sum"),
-                                                 topk_changed=("topk_changed", "sum"))
+    out = joined.groupby("layer", sort=True).agg(
+        positions=("changed", "size"), changed=("changed", "sum"), topk_changed=("topk_changed", "sum")
+    )
     out["changed_share"] = out["changed"] / out["positions"].clip(lower=1)
     return out.reset_index()[columns]
-
 
 
 # ------------------------------------------------------------------------------------------------
 # One live run
 # ------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class LiveResult:
@@ -207,6 +250,7 @@ class LiveResult:
     ``attributions``, or None (``attribution_error`` says why when it failed). ``extras``: the example's
     declared outputs (by output name). ``representation``: the vector the embedding map projects.
     ``timings`` in seconds: forward, routing, attribution, total. ``device``: where it ran."""
+
     example: dict
     family: str
     kind: str
@@ -251,8 +295,8 @@ def ranking_frame(prediction: Mapping[str, Any], top_n: int = TOP_N) -> pd.DataF
         names, ids = [prediction.get("prediction")], [prediction.get("prediction_id")]
         scores = [prediction.get("score")]
     names = list(names)[:top_n]
-    ids = list(ids)[:len(names)] if ids is not None else [None] * len(names)
-    scores = list(scores)[:len(names)] if scores is not None else [None] * len(names)
+    ids = list(ids)[: len(names)] if ids is not None else [None] * len(names)
+    scores = list(scores)[: len(names)] if scores is not None else [None] * len(names)
     gold_id, gold = prediction.get("gold_id"), prediction.get("gold")
     rows = []
     for r, (name, item, score) in enumerate(zip(names, ids, scores), start=1):
@@ -274,23 +318,39 @@ def _extras_for(extras: Mapping[str, Any], index: int) -> dict:
     return out
 
 
-
-
-def live_attribution(adapter, example: Mapping[str, Any], method: str = "ig", target: str | None = None,
-                     layer: str | None = None, expert: int | None = None, position: int | None = None,
-                     call: str | None = None, ig_steps: int = 16) -> pd.DataFrame:
+def live_attribution(
+    adapter,
+    example: Mapping[str, Any],
+    method: str = "ig",
+    target: str | None = None,
+    layer: str | None = None,
+    expert: int | None = None,
+    position: int | None = None,
+    call: str | None = None,
+    ig_steps: int = 16,
+) -> pd.DataFrame:
     """Attributions of one example now, as rows of the run's ``attributions`` table
     (:data:`analysis.attribution.TABLE_COLUMNS`). Without ``layer``: the prediction target (``target`` or
     the family's score / answer logit); with ``layer``, ``expert`` and ``position`` (in ``call``): that
     router logit. ``method`` "ig" (``ig_steps`` steps; rows carry the convergence delta) or "occlusion"
     (one position at a time)."""
     from analysis import attribution as A
+
     example = dict(example)
     if layer is not None:
         if expert is None or position is None:
             raise ValueError("a router-logit attribution needs layer, expert and position")
-        result = A.router_attribution(adapter, example, layer, int(expert), int(position), call=call,
-                                      method=method, n_steps=ig_steps, internal_batch_size=ig_steps)
+        result = A.router_attribution(
+            adapter,
+            example,
+            layer,
+            int(expert),
+            int(position),
+            call=call,
+            method=method,
+            n_steps=ig_steps,
+            internal_batch_size=ig_steps,
+        )
     elif method == "ig":
         result = A.integrated_gradients(adapter, example, target, n_steps=ig_steps, internal_batch_size=ig_steps)
     elif method == "occlusion":
@@ -311,6 +371,7 @@ def cpu_threads(adapter, threads: int | None = LIVE_CPU_THREADS) -> Iterator[Non
     """Run the block with ``threads`` torch intra-op threads when the adapter is on the CPU (restored
     afterwards; torch's setting is process-wide, so pages serialise live runs under one lock)."""
     import torch
+
     if threads is None or getattr(adapter, "device", None) is None or adapter.device.type != "cpu":
         yield
         return
@@ -325,9 +386,14 @@ def cpu_threads(adapter, threads: int | None = LIVE_CPU_THREADS) -> Iterator[Non
         torch.set_num_threads(before)
 
 
-def attribute_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int] | None = None,
-                   method: str = "ig", ig_steps: int = 16, threads: int | None = LIVE_CPU_THREADS
-                   ) -> tuple[pd.DataFrame | None, str | None, float]:
+def attribute_live(
+    adapter,
+    example: Mapping[str, Any],
+    knockout: tuple[str, int] | None = None,
+    method: str = "ig",
+    ig_steps: int = 16,
+    threads: int | None = LIVE_CPU_THREADS,
+) -> tuple[pd.DataFrame | None, str | None, float]:
     """Attribution of the family's prediction target for one live example (under ``knockout`` when given),
     as (rows like the run's ``attributions`` table or None, error message or None, seconds). A page can
     call it after showing :func:`run_live` ``(attribution=False)``, so routing and prediction appear first."""
@@ -341,10 +407,15 @@ def attribute_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int
         return None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t
 
 
-
-def run_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int] | None = None,
-             attribution: bool = True, attribution_method: str = "ig", ig_steps: int = 16,
-             threads: int | None = LIVE_CPU_THREADS) -> LiveResult:
+def run_live(
+    adapter,
+    example: Mapping[str, Any],
+    knockout: tuple[str, int] | None = None,
+    attribution: bool = True,
+    attribution_method: str = "ig",
+    ig_steps: int = 16,
+    threads: int | None = LIVE_CPU_THREADS,
+) -> LiveResult:
     """Run one example now: routing (top-k per position per layer), prediction, attribution, timings.
 
     ``knockout=(layer, expert)`` forbids that expert in that layer for this run only (the adapter's
@@ -357,6 +428,7 @@ def run_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int] | No
     import torch
 
     from analysis.routing_table import routing_frame
+
     example = dict(example)
     index = int(example.get("index", 0))
     timings: dict[str, float] = {}
@@ -367,13 +439,20 @@ def run_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int] | No
             out = adapter.run([example], record=True, batch_size=1)
     timings["forward"] = time.perf_counter() - t0
     t = time.perf_counter()
-    routing = routing_frame(out.recorder, "example", ids={index: str(example.get("id", index))},
-                            only_examples=[index])
+    routing = routing_frame(out.recorder, "example", ids={index: str(example.get("id", index))}, only_examples=[index])
     prediction = dict(out.predictions[0]) if out.predictions else {}
     kind = adapter.prediction_spec().kind
-    result = LiveResult(example=example, family=adapter.family, kind=kind, prediction=prediction, routing=routing,
-                        extras=_extras_for(out.extras, index), knockout=tuple(knockout) if knockout else None,
-                        timings=timings, device=str(adapter.device))
+    result = LiveResult(
+        example=example,
+        family=adapter.family,
+        kind=kind,
+        prediction=prediction,
+        routing=routing,
+        extras=_extras_for(out.extras, index),
+        knockout=tuple(knockout) if knockout else None,
+        timings=timings,
+        device=str(adapter.device),
+    )
     if out.representations is not None and len(out.representations):
         result.representation = out.representations[0].detach().float().cpu().numpy()
     if kind == "ranking":
@@ -381,7 +460,8 @@ def run_live(adapter, example: Mapping[str, Any], knockout: tuple[str, int] | No
     timings["routing"] = time.perf_counter() - t
     if attribution:
         result.attribution, result.attribution_error, timings["attribution"] = attribute_live(
-            adapter, example, knockout, attribution_method, ig_steps, threads)
+            adapter, example, knockout, attribution_method, ig_steps, threads
+        )
     timings["total"] = time.perf_counter() - t0
     return result
 
@@ -397,6 +477,7 @@ _projection_cache: dict[tuple, Any] = {}
 
 def _open_store(run_store, root=None):
     from analysis.store import RunStore
+
     if isinstance(run_store, RunStore):
         return run_store, False
     return RunStore(str(run_store), root), True
@@ -408,6 +489,7 @@ def _projection_of(store):
     except FileNotFoundError:
         return None
     from analysis.embedding import FittedProjection
+
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     projection = _projection_cache.get(key)
@@ -436,6 +518,9 @@ def project_live(run_store, representation, root: str | os.PathLike | None = Non
         return None
     x = np.asarray(representation, dtype=np.float64).reshape(1, -1)
     coords, distance = projection.transform(x, return_distance=True)
-    return {"x": float(coords[0, 0]), "y": float(coords[0, 1]) if coords.shape[1] > 1 else 0.0,
-            "distance": float(distance[0]), "method": projection.method}
-
+    return {
+        "x": float(coords[0, 0]),
+        "y": float(coords[0, 1]) if coords.shape[1] > 1 else 0.0,
+        "distance": float(distance[0]),
+        "method": projection.method,
+    }

@@ -4,6 +4,7 @@ Pure functions (no Streamlit): choose and slice an attribution, lay an image inp
 on its declared grid (:class:`mmoe_core.spec.ImageGrid`, never parsed from labels), the majority expert
 of each example, and the embedding map's frame joined with the example fields and predictions.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -13,8 +14,17 @@ import pandas as pd
 
 from mmoe_core.spec import ImageGrid
 
-__all__ = ["attribution_choices", "attribution_rows", "convergence_delta", "patch_grid", "input_share_by_label",
-           "majority_expert", "layer_calls", "embedding_frame", "ATTRIBUTION_KEYS"]
+__all__ = [
+    "attribution_choices",
+    "attribution_rows",
+    "convergence_delta",
+    "patch_grid",
+    "input_share_by_label",
+    "majority_expert",
+    "layer_calls",
+    "embedding_frame",
+    "ATTRIBUTION_KEYS",
+]
 
 # -- attributions
 
@@ -40,8 +50,14 @@ def _match(df: pd.DataFrame, column: str, value) -> pd.Series:
     return df[column] == value
 
 
-def attribution_rows(attributions: pd.DataFrame, example_index: int | None = None, method: str | None = None,
-                     target: str | None = None, layer: str | None = None, expert: int | None = None) -> pd.DataFrame:
+def attribution_rows(
+    attributions: pd.DataFrame,
+    example_index: int | None = None,
+    method: str | None = None,
+    target: str | None = None,
+    layer: str | None = None,
+    expert: int | None = None,
+) -> pd.DataFrame:
     """Rows of one attribution (example, method, target[, layer, expert]) sorted by input and position.
     A router-logit attribution is picked by layer and expert; the score/answer one by layer=None."""
     df = attributions
@@ -65,9 +81,9 @@ def convergence_delta(rows: pd.DataFrame) -> float | None:
     return float(rows["delta"].dropna().iloc[0])
 
 
-
-def input_share_by_label(attributions: pd.DataFrame, label: str, method: str = "ig",
-                         router_targets: Sequence[str] = ()) -> pd.DataFrame:
+def input_share_by_label(
+    attributions: pd.DataFrame, label: str, method: str = "ig", router_targets: Sequence[str] = ()
+) -> pd.DataFrame:
     """Mean share of each input in an example's attribution of the prediction (targets not in
     ``router_targets``), by value of ``label``: one row per value, one column per input, ``n_examples``.
     Each example counts once; an input an example lacks counts as share 0 for it."""
@@ -94,7 +110,7 @@ def patch_grid(rows: pd.DataFrame, grid: ImageGrid | None, column: str = "value"
     if grid is None:
         side = max(1, int(np.ceil(np.sqrt(len(values)))))
         out = np.full(side * side, np.nan)
-        out[:len(values)] = values[np.argsort(positions, kind="stable")]
+        out[: len(values)] = values[np.argsort(positions, kind="stable")]
         return out.reshape(side, side)
     out = np.full((int(grid.rows), int(grid.cols)), np.nan)
     cell = positions - int(grid.first_position)
@@ -106,6 +122,7 @@ def patch_grid(rows: pd.DataFrame, grid: ImageGrid | None, column: str = "value"
 
 # -- the embedding map
 
+
 def majority_expert(store, layer: str, call: str | None = None) -> pd.DataFrame:
     """Per example: the expert most often top-1 over the example's positions in ``layer`` (optionally
     one call); ties go to the lower expert id. Columns example_index, expert, share (of positions)."""
@@ -113,8 +130,10 @@ def majority_expert(store, layer: str, call: str | None = None) -> pd.DataFrame:
     if call is not None:
         where += " AND call = ?"
         params.append(call)
-    counts = store.sql(f"SELECT example_index, top1 AS expert, count(*) AS n FROM routing WHERE {where} "
-                       "GROUP BY example_index, top1", params)
+    counts = store.sql(
+        f"SELECT example_index, top1 AS expert, count(*) AS n FROM routing WHERE {where} GROUP BY example_index, top1",
+        params,
+    )
     if counts.empty:
         return pd.DataFrame(columns=["example_index", "expert", "share"])
     counts = counts.sort_values(["example_index", "n", "expert"], ascending=[True, False, True], kind="stable")
@@ -128,8 +147,6 @@ def layer_calls(store, layer: str) -> list[str]:
     """The calls a layer was recorded with in the run's routing table (e.g. one per side of a paired input)."""
     df = store.sql("SELECT DISTINCT call FROM routing WHERE layer = ? ORDER BY call", [layer])
     return [str(c) for c in df["call"] if c is not None]
-
-
 
 
 def embedding_frame(store, layer: str | None = None, call: str | None = None) -> pd.DataFrame:

@@ -3,6 +3,7 @@ draw a picture from attribute names, and find an example's picture from its decl
 
 No Streamlit and no model here.
 """
+
 from __future__ import annotations
 
 import io
@@ -14,11 +15,20 @@ from typing import Any
 from analysis.live.pictures import to_rgb
 from mmoe_core.data.images import MAX_IMAGE_PIXELS, sniff_image_type  # shared with the dataset readers
 
-__all__ = ["UploadError", "check_upload", "sniff_image_type", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS",
-           "drawing_options", "draw_image", "example_picture", "picture_keys"]
+__all__ = [
+    "UploadError",
+    "check_upload",
+    "sniff_image_type",
+    "MAX_UPLOAD_BYTES",
+    "MAX_UPLOAD_PIXELS",
+    "drawing_options",
+    "draw_image",
+    "example_picture",
+    "picture_keys",
+]
 
-MAX_UPLOAD_BYTES = 5 * 1024 * 1024          # 5 MB
-MAX_UPLOAD_PIXELS = MAX_IMAGE_PIXELS        # 25 megapixels: the one pixel cap, dataset pictures too
+MAX_UPLOAD_BYTES = 5 * 1024 * 1024  # 5 MB
+MAX_UPLOAD_PIXELS = MAX_IMAGE_PIXELS  # 25 megapixels: the one pixel cap, dataset pictures too
 
 
 class UploadError(ValueError):
@@ -29,8 +39,9 @@ def _human_bytes(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MB" if n >= 1024 * 1024 else f"{n / 1024:.0f} KB" if n >= 1024 else f"{n} bytes"
 
 
-def check_upload(data: bytes, filename: str = "", max_bytes: int = MAX_UPLOAD_BYTES,
-                 max_pixels: int = MAX_UPLOAD_PIXELS):
+def check_upload(
+    data: bytes, filename: str = "", max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_UPLOAD_PIXELS
+):
     """Validate an uploaded image and return it decoded as an RGB ``PIL.Image``.
 
     Checks, in order, before any pixel is decoded: the byte size (<= ``max_bytes``), the type by magic
@@ -50,8 +61,10 @@ def check_upload(data: bytes, filename: str = "", max_bytes: int = MAX_UPLOAD_BY
         raise UploadError(f"{name} is {_human_bytes(len(data))}; the limit is {_human_bytes(max_bytes)}")
     kind = sniff_image_type(data)
     if kind is None:
-        raise UploadError(f"{name} is not a PNG, JPEG or WebP image (its content does not start like one, "
-                          "whatever its extension says)")
+        raise UploadError(
+            f"{name} is not a PNG, JPEG or WebP image (its content does not start like one, "
+            "whatever its extension says)"
+        )
     with warnings.catch_warnings():
         # PIL warns past MAX_IMAGE_PIXELS and raises past twice that: make both an error.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -65,8 +78,10 @@ def check_upload(data: bytes, filename: str = "", max_bytes: int = MAX_UPLOAD_BY
         if w <= 0 or h <= 0:
             raise UploadError(f"{name} declares an empty picture ({w} x {h} pixels)")
         if w * h > max_pixels:
-            raise UploadError(f"{name} is {w} x {h} = {w * h / 1e6:.1f} megapixels; the limit is "
-                              f"{max_pixels / 1e6:g} megapixels (a decompression bomb guard)")
+            raise UploadError(
+                f"{name} is {w} x {h} = {w * h / 1e6:.1f} megapixels; the limit is "
+                f"{max_pixels / 1e6:g} megapixels (a decompression bomb guard)"
+            )
         try:
             img.load()
             rgb = to_rgb(img)  # 16-bit, palette and alpha images keep their tones (analysis.live.pictures)
@@ -75,7 +90,6 @@ def check_upload(data: bytes, filename: str = "", max_bytes: int = MAX_UPLOAD_BY
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise UploadError(f"{name} is a damaged or truncated {kind} file ({exc})") from exc
     return rgb
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,6 +103,7 @@ _EXTRA_BACKGROUNDS = {"light grey": (200, 200, 200)}
 def drawing_options() -> dict[str, list[str]]:
     """Choices for each drawable attribute (first entry of finish / trim is the neutral one)."""
     from mmoe_core.data import drawing
+
     return {
         "shape": list(drawing.SHAPES),
         "colour": list(drawing.SHAPE_COLOURS),
@@ -104,9 +119,17 @@ def draw_image(attributes: Mapping[str, Any]):
     optional finish ("matte" default) and trim (a colour name, or "none"). Raises ValueError on an
     unknown value, naming the choices."""
     from mmoe_core.data import drawing
+
     options = drawing_options()
-    attrs = {"shape": "circle", "colour": "red", "pattern": "plain", "background": "white", "finish": "matte",
-             "trim": "none", **{k: v for k, v in dict(attributes).items() if v is not None}}
+    attrs = {
+        "shape": "circle",
+        "colour": "red",
+        "pattern": "plain",
+        "background": "white",
+        "finish": "matte",
+        "trim": "none",
+        **{k: v for k, v in dict(attributes).items() if v is not None},
+    }
     unknown = set(attrs) - set(options)
     if unknown:
         raise ValueError(f"unknown drawing attribute(s) {sorted(unknown)}; use {sorted(options)}")
@@ -123,14 +146,15 @@ def draw_image(attributes: Mapping[str, Any]):
         if len(rgb) != 3:
             raise ValueError(f"a background colour is a name or an RGB triple, got {background!r}")
     trim = None if attrs["trim"] == "none" else attrs["trim"]
-    return drawing.draw_picture(attrs["shape"], attrs["colour"], attrs["pattern"], rgb,
-                                finish=attrs["finish"], trim=trim)
-
+    return drawing.draw_picture(
+        attrs["shape"], attrs["colour"], attrs["pattern"], rgb, finish=attrs["finish"], trim=trim
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # An example's picture
 # ------------------------------------------------------------------------------------------------
+
 
 def picture_keys(image_fields: Sequence[str]) -> list[str]:
     """Where an example keeps the picture of each image field: the field itself (a PIL image or a path)
@@ -143,6 +167,7 @@ def example_picture(example: Mapping[str, Any], image_fields: Sequence[str], siz
     an in-memory PIL image, else the image file at the path it names; None when it has none or the file
     cannot be read."""
     from PIL import Image
+
     for key in picture_keys(image_fields):
         value = example.get(key)
         if isinstance(value, Image.Image):
@@ -150,6 +175,7 @@ def example_picture(example: Mapping[str, Any], image_fields: Sequence[str], siz
         if isinstance(value, (str, os.PathLike)) and str(value):
             try:
                 from mmoe_core.data.readers import load_image
+
                 return load_image(value, size) if size else load_image(value)
             except Exception:  # a missing or unreadable file: the example shows no picture
                 return None

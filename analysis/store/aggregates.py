@@ -21,6 +21,7 @@ comes from the manifest's ``routing_layout`` (so dead experts still get their ze
 
 The reader uses them when present and falls back to the full routing table otherwise.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -70,8 +71,9 @@ def known_experts(manifest: Mapping[str, Any] | None, name: str = "routing") -> 
     return out
 
 
-def loads_sql(source: str, keys: Sequence[str], cols: Sequence[str] | set[str],
-              experts: Mapping[str, int] | None = None) -> str:
+def loads_sql(
+    source: str, keys: Sequence[str], cols: Sequence[str] | set[str], experts: Mapping[str, int] | None = None
+) -> str:
     """SQL for per (keys..., expert) ``slots`` (top-k picks) and ``weight`` (summed combine weight) over
     ``source`` (a relation with the routing columns); every expert 0..E-1 of a layer is present.
 
@@ -94,8 +96,9 @@ def loads_sql(source: str, keys: Sequence[str], cols: Sequence[str] | set[str],
             FROM w FULL OUTER JOIN s USING ({k}, expert)"""
     known = "SELECT NULL::VARCHAR AS layer, 0 AS n WHERE FALSE"
     if experts:
-        known = " UNION ALL ".join(f"SELECT {_sql_str(str(layer))} AS layer, {int(e)} AS n"
-                                   for layer, e in experts.items())
+        known = " UNION ALL ".join(
+            f"SELECT {_sql_str(str(layer))} AS layer, {int(e)} AS n" for layer, e in experts.items()
+        )
     return f"""
         WITH a AS (
             SELECT {k}, expert, count(*)::BIGINT AS slots, sum(wt)::DOUBLE AS weight FROM (
@@ -163,11 +166,13 @@ def coselection_counts(path, experts: Mapping[str, int] | None = None, batch_row
         a_col.append(grid_a.reshape(-1))
         b_col.append(grid_b.reshape(-1))
         n_col.append(c[:e, :e].reshape(-1))
+
     def cat(parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
-    return pa.table({"layer": pa.array(names, pa.string()), "expert_a": cat(a_col), "expert_b": cat(b_col),
-                     "count": cat(n_col)})
+    return pa.table(
+        {"layer": pa.array(names, pa.string()), "expert_a": cat(a_col), "expert_b": cat(b_col), "count": cat(n_col)}
+    )
 
 
 def write_routing_aggregates(writer) -> list[str]:
@@ -191,8 +196,19 @@ def write_routing_aggregates(writer) -> list[str]:
             written.append("routing_loads")
         value_cols = [c for c in ("entropy", "top1_prob") if c in cols]
         if "layer" in cols and value_cols and not writer.has_file("routing_entropy_sample.parquet"):
-            meta = [c for c in ("layer", "call", "position_kind", "routed_modality", "gate_modality",
-                                "example_index", "position") if c in cols]
+            meta = [
+                c
+                for c in (
+                    "layer",
+                    "call",
+                    "position_kind",
+                    "routed_modality",
+                    "gate_modality",
+                    "example_index",
+                    "position",
+                )
+                if c in cols
+            ]
             key = ", ".join(c for c in ("example_index", "layer", "call", "position") if c in cols)
             n = ENTROPY_SAMPLE_PER_LAYER
             # Deterministic Bernoulli sample per layer at rate n / rows(layer) (a hash of the row's key

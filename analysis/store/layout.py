@@ -16,6 +16,7 @@ per-example rows: examples, predictions, routing, attributions, declared outputs
 per-position columns in ``routing.parquet``, the E-wide probs and logits in float16 in
 ``routing_dense.parquet``), written by :mod:`analysis.store.sink`.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -49,12 +50,26 @@ ROUTING_SORT = ("example_index", "layer", "call", "position")
 ROUTING_GROUPS = ("layer", "call", "position_kind", "routed_modality", "gate_modality")
 # Declared types of the routing columns; present columns are cast to these on write (others kept as is).
 ROUTING_TYPES: dict[str, pa.DataType] = {
-    "layer": pa.string(), "call": pa.string(), "example_index": pa.int64(), "example_id": pa.string(),
-    "position": pa.int32(), "position_kind": pa.string(), "token": pa.string(),
-    "routed_modality": pa.string(), "gate_modality": pa.string(), "grid_row": pa.int16(),
-    "grid_col": pa.int16(), "top1": pa.int16(), "topk_ids": pa.list_(pa.int16()),
-    "topk_weights": pa.list_(pa.float32()), "combine": pa.list_(pa.float32()), "probs": pa.list_(pa.float32()),
-    "logits": pa.list_(pa.float32()), "entropy": pa.float32(), "top1_prob": pa.float32(), "routed": pa.bool_(),
+    "layer": pa.string(),
+    "call": pa.string(),
+    "example_index": pa.int64(),
+    "example_id": pa.string(),
+    "position": pa.int32(),
+    "position_kind": pa.string(),
+    "token": pa.string(),
+    "routed_modality": pa.string(),
+    "gate_modality": pa.string(),
+    "grid_row": pa.int16(),
+    "grid_col": pa.int16(),
+    "top1": pa.int16(),
+    "topk_ids": pa.list_(pa.int16()),
+    "topk_weights": pa.list_(pa.float32()),
+    "combine": pa.list_(pa.float32()),
+    "probs": pa.list_(pa.float32()),
+    "logits": pa.list_(pa.float32()),
+    "entropy": pa.float32(),
+    "top1_prob": pa.float32(),
+    "routed": pa.bool_(),
 }
 
 
@@ -83,6 +98,7 @@ def rebuild_command(run: str) -> str:
 
 # ----------------------------------------------------------------------------------------- paths
 
+
 def _default_root() -> Path:
     env = os.environ.get("MOESCOPE_ARTIFACTS")
     if env:
@@ -108,8 +124,9 @@ def runs_dir(root: str | os.PathLike | None = None) -> Path:
 
 def _check_run(run: str) -> str:
     if not isinstance(run, str) or not _RUN_RE.match(run):
-        raise ValueError(f"invalid run name {run!r}: use letters, digits, '.', '_' or '-', "
-                         "starting with a letter or digit")
+        raise ValueError(
+            f"invalid run name {run!r}: use letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     return run
 
 
@@ -126,6 +143,7 @@ def _check_file_name(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- helpers
+
 
 def _utc_now() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
@@ -205,6 +223,7 @@ def _qi(name: str) -> str:
 
 # ------------------------------------------------------------------------------ routing layouts
 
+
 def dense_table_name(name: str) -> str:
     """The side table of a split routing table: ``routing`` -> ``routing_dense``."""
     return name + DENSE_SUFFIX
@@ -272,13 +291,15 @@ def experts_per_layer(table: pa.Table) -> dict[str, int]:
 
 
 def choose_layout(experts: Mapping[str, int] | int) -> str:
-    """"split" when some layer has more than :data:`DENSE_INLINE_MAX_EXPERTS` experts, else "wide"."""
+    """ "split" when some layer has more than :data:`DENSE_INLINE_MAX_EXPERTS` experts, else "wide"."""
     widest = experts if isinstance(experts, int) else max(experts.values(), default=0)
     return "split" if widest > DENSE_INLINE_MAX_EXPERTS else "wide"
 
 
-_NOT_TOPK = ("this routing table gives combine weight outside the chosen top-k experts (or its topk_weights "
-             "differ from combine): it cannot drop the combine column; write it in the 'wide' layout")
+_NOT_TOPK = (
+    "this routing table gives combine weight outside the chosen top-k experts (or its topk_weights "
+    "differ from combine): it cannot drop the combine column; write it in the 'wide' layout"
+)
 
 
 def check_combine_is_topk(table: pa.Table, atol: float = 1e-5) -> None:
@@ -293,15 +314,20 @@ def check_combine_is_topk(table: pa.Table, atol: float = 1e-5) -> None:
             raise ValueError(_NOT_TOPK)
         at_topk = np.take_along_axis(comb, ids, axis=1)
         total = comb.sum(axis=1, dtype=np.float64)
-        if (np.abs(at_topk - wts) > atol).any() or (np.abs(total - wts.sum(axis=1, dtype=np.float64))
-                                                    > atol * max(1, ids.shape[1])).any():
+        if (np.abs(at_topk - wts) > atol).any() or (
+            np.abs(total - wts.sum(axis=1, dtype=np.float64)) > atol * max(1, ids.shape[1])
+        ).any():
             raise ValueError(_NOT_TOPK)
         return
     for row in table.select(["combine", "topk_ids", "topk_weights"]).to_pylist():  # ragged lists: row by row
         c, k, w = (np.asarray(row[x], dtype=np.float64) for x in ("combine", "topk_ids", "topk_weights"))
         k = k.astype(np.int64)
-        if (k < 0).any() or (k >= len(c)).any() or np.abs(c[k] - w).max(initial=0) > atol \
-                or abs(c.sum() - w.sum()) > atol * max(1, len(k)):
+        if (
+            (k < 0).any()
+            or (k >= len(c)).any()
+            or np.abs(c[k] - w).max(initial=0) > atol
+            or abs(c.sum() - w.sum()) > atol * max(1, len(k))
+        ):
             raise ValueError(_NOT_TOPK)
 
 

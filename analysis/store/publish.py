@@ -20,6 +20,7 @@ Manifest: ``{"run", "status": "complete", "created" (UTC ISO 8601), "code_versio
 ``manifest_base`` with :func:`analysis.store.status.inputs_manifest`; it carries the ``spec``).
 When a run has a routing table, the writer adds its aggregates at commit (:mod:`analysis.store.aggregates`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -120,6 +121,7 @@ def _clean_staging(staging_root: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------------- writing
 
+
 class RunWriter:
     """Write one run atomically. Use as a context manager::
 
@@ -133,10 +135,17 @@ class RunWriter:
     exception the staging dir is discarded and the published run is left untouched.
     """
 
-    def __init__(self, run: str, root: str | os.PathLike | None = None,
-                 manifest_base: Mapping[str, Any] | None = None, *, aggregate_routing: bool = True,
-                 row_group_size: int = ROW_GROUP_SIZE, compression: str = "zstd",
-                 before_publish: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        run: str,
+        root: str | os.PathLike | None = None,
+        manifest_base: Mapping[str, Any] | None = None,
+        *,
+        aggregate_routing: bool = True,
+        row_group_size: int = ROW_GROUP_SIZE,
+        compression: str = "zstd",
+        before_publish: Callable[[], None] | None = None,
+    ):
         self.run = _check_run(run)
         self.root = resolve_root(root)
         base = dict(manifest_base or {})
@@ -353,8 +362,7 @@ class RunWriter:
             self.close_table(name)
         if self.before_publish is not None:
             self.before_publish()
-        if (self.aggregate_routing and "routing.parquet" in self._files
-                and "routing_loads.parquet" not in self._files):
+        if self.aggregate_routing and "routing.parquet" in self._files and "routing_loads.parquet" not in self._files:
             write_routing_aggregates(self)
         files = {}
         for filename in sorted(self._files):
@@ -364,8 +372,14 @@ class RunWriter:
             rows = pq.read_metadata(p).num_rows if filename.endswith(".parquet") else None
             files[filename] = {"rows": rows, "bytes": p.stat().st_size, "sha256": file_sha256(p)}
             _fsync(p)
-        manifest = {"run": self.run, "status": "complete", "created": _utc_now().isoformat(),
-                    "code_version": code_version(), "store_format": STORE_FORMAT, "files": files}
+        manifest = {
+            "run": self.run,
+            "status": "complete",
+            "created": _utc_now().isoformat(),
+            "code_version": code_version(),
+            "store_format": STORE_FORMAT,
+            "files": files,
+        }
         manifest.update(self.manifest_base)
         manifest.update(self._extra)
         (d / READERS).touch()  # readers flock it shared while they read this version (see hold_version)
@@ -412,7 +426,7 @@ def _new_version_id(run: str) -> str:
 
 # ------------------------------------------------------------------------------ readers and versions
 
-READERS = ".readers"   # in every version dir: readers hold a shared flock on it, the collector an exclusive one
+READERS = ".readers"  # in every version dir: readers hold a shared flock on it, the collector an exclusive one
 
 
 def hold_version(version_dir: Path) -> int | None:
@@ -450,7 +464,7 @@ def _collect(entry: Path) -> bool:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        return False    # read right now: the next publish (or collect_versions) deletes it
+        return False  # read right now: the next publish (or collect_versions) deletes it
     try:
         (entry / MANIFEST).unlink(missing_ok=True)  # first: a reader that opens it now sees it gone
         _rmtree(entry)
@@ -475,12 +489,14 @@ def collect_versions(run: str, versions: Path, keep: str | None = None) -> list[
 
 
 @contextlib.contextmanager
-def precompute_lock(run: str, root: str | os.PathLike | None = None, wait: bool = False,
-                    on_wait=None) -> Iterator[None]:
+def precompute_lock(
+    run: str, root: str | os.PathLike | None = None, wait: bool = False, on_wait=None
+) -> Iterator[None]:
     """Hold ``runs/.locks/<run>.precompute.lock`` for a whole precompute of ``run``: a second precompute
     of the same run refuses (:class:`~mmoe_core.errors.BusyError` naming the holder) or, with ``wait``,
     waits for it (``on_wait(message)`` is told first). The kernel drops the lock of a killed process."""
     from mmoe_core.errors import BusyError
+
     path = resolve_root(root) / "runs" / _LOCKS / f"{_check_run(run)}.precompute.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)

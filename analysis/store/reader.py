@@ -7,6 +7,7 @@ readable until the store is closed (or garbage-collected); a long-lived reader s
 :meth:`RunStore.is_current` (one ``readlink``) and reopen to see the new version.
 :meth:`RunStore.spec` is the model's declaration (:class:`mmoe_core.spec.ModelSpec`) as precompute stored it.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,7 @@ class RunStore:
         self.root = resolve_root(root)
         link = self.root / "runs" / run
         if not os.path.lexists(link):
-            raise FileNotFoundError(f"run {run!r} not found under {link.parent}; build it with: "
-                                    f"{rebuild_command(run)}")
+            raise FileNotFoundError(f"run {run!r} not found under {link.parent}; build it with: {rebuild_command(run)}")
         self._link = link
         self._link_target, self.dir, hold = _open_version(link, run)
         self._release = weakref.finalize(self, release_version, hold)  # the version stays while this is open
@@ -171,8 +171,9 @@ class RunStore:
             raise ValueError(f"unknown column(s) {bad} for table {name!r}; columns: {', '.join(sorted(known))}")
         return cols
 
-    def _where(self, name: str, where: Mapping[str, Any] | str | None, params: Sequence[Any] | None
-               ) -> tuple[str, list]:
+    def _where(
+        self, name: str, where: Mapping[str, Any] | str | None, params: Sequence[Any] | None
+    ) -> tuple[str, list]:
         if where is None or (isinstance(where, Mapping) and not where):
             if params:
                 raise ValueError("params given without a where clause")
@@ -245,9 +246,15 @@ class RunStore:
         finally:
             cur.close()
 
-    def table(self, name: str, columns: Sequence[str] | None = None,
-              where: Mapping[str, Any] | str | None = None, params: Sequence[Any] | None = None,
-              order_by: str | Sequence[str] | None = None, limit: int | None = None) -> pd.DataFrame:
+    def table(
+        self,
+        name: str,
+        columns: Sequence[str] | None = None,
+        where: Mapping[str, Any] | str | None = None,
+        params: Sequence[Any] | None = None,
+        order_by: str | Sequence[str] | None = None,
+        limit: int | None = None,
+    ) -> pd.DataFrame:
         """Read (part of) a table.
 
         ``where``: a dict ``{column: value}`` (``= value``; a list/tuple/set means ``IN``; ``None`` means
@@ -256,10 +263,16 @@ class RunStore:
         """
         return self._table(name, columns, where, params, order_by, limit)
 
-    def _table(self, name: str, columns: Sequence[str] | None = None,
-               where: Mapping[str, Any] | str | None = None, params: Sequence[Any] | None = None,
-               order_by: str | Sequence[str] | None = None, limit: int | None = None,
-               arrow: bool = False) -> pd.DataFrame:
+    def _table(
+        self,
+        name: str,
+        columns: Sequence[str] | None = None,
+        where: Mapping[str, Any] | str | None = None,
+        params: Sequence[Any] | None = None,
+        order_by: str | Sequence[str] | None = None,
+        limit: int | None = None,
+        arrow: bool = False,
+    ) -> pd.DataFrame:
         self.schema(name)
         cols = "*" if columns is None else ", ".join(_qi(c) for c in self._check_cols(name, columns))
         w, args = self._where(name, where, params)
@@ -289,7 +302,7 @@ class RunStore:
         return val
 
     def routing_layout(self, name: str = "routing") -> str:
-        """"wide" (E-wide probs, logits, combine in the table) or "split" (they live in ``<name>_dense``,
+        """ "wide" (E-wide probs, logits, combine in the table) or "split" (they live in ``<name>_dense``,
         combine rebuilt from the top-k): the manifest's ``<name>_layout``, else read off the schema."""
         entry = self.manifest.get(layout_manifest_key(name))
         if isinstance(entry, Mapping) and entry.get("layout") in ("wide", "split"):
@@ -300,8 +313,13 @@ class RunStore:
         """{layer: E} as the run records it (the table's layout entry, else the declared routed layers)."""
         return known_experts(self.manifest, name)
 
-    def example_routing(self, example_index: int, layer: str | Sequence[str] | None = None,
-                        columns: Sequence[str] | None = None, dense: bool = False) -> pd.DataFrame:
+    def example_routing(
+        self,
+        example_index: int,
+        layer: str | Sequence[str] | None = None,
+        columns: Sequence[str] | None = None,
+        dense: bool = False,
+    ) -> pd.DataFrame:
         """All routed positions of one example (optionally one or more layers), sorted by layer, call,
         position. Cheap: routing.parquet is sorted by (example_index, layer, call, position) and its row
         groups carry min/max statistics, so only the one or two row groups holding the example are read.
@@ -323,19 +341,25 @@ class RunStore:
         if not wanted_dense:
             return self._table("routing", columns=columns, where=where, order_by=order, arrow=True)
         keys = [c for c in ROUTING_SORT if c in main_cols]
-        need = list(dict.fromkeys([c for c in wanted if c not in DENSE_COLUMNS] + keys
-                                  + (["topk_ids", "topk_weights"] if "combine" in wanted_dense else [])))
+        need = list(
+            dict.fromkeys(
+                [c for c in wanted if c not in DENSE_COLUMNS]
+                + keys
+                + (["topk_ids", "topk_weights"] if "combine" in wanted_dense else [])
+            )
+        )
         frame = self._table("routing", columns=need, where=where, order_by=order, arrow=True)
         side = dense_table_name("routing")
         from_side = [c for c in wanted_dense if c != "combine"]
         if from_side:
             if not self.has(side):
-                raise ValueError(f"run {self.run!r} keeps no dense routing ({side}): probs and logits were "
-                                 "not stored (split layout without the dense side table)")
+                raise ValueError(
+                    f"run {self.run!r} keeps no dense routing ({side}): probs and logits were "
+                    "not stored (split layout without the dense side table)"
+                )
             self._check_cols(side, from_side)
             dense_df = self._table(side, columns=[*keys, *from_side], where=where, order_by=order, arrow=True)
-            if len(dense_df) == len(frame) and all((dense_df[k].to_numpy() == frame[k].to_numpy()).all()
-                                                   for k in keys):
+            if len(dense_df) == len(frame) and all((dense_df[k].to_numpy() == frame[k].to_numpy()).all() for k in keys):
                 for c in from_side:
                     frame[c] = [np.asarray(v, dtype=np.float32) for v in dense_df[c]]
             else:  # not row-aligned (should not happen: same sort, same filter): join on the keys
@@ -364,10 +388,12 @@ class RunStore:
             cur.close()
         prof = json.loads(out[0][1])
         q, io = prof.get("query", {}), prof.get("io", {})
-        return {"row_groups_scanned": int(q.get("total_row_groups_scanned", -1)),
-                "row_groups_total": int(q.get("total_row_groups_to_scan", -1)),
-                "rows_scanned": int(q.get("total_rows_scanned", -1)),
-                "bytes_read": int(io.get("total_bytes_read", -1))}
+        return {
+            "row_groups_scanned": int(q.get("total_row_groups_scanned", -1)),
+            "row_groups_total": int(q.get("total_row_groups_to_scan", -1)),
+            "rows_scanned": int(q.get("total_rows_scanned", -1)),
+            "bytes_read": int(io.get("total_bytes_read", -1)),
+        }
 
     def coselection(self, layer: str | Sequence[str] | None = None) -> pd.DataFrame:
         """Per layer, E x E counts of experts chosen together for one position (``coselection``; written by
@@ -377,8 +403,9 @@ class RunStore:
         order = [c for c in ("layer", "expert_a", "expert_b") if c in self.columns("coselection")]
         return self.table("coselection", where=None if layer is None else {"layer": layer}, order_by=order)
 
-    def layer_loads(self, layer: str | Sequence[str] | None = None, by: Sequence[str] | str | None = None
-                    ) -> pd.DataFrame:
+    def layer_loads(
+        self, layer: str | Sequence[str] | None = None, by: Sequence[str] | str | None = None
+    ) -> pd.DataFrame:
         """Per (layer, [by...], expert): ``slots`` (count of top-k slots), ``weight`` (summed combine
         weight), ``slot_fraction`` and ``weight_fraction`` (shares within the layer [and by-group]).
         Every expert appears (dead ones with 0). ``by`` may name call / position_kind / routed_modality /
@@ -398,8 +425,10 @@ class RunStore:
         if src == "routing_loads":
             self._check_cols("routing_loads", keys)
             w, args = self._where("routing_loads", {"layer": layers} if layers is not None else None, None)
-            inner = (f"SELECT {', '.join(map(_qi, keys))}, expert, sum(slots) AS slots, sum(weight) AS weight "
-                     f"FROM routing_loads{w} GROUP BY ALL")
+            inner = (
+                f"SELECT {', '.join(map(_qi, keys))}, expert, sum(slots) AS slots, sum(weight) AS weight "
+                f"FROM routing_loads{w} GROUP BY ALL"
+            )
         else:
             cols = self.columns("routing")
             weight_col = "combine" if "combine" in cols else "topk_weights"
@@ -418,8 +447,9 @@ class RunStore:
             FROM ({inner}) ORDER BY {part}, expert"""
         return self._run(sql, args, src)
 
-    def entropy_values(self, layer: str, sample: int | None = 20_000, seed: int = 0,
-                       column: str = "entropy") -> np.ndarray:
+    def entropy_values(
+        self, layer: str, sample: int | None = 20_000, seed: int = 0, column: str = "entropy"
+    ) -> np.ndarray:
         """Token entropies (or ``column="top1_prob"``) of one layer for a histogram: all of them when
         there are at most ``sample``, else a uniform reservoir sample (repeatable for a given seed).
         Served from ``routing_entropy_sample`` when it holds enough rows for the layer."""
@@ -432,8 +462,11 @@ class RunStore:
 
     def _entropy_values(self, layer: str, sample: int | None, seed: int, column: str) -> np.ndarray:
         src = "routing"
-        if sample is not None and self.has("routing_entropy_sample") \
-                and column in self.columns("routing_entropy_sample"):
+        if (
+            sample is not None
+            and self.has("routing_entropy_sample")
+            and column in self.columns("routing_entropy_sample")
+        ):
             n_stored, n_total = self._layer_sample_count(layer)
             if n_stored >= int(sample) or n_stored == n_total:
                 src = "routing_entropy_sample"
@@ -442,19 +475,23 @@ class RunStore:
         if sample is None:
             sql = inner
         else:
-            sql = (f"SELECT v FROM ({inner}) USING SAMPLE reservoir({int(sample)} ROWS) "
-                   f"REPEATABLE ({int(seed)})")
+            sql = f"SELECT v FROM ({inner}) USING SAMPLE reservoir({int(sample)} ROWS) REPEATABLE ({int(seed)})"
         df = self._run(sql, [layer], src)
         return df["v"].to_numpy(dtype=np.float32)
 
     def _layer_sample_count(self, layer: str) -> tuple[int, int]:
         """(rows stored in routing_entropy_sample for the layer, rows the layer has in routing)."""
+
         def counts():
             has_total = "layer_rows" in self.columns("routing_entropy_sample")
             total = "max(layer_rows)" if has_total else "-1"
-            df = self._run(f"SELECT layer, count(*) AS n, {total} AS t FROM routing_entropy_sample GROUP BY layer",
-                           None, "routing_entropy_sample")
+            df = self._run(
+                f"SELECT layer, count(*) AS n, {total} AS t FROM routing_entropy_sample GROUP BY layer",
+                None,
+                "routing_entropy_sample",
+            )
             return {r.layer: (int(r.n), int(r.t)) for r in df.itertuples(index=False)}
+
         return self._cached(("sample_counts",), counts).get(layer, (0, -1))
 
     def examples(self, filters: Mapping[str, Any] | None = None, limit: int | None = None) -> pd.DataFrame:
@@ -471,4 +508,3 @@ class RunStore:
 
     def dynamics(self) -> pd.DataFrame:
         return self.table("dynamics")
-

@@ -17,6 +17,7 @@ writer commits. The layout is recorded in the manifest as ``<name>_layout`` = {"
 "experts": {layer: E}, "dense": "<name>_dense" or null, "dense_dtype"}; the reader and the aggregates take it
 from there.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -48,8 +49,10 @@ def _parquet_options(schema: pa.Schema) -> dict[str, Any]:
     """Dictionary-encode the string columns only (a float column's dictionary never pays off at this
     size) and byte-stream-split the float32/float64 ones (zstd then finds their exponent bytes; DuckDB
     reads that encoding for FLOAT and DOUBLE, not for float16)."""
+
     def value_type(f: pa.Field) -> pa.DataType:
         return f.type.value_type if pa.types.is_list(f.type) else f.type
+
     strings = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_dictionary(f.type)]
     floats = [_leaf(f) for f in schema if value_type(f) in (pa.float32(), pa.float64())]
     return {"use_dictionary": strings, "use_byte_stream_split": floats or False}
@@ -68,8 +71,13 @@ class _Stream:
     def write(self, table: pa.Table) -> None:
         if self.schema is None:
             self.schema = table.schema
-            self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd",
-                                           compression_level=self.level, **_parquet_options(self.schema))
+            self.writer = pq.ParquetWriter(
+                self.path,
+                self.schema,
+                compression="zstd",
+                compression_level=self.level,
+                **_parquet_options(self.schema),
+            )
         elif not table.schema.equals(self.schema):
             table = table.cast(self.schema)
         self.buf.append(table)
@@ -112,9 +120,16 @@ class RoutingSink:
     Each chunk is typed and sorted; append chunks in increasing ``example_index`` order.
     """
 
-    def __init__(self, writer, name: str = "routing", layout: str = "auto", dense: bool = True,
-                 check: bool = True, row_group_size: int = SPLIT_ROW_GROUP_SIZE,
-                 dense_row_group_size: int = DENSE_ROW_GROUP_SIZE):
+    def __init__(
+        self,
+        writer,
+        name: str = "routing",
+        layout: str = "auto",
+        dense: bool = True,
+        check: bool = True,
+        row_group_size: int = SPLIT_ROW_GROUP_SIZE,
+        dense_row_group_size: int = DENSE_ROW_GROUP_SIZE,
+    ):
         if layout not in ("auto", *LAYOUTS):
             raise ValueError(f"layout must be 'auto', 'wide' or 'split', got {layout!r}")
         if not (name == "routing" or name.endswith("_routing")):
@@ -153,24 +168,36 @@ class RoutingSink:
         if "example_index" in table.column_names:
             first, last = table["example_index"][0].as_py(), table["example_index"][-1].as_py()
             if self._last_example is not None and first < self._last_example:
-                raise ValueError(f"{self.name}: chunks must come in increasing example_index order "
-                                 f"(got {first} after {self._last_example}): one example must stay a small read")
+                raise ValueError(
+                    f"{self.name}: chunks must come in increasing example_index order "
+                    f"(got {first} after {self._last_example}): one example must stay a small read"
+                )
             self._last_example = last
         main, dense = split_routing(table, check=self.check)
         if self._main is None:
             self._main = _Stream(self.writer.file_path(f"{self.name}.parquet"), self.row_group_size)
             if self.dense and any(c in dense.column_names for c in DENSE_TYPES):
-                self._side = _Stream(self.writer.file_path(f"{dense_table_name(self.name)}.parquet"),
-                                     self.dense_row_group_size, compression_level=1)
+                self._side = _Stream(
+                    self.writer.file_path(f"{dense_table_name(self.name)}.parquet"),
+                    self.dense_row_group_size,
+                    compression_level=1,
+                )
         self._main.write(main)
         if self._side is not None:
             self._side.write(dense)
 
     def _record(self) -> None:
         dense = dense_table_name(self.name) if self.layout == "split" and self._side is not None else None
-        self.writer.update_manifest(**{layout_manifest_key(self.name): {
-            "layout": self.layout, "experts": dict(sorted(self.experts.items())), "dense": dense,
-            "dense_dtype": "float16" if dense else None}})
+        self.writer.update_manifest(
+            **{
+                layout_manifest_key(self.name): {
+                    "layout": self.layout,
+                    "experts": dict(sorted(self.experts.items())),
+                    "dense": dense,
+                    "dense_dtype": "float16" if dense else None,
+                }
+            }
+        )
 
     def close(self) -> int:
         """Finish the table(s); returns the rows written. (A wide table would also be finished by the
@@ -203,8 +230,9 @@ class RoutingSink:
         return False
 
 
-def write_routing(writer, data: Any, name: str = "routing", layout: str = "auto", dense: bool = True,
-                  **split_options: Any) -> int:
+def write_routing(
+    writer, data: Any, name: str = "routing", layout: str = "auto", dense: bool = True, **split_options: Any
+) -> int:
     """Write a whole routing table (sorted, typed) in the chosen layout; returns its row count.
     The "wide" layout is exactly ``writer.write_table(name, data)``; ``split_options`` go to
     :class:`RoutingSink` (``check``, ``row_group_size``, ``dense_row_group_size``)."""
@@ -212,8 +240,16 @@ def write_routing(writer, data: Any, name: str = "routing", layout: str = "auto"
     experts = experts_per_layer(table)
     if layout == "wide" or (layout == "auto" and choose_layout(experts) == "wide"):
         n = writer.write_table(name, table)
-        writer.update_manifest(**{layout_manifest_key(name): {
-            "layout": "wide", "experts": dict(sorted(experts.items())), "dense": None, "dense_dtype": None}})
+        writer.update_manifest(
+            **{
+                layout_manifest_key(name): {
+                    "layout": "wide",
+                    "experts": dict(sorted(experts.items())),
+                    "dense": None,
+                    "dense_dtype": None,
+                }
+            }
+        )
         return n
     with RoutingSink(writer, name, layout="split", dense=dense, **split_options) as sink:
         sink.append(table)

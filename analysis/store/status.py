@@ -13,6 +13,7 @@ Manifest keys read here: ``status``, ``files``, ``store_format``, ``spec``, ``ch
 render costs a ``stat``; dataset hashes (a walk over the tree) are reused for :data:`DATASET_HASH_TTL_S`
 seconds by the status check (not by :func:`needs_rebuild`, which always hashes afresh).
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,25 +49,35 @@ def code_version() -> str:
     commit part is left out.
     """
     from mmoe_core import __version__ as version  # one version for the whole project
+
     version = str(version or "0.0.0")
     repo = Path(__file__).resolve().parents[2]
     try:
-        r = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                           text=True, timeout=5)
+        r = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         if r.returncode != 0 or not r.stdout.strip():
             return version
         sha = r.stdout.strip()
-        d = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, timeout=5)
+        d = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         dirty = ".dirty" if d.returncode == 0 and d.stdout.strip() else ""
         return f"{version}+g{sha}{dirty}"
     except (OSError, subprocess.SubprocessError):
         return version
 
 
-def inputs_manifest(checkpoint_dir: str | os.PathLike | None, data_dir: str | os.PathLike | None,
-                    params: Mapping[str, Any] | None = None, spec: ModelSpec | Mapping[str, Any] | None = None,
-                    **extra: Any) -> dict:
+def inputs_manifest(
+    checkpoint_dir: str | os.PathLike | None,
+    data_dir: str | os.PathLike | None,
+    params: Mapping[str, Any] | None = None,
+    spec: ModelSpec | Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> dict:
     """Build ``manifest_base`` for :class:`RunWriter` with the keys staleness checks read:
     ``checkpoint``, ``checkpoint_hash``, ``dataset``, ``dataset_hash``, ``params``, ``spec`` (the model's
     declaration, ``ModelSpec.to_dict()``) (+ ``extra``)."""
@@ -94,24 +105,31 @@ def _hash_or_none(fn, path) -> str | None:
         return None
 
 
-def check_inputs_unchanged(base: Mapping[str, Any], checkpoint_dir: str | os.PathLike | None,
-                           data_dir: str | os.PathLike | None) -> None:
+def check_inputs_unchanged(
+    base: Mapping[str, Any], checkpoint_dir: str | os.PathLike | None, data_dir: str | os.PathLike | None
+) -> None:
     """Hash the inputs again and compare with the hashes ``base`` (:func:`inputs_manifest`, taken before
     the run) recorded; :class:`InputsChanged` naming what changed, so that a run built from a mix of old
     and new files is never published as if it were built from either."""
     changed = []
-    for label, path, key, fn in (("checkpoint", checkpoint_dir, "checkpoint_hash", checkpoint_hash),
-                                 ("dataset", data_dir, "dataset_hash", dataset_hash)):
+    for label, path, key, fn in (
+        ("checkpoint", checkpoint_dir, "checkpoint_hash", checkpoint_hash),
+        ("dataset", data_dir, "dataset_hash", dataset_hash),
+    ):
         if path is None or not base.get(key):
             continue
         now = _hash_or_none(fn, path)
         if now != base[key]:
-            changed.append(f"the {label} {path} (hash {_short(base[key])} when the run started, "
-                           f"{_short(now) if now else 'gone'} at its end)")
+            changed.append(
+                f"the {label} {path} (hash {_short(base[key])} when the run started, "
+                f"{_short(now) if now else 'gone'} at its end)"
+            )
     if changed:
-        raise InputsChanged(f"{' and '.join(changed)} changed while the precompute read it; the run was not "
-                            "published and the previous version is kept. Run the precompute again once the files "
-                            "are settled")
+        raise InputsChanged(
+            f"{' and '.join(changed)} changed while the precompute read it; the run was not "
+            "published and the previous version is kept. Run the precompute again once the files "
+            "are settled"
+        )
 
 
 def _norm_params(params: Mapping[str, Any] | None) -> dict:
@@ -121,7 +139,6 @@ def _norm_params(params: Mapping[str, Any] | None) -> dict:
     norm = json.loads(json.dumps(dict(params), sort_keys=True, default=_json_default))
     norm.pop("code_version", None)
     return norm
-
 
 
 def read_spec(manifest: Mapping[str, Any] | None) -> ModelSpec:
@@ -153,6 +170,7 @@ def _format_problem(m: Mapping[str, Any]) -> str | None:
 class RunStatus:
     """``state`` is one of "missing", "partial", "stale", "ready"; ``message`` says why (with the rebuild
     command when a rebuild is needed); ``manifest`` is the parsed manifest (None when unreadable)."""
+
     state: str
     message: str
     manifest: dict | None = field(default=None, repr=False)
@@ -211,8 +229,9 @@ def _short(h: str | None) -> str:
     return (h or "none")[:12]
 
 
-def _status_of_dir(run: str, run_dir: Path, root: Path, checkpoint_dir=None, dataset_dir=None,
-                   verify: bool = False) -> RunStatus:
+def _status_of_dir(
+    run: str, run_dir: Path, root: Path, checkpoint_dir=None, dataset_dir=None, verify: bool = False
+) -> RunStatus:
     cmd = rebuild_command(run)
     if not run_dir.is_dir():
         return RunStatus("missing", f"run {run!r} has not been built; build it with: {cmd}")
@@ -222,8 +241,7 @@ def _status_of_dir(run: str, run_dir: Path, root: Path, checkpoint_dir=None, dat
             return RunStatus("missing", f"run {run!r} has no {MANIFEST}; build it with: {cmd}")
         return RunStatus("partial", f"run {run!r}: {MANIFEST} is {err}; rebuild with: {cmd}")
     if m.get("status") != "complete":
-        return RunStatus("partial", f"run {run!r} is incomplete (status {m.get('status')!r}); "
-                                    f"rebuild with: {cmd}", m)
+        return RunStatus("partial", f"run {run!r} is incomplete (status {m.get('status')!r}); rebuild with: {cmd}", m)
     files = m.get("files")
     if not isinstance(files, dict):
         return RunStatus("partial", f"run {run!r}: manifest lists no files; rebuild with: {cmd}", m)
@@ -254,16 +272,16 @@ def _status_of_dir(run: str, run_dir: Path, root: Path, checkpoint_dir=None, dat
             notes.append(f"checkpoint {ck} not found, freshness not verified")
         else:
             if now != m["checkpoint_hash"]:
-                changes.append(f"checkpoint {ck} changed (now {_short(now)}, run built from "
-                               f"{_short(m['checkpoint_hash'])})")
+                changes.append(
+                    f"checkpoint {ck} changed (now {_short(now)}, run built from {_short(m['checkpoint_hash'])})"
+                )
     ds = dataset_dir if dataset_dir is not None else m.get("dataset")
     if ds is not None and m.get("dataset_hash"):
         dsp = _resolve_input_path(ds, root)
         if dsp.exists():
             now = _dataset_hash_memo(dsp)
             if now != m["dataset_hash"]:
-                changes.append(f"dataset {ds} changed (now {_short(now)}, run built from "
-                               f"{_short(m['dataset_hash'])})")
+                changes.append(f"dataset {ds} changed (now {_short(now)}, run built from {_short(m['dataset_hash'])})")
         else:
             notes.append(f"dataset {ds} not found, freshness not verified")
     if changes:
@@ -274,8 +292,13 @@ def _status_of_dir(run: str, run_dir: Path, root: Path, checkpoint_dir=None, dat
     return RunStatus("ready", msg, m)
 
 
-def run_status(run: str, root: str | os.PathLike | None = None, checkpoint_dir: str | os.PathLike | None = None,
-               dataset_dir: str | os.PathLike | None = None, verify: bool = False) -> RunStatus:
+def run_status(
+    run: str,
+    root: str | os.PathLike | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    dataset_dir: str | os.PathLike | None = None,
+    verify: bool = False,
+) -> RunStatus:
     """State of a published run: missing / partial / stale / ready (see module docstring).
 
     ``checkpoint_dir`` / ``dataset_dir`` override the paths recorded in the manifest;
@@ -304,8 +327,13 @@ def list_runs(root: str | os.PathLike | None = None) -> list[str]:
     return sorted(out)
 
 
-def rebuild_reasons(run: str, checkpoint_dir: str | os.PathLike | None, data_dir: str | os.PathLike | None,
-                    params: Mapping[str, Any] | None, root: str | os.PathLike | None = None) -> list[str]:
+def rebuild_reasons(
+    run: str,
+    checkpoint_dir: str | os.PathLike | None,
+    data_dir: str | os.PathLike | None,
+    params: Mapping[str, Any] | None,
+    root: str | os.PathLike | None = None,
+) -> list[str]:
     """Why ``run`` must be (re)built from these inputs; empty when the published run is up to date."""
     st = run_status(run, root, checkpoint_dir=checkpoint_dir, dataset_dir=data_dir)
     if st.state != "ready":
@@ -325,9 +353,13 @@ def rebuild_reasons(run: str, checkpoint_dir: str | os.PathLike | None, data_dir
     return reasons
 
 
-def needs_rebuild(run: str, checkpoint_dir: str | os.PathLike | None, data_dir: str | os.PathLike | None,
-                  params: Mapping[str, Any] | None, root: str | os.PathLike | None = None) -> bool:
+def needs_rebuild(
+    run: str,
+    checkpoint_dir: str | os.PathLike | None,
+    data_dir: str | os.PathLike | None,
+    params: Mapping[str, Any] | None,
+    root: str | os.PathLike | None = None,
+) -> bool:
     """False when a ready run exists built from the same checkpoint hash, dataset hash and params
     (``code_version`` is ignored), so re-running the precompute with unchanged inputs does nothing."""
     return bool(rebuild_reasons(run, checkpoint_dir, data_dir, params, root))
-

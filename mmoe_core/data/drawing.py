@@ -11,9 +11,10 @@ which gives clean anti-aliased edges at 64x64 px.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -78,8 +79,10 @@ class Corruption:
 
 def _regular_polygon(cx: float, cy: float, r: float, sides: int, start_deg: float) -> list[tuple[float, float]]:
     return [
-        (cx + r * math.cos(math.radians(start_deg + 360.0 * i / sides)),
-         cy + r * math.sin(math.radians(start_deg + 360.0 * i / sides)))
+        (
+            cx + r * math.cos(math.radians(start_deg + 360.0 * i / sides)),
+            cy + r * math.sin(math.radians(start_deg + 360.0 * i / sides)),
+        )
         for i in range(sides)
     ]
 
@@ -95,9 +98,20 @@ def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
 
 def _cross(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     a = r * 0.36  # half width of each bar
-    return [(cx - a, cy - r), (cx + a, cy - r), (cx + a, cy - a), (cx + r, cy - a), (cx + r, cy + a),
-            (cx + a, cy + a), (cx + a, cy + r), (cx - a, cy + r), (cx - a, cy + a), (cx - r, cy + a),
-            (cx - r, cy - a), (cx - a, cy - a)]
+    return [
+        (cx - a, cy - r),
+        (cx + a, cy - r),
+        (cx + a, cy - a),
+        (cx + r, cy - a),
+        (cx + r, cy + a),
+        (cx + a, cy + a),
+        (cx + a, cy + r),
+        (cx - a, cy + r),
+        (cx - a, cy + a),
+        (cx - r, cy + a),
+        (cx - r, cy - a),
+        (cx - a, cy - a),
+    ]
 
 
 def shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> Image.Image:
@@ -266,8 +280,9 @@ def random_pose(rng: np.random.Generator, shift: float, scale: tuple[float, floa
     )
 
 
-def random_corruption(rng: np.random.Generator, max_noise: float, occlusion_prob: float, max_box: int,
-                      size: int = IMAGE_SIZE) -> Corruption:
+def random_corruption(
+    rng: np.random.Generator, max_noise: float, occlusion_prob: float, max_box: int, size: int = IMAGE_SIZE
+) -> Corruption:
     """Noise std in [0, max_noise]; with ``occlusion_prob`` a grey box of side <= ``max_box`` px somewhere."""
     noise = float(rng.uniform(0.0, max_noise))
     occluder = None
@@ -289,8 +304,9 @@ def save_jpeg(picture: Image.Image, path: Path) -> None:
     picture.save(path, format="JPEG", quality=95, subsampling=0, optimize=False, progressive=False)
 
 
-def write_pictures(jobs: Sequence[Job], write_one: Callable[[Job], None], *, desc: str = "pictures",
-                   progress: bool = True) -> None:
+def write_pictures(
+    jobs: Sequence[Job], write_one: Callable[[Job], None], *, desc: str = "pictures", progress: bool = True
+) -> None:
     """Run ``write_one(job)`` for every job (each draws and saves one picture) under a progress bar on stderr.
 
     Each picture depends only on its job (its random generator is seeded from the job), never on the order.

@@ -199,10 +199,17 @@ def build_group(name: str, size: int, qids: list[str], rng: np.random.Generator)
             "pattern": ENTITY_PATTERNS[int(rng.integers(len(ENTITY_PATTERNS)))],
             "background": ENTITY_BACKGROUNDS[int(rng.integers(len(ENTITY_BACKGROUNDS)))],
         }
-        entities.append(EntitySpec(
-            qid=qids[m], name=name, type=types[m], attributes=attributes, visual=visual,
-            desc=describe(name, types[m], attributes, visual), n_images=int(rng.integers(1, 4)),
-        ))
+        entities.append(
+            EntitySpec(
+                qid=qids[m],
+                name=name,
+                type=types[m],
+                attributes=attributes,
+                visual=visual,
+                desc=describe(name, types[m], attributes, visual),
+                n_images=int(rng.integers(1, 4)),
+            )
+        )
     return entities
 
 
@@ -220,7 +227,7 @@ def build_entities(scale: EntityScale, rng: np.random.Generator) -> list[EntityS
     qids = unique_qids(scale.entities, rng)
     entities: list[EntitySpec] = []
     for name, size in zip(names, sizes):
-        entities += build_group(name, size, qids[len(entities): len(entities) + size], rng)
+        entities += build_group(name, size, qids[len(entities) : len(entities) + size], rng)
     return entities
 
 
@@ -238,8 +245,9 @@ def _fill(template: str, name: str, value: str = "") -> str:
     return template.format(name=name, v=value, a_v=with_article(value) if value else "")
 
 
-def mention_sentence(label: str, entity: EntitySpec, group: list[EntitySpec], rng: np.random.Generator
-                     ) -> tuple[str, dict[str, str]]:
+def mention_sentence(
+    label: str, entity: EntitySpec, group: list[EntitySpec], rng: np.random.Generator
+) -> tuple[str, dict[str, str]]:
     """A sentence for ``entity`` whose textual content makes ``label`` true; returns it with the stated attributes."""
     if label == "text":
         key = str(rng.choice(sorted(ENTITY_TYPES[entity.type].keys)))
@@ -285,14 +293,23 @@ def build_mentions(entities: list[EntitySpec], scale: EntityScale, rng: np.rando
     for gold_index, (label, has_image) in zip(golds, mention_labels(n_linked, rng)):
         entity = entities[int(gold_index)]
         sentence, stated = mention_sentence(label, entity, groups[entity.name], rng)
-        drafts.append(MentionSpec(id="", name=entity.name, split="", sentence=sentence, gold=entity.qid,
-                                  decisive=label, stated=stated, has_image=has_image))
+        drafts.append(
+            MentionSpec(
+                id="",
+                name=entity.name,
+                split="",
+                sentence=sentence,
+                gold=entity.qid,
+                decisive=label,
+                stated=stated,
+                has_image=has_image,
+            )
+        )
     group_names = sorted(groups)
     for _ in range(n_nil):
         name = group_names[int(rng.integers(len(group_names)))]
         template = NIL_TEMPLATES[int(rng.integers(len(NIL_TEMPLATES)))]
-        drafts.append(MentionSpec(id="", name=name, split="", sentence=_fill(template, name), gold=None,
-                                  decisive=None))
+        drafts.append(MentionSpec(id="", name=name, split="", sentence=_fill(template, name), gold=None, decisive=None))
 
     splits = stratified_splits([(d.decisive, d.has_image) for d in drafts], rng)
     order = rng.permutation(len(drafts))
@@ -327,8 +344,13 @@ def entity_picture(entity: EntitySpec, seed: int, entity_index: int, k: int) -> 
     """The k-th KB picture of an entity: the first one canonical, others slightly moved."""
     rng = np.random.default_rng([seed, _STREAM_ENTITY_PICTURE, entity_index, k])
     pose = drawing.Pose() if k == 0 else drawing.random_pose(rng, shift=3, scale=(0.9, 1.05), angle=10)
-    return drawing.draw_picture(entity.visual["shape"], entity.visual["colour"], entity.visual["pattern"],
-                                drawing.BACKGROUNDS[entity.visual["background"]], pose)
+    return drawing.draw_picture(
+        entity.visual["shape"],
+        entity.visual["colour"],
+        entity.visual["pattern"],
+        drawing.BACKGROUNDS[entity.visual["background"]],
+        pose,
+    )
 
 
 def mention_picture(entity: EntitySpec, seed: int, mention_index: int) -> Image.Image:
@@ -336,8 +358,15 @@ def mention_picture(entity: EntitySpec, seed: int, mention_index: int) -> Image.
     rng = np.random.default_rng([seed, _STREAM_MENTION_PICTURE, mention_index])
     pose = drawing.random_pose(rng, shift=7, scale=(0.75, 1.05), angle=30)
     corruption = drawing.random_corruption(rng, max_noise=10, occlusion_prob=0.4, max_box=16)
-    return drawing.draw_picture(entity.visual["shape"], entity.visual["colour"], entity.visual["pattern"],
-                                drawing.BACKGROUNDS[entity.visual["background"]], pose, corruption, rng)
+    return drawing.draw_picture(
+        entity.visual["shape"],
+        entity.visual["colour"],
+        entity.visual["pattern"],
+        drawing.BACKGROUNDS[entity.visual["background"]],
+        pose,
+        corruption,
+        rng,
+    )
 
 
 def entity_image_names(entity: EntitySpec) -> list[str]:
@@ -355,8 +384,10 @@ def _write_json(path: Path, obj: object, indent: int | None = None) -> None:
 
 
 def kb_records(entities: list[EntitySpec]) -> list[dict]:
-    return [{"id": e.qid, "type": "entity", "entity_name": e.name, "desc": e.desc,
-             "image_list": entity_image_names(e)} for e in entities]
+    return [
+        {"id": e.qid, "type": "entity", "entity_name": e.name, "desc": e.desc, "image_list": entity_image_names(e)}
+        for e in entities
+    ]
 
 
 def mention_record(m: MentionSpec, by_qid: dict[str, EntitySpec]) -> dict:
@@ -414,8 +445,16 @@ def ground_truth(world: EntityWorld) -> dict:
         },
         "text_vocabulary": sorted(text_vocabulary()),
         "visual_vocabulary": sorted(visual_vocabulary()),
-        "entities": {e.qid: {"name": e.name, "type": e.type, "attributes": e.attributes,
-                             "phrases": sorted(e.phrases), "visual": e.visual} for e in world.entities},
+        "entities": {
+            e.qid: {
+                "name": e.name,
+                "type": e.type,
+                "attributes": e.attributes,
+                "phrases": sorted(e.phrases),
+                "visual": e.visual,
+            }
+            for e in world.entities
+        },
         "mentions": mentions,
     }
 
@@ -455,12 +494,16 @@ def write_picture(job: PictureJob) -> None:
 
 def picture_jobs(world: EntityWorld, directory: Path) -> list[PictureJob]:
     by_qid = {e.qid: e for e in world.entities}
-    jobs = [PictureJob(entity, world.seed, index, k, directory / "kb_image" / file_name)
-            for index, entity in enumerate(world.entities)
-            for k, file_name in enumerate(entity_image_names(entity))]
-    jobs += [PictureJob(by_qid[m.gold], world.seed, int(m.id[1:]), None,
-                        directory / "mention_image" / mention_image_name(m))
-             for m in world.mentions if m.has_image]
+    jobs = [
+        PictureJob(entity, world.seed, index, k, directory / "kb_image" / file_name)
+        for index, entity in enumerate(world.entities)
+        for k, file_name in enumerate(entity_image_names(entity))
+    ]
+    jobs += [
+        PictureJob(by_qid[m.gold], world.seed, int(m.id[1:]), None, directory / "mention_image" / mention_image_name(m))
+        for m in world.mentions
+        if m.has_image
+    ]
     return jobs
 
 
@@ -468,8 +511,9 @@ def write_entity_world(world: EntityWorld, directory: Path, progress: bool = Tru
     """Write the world into an existing empty ``directory`` in the MIMIC / MEL-MMoE layout."""
     (directory / "kb_image").mkdir()
     (directory / "mention_image").mkdir()
-    drawing.write_pictures(picture_jobs(world, directory), write_picture, desc="entity world pictures",
-                           progress=progress)
+    drawing.write_pictures(
+        picture_jobs(world, directory), write_picture, desc="entity world pictures", progress=progress
+    )
     by_qid = {e.qid: e for e in world.entities}
     _write_json(directory / "kb_entity.json", kb_records(world.entities))
     # One line (the published loader reads only the first), mapping each QID to its row in the id-sorted KB.
@@ -478,13 +522,19 @@ def write_entity_world(world: EntityWorld, directory: Path, progress: bool = Tru
         records = [mention_record(m, by_qid) for m in world.mentions if m.split == split]
         _write_json(directory / f"{DATASET_NAME}_{split}.json", records)
     _write_json(directory / "ground_truth.json", ground_truth(world))
-    _write_json(directory / "world.json", {
-        "world": "entity",
-        "dataset_name": DATASET_NAME,
-        "seed": world.seed,
-        "scale": world.scale,
-        "generator_version": GENERATOR_VERSION,
-        "counts": world_counts(world),
-        "notes": ("Mention 'desc' is the gold entity's description, as in the MEL-MMoE release of WikiMEL; "
-                  "a model that reads it sees the answer, so decisive labels hold for mention sentence + image."),
-    }, indent=1)
+    _write_json(
+        directory / "world.json",
+        {
+            "world": "entity",
+            "dataset_name": DATASET_NAME,
+            "seed": world.seed,
+            "scale": world.scale,
+            "generator_version": GENERATOR_VERSION,
+            "counts": world_counts(world),
+            "notes": (
+                "Mention 'desc' is the gold entity's description, as in the MEL-MMoE release of WikiMEL; "
+                "a model that reads it sees the answer, so decisive labels hold for mention sentence + image."
+            ),
+        },
+        indent=1,
+    )

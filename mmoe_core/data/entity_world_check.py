@@ -34,8 +34,15 @@ def decisive_label(text_cands: set[str], group: set[str]) -> str:
     return "image"
 
 
-def _check_mention(record: dict, gt: dict, groups: dict[str, set[str]], entities_gt: dict, directory: Path,
-                   text_vocab: set[str], visual_vocab: set[str]) -> list[str]:
+def _check_mention(
+    record: dict,
+    gt: dict,
+    groups: dict[str, set[str]],
+    entities_gt: dict,
+    directory: Path,
+    text_vocab: set[str],
+    visual_vocab: set[str],
+) -> list[str]:
     where = f"mention {record['id']}"
     tokens = set(words(record["sentence"]))
     if record["answer"] == "nil":

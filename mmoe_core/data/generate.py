@@ -25,8 +25,8 @@ import argparse
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .entity_world import build_entity_world, check_entity_world, write_entity_world
 from .qa_world import build_qa_world, check_qa_world, write_qa_world
@@ -93,16 +93,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", choices=("entity", "qa"), required=True, help="which demo world to write")
     parser.add_argument("--out", required=True, type=Path, help="output folder (replaced if it holds a previous world)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
-    parser.add_argument("--scale", choices=SCALE_NAMES, default="default",
-                        help="'default' for the demo, 'tiny' for tests (default: default)")
+    parser.add_argument(
+        "--scale",
+        choices=SCALE_NAMES,
+        default="default",
+        help="'default' for the demo, 'tiny' for tests (default: default)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
     generate = generate_entity_world if args.world == "entity" else generate_qa_world
     started = time.perf_counter()
     out = generate(args.out, seed=args.seed, scale=args.scale, progress=not args.quiet)
-    print(f"wrote {args.world} world (seed {args.seed}, scale {args.scale}) to {out} "
-          f"in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    print(
+        f"wrote {args.world} world (seed {args.seed}, scale {args.scale}) to {out} "
+        f"in {time.perf_counter() - started:.1f} s",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -15,6 +15,7 @@ Every refusal is a :class:`~mmoe_core.data.errors.DatasetError` naming the file 
 The upload limits of the live playground (``analysis.live.uploads``) import :data:`MAX_IMAGE_PIXELS` and
 :func:`sniff_image_type` from here.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,16 +24,23 @@ from pathlib import Path, PurePosixPath
 
 from mmoe_core.data.errors import DatasetError
 
-__all__ = ["MAX_IMAGE_PIXELS", "MAX_IMAGE_FILE_BYTES", "IMAGE_FORMATS", "sniff_image_type", "safe_relative_path",
-           "check_image_file", "open_image_checked"]
+__all__ = [
+    "MAX_IMAGE_PIXELS",
+    "MAX_IMAGE_FILE_BYTES",
+    "IMAGE_FORMATS",
+    "sniff_image_type",
+    "safe_relative_path",
+    "check_image_file",
+    "open_image_checked",
+]
 
-MAX_IMAGE_PIXELS = 25_000_000            # 25 megapixels: uploads and dataset pictures alike
+MAX_IMAGE_PIXELS = 25_000_000  # 25 megapixels: uploads and dataset pictures alike
 MAX_IMAGE_FILE_BYTES = 50 * 1024 * 1024  # a dataset picture on disk (an upload has its own, smaller cap)
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
 def sniff_image_type(data: bytes) -> str | None:
-    """"PNG" / "JPEG" / "WEBP" from the file's first bytes (never from its name), else None."""
+    """ "PNG" / "JPEG" / "WEBP" from the file's first bytes (never from its name), else None."""
     head = bytes(data[:16])
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "PNG"
@@ -58,8 +66,14 @@ def safe_relative_path(root: str | os.PathLike, value: str, subdir: str = "") ->
     root = Path(root)
     rel = PurePosixPath(str(value).replace("\\", "/"))
     parts = rel.parts
-    if (not parts or rel.is_absolute() or str(value).startswith(("/", "~")) or ".." in parts
-            or ":" in parts[0] or "\x00" in str(value)):
+    if (
+        not parts
+        or rel.is_absolute()
+        or str(value).startswith(("/", "~"))
+        or ".." in parts
+        or ":" in parts[0]
+        or "\x00" in str(value)
+    ):
         raise DatasetError(f"{value!r} must be a relative path inside the dataset folder (no '..', not absolute)")
     full = root / subdir / Path(*parts)
     # Symbolic links: the folder a picture's first component names may be one (the owner's layout: a picture
@@ -71,11 +85,16 @@ def safe_relative_path(root: str | os.PathLike, value: str, subdir: str = "") ->
     return full
 
 
-def check_image_file(path: str | os.PathLike, root: str | os.PathLike | None = None,
-                     max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_IMAGE_FILE_BYTES) -> tuple[str, int, int]:
+def check_image_file(
+    path: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    max_bytes: int = MAX_IMAGE_FILE_BYTES,
+) -> tuple[str, int, int]:
     """(format, width, height) of a picture file after the cheap checks (size on disk, type by magic
     bytes, pixel count from the header; nothing is decoded). DatasetError naming the file otherwise."""
     from PIL import Image, UnidentifiedImageError
+
     path = Path(path)
     root = Path(root) if root is not None else None
     name = _shown(path, root)
@@ -93,26 +112,36 @@ def check_image_file(path: str | os.PathLike, root: str | os.PathLike | None = N
         raise DatasetError(f"{name} is {size / 1e6:.1f} MB; a picture may have at most {max_bytes / 1e6:.0f} MB")
     kind = sniff_image_type(head)
     if kind is None:
-        raise DatasetError(f"{name} is not a PNG, JPEG or WebP picture (its first bytes say otherwise, whatever "
-                           "its name); convert it to one of these formats")
+        raise DatasetError(
+            f"{name} is not a PNG, JPEG or WebP picture (its first bytes say otherwise, whatever "
+            "its name); convert it to one of these formats"
+        )
     try:
         with Image.open(path, formats=[kind]) as img:  # lazy: the header only
             width, height = img.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DatasetError(f"{name} looks like a {kind} file but its header cannot be read ({exc})") from None
     if width <= 0 or height <= 0 or width * height > max_pixels:
-        raise DatasetError(f"{name} is {width} x {height} = {width * height / 1e6:.1f} megapixels; the limit is "
-                           f"{max_pixels / 1e6:g} megapixels (a decompression-bomb guard): shrink the picture")
+        raise DatasetError(
+            f"{name} is {width} x {height} = {width * height / 1e6:.1f} megapixels; the limit is "
+            f"{max_pixels / 1e6:g} megapixels (a decompression-bomb guard): shrink the picture"
+        )
     return kind, width, height
 
 
-def open_image_checked(path: str | os.PathLike, root: str | os.PathLike | None = None, *,
-                       max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_IMAGE_FILE_BYTES,
-                       convert: bool = True):
+def open_image_checked(
+    path: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    max_bytes: int = MAX_IMAGE_FILE_BYTES,
+    convert: bool = True,
+):
     """Open a picture file after :func:`check_image_file`, fully decoded; RGB unless ``convert`` is False
     (then in its own mode, for a caller with its own conversion). ``root``: the dataset folder the file
     must lie in. DatasetError naming the file for anything refused or damaged."""
     from PIL import Image
+
     kind, _, _ = check_image_file(path, root, max_pixels, max_bytes)
     name = _shown(Path(path), Path(root) if root is not None else None)
     with warnings.catch_warnings():

@@ -73,83 +73,177 @@ class QuestionType:
 
 
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
-SHAPE_DRAWN_AS = {"round": "circle", "square": "square", "triangular": "triangle", "hexagonal": "hexagon",
-                  "diamond": "diamond"}
+SHAPE_DRAWN_AS = {
+    "round": "circle",
+    "square": "square",
+    "triangular": "triangle",
+    "hexagonal": "hexagon",
+    "diamond": "diamond",
+}
 
 _VISUAL = [
-    QuestionType("colour", "visual", COLOURS,
-                 ("What colour is the {cat}?", "Which colour does this {cat} have?",
-                  "What is the main colour of this {cat}?"),
-                 ("The {cat} comes in {v} colour.", "Its main colour is {v}."), cue="colour"),
-    QuestionType("trim_colour", "visual", COLOURS,
-                 ("What colour is the edging of the {cat}?", "Which colour is the border on this {cat}?"),
-                 ("It has {v} trim.", "The trim is {v}."), cue="trim"),
-    QuestionType("pattern", "visual", drawing.PATTERNS,
-                 ("What pattern does the {cat} have?", "Which pattern is printed on this {cat}?"),
-                 ("It has a {v} pattern.", "The pattern is {v}."), cue="pattern"),
-    QuestionType("shape", "visual", tuple(SHAPE_DRAWN_AS),
-                 ("What shape is the {cat}?", "Which outline does this {cat} have?"),
-                 ("It has a {v} shape.", "The {cat} is {v} in shape."), cue="shape"),
-    QuestionType("finish", "visual", drawing.FINISHES,
-                 ("What finish does the {cat} have?", "Is this {cat} matte, glossy or metallic?"),
-                 ("It has a {v} finish.", "The finish is {v}."), cue="finish"),
+    QuestionType(
+        "colour",
+        "visual",
+        COLOURS,
+        ("What colour is the {cat}?", "Which colour does this {cat} have?", "What is the main colour of this {cat}?"),
+        ("The {cat} comes in {v} colour.", "Its main colour is {v}."),
+        cue="colour",
+    ),
+    QuestionType(
+        "trim_colour",
+        "visual",
+        COLOURS,
+        ("What colour is the edging of the {cat}?", "Which colour is the border on this {cat}?"),
+        ("It has {v} trim.", "The trim is {v}."),
+        cue="trim",
+    ),
+    QuestionType(
+        "pattern",
+        "visual",
+        drawing.PATTERNS,
+        ("What pattern does the {cat} have?", "Which pattern is printed on this {cat}?"),
+        ("It has a {v} pattern.", "The pattern is {v}."),
+        cue="pattern",
+    ),
+    QuestionType(
+        "shape",
+        "visual",
+        tuple(SHAPE_DRAWN_AS),
+        ("What shape is the {cat}?", "Which outline does this {cat} have?"),
+        ("It has a {v} shape.", "The {cat} is {v} in shape."),
+        cue="shape",
+    ),
+    QuestionType(
+        "finish",
+        "visual",
+        drawing.FINISHES,
+        ("What finish does the {cat} have?", "Is this {cat} matte, glossy or metallic?"),
+        ("It has a {v} finish.", "The finish is {v}."),
+        cue="finish",
+    ),
 ]
 
 _TEXTUAL = [
-    QuestionType("material", "textual",
-                 ("leather", "cotton", "wool", "steel", "plastic", "wood", "glass", "ceramic", "bamboo", "linen"),
-                 ("What is the {cat} made of?", "Which material is this {cat} made from?"),
-                 ("It is made of {v}.", "Material: {v}.")),
-    QuestionType("brand", "textual",
-                 ("Norvik", "Altura", "Lumo", "Tessa", "Vantor", "Oakline", "Brisa", "Zephra", "Marlo", "Quill"),
-                 ("Which brand makes this {cat}?", "What brand is the {cat}?"),
-                 ("Made by {v}.", "Brand: {v}.")),
-    QuestionType("size", "textual", ("small", "medium", "large", "extra large"),
-                 ("What size is the {cat}?", "Which size is this {cat}?"),
-                 ("Size: {v}.", "It comes in size {v}.")),
-    QuestionType("country_of_origin", "textual",
-                 ("Italy", "Japan", "Germany", "Portugal", "Mexico", "Vietnam", "Canada", "Sweden"),
-                 ("Where is the {cat} made?", "Which country does this {cat} come from?"),
-                 ("Made in {v}.", "Country of origin: {v}.")),
-    QuestionType("price_band", "textual", ("budget", "mid-range", "premium", "luxury"),
-                 ("What price band is the {cat} in?", "How expensive is this {cat}?"),
-                 ("Price band: {v}.", "It sits in the {v} price band.")),
-    QuestionType("warranty", "textual", ("6 months", "1 year", "2 years", "5 years", "lifetime"),
-                 ("How long is the warranty on this {cat}?", "What warranty does the {cat} come with?"),
-                 ("Warranty: {v}.", "The warranty period is {v}.")),
-    QuestionType("weight_class", "textual", ("ultralight", "light", "standard", "heavy"),
-                 ("What weight class is the {cat}?", "How heavy is this {cat}?"),
-                 ("Weight class: {v}.", "It is rated {v} in weight.")),
-    QuestionType("season", "textual", ("spring", "summer", "autumn", "winter", "all-season"),
-                 ("Which season is the {cat} made for?", "What season is this {cat} for?"),
-                 ("Season: {v}.", "Recommended season: {v}.")),
-    QuestionType("gender", "textual", ("women", "men", "unisex"),
-                 ("Who is the {cat} designed for?", "Is this {cat} for men, women or both?"),
-                 ("Gender: {v}.", "Target gender: {v}.")),
-    QuestionType("style", "textual", ("modern", "vintage", "classic", "minimalist", "rustic", "sporty"),
-                 ("What style is the {cat}?", "How would you describe the style of this {cat}?"),
-                 ("Style: {v}.", "Its style is {v}.")),
-    QuestionType("closure", "textual", ("zipper", "buttons", "laces", "velcro", "magnetic", "buckle"),
-                 ("How does the {cat} close?", "What closure does this {cat} use?"),
-                 ("Closure: {v}.", "Fastening: {v}.")),
-    QuestionType("capacity", "textual", ("300 ml", "500 ml", "1 litre", "10 litres", "30 litres"),
-                 ("What is the capacity of the {cat}?", "How much does this {cat} hold?"),
-                 ("Capacity: {v}.", "It holds {v}.")),
-    QuestionType("power_source", "textual", ("battery", "mains", "solar", "USB", "hand crank"),
-                 ("What powers the {cat}?", "Which power source does this {cat} use?"),
-                 ("Power source: {v}.", "It runs on {v}.")),
-    QuestionType("care", "textual", ("hand wash", "machine wash", "wipe clean", "dry clean"),
-                 ("How should the {cat} be cleaned?", "What are the care instructions for this {cat}?"),
-                 ("Care: {v}.", "Care instructions: {v}.")),
-    QuestionType("certification", "textual", ("CE", "FSC", "Fairtrade", "OEKO-TEX", "organic"),
-                 ("Which certification does the {cat} have?", "What certificate does this {cat} carry?"),
-                 ("Certification: {v}.", "It carries the {v} label.")),
-    QuestionType("water_resistance", "textual", ("waterproof", "splash-proof", "not resistant"),
-                 ("How water resistant is the {cat}?", "What water rating does this {cat} have?"),
-                 ("Water resistance: {v}.", "Water rating: {v}.")),
-    QuestionType("age_group", "textual", ("adult", "teen", "child", "toddler"),
-                 ("Which age group is the {cat} for?", "Who is the target age group of this {cat}?"),
-                 ("Age group: {v}.", "Suitable for the {v} age group.")),
+    QuestionType(
+        "material",
+        "textual",
+        ("leather", "cotton", "wool", "steel", "plastic", "wood", "glass", "ceramic", "bamboo", "linen"),
+        ("What is the {cat} made of?", "Which material is this {cat} made from?"),
+        ("It is made of {v}.", "Material: {v}."),
+    ),
+    QuestionType(
+        "brand",
+        "textual",
+        ("Norvik", "Altura", "Lumo", "Tessa", "Vantor", "Oakline", "Brisa", "Zephra", "Marlo", "Quill"),
+        ("Which brand makes this {cat}?", "What brand is the {cat}?"),
+        ("Made by {v}.", "Brand: {v}."),
+    ),
+    QuestionType(
+        "size",
+        "textual",
+        ("small", "medium", "large", "extra large"),
+        ("What size is the {cat}?", "Which size is this {cat}?"),
+        ("Size: {v}.", "It comes in size {v}."),
+    ),
+    QuestionType(
+        "country_of_origin",
+        "textual",
+        ("Italy", "Japan", "Germany", "Portugal", "Mexico", "Vietnam", "Canada", "Sweden"),
+        ("Where is the {cat} made?", "Which country does this {cat} come from?"),
+        ("Made in {v}.", "Country of origin: {v}."),
+    ),
+    QuestionType(
+        "price_band",
+        "textual",
+        ("budget", "mid-range", "premium", "luxury"),
+        ("What price band is the {cat} in?", "How expensive is this {cat}?"),
+        ("Price band: {v}.", "It sits in the {v} price band."),
+    ),
+    QuestionType(
+        "warranty",
+        "textual",
+        ("6 months", "1 year", "2 years", "5 years", "lifetime"),
+        ("How long is the warranty on this {cat}?", "What warranty does the {cat} come with?"),
+        ("Warranty: {v}.", "The warranty period is {v}."),
+    ),
+    QuestionType(
+        "weight_class",
+        "textual",
+        ("ultralight", "light", "standard", "heavy"),
+        ("What weight class is the {cat}?", "How heavy is this {cat}?"),
+        ("Weight class: {v}.", "It is rated {v} in weight."),
+    ),
+    QuestionType(
+        "season",
+        "textual",
+        ("spring", "summer", "autumn", "winter", "all-season"),
+        ("Which season is the {cat} made for?", "What season is this {cat} for?"),
+        ("Season: {v}.", "Recommended season: {v}."),
+    ),
+    QuestionType(
+        "gender",
+        "textual",
+        ("women", "men", "unisex"),
+        ("Who is the {cat} designed for?", "Is this {cat} for men, women or both?"),
+        ("Gender: {v}.", "Target gender: {v}."),
+    ),
+    QuestionType(
+        "style",
+        "textual",
+        ("modern", "vintage", "classic", "minimalist", "rustic", "sporty"),
+        ("What style is the {cat}?", "How would you describe the style of this {cat}?"),
+        ("Style: {v}.", "Its style is {v}."),
+    ),
+    QuestionType(
+        "closure",
+        "textual",
+        ("zipper", "buttons", "laces", "velcro", "magnetic", "buckle"),
+        ("How does the {cat} close?", "What closure does this {cat} use?"),
+        ("Closure: {v}.", "Fastening: {v}."),
+    ),
+    QuestionType(
+        "capacity",
+        "textual",
+        ("300 ml", "500 ml", "1 litre", "10 litres", "30 litres"),
+        ("What is the capacity of the {cat}?", "How much does this {cat} hold?"),
+        ("Capacity: {v}.", "It holds {v}."),
+    ),
+    QuestionType(
+        "power_source",
+        "textual",
+        ("battery", "mains", "solar", "USB", "hand crank"),
+        ("What powers the {cat}?", "Which power source does this {cat} use?"),
+        ("Power source: {v}.", "It runs on {v}."),
+    ),
+    QuestionType(
+        "care",
+        "textual",
+        ("hand wash", "machine wash", "wipe clean", "dry clean"),
+        ("How should the {cat} be cleaned?", "What are the care instructions for this {cat}?"),
+        ("Care: {v}.", "Care instructions: {v}."),
+    ),
+    QuestionType(
+        "certification",
+        "textual",
+        ("CE", "FSC", "Fairtrade", "OEKO-TEX", "organic"),
+        ("Which certification does the {cat} have?", "What certificate does this {cat} carry?"),
+        ("Certification: {v}.", "It carries the {v} label."),
+    ),
+    QuestionType(
+        "water_resistance",
+        "textual",
+        ("waterproof", "splash-proof", "not resistant"),
+        ("How water resistant is the {cat}?", "What water rating does this {cat} have?"),
+        ("Water resistance: {v}.", "Water rating: {v}."),
+    ),
+    QuestionType(
+        "age_group",
+        "textual",
+        ("adult", "teen", "child", "toddler"),
+        ("Which age group is the {cat} for?", "Who is the target age group of this {cat}?"),
+        ("Age group: {v}.", "Suitable for the {v} age group."),
+    ),
 ]
 
 QUESTION_TYPES: dict[str, QuestionType] = {t.id: t for t in _VISUAL + _TEXTUAL}
@@ -252,8 +346,9 @@ def context_facts(attributes: dict[str, str], rng: np.random.Generator) -> dict[
     return facts
 
 
-def compose_context(category: str, attributes: dict[str, str], facts: dict[str, str | None],
-                    rng: np.random.Generator) -> tuple[str, str]:
+def compose_context(
+    category: str, attributes: dict[str, str], facts: dict[str, str | None], rng: np.random.Generator
+) -> tuple[str, str]:
     """(title, context): the title then the attribute sentences in random order."""
     code = f"{attributes['brand'][:2].upper()}-{int(rng.integers(100, 1000))}"
     title = f"{attributes['brand']} {category} {code}"
@@ -283,10 +378,17 @@ def build_products(scale: QAScale, rng: np.random.Generator) -> list[ProductSpec
         attributes = draw_attributes(category, rng)
         facts = context_facts(attributes, rng)
         title, context = compose_context(category, attributes, facts, rng)
-        products.append(ProductSpec(
-            id=f"P{i:04d}", category=category, split=split_of(int(split_position[i]), scale.products),
-            attributes=attributes, facts=facts, title=title, context=context,
-        ))
+        products.append(
+            ProductSpec(
+                id=f"P{i:04d}",
+                category=category,
+                split=split_of(int(split_position[i]), scale.products),
+                attributes=attributes,
+                facts=facts,
+                title=title,
+                context=context,
+            )
+        )
     return products
 
 
@@ -314,11 +416,17 @@ def build_questions(products: list[ProductSpec], scale: QAScale, rng: np.random.
         for j, question_type in enumerate(chosen):
             template = _pick(QUESTION_TYPES[question_type].questions, rng)
             source, conflict = source_of(question_type, product)
-            questions.append(QuestionSpec(
-                id=f"{product.id}-q{j:02d}", product_id=product.id, question_type=question_type,
-                question=template.format(cat=product.category), answer=product.attributes[question_type],
-                answer_source=source, context_conflict=conflict,
-            ))
+            questions.append(
+                QuestionSpec(
+                    id=f"{product.id}-q{j:02d}",
+                    product_id=product.id,
+                    question_type=question_type,
+                    question=template.format(cat=product.category),
+                    answer=product.attributes[question_type],
+                    answer_source=source,
+                    context_conflict=conflict,
+                )
+            )
     return questions
 
 
@@ -337,8 +445,15 @@ def product_picture(product: ProductSpec, seed: int, index: int) -> Image.Image:
     rng = np.random.default_rng([seed, _STREAM_PRODUCT_PICTURE, index])
     a = product.attributes
     pose = drawing.random_pose(rng, shift=3, scale=(0.88, 1.0), angle=8)
-    return drawing.draw_picture(SHAPE_DRAWN_AS[a["shape"]], a["colour"], a["pattern"], drawing.PRODUCT_BACKGROUND,
-                                pose, finish=a["finish"], trim=a["trim_colour"])
+    return drawing.draw_picture(
+        SHAPE_DRAWN_AS[a["shape"]],
+        a["colour"],
+        a["pattern"],
+        drawing.PRODUCT_BACKGROUND,
+        pose,
+        finish=a["finish"],
+        trim=a["trim_colour"],
+    )
 
 
 def image_path(product: ProductSpec) -> str:
@@ -347,15 +462,30 @@ def image_path(product: ProductSpec) -> str:
 
 def question_record(q: QuestionSpec, product: ProductSpec) -> dict:
     return {
-        "id": q.id, "product_id": q.product_id, "question": q.question, "answer": q.answer,
-        "question_type": q.question_type, "answer_source": q.answer_source, "context": product.context,
-        "image": image_path(product), "category": product.category, "context_conflict": q.context_conflict,
+        "id": q.id,
+        "product_id": q.product_id,
+        "question": q.question,
+        "answer": q.answer,
+        "question_type": q.question_type,
+        "answer_source": q.answer_source,
+        "context": product.context,
+        "image": image_path(product),
+        "category": product.category,
+        "context_conflict": q.context_conflict,
     }
 
 
 def product_record(p: ProductSpec) -> dict:
-    return {"id": p.id, "category": p.category, "split": p.split, "title": p.title, "context": p.context,
-            "image": image_path(p), "attributes": p.attributes, "context_facts": p.facts}
+    return {
+        "id": p.id,
+        "category": p.category,
+        "split": p.split,
+        "title": p.title,
+        "context": p.context,
+        "image": image_path(p),
+        "attributes": p.attributes,
+        "context_facts": p.facts,
+    }
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -388,20 +518,29 @@ def write_qa_world(world: QAWorld, directory: Path, progress: bool = True) -> No
     drawing.write_pictures(jobs, write_picture, desc="qa world pictures", progress=progress)
     by_id = {p.id: p for p in world.products}
     for split in SPLITS:
-        rows = [question_record(q, by_id[q.product_id]) for q in world.questions
-                if by_id[q.product_id].split == split]
+        rows = [question_record(q, by_id[q.product_id]) for q in world.questions if by_id[q.product_id].split == split]
         _write_jsonl(directory / f"qa_{split}.jsonl", rows)
     _write_jsonl(directory / "products.jsonl", [product_record(p) for p in world.products])
-    (directory / "world.json").write_text(json.dumps({
-        "world": "qa",
-        "seed": world.seed,
-        "scale": world.scale,
-        "generator_version": GENERATOR_VERSION,
-        "split_by": "product",
-        "counts": world_counts(world),
-        "question_types": {t.id: {"modality": t.modality, "vocabulary": list(t.vocabulary), "cue": t.cue}
-                           for t in QUESTION_TYPES.values()},
-    }, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    (directory / "world.json").write_text(
+        json.dumps(
+            {
+                "world": "qa",
+                "seed": world.seed,
+                "scale": world.scale,
+                "generator_version": GENERATOR_VERSION,
+                "split_by": "product",
+                "counts": world_counts(world),
+                "question_types": {
+                    t.id: {"modality": t.modality, "vocabulary": list(t.vocabulary), "cue": t.cue}
+                    for t in QUESTION_TYPES.values()
+                },
+            },
+            ensure_ascii=False,
+            indent=1,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
 
 
 # ------------------------------------------------------------------------------------------ checking
@@ -438,8 +577,9 @@ def _check_question(row: dict, product: dict, types: dict, directory: Path) -> l
             problems.append(f"{where}: stated value {stated!r} not in the context")
         expected = ("image", False) if stated is None else ("both", False) if stated == answer else ("image", True)
     if (row["answer_source"], row["context_conflict"]) != expected:
-        problems.append(f"{where}: source/conflict {(row['answer_source'], row['context_conflict'])} "
-                        f"but expected {expected}")
+        problems.append(
+            f"{where}: source/conflict {(row['answer_source'], row['context_conflict'])} but expected {expected}"
+        )
     return problems
 
 

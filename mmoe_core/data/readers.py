@@ -27,8 +27,9 @@ only), and pictures are decoded with the same checks (:func:`load_image`).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from PIL import Image
@@ -41,8 +42,16 @@ if TYPE_CHECKING:  # pandas is only needed by the table helpers
     import pandas as pd
 
 __all__ = [
-    "DatasetError", "read_entity_dataset", "read_qa_dataset", "load_image", "detect_dataset_name",
-    "candidates_for", "entity_type", "entity_table", "mention_table", "qa_table",
+    "DatasetError",
+    "read_entity_dataset",
+    "read_qa_dataset",
+    "load_image",
+    "detect_dataset_name",
+    "candidates_for",
+    "entity_type",
+    "entity_table",
+    "mention_table",
+    "qa_table",
 ]
 
 ENTITY_FIELDS = {"id": str, "entity_name": str, "desc": str, "image_list": list}
@@ -51,7 +60,7 @@ QA_FIELDS = {"id": str, "question": str, "answer": str, "context": str, "image":
 ANSWER_SOURCES = ("image", "context", "both")
 DECISIVE = ("text", "image", "both")
 NIL = "nil"
-MAX_DATA_FILE_BYTES = 2 * 1024**3   # one JSON / JSONL file of a dataset (the largest published KBs are far below)
+MAX_DATA_FILE_BYTES = 2 * 1024**3  # one JSON / JSONL file of a dataset (the largest published KBs are far below)
 
 
 def _where(file_name: str, index: int | None = None, field: str | None = None) -> str:
@@ -73,8 +82,12 @@ def _read_text(path: Path) -> str:
         raise _fail(path.name, None, None, f"file not found in {path.parent}")
     size = path.stat().st_size
     if size > MAX_DATA_FILE_BYTES:
-        raise _fail(path.name, None, None, f"{size / 1e9:.1f} GB is above the {MAX_DATA_FILE_BYTES / 1e9:.1f} GB a "
-                                           "dataset file may have")
+        raise _fail(
+            path.name,
+            None,
+            None,
+            f"{size / 1e9:.1f} GB is above the {MAX_DATA_FILE_BYTES / 1e9:.1f} GB a dataset file may have",
+        )
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -83,8 +96,7 @@ def _read_text(path: Path) -> str:
         raise _fail(path.name, None, None, f"cannot be read ({exc.strerror or exc})") from None
 
 
-def _picture(root: Path, value: str, subdir: str, check_images: bool, file_name: str, index: int,
-             field: str) -> Path:
+def _picture(root: Path, value: str, subdir: str, check_images: bool, file_name: str, index: int, field: str) -> Path:
     """The path of a record's picture, inside the folder; with ``check_images`` a picture within the limits."""
     try:
         path = safe_relative_path(root, value, subdir)
@@ -118,8 +130,9 @@ def _load_jsonl(path: Path) -> list[tuple[int, dict]]:
         try:
             rows.append((line_number, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise _fail(path.name, len(rows), None,
-                        f"invalid JSON on line {line_number} column {e.colno}: {e.msg}") from None
+            raise _fail(
+                path.name, len(rows), None, f"invalid JSON on line {line_number} column {e.colno}: {e.msg}"
+            ) from None
     return rows
 
 
@@ -130,8 +143,7 @@ def _check_fields(record: Any, required: dict[str, type], file_name: str, index:
         if name not in record:
             raise _fail(file_name, index, name, "missing field")
         if not isinstance(record[name], expected):
-            raise _fail(file_name, index, name,
-                        f"expected {expected.__name__}, got {type(record[name]).__name__}")
+            raise _fail(file_name, index, name, f"expected {expected.__name__}, got {type(record[name]).__name__}")
     return record
 
 
@@ -160,8 +172,9 @@ def detect_dataset_name(root: str | Path) -> str:
     names = sorted(p.name[: -len("_train.json")] for p in root.glob("*_train.json"))
     if len(names) != 1:
         found = ", ".join(f"{n}_train.json" for n in names) or "none"
-        raise DatasetError(f"{root}: expected exactly one *_train.json to name the dataset, found {found}; "
-                           "pass name= explicitly")
+        raise DatasetError(
+            f"{root}: expected exactly one *_train.json to name the dataset, found {found}; pass name= explicitly"
+        )
     return names[0]
 
 
@@ -182,8 +195,15 @@ def _read_entities(root: Path, qid2id: dict[str, int], check_images: bool) -> tu
             if not isinstance(image_name, str):
                 raise _fail(file_name, i, "image_list", f"expected file names, got {image_name!r}")
             images.append(_picture(root, image_name, "kb_image", check_images, file_name, i, "image_list"))
-        entities.append(Entity(id=qid, index=qid2id[qid], name=unquote(record["entity_name"]),
-                               desc=record["desc"], images=tuple(images)))
+        entities.append(
+            Entity(
+                id=qid,
+                index=qid2id[qid],
+                name=unquote(record["entity_name"]),
+                desc=record["desc"],
+                images=tuple(images),
+            )
+        )
     entities.sort(key=lambda e: e.id)  # the published loader's KB order
     warnings = []
     if any(e.index != position for position, e in enumerate(entities)):
@@ -211,8 +231,14 @@ def _resolve_mention_image(root: Path, img_path: str, check_images: bool, file_n
     return _picture(root, candidates[0], "mention_image", False, file_name, index, "imgPath")
 
 
-def _read_mentions(root: Path, file_name: str, qid2id: dict[str, int], by_qid: dict[str, Entity],
-                   truth: dict | None, check_images: bool) -> tuple[list[Mention], int]:
+def _read_mentions(
+    root: Path,
+    file_name: str,
+    qid2id: dict[str, int],
+    by_qid: dict[str, Entity],
+    truth: dict | None,
+    check_images: bool,
+) -> tuple[list[Mention], int]:
     raw = _load_json_list(root / file_name)
     truth_mentions = (truth or {}).get("mentions", {})
     mentions, nil = [], 0
@@ -232,18 +258,20 @@ def _read_mentions(root: Path, file_name: str, qid2id: dict[str, int], by_qid: d
         extras = {k: v for k, v in record.items() if k not in MENTION_FIELDS and k != "desc"}
         truth_entry = truth_mentions.get(record["id"], {})
         meta = {**extras, **truth_entry}  # entries were type-checked by _read_ground_truth
-        mentions.append(Mention(
-            id=record["id"],
-            mention=unquote(record["mentions"]),
-            entity_name=unquote(record["entities"]),
-            sentence=record["sentence"],
-            image=_resolve_mention_image(root, record["imgPath"], check_images, file_name, i),
-            answer_qid=answer,
-            answer_index=qid2id[answer],
-            desc=record.get("desc", ""),
-            decisive=truth_entry.get("decisive"),
-            meta=meta,
-        ))
+        mentions.append(
+            Mention(
+                id=record["id"],
+                mention=unquote(record["mentions"]),
+                entity_name=unquote(record["entities"]),
+                sentence=record["sentence"],
+                image=_resolve_mention_image(root, record["imgPath"], check_images, file_name, i),
+                answer_qid=answer,
+                answer_index=qid2id[answer],
+                desc=record.get("desc", ""),
+                decisive=truth_entry.get("decisive"),
+                meta=meta,
+            )
+        )
     return mentions, nil
 
 
@@ -258,8 +286,9 @@ def _read_ground_truth(root: Path) -> dict | None:
         if not isinstance(entry, dict):
             raise _fail(path.name, None, f"mentions.{mention_id}", f"expected an object, got {type(entry).__name__}")
         if entry.get("decisive") is not None and entry["decisive"] not in DECISIVE:
-            raise _fail(path.name, None, f"mentions.{mention_id}.decisive",
-                        f"{entry['decisive']!r} is not one of {DECISIVE}")
+            raise _fail(
+                path.name, None, f"mentions.{mention_id}.decisive", f"{entry['decisive']!r} is not one of {DECISIVE}"
+            )
     entities = truth.get("entities", {})
     if not isinstance(entities, dict):
         raise _fail(path.name, None, "entities", "expected an object {QID: {...}}")
@@ -269,8 +298,12 @@ def _read_ground_truth(root: Path) -> dict | None:
     return truth
 
 
-def read_entity_dataset(root: str | Path, name: str | None = None, splits: Iterable[str] = ("train", "dev", "test"),
-                        check_images: bool = True) -> EntityDataset:
+def read_entity_dataset(
+    root: str | Path,
+    name: str | None = None,
+    splits: Iterable[str] = ("train", "dev", "test"),
+    check_images: bool = True,
+) -> EntityDataset:
     """Read a MIMIC / MEL-MMoE folder (real or demo) into typed records.
 
     ``name`` is the file prefix (``WIKIMEL`` for ``WIKIMEL_train.json``); detected when None.
@@ -285,9 +318,17 @@ def read_entity_dataset(root: str | Path, name: str | None = None, splits: Itera
     read_splits, nil_skipped = {}, {}
     for split in splits:
         read_splits[split], nil_skipped[split] = _read_mentions(
-            root, f"{name}_{split}.json", qid2id, by_qid, truth, check_images)
-    return EntityDataset(root=root, name=name, entities=entities, splits=read_splits, nil_skipped=nil_skipped,
-                         ground_truth=truth, warnings=tuple(warnings))
+            root, f"{name}_{split}.json", qid2id, by_qid, truth, check_images
+        )
+    return EntityDataset(
+        root=root,
+        name=name,
+        entities=entities,
+        splits=read_splits,
+        nil_skipped=nil_skipped,
+        ground_truth=truth,
+        warnings=tuple(warnings),
+    )
 
 
 # ------------------------------------------------------------------------------------------ product QA
@@ -311,8 +352,9 @@ def _read_products(root: Path) -> dict[str, dict]:
     return products
 
 
-def _qa_item(record: Any, root: Path, file_name: str, index: int, products: dict[str, dict],
-             check_images: bool) -> QAItem:
+def _qa_item(
+    record: Any, root: Path, file_name: str, index: int, products: dict[str, dict], check_images: bool
+) -> QAItem:
     _check_fields(record, QA_FIELDS, file_name, index)
     source = _optional(record, "answer_source", str, file_name, index)
     if source is not None and source not in ANSWER_SOURCES:
@@ -323,16 +365,23 @@ def _qa_item(record: Any, root: Path, file_name: str, index: int, products: dict
     image = _picture(root, record["image"], "", check_images, file_name, index, "image") if record["image"] else None
     known = set(QA_FIELDS) | {"answer_source", "product_id", "question_type", "category", "context_conflict"}
     return QAItem(
-        id=record["id"], product_id=product_id, question=record["question"], answer=record["answer"],
-        question_type=_optional(record, "question_type", str, file_name, index), answer_source=source,
-        context=record["context"], image=image, category=_optional(record, "category", str, file_name, index),
+        id=record["id"],
+        product_id=product_id,
+        question=record["question"],
+        answer=record["answer"],
+        question_type=_optional(record, "question_type", str, file_name, index),
+        answer_source=source,
+        context=record["context"],
+        image=image,
+        category=_optional(record, "category", str, file_name, index),
         context_conflict=_optional(record, "context_conflict", bool, file_name, index),
         meta={k: v for k, v in record.items() if k not in known},
     )
 
 
-def read_qa_dataset(root: str | Path, check_images: bool = True, splits: Iterable[str] = ("train", "dev", "test")
-                    ) -> QADataset:
+def read_qa_dataset(
+    root: str | Path, check_images: bool = True, splits: Iterable[str] = ("train", "dev", "test")
+) -> QADataset:
     """Read a QA jsonl folder (``qa_<split>.jsonl`` plus optional products.jsonl and world.json)."""
     root = Path(root)
     products = _read_products(root)
@@ -344,16 +393,18 @@ def read_qa_dataset(root: str | Path, check_images: bool = True, splits: Iterabl
     for split in splits:
         file_name = f"qa_{split}.jsonl"
         rows = _load_jsonl(root / file_name)
-        read_splits[split] = [_qa_item(record, root, file_name, i, products, check_images)
-                              for i, (_, record) in enumerate(rows)]
+        read_splits[split] = [
+            _qa_item(record, root, file_name, i, products, check_images) for i, (_, record) in enumerate(rows)
+        ]
     return QADataset(root=root, splits=read_splits, products=products, world=world)
 
 
 # -------------------------------------------------------------------------------------------- images
 
 
-def load_image(path: str | Path, size: int | tuple[int, int] | None = None, root: str | Path | None = None
-               ) -> Image.Image:
+def load_image(
+    path: str | Path, size: int | tuple[int, int] | None = None, root: str | Path | None = None
+) -> Image.Image:
     """Open an image as RGB (PNG, JPEG or WebP within the pixel cap: :func:`open_image_checked`; ``root``:
     the folder it must lie in), optionally resized (``size`` px square, or (width, height)) with Lanczos."""
     image = open_image_checked(path, root)
@@ -376,31 +427,66 @@ def candidates_for(ds: EntityDataset, mention: Mention) -> list[Entity]:
     return ds.name_groups.get(gold.name, [gold])
 
 
-def entity_table(ds: EntityDataset) -> "pd.DataFrame":
+def entity_table(ds: EntityDataset) -> pd.DataFrame:
     import pandas as pd
 
-    return pd.DataFrame([{
-        "index": e.index, "id": e.id, "name": e.name, "type": entity_type(ds, e.id),
-        "name_group_size": len(ds.name_groups[e.name]), "n_images": len(e.images), "desc": e.desc,
-    } for e in ds.entities])
+    return pd.DataFrame(
+        [
+            {
+                "index": e.index,
+                "id": e.id,
+                "name": e.name,
+                "type": entity_type(ds, e.id),
+                "name_group_size": len(ds.name_groups[e.name]),
+                "n_images": len(e.images),
+                "desc": e.desc,
+            }
+            for e in ds.entities
+        ]
+    )
 
 
-def mention_table(ds: EntityDataset) -> "pd.DataFrame":
+def mention_table(ds: EntityDataset) -> pd.DataFrame:
     import pandas as pd
 
-    return pd.DataFrame([{
-        "split": split, "id": m.id, "mention": m.mention, "sentence": m.sentence,
-        "has_image": m.image is not None, "answer_qid": m.answer_qid, "answer_index": m.answer_index,
-        "entity_name": m.entity_name, "entity_type": entity_type(ds, m.answer_qid), "decisive": m.decisive,
-        "n_candidates": len(candidates_for(ds, m)),
-    } for split, mentions in ds.splits.items() for m in mentions])
+    return pd.DataFrame(
+        [
+            {
+                "split": split,
+                "id": m.id,
+                "mention": m.mention,
+                "sentence": m.sentence,
+                "has_image": m.image is not None,
+                "answer_qid": m.answer_qid,
+                "answer_index": m.answer_index,
+                "entity_name": m.entity_name,
+                "entity_type": entity_type(ds, m.answer_qid),
+                "decisive": m.decisive,
+                "n_candidates": len(candidates_for(ds, m)),
+            }
+            for split, mentions in ds.splits.items()
+            for m in mentions
+        ]
+    )
 
 
-def qa_table(ds: QADataset) -> "pd.DataFrame":
+def qa_table(ds: QADataset) -> pd.DataFrame:
     import pandas as pd
 
-    return pd.DataFrame([{
-        "split": split, "id": q.id, "product_id": q.product_id, "category": q.category,
-        "question_type": q.question_type, "answer_source": q.answer_source, "context_conflict": q.context_conflict,
-        "question": q.question, "answer": q.answer,
-    } for split, items in ds.splits.items() for q in items])
+    return pd.DataFrame(
+        [
+            {
+                "split": split,
+                "id": q.id,
+                "product_id": q.product_id,
+                "category": q.category,
+                "question_type": q.question_type,
+                "answer_source": q.answer_source,
+                "context_conflict": q.context_conflict,
+                "question": q.question,
+                "answer": q.answer,
+            }
+            for split, items in ds.splits.items()
+            for q in items
+        ]
+    )

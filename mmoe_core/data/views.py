@@ -8,6 +8,7 @@ The dataset browser page builds itself from these; a world defined elsewhere (a 
 its own view with :func:`register_view`. Reading goes through :mod:`mmoe_core.data.readers`, the same
 readers a user points at real data.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,24 +23,24 @@ __all__ = ["TableView", "DatasetView", "register_view", "views", "world_stamp"]
 
 @dataclass(frozen=True)
 class TableView:
-    name: str                                  # the tab's title, e.g. "Entities"
+    name: str  # the tab's title, e.g. "Entities"
     description: str
-    read: Callable[[Path], pd.DataFrame]       # (world folder) -> the table
-    filters: tuple[str, ...] = ()              # categorical columns offered as multi-select filters
-    split: str = ""                            # the column holding the split (offered as one choice)
-    key: str = "id"                            # the column a row is picked by
-    title: str = ""                            # the column that is a row's one-line text
-    image: str = ""                            # the column holding a picture path for the picked row
-    details: tuple[str, ...] = ()              # columns shown for the picked row, in this order
-    long_text: str = ""                        # a column shown in full under the picked row
-    gallery: bool = False                      # show the pictures of the (filtered) rows as cards
+    read: Callable[[Path], pd.DataFrame]  # (world folder) -> the table
+    filters: tuple[str, ...] = ()  # categorical columns offered as multi-select filters
+    split: str = ""  # the column holding the split (offered as one choice)
+    key: str = "id"  # the column a row is picked by
+    title: str = ""  # the column that is a row's one-line text
+    image: str = ""  # the column holding a picture path for the picked row
+    details: tuple[str, ...] = ()  # columns shown for the picked row, in this order
+    long_text: str = ""  # a column shown in full under the picked row
+    gallery: bool = False  # show the pictures of the (filtered) rows as cards
     related: Callable[[Path, str], pd.DataFrame] | None = None  # (folder, key) -> rows related to one row
-    related_title: str = ""                    # e.g. "Candidates sharing the name"
+    related_title: str = ""  # e.g. "Candidates sharing the name"
 
 
 @dataclass(frozen=True)
 class DatasetView:
-    world: str                                 # the world's folder name under <artifacts>/data
+    world: str  # the world's folder name under <artifacts>/data
     title: str
     description: str
     tables: tuple[TableView, ...] = field(default_factory=tuple)
@@ -66,9 +67,11 @@ def world_stamp(root: Path) -> float:
 
 # ----------------------------------------------------------------------------------------- built-in worlds
 
+
 @functools.lru_cache(maxsize=4)
 def _entities(root: str, stamp: float):
     from mmoe_core.data.readers import read_entity_dataset
+
     return read_entity_dataset(root)
 
 
@@ -78,6 +81,7 @@ def _entity_data(root: Path):
 
 def _entity_rows(root: Path) -> pd.DataFrame:
     from mmoe_core.data.readers import entity_table
+
     ds = _entity_data(root)
     table = entity_table(ds)
     table["image_path"] = [str(e.images[0]) if e.images else None for e in ds.entities]
@@ -86,6 +90,7 @@ def _entity_rows(root: Path) -> pd.DataFrame:
 
 def _mention_rows(root: Path) -> pd.DataFrame:
     from mmoe_core.data.readers import mention_table
+
     ds = _entity_data(root)
     table = mention_table(ds)
     table["image_path"] = [str(m.image) if m.image is not None else None for ms in ds.splits.values() for m in ms]
@@ -95,22 +100,34 @@ def _mention_rows(root: Path) -> pd.DataFrame:
 def _candidates(root: Path, mention_id: str) -> pd.DataFrame:
     """Entities sharing the gold entity's name, marked gold / fits the text / fits the picture."""
     from mmoe_core.data.readers import candidates_for, entity_type
+
     ds = _entity_data(root)
     mention = next(m for m in ds.mentions() if m.id == mention_id)
     fits_text = set(mention.meta.get("text_candidates", []))
     fits_image = set(mention.meta.get("image_candidates", []))
     rows = []
     for e in candidates_for(ds, mention):
-        marks = ["gold" if e.id == mention.answer_qid else "", "fits text" if e.id in fits_text else "",
-                 "fits image" if e.id in fits_image else ""]
-        rows.append({"id": e.id, "name": e.name, "type": entity_type(ds, e.id) or "entity", "desc": e.desc,
-                     "image_path": str(e.images[0]) if e.images else None,
-                     "marks": " · ".join(m for m in marks if m)})
+        marks = [
+            "gold" if e.id == mention.answer_qid else "",
+            "fits text" if e.id in fits_text else "",
+            "fits image" if e.id in fits_image else "",
+        ]
+        rows.append(
+            {
+                "id": e.id,
+                "name": e.name,
+                "type": entity_type(ds, e.id) or "entity",
+                "desc": e.desc,
+                "image_path": str(e.images[0]) if e.images else None,
+                "marks": " · ".join(m for m in marks if m),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def _qa_rows(root: Path) -> pd.DataFrame:
     from mmoe_core.data.readers import qa_table, read_qa_dataset
+
     ds = read_qa_dataset(root)
     table = qa_table(ds)
     items = [q for qs in ds.splits.values() for q in qs]
@@ -119,22 +136,59 @@ def _qa_rows(root: Path) -> pd.DataFrame:
     return table
 
 
-register_view(DatasetView(
-    "entity", "Entity world", "A knowledge base of entities sharing a few ambiguous names, and mentions of them "
-    "(a sentence and, mostly, a picture) with the modality that decides each one.",
-    (TableView("Entities", "the knowledge base", _entity_rows, filters=("type", "name"), title="name",
-               image="image_path", details=("name", "id", "type", "name_group_size"), long_text="desc", gallery=True),
-     TableView("Mentions", "linked mentions; nil mentions are skipped, as the published loader does", _mention_rows,
-               filters=("decisive", "entity_type", "has_image"), split="split", title="sentence", image="image_path",
-               details=("mention", "entity_name", "answer_qid", "entity_type", "decisive", "n_candidates"),
-               long_text="sentence", related=_candidates, related_title="Candidates sharing the name")),
-))
+register_view(
+    DatasetView(
+        "entity",
+        "Entity world",
+        "A knowledge base of entities sharing a few ambiguous names, and mentions of them "
+        "(a sentence and, mostly, a picture) with the modality that decides each one.",
+        (
+            TableView(
+                "Entities",
+                "the knowledge base",
+                _entity_rows,
+                filters=("type", "name"),
+                title="name",
+                image="image_path",
+                details=("name", "id", "type", "name_group_size"),
+                long_text="desc",
+                gallery=True,
+            ),
+            TableView(
+                "Mentions",
+                "linked mentions; nil mentions are skipped, as the published loader does",
+                _mention_rows,
+                filters=("decisive", "entity_type", "has_image"),
+                split="split",
+                title="sentence",
+                image="image_path",
+                details=("mention", "entity_name", "answer_qid", "entity_type", "decisive", "n_candidates"),
+                long_text="sentence",
+                related=_candidates,
+                related_title="Candidates sharing the name",
+            ),
+        ),
+    )
+)
 
-register_view(DatasetView(
-    "qa", "Product QA world", "Products with a picture and a context text, and questions whose answer lives in "
-    "the picture, the context, or both.",
-    (TableView("QA items", "questions about products", _qa_rows, filters=("question_type", "answer_source", "category"),
-               split="split", title="question", image="image_path",
-               details=("question", "answer", "question_type", "answer_source", "category", "context_conflict"),
-               long_text="context"),),
-))
+register_view(
+    DatasetView(
+        "qa",
+        "Product QA world",
+        "Products with a picture and a context text, and questions whose answer lives in "
+        "the picture, the context, or both.",
+        (
+            TableView(
+                "QA items",
+                "questions about products",
+                _qa_rows,
+                filters=("question_type", "answer_source", "category"),
+                split="split",
+                title="question",
+                image="image_path",
+                details=("question", "answer", "question_type", "answer_source", "category", "context_conflict"),
+                long_text="context",
+            ),
+        ),
+    )
+)

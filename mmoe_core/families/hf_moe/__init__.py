@@ -7,6 +7,7 @@ position kinds), :mod:`.adapter` (the contract), :mod:`.data` (JSONL and product
 :mod:`.corpus` (the corpus world), :mod:`.build` (small configs, tokenizer, processor),
 :mod:`.trainer` and :mod:`.demo` (the two demo runs).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,27 +24,43 @@ def load(ckpt_dir: Path, device=None, snapshot: int | None = None) -> HFMoEAdapt
     model, tokenizer, processor, target = open_model(ckpt_dir, device)
     if snapshot is not None:
         load_snapshot(model, ckpt_dir, snapshot)
-    return HFMoEAdapter(model, read_config(ckpt_dir) or {}, target, tokenizer=tokenizer, processor=processor,
-                        path=ckpt_dir, sidecar=read_sidecar(ckpt_dir))
+    return HFMoEAdapter(
+        model,
+        read_config(ckpt_dir) or {},
+        target,
+        tokenizer=tokenizer,
+        processor=processor,
+        path=ckpt_dir,
+        sidecar=read_sidecar(ckpt_dir),
+    )
 
 
 def _demo_runs(scale: str):
     from .demo import demo_runs
+
     return demo_runs(scale)
 
 
 def _build_corpus(out_dir: Path, scale: str, seed: int) -> None:
     from .corpus import write_corpus_world
+
     write_corpus_world(out_dir, scale, seed)
 
 
 def _corpus_built(out_dir: Path, scale: str, seed: int) -> bool:
     from .corpus import corpus_is_built
+
     return corpus_is_built(out_dir, scale, seed)
 
 
-CORPUS_WORLD = register_world(World("corpus", _build_corpus, _corpus_built,
-                                    "documents of four known domains (entity, product, arithmetic, code) "
-                                    "for a text MoE language model"))
-FAMILY_ENTRY = register(Family(FAMILY, HFMoEAdapter.title, HFMoEAdapter, load=load, recognises=recognises,
-                               demo_runs=_demo_runs))
+CORPUS_WORLD = register_world(
+    World(
+        "corpus",
+        _build_corpus,
+        _corpus_built,
+        "documents of four known domains (entity, product, arithmetic, code) for a text MoE language model",
+    )
+)
+FAMILY_ENTRY = register(
+    Family(FAMILY, HFMoEAdapter.title, HFMoEAdapter, load=load, recognises=recognises, demo_runs=_demo_runs)
+)

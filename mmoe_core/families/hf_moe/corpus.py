@@ -12,6 +12,7 @@ Domains (the ``domain`` label of every record, ground truth for expert specialis
 Written as ``corpus_{train,dev,test}.jsonl`` records ``{"id", "text", "labels": {"domain"}}`` (the
 family's JSONL format) plus ``labels.json`` and ``world.json`` (seed, scale, counts).
 """
+
 from __future__ import annotations
 
 import json
@@ -88,6 +89,7 @@ def build_corpus(seed: int = 0, scale: str = "default") -> dict[str, list[dict]]
         raise ValueError(f"unknown scale {scale!r}; choose one of {sorted(SCALES)}")
     from mmoe_core.data.entity_world import build_entity_world
     from mmoe_core.data.qa_world import build_qa_world
+
     rng = np.random.default_rng([seed, 7])
     world_scale = "tiny" if scale == "tiny" else "default"
     entity_world = build_entity_world(seed, world_scale)
@@ -95,26 +97,39 @@ def build_corpus(seed: int = 0, scale: str = "default") -> dict[str, list[dict]]
     # Pools by split: entities in order (70/10/20), mention sentences by their own split; products by split.
     n = len(entity_world.entities)
     cut = {"train": (0, int(0.7 * n)), "dev": (int(0.7 * n), int(0.8 * n)), "test": (int(0.8 * n), n)}
-    entity_pool = {s: [sent for e in entity_world.entities[a:b] for sent in _sentences(e.desc)]
-                   + [m.sentence for m in entity_world.mentions if m.split == s] for s, (a, b) in cut.items()}
-    product_pool = {s: [sent for p in qa_world.products if p.split == s for sent in _sentences(p.context)]
-                    for s in SPLITS}
+    entity_pool = {
+        s: [sent for e in entity_world.entities[a:b] for sent in _sentences(e.desc)]
+        + [m.sentence for m in entity_world.mentions if m.split == s]
+        for s, (a, b) in cut.items()
+    }
+    product_pool = {
+        s: [sent for p in qa_world.products if p.split == s for sent in _sentences(p.context)] for s in SPLITS
+    }
     out: dict[str, list[dict]] = {}
     for split in SPLITS:
         count = SCALES[scale][split]
-        docs = {"entity": _pool_docs(entity_pool[split], count, rng),
-                "product": _pool_docs(product_pool[split], count, rng),
-                "arithmetic": [_arithmetic(rng) for _ in range(count)],
-                "code": [_code(rng) for _ in range(count)]}
-        rows = [{"id": f"{split}-{d}-{i:04d}", "text": text, "labels": {"domain": d}}
-                for d in DOMAINS for i, text in enumerate(docs[d])]
+        docs = {
+            "entity": _pool_docs(entity_pool[split], count, rng),
+            "product": _pool_docs(product_pool[split], count, rng),
+            "arithmetic": [_arithmetic(rng) for _ in range(count)],
+            "code": [_code(rng) for _ in range(count)],
+        }
+        rows = [
+            {"id": f"{split}-{d}-{i:04d}", "text": text, "labels": {"domain": d}}
+            for d in DOMAINS
+            for i, text in enumerate(docs[d])
+        ]
         order = rng.permutation(len(rows))
         out[split] = [rows[int(i)] for i in order]
     return out
 
 
-LABELS = {"domain": {"description": "which generator wrote the document (entity, product, arithmetic, code)",
-                     "ground_truth": True}}
+LABELS = {
+    "domain": {
+        "description": "which generator wrote the document (entity, product, arithmetic, code)",
+        "ground_truth": True,
+    }
+}
 
 
 def write_corpus_world(out_dir: str | Path, scale: str = "default", seed: int = 0) -> Path:
@@ -127,8 +142,14 @@ def write_corpus_world(out_dir: str | Path, scale: str = "default", seed: int = 
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         tmp.replace(out / f"corpus_{split}.jsonl")
     (out / "labels.json").write_text(json.dumps(LABELS, indent=1))
-    info = {"world": "corpus", "seed": seed, "scale": scale, "generator_version": GENERATOR_VERSION,
-            "counts": {s: len(r) for s, r in corpus.items()}, "domains": list(DOMAINS)}
+    info = {
+        "world": "corpus",
+        "seed": seed,
+        "scale": scale,
+        "generator_version": GENERATOR_VERSION,
+        "counts": {s: len(r) for s, r in corpus.items()},
+        "domains": list(DOMAINS),
+    }
     tmp = out / ".world.json.tmp"
     tmp.write_text(json.dumps(info, indent=1))
     tmp.replace(out / "world.json")
@@ -141,6 +162,10 @@ def corpus_is_built(out_dir: str | Path, scale: str = "default", seed: int = 0) 
         info = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return (info.get("world") == "corpus" and info.get("scale") == scale and info.get("seed") == seed
-            and info.get("generator_version") == GENERATOR_VERSION
-            and all((Path(out_dir) / f"corpus_{s}.jsonl").is_file() for s in SPLITS))
+    return (
+        info.get("world") == "corpus"
+        and info.get("scale") == scale
+        and info.get("seed") == seed
+        and info.get("generator_version") == GENERATOR_VERSION
+        and all((Path(out_dir) / f"corpus_{s}.jsonl").is_file() for s in SPLITS)
+    )

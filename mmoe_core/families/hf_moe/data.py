@@ -14,6 +14,7 @@ describes the labels: ``{"domain": {"description": "...", "ground_truth": true, 
 Examples are the adapter contract's plain dicts: ``index``, ``id``, ``labels``, ``text``, and when
 given ``question``, ``image_path`` (absolute), ``answer``.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,12 @@ RECORD_KEYS = {"id", "text", "question", "image", "answer", "labels"}
 
 # Labels of the product-QA world (generated with it: ground truth).
 QA_LABELS = (
-    LabelSpec("answer_source", "where the answer lives (generated with the world)", ground_truth=True,
-              decides={"image": ("image",), "context": ("tokens",)}),
+    LabelSpec(
+        "answer_source",
+        "where the answer lives (generated with the world)",
+        ground_truth=True,
+        decides={"image": ("image",), "context": ("tokens",)},
+    ),
     LabelSpec("question_type", "what the question asks (colour, brand, size ...)", ground_truth=True),
     LabelSpec("category", "product category", ground_truth=True),
 )
@@ -65,8 +70,13 @@ def read_jsonl(path: str | Path, check_images: bool = True, index_offset: int = 
     root = path.parent
     examples: list[dict] = []
     if path.stat().st_size > MAX_DATA_FILE_BYTES:
-        raise _fail(path, None, None, f"{path.stat().st_size / 1e9:.1f} GB is above the "
-                                      f"{MAX_DATA_FILE_BYTES / 1e9:.1f} GB a dataset file may have")
+        raise _fail(
+            path,
+            None,
+            None,
+            f"{path.stat().st_size / 1e9:.1f} GB is above the "
+            f"{MAX_DATA_FILE_BYTES / 1e9:.1f} GB a dataset file may have",
+        )
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
@@ -94,8 +104,12 @@ def read_jsonl(path: str | Path, check_images: bool = True, index_offset: int = 
                 raise _fail(path, number, f"labels.{key}", "label values must be strings, numbers or booleans")
         unknown = sorted(set(record) - RECORD_KEYS)
         i = index_offset + len(examples)
-        example = {"index": i, "id": record.get("id") or f"{path.stem}-{number}", "text": text,
-                   "labels": {str(k): str(v) for k, v in labels.items()}}
+        example = {
+            "index": i,
+            "id": record.get("id") or f"{path.stem}-{number}",
+            "text": text,
+            "labels": {str(k): str(v) for k, v in labels.items()},
+        }
         if record.get("question"):
             example["question"] = record["question"]
         image = _safe_image(root, record.get("image"), path, number, check_images)
@@ -130,13 +144,15 @@ def read_label_specs(folder: Path) -> list[LabelSpec]:
     for name, value in raw.items():
         value = value if isinstance(value, dict) else {"description": str(value)}
         decides = value.get("decides") or {}
-        if not isinstance(decides, dict) or not all(isinstance(v, list) and all(isinstance(x, str) for x in v)
-                                                    for v in decides.values()):
-            raise DatasetError(f"{path.name}: label {name!r}: 'decides' must map label values to lists of input "
-                               "names, e.g. {\"image\": [\"image\"]}")
+        if not isinstance(decides, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in decides.values()
+        ):
+            raise DatasetError(
+                f"{path.name}: label {name!r}: 'decides' must map label values to lists of input "
+                'names, e.g. {"image": ["image"]}'
+            )
         decides = {str(k): tuple(v) for k, v in decides.items()}
-        specs.append(LabelSpec(str(name), str(value.get("description", "")), bool(value.get("ground_truth")),
-                               decides))
+        specs.append(LabelSpec(str(name), str(value.get("description", "")), bool(value.get("ground_truth")), decides))
     return specs
 
 
@@ -147,16 +163,26 @@ def is_qa_world(folder: Path, split: str) -> bool:
 def qa_examples(folder: Path, split: str) -> list[dict]:
     """The product-QA world's questions: the context is the text, the picture its product's."""
     from mmoe_core.data.readers import read_qa_dataset
+
     dataset = read_qa_dataset(folder, check_images=True, splits=(split,))
     examples = []
     for i, item in enumerate(dataset.splits[split]):
-        examples.append({
-            "index": i, "id": item.id, "text": item.context, "question": item.question,
-            "image_path": str(item.image) if item.image is not None else None, "answer": item.answer,
-            "product_id": item.product_id,
-            "labels": {"answer_source": item.answer_source or "unknown",
-                       "question_type": item.question_type or "unknown", "category": item.category or "unknown"},
-        })
+        examples.append(
+            {
+                "index": i,
+                "id": item.id,
+                "text": item.context,
+                "question": item.question,
+                "image_path": str(item.image) if item.image is not None else None,
+                "answer": item.answer,
+                "product_id": item.product_id,
+                "labels": {
+                    "answer_source": item.answer_source or "unknown",
+                    "question_type": item.question_type or "unknown",
+                    "category": item.category or "unknown",
+                },
+            }
+        )
     return examples
 
 
@@ -169,8 +195,10 @@ def records_file(data: Path, split: str) -> Path:
         if (data / name).is_file():
             return data / name
     found = sorted(p.name for p in data.glob("*.jsonl")) if data.is_dir() else []
-    raise DatasetError(f"{data}: no {split}.jsonl, corpus_{split}.jsonl or qa_{split}.jsonl"
-                       + (f" (found {', '.join(found)})" if found else ""))
+    raise DatasetError(
+        f"{data}: no {split}.jsonl, corpus_{split}.jsonl or qa_{split}.jsonl"
+        + (f" (found {', '.join(found)})" if found else "")
+    )
 
 
 def load_examples(data: str | Path, split: str = "test") -> tuple[list[dict], list[LabelSpec]]:

@@ -10,6 +10,7 @@ Recipes are JSON data (``recipes/<run>.json``, read by :mod:`mmoe_core.factory` 
 ``options`` being :class:`.trainer.Recipe` fields); ``tiny`` trains in seconds (the test fixture),
 ``default`` is sized for a few minutes each on one CPU thread (numbers in BENCHMARKS.md).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,7 @@ _RECIPE_FIELDS = {f.name for f in dataclasses.fields(Recipe)}
 
 def _recipes():
     from mmoe_core.factory import load_recipes
+
     return load_recipes(RECIPES_DIR)
 
 
@@ -35,8 +37,9 @@ def trainer_recipe(recipe, scale: str) -> Recipe:
         options.pop("family_options", None)
     unknown = sorted(set(options) - _RECIPE_FIELDS)
     if unknown:
-        raise ValueError(f"recipe {recipe.run} ({recipe.source}): unknown options {unknown}; "
-                         f"known: {sorted(_RECIPE_FIELDS)}")
+        raise ValueError(
+            f"recipe {recipe.run} ({recipe.source}): unknown options {unknown}; known: {sorted(_RECIPE_FIELDS)}"
+        )
     return Recipe(**options)
 
 
@@ -44,6 +47,7 @@ def _train(recipe, data_dir: Path, ckpt_dir: Path, scale: str, progress: bool = 
     """Train into a staging folder beside ``ckpt_dir``, swapped in once complete (the previous model stays
     loadable if the training fails or is killed: mmoe_core.checkpoint.replacing_dir)."""
     from mmoe_core.checkpoint import replacing_dir
+
     r = trainer_recipe(recipe, scale)
     with replacing_dir(Path(ckpt_dir)) as staged:
         (train_vl_qa if r.task == "vl_qa" else train_lm)(Path(data_dir), staged, r, progress)
@@ -64,7 +68,16 @@ def demo_runs(scale: str) -> list[DemoRun]:
     out = []
     for recipe in _recipes():
         r = trainer_recipe(recipe, scale)
-        out.append(DemoRun(recipe.run, "hf_moe", recipe.world, recipe.fingerprint(scale), _Train(recipe.run),
-                           precompute=recipe.precompute_options(scale), description=recipe.description,
-                           cost=float(r.steps)))
+        out.append(
+            DemoRun(
+                recipe.run,
+                "hf_moe",
+                recipe.world,
+                recipe.fingerprint(scale),
+                _Train(recipe.run),
+                precompute=recipe.precompute_options(scale),
+                description=recipe.description,
+                cost=float(r.steps),
+            )
+        )
     return out

@@ -12,10 +12,11 @@
 (modality image; their (row, col) cell of the merged patch grid), ``text_token`` for the prompt's
 text, ``decoder_step`` for generated answer tokens, padding not recorded.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -46,6 +47,7 @@ def example_image(example: dict) -> Image.Image | None:
     if not path:
         return None
     from mmoe_core.data.images import open_image_checked
+
     return open_image_checked(path)  # PNG, JPEG or WebP within the pixel cap
 
 
@@ -76,8 +78,8 @@ def pad_left(rows: Sequence[Sequence[int]], pad: int) -> dict[str, Tensor]:
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
-            ids[i, length - len(r):] = torch.as_tensor(r, dtype=torch.long)
-            mask[i, length - len(r):] = 1
+            ids[i, length - len(r) :] = torch.as_tensor(r, dtype=torch.long)
+            mask[i, length - len(r) :] = 1
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions_from_mask(mask)}
 
 
@@ -91,13 +93,17 @@ QUESTION_FIRST, QUESTION_LAST = "question_first", "question_last"
 def vl_prompt(processor, example: dict, has_image: bool, order: str = QUESTION_FIRST) -> str:
     """One user turn: [question, picture, text] (``question_first``) or [picture, text, question]."""
     question, text = question_text(example), str(example.get("text") or "")
-    parts = [("text", question), ("image", None), ("text", text)] if order == QUESTION_FIRST else \
-        [("image", None), ("text", text), ("text", question)]
+    parts = (
+        [("text", question), ("image", None), ("text", text)]
+        if order == QUESTION_FIRST
+        else [("image", None), ("text", text), ("text", question)]
+    )
     parts = [(kind, value) for kind, value in parts if (value if kind == "text" else has_image)]
     if getattr(processor, "chat_template", None):
         content = [{"type": "image"} if kind == "image" else {"type": "text", "text": value} for kind, value in parts]
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
+        return processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
     tok = processor.tokenizer
     start = getattr(tok, "vision_start_token", None) or ""
     end = getattr(tok, "vision_end_token", None) or ""
@@ -123,6 +129,7 @@ def encode_vl(processor, examples: Sequence[dict], order: str = QUESTION_FIRST) 
 @dataclass
 class ImageLayout:
     """Where each picture's placeholder tokens sit and their merged-grid cells."""
+
     merge: int
     grids: list[tuple[int, int, int] | None]  # per row: (t, h, w) patches of its picture, None without one
 
@@ -151,8 +158,15 @@ def image_token_id(config) -> int | None:
     return None
 
 
-def position_meta(tokenizer, config, input_ids: Tensor, valid: Tensor, example_ids: Sequence[int],
-                  answer_start: Sequence[int] | None = None, layout: ImageLayout | None = None) -> PositionMeta:
+def position_meta(
+    tokenizer,
+    config,
+    input_ids: Tensor,
+    valid: Tensor,
+    example_ids: Sequence[int],
+    answer_start: Sequence[int] | None = None,
+    layout: ImageLayout | None = None,
+) -> PositionMeta:
     """Per (row, position): kind, modality, token string and image cell of a recorded forward."""
     token_id = image_token_id(config)
     kinds, modality, tokens, cells = [], [], [], []
@@ -175,8 +189,9 @@ def position_meta(tokenizer, config, input_ids: Tensor, valid: Tensor, example_i
             k_row.append("decoder_step" if answer else "text_token"), m_row.append("text"), c_row.append(None)
             t_row.append(str(strings[j]))
         kinds.append(k_row), modality.append(m_row), tokens.append(t_row), cells.append(c_row)
-    return PositionMeta(CALL, [int(i) for i in example_ids], kinds, modality, modality, tokens,
-                        valid.bool().cpu(), "example", cells)
+    return PositionMeta(
+        CALL, [int(i) for i in example_ids], kinds, modality, modality, tokens, valid.bool().cpu(), "example", cells
+    )
 
 
 def patch_order(thw: tuple[int, int, int], merge: int) -> Tensor:

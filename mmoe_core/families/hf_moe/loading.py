@@ -9,6 +9,7 @@ Large checkpoints: with ``device="auto"`` (or several GPUs present and no device
 loaded with ``device_map="auto"`` (``accelerate``), its layers spread over the GPUs present (and the
 CPU for what does not fit).
 """
+
 from __future__ import annotations
 
 import json
@@ -70,8 +71,11 @@ def check_folder(path: Path) -> dict:
         raise HFCheckpointError(f"{path}: no config.json with a 'model_type'")
     if not (path / WEIGHTS).is_file() and not (path / WEIGHTS_INDEX).is_file():
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = (f" (found {', '.join(pickles[:3])}: pickled weights are never loaded; convert them to safetensors)"
-                if pickles else "")
+        hint = (
+            f" (found {', '.join(pickles[:3])}: pickled weights are never loaded; convert them to safetensors)"
+            if pickles
+            else ""
+        )
         raise HFCheckpointError(f"{path}: no {WEIGHTS} or {WEIGHTS_INDEX}{hint}")
     if (path / WEIGHTS_INDEX).is_file():
         try:
@@ -90,16 +94,34 @@ def check_folder(path: Path) -> dict:
 
 # Sizes a transformers config may hold (config.json is untrusted: mmoe_core.limits); null is allowed
 # because transformers configs use it for "not used" (q_lora_rank, sliding_window ...).
-HF_LIMITS: dict[str, Limit] = {name: Limit(lo, hi, optional=True) for name, (lo, hi) in {
-    "hidden_size": (1, 65536), "intermediate_size": (1, 1 << 20), "moe_intermediate_size": (1, 1 << 20),
-    "shared_expert_intermediate_size": (0, 1 << 20), "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 4096),
-    "num_key_value_heads": (1, 4096), "head_dim": (1, 65536), "vocab_size": (1, 1 << 22),
-    "max_position_embeddings": (1, 1 << 24), "num_local_experts": (1, 65536), "num_experts": (1, 65536),
-    "n_routed_experts": (1, 65536), "n_shared_experts": (0, 65536), "num_experts_per_tok": (1, 65536),
-    "kv_lora_rank": (1, 65536), "q_lora_rank": (1, 65536), "depth": (1, 1024), "num_heads": (1, 4096),
-    "patch_size": (1, 4096), "image_size": (1, 65536), "out_hidden_size": (1, 65536),
-    "num_position_embeddings": (1, 1 << 24),
-}.items()}
+HF_LIMITS: dict[str, Limit] = {
+    name: Limit(lo, hi, optional=True)
+    for name, (lo, hi) in {
+        "hidden_size": (1, 65536),
+        "intermediate_size": (1, 1 << 20),
+        "moe_intermediate_size": (1, 1 << 20),
+        "shared_expert_intermediate_size": (0, 1 << 20),
+        "num_hidden_layers": (1, 1024),
+        "num_attention_heads": (1, 4096),
+        "num_key_value_heads": (1, 4096),
+        "head_dim": (1, 65536),
+        "vocab_size": (1, 1 << 22),
+        "max_position_embeddings": (1, 1 << 24),
+        "num_local_experts": (1, 65536),
+        "num_experts": (1, 65536),
+        "n_routed_experts": (1, 65536),
+        "n_shared_experts": (0, 65536),
+        "num_experts_per_tok": (1, 65536),
+        "kv_lora_rank": (1, 65536),
+        "q_lora_rank": (1, 65536),
+        "depth": (1, 1024),
+        "num_heads": (1, 4096),
+        "patch_size": (1, 4096),
+        "image_size": (1, 65536),
+        "out_hidden_size": (1, 65536),
+        "num_position_embeddings": (1, 1 << 24),
+    }.items()
+}
 
 
 def check_hf_config(config: dict, where: str, depth: int = 0) -> None:
@@ -137,6 +159,7 @@ def check_rough_size(config_dict: dict, where: str, dtype: Any, device: Any) -> 
 def check_weight_files(path: Path) -> None:
     """Every safetensors file of the folder has a header that fits the file (no pickle, no truncation)."""
     from mmoe_core.checkpoint import read_safetensors_header
+
     if (path / WEIGHTS).is_file():
         read_safetensors_header(path / WEIGHTS)
         return
@@ -149,6 +172,7 @@ def _no_network() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()
 
 
@@ -172,12 +196,14 @@ def open_model(path: Path, device: Any = None, dtype: Any = None):
     check_hf_config(config_dict, str(path / "config.json"))
     check_weight_files(path)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
     common = {"local_files_only": True, "trust_remote_code": False}
     try:
         config = AutoConfig.from_pretrained(path, **common)
     except (ValueError, KeyError) as exc:
-        raise HFCheckpointError(f"{path}: transformers cannot read this config "
-                                f"(model_type {config_dict.get('model_type')!r}): {exc}") from exc
+        raise HFCheckpointError(
+            f"{path}: transformers cannot read this config (model_type {config_dict.get('model_type')!r}): {exc}"
+        ) from exc
     target, device_map = resolve_device(device)
     if dtype is None:
         dtype = torch.float32 if target.type == "cpu" else "auto"
@@ -195,8 +221,10 @@ def open_model(path: Path, device: Any = None, dtype: Any = None):
     except RuntimeError as exc:
         if "mismatch" not in str(exc):
             raise
-        raise HFCheckpointError(f"{path}: the weights do not fit config.json (tensor shapes differ): restore the "
-                                "config.json saved with these weights") from exc
+        raise HFCheckpointError(
+            f"{path}: the weights do not fit config.json (tensor shapes differ): restore the "
+            "config.json saved with these weights"
+        ) from exc
     check_loading_info(info, path)
     check_finite(model.state_dict(), f"{path} (weights)")
     if device_map is None:
@@ -205,17 +233,22 @@ def open_model(path: Path, device: Any = None, dtype: Any = None):
     tokenizer = processor = None
     if is_vision_language(config_dict) and any((path / f).is_file() for f in PROCESSOR_FILES):
         from transformers import AutoProcessor
+
         processor = AutoProcessor.from_pretrained(path, **common)
         tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None and any((path / f).is_file() for f in TOKENIZER_FILES):
         from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(path, **common)
     if tokenizer is None:
-        raise HFCheckpointError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); MoEscope needs the "
-                                "model's tokenizer to turn text into tokens")
+        raise HFCheckpointError(
+            f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); MoEscope needs the "
+            "model's tokenizer to turn text into tokens"
+        )
     if is_vision_language(config_dict) and processor is None:
-        raise HFCheckpointError(f"{path}: a vision-language model without its processor files "
-                                f"({' or '.join(PROCESSOR_FILES)})")
+        raise HFCheckpointError(
+            f"{path}: a vision-language model without its processor files ({' or '.join(PROCESSOR_FILES)})"
+        )
     if device_map is not None:
         target = next(model.parameters()).device  # the first layer's device: where inputs go
     return model, tokenizer, processor, target
@@ -225,6 +258,7 @@ def check_memory(auto, config, dtype, target: torch.device, path: Path) -> None:
     """Build the model on the meta device (shapes only) and refuse it before any allocation when it
     needs more memory than ``target`` has (:mod:`mmoe_core.limits`; a device map spreads it instead)."""
     from mmoe_core.limits import check_footprint, meta_footprint
+
     if dtype == "auto":
         named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         dtype = getattr(torch, str(named).replace("torch.", ""), torch.float32) if named else torch.float32
@@ -241,14 +275,17 @@ def check_loading_info(info: dict, path: Path) -> None:
     mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or []))
     if missing or mismatched:
         names = ", ".join((missing + mismatched)[:4])
-        raise HFCheckpointError(f"{path}: the weights do not fit config.json: {len(missing)} tensor(s) missing, "
-                                f"{len(mismatched)} of another shape ({names}); restore the config.json saved with "
-                                "these weights, or the missing shards")
+        raise HFCheckpointError(
+            f"{path}: the weights do not fit config.json: {len(missing)} tensor(s) missing, "
+            f"{len(mismatched)} of another shape ({names}); restore the config.json saved with "
+            "these weights, or the missing shards"
+        )
 
 
 def load_snapshot(model: torch.nn.Module, path: Path, step: int) -> None:
     """Load snapshots/step_<N>.safetensors (the model's own state-dict keys) into ``model``."""
     from mmoe_core.checkpoint import load_into, load_state
+
     state = load_state(Path(path), snapshot=step)
     own = model.state_dict()
     state = {k: v.to(own[k].device, own[k].dtype) if k in own else v for k, v in state.items()}

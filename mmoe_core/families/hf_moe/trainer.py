@@ -10,6 +10,7 @@ Two tasks:
   [picture; context; question] as the processor renders it, the target the answer tokens and the end
   token (the prompt is not scored).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,15 +32,16 @@ from .loading import SIDECAR
 @dataclass
 class Recipe:
     """What a demo run trains; JSON-able (also the run's fingerprint)."""
-    task: str                                  # "lm" | "vl_qa"
-    arch: str = "olmoe"                        # lm: a text MoE model_type
+
+    task: str  # "lm" | "vl_qa"
+    arch: str = "olmoe"  # lm: a text MoE model_type
     steps: int = 300
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 20
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    aux_loss_coef: float = 0.01                # the config's router_aux_loss_coef
+    aux_loss_coef: float = 0.01  # the config's router_aux_loss_coef
     snapshot_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -48,11 +50,11 @@ class Recipe:
     max_length: int = 256
     image_size: int = 64
     patch_size: int = 8
-    prompt_lm_weight: float = 0.0              # vl_qa: weight of a language-model loss on the prompt's text
-    curriculum_steps: int = 0                  # vl_qa: contexts grow from the answer's sentence to the whole
-    prompt_order: str = "question_first"       # vl_qa: question_first | question_last (see encoding.vl_prompt)
-    pack_questions: bool = False               # vl_qa: all of a product's questions in one sequence (question
-                                               # last); batch_size then counts products
+    prompt_lm_weight: float = 0.0  # vl_qa: weight of a language-model loss on the prompt's text
+    curriculum_steps: int = 0  # vl_qa: contexts grow from the answer's sentence to the whole
+    prompt_order: str = "question_first"  # vl_qa: question_first | question_last (see encoding.vl_prompt)
+    pack_questions: bool = False  # vl_qa: all of a product's questions in one sequence (question
+    # last); batch_size then counts products
 
 
 def _lr_at(step: int, recipe: Recipe) -> float:
@@ -65,8 +67,11 @@ def _lr_at(step: int, recipe: Recipe) -> float:
 def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98))
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=recipe.lr,
+        betas=(0.9, 0.98),
+    )
 
 
 def _route_row(model, router_logits, valid: torch.Tensor, top_k: int) -> dict:
@@ -90,12 +95,14 @@ def _route_row(model, router_logits, valid: torch.Tensor, top_k: int) -> dict:
 
 def _train_loop(model, batches, recipe: Recipe, ckpt_dir: Path, progress: bool, top_k: int) -> list[dict]:
     from mmoe_core.checkpoint import save_snapshot
+
     opt = _optimizer(model, recipe)
     model.train()
     log, started = [], time.perf_counter()
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=recipe.steps, desc=f"hf_moe {recipe.task}", unit="step")
     for step in range(recipe.steps):
         batch = next(batches)
@@ -108,7 +115,8 @@ def _train_loop(model, batches, recipe: Recipe, ckpt_dir: Path, progress: bool, 
         if prompt_labels is not None and recipe.prompt_lm_weight:
             logits = out.logits[:, :-1]
             loss = loss + recipe.prompt_lm_weight * torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), prompt_labels[:, 1:].reshape(-1), ignore_index=-100)
+                logits.reshape(-1, logits.shape[-1]), prompt_labels[:, 1:].reshape(-1), ignore_index=-100
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if recipe.grad_clip:
@@ -116,9 +124,15 @@ def _train_loop(model, batches, recipe: Recipe, ckpt_dir: Path, progress: bool, 
         opt.step()
         if step % recipe.log_every == 0 or step == recipe.steps - 1:
             aux = float(out.aux_loss.detach()) if getattr(out, "aux_loss", None) is not None else float("nan")
-            row = {"step": step, "epoch": 0, "time_s": round(time.perf_counter() - started, 3), "lr": lr,
-                   "loss": loss.item(), "loss.balance": aux,
-                   "loss.task": out.loss.item() - recipe.aux_loss_coef * aux if aux == aux else out.loss.item()}
+            row = {
+                "step": step,
+                "epoch": 0,
+                "time_s": round(time.perf_counter() - started, 3),
+                "lr": lr,
+                "loss": loss.item(),
+                "loss.balance": aux,
+                "loss.task": out.loss.item() - recipe.aux_loss_coef * aux if aux == aux else out.loss.item(),
+            }
             row.update(_route_row(model, getattr(out, "router_logits", None), batch["attention_mask"], top_k))
             log.append(row)
             if bar is not None:
@@ -135,11 +149,16 @@ def _train_loop(model, batches, recipe: Recipe, ckpt_dir: Path, progress: bool, 
 
 def _finish(model, saver, ckpt_dir: Path, recipe: Recipe, log: list[dict], sidecar: dict, started: float) -> None:
     import pandas as pd
+
     model.save_pretrained(ckpt_dir)
     saver.save_pretrained(ckpt_dir)
     pd.DataFrame(log).to_parquet(ckpt_dir / "train_log.parquet", index=False)
-    sidecar = {**sidecar, "recipe": asdict(recipe), "train_seconds": round(time.perf_counter() - started, 1),
-               "final_loss": log[-1]["loss"] if log else None}
+    sidecar = {
+        **sidecar,
+        "recipe": asdict(recipe),
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "final_loss": log[-1]["loss"] if log else None,
+    }
     (ckpt_dir / SIDECAR).write_text(json.dumps(sidecar, indent=1))
 
 
@@ -162,17 +181,28 @@ def _seed(recipe: Recipe) -> np.random.Generator:
 # Text MoE language model
 # ------------------------------------------------------------------------------------------------
 
+
 def train_lm(data_dir: Path, ckpt_dir: Path, recipe: Recipe, progress: bool = False) -> Path:
     from transformers import AutoModelForCausalLM
+
     started = time.perf_counter()
     rng = _seed(recipe)
     examples, labels = hf_data.load_examples(data_dir, "train")
     tokenizer = build_word_tokenizer(e["text"] for e in examples)
     ids = [enc.encode_texts(tokenizer, [e["text"]], recipe.max_length)["input_ids"][0].tolist() for e in examples]
-    special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-               "eos_token_id": tokenizer.eos_token_id}
-    config = text_moe_config(recipe.arch, len(tokenizer), special_ids=special, max_positions=recipe.max_length,
-                             router_aux_loss_coef=recipe.aux_loss_coef, **recipe.model)
+    special = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    config = text_moe_config(
+        recipe.arch,
+        len(tokenizer),
+        special_ids=special,
+        max_positions=recipe.max_length,
+        router_aux_loss_coef=recipe.aux_loss_coef,
+        **recipe.model,
+    )
     model = AutoModelForCausalLM.from_config(config)
     ckpt_dir = _fresh_dir(ckpt_dir)
     pad = enc.pad_id(tokenizer)
@@ -181,12 +211,20 @@ def train_lm(data_dir: Path, ckpt_dir: Path, recipe: Recipe, progress: bool = Fa
         while True:
             order = rng.permutation(len(ids))
             for start in range(0, len(order) - recipe.batch_size + 1, recipe.batch_size):
-                rows = [ids[int(i)] + [tokenizer.eos_token_id] for i in order[start:start + recipe.batch_size]]
+                rows = [ids[int(i)] + [tokenizer.eos_token_id] for i in order[start : start + recipe.batch_size]]
                 batch = enc.pad_left(rows, pad)
                 yield {**batch, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)}
+
     log = _train_loop(model, batches(), recipe, ckpt_dir, progress, config.num_experts_per_tok)
-    _finish(model, tokenizer, ckpt_dir, recipe, log,
-            {"task": "lm", "data_dir": str(data_dir), "labels": [_label_dict(lab) for lab in labels]}, started)
+    _finish(
+        model,
+        tokenizer,
+        ckpt_dir,
+        recipe,
+        log,
+        {"task": "lm", "data_dir": str(data_dir), "labels": [_label_dict(lab) for lab in labels]},
+        started,
+    )
     return ckpt_dir
 
 
@@ -199,6 +237,7 @@ def _label_dict(label) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Vision-language MoE answering product-QA questions
 # ------------------------------------------------------------------------------------------------
+
 
 def _qa_texts(examples: list[dict]) -> list[str]:
     return [enc.prompt_text(e) + " answer : " + (e.get("answer") or "") for e in examples]
@@ -239,8 +278,13 @@ def qa_row(processor, group: list[dict], order: str, text: str | None = None) ->
         answer = tok(" " + (e.get("answer") or ""), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ids, label = ids + answer, label + [1] * len(answer)
     mm = mm + [0] * (len(ids) - len(mm))
-    return {"ids": ids, "label": label, "mm": mm, "pixels": prompt.get("pixel_values"),
-            "thw": prompt.get("image_grid_thw")}
+    return {
+        "ids": ids,
+        "label": label,
+        "mm": mm,
+        "pixels": prompt.get("pixel_values"),
+        "thw": prompt.get("image_grid_thw"),
+    }
 
 
 def qa_groups(examples: list[dict], pack: bool, rng: np.random.Generator) -> list[list[int]]:
@@ -280,13 +324,19 @@ def qa_batch(rows: list[dict], pad: int, prompt_labels: bool = False) -> dict:
 
 def train_vl_qa(data_dir: Path, ckpt_dir: Path, recipe: Recipe, progress: bool = False) -> Path:
     from transformers import AutoModelForImageTextToText
+
     started = time.perf_counter()
     rng = _seed(recipe)
     examples, labels = hf_data.load_examples(data_dir, "train")
     tokenizer = build_word_tokenizer(_qa_texts(examples), vision=True)
     processor = build_vl_processor(tokenizer, image_size=recipe.image_size, patch_size=recipe.patch_size)
-    config = vl_moe_config(tokenizer, image_size=recipe.image_size, patch_size=recipe.patch_size,
-                           router_aux_loss_coef=recipe.aux_loss_coef, **recipe.model)
+    config = vl_moe_config(
+        tokenizer,
+        image_size=recipe.image_size,
+        patch_size=recipe.patch_size,
+        router_aux_loss_coef=recipe.aux_loss_coef,
+        **recipe.model,
+    )
     model = AutoModelForImageTextToText.from_config(config)
     model.config.router_aux_loss_coef = recipe.aux_loss_coef
     ckpt_dir = _fresh_dir(ckpt_dir)
@@ -299,24 +349,38 @@ def train_vl_qa(data_dir: Path, ckpt_dir: Path, recipe: Recipe, progress: bool =
         step = 0
         while True:
             for start in range(0, len(groups) - recipe.batch_size + 1, recipe.batch_size):
-                picked = [int(i) for i in perm[start:start + recipe.batch_size]]
+                picked = [int(i) for i in perm[start : start + recipe.batch_size]]
                 if step < recipe.curriculum_steps:
                     share = (step + 1) / recipe.curriculum_steps
                     chosen = []
                     for g in picked:
                         group = [examples[i] for i in groups[g]]
-                        text = short_context(group[0].get("text") or "", [e.get("answer") or "" for e in group],
-                                             share, rng)
+                        text = short_context(
+                            group[0].get("text") or "", [e.get("answer") or "" for e in group], share, rng
+                        )
                         chosen.append(qa_row(processor, group, order, text))
                 else:
                     chosen = [rows[g] for g in picked]
                 step += 1
                 yield qa_batch(chosen, pad, prompt_labels=recipe.prompt_lm_weight > 0)
             perm[:] = rng.permutation(len(groups))
+
     perm = rng.permutation(len(groups))
     top_k = config.text_config.num_experts_per_tok
     log = _train_loop(model, batches(), recipe, ckpt_dir, progress, top_k)
-    _finish(model, processor, ckpt_dir, recipe, log,
-            {"task": "vl_qa", "data_dir": str(data_dir), "max_answer_tokens": 6, "prompt_order": order,
-             "labels": [_label_dict(lab) for lab in labels]}, started)
+    _finish(
+        model,
+        processor,
+        ckpt_dir,
+        recipe,
+        log,
+        {
+            "task": "vl_qa",
+            "data_dir": str(data_dir),
+            "max_answer_tokens": 6,
+            "prompt_order": order,
+            "labels": [_label_dict(lab) for lab in labels],
+        },
+        started,
+    )
     return ckpt_dir

@@ -1,4 +1,5 @@
 """The MMoE adapter: what the dashboard sees of an MMoE checkpoint (mmoe_core.adapter's contract)."""
+
 from __future__ import annotations
 
 import math
@@ -65,76 +66,121 @@ class MMoEAdapter(ModelAdapter):
     title = "MMoE: multimodal entity linking"
 
     def fields(self) -> list[ExampleField]:
-        return [ExampleField("sentence", "Mention sentence", "text", editable=True, role="title", max_chars=300),
-                ExampleField("mention", "Mention", "text"),
-                ExampleField("image", "Mention picture", "image", editable=True),
-                ExampleField("gold_name", "Gold entity", "text", role="gold"),
-                ExampleField("gold_qid", "Gold entity id", "id")]
+        return [
+            ExampleField("sentence", "Mention sentence", "text", editable=True, role="title", max_chars=300),
+            ExampleField("mention", "Mention", "text"),
+            ExampleField("image", "Mention picture", "image", editable=True),
+            ExampleField("gold_name", "Gold entity", "text", role="gold"),
+            ExampleField("gold_qid", "Gold entity id", "id"),
+        ]
 
     def _gate(self) -> GateSpec:
         cfg = self.model.cfg
         if cfg.gate == "mmoe_reference":
-            return GateSpec("mmoe_reference", "softmax", "batch_column", batch_dependent=True,
-                            capacity=cfg.capacity_factor,
-                            note="published SwitchGate: top-k mask scattered along the sequence axis, columns "
-                                 "normalised over the batch and multiplied by int(capacity x batch size); only "
-                                 f"positions 0..{cfg.num_experts - 1} and expert columns 0..{cfg.top_k - 1} "
-                                 "can get weight")
+            return GateSpec(
+                "mmoe_reference",
+                "softmax",
+                "batch_column",
+                batch_dependent=True,
+                capacity=cfg.capacity_factor,
+                note="published SwitchGate: top-k mask scattered along the sequence axis, columns "
+                "normalised over the batch and multiplied by int(capacity x batch size); only "
+                f"positions 0..{cfg.num_experts - 1} and expert columns 0..{cfg.top_k - 1} "
+                "can get weight",
+            )
         return GateSpec("topk_softmax", "softmax", "topk_renormalised")
 
     def input_spec(self) -> list[InputSpec]:
         side = int(round(math.sqrt(self.towers.num_patches)))
-        return [InputSpec("mention_text", "text_tokens", "mention [SEP] sentence (token embeddings)", field="sentence"),
-                InputSpec("mention_image", "image_patches", "mention picture (patch embeddings)", field="image",
-                          grid=ImageGrid(side, side, 0))]
+        return [
+            InputSpec("mention_text", "text_tokens", "mention [SEP] sentence (token embeddings)", field="sentence"),
+            InputSpec(
+                "mention_image",
+                "image_patches",
+                "mention picture (patch embeddings)",
+                field="image",
+                grid=ImageGrid(side, side, 0),
+            ),
+        ]
 
     def routed_layers(self) -> list[RoutedLayerSpec]:
         cfg = self.model.cfg
         e, k, g = cfg.num_experts, cfg.top_k, self._gate()
         return [
-            RoutedLayerSpec("text_intra", e, k, g, "[text CLS; text tokens]", "the same sequence",
-                            ("entity", "mention")),
-            RoutedLayerSpec("image_intra", e, k, g, "[image CLS; ViT CLS; patches]", "the same sequence",
-                            ("entity", "mention")),
-            RoutedLayerSpec("cross_inter", e, k, g,
-                            "[text CLS; image tokens] and [image CLS; text tokens]",
-                            "the other modality: [image CLS; text tokens] and [text CLS; image tokens]",
-                            tuple(f"{s}:{d}" for s in ("entity", "mention") for d in (TEXT_TO_IMAGE, IMAGE_TO_TEXT))),
+            RoutedLayerSpec(
+                "text_intra", e, k, g, "[text CLS; text tokens]", "the same sequence", ("entity", "mention")
+            ),
+            RoutedLayerSpec(
+                "image_intra", e, k, g, "[image CLS; ViT CLS; patches]", "the same sequence", ("entity", "mention")
+            ),
+            RoutedLayerSpec(
+                "cross_inter",
+                e,
+                k,
+                g,
+                "[text CLS; image tokens] and [image CLS; text tokens]",
+                "the other modality: [image CLS; text tokens] and [text CLS; image tokens]",
+                tuple(f"{s}:{d}" for s in ("entity", "mention") for d in (TEXT_TO_IMAGE, IMAGE_TO_TEXT)),
+            ),
         ]
 
     def prediction_spec(self) -> PredictionSpec:
-        return PredictionSpec("ranking", "rank of the gold entity among all KB entities (1 = best)",
-                              headline=("Hits@1", "MRR", "Hits@5", "MR"), item="entity")
+        return PredictionSpec(
+            "ranking",
+            "rank of the gold entity among all KB entities (1 = best)",
+            headline=("Hits@1", "MRR", "Hits@5", "MR"),
+            item="entity",
+        )
 
     def attribution_targets(self) -> list[AttributionTarget]:
-        return [AttributionTarget("score", "matching score of the gold entity (the predicted one when there is "
-                                           "no gold; example['target_entity'] overrides)"),
-                AttributionTarget("router_logit", "router logit of (layer, expert, position) on the mention side",
-                                  needs_layer=True)]
+        return [
+            AttributionTarget(
+                "score",
+                "matching score of the gold entity (the predicted one when there is "
+                "no gold; example['target_entity'] overrides)",
+            ),
+            AttributionTarget(
+                "router_logit", "router logit of (layer, expert, position) on the mention side", needs_layer=True
+            ),
+        ]
 
     def output_spec(self) -> list[OutputSpec]:
-        return [OutputSpec("unit_scores", "named_scores",
-                           "text, image and cross unit scores of the top-1 entity per example")]
+        return [
+            OutputSpec(
+                "unit_scores", "named_scores", "text, image and cross unit scores of the top-1 entity per example"
+            )
+        ]
 
     def label_spec(self) -> list[LabelSpec]:
-        return [LabelSpec("decisive", "which modality decides the mention (generated with the world)",
-                          ground_truth=True,
-                          decides={"text": ("mention_text",), "image": ("mention_image",)}),
-                LabelSpec("entity_type", "type of the gold entity", ground_truth=True),
-                LabelSpec("has_image", "whether the mention has a picture")]
+        return [
+            LabelSpec(
+                "decisive",
+                "which modality decides the mention (generated with the world)",
+                ground_truth=True,
+                decides={"text": ("mention_text",), "image": ("mention_image",)},
+            ),
+            LabelSpec("entity_type", "type of the gold entity", ground_truth=True),
+            LabelSpec("has_image", "whether the mention has a picture"),
+        ]
 
     def model_card(self) -> dict[str, str]:
         cfg = self.model.cfg
-        return {"encoder": str(cfg.encoder.get("name", cfg.encoder.get("kind", ""))),
-                "experts": f"{cfg.num_experts} per layer, top-{cfg.top_k}", "gate": cfg.gate,
-                "mention text": cfg.mention_desc, "dispatch": cfg.dispatch}
+        return {
+            "encoder": str(cfg.encoder.get("name", cfg.encoder.get("kind", ""))),
+            "experts": f"{cfg.num_experts} per layer, top-{cfg.top_k}",
+            "gate": cfg.gate,
+            "mention text": cfg.mention_desc,
+            "dispatch": cfg.dispatch,
+        }
 
     def notes(self) -> list[str]:
         if self.model.cfg.gate != "mmoe_reference":
             return []
-        return ["This run uses the published MEL-MMoE `SwitchGate` (`gate=\"mmoe_reference\"`): it normalises "
-                "each expert column over the batch and scatters its top-k mask along the sequence axis, so most "
-                "positions get no expert weight and one example's routing depends on its batch."]
+        return [
+            'This run uses the published MEL-MMoE `SwitchGate` (`gate="mmoe_reference"`): it normalises '
+            "each expert column over the batch and scatters its top-k mask along the sequence axis, so most "
+            "positions get no expert weight and one example's routing depends on its batch."
+        ]
 
     # ---- data ------------------------------------------------------------------------------------
     def set_dataset(self, dataset) -> None:
@@ -171,7 +217,8 @@ class MMoEAdapter(ModelAdapter):
             kb = self.kb()
             with torch.no_grad():
                 self._entity_cache[key] = self.model.encode_entities(
-                    kb.ids.to(self.device), kb.first_pixels.to(self.device), recorder=None)
+                    kb.ids.to(self.device), kb.first_pixels.to(self.device), recorder=None
+                )
         return self._entity_cache[key]
 
     def entity_routing_calls(self) -> list:
@@ -184,8 +231,9 @@ class MMoEAdapter(ModelAdapter):
         if key not in self._entity_calls:
             kb, recorder = self.kb(), RoutingRecorder()
             with torch.no_grad():
-                features = self.model.encode_entities(kb.ids.to(self.device), kb.first_pixels.to(self.device),
-                                                      recorder=recorder)
+                features = self.model.encode_entities(
+                    kb.ids.to(self.device), kb.first_pixels.to(self.device), recorder=recorder
+                )
             self._entity_cache.setdefault(key, features)
             self._entity_calls[key] = list(recorder.calls)
         return self._entity_calls[key]
@@ -199,8 +247,9 @@ class MMoEAdapter(ModelAdapter):
             descs = {i: examples[i].get("dataset_desc") for i in todo}
         elif mode == "dme" and todo:
             descs = dict(zip(todo, choose_for_examples(self, [examples[i] for i in todo], self.dme_chooser)))
-        return [ex.get("text") or mention_text(ex["mention"], ex["sentence"], descs[i])
-                for i, ex in enumerate(examples)]
+        return [
+            ex.get("text") or mention_text(ex["mention"], ex["sentence"], descs[i]) for i, ex in enumerate(examples)
+        ]
 
     def _inputs(self, examples: Sequence[dict], texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         ids = self.towers.tokenize(texts)
@@ -208,9 +257,11 @@ class MMoEAdapter(ModelAdapter):
         return ids.to(self.device), pixels_for(self.towers, images).to(self.device)
 
     # ---- running ---------------------------------------------------------------------------------
-    def run(self, examples: Sequence[dict], record: bool = True, batch_size: int = 32,
-            progress: bool = False) -> RunOutput:
+    def run(
+        self, examples: Sequence[dict], record: bool = True, batch_size: int = 32, progress: bool = False
+    ) -> RunOutput:
         from tqdm import tqdm
+
         recorder = RoutingRecorder() if record else None
         kb = self.kb()
         if recorder is not None:
@@ -221,8 +272,8 @@ class MMoEAdapter(ModelAdapter):
         bar = tqdm(total=len(examples), desc="mmoe run", unit="ex", disable=not progress, file=sys.stderr)
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
-                batch = examples[start:start + batch_size]
-                ids, pixels = self._inputs(batch, texts[start:start + batch_size])
+                batch = examples[start : start + batch_size]
+                ids, pixels = self._inputs(batch, texts[start : start + batch_size])
                 mentions = self.model.encode_mentions(ids, pixels, [ex["index"] for ex in batch], recorder)
                 scores = self.model.match(entities, mentions, self.modalities)
                 predictions += self._predictions(batch, scores, kb)
@@ -244,26 +295,36 @@ class MMoEAdapter(ModelAdapter):
             gold = golds[row]
             units = {u: float(getattr(scores, u)[row, pred]) for u in scores.modalities}
             top = [int(i) for i in top_ids[row]]
-            out.append({
-                "index": ex["index"], "id": ex.get("id", str(ex["index"])),
-                "prediction": kb.names[pred], "prediction_id": pred, "prediction_qid": kb.qids[pred],
-                "score": float(top_scores[row, 0]),
-                "gold": kb.names[gold] if has_gold[row] else None, "gold_id": gold,
-                "gold_score": float(overall[row, gold]) if has_gold[row] else None,
-                "rank": int(ranks[row]) if has_gold[row] else None,
-                "correct": (int(ranks[row]) == 1) if has_gold[row] else None,
-                "top_ids": top, "top_names": [kb.names[i] for i in top], "top_qids": [kb.qids[i] for i in top],
-                "top_scores": [float(s) for s in top_scores[row]],
-                "unit_scores": units,
-            })
+            out.append(
+                {
+                    "index": ex["index"],
+                    "id": ex.get("id", str(ex["index"])),
+                    "prediction": kb.names[pred],
+                    "prediction_id": pred,
+                    "prediction_qid": kb.qids[pred],
+                    "score": float(top_scores[row, 0]),
+                    "gold": kb.names[gold] if has_gold[row] else None,
+                    "gold_id": gold,
+                    "gold_score": float(overall[row, gold]) if has_gold[row] else None,
+                    "rank": int(ranks[row]) if has_gold[row] else None,
+                    "correct": (int(ranks[row]) == 1) if has_gold[row] else None,
+                    "top_ids": top,
+                    "top_names": [kb.names[i] for i in top],
+                    "top_qids": [kb.qids[i] for i in top],
+                    "top_scores": [float(s) for s in top_scores[row]],
+                    "unit_scores": units,
+                }
+            )
         return out
 
     def summarize(self, predictions: Sequence[dict], examples: Sequence[dict]) -> dict:
         by_index = {ex["index"]: ex for ex in examples}
         ranked = [p for p in predictions if p.get("rank") is not None]
         ranks = [p["rank"] for p in ranked]
-        slices = {label: [by_index[p["index"]].get("labels", {}).get(label, "unknown") for p in ranked]
-                  for label in ("decisive", "has_image")}
+        slices = {
+            label: [by_index[p["index"]].get("labels", {}).get(label, "unknown") for p in ranked]
+            for label in ("decisive", "has_image")
+        }
         summary = summarize_ranks(ranks, slices)
         summary["modalities"] = list(self.modalities)
         summary["num_entities"] = len(self.kb().names) if self.dataset is not None else None
@@ -276,14 +337,18 @@ class MMoEAdapter(ModelAdapter):
     def attribution_inputs(self, example: dict) -> dict[str, Tensor]:
         ids, pixels = self._example_inputs(example)
         with torch.no_grad():
-            return {"mention_text": self.towers.embed_text_tokens(ids),
-                    "mention_image": self.towers.embed_image_patches(pixels)}
+            return {
+                "mention_text": self.towers.embed_text_tokens(ids),
+                "mention_image": self.towers.embed_image_patches(pixels),
+            }
 
     def input_labels(self, example: dict) -> dict[str, list[str]]:
         ids, _ = self._example_inputs(example)
         grid = int(round(math.sqrt(self.towers.num_patches)))
-        return {"mention_text": self.towers.token_strings(ids.cpu())[0],
-                "mention_image": [f"patch {r},{c}" for r in range(grid) for c in range(grid)]}
+        return {
+            "mention_text": self.towers.token_strings(ids.cpu())[0],
+            "mention_image": [f"patch {r},{c}" for r in range(grid) for c in range(grid)],
+        }
 
     def target_entity(self, example: dict) -> int:
         """The entity whose score is attributed: example['target_entity'], else the gold, else the top-1."""
@@ -292,9 +357,15 @@ class MMoEAdapter(ModelAdapter):
                 return int(example[key])
         return int(self.run([example], record=False).predictions[0]["prediction_id"])
 
-    def attribution_forward(self, example: dict, target: str, layer: str | None = None,
-                            expert: int | None = None, position: int | None = None,
-                            call: str | None = None) -> Callable[..., Tensor]:
+    def attribution_forward(
+        self,
+        example: dict,
+        target: str,
+        layer: str | None = None,
+        expert: int | None = None,
+        position: int | None = None,
+        call: str | None = None,
+    ) -> Callable[..., Tensor]:
         ids, pixels = self._example_inputs(example)
         model = self.model
         if target == "score":
@@ -303,8 +374,9 @@ class MMoEAdapter(ModelAdapter):
 
             def one(text_emb: Tensor, patch_emb: Tensor) -> Tensor:
                 n = text_emb.shape[0]
-                men = model.encode_mentions(ids.expand(n, -1), pixels.expand(n, -1, -1, -1),
-                                            token_embeds=text_emb, patch_embeds=patch_emb)
+                men = model.encode_mentions(
+                    ids.expand(n, -1), pixels.expand(n, -1, -1, -1), token_embeds=text_emb, patch_embeds=patch_emb
+                )
                 return model.match(entity, men, modalities).overall[:, 0]
         elif target == "router_logit":
             if layer is None or expert is None or position is None:
@@ -316,8 +388,13 @@ class MMoEAdapter(ModelAdapter):
             def one(text_emb: Tensor, patch_emb: Tensor) -> Tensor:
                 n = text_emb.shape[0]
                 rec = RoutingRecorder(keep_graph=True)
-                model.encode_mentions(ids.expand(n, -1), pixels.expand(n, -1, -1, -1), recorder=rec,
-                                      token_embeds=text_emb, patch_embeds=patch_emb)
+                model.encode_mentions(
+                    ids.expand(n, -1),
+                    pixels.expand(n, -1, -1, -1),
+                    recorder=rec,
+                    token_embeds=text_emb,
+                    patch_embeds=patch_emb,
+                )
                 hits = [c for c in rec.calls if c.layer == layer and c.meta is not None and c.meta.call == call]
                 if not hits:
                     raise KeyError(f"no call {call!r} of layer {layer!r}")
@@ -331,5 +408,6 @@ class MMoEAdapter(ModelAdapter):
         def row_by_row(text_emb: Tensor, patch_emb: Tensor) -> Tensor:
             # The reference gate normalises over the batch: evaluate each row alone so that the
             # attribution of one input never depends on the other rows (e.g. IG's interpolation steps).
-            return torch.cat([one(text_emb[i:i + 1], patch_emb[i:i + 1]) for i in range(text_emb.shape[0])])
+            return torch.cat([one(text_emb[i : i + 1], patch_emb[i : i + 1]) for i in range(text_emb.shape[0])])
+
         return row_by_row

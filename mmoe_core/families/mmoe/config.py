@@ -9,6 +9,7 @@ Config names and the published ones (MEL-MMoE ``config/*.yaml``, ``model:`` sect
 Named configs live in ``model_configs/*.json`` (read by :mod:`mmoe_core.factory`); a trainer starts
 from one of them (``family_options["model_config"]``) or from the defaults below.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,19 +29,20 @@ SEP = " [SEP] "
 @dataclass
 class MMoEConfig:
     """The ``model`` section of an MMoE checkpoint's config.json."""
+
     encoder: dict = field(default_factory=lambda: EncoderSpec().to_dict())
-    image_dim: int = 32          # dv: image CLS and patch features after image_cls_fc / image_tokens_fc
-    text_hidden: int = 32        # TGLU_hidden_dim: text IntraMoE output
-    image_hidden: int = 32       # IDLU_hidden_dim: image IntraMoE output (published shapes need == image_dim)
-    cross_hidden: int = 32       # CMFU_hidden_dim: InterMoE width
+    image_dim: int = 32  # dv: image CLS and patch features after image_cls_fc / image_tokens_fc
+    text_hidden: int = 32  # TGLU_hidden_dim: text IntraMoE output
+    image_hidden: int = 32  # IDLU_hidden_dim: image IntraMoE output (published shapes need == image_dim)
+    cross_hidden: int = 32  # CMFU_hidden_dim: InterMoE width
     num_experts: int = 4
     top_k: int = 3
-    gate: str = "topk_softmax"   # "topk_softmax" | "mmoe_reference"
+    gate: str = "topk_softmax"  # "topk_softmax" | "mmoe_reference"
     capacity_factor: float = 1.0
-    expert_mult: float = 4       # expert FFN inner width = mult * input width (published: 4)
-    dispatch: str = "dense"      # "dense" (published) | "sparse" (same result)
+    expert_mult: float = 4  # expert FFN inner width = mult * input width (published: 4)
+    dispatch: str = "dense"  # "dense" (published) | "sparse" (same result)
     entity_chunk_size: int = 6000  # entities encoded per MoE call at eval (published eval_chunk_size)
-    mention_desc: str = "none"   # what follows the sentence in a mention's text: none | dataset | dme
+    mention_desc: str = "none"  # what follows the sentence in a mention's text: none | dataset | dme
 
     @staticmethod
     def from_dict(d: dict) -> MMoEConfig:
@@ -54,16 +56,23 @@ class MMoEConfig:
         return asdict(self)
 
 
-
 # What a checkpoint's "model" section may hold (config.json is untrusted: mmoe_core.limits).
 LIMITS: dict[str, Limit] = {
-    "image_dim": Limit(1, 16384), "text_hidden": Limit(1, 16384), "image_hidden": Limit(1, 16384),
-    "cross_hidden": Limit(1, 16384), "num_experts": Limit(1, 1024), "top_k": Limit(1, 1024),
-    "capacity_factor": Limit(0.0, 1024.0, float), "expert_mult": Limit(0.0625, 64.0, float),
+    "image_dim": Limit(1, 16384),
+    "text_hidden": Limit(1, 16384),
+    "image_hidden": Limit(1, 16384),
+    "cross_hidden": Limit(1, 16384),
+    "num_experts": Limit(1, 1024),
+    "top_k": Limit(1, 1024),
+    "capacity_factor": Limit(0.0, 1024.0, float),
+    "expert_mult": Limit(0.0625, 64.0, float),
     "entity_chunk_size": Limit(1, 10_000_000),
 }
-CHOICES = {"gate": ("topk_softmax", "mmoe_reference"), "dispatch": ("dense", "sparse"),
-           "mention_desc": ("none", "dataset", "dme")}
+CHOICES = {
+    "gate": ("topk_softmax", "mmoe_reference"),
+    "dispatch": ("dense", "sparse"),
+    "mention_desc": ("none", "dataset", "dme"),
+}
 
 
 def check_model_config(config: dict, where: str) -> None:

@@ -1,4 +1,5 @@
 """What the MMoE model reads: entity and mention texts, images, the KB's inputs, and adapter examples."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ def _open_image(path):
 
         def load_image(p):
             return Image.open(p).convert("RGB")
+
     return load_image(path)
 
 
@@ -48,10 +50,11 @@ def pixels_for(towers: ClipTowers, images: Sequence) -> Tensor:
 @dataclass
 class KBInputs:
     """Tokenised texts and preprocessed images of every KB entity (row = entity index)."""
-    ids: Tensor                   # [N, L]
-    first_pixels: Tensor          # [N, 3, S, S] the first image (eval, as published), zeros if none
-    all_pixels: Tensor            # [M, 3, S, S] every image of every entity (training only; else empty)
-    image_rows: list[list[int]]   # rows of all_pixels per entity (empty: no image)
+
+    ids: Tensor  # [N, L]
+    first_pixels: Tensor  # [N, 3, S, S] the first image (eval, as published), zeros if none
+    all_pixels: Tensor  # [M, 3, S, S] every image of every entity (training only; else empty)
+    image_rows: list[list[int]]  # rows of all_pixels per entity (empty: no image)
     names: list[str]
     qids: list[str]
 
@@ -66,21 +69,22 @@ def kb_inputs(towers: ClipTowers, entities: Sequence, all_images: bool = False) 
     zero = torch.zeros(1, 3, towers.image_size, towers.image_size)
     if not all_images:
         first = pixels_for(towers, [e.images[0] if e.images else None for e in entities])
-        return KBInputs(ids, first, zero[:0], [[] for _ in entities], [e.name for e in entities],
-                        [e.id for e in entities])
+        return KBInputs(
+            ids, first, zero[:0], [[] for _ in entities], [e.name for e in entities], [e.id for e in entities]
+        )
     paths, rows = [], []
     for e in entities:
         rows.append(list(range(len(paths), len(paths) + len(e.images))))
         paths.extend(e.images)
     all_pixels = pixels_for(towers, paths)
-    first = torch.cat([all_pixels[r[0]:r[0] + 1] if r else zero for r in rows]) if rows else zero[:0]
+    first = torch.cat([all_pixels[r[0] : r[0] + 1] if r else zero for r in rows]) if rows else zero[:0]
     return KBInputs(ids, first, all_pixels, rows, [e.name for e in entities], [e.id for e in entities])
-
 
 
 # ---------------------------------------------------------------------------------------------
 # Examples (the adapter's vocabulary) from an entity dataset
 # ---------------------------------------------------------------------------------------------
+
 
 def _entity_type(dataset, mention) -> str:
     gt = (dataset.ground_truth or {}).get("mentions", {}).get(mention.id, {}) if dataset.ground_truth else {}
@@ -92,19 +96,30 @@ def examples_from_dataset(dataset, split: str) -> list[dict]:
     examples = []
     for i, m in enumerate(dataset.splits[split]):
         group = dataset.name_groups.get(m.mention) or dataset.name_groups.get(m.entity_name) or []  # shares its name
-        examples.append({
-            "index": i, "id": m.id, "split": split,
-            "labels": {"decisive": m.decisive or "unknown", "entity_type": _entity_type(dataset, m),
-                       "has_image": "yes" if m.image is not None else "no"},
-            "mention": m.mention, "sentence": m.sentence, "dataset_desc": m.desc,
-            "image_path": str(m.image) if m.image is not None else None,
-            "gold_index": int(m.answer_index), "gold_qid": m.answer_qid, "gold_name": m.entity_name,
-            "candidates": [e.index for e in group],
-        })
+        examples.append(
+            {
+                "index": i,
+                "id": m.id,
+                "split": split,
+                "labels": {
+                    "decisive": m.decisive or "unknown",
+                    "entity_type": _entity_type(dataset, m),
+                    "has_image": "yes" if m.image is not None else "no",
+                },
+                "mention": m.mention,
+                "sentence": m.sentence,
+                "dataset_desc": m.desc,
+                "image_path": str(m.image) if m.image is not None else None,
+                "gold_index": int(m.answer_index),
+                "gold_qid": m.answer_qid,
+                "gold_name": m.entity_name,
+                "candidates": [e.index for e in group],
+            }
+        )
     return examples
 
 
 def read_dataset(data_dir: Path, splits: Sequence[str] = ("train", "dev", "test")):
     from mmoe_core.data.readers import read_entity_dataset
-    return read_entity_dataset(Path(data_dir), splits=tuple(splits))
 
+    return read_entity_dataset(Path(data_dir), splits=tuple(splits))

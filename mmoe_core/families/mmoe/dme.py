@@ -7,6 +7,7 @@ A *chooser* is any callable ``chooser(mention_text, candidate_descs) -> index`` 
 a rule, a person). Offline, :class:`EmbeddingChooser` uses the model's own text tower: cosine similarity
 between the mention's text CLS and each candidate's entity-text CLS (``name [SEP] desc``), batched.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -37,7 +38,7 @@ class EmbeddingChooser:
         self.model.eval()
         out = []
         for a in range(0, len(texts), self.batch_size):
-            ids = towers.tokenize(texts[a:a + self.batch_size]).to(self.device)
+            ids = towers.tokenize(texts[a : a + self.batch_size]).to(self.device)
             out.append(towers.encode_text(ids)[0].float().cpu())
         self.model.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, towers.embed_dim)
@@ -51,12 +52,15 @@ class EmbeddingChooser:
         texts = sorted(set(mentions) | {d for c in candidates for d in c})
         row = {t: i for i, t in enumerate(texts)}
         vectors = self.embed(texts)
-        return [best_by_similarity(vectors[row[m]], vectors[[row[d] for d in c]]) if c else None
-                for m, c in zip(mentions, candidates)]
+        return [
+            best_by_similarity(vectors[row[m]], vectors[[row[d] for d in c]]) if c else None
+            for m, c in zip(mentions, candidates)
+        ]
 
 
-def choose_descriptions(mentions: Sequence[str], candidates: Sequence[Sequence[str]], chooser: Chooser
-                        ) -> list[int | None]:
+def choose_descriptions(
+    mentions: Sequence[str], candidates: Sequence[Sequence[str]], chooser: Chooser
+) -> list[int | None]:
     """Index of the chosen description per mention (None when it has no candidate)."""
     many = getattr(chooser, "choose_many", None)
     if callable(many):

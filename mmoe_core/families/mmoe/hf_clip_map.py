@@ -47,6 +47,7 @@ Text length: HF CLIP has 77 position embeddings, the published data pipeline pad
 the InterMoE needs). The towers tokenise to ``context_length`` (from the spec) and use the first
 ``context_length`` position embeddings, as HF does.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,7 +63,7 @@ from mmoe_core.encoders import CLIP_MEAN, CLIP_STD, ClipTowers, EncoderSpec
 
 KIND = "hf_clip"
 OPENAI_PAD_TOKEN_ID = 49407  # "<|endoftext|>": the OpenAI CLIP tokenizer pads with its end-of-text token
-DEFAULT_HEAD_WIDTH = 64      # every OpenAI CLIP: heads = width // 64 (B/32: 12 vision, 8 text heads)
+DEFAULT_HEAD_WIDTH = 64  # every OpenAI CLIP: heads = width // 64 (B/32: 12 vision, 8 text heads)
 
 
 class HFClipMapError(ValueError):
@@ -75,11 +76,16 @@ class HFClipMapError(ValueError):
 
 _LAYER_RE = re.compile(r"^(text_model|vision_model)\.encoder\.layers\.(\d+)\.(.+)$")
 _LAYER_PARTS = {
-    "layer_norm1.weight": "ln_1.weight", "layer_norm1.bias": "ln_1.bias",
-    "layer_norm2.weight": "ln_2.weight", "layer_norm2.bias": "ln_2.bias",
-    "mlp.fc1.weight": "mlp.c_fc.weight", "mlp.fc1.bias": "mlp.c_fc.bias",
-    "mlp.fc2.weight": "mlp.c_proj.weight", "mlp.fc2.bias": "mlp.c_proj.bias",
-    "self_attn.out_proj.weight": "attn.out_proj.weight", "self_attn.out_proj.bias": "attn.out_proj.bias",
+    "layer_norm1.weight": "ln_1.weight",
+    "layer_norm1.bias": "ln_1.bias",
+    "layer_norm2.weight": "ln_2.weight",
+    "layer_norm2.bias": "ln_2.bias",
+    "mlp.fc1.weight": "mlp.c_fc.weight",
+    "mlp.fc1.bias": "mlp.c_fc.bias",
+    "mlp.fc2.weight": "mlp.c_proj.weight",
+    "mlp.fc2.bias": "mlp.c_proj.bias",
+    "self_attn.out_proj.weight": "attn.out_proj.weight",
+    "self_attn.out_proj.bias": "attn.out_proj.bias",
 }
 _QKV_RE = re.compile(r"^self_attn\.([qkv])_proj\.(weight|bias)$")
 _PLAIN = {
@@ -135,7 +141,8 @@ def hf_clip_to_open_clip(hf: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], l
             unmapped.extend(k for k, _ in parts.values())
             continue
         out[f"{_tower_prefix(model)}{layer}.attn.in_proj_{kind}"] = torch.cat(
-            [parts["q"][1], parts["k"][1], parts["v"][1]], dim=0)
+            [parts["q"][1], parts["k"][1], parts["v"][1]], dim=0
+        )
     return out, sorted(unmapped)
 
 
@@ -169,6 +176,7 @@ def open_clip_to_hf_clip(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 # Sizes from the weights
 # ---------------------------------------------------------------------------------------------
 
+
 def _count_layers(hf: Mapping[str, Tensor], model: str) -> int:
     layers = {int(m.group(2)) for k in hf if (m := _LAYER_RE.match(k)) and m.group(1) == model}
     return max(layers) + 1 if layers else 0
@@ -180,21 +188,35 @@ def _heads(width: int, given: int | None, what: str) -> int:
             raise HFClipMapError(f"{what} width {width} is not divisible by {given} heads")
         return int(given)
     if width % DEFAULT_HEAD_WIDTH:
-        raise HFClipMapError(f"cannot infer the {what} heads from the weights (width {width} is not a multiple of "
-                             f"{DEFAULT_HEAD_WIDTH}): pass them (--{what}-heads)")
+        raise HFClipMapError(
+            f"cannot infer the {what} heads from the weights (width {width} is not a multiple of "
+            f"{DEFAULT_HEAD_WIDTH}): pass them (--{what}-heads)"
+        )
     return width // DEFAULT_HEAD_WIDTH
 
 
-def hf_clip_encoder_spec(hf: Mapping[str, Tensor], *, context_length: int | None = None,
-                         text_heads: int | None = None, vision_heads: int | None = None,
-                         pad_token_id: int = OPENAI_PAD_TOKEN_ID, name: str | None = None) -> dict:
+def hf_clip_encoder_spec(
+    hf: Mapping[str, Tensor],
+    *,
+    context_length: int | None = None,
+    text_heads: int | None = None,
+    vision_heads: int | None = None,
+    pad_token_id: int = OPENAI_PAD_TOKEN_ID,
+    name: str | None = None,
+) -> dict:
     """An ``EncoderSpec`` dict (kind ``hf_clip``) with every size read off HF CLIP weights. Head counts are
     not in the weights: OpenAI CLIPs use 64-wide heads, which is the default. ``context_length`` defaults
     to 1 + the number of patches (what the MMoE InterMoE needs; the published ``text_max_length``)."""
-    need = ["text_projection.weight", "visual_projection.weight", "text_model.embeddings.token_embedding.weight",
-            "text_model.embeddings.position_embedding.weight", "vision_model.embeddings.patch_embedding.weight",
-            "vision_model.embeddings.position_embedding.weight",
-            "text_model.encoder.layers.0.mlp.fc1.weight", "vision_model.encoder.layers.0.mlp.fc1.weight"]
+    need = [
+        "text_projection.weight",
+        "visual_projection.weight",
+        "text_model.embeddings.token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight",
+        "vision_model.embeddings.patch_embedding.weight",
+        "vision_model.embeddings.position_embedding.weight",
+        "text_model.encoder.layers.0.mlp.fc1.weight",
+        "vision_model.encoder.layers.0.mlp.fc1.weight",
+    ]
     missing = [k for k in need if k not in hf]
     if missing:
         raise HFClipMapError(f"not a Hugging Face CLIPModel state dict: missing {missing}")
@@ -213,20 +235,42 @@ def hf_clip_encoder_spec(hf: Mapping[str, Tensor], *, context_length: int | None
     context_length = int(context_length or grid * grid + 1)
     if context_length > text_positions:
         raise HFClipMapError(f"text length {context_length} exceeds the {text_positions} text positions")
-    extra = dict(embed_dim=int(embed_dim), vocab_size=int(vocab_size), text_positions=int(text_positions),
-                 context_length=context_length, text_width=int(text_width),
-                 text_layers=_count_layers(hf, "text_model"), text_heads=_heads(int(text_width), text_heads, "text"),
-                 text_mlp_ratio=text_mlp / text_width, vision_width=int(vision_width),
-                 vision_layers=_count_layers(hf, "vision_model"),
-                 vision_heads=_heads(int(vision_width), vision_heads, "vision"),
-                 vision_mlp_ratio=vision_mlp / vision_width,
-                 patch_size=int(patch), image_size=int(grid * patch), pad_token_id=int(pad_token_id),
-                 activation="quick_gelu", image_resample="lanczos")
+    extra = dict(
+        embed_dim=int(embed_dim),
+        vocab_size=int(vocab_size),
+        text_positions=int(text_positions),
+        context_length=context_length,
+        text_width=int(text_width),
+        text_layers=_count_layers(hf, "text_model"),
+        text_heads=_heads(int(text_width), text_heads, "text"),
+        text_mlp_ratio=text_mlp / text_width,
+        vision_width=int(vision_width),
+        vision_layers=_count_layers(hf, "vision_model"),
+        vision_heads=_heads(int(vision_width), vision_heads, "vision"),
+        vision_mlp_ratio=vision_mlp / vision_width,
+        patch_size=int(patch),
+        image_size=int(grid * patch),
+        pad_token_id=int(pad_token_id),
+        activation="quick_gelu",
+        image_resample="lanczos",
+    )
     if name is None:
-        known = {(768, 12, 32, 224, 512): "ViT-B-32", (768, 12, 16, 224, 512): "ViT-B-16",
-                 (1024, 24, 14, 224, 768): "ViT-L-14", (1024, 24, 14, 336, 768): "ViT-L-14-336"}
-        name = known.get((extra["vision_width"], extra["vision_layers"], extra["patch_size"], extra["image_size"],
-                          extra["embed_dim"]), "custom")
+        known = {
+            (768, 12, 32, 224, 512): "ViT-B-32",
+            (768, 12, 16, 224, 512): "ViT-B-16",
+            (1024, 24, 14, 224, 768): "ViT-L-14",
+            (1024, 24, 14, 336, 768): "ViT-L-14-336",
+        }
+        name = known.get(
+            (
+                extra["vision_width"],
+                extra["vision_layers"],
+                extra["patch_size"],
+                extra["image_size"],
+                extra["embed_dim"],
+            ),
+            "custom",
+        )
     return EncoderSpec(kind=KIND, name=name, pretrained=None, frozen=False, extra=extra).to_dict()
 
 
@@ -234,15 +278,26 @@ def hf_clip_encoder_spec(hf: Mapping[str, Tensor], *, context_length: int | None
 # The towers
 # ---------------------------------------------------------------------------------------------
 
+
 def _open_clip_model(extra: dict):
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-    vision = CLIPVisionCfg(layers=extra["vision_layers"], width=extra["vision_width"],
-                           head_width=extra["vision_width"] // extra["vision_heads"],
-                           mlp_ratio=extra["vision_mlp_ratio"], patch_size=extra["patch_size"],
-                           image_size=extra["image_size"])
-    text = CLIPTextCfg(context_length=extra["text_positions"], vocab_size=extra["vocab_size"],
-                       width=extra["text_width"], heads=extra["text_heads"], layers=extra["text_layers"],
-                       mlp_ratio=extra["text_mlp_ratio"])
+
+    vision = CLIPVisionCfg(
+        layers=extra["vision_layers"],
+        width=extra["vision_width"],
+        head_width=extra["vision_width"] // extra["vision_heads"],
+        mlp_ratio=extra["vision_mlp_ratio"],
+        patch_size=extra["patch_size"],
+        image_size=extra["image_size"],
+    )
+    text = CLIPTextCfg(
+        context_length=extra["text_positions"],
+        vocab_size=extra["vocab_size"],
+        width=extra["text_width"],
+        heads=extra["text_heads"],
+        layers=extra["text_layers"],
+        mlp_ratio=extra["text_mlp_ratio"],
+    )
     if extra.get("activation", "quick_gelu") != "quick_gelu":
         raise ValueError(f"unsupported activation {extra.get('activation')!r} (HF CLIP uses quick_gelu)")
     return CLIP(embed_dim=extra["embed_dim"], vision_cfg=vision, text_cfg=text, quick_gelu=True)
@@ -294,7 +349,7 @@ class HFClipTowers(ClipTowers):
         """Additive mask [B * heads, L, L]: causal, and no key after the first end-of-text token."""
         b, length = ids.shape
         causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).triu(1)
-        blocked = causal.unsqueeze(0) | ~self.text_valid(ids).unsqueeze(1)   # [B, Q, K]
+        blocked = causal.unsqueeze(0) | ~self.text_valid(ids).unsqueeze(1)  # [B, Q, K]
         mask = torch.zeros(b, length, length, dtype=dtype, device=ids.device).masked_fill(blocked, float("-inf"))
         return mask.repeat_interleave(self.text_heads, dim=0)
 
@@ -312,6 +367,7 @@ class HFClipTowers(ClipTowers):
     def preprocess(self, images: Sequence) -> Tensor:
         """As the published collator: resize to the tower's size (LANCZOS), CLIP-normalise; None -> zeros."""
         from PIL import Image
+
         resample = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC}[self.image_resample]
         mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
         std = torch.tensor(CLIP_STD).view(3, 1, 1)

@@ -26,6 +26,7 @@ refused with the lists of unmapped, missing and wrongly shaped keys.
 Output: a normal MoEscope checkpoint (``config.json`` with family ``mmoe``, gate ``mmoe_reference``, an
 ``hf_clip`` encoder spec and the sizes; ``model.safetensors``), written with ``mmoe_core.checkpoint``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,18 +59,34 @@ from mmoe_core.families.mmoe.model import build_model
 
 SOURCE = "MEL-MMoE (github.com/zhiweihu1103/MEL-MMoE)"
 ENCODER_OWN = ("image_cls_fc.", "image_tokens_fc.")
-MATCHER_TOP = ("text_module.", "vision_module.", "cross_module.", "text_cls_layernorm.", "text_tokens_layernorm.",
-               "image_cls_layernorm.", "image_tokens_layernorm.")
-TOWERS_PREFIX = "encoder.towers.clip."     # where MoEscope's MMoEModel keeps its open_clip model
-HF_PREFIX = "encoder.clip."                # where the published LightningForMMoE keeps its CLIPModel
+MATCHER_TOP = (
+    "text_module.",
+    "vision_module.",
+    "cross_module.",
+    "text_cls_layernorm.",
+    "text_tokens_layernorm.",
+    "image_cls_layernorm.",
+    "image_tokens_layernorm.",
+)
+TOWERS_PREFIX = "encoder.towers.clip."  # where MoEscope's MMoEModel keeps its open_clip model
+HF_PREFIX = "encoder.clip."  # where the published LightningForMMoE keeps its CLIPModel
 MOE_UNITS = ("text_module", "vision_module", "cross_module")
 
 # Globals a Lightning checkpoint's hyper-parameters may name (see the module docstring).
 PLAIN_CONTAINERS: dict[str, Any] = {
-    "builtins.dict": dict, "builtins.list": list, "builtins.tuple": tuple, "builtins.set": set,
-    "builtins.frozenset": frozenset, "builtins.int": int, "builtins.float": float, "builtins.str": str,
-    "builtins.bool": bool, "builtins.bytes": bytes, "builtins.complex": complex,
-    "collections.defaultdict": collections.defaultdict, "collections.OrderedDict": collections.OrderedDict,
+    "builtins.dict": dict,
+    "builtins.list": list,
+    "builtins.tuple": tuple,
+    "builtins.set": set,
+    "builtins.frozenset": frozenset,
+    "builtins.int": int,
+    "builtins.float": float,
+    "builtins.str": str,
+    "builtins.bool": bool,
+    "builtins.bytes": bytes,
+    "builtins.complex": complex,
+    "collections.defaultdict": collections.defaultdict,
+    "collections.OrderedDict": collections.OrderedDict,
     "collections.Counter": collections.Counter,
     # Lightning's hparams container is a dict subclass: read it as a dict
     "pytorch_lightning.utilities.parsing.AttributeDict": dict,
@@ -77,15 +94,25 @@ PLAIN_CONTAINERS: dict[str, Any] = {
     "lightning.fabric.utilities.data.AttributeDict": dict,
 }
 OPAQUE_PREFIXES = ("omegaconf.", "typing.")
-OPAQUE_NAMES = ("argparse.Namespace", "pathlib.Path", "pathlib.PosixPath", "pathlib.WindowsPath",
-                "pathlib.PurePath", "pathlib.PurePosixPath", "pathlib.PureWindowsPath", "pathlib._local.PosixPath",
-                "pathlib._local.WindowsPath", "pathlib._local.Path")
+OPAQUE_NAMES = (
+    "argparse.Namespace",
+    "pathlib.Path",
+    "pathlib.PosixPath",
+    "pathlib.WindowsPath",
+    "pathlib.PurePath",
+    "pathlib.PurePosixPath",
+    "pathlib.PureWindowsPath",
+    "pathlib._local.PosixPath",
+    "pathlib._local.WindowsPath",
+    "pathlib._local.Path",
+)
 
 EXPORT_RECIPE = (
     "Export a plain state dict where the file is trusted (e.g. on the machine that trained it): open the "
     ".ckpt there with torch's full unpickler (only for a file you trust: unpickling runs code), take its "
     "'state_dict' entry and torch.save it as OUT.pt (or safetensors.torch.save_file it as OUT.safetensors); "
-    "then import that file.")
+    "then import that file."
+)
 
 
 class ImportRefused(UserError, ValueError):
@@ -95,6 +122,7 @@ class ImportRefused(UserError, ValueError):
 # ---------------------------------------------------------------------------------------------
 # Reading the file (weights only)
 # ---------------------------------------------------------------------------------------------
+
 
 class OpaqueObject:
     """Inert stand-in for a class a checkpoint names (hyper-parameter containers): it stores the
@@ -129,9 +157,9 @@ def _stub_allowed(name: str) -> bool:
 @dataclass
 class LoadedFile:
     state: dict[str, Tensor]
-    format: str                                   # "lightning" | "state_dict" | "safetensors"
-    hyper_parameters: Any = None                  # plain (JSON-able) view, when the file had readable ones
-    extras: dict[str, Any] = field(default_factory=dict)   # epoch, global_step, versions (plain)
+    format: str  # "lightning" | "state_dict" | "safetensors"
+    hyper_parameters: Any = None  # plain (JSON-able) view, when the file had readable ones
+    extras: dict[str, Any] = field(default_factory=dict)  # epoch, global_step, versions (plain)
     placeholders: list[str] = field(default_factory=list)  # globals read through inert placeholders
 
 
@@ -141,11 +169,15 @@ def _torch_load(path: Path) -> tuple[Any, list[str]]:
     except pickle.UnpicklingError as exc:
         first_error = exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:  # a truncated zip, not a torch file at all
-        raise ImportRefused(f"{path}: cannot be read as a torch checkpoint ({exc}); the file is truncated or of "
-                            "another format: copy it again, or export a state dict") from exc
+        raise ImportRefused(
+            f"{path}: cannot be read as a torch checkpoint ({exc}); the file is truncated or of "
+            "another format: copy it again, or export a state dict"
+        ) from exc
     if not zipfile.is_zipfile(path):
-        raise ImportRefused(f"{path}: the weights-only loader refused it ({first_error}); it is not a torch zip "
-                            f"checkpoint whose globals can be listed.\n{EXPORT_RECIPE}")
+        raise ImportRefused(
+            f"{path}: the weights-only loader refused it ({first_error}); it is not a torch zip "
+            f"checkpoint whose globals can be listed.\n{EXPORT_RECIPE}"
+        )
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception as exc:  # noqa: BLE001 - any failure to list the globals is a refusal
@@ -155,14 +187,17 @@ def _torch_load(path: Path) -> tuple[Any, list[str]]:
         raise ImportRefused(
             f"{path}: refused: it names globals that a weights-only load does not construct: {refused} "
             f"(only tensors, builtin containers and hyper-parameter containers such as OmegaConf's are read; "
-            f"nothing is unpickled as arbitrary objects).\n{EXPORT_RECIPE}")
+            f"nothing is unpickled as arbitrary objects).\n{EXPORT_RECIPE}"
+        )
     allow = [(PLAIN_CONTAINERS[n], n) if n in PLAIN_CONTAINERS else (_opaque_class(n), n) for n in names]
     try:
         with torch.serialization.safe_globals(allow):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ImportRefused(f"{path}: the weights-only loader refused it even with inert placeholders for "
-                            f"{sorted(names)}: {exc}\n{EXPORT_RECIPE}") from exc
+        raise ImportRefused(
+            f"{path}: the weights-only loader refused it even with inert placeholders for "
+            f"{sorted(names)}: {exc}\n{EXPORT_RECIPE}"
+        ) from exc
     return obj, sorted(n for n in names if n not in PLAIN_CONTAINERS)
 
 
@@ -223,12 +258,13 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedFile:
 # Keys: published names -> MoEscope names
 # ---------------------------------------------------------------------------------------------
 
+
 def _strip_wrappers(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     state = dict(state)
     while state:
         for wrapper in ("model.", "module.", "_orig_mod."):
             if all(k.startswith(wrapper) for k in state):
-                state = {k[len(wrapper):]: v for k, v in state.items()}
+                state = {k[len(wrapper) :]: v for k, v in state.items()}
                 break
         else:
             return state
@@ -237,11 +273,11 @@ def _strip_wrappers(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 @dataclass
 class KeyMapping:
-    hf: dict[str, Tensor]                  # HF CLIPModel weights (keys relative to the CLIPModel)
-    target: dict[str, Tensor]              # MoEscope key -> tensor (matcher, image fcs, towers)
-    source_of: dict[str, str]              # MoEscope key -> published key it came from
-    unmapped: list[str]                    # published keys that found no place
-    layout: str                            # "lightning" (encoder./matcher.) or "bare"
+    hf: dict[str, Tensor]  # HF CLIPModel weights (keys relative to the CLIPModel)
+    target: dict[str, Tensor]  # MoEscope key -> tensor (matcher, image fcs, towers)
+    source_of: dict[str, str]  # MoEscope key -> published key it came from
+    unmapped: list[str]  # published keys that found no place
+    layout: str  # "lightning" (encoder./matcher.) or "bare"
 
 
 def map_published_keys(state: Mapping[str, Tensor]) -> KeyMapping:
@@ -256,8 +292,8 @@ def map_published_keys(state: Mapping[str, Tensor]) -> KeyMapping:
     for key, value in state.items():
         if lightning:
             if key.startswith(HF_PREFIX):
-                hf[key[len(HF_PREFIX):]] = value
-            elif key.startswith("encoder.") and key[len("encoder."):].startswith(ENCODER_OWN):
+                hf[key[len(HF_PREFIX) :]] = value
+            elif key.startswith("encoder.") and key[len("encoder.") :].startswith(ENCODER_OWN):
                 target[key], source_of[key] = value, key
             elif key.startswith("matcher."):
                 target[key], source_of[key] = value, key
@@ -265,7 +301,7 @@ def map_published_keys(state: Mapping[str, Tensor]) -> KeyMapping:
                 unmapped.append(key)
         else:
             if key.startswith("clip."):
-                hf[key[len("clip."):]] = value
+                hf[key[len("clip.") :]] = value
             elif key.startswith(ENCODER_OWN):
                 target["encoder." + key], source_of["encoder." + key] = value, key
             elif key.startswith(MATCHER_TOP):
@@ -295,6 +331,7 @@ def _hf_source(open_clip_key: str) -> str:
 # Config from shapes and hyper-parameters
 # ---------------------------------------------------------------------------------------------
 
+
 def _hp(hp: Any, *path: str) -> Any:
     for part in path:
         if not isinstance(hp, Mapping) or part not in hp:
@@ -309,20 +346,35 @@ def _count_experts(target: Mapping[str, Tensor], unit: str) -> int:
     return max(ids) + 1 if ids else 0
 
 
-def infer_model_config(mapping: KeyMapping, hyper_parameters: Any = None, *, top_k: int | None = None,
-                       num_experts: int | None = None, text_length: int | None = None,
-                       entity_chunk_size: int | None = None, text_heads: int | None = None,
-                       vision_heads: int | None = None, pad_token_id: int | None = None,
-                       gate: str = "mmoe_reference", mention_desc: str = "dataset") -> tuple[dict, dict]:
+def infer_model_config(
+    mapping: KeyMapping,
+    hyper_parameters: Any = None,
+    *,
+    top_k: int | None = None,
+    num_experts: int | None = None,
+    text_length: int | None = None,
+    entity_chunk_size: int | None = None,
+    text_heads: int | None = None,
+    vision_heads: int | None = None,
+    pad_token_id: int | None = None,
+    gate: str = "mmoe_reference",
+    mention_desc: str = "dataset",
+) -> tuple[dict, dict]:
     """(MMoEConfig dict, notes on where each value came from)."""
     t = mapping.target
-    need = ["encoder.image_cls_fc.weight", "matcher.text_module.fc_query.weight",
-            "matcher.vision_module.fc_query.weight", "matcher.cross_module.text_fc.weight",
-            "matcher.text_module.moe_layer.experts.0.ff.0.0.weight"]
+    need = [
+        "encoder.image_cls_fc.weight",
+        "matcher.text_module.fc_query.weight",
+        "matcher.vision_module.fc_query.weight",
+        "matcher.cross_module.text_fc.weight",
+        "matcher.text_module.moe_layer.experts.0.ff.0.0.weight",
+    ]
     missing = [mapping.source_of.get(k, k) for k in need if k not in t]
     if missing:
-        raise ImportRefused(f"not a MEL-MMoE state dict: missing {missing}" +
-                            (f"; keys that found no place: {mapping.unmapped[:40]}" if mapping.unmapped else ""))
+        raise ImportRefused(
+            f"not a MEL-MMoE state dict: missing {missing}"
+            + (f"; keys that found no place: {mapping.unmapped[:40]}" if mapping.unmapped else "")
+        )
     notes: dict[str, str] = {}
     experts = {u: _count_experts(t, u) for u in MOE_UNITS}
     if len(set(experts.values())) != 1:
@@ -339,8 +391,10 @@ def infer_model_config(mapping: KeyMapping, hyper_parameters: Any = None, *, top
     elif _hp(hyper_parameters, "model", "top_experts") is not None:
         k, notes["top_k"] = int(_hp(hyper_parameters, "model", "top_experts")), "hyper-parameters model.top_experts"
     else:
-        raise ImportRefused("top-k is not in the weights and the file has no readable hyper-parameters: pass "
-                            "--top-k (published configs: wikimel 3, richpediamel 4, wikidiverse 2)")
+        raise ImportRefused(
+            "top-k is not in the weights and the file has no readable hyper-parameters: pass "
+            "--top-k (published configs: wikimel 3, richpediamel 4, wikidiverse 2)"
+        )
     if not 1 <= k <= e:
         raise ImportRefused(f"top-k {k} must be in 1..{e}")
     if text_length is not None:
@@ -366,17 +420,27 @@ def infer_model_config(mapping: KeyMapping, hyper_parameters: Any = None, *, top
         raise ImportRefused(f"the CLIP encoder weights do not fit: {exc}") from exc
     grid_tokens = (encoder["extra"]["image_size"] // encoder["extra"]["patch_size"]) ** 2 + 1
     if encoder["extra"]["context_length"] != grid_tokens:
-        raise ImportRefused(f"text length {encoder['extra']['context_length']} != 1 + patches = {grid_tokens}: the "
-                            f"published InterMoE concatenates text tokens with image tokens position by position, "
-                            f"so the checkpoint cannot have run with this text length")
+        raise ImportRefused(
+            f"text length {encoder['extra']['context_length']} != 1 + patches = {grid_tokens}: the "
+            f"published InterMoE concatenates text tokens with image tokens position by position, "
+            f"so the checkpoint cannot have run with this text length"
+        )
     ffn = t["matcher.text_module.moe_layer.experts.0.ff.0.0.weight"]
-    cfg = dict(encoder=encoder, image_dim=int(t["encoder.image_cls_fc.weight"].shape[0]),
-               text_hidden=int(t["matcher.text_module.fc_query.weight"].shape[0]),
-               image_hidden=int(t["matcher.vision_module.fc_query.weight"].shape[0]),
-               cross_hidden=int(t["matcher.cross_module.text_fc.weight"].shape[0]),
-               num_experts=e, top_k=k, gate=gate, capacity_factor=1.0,
-               expert_mult=float(ffn.shape[0]) / float(ffn.shape[1]), dispatch="dense",
-               entity_chunk_size=chunk, mention_desc=mention_desc)
+    cfg = dict(
+        encoder=encoder,
+        image_dim=int(t["encoder.image_cls_fc.weight"].shape[0]),
+        text_hidden=int(t["matcher.text_module.fc_query.weight"].shape[0]),
+        image_hidden=int(t["matcher.vision_module.fc_query.weight"].shape[0]),
+        cross_hidden=int(t["matcher.cross_module.text_fc.weight"].shape[0]),
+        num_experts=e,
+        top_k=k,
+        gate=gate,
+        capacity_factor=1.0,
+        expert_mult=float(ffn.shape[0]) / float(ffn.shape[1]),
+        dispatch="dense",
+        entity_chunk_size=chunk,
+        mention_desc=mention_desc,
+    )
     if float(cfg["expert_mult"]).is_integer():
         cfg["expert_mult"] = int(cfg["expert_mult"])
     return cfg, notes
@@ -386,14 +450,20 @@ def infer_model_config(mapping: KeyMapping, hyper_parameters: Any = None, *, top
 # The import
 # ---------------------------------------------------------------------------------------------
 
+
 def _check_fit(model_state: Mapping[str, Tensor], mapping: KeyMapping) -> None:
     own, given = set(model_state), set(mapping.target)
     missing = sorted(own - given)
-    missing = [f"{k} (published {HF_PREFIX + _hf_source(k[len(TOWERS_PREFIX):])})" if k.startswith(TOWERS_PREFIX)
-               else k for k in missing]
+    missing = [
+        f"{k} (published {HF_PREFIX + _hf_source(k[len(TOWERS_PREFIX) :])})" if k.startswith(TOWERS_PREFIX) else k
+        for k in missing
+    ]
     unexpected = sorted(mapping.source_of.get(k, k) for k in given - own)
-    wrong = sorted((mapping.source_of.get(k, k), tuple(mapping.target[k].shape), tuple(model_state[k].shape))
-                   for k in own & given if tuple(mapping.target[k].shape) != tuple(model_state[k].shape))
+    wrong = sorted(
+        (mapping.source_of.get(k, k), tuple(mapping.target[k].shape), tuple(model_state[k].shape))
+        for k in own & given
+        if tuple(mapping.target[k].shape) != tuple(model_state[k].shape)
+    )
     unmapped = sorted(set(mapping.unmapped) | set(unexpected))
     if unmapped or missing or wrong:
         lines = ["the checkpoint does not fit MoEscope's MMoE; nothing was written."]
@@ -430,6 +500,7 @@ def build_imported(path: str | os.PathLike, **options) -> tuple[torch.nn.Module,
     model_cfg, notes = infer_model_config(mapping, loaded.hyper_parameters, **options)
     config: dict[str, Any] = {"family": FAMILY, "model": model_cfg, "data": {}, "training": {}}
     from mmoe_core.registry import check_config
+
     check_config(config, f"{path} (the sizes read off its weights)")  # limits and memory, before building
     try:
         model = build_model(config)
@@ -437,13 +508,21 @@ def build_imported(path: str | os.PathLike, **options) -> tuple[torch.nn.Module,
         raise ImportRefused(f"the sizes read off the weights do not make a MoEscope MMoE: {exc}") from exc
     _check_fit(model.state_dict(), mapping)
     model.load_state_dict(mapping.target, strict=True)
-    config["training"]["imported"] = _json_safe({
-        "source": SOURCE, "file": str(path.resolve()), "sha256": _sha256(path), "format": loaded.format,
-        "layout": mapping.layout, "keys": len(loaded.state), "values_from": notes,
-        "hyper_parameters": loaded.hyper_parameters, "lightning": loaded.extras,
-        "placeholders": loaded.placeholders,
-        "published_eval_batch_size": _hp(loaded.hyper_parameters, "data", "eval_batch_size"),
-    })
+    config["training"]["imported"] = _json_safe(
+        {
+            "source": SOURCE,
+            "file": str(path.resolve()),
+            "sha256": _sha256(path),
+            "format": loaded.format,
+            "layout": mapping.layout,
+            "keys": len(loaded.state),
+            "values_from": notes,
+            "hyper_parameters": loaded.hyper_parameters,
+            "lightning": loaded.extras,
+            "placeholders": loaded.placeholders,
+            "published_eval_batch_size": _hp(loaded.hyper_parameters, "data", "eval_batch_size"),
+        }
+    )
     if data_dir is not None:
         config["training"]["data_dir"] = str(data_dir)  # precompute's default dataset, as for a trained run
         config["data"] = {"root": str(Path(data_dir).resolve())}
@@ -454,14 +533,17 @@ def import_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, **opt
     """Import ``path`` and write a MoEscope checkpoint directory at ``out_dir``, replacing a checkpoint that
     was there as a whole (its snapshots and training log go with it)."""
     from mmoe_core.checkpoint import save_checkpoint
+
     model, config = build_imported(path, **options)
     return save_checkpoint(model, config, Path(out_dir))
 
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mmoe_core.families.mmoe.import_mmoe",
-                                description="Import a MEL-MMoE (published code) checkpoint into MoEscope.")
+    p = argparse.ArgumentParser(
+        prog="python -m mmoe_core.families.mmoe.import_mmoe",
+        description="Import a MEL-MMoE (published code) checkpoint into MoEscope.",
+    )
     p.add_argument("checkpoint", help="Lightning .ckpt, or a state dict (.pt/.bin/.safetensors) of the same keys")
     p.add_argument("--out", help="output checkpoint dir (default artifacts/checkpoints/<file stem>)")
     p.add_argument("--top-k", type=int, help="top_experts (needed when the file has no readable hyper-parameters)")
@@ -471,28 +553,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--text-heads", type=int, help="CLIP text attention heads (default width / 64)")
     p.add_argument("--vision-heads", type=int, help="CLIP vision attention heads (default width / 64)")
     p.add_argument("--pad-token-id", type=int, help="the HF tokenizer's pad id (default 49407, OpenAI CLIP)")
-    p.add_argument("--mention-desc", choices=["dataset", "none", "dme"], default="dataset",
-                   help="what follows the sentence in a mention's text (published: the dataset's desc)")
-    p.add_argument("--gate", choices=["mmoe_reference", "topk_softmax"], default="mmoe_reference",
-                   help="mmoe_reference is how the published model ran; topk_softmax is a what-if")
+    p.add_argument(
+        "--mention-desc",
+        choices=["dataset", "none", "dme"],
+        default="dataset",
+        help="what follows the sentence in a mention's text (published: the dataset's desc)",
+    )
+    p.add_argument(
+        "--gate",
+        choices=["mmoe_reference", "topk_softmax"],
+        default="mmoe_reference",
+        help="mmoe_reference is how the published model ran; topk_softmax is a what-if",
+    )
     p.add_argument("--data", help="dataset dir to record as the checkpoint's data (precompute's default)")
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else Path("artifacts") / "checkpoints" / Path(args.checkpoint).stem
     check_replaceable(out)  # before reading: a folder that is not a checkpoint is never replaced
-    ckpt = import_checkpoint(args.checkpoint, out, top_k=args.top_k, num_experts=args.num_experts,
-                             text_length=args.text_length, entity_chunk_size=args.entity_chunk_size,
-                             text_heads=args.text_heads, vision_heads=args.vision_heads,
-                             pad_token_id=args.pad_token_id, gate=args.gate, mention_desc=args.mention_desc,
-                             data_dir=args.data)
+    ckpt = import_checkpoint(
+        args.checkpoint,
+        out,
+        top_k=args.top_k,
+        num_experts=args.num_experts,
+        text_length=args.text_length,
+        entity_chunk_size=args.entity_chunk_size,
+        text_heads=args.text_heads,
+        vision_heads=args.vision_heads,
+        pad_token_id=args.pad_token_id,
+        gate=args.gate,
+        mention_desc=args.mention_desc,
+        data_dir=args.data,
+    )
     cfg = json.loads((ckpt / "config.json").read_text())
     m = cfg["model"]
-    print(f"imported {args.checkpoint} -> {ckpt}: encoder {m['encoder']['name']} (hf_clip, text length "
-          f"{m['encoder']['extra']['context_length']}), {m['num_experts']} experts, top-{m['top_k']}, gate {m['gate']}",
-          file=sys.stderr)
+    print(
+        f"imported {args.checkpoint} -> {ckpt}: encoder {m['encoder']['name']} (hf_clip, text length "
+        f"{m['encoder']['extra']['context_length']}), {m['num_experts']} experts, top-{m['top_k']}, gate {m['gate']}",
+        file=sys.stderr,
+    )
     bs = cfg["training"]["imported"].get("published_eval_batch_size")
-    print(f"next: python -m analysis.precompute --run {ckpt.name} --checkpoint {ckpt} --data DIR"
-          + (f" --batch-size {bs}  (the published eval batch size: the reference gate depends on the batch)"
-             if bs else ""), file=sys.stderr)
+    print(
+        f"next: python -m analysis.precompute --run {ckpt.name} --checkpoint {ckpt} --data DIR"
+        + (
+            f" --batch-size {bs}  (the published eval batch size: the reference gate depends on the batch)"
+            if bs
+            else ""
+        ),
+        file=sys.stderr,
+    )
     return 0
 
 

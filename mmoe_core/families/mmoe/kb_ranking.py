@@ -43,6 +43,7 @@ model.py keeps the entity side inside ``MMoEModel._encode_entity_chunk`` (encode
 (``text_module.route``, ``vision_module.route``, ``cross_module.side``, ``fc_query``/``fc_key``/``fc_value``)
 and :func:`score_units` mirrors ``MMoEModel._match_chunk``. The tests check both against model.py.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -69,14 +70,17 @@ EntitySource = Callable[[int, int], EncodedSide]  # raw encoder outputs of KB ro
 # The matcher's two sides and its pairwise scores, from encoder outputs
 # ---------------------------------------------------------------------------------------------
 
+
 def _all_valid(enc: EncodedSide) -> Tensor:
-    return torch.ones(enc.text_tokens.shape[0], enc.text_tokens.shape[1] + 1, dtype=torch.bool,
-                      device=enc.text_tokens.device)
+    return torch.ones(
+        enc.text_tokens.shape[0], enc.text_tokens.shape[1] + 1, dtype=torch.bool, device=enc.text_tokens.device
+    )
 
 
 @torch.no_grad()
-def entity_side(matcher: MMoEMatcher, raw: EncodedSide, index: Tensor | None = None,
-                text_valid: Tensor | None = None) -> EntityFeatures:
+def entity_side(
+    matcher: MMoEMatcher, raw: EncodedSide, index: Tensor | None = None, text_valid: Tensor | None = None
+) -> EntityFeatures:
     """Entity side of ONE chunk (one MoE call per routed layer, as ``MMoEModel._encode_entity_chunk``)."""
     enc = matcher.normalise(raw)
     tm, vm, cm = matcher.text_module, matcher.vision_module, matcher.cross_module
@@ -86,10 +90,17 @@ def entity_side(matcher: MMoEMatcher, raw: EncodedSide, index: Tensor | None = N
     cross_ti, cross_it, _ = cm.side(enc, "entity", valid, None, None)
     n = raw.text_cls.shape[0]
     index = torch.arange(n) if index is None else torch.as_tensor(index).long()
-    return EntityFeatures(index=index.to(raw.text_cls.device), text_cls=enc.text_cls, text_cls_moe=text[:, 0],
-                          text_query=tm.fc_query(text[:, 1:]), image_cls=enc.image_cls,
-                          image_cls_moe=image[:, 0], image_query=vm.fc_query(image[:, 1:]),
-                          cross_text_image=cross_ti, cross_image_text=cross_it)
+    return EntityFeatures(
+        index=index.to(raw.text_cls.device),
+        text_cls=enc.text_cls,
+        text_cls_moe=text[:, 0],
+        text_query=tm.fc_query(text[:, 1:]),
+        image_cls=enc.image_cls,
+        image_cls_moe=image[:, 0],
+        image_query=vm.fc_query(image[:, 1:]),
+        cross_text_image=cross_ti,
+        cross_image_text=cross_it,
+    )
 
 
 @torch.no_grad()
@@ -103,25 +114,36 @@ def mention_side(matcher: MMoEMatcher, raw: EncodedSide, text_valid: Tensor | No
     text_tokens, image_tokens = text[:, 1:], image[:, 1:]
     cross_ti, cross_it, cross_mean = cm.side(enc, "mention", valid, None, None)
     representation = torch.cat([valid_mean(text, valid), image.mean(dim=1), cross_mean], dim=-1)
-    return MentionFeatures(text_cls=enc.text_cls, text_key=tm.fc_key(text_tokens), text_value=tm.fc_value(text_tokens),
-                           image_cls=enc.image_cls, image_key=vm.fc_key(image_tokens),
-                           image_value=vm.fc_value(image_tokens), cross_text_image=cross_ti,
-                           cross_image_text=cross_it, representation=representation)
+    return MentionFeatures(
+        text_cls=enc.text_cls,
+        text_key=tm.fc_key(text_tokens),
+        text_value=tm.fc_value(text_tokens),
+        image_cls=enc.image_cls,
+        image_key=vm.fc_key(image_tokens),
+        image_value=vm.fc_value(image_tokens),
+        cross_text_image=cross_ti,
+        cross_image_text=cross_it,
+        representation=representation,
+    )
 
 
-def score_units(matcher: MMoEMatcher, e: EntityFeatures, m: MentionFeatures,
-                modalities: Sequence[str] = MODALITIES) -> dict[str, Tensor]:
+def score_units(
+    matcher: MMoEMatcher, e: EntityFeatures, m: MentionFeatures, modalities: Sequence[str] = MODALITIES
+) -> dict[str, Tensor]:
     """Unit scores [B, N] of one entity chunk (mirror of ``MMoEModel._match_chunk``)."""
     out = {}
     if "text" in modalities:
-        out["text"] = matcher.text_module.match(e.text_cls, e.text_cls_moe, e.text_query,
-                                                m.text_cls, m.text_key, m.text_value)
+        out["text"] = matcher.text_module.match(
+            e.text_cls, e.text_cls_moe, e.text_query, m.text_cls, m.text_key, m.text_value
+        )
     if "image" in modalities:
-        out["image"] = matcher.vision_module.match(e.image_cls, e.image_cls_moe, e.image_query,
-                                                   m.image_cls, m.image_key, m.image_value)
+        out["image"] = matcher.vision_module.match(
+            e.image_cls, e.image_cls_moe, e.image_query, m.image_cls, m.image_key, m.image_value
+        )
     if "cross" in modalities:
-        out["cross"] = matcher.cross_module.match(e.cross_text_image, e.cross_image_text,
-                                                  m.cross_text_image, m.cross_image_text)
+        out["cross"] = matcher.cross_module.match(
+            e.cross_text_image, e.cross_image_text, m.cross_text_image, m.cross_image_text
+        )
     return out
 
 
@@ -147,6 +169,7 @@ def global_scores(e: EntityFeatures, m: MentionFeatures, modalities: Sequence[st
 # Ranks from scores (stable: ties by KB index, as ranking.py)
 # ---------------------------------------------------------------------------------------------
 
+
 def stable_gold_ranks(scores: Tensor, gold: Tensor) -> Tensor:
     """1 + #(score > gold score) + #(score == gold score and index < gold): equals
     ``ranking.gold_ranks`` (stable argsort of argsort) in O(N) per row."""
@@ -165,10 +188,11 @@ def stable_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 class RankResult:
     """Ranking of mentions over the KB: top-k entity ids (best first) and their scores; gold ranks when
     golds were given; the full overall scores when asked (``keep_scores``)."""
-    top_ids: Tensor                 # [M, k]
-    top_scores: Tensor              # [M, k]
+
+    top_ids: Tensor  # [M, k]
+    top_scores: Tensor  # [M, k]
     gold_ranks: Tensor | None = None  # [M] 1-based
-    scores: Tensor | None = None    # [M, N]
+    scores: Tensor | None = None  # [M, N]
     info: dict = field(default_factory=dict)
 
     @staticmethod
@@ -176,12 +200,18 @@ class RankResult:
         def cat_opt(name):
             vals = [getattr(p, name) for p in parts]
             return None if any(v is None for v in vals) else torch.cat(vals)
+
         info = {}
         for p in parts:
             for k, v in p.info.items():
                 info[k] = info.get(k, 0) + v if isinstance(v, (int, float)) else v
-        return RankResult(torch.cat([p.top_ids for p in parts]), torch.cat([p.top_scores for p in parts]),
-                          cat_opt("gold_ranks"), cat_opt("scores"), info)
+        return RankResult(
+            torch.cat([p.top_ids for p in parts]),
+            torch.cat([p.top_scores for p in parts]),
+            cat_opt("gold_ranks"),
+            cat_opt("scores"),
+            info,
+        )
 
     def mrr(self) -> float:
         if self.gold_ranks is None:
@@ -199,11 +229,20 @@ def _finish(scores: Tensor, gold: Tensor | None, k: int, keep_scores: bool) -> R
 # The published loop (the baseline the exact mode must reproduce)
 # ---------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def published_ranking(matcher: MMoEMatcher, entity_source: EntitySource, num_entities: int,
-                      mentions: Iterable[tuple[MentionFeatures, Tensor | None]], *,
-                      chunk_size: int = PUBLISHED_ENTITY_CHUNK, modalities: Sequence[str] = MODALITIES,
-                      k: int = 10, keep_scores: bool = False, match_chunk: int = 128) -> RankResult:
+def published_ranking(
+    matcher: MMoEMatcher,
+    entity_source: EntitySource,
+    num_entities: int,
+    mentions: Iterable[tuple[MentionFeatures, Tensor | None]],
+    *,
+    chunk_size: int = PUBLISHED_ENTITY_CHUNK,
+    modalities: Sequence[str] = MODALITIES,
+    k: int = 10,
+    keep_scores: bool = False,
+    match_chunk: int = 128,
+) -> RankResult:
     """The published evaluation: for every mention batch, for every chunk of ``chunk_size`` entities,
     rerun the entity side (switch MoEs included) and score the chunk. ``mentions`` yields
     (mention features of one published batch, gold indices or None). ``match_chunk`` only bounds the
@@ -227,6 +266,7 @@ def published_ranking(matcher: MMoEMatcher, entity_source: EntitySource, num_ent
 # ---------------------------------------------------------------------------------------------
 # The cache
 # ---------------------------------------------------------------------------------------------
+
 
 def state_hash(module: nn.Module) -> str:
     """SHA-256 of a module's state dict (names, dtypes, shapes, bytes): a checkpoint hash for a model
@@ -255,6 +295,7 @@ class KBCache:
     key: ``checkpoint`` (hash), ``gate``, ``chunk_size`` (entities per MoE call when it was built),
     ``num_entities``, ``kb_order`` (hash of the KB's entity ids in order), ``modalities`` irrelevant
     (every unit is cached), ``format``."""
+
     features: EntityFeatures
     key: dict
 
@@ -266,9 +307,17 @@ class KBCache:
     # -- building -------------------------------------------------------------------------------
     @staticmethod
     @torch.no_grad()
-    def build(matcher: MMoEMatcher, entity_source: EntitySource, num_entities: int, *, checkpoint: str,
-              gate: str, chunk_size: int = PUBLISHED_ENTITY_CHUNK, kb_order: str | None = None,
-              progress: Callable[[int, int], None] | None = None) -> KBCache:
+    def build(
+        matcher: MMoEMatcher,
+        entity_source: EntitySource,
+        num_entities: int,
+        *,
+        checkpoint: str,
+        gate: str,
+        chunk_size: int = PUBLISHED_ENTITY_CHUNK,
+        kb_order: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> KBCache:
         """Entity side chunk by chunk, ``chunk_size`` consecutive entities per MoE call (the published
         chunking: required for ``mmoe_reference``, harmless for ``topk_softmax``)."""
         parts = []
@@ -278,21 +327,39 @@ class KBCache:
             if progress:
                 progress(b, num_entities)
         feats = parts[0] if len(parts) == 1 else EntityFeatures.cat(parts)
-        key = {"format": CACHE_FORMAT, "checkpoint": checkpoint, "gate": gate, "chunk_size": int(chunk_size),
-               "num_entities": int(num_entities), "kb_order": kb_order or kb_order_hash(range(num_entities))}
+        key = {
+            "format": CACHE_FORMAT,
+            "checkpoint": checkpoint,
+            "gate": gate,
+            "chunk_size": int(chunk_size),
+            "num_entities": int(num_entities),
+            "kb_order": kb_order or kb_order_hash(range(num_entities)),
+        }
         return KBCache(feats, key)
 
     @staticmethod
     @torch.no_grad()
-    def from_model(model, ids: Tensor, pixels: Tensor, *, checkpoint: str | None = None,
-                   entity_keys: Sequence[str] | None = None, chunk_size: int | None = None) -> KBCache:
+    def from_model(
+        model,
+        ids: Tensor,
+        pixels: Tensor,
+        *,
+        checkpoint: str | None = None,
+        entity_keys: Sequence[str] | None = None,
+        chunk_size: int | None = None,
+    ) -> KBCache:
         """From a full MMoEModel and the KB's tokenised texts / first images (``mmoe.kb_inputs``)."""
         chunk = chunk_size or model.cfg.entity_chunk_size
         feats = model.encode_entities(ids, pixels, recorder=None, chunk_size=chunk)
         n = ids.shape[0]
-        key = {"format": CACHE_FORMAT, "checkpoint": checkpoint or state_hash(model), "gate": model.cfg.gate,
-               "chunk_size": int(chunk), "num_entities": int(n),
-               "kb_order": kb_order_hash(entity_keys if entity_keys is not None else range(n))}
+        key = {
+            "format": CACHE_FORMAT,
+            "checkpoint": checkpoint or state_hash(model),
+            "gate": model.cfg.gate,
+            "chunk_size": int(chunk),
+            "num_entities": int(n),
+            "kb_order": kb_order_hash(entity_keys if entity_keys is not None else range(n)),
+        }
         return KBCache(feats, key)
 
     # -- validity -------------------------------------------------------------------------------
@@ -311,10 +378,10 @@ class KBCache:
     def save(self, path: str | Path) -> Path:
         """safetensors file (tensors + the key as JSON metadata), written atomically."""
         from safetensors.torch import save_file
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f.name: getattr(self.features, f.name).detach().cpu().contiguous()
-                   for f in fields(EntityFeatures)}
+        tensors = {f.name: getattr(self.features, f.name).detach().cpu().contiguous() for f in fields(EntityFeatures)}
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"kb_cache_key": json.dumps(self.key, sort_keys=True)})
         tmp.replace(path)
@@ -324,6 +391,7 @@ class KBCache:
     def load(path: str | Path, device: str | torch.device = "cpu", **expected) -> KBCache:
         """Load a cache; ``expected`` key fields are checked (:meth:`check`)."""
         from safetensors import safe_open
+
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
             if "kb_cache_key" not in meta:
@@ -344,6 +412,7 @@ class KBCache:
 # The ranker
 # ---------------------------------------------------------------------------------------------
 
+
 class KBRanker:
     """Scores mentions against a :class:`KBCache`.
 
@@ -352,8 +421,15 @@ class KBRanker:
     mention block ``mention_block``. Results do not depend on the budget (the scores of a pair depend on
     that pair only)."""
 
-    def __init__(self, matcher: MMoEMatcher, cache: KBCache, *, memory_budget_mb: float = 256,
-                 modalities: Sequence[str] = MODALITIES, mention_block: int = 32):
+    def __init__(
+        self,
+        matcher: MMoEMatcher,
+        cache: KBCache,
+        *,
+        memory_budget_mb: float = 256,
+        modalities: Sequence[str] = MODALITIES,
+        mention_block: int = 32,
+    ):
         self.matcher, self.cache = matcher, cache
         self.memory_budget_mb = memory_budget_mb
         self.modalities = tuple(modalities)
@@ -375,21 +451,31 @@ class KBRanker:
         for s in range(0, len(mentions), self.mention_block):
             m = mentions.rows(slice(s, s + self.mention_block))
             chunk = self.entity_chunk(len(m), m.text_key.shape[1], m.image_key.shape[1])
-            row = [overall_score(score_units(self.matcher, f.rows(slice(a, a + chunk)), m, self.modalities),
-                                 self.modalities) for a in range(0, n, chunk)]
+            row = [
+                overall_score(
+                    score_units(self.matcher, f.rows(slice(a, a + chunk)), m, self.modalities), self.modalities
+                )
+                for a in range(0, n, chunk)
+            ]
             out.append(torch.cat(row, dim=1))
         return torch.cat(out)
 
     @torch.no_grad()
-    def rank_exact(self, mentions: MentionFeatures, gold: Tensor | Sequence[int] | None = None, k: int = 10,
-                   keep_scores: bool = False) -> RankResult:
+    def rank_exact(
+        self,
+        mentions: MentionFeatures,
+        gold: Tensor | Sequence[int] | None = None,
+        k: int = 10,
+        keep_scores: bool = False,
+    ) -> RankResult:
         """Exact ranking: the same scores as the published loop (entity side cached)."""
         gold_t = None if gold is None else torch.as_tensor(gold).long()
         return _finish(self.scores(mentions), gold_t, k, keep_scores)
 
     @torch.no_grad()
-    def rank_two_stage(self, mentions: MentionFeatures, gold: Tensor | Sequence[int] | None = None,
-                       k: int = 10, candidates: int = 100) -> RankResult:
+    def rank_two_stage(
+        self, mentions: MentionFeatures, gold: Tensor | Sequence[int] | None = None, k: int = 10, candidates: int = 100
+    ) -> RankResult:
         """Stage 1: :func:`global_scores` over the whole KB; stage 2: the full matcher on the top
         ``candidates`` of each mention. The final order puts the candidates first (by full score), then
         every other entity by its stage-1 score; gold ranks follow that order."""
@@ -399,20 +485,22 @@ class KBRanker:
         results = []
         for s in range(0, len(mentions), self.mention_block):
             m = mentions.rows(slice(s, s + self.mention_block))
-            g1 = torch.cat([global_scores(f.rows(slice(a, a + 65536)), m, self.modalities)
-                            for a in range(0, n, 65536)], dim=1)
-            cand, _ = stable_top_k(g1, kc)                                        # [b, kc]
+            g1 = torch.cat(
+                [global_scores(f.rows(slice(a, a + 65536)), m, self.modalities) for a in range(0, n, 65536)], dim=1
+            )
+            cand, _ = stable_top_k(g1, kc)  # [b, kc]
             full = torch.empty(len(m), kc)
             for i in range(len(m)):
                 ents = f.rows(cand[i])
-                full[i] = overall_score(score_units(self.matcher, ents, m.rows(slice(i, i + 1)), self.modalities),
-                                        self.modalities)[0]
+                full[i] = overall_score(
+                    score_units(self.matcher, ents, m.rows(slice(i, i + 1)), self.modalities), self.modalities
+                )[0]
             order = torch.argsort(full, dim=1, descending=True, stable=True)
             top_ids = cand.gather(1, order)[:, :k]
             top_scores = full.gather(1, order)[:, :k]
             ranks = None
             if gold is not None:
-                gb = torch.as_tensor(gold).long()[s:s + len(m)]
+                gb = torch.as_tensor(gold).long()[s : s + len(m)]
                 ranks = torch.empty(len(m), dtype=torch.long)
                 for i in range(len(m)):
                     hit = (cand[i] == gb[i]).nonzero()
@@ -423,7 +511,7 @@ class KBRanker:
                     else:  # after every candidate, by stage-1 score among the non-candidates
                         rest = g1[i].clone()
                         rest[cand[i]] = float("-inf")
-                        ranks[i] = kc + stable_gold_ranks(rest[None], gb[i:i + 1])[0]
+                        ranks[i] = kc + stable_gold_ranks(rest[None], gb[i : i + 1])[0]
             results.append(RankResult(top_ids, top_scores, ranks, None, {"candidates": kc}))
         out = RankResult.cat(results)
         out.info["candidates"] = kc
@@ -434,12 +522,20 @@ def agreement(exact: RankResult, approx: RankResult) -> dict:
     """Top-1 agreement, top-k overlap and MRR difference of an approximate ranking against the exact one."""
     k = min(exact.top_ids.shape[1], approx.top_ids.shape[1])
     top1 = float((exact.top_ids[:, 0] == approx.top_ids[:, 0]).double().mean())
-    overlap = float(sum(len(set(a.tolist()) & set(b.tolist())) for a, b in
-                        zip(exact.top_ids[:, :k], approx.top_ids[:, :k])) / (k * len(exact.top_ids)))
+    overlap = float(
+        sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(exact.top_ids[:, :k], approx.top_ids[:, :k]))
+        / (k * len(exact.top_ids))
+    )
     out = {"top1_agreement": top1, f"top{k}_overlap": overlap}
     if exact.gold_ranks is not None and approx.gold_ranks is not None:
-        out.update({"mrr_exact": exact.mrr(), "mrr_approx": approx.mrr(), "mrr_diff": approx.mrr() - exact.mrr(),
-                    "gold_rank_equal": float((exact.gold_ranks == approx.gold_ranks).double().mean())})
+        out.update(
+            {
+                "mrr_exact": exact.mrr(),
+                "mrr_approx": approx.mrr(),
+                "mrr_diff": approx.mrr() - exact.mrr(),
+                "gold_rank_equal": float((exact.gold_ranks == approx.gold_ranks).double().mean()),
+            }
+        )
     return out
 
 
@@ -452,5 +548,10 @@ def same_ranking(a: RankResult, b: RankResult, atol: float = 1e-5) -> dict:
         diff = float((a.scores - b.scores).abs().max())
     else:
         diff = float((a.top_scores - b.top_scores).abs().max())
-    return {"identical_ranks": ids and ranks, "identical_top_ids": ids, "identical_gold_ranks": ranks,
-            "max_abs_score_diff": diff, "scores_within_tol": diff <= atol}
+    return {
+        "identical_ranks": ids and ranks,
+        "identical_top_ids": ids,
+        "identical_gold_ranks": ranks,
+        "max_abs_score_diff": diff,
+        "scores_within_tol": diff <= atol,
+    }

@@ -35,6 +35,7 @@ With ``gate="mmoe_reference"`` every MoE call normalises its combine weights ove
 (``entity_chunk_size``, the published ``eval_chunk_size``) and a mention's on its batch: that is how
 the published model behaves, and the dashboard shows it rather than hiding it.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,16 +70,26 @@ class MMoEEncoder(nn.Module):
         self.image_cls_fc = nn.Linear(towers.embed_dim, image_dim)
         self.image_tokens_fc = nn.Linear(towers.vision_width, image_dim)
 
-    def forward(self, ids: Tensor, pixels: Tensor, token_embeds: Tensor | None = None,
-                patch_embeds: Tensor | None = None) -> EncodedSide:
+    def forward(
+        self, ids: Tensor, pixels: Tensor, token_embeds: Tensor | None = None, patch_embeds: Tensor | None = None
+    ) -> EncodedSide:
         text_cls, text_tokens = self.towers.encode_text(ids, token_embeds)
         image_cls, image_tokens = self.towers.encode_image(pixels, patch_embeds)
         return EncodedSide(text_cls, text_tokens, self.image_cls_fc(image_cls), self.image_tokens_fc(image_tokens))
 
 
 def _moe(dim: int, out: int, cfg: MMoEConfig, name: str) -> SwitchMoE:
-    return SwitchMoE(dim, out, cfg.num_experts, cfg.top_k, gate=cfg.gate, capacity_factor=cfg.capacity_factor,
-                     mult=cfg.expert_mult, dispatch=cfg.dispatch, name=name)
+    return SwitchMoE(
+        dim,
+        out,
+        cfg.num_experts,
+        cfg.top_k,
+        gate=cfg.gate,
+        capacity_factor=cfg.capacity_factor,
+        mult=cfg.expert_mult,
+        dispatch=cfg.dispatch,
+        name=name,
+    )
 
 
 class IntraUnit(nn.Module):
@@ -106,18 +117,25 @@ class IntraUnit(nn.Module):
         meta = meta_fn() if recorder is not None else None
         return self.moe_layer(x, x, recorder=recorder, meta=meta)
 
-    def match(self, ent_cls: Tensor, ent_cls_moe: Tensor, ent_query: Tensor,
-              men_cls: Tensor, men_key: Tensor, men_value: Tensor) -> Tensor:
+    def match(
+        self,
+        ent_cls: Tensor,
+        ent_cls_moe: Tensor,
+        ent_query: Tensor,
+        men_cls: Tensor,
+        men_key: Tensor,
+        men_value: Tensor,
+    ) -> Tensor:
         """[B mentions, N entities]. The mean over queries of softmax(QK^T/sqrt(H))V is computed as the
         mean attention row times V, and QK^T as one matrix product laid out [N, Lq, B, Lk] (equal in exact
         arithmetic; avoids an [N, B, Lq, H] tensor and a permuted copy of the [.., Lq, Lk] scores)."""
         n, lq, h = ent_query.shape
         b, lk, _ = men_key.shape
-        scores = ((ent_query / math.sqrt(self.hidden)).reshape(n * lq, h) @ men_key.reshape(b * lk, h).T)
-        mean_attention = scores.view(n, lq, b, lk).softmax(dim=-1).mean(dim=1)         # [N, B, Lk]
+        scores = (ent_query / math.sqrt(self.hidden)).reshape(n * lq, h) @ men_key.reshape(b * lk, h).T
+        mean_attention = scores.view(n, lq, b, lk).softmax(dim=-1).mean(dim=1)  # [N, B, Lk]
         context = torch.bmm(mean_attention.transpose(0, 1), men_value).transpose(0, 1)  # [N, B, H]
         context = self.layer_norm(context)
-        global_to_local = (ent_cls_moe.unsqueeze(1) * context).sum(dim=-1).T            # [B, N]
+        global_to_local = (ent_cls_moe.unsqueeze(1) * context).sum(dim=-1).T  # [B, N]
         global_to_global = men_cls @ ent_cls.T
         return (global_to_local + global_to_global) / 2
 
@@ -163,18 +181,27 @@ class CrossUnit(nn.Module):
         probs = (cls @ tokens.transpose(-1, -2)).softmax(dim=-1)
         return (probs @ tokens).squeeze(1)
 
-    def side(self, enc: EncodedSide, role: str, text_valid: Tensor, recorder, layout: SideLayout | None
-             ) -> tuple[Tensor, Tensor, Tensor]:
+    def side(
+        self, enc: EncodedSide, role: str, text_valid: Tensor, recorder, layout: SideLayout | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """(text->image context, image->text context, mean routed output over valid positions), each [N, *]."""
         text_cls, text_tokens = self.text_fc(enc.text_cls), self.text_fc(enc.text_tokens)
         image_cls, image_tokens = self.image_fc(enc.image_cls), self.image_fc(enc.image_tokens)
         text_cls_image_tokens = torch.cat([text_cls.unsqueeze(1), image_tokens], dim=1)
         image_cls_text_tokens = torch.cat([image_cls.unsqueeze(1), text_tokens], dim=1)
         record = recorder is not None and layout is not None
-        routed_ti = self.moe_layer(text_cls_image_tokens, image_cls_text_tokens, recorder=recorder,
-                                   meta=layout.cross_text_image() if record else None)
-        routed_it = self.moe_layer(image_cls_text_tokens, text_cls_image_tokens, recorder=recorder,
-                                   meta=layout.cross_image_text() if record else None)
+        routed_ti = self.moe_layer(
+            text_cls_image_tokens,
+            image_cls_text_tokens,
+            recorder=recorder,
+            meta=layout.cross_text_image() if record else None,
+        )
+        routed_it = self.moe_layer(
+            image_cls_text_tokens,
+            text_cls_image_tokens,
+            recorder=recorder,
+            meta=layout.cross_image_text() if record else None,
+        )
         context_ti, context_it = self.attend(routed_ti), self.attend(routed_it)
         if role == "entity":
             gate_ti, gate_it = self.gate_act(self.gate_fc(context_ti)), self.gate_act(self.gate_fc(context_it))
@@ -205,13 +232,18 @@ class MMoEMatcher(nn.Module):
         self.image_tokens_layernorm = nn.LayerNorm(cfg.image_dim)
 
     def normalise(self, enc: EncodedSide) -> EncodedSide:
-        return EncodedSide(self.text_cls_layernorm(enc.text_cls), self.text_tokens_layernorm(enc.text_tokens),
-                           self.image_cls_layernorm(enc.image_cls), self.image_tokens_layernorm(enc.image_tokens))
+        return EncodedSide(
+            self.text_cls_layernorm(enc.text_cls),
+            self.text_tokens_layernorm(enc.text_tokens),
+            self.image_cls_layernorm(enc.image_cls),
+            self.image_tokens_layernorm(enc.image_tokens),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
+
 
 def _build_towers(spec: dict) -> ClipTowers:
     """Encoder towers from a spec; kind "hf_clip" (Hugging Face CLIP weights of checkpoints imported from the
@@ -230,11 +262,14 @@ class MMoEModel(nn.Module):
         self.cfg = cfg
         towers = _build_towers(cfg.encoder)
         if towers.embed_dim != towers.text_width:
-            raise ValueError(f"MMoE concatenates the projected text CLS with the text tokens: the towers' "
-                             f"projection width ({towers.embed_dim}) must equal the text width ({towers.text_width})")
+            raise ValueError(
+                f"MMoE concatenates the projected text CLS with the text tokens: the towers' "
+                f"projection width ({towers.embed_dim}) must equal the text width ({towers.text_width})"
+            )
         if towers.context_length != towers.num_patches + 1:
-            raise ValueError(f"the InterMoE needs text length == 1 + patches; got {towers.context_length} "
-                             f"and {towers.num_patches}")
+            raise ValueError(
+                f"the InterMoE needs text length == 1 + patches; got {towers.context_length} and {towers.num_patches}"
+            )
         if cfg.image_dim != cfg.image_hidden:
             raise ValueError("the published VisionUnit needs image_dim (dv) == image_hidden (IDLU_hidden_dim)")
         self.encoder = MMoEEncoder(towers, cfg.image_dim)
@@ -265,17 +300,30 @@ class MMoEModel(nn.Module):
             return token_strings
         return recorder is not None and not recorder.keep_graph
 
-    def encode_entities(self, ids: Tensor, pixels: Tensor, entity_index: Sequence[int] | Tensor | None = None,
-                        recorder: RoutingRecorder | None = None, chunk_size: int | None = None,
-                        token_strings: bool | None = None) -> EntityFeatures:
+    def encode_entities(
+        self,
+        ids: Tensor,
+        pixels: Tensor,
+        entity_index: Sequence[int] | Tensor | None = None,
+        recorder: RoutingRecorder | None = None,
+        chunk_size: int | None = None,
+        token_strings: bool | None = None,
+    ) -> EntityFeatures:
         """Entity side for N entities (texts ``ids`` [N, L], one image each ``pixels`` [N, 3, S, S]),
         encoded ``chunk_size`` entities per MoE call (default: the config's ``entity_chunk_size``)."""
         n = ids.shape[0]
         index = torch.arange(n) if entity_index is None else torch.as_tensor(entity_index).long().cpu()
         chunk = chunk_size or self.cfg.entity_chunk_size
-        parts = [self._encode_entity_chunk(ids[a:a + chunk], pixels[a:a + chunk], index[a:a + chunk], recorder,
-                                           self._want_strings(recorder, token_strings))
-                 for a in range(0, n, chunk)]
+        parts = [
+            self._encode_entity_chunk(
+                ids[a : a + chunk],
+                pixels[a : a + chunk],
+                index[a : a + chunk],
+                recorder,
+                self._want_strings(recorder, token_strings),
+            )
+            for a in range(0, n, chunk)
+        ]
         return parts[0] if len(parts) == 1 else EntityFeatures.cat(parts)
 
     def _encode_entity_chunk(self, ids, pixels, index, recorder, strings) -> EntityFeatures:
@@ -286,20 +334,36 @@ class MMoEModel(nn.Module):
         cross_ti, cross_it, _ = m.cross_module.side(enc, "entity", text_valid_mask(ids), recorder, layout)
         return EntityFeatures(
             index=index.to(ids.device),
-            text_cls=enc.text_cls, text_cls_moe=text[:, 0], text_query=m.text_module.fc_query(text[:, 1:]),
-            image_cls=enc.image_cls, image_cls_moe=image[:, 0], image_query=m.vision_module.fc_query(image[:, 1:]),
-            cross_text_image=cross_ti, cross_image_text=cross_it)
+            text_cls=enc.text_cls,
+            text_cls_moe=text[:, 0],
+            text_query=m.text_module.fc_query(text[:, 1:]),
+            image_cls=enc.image_cls,
+            image_cls_moe=image[:, 0],
+            image_query=m.vision_module.fc_query(image[:, 1:]),
+            cross_text_image=cross_ti,
+            cross_image_text=cross_it,
+        )
 
-    def encode_mentions(self, ids: Tensor, pixels: Tensor, example_ids: Sequence[int] | None = None,
-                        recorder: RoutingRecorder | None = None, token_embeds: Tensor | None = None,
-                        patch_embeds: Tensor | None = None, token_strings: bool | None = None) -> MentionFeatures:
+    def encode_mentions(
+        self,
+        ids: Tensor,
+        pixels: Tensor,
+        example_ids: Sequence[int] | None = None,
+        recorder: RoutingRecorder | None = None,
+        token_embeds: Tensor | None = None,
+        patch_embeds: Tensor | None = None,
+        token_strings: bool | None = None,
+    ) -> MentionFeatures:
         """Mention side for B mentions. ``token_embeds`` [B, L, W] / ``patch_embeds`` [B, P, W] replace the
         text-token embedding lookup / the patch convolution (attribution inputs)."""
         enc = self.matcher.normalise(self.encoder(ids, pixels, token_embeds, patch_embeds))
         example_ids = list(range(ids.shape[0])) if example_ids is None else example_ids
         need_layout = recorder is not None
-        layout = self.layout("mention", ids, example_ids, self._want_strings(recorder, token_strings)) \
-            if need_layout else None
+        layout = (
+            self.layout("mention", ids, example_ids, self._want_strings(recorder, token_strings))
+            if need_layout
+            else None
+        )
         text, image = self._route_side(enc, layout, recorder)
         m = self.matcher
         text_tokens, image_tokens = text[:, 1:], image[:, 1:]  # the mention's routed CLS is unused, as published
@@ -307,15 +371,25 @@ class MMoEModel(nn.Module):
         cross_ti, cross_it, cross_mean = m.cross_module.side(enc, "mention", text_valid, recorder, layout)
         representation = torch.cat([valid_mean(text, text_valid), image.mean(dim=1), cross_mean], dim=-1)
         return MentionFeatures(
-            text_cls=enc.text_cls, text_key=m.text_module.fc_key(text_tokens),
+            text_cls=enc.text_cls,
+            text_key=m.text_module.fc_key(text_tokens),
             text_value=m.text_module.fc_value(text_tokens),
-            image_cls=enc.image_cls, image_key=m.vision_module.fc_key(image_tokens),
+            image_cls=enc.image_cls,
+            image_key=m.vision_module.fc_key(image_tokens),
             image_value=m.vision_module.fc_value(image_tokens),
-            cross_text_image=cross_ti, cross_image_text=cross_it, representation=representation)
+            cross_text_image=cross_ti,
+            cross_image_text=cross_it,
+            representation=representation,
+        )
 
     # ---- pairs ----------------------------------------------------------------------------------
-    def match(self, entities: EntityFeatures, mentions: MentionFeatures,
-              modalities: Sequence[str] = MODALITIES, chunk_size: int = 128) -> UnitScores:
+    def match(
+        self,
+        entities: EntityFeatures,
+        mentions: MentionFeatures,
+        modalities: Sequence[str] = MODALITIES,
+        chunk_size: int = 128,
+    ) -> UnitScores:
         """Scores [B, N] of every mention against every entity; ``modalities`` picks the units averaged
         into ``overall`` (an ablation: ("text",) scores with the text unit alone). Entities are matched
         ``chunk_size`` at a time (no routing happens here, so chunks only bound the memory of the
@@ -324,8 +398,10 @@ class MMoEModel(nn.Module):
         bad = set(modalities) - set(MODALITIES)
         if bad or not modalities:
             raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
-        parts = [self._match_chunk(entities.rows(slice(a, a + chunk_size)), mentions, modalities)
-                 for a in range(0, len(entities), chunk_size)]
+        parts = [
+            self._match_chunk(entities.rows(slice(a, a + chunk_size)), mentions, modalities)
+            for a in range(0, len(entities), chunk_size)
+        ]
         units = {u: torch.cat([p[u] for p in parts], dim=1) for u in modalities}
         overall = sum(units.values()) / len(units)
         return UnitScores(overall, units.get("text"), units.get("image"), units.get("cross"), modalities)
@@ -334,22 +410,35 @@ class MMoEModel(nn.Module):
         mt = self.matcher
         out = {}
         if "text" in modalities:
-            out["text"] = mt.text_module.match(e.text_cls, e.text_cls_moe, e.text_query,
-                                               m.text_cls, m.text_key, m.text_value)
+            out["text"] = mt.text_module.match(
+                e.text_cls, e.text_cls_moe, e.text_query, m.text_cls, m.text_key, m.text_value
+            )
         if "image" in modalities:
-            out["image"] = mt.vision_module.match(e.image_cls, e.image_cls_moe, e.image_query,
-                                                  m.image_cls, m.image_key, m.image_value)
+            out["image"] = mt.vision_module.match(
+                e.image_cls, e.image_cls_moe, e.image_query, m.image_cls, m.image_key, m.image_value
+            )
         if "cross" in modalities:
-            out["cross"] = mt.cross_module.match(e.cross_text_image, e.cross_image_text,
-                                                 m.cross_text_image, m.cross_image_text)
+            out["cross"] = mt.cross_module.match(
+                e.cross_text_image, e.cross_image_text, m.cross_text_image, m.cross_image_text
+            )
         return out
 
-    def forward(self, entity_ids: Tensor, entity_pixels: Tensor, mention_ids: Tensor, mention_pixels: Tensor, *,
-                recorder: RoutingRecorder | None = None, entity_index: Sequence[int] | None = None,
-                example_ids: Sequence[int] | None = None, modalities: Sequence[str] = MODALITIES) -> UnitScores:
+    def forward(
+        self,
+        entity_ids: Tensor,
+        entity_pixels: Tensor,
+        mention_ids: Tensor,
+        mention_pixels: Tensor,
+        *,
+        recorder: RoutingRecorder | None = None,
+        entity_index: Sequence[int] | None = None,
+        example_ids: Sequence[int] | None = None,
+        modalities: Sequence[str] = MODALITIES,
+    ) -> UnitScores:
         """Training forward (published ``matcher(...)``): the batch's entities, one chunk, against its mentions."""
-        entities = self.encode_entities(entity_ids, entity_pixels, entity_index, recorder,
-                                        chunk_size=max(1, entity_ids.shape[0]))
+        entities = self.encode_entities(
+            entity_ids, entity_pixels, entity_index, recorder, chunk_size=max(1, entity_ids.shape[0])
+        )
         mentions = self.encode_mentions(mention_ids, mention_pixels, example_ids, recorder)
         return self.match(entities, mentions, modalities, chunk_size=max(1, entity_ids.shape[0]))
 
@@ -366,4 +455,3 @@ def matching_loss(scores: UnitScores) -> dict[str, Tensor]:
 def build_model(config: dict) -> MMoEModel:
     """The family's build_model (mmoe_core.registry.Family): an MMoE model from a config.json's "model" section."""
     return MMoEModel(MMoEConfig.from_dict(config.get("model", {})))
-

@@ -8,6 +8,7 @@ KB index (the lower index ranks first). The published code uses torch's default 
 whose tie order is unspecified; with real-valued scores exact ties are rare, but a model that gives
 many entities the same score (e.g. all zeros) would look better than it is if the gold has a low index.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -48,8 +49,9 @@ def ranking_metrics(ranks: Sequence[int] | np.ndarray, hits_at: Sequence[int] = 
     return out
 
 
-def metrics_by_label(ranks: Sequence[int], labels: Sequence[str], hits_at: Sequence[int] = HITS_AT
-                     ) -> dict[str, dict[str, float]]:
+def metrics_by_label(
+    ranks: Sequence[int], labels: Sequence[str], hits_at: Sequence[int] = HITS_AT
+) -> dict[str, dict[str, float]]:
     """:func:`ranking_metrics` of each group of rows sharing a label value (sorted by value)."""
     ranks = np.asarray(ranks)
     labels = np.asarray([str(x) for x in labels])

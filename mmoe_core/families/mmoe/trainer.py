@@ -1,4 +1,5 @@
 """Training: the MMoE family trainer (plugs into mmoe_core.training) and its hard-negative batches."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -17,8 +18,9 @@ from mmoe_core.families.mmoe.model import MMoEModel, build_model, matching_loss
 from mmoe_core.routing_record import RoutingRecorder
 
 
-def hard_negative_batches(golds: Sequence[int], names: Sequence[str], batch_size: int, per_name: int,
-                          rng: np.random.Generator) -> list[list[int]]:
+def hard_negative_batches(
+    golds: Sequence[int], names: Sequence[str], batch_size: int, per_name: int, rng: np.random.Generator
+) -> list[list[int]]:
     """Batches of mention rows in which every gold entity is distinct and entities sharing a name come
     together (up to ``per_name`` of one name per visit): in-batch negatives that are hard. Each mention
     is used at most once per epoch; a last batch smaller than 2 is dropped (it has no negative)."""
@@ -87,8 +89,12 @@ class MMoETrainer:
         return self.cfg.to_dict()
 
     def data_config(self) -> dict:
-        return {"root": str(Path(self.options.data_dir).resolve()), "name": self.dataset.name,
-                "train_mentions": len(self.train_mentions), "entities": len(self.dataset.entities)}
+        return {
+            "root": str(Path(self.options.data_dir).resolve()),
+            "name": self.dataset.name,
+            "train_mentions": len(self.train_mentions),
+            "entities": len(self.dataset.entities),
+        }
 
     def build_model(self, config: dict) -> MMoEModel:
         return build_model(config)
@@ -105,10 +111,12 @@ class MMoETrainer:
 
     def _tokenise_mentions(self, towers: ClipTowers) -> None:
         mode = self.cfg.mention_desc
-        descs = self.dme_descs if mode == "dme" else [m.desc if mode == "dataset" else None
-                                                       for m in self.train_mentions]
-        self.mention_ids = towers.tokenize([mention_text(m.mention, m.sentence, d)
-                                            for m, d in zip(self.train_mentions, descs)])
+        descs = (
+            self.dme_descs if mode == "dme" else [m.desc if mode == "dataset" else None for m in self.train_mentions]
+        )
+        self.mention_ids = towers.tokenize(
+            [mention_text(m.mention, m.sentence, d) for m, d in zip(self.train_mentions, descs)]
+        )
 
     def refresh_dme(self, model: MMoEModel) -> None:
         groups = [self.dataset.name_groups.get(m.mention, []) for m in self.train_mentions]
@@ -126,17 +134,31 @@ class MMoETrainer:
             rows_t = torch.tensor(rows)
             golds = [self.golds[r] for r in rows]
             # Training picks one entity image at random, evaluation the first one (as published).
-            picks = [(self.kb.image_rows[g][int(rng.integers(len(self.kb.image_rows[g])))]
-                      if self.kb.image_rows[g] else -1) for g in golds]
+            picks = [
+                (self.kb.image_rows[g][int(rng.integers(len(self.kb.image_rows[g])))] if self.kb.image_rows[g] else -1)
+                for g in golds
+            ]
             zero = self.kb.first_pixels[:1].new_zeros(1, *self.kb.first_pixels.shape[1:])
-            ent_pixels = torch.cat([self.kb.all_pixels[p:p + 1] if p >= 0 else zero for p in picks])
-            yield {"mention_ids": self.mention_ids[rows_t], "mention_pixels": self.mention_pixels[rows_t],
-                   "entity_ids": self.kb.ids[torch.tensor(golds)], "entity_pixels": ent_pixels,
-                   "entity_index": golds, "example_ids": rows}
+            ent_pixels = torch.cat([self.kb.all_pixels[p : p + 1] if p >= 0 else zero for p in picks])
+            yield {
+                "mention_ids": self.mention_ids[rows_t],
+                "mention_pixels": self.mention_pixels[rows_t],
+                "entity_ids": self.kb.ids[torch.tensor(golds)],
+                "entity_pixels": ent_pixels,
+                "entity_index": golds,
+                "example_ids": rows,
+            }
 
     def loss_parts(self, model: MMoEModel, batch: dict, recorder: RoutingRecorder | None) -> dict[str, Tensor]:
-        scores = model(batch["entity_ids"], batch["entity_pixels"], batch["mention_ids"], batch["mention_pixels"],
-                       recorder=recorder, entity_index=batch["entity_index"], example_ids=batch["example_ids"])
+        scores = model(
+            batch["entity_ids"],
+            batch["entity_pixels"],
+            batch["mention_ids"],
+            batch["mention_pixels"],
+            recorder=recorder,
+            entity_index=batch["entity_index"],
+            example_ids=batch["example_ids"],
+        )
         return matching_loss(scores)
 
     def trainable_parameters(self, model: nn.Module, options) -> Iterable[tuple[str, nn.Parameter]]:

@@ -1,4 +1,5 @@
 """The MoEMoE adapter: what the dashboard sees of a MoEMoE checkpoint (mmoe_core.adapter's contract)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from mmoe_core.spec import (
 
 def exact_match_summary(rows: Sequence[tuple[bool, dict]], slice_labels: Sequence[str] = SLICE_LABELS) -> dict:
     """{"overall": {exact_match, n}, "by_<label>": {value: {exact_match, n}}} from (correct, labels) rows."""
+
     def block(flags: list[bool]) -> dict:
         return {"exact_match": float(np.mean(flags)) if flags else float("nan"), "n": len(flags)}
 
@@ -53,8 +55,11 @@ def qga_agreement(qga_rows: Sequence[dict], examples: Sequence[dict]) -> dict:
         if source in hits:
             hits[source].append(dominant_source(row["alpha"], row["beta"]) == source)
     flags = hits["image"] + hits["context"]
-    return {"agreement": float(np.mean(flags)) if flags else float("nan"), "n": len(flags),
-            **{f"agreement_{s}": float(np.mean(v)) if v else float("nan") for s, v in hits.items()}}
+    return {
+        "agreement": float(np.mean(flags)) if flags else float("nan"),
+        "n": len(flags),
+        **{f"agreement_{s}": float(np.mean(v)) if v else float("nan") for s, v in hits.items()},
+    }
 
 
 class MoEMoEAdapter(ModelAdapter):
@@ -69,56 +74,95 @@ class MoEMoEAdapter(ModelAdapter):
     title = "MoEMoE: multi-source multimodal QA"
 
     def fields(self) -> list[ExampleField]:
-        return [ExampleField("question", "Question", "text", editable=True, role="title", max_chars=200),
-                ExampleField("context", "Context", "long_text", editable=True, max_chars=1500),
-                ExampleField("image", "Product picture", "image", editable=True),
-                ExampleField("answer", "Gold answer", "text", role="gold"),
-                ExampleField("product_id", "Product", "id")]
+        return [
+            ExampleField("question", "Question", "text", editable=True, role="title", max_chars=200),
+            ExampleField("context", "Context", "long_text", editable=True, max_chars=1500),
+            ExampleField("image", "Product picture", "image", editable=True),
+            ExampleField("answer", "Gold answer", "text", role="gold"),
+            ExampleField("product_id", "Product", "id"),
+        ]
 
     def input_spec(self) -> list[InputSpec]:
         side = self.model.source_encoder.clip.visual.grid_size[0]
-        return [InputSpec("question", "text_tokens", "question BPE tokens (question encoder Q)", field="question"),
-                InputSpec("context", "text_tokens", "product context BPE tokens (context encoder C)", field="context"),
-                InputSpec("image", "image_patches", "product picture patches (image encoder I)", field="image",
-                          grid=ImageGrid(side, side, 0))]
+        return [
+            InputSpec("question", "text_tokens", "question BPE tokens (question encoder Q)", field="question"),
+            InputSpec("context", "text_tokens", "product context BPE tokens (context encoder C)", field="context"),
+            InputSpec(
+                "image",
+                "image_patches",
+                "product picture patches (image encoder I)",
+                field="image",
+                grid=ImageGrid(side, side, 0),
+            ),
+        ]
 
     def routed_layers(self) -> list[RoutedLayerSpec]:
         gate = GateSpec("topk_softmax", "softmax", "topk_renormalised")
-        return [RoutedLayerSpec(moe.name, moe.num_experts, moe.top_k, gate,
-                                routed="decoder hidden state at each answer step",
-                                gate_sees="the same decoder hidden state", calls=(DECODER_CALL,))
-                for moe in self.model.moe_layers()]
+        return [
+            RoutedLayerSpec(
+                moe.name,
+                moe.num_experts,
+                moe.top_k,
+                gate,
+                routed="decoder hidden state at each answer step",
+                gate_sees="the same decoder hidden state",
+                calls=(DECODER_CALL,),
+            )
+            for moe in self.model.moe_layers()
+        ]
 
     def prediction_spec(self) -> PredictionSpec:
-        return PredictionSpec("answer", "greedy answer words; exact match after normalisation",
-                              headline=("exact_match",), item="answer")
+        return PredictionSpec(
+            "answer", "greedy answer words; exact match after normalisation", headline=("exact_match",), item="answer"
+        )
 
     def attribution_targets(self) -> list[AttributionTarget]:
-        return [AttributionTarget("answer_logit", "logit of the first answer word (gold if in the vocabulary, "
-                                                  "else predicted) at decoder step 0"),
-                AttributionTarget("router_logit", "router logit of (layer, expert, decoder step)", needs_layer=True)]
+        return [
+            AttributionTarget(
+                "answer_logit",
+                "logit of the first answer word (gold if in the vocabulary, else predicted) at decoder step 0",
+            ),
+            AttributionTarget("router_logit", "router logit of (layer, expert, decoder step)", needs_layer=True),
+        ]
 
     def output_spec(self) -> list[OutputSpec]:
-        return [OutputSpec("qga", "source_weights",
-                           "question-guided attention: per question token (SOT..EOT), a weight alpha on the image "
-                           "and beta on the context (alpha + beta = 1); the joint input is e = alpha I + beta C",
-                           sources=(SourceSpec("image", "alpha", "alpha (image)", "#1f77b4"),
-                                    SourceSpec("context", "beta", "beta (context)", "#ff7f0e")),
-                           truth_label="answer_source", positions="tokens")]
+        return [
+            OutputSpec(
+                "qga",
+                "source_weights",
+                "question-guided attention: per question token (SOT..EOT), a weight alpha on the image "
+                "and beta on the context (alpha + beta = 1); the joint input is e = alpha I + beta C",
+                sources=(
+                    SourceSpec("image", "alpha", "alpha (image)", "#1f77b4"),
+                    SourceSpec("context", "beta", "beta (context)", "#ff7f0e"),
+                ),
+                truth_label="answer_source",
+                positions="tokens",
+            )
+        ]
 
     def label_spec(self) -> list[LabelSpec]:
-        return [LabelSpec("question_type", "what the question asks (colour, brand, size ...)", ground_truth=True),
-                LabelSpec("answer_source", "where the answer lives (generated with the world)", ground_truth=True,
-                          decides={"image": ("image",), "context": ("context",)}),
-                LabelSpec("category", "product category", ground_truth=True)]
+        return [
+            LabelSpec("question_type", "what the question asks (colour, brand, size ...)", ground_truth=True),
+            LabelSpec(
+                "answer_source",
+                "where the answer lives (generated with the world)",
+                ground_truth=True,
+                decides={"image": ("image",), "context": ("context",)},
+            ),
+            LabelSpec("category", "product category", ground_truth=True),
+        ]
 
     def training_phases(self) -> list[TrainingPhase]:
         """Phase switches of the schedule; each option holds the (absolute) step its phase starts."""
         cfg = model_section(self.config)
         last = (self.config.get("training") or {}).get("steps_done") or (self.config.get("training") or {}).get("steps")
         phases = []
-        for option, label in (("image_warmup_steps", "image tower frozen"), ("qga_warmup_steps", "QGA free"),
-                              ("expert_only_after_steps", "expert-only")):
+        for option, label in (
+            ("image_warmup_steps", "image tower frozen"),
+            ("qga_warmup_steps", "QGA free"),
+            ("expert_only_after_steps", "expert-only"),
+        ):
             step = cfg.get(option)
             if isinstance(step, (int, float)) and step > 0 and (last is None or step < last):
                 phases.append(TrainingPhase(option, int(step), label))
@@ -126,11 +170,14 @@ class MoEMoEAdapter(ModelAdapter):
 
     def model_card(self) -> dict[str, str]:
         cfg = model_section(self.config)
-        return {"decoder": f"{cfg.get('decoder_layers')} layers, width {cfg.get('model_dim')}",
-                "experts": f"{cfg.get('num_experts')} per MoE layer, top-{cfg.get('top_k')}",
-                "lambda (aux weight)": str(cfg.get("aux_weight")), "copy pointer": str(cfg.get("copy")),
-                "image warm-up steps": str(cfg.get("image_warmup_steps")),
-                "QGA warm-up steps": str(cfg.get("qga_warmup_steps"))}
+        return {
+            "decoder": f"{cfg.get('decoder_layers')} layers, width {cfg.get('model_dim')}",
+            "experts": f"{cfg.get('num_experts')} per MoE layer, top-{cfg.get('top_k')}",
+            "lambda (aux weight)": str(cfg.get("aux_weight")),
+            "copy pointer": str(cfg.get("copy")),
+            "image warm-up steps": str(cfg.get("image_warmup_steps")),
+            "QGA warm-up steps": str(cfg.get("qga_warmup_steps")),
+        }
 
     # ---- data ----------------------------------------------------------------------------------
     def load_examples(self, data_dir: Path, split: str = "test") -> list[dict]:
@@ -138,18 +185,20 @@ class MoEMoEAdapter(ModelAdapter):
 
     # ---- running -------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, examples: Sequence[dict], record: bool = True, batch_size: int = 32,
-            progress: bool = False) -> RunOutput:
+    def run(
+        self, examples: Sequence[dict], record: bool = True, batch_size: int = 32, progress: bool = False
+    ) -> RunOutput:
         model = self.model.eval()
         recorder = RoutingRecorder(keep_graph=False) if record else None
         predictions, qga_rows, representations = [], [], []
         starts = range(0, len(examples), batch_size)
         if progress:
             from tqdm import tqdm
+
             starts = tqdm(starts, desc="moemoe run", unit="batch")
         first_moe = model.moe_layers()[0].name if model.moe_layers() else None
         for start in starts:
-            chunk = list(examples[start:start + batch_size])
+            chunk = list(examples[start : start + batch_size])
             batch = batch_to(self.featurizer.batch(chunk, with_answers=False), self.device)
             encoded = encode_batch(model, batch)
             answer_ids, step_scores = model.greedy(encoded)
@@ -166,19 +215,26 @@ class MoEMoEAdapter(ModelAdapter):
             for row, example in enumerate(chunk):
                 answer = model.vocab.decode(answer_ids[row].tolist())
                 gold = example.get("answer")
-                predictions.append({
-                    "index": int(example["index"]), "id": example.get("id"),
-                    "prediction": answer, "answer": answer, "gold": gold,
-                    "correct": bool(exact_match(answer, gold)) if gold is not None else None,
-                    "score": float(step_scores[row].sum()),
-                })
+                predictions.append(
+                    {
+                        "index": int(example["index"]),
+                        "id": example.get("id"),
+                        "prediction": answer,
+                        "answer": answer,
+                        "gold": gold,
+                        "correct": bool(exact_match(answer, gold)) if gold is not None else None,
+                        "score": float(step_scores[row].sum()),
+                    }
+                )
                 keep = encoded.question_valid[row].cpu()
-                qga_rows.append({
-                    "index": int(example["index"]),
-                    "tokens": [t for t, k in zip(question_tokens[row], keep.tolist()) if k],
-                    "alpha": encoded.alpha[row].cpu()[keep].float().tolist(),
-                    "beta": encoded.beta[row].cpu()[keep].float().tolist(),
-                })
+                qga_rows.append(
+                    {
+                        "index": int(example["index"]),
+                        "tokens": [t for t, k in zip(question_tokens[row], keep.tolist()) if k],
+                        "alpha": encoded.alpha[row].cpu()[keep].float().tolist(),
+                        "beta": encoded.beta[row].cpu()[keep].float().tolist(),
+                    }
+                )
         reps = torch.cat(representations) if representations else None
         return RunOutput(predictions, recorder, {"qga": qga_rows}, reps)
 
@@ -206,9 +262,15 @@ class MoEMoEAdapter(ModelAdapter):
                 "image": model.source_encoder.embed_image_patches(batch["pixels"]).detach(),
             }
 
-    def attribution_forward(self, example: dict, target: str, layer: str | None = None,
-                            expert: int | None = None, position: int | None = None,
-                            call: str | None = None) -> Callable[..., Tensor]:
+    def attribution_forward(
+        self,
+        example: dict,
+        target: str,
+        layer: str | None = None,
+        expert: int | None = None,
+        position: int | None = None,
+        call: str | None = None,
+    ) -> Callable[..., Tensor]:
         model = self.model.eval()
         batch = self._single_batch(example)
         with torch.no_grad():
@@ -217,20 +279,28 @@ class MoEMoEAdapter(ModelAdapter):
         def encode(question_embeds: Tensor, context_embeds: Tensor, patch_embeds: Tensor) -> Encoded:
             n = question_embeds.shape[0]
             copy_ids = batch.get("copy_ids")
-            return model.encode(batch["question_ids"].expand(n, -1), batch["context_ids"].expand(n, -1),
-                                batch["pixels"].expand(n, -1, -1, -1), None,
-                                question_embeds, context_embeds, patch_embeds,
-                                copy_ids=None if copy_ids is None else copy_ids.expand(n, -1))
+            return model.encode(
+                batch["question_ids"].expand(n, -1),
+                batch["context_ids"].expand(n, -1),
+                batch["pixels"].expand(n, -1, -1, -1),
+                None,
+                question_embeds,
+                context_embeds,
+                patch_embeds,
+                copy_ids=None if copy_ids is None else copy_ids.expand(n, -1),
+            )
 
         if target == "answer_logit":
             gold_first = model.vocab.encode(example.get("answer") or "", 1)[0]
-            first_word = gold_first if gold_first not in (model.vocab.unk_id, model.vocab.eos_id) \
-                else int(predicted[0, 0])
+            first_word = (
+                gold_first if gold_first not in (model.vocab.unk_id, model.vocab.eos_id) else int(predicted[0, 0])
+            )
 
             def answer_logit(question_embeds, context_embeds, patch_embeds):
                 encoded = encode(question_embeds, context_embeds, patch_embeds)
                 bos = torch.full((question_embeds.shape[0], 1), model.vocab.bos_id, device=question_embeds.device)
                 return model.decode(encoded, bos)[:, 0, first_word]
+
             return answer_logit
 
         if target == "router_logit":
@@ -253,6 +323,7 @@ class MoEMoEAdapter(ModelAdapter):
                 model.decode(encoded, rows, recorder=recorder)
                 logits = next(c.router.logits for c in recorder.calls if c.layer == layer)
                 return logits[:, position, expert]
+
             return router_logit
 
         raise ValueError(f"unknown attribution target {target!r}; choose answer_logit or router_logit")

@@ -1,4 +1,5 @@
 """Examples of the QA family and the tensors a model reads from them (BPE ids, pixels, answer ids)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -15,20 +16,29 @@ def examples_from_dataset(items, split_offset: int = 0) -> list[dict]:
     """QAItems (from :func:`mmoe_core.data.readers.read_qa_dataset`) -> adapter examples."""
     examples = []
     for i, item in enumerate(items):
-        examples.append({
-            "index": split_offset + i, "id": item.id,
-            "labels": {"question_type": item.question_type or "unknown",
-                       "answer_source": item.answer_source or "unknown", "category": item.category or "unknown"},
-            "question": item.question, "context": item.context,
-            "image_path": str(item.image) if item.image is not None else None,
-            "answer": item.answer, "product_id": item.product_id,
-            "context_conflict": bool(item.context_conflict) if item.context_conflict is not None else None,
-        })
+        examples.append(
+            {
+                "index": split_offset + i,
+                "id": item.id,
+                "labels": {
+                    "question_type": item.question_type or "unknown",
+                    "answer_source": item.answer_source or "unknown",
+                    "category": item.category or "unknown",
+                },
+                "question": item.question,
+                "context": item.context,
+                "image_path": str(item.image) if item.image is not None else None,
+                "answer": item.answer,
+                "product_id": item.product_id,
+                "context_conflict": bool(item.context_conflict) if item.context_conflict is not None else None,
+            }
+        )
     return examples
 
 
 def load_qa_examples(data_dir: Path | str, split: str = "test") -> list[dict]:
     from mmoe_core.data.readers import read_qa_dataset
+
     dataset = read_qa_dataset(data_dir, check_images=True, splits=(split,))
     return examples_from_dataset(dataset.splits[split])
 
@@ -58,6 +68,7 @@ class QAFeaturizer:
             return towers.preprocess([None])[0]
         if path not in self._pixels:
             from mmoe_core.data.readers import load_image
+
             self._pixels[path] = towers.preprocess([load_image(path)])[0]
         return self._pixels[path]
 
@@ -66,7 +77,7 @@ class QAFeaturizer:
         rows = [self.model.vocab.encode(a, self.model.max_answer_words) for a in answers]
         out = torch.full((len(rows), steps), self.model.vocab.pad_id, dtype=torch.long)
         for i, row in enumerate(rows):
-            out[i, :len(row)] = torch.tensor(row)
+            out[i, : len(row)] = torch.tensor(row)
         return out
 
     def batch(self, examples: Sequence[dict], with_answers: bool = True) -> dict:
@@ -87,8 +98,9 @@ class QAFeaturizer:
             "example_ids": [int(e["index"]) for e in examples],
         }
         if self.model.copy:
-            batch["copy_ids"] = text_copy_targets([e.get("context") or "" for e in sources],
-                                                  self.model.source_encoder, self.model.vocab)
+            batch["copy_ids"] = text_copy_targets(
+                [e.get("context") or "" for e in sources], self.model.source_encoder, self.model.vocab
+            )
         if with_answers:
             batch["answer_ids"] = self.answer_ids([e.get("answer") or "" for e in examples])
         return batch

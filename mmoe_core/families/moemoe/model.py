@@ -43,6 +43,7 @@ Built from the description of arXiv 2503.06296 (no public code), at demo size:
 * **expert_only.** Encoders, QGA, attention, embeddings, dense FFNs and the answer head are frozen;
   only the experts and routers of the MoE layers train (encoding then also runs without autograd).
 """
+
 from __future__ import annotations
 
 import math
@@ -89,7 +90,6 @@ class QuestionGuidedAttention(nn.Module):
         return qga_weights(self.score(torch.cat([question_tokens, pooled], dim=-1)))
 
 
-
 @dataclass
 class Encoded:
     """Encoder side of a batch of B questions over U distinct sources (product context + picture).
@@ -98,20 +98,21 @@ class Encoded:
     It is kept factorised (sources once, weights per question) because keys and values are linear in
     e: W e = alpha * (W I) + beta * (W C), so each source is projected once for all its questions.
     """
-    question: Tensor          # [B, Lq, D] projected question tokens (+ segment embedding)
-    question_valid: Tensor    # [B, Lq] True for the question's own tokens (SOT..EOT)
-    question_pooled: Tensor   # [B, D] the question at its EOT
-    alpha: Tensor             # [B, Lq] image weight per question position (padding included)
-    beta: Tensor              # [B, Lq] context weight
-    alpha_joint: Tensor       # [B, L] alpha stretched over the joint sequence
-    beta_joint: Tensor        # [B, L]
-    image: Tensor             # [U, L, D] image tokens repeated to L (layer-normed)
-    context: Tensor           # [U, L, D] context tokens (layer-normed)
-    source_index: Tensor      # [B] source row of each question
-    joint_segment: Tensor     # [D] segment embedding added to every position of e
-    qca_loss: Tensor          # L_QCA
-    qia_loss: Tensor          # L_QIA
-    copy_ids: Tensor | None = None   # [U, L] answer word id at each context position (pad_id: none)
+
+    question: Tensor  # [B, Lq, D] projected question tokens (+ segment embedding)
+    question_valid: Tensor  # [B, Lq] True for the question's own tokens (SOT..EOT)
+    question_pooled: Tensor  # [B, D] the question at its EOT
+    alpha: Tensor  # [B, Lq] image weight per question position (padding included)
+    beta: Tensor  # [B, Lq] context weight
+    alpha_joint: Tensor  # [B, L] alpha stretched over the joint sequence
+    beta_joint: Tensor  # [B, L]
+    image: Tensor  # [U, L, D] image tokens repeated to L (layer-normed)
+    context: Tensor  # [U, L, D] context tokens (layer-normed)
+    source_index: Tensor  # [B] source row of each question
+    joint_segment: Tensor  # [D] segment embedding added to every position of e
+    qca_loss: Tensor  # L_QCA
+    qia_loss: Tensor  # L_QIA
+    copy_ids: Tensor | None = None  # [U, L] answer word id at each context position (pad_id: none)
 
     @property
     def batch_size(self) -> int:
@@ -119,8 +120,12 @@ class Encoded:
 
     def joint(self) -> Tensor:
         """e [B, L, D], materialised (the decoder never needs it whole)."""
-        return joint_embedding(self.alpha_joint, self.beta_joint, self.image[self.source_index],
-                               self.context[self.source_index]) + self.joint_segment
+        return (
+            joint_embedding(
+                self.alpha_joint, self.beta_joint, self.image[self.source_index], self.context[self.source_index]
+            )
+            + self.joint_segment
+        )
 
     def memory_padding(self) -> Tensor:
         """[B, Lq + L] True where attention must not look (question padding)."""
@@ -153,7 +158,7 @@ class CrossAttention(nn.Module):
 
     def _heads(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
-        return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)   # [B, H, N, d_head]
+        return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)  # [B, H, N, d_head]
 
     def forward(self, x: Tensor, keys: Tensor, values: Tensor, padding: Tensor) -> Tensor:
         b, t, d = x.shape
@@ -183,9 +188,16 @@ class DecoderLayer(nn.Module):
     def is_moe(self) -> bool:
         return hasattr(self, "moe")
 
-    def forward(self, x: Tensor, memory_kv: tuple[Tensor, Tensor], memory_padding: Tensor, causal: Tensor,
-                recorder: RoutingRecorder | None = None, meta: PositionMeta | None = None,
-                capture: dict | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        memory_kv: tuple[Tensor, Tensor],
+        memory_padding: Tensor,
+        causal: Tensor,
+        recorder: RoutingRecorder | None = None,
+        meta: PositionMeta | None = None,
+        capture: dict | None = None,
+    ) -> Tensor:
         h = self.self_norm(x)
         x = x + self.self_attn(h, h, h, attn_mask=causal, need_weights=False)[0]
         x = x + self.cross_attn(self.cross_norm(x), *memory_kv, memory_padding)
@@ -233,8 +245,15 @@ class MoEMoEModel(nn.Module):
         for i in range(int(config["decoder_layers"])):
             moe = None
             if i % 2 == 1:
-                moe = SwitchMoE(dim, dim, int(config["num_experts"]), int(config["top_k"]), gate=config["gate"],
-                                mult=float(config["ffn_mult"]), name=f"decoder.{i}.moe")
+                moe = SwitchMoE(
+                    dim,
+                    dim,
+                    int(config["num_experts"]),
+                    int(config["top_k"]),
+                    gate=config["gate"],
+                    mult=float(config["ffn_mult"]),
+                    name=f"decoder.{i}.moe",
+                )
             layers.append(DecoderLayer(dim, int(config["decoder_heads"]), float(config["ffn_mult"]), moe))
         self.decoder = nn.ModuleList(layers)
         self.final_norm = nn.LayerNorm(dim)
@@ -267,16 +286,24 @@ class MoEMoEModel(nn.Module):
         _, states = self.question_encoder.encode_text(question_ids, question_embeds)
         question = self.question_proj(states)
         rows = torch.arange(question.shape[0], device=question.device)
-        return question, question[rows, question_ids.argmax(dim=-1)]     # EOT has the largest id
+        return question, question[rows, question_ids.argmax(dim=-1)]  # EOT has the largest id
 
     def encode_image_tokens(self, pixels: Tensor, patch_embeds: Tensor | None = None) -> Tensor:
         """Image tokens [U, 1 + P, D] ([CLS; patches]) in the model's width, before repetition to L."""
         _, states = self.source_encoder.encode_image(pixels, patch_embeds)
         return self.image_proj(self.image_norm(states))
 
-    def encode(self, question_ids: Tensor, context_ids: Tensor, pixels: Tensor, source_index: Tensor | None = None,
-               question_embeds: Tensor | None = None, context_embeds: Tensor | None = None,
-               patch_embeds: Tensor | None = None, copy_ids: Tensor | None = None) -> Encoded:
+    def encode(
+        self,
+        question_ids: Tensor,
+        context_ids: Tensor,
+        pixels: Tensor,
+        source_index: Tensor | None = None,
+        question_embeds: Tensor | None = None,
+        context_embeds: Tensor | None = None,
+        patch_embeds: Tensor | None = None,
+        copy_ids: Tensor | None = None,
+    ) -> Encoded:
         """Encode Q, C, I and weight the sources; ``*_embeds`` replace the input embeddings (attribution).
 
         ``copy_ids`` [U, L] (:func:`text_copy_targets` of the contexts) enables the copy pointer.
@@ -289,8 +316,8 @@ class MoEMoEModel(nn.Module):
             source_index = torch.arange(question_ids.shape[0], device=question_ids.device)
         question, question_pooled = self.encode_question(question_ids, question_embeds)
         _, context_states = self.source_encoder.encode_text(context_ids, context_embeds)
-        context = self.context_proj(self.context_norm(context_states))      # [U, L, D]
-        image = self.encode_image_tokens(pixels, patch_embeds)             # [U, 1 + P, D]
+        context = self.context_proj(self.context_norm(context_states))  # [U, L, D]
+        image = self.encode_image_tokens(pixels, patch_embeds)  # [U, 1 + P, D]
         question_valid = question_ids != 0
         alpha, beta = self.qga(question, question_pooled)
         length = context.shape[1]
@@ -303,23 +330,36 @@ class MoEMoEModel(nn.Module):
         qca = alignment_loss(self.align_question_context(question_mean), context_mean)
         qia = alignment_loss(self.align_question_image(question_mean), image_mean)
         return Encoded(
-            question=question + self.segment.weight[0], question_valid=question_valid,
-            question_pooled=question_pooled, alpha=alpha, beta=beta,
+            question=question + self.segment.weight[0],
+            question_valid=question_valid,
+            question_pooled=question_pooled,
+            alpha=alpha,
+            beta=beta,
             alpha_joint=stretch_valid_tokens(alpha, counts, length),
             beta_joint=stretch_valid_tokens(beta, counts, length),
-            image=repeat_to_length(image, length), context=context, source_index=source_index,
-            joint_segment=self.segment.weight[1], qca_loss=qca, qia_loss=qia,
-            copy_ids=copy_ids if self.copy else None)
-
+            image=repeat_to_length(image, length),
+            context=context,
+            source_index=source_index,
+            joint_segment=self.segment.weight[1],
+            qca_loss=qca,
+            qia_loss=qia,
+            copy_ids=copy_ids if self.copy else None,
+        )
 
     # ---- decoder side --------------------------------------------------------------------------
     def memory_keys_values(self, encoded: Encoded) -> list[tuple[Tensor, Tensor]]:
         """Per decoder layer, the cross-attention keys and values of the memory (reusable across steps)."""
         return [layer.cross_attn.keys_values(encoded) for layer in self.decoder]
 
-    def decode(self, encoded: Encoded, decoder_input: Tensor, recorder: RoutingRecorder | None = None,
-               meta: PositionMeta | None = None, capture: dict | None = None,
-               memory_kv: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+    def decode(
+        self,
+        encoded: Encoded,
+        decoder_input: Tensor,
+        recorder: RoutingRecorder | None = None,
+        meta: PositionMeta | None = None,
+        capture: dict | None = None,
+        memory_kv: list[tuple[Tensor, Tensor]] | None = None,
+    ) -> Tensor:
         """Teacher-forced logits [B, T, V] for decoder inputs [B, T] (<bos> first)."""
         steps = decoder_input.shape[1]
         positions = torch.arange(steps, device=decoder_input.device)
@@ -344,13 +384,13 @@ class MoEMoEModel(nn.Module):
         attention on the answer word written at that context position. Returned as log-probabilities,
         so the cross-entropy and greedy decoding downstream are unchanged.
         """
-        keys = encoded.project(self.pointer_key)[:, encoded.question.shape[1]:]      # [B_enc, L, D]
-        targets = encoded.copy_ids[encoded.source_index]                              # [B_enc, L]
+        keys = encoded.project(self.pointer_key)[:, encoded.question.shape[1] :]  # [B_enc, L, D]
+        targets = encoded.copy_ids[encoded.source_index]  # [B_enc, L]
         b, steps, dim = h.shape
         if keys.shape[0] != b:  # one encoded example, several decoder rows (attribution)
             keys, targets = keys.expand(b, -1, -1), targets.expand(b, -1)
         copyable = targets != self.vocab.pad_id
-        scores = self.pointer_query(h) @ keys.transpose(1, 2) / math.sqrt(dim)          # [B, T, L]
+        scores = self.pointer_query(h) @ keys.transpose(1, 2) / math.sqrt(dim)  # [B, T, L]
         attention = scores.masked_fill(~copyable[:, None, :], float("-inf")).softmax(dim=-1).nan_to_num(0.0)
         copied = torch.zeros_like(generated).scatter_add(2, targets[:, None, :].expand(-1, steps, -1), attention)
         gate = torch.sigmoid(self.copy_gate(h))
@@ -394,14 +434,27 @@ def build_model(config: dict) -> MoEMoEModel:
 
 
 def encode_batch(model: MoEMoEModel, batch: dict) -> Encoded:
-    return model.encode(batch["question_ids"], batch["context_ids"], batch["pixels"], batch.get("source_index"),
-                        copy_ids=batch.get("copy_ids"))
+    return model.encode(
+        batch["question_ids"],
+        batch["context_ids"],
+        batch["pixels"],
+        batch.get("source_index"),
+        copy_ids=batch.get("copy_ids"),
+    )
 
 
-def decoder_meta(model: MoEMoEModel, example_ids: Sequence[int], decoder_input: Tensor,
-                 valid: Tensor | None) -> PositionMeta:
+def decoder_meta(
+    model: MoEMoEModel, example_ids: Sequence[int], decoder_input: Tensor, valid: Tensor | None
+) -> PositionMeta:
     """Routing metadata of the decoder MoE calls: one ``decoder_step`` position per answer step."""
     tokens = [[model.vocab.words[i] for i in row] for row in decoder_input.tolist()]
-    return PositionMeta.uniform(DECODER_CALL, list(example_ids), decoder_input.shape[1], "decoder_step",
-                                routed="decoder", gate="decoder", tokens=tokens,
-                                valid=None if valid is None else valid.cpu())
+    return PositionMeta.uniform(
+        DECODER_CALL,
+        list(example_ids),
+        decoder_input.shape[1],
+        "decoder_step",
+        routed="decoder",
+        gate="decoder",
+        tokens=tokens,
+        valid=None if valid is None else valid.cpu(),
+    )

@@ -1,4 +1,5 @@
 """Small pure functions: the math of the MoEMoE model (lengths, QGA weights, losses, copy targets)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ def repeat_to_length(x: Tensor, length: int) -> Tensor:
 def stretch_valid_tokens(x: Tensor, counts: Tensor, length: int) -> Tensor:
     """Per example b, repeat its first ``counts[b]`` items of x [B, N, ...] over ``length`` positions."""
     positions = torch.arange(length, device=x.device)
-    index = positions[None, :] * counts.clamp_min(1)[:, None] // length          # [B, length]
+    index = positions[None, :] * counts.clamp_min(1)[:, None] // length  # [B, length]
     rows = torch.arange(x.shape[0], device=x.device)[:, None]
     return x[rows, index]
 
@@ -61,6 +62,7 @@ def copy_targets(word_pieces: Sequence[tuple[str, int]], vocab: AnswerVocab, len
 def text_copy_targets(texts: Sequence[str], towers: ClipTowers, vocab: AnswerVocab) -> Tensor:
     """[U, L] :func:`copy_targets` of texts as ``towers.tokenize`` lays them out (L = its context length)."""
     from open_clip.tokenizer import basic_clean, whitespace_clean
+
     tokenizer = towers.tokenizer
     rows = []
     for text in texts:

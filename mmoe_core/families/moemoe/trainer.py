@@ -1,4 +1,5 @@
 """Training: the MoEMoE loss, the image warm-up head and the family trainer (plugs into mmoe_core.training)."""
+
 from __future__ import annotations
 
 import math
@@ -21,6 +22,7 @@ from mmoe_core.routing_record import RoutingRecorder
 
 RUN_DECIDES = ("answer_vocab", "gate", "num_experts", "top_k", "aux_weight", "expert_only")
 
+
 class ImageReadingHead(nn.Module):
     """Training-only head of the image warm-up: the question attends over the image tokens -> first answer word.
 
@@ -37,11 +39,10 @@ class ImageReadingHead(nn.Module):
         self.out = nn.Linear(dim, vocab_size)
 
     def forward(self, model: MoEMoEModel, batch: dict) -> Tensor:
-        image = model.encode_image_tokens(batch["pixels"])[batch["source_index"]]      # [B, 1 + P, D]
-        query = model.encode_question(batch["question_ids"])[1].unsqueeze(1)          # the question at EOT
+        image = model.encode_image_tokens(batch["pixels"])[batch["source_index"]]  # [B, 1 + P, D]
+        query = model.encode_question(batch["question_ids"])[1].unsqueeze(1)  # the question at EOT
         read, _ = self.attention(query, image, image, need_weights=False)
         return self.out((read + query)[:, 0])
-
 
 
 def picture_questions(examples: Sequence[dict], source_groups: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -52,8 +53,9 @@ def picture_questions(examples: Sequence[dict], source_groups: Sequence[Sequence
     sources = {e["labels"].get("answer_source", "unknown") for e in examples}
     if sources <= {"unknown"}:
         return [list(group) for group in source_groups]
-    return [[q for q in group if examples[q]["labels"].get("answer_source") in ("image", "both")]
-            for group in source_groups]
+    return [
+        [q for q in group if examples[q]["labels"].get("answer_source") in ("image", "both")] for group in source_groups
+    ]
 
 
 def loss_parts(model: MoEMoEModel, batch: dict, recorder: RoutingRecorder | None = None) -> dict[str, Tensor]:
@@ -70,10 +72,8 @@ def loss_parts(model: MoEMoEModel, batch: dict, recorder: RoutingRecorder | None
     recorder = recorder if recorder is not None else RoutingRecorder(keep_graph=True)
     meta = decoder_meta(model, batch["example_ids"], decoder_input, valid)
     logits = model.decode(encoded, decoder_input, recorder=recorder, meta=meta)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answer_ids.reshape(-1),
-                         ignore_index=model.vocab.pad_id)
-    moe_calls = RoutingRecorder(keep_graph=True,
-                                calls=[c for c in recorder.calls if c.layer.startswith("decoder.")])
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answer_ids.reshape(-1), ignore_index=model.vocab.pad_id)
+    moe_calls = RoutingRecorder(keep_graph=True, calls=[c for c in recorder.calls if c.layer.startswith("decoder.")])
     align = float(config.get("align_weight", 1.0))
     return {
         "ce": ce,
@@ -111,6 +111,7 @@ class MoEMoETrainer:
 
     def __init__(self, options):
         from mmoe_core.data.readers import read_qa_dataset
+
         self.options = options
         named, family_options = split_model_options(FAMILY, options.family_options or {})
         explicit_aux = family_options.pop("aux_weight", None)
@@ -123,9 +124,11 @@ class MoEMoETrainer:
         self.image_warmup = int(family_options.pop("image_warmup_steps", 0) or 0)
         self.image_warmup_products = int(family_options.pop("image_warmup_products", 32))
         if self.image_warmup and self.expert_only_after is not None and self.expert_only_after < self.image_warmup:
-            raise ConfigError(f"image_warmup_steps={self.image_warmup} needs the backbone trainable during the "
-                              f"warm-up; expert_only_after_steps={self.expert_only_after} freezes it before the "
-                              "warm-up ends")
+            raise ConfigError(
+                f"image_warmup_steps={self.image_warmup} needs the backbone trainable during the "
+                f"warm-up; expert_only_after_steps={self.expert_only_after} freezes it before the "
+                "warm-up ends"
+            )
         dataset = read_qa_dataset(options.data_dir, check_images=True, splits=("train",))
         self.examples = examples_from_dataset(dataset.splits["train"])
         if not self.examples:
@@ -137,10 +140,17 @@ class MoEMoETrainer:
         if unknown:
             raise ConfigError(f"unknown moemoe family options {unknown}; known: {sorted(default_model_config())}")
         self._model_config = default_model_config(
-            vocab.words, gate=options.gate, num_experts=options.experts, top_k=min(options.top_k, options.experts),
-            aux_weight=float(aux_weight), expert_only=self.expert_only_after == 0,
-            expert_only_after_steps=self.expert_only_after, qga_warmup_steps=self.qga_warmup,
-            image_warmup_steps=self.image_warmup, **family_options)
+            vocab.words,
+            gate=options.gate,
+            num_experts=options.experts,
+            top_k=min(options.top_k, options.experts),
+            aux_weight=float(aux_weight),
+            expert_only=self.expert_only_after == 0,
+            expert_only_after_steps=self.expert_only_after,
+            qga_warmup_steps=self.qga_warmup,
+            image_warmup_steps=self.image_warmup,
+            **family_options,
+        )
         self.by_source: dict[tuple, list[int]] = {}
         for i, e in enumerate(self.examples):
             self.by_source.setdefault(source_key(e), []).append(i)
@@ -153,13 +163,19 @@ class MoEMoETrainer:
         return self._model_config
 
     def data_config(self) -> dict:
-        return {"root": str(self.options.data_dir), "world": "qa", "split": "train",
-                "questions": len(self.examples), "sources": len(self.by_source)}
+        return {
+            "root": str(self.options.data_dir),
+            "world": "qa",
+            "split": "train",
+            "questions": len(self.examples),
+            "sources": len(self.by_source),
+        }
 
     def build_model(self, config: dict) -> MoEMoEModel:
         model = MoEMoEModel(config)
         if self.init_from:
             from mmoe_core.checkpoint import load_config, load_into, load_state
+
             if model_section(load_config(self.init_from))["answer_vocab"] != model.vocab.words:
                 raise ConfigError(f"{self.init_from}: its answer vocabulary differs from this dataset's")
             load_into(model, load_state(self.init_from), source=str(self.init_from))
@@ -171,8 +187,11 @@ class MoEMoETrainer:
         featurizer = QAFeaturizer(model)
         sources = [self.examples[questions[0]] for questions in self.by_source.values()]
         self.context_ids = model.source_encoder.tokenize([e["context"] for e in sources])
-        self.copy_ids = (text_copy_targets([e["context"] for e in sources], model.source_encoder, model.vocab)
-                         if model.copy else None)
+        self.copy_ids = (
+            text_copy_targets([e["context"] for e in sources], model.source_encoder, model.vocab)
+            if model.copy
+            else None
+        )
         self.pixels = torch.stack([featurizer.pixels_of(e) for e in sources])
         self.question_ids = model.question_encoder.tokenize([e["question"] for e in self.examples])
         self.answer_ids = featurizer.answer_ids([e["answer"] for e in self.examples])
@@ -181,8 +200,9 @@ class MoEMoETrainer:
             self.reading_head = ImageReadingHead(int(model.config["model_dim"]), len(model.vocab)).to(device)
             self.picture_questions = picture_questions(self.examples, self.source_groups)
             if not any(len(q) for q in self.picture_questions):
-                raise DatasetError(f"{self.options.data_dir}: image warm-up: no training question is answered by the "
-                                   "picture")
+                raise DatasetError(
+                    f"{self.options.data_dir}: image warm-up: no training question is answered by the picture"
+                )
 
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.source_groups) / self._sources_per_batch())
@@ -201,7 +221,7 @@ class MoEMoETrainer:
         for start in range(0, len(order), per_batch):
             self._apply_phase(self._steps)
             self._steps += 1
-            chosen = order[start:start + per_batch]
+            chosen = order[start : start + per_batch]
             questions, source_index = [], []
             for row, g in enumerate(chosen):
                 questions += self.source_groups[g]
@@ -227,15 +247,19 @@ class MoEMoETrainer:
             questions += self.picture_questions[g]
             source_index += [row] * len(self.picture_questions[g])
         q = torch.as_tensor(questions)
-        return {"phase": "image_warmup", "pixels": augment_pictures(self.pixels[torch.as_tensor(chosen)], rng),
-                "question_ids": self.question_ids[q], "source_index": torch.as_tensor(source_index),
-                "first_answer_ids": self.answer_ids[q, 0]}
+        return {
+            "phase": "image_warmup",
+            "pixels": augment_pictures(self.pixels[torch.as_tensor(chosen)], rng),
+            "question_ids": self.question_ids[q],
+            "source_index": torch.as_tensor(source_index),
+            "first_answer_ids": self.answer_ids[q, 0],
+        }
 
     def _apply_phase(self, step: int) -> None:
         """Switch the training phase before the batch of ``step`` (0-based) is trained."""
         model = self.model
         if self.image_warmup and step >= self.image_warmup:
-            model.source_encoder.clip.visual.requires_grad_(False)   # as a pretrained CLIP tower
+            model.source_encoder.clip.visual.requires_grad_(False)  # as a pretrained CLIP tower
         if self.expert_only_after is not None and step >= self.expert_only_after:
             if not model.expert_only:
                 model.set_expert_only(True)
@@ -253,6 +277,9 @@ class MoEMoETrainer:
         from the start); a later expert-only switch freezes the rest through ``requires_grad``."""
         if self.expert_only_after == 0:
             return [(n, p) for n, p in model.named_parameters() if is_expert_or_router(n)]
-        head = [] if self.reading_head is None else \
-            [(f"image_reading_head.{n}", p) for n, p in self.reading_head.named_parameters()]
+        head = (
+            []
+            if self.reading_head is None
+            else [(f"image_reading_head.{n}", p) for n, p in self.reading_head.named_parameters()]
+        )
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad] + head

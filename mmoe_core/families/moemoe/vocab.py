@@ -5,6 +5,7 @@ predicts whole words from a vocabulary built from the training answers: a greedy
 words plus an end token. The vocabulary is a plain list of strings so that it can live in a
 checkpoint's ``config.json``.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -21,7 +22,7 @@ class AnswerVocab:
 
     def __init__(self, words: Sequence[str]):
         words = list(words)
-        if tuple(words[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+        if tuple(words[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
             raise ValueError(f"an answer vocabulary must start with {SPECIAL_TOKENS}")
         self.words = words
         self.index = {w: i for i, w in enumerate(words)}
