@@ -23,7 +23,7 @@ from mmoe_core.spec import ModelSpec  # noqa: E402
 
 TEXTS = ["the red bag is made of leather .", "12 + 7 = 19 . 19 - 4 = 15 .", "for i in range ( 4 ) : x = x + i",
          "Polaris is a British metal band formed in the 1960s .", "what colour is the mug ? answer : blue"]
-TEXT_ARCHS = ("mixtral", "olmoe", "qwen3_moe", "deepseek_v3")
+TEXT_ARCHS = ("mixtral", "olmoe", "qwen3_moe", "qwen2_moe", "deepseek_v3")
 SIZES = dict(hidden=32, layers=2, heads=4, experts=12, top_k=3, expert_hidden=16)
 
 
@@ -135,6 +135,8 @@ def test_text_routing_is_the_gates_own(text_dirs, arch):
         assert torch.allclose(combine[valid].sum(-1), torch.full((int(valid.sum()),), 2.5), atol=1e-4)
     elif arch == "olmoe":
         assert (gate.score, gate.normalisation) == ("softmax", "topk_raw")
+    elif arch == "qwen2_moe":  # a shared expert beside the routed ones, declared (not in the E columns)
+        assert (gate.score, gate.normalisation, gate.shared_experts) == ("softmax", "topk_renormalised", 1)
     else:
         assert (gate.score, gate.normalisation) == ("softmax", "topk_renormalised")
 

@@ -107,8 +107,8 @@ GATES: dict[str, Callable[[nn.Module], GateSpec]] = {
     "Ernie4_5_VLMoeMoeTopKRouter": _ernie,
 }
 # The architectures the tests build and check (others listed above are read from the source, not tested).
-TESTED = ("MixtralTopKRouter", "OlmoeTopKRouter", "Qwen3MoeTopKRouter", "DeepseekV3TopkRouter",
-          "Qwen3VLMoeTextTopKRouter")
+TESTED = ("MixtralTopKRouter", "OlmoeTopKRouter", "Qwen3MoeTopKRouter", "Qwen2MoeTopKRouter",
+          "DeepseekV3TopkRouter", "Qwen3VLMoeTextTopKRouter")
 
 
 def _shared_experts(block: nn.Module | None, config: Any) -> int:
