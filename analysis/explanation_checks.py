@@ -192,6 +192,11 @@ def _row(
     }
 
 
+def _above(a: float, b: float) -> bool:
+    """a > b beyond rounding (a permutation null of identical values averages to b within an ulp of a)."""
+    return bool(a > b + 1e-9 * (1.0 + abs(b)))
+
+
 def _frame(rows: Sequence[dict], columns: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(list(rows), columns=list(columns))
 
@@ -261,7 +266,7 @@ def decisive_share_rows(attributions: pd.DataFrame, examples: pd.DataFrame, spec
             mine, others = share[own].to_numpy(float), share[~own].to_numpy(float)
             value_mean = float(np.nanmean(mine)) if n else math.nan
             base = float(np.nanmean(others)) if len(others) else math.nan
-            flagged = bool(n and len(others) and not value_mean > base)
+            flagged = bool(n and len(others) and not _above(value_mean, base))
             rows.append(
                 _row(
                     "attr_decisive_share",
@@ -340,7 +345,7 @@ def source_agreement_rows(
         agreement, null_mean, p = _agreement_permutation(
             part[truth].to_numpy(), part["dominant"].to_numpy(), thresholds.n_permutations, seed
         )
-        flagged = bool(len(part) >= 2 and not agreement > null_mean)
+        flagged = bool(len(part) >= 2 and not _above(agreement, null_mean))
         return _row(
             "source_agreement",
             output.name,
@@ -376,7 +381,7 @@ def source_agreement_rows(
                 n=len(part),
                 baseline=chance,
                 p_value=p,
-                flagged=not hits / len(part) > chance,
+                flagged=not _above(hits / len(part), chance),
                 detail=f"examples whose {truth.replace('_', ' ')} is {source}: share weighted mostly to "
                 f"{source}; baseline: share of all examples weighted mostly to {source}",
             )
@@ -918,7 +923,7 @@ def faithfulness_rows(
                 continue
             value = float(np.nanmean(own)) if np.isfinite(own).any() else math.nan
             baseline = float(np.nanmean(base)) if np.isfinite(base).any() else math.nan
-            better = value < baseline if lower_better else value > baseline
+            better = _above(baseline, value) if lower_better else _above(value, baseline)
             reference = "random orders" if check != "infidelity" else "the same values shuffled over positions"
             rows.append(
                 _row(

@@ -324,6 +324,8 @@ def test_source_agreement_against_random_pairings():
     assert {r["slice"] for r in rows if r["label"] == "parity"} == {"even", "odd"}
     wrong = X.source_agreement_rows(_source_weights(["right", "left"] * 10), examples, OUTPUT, ["side"])
     assert wrong[0]["value"] == 0.0 and wrong[0]["flagged"]
+    one_source = X.source_agreement_rows(_source_weights(["left"] * 20), examples, OUTPUT, ["side"])
+    assert one_source[0]["value"] == 0.5 and one_source[0]["flagged"]  # always the same source: chance, flagged
 
 
 # ---------------------------------------------------------------------------------------------- specialisation
