@@ -2,6 +2,7 @@
 re-makes the choice, folders round-trip through save_pretrained and the registry.
 
 Tiny random configs of the real transformers classes, built offline (no download)."""
+
 from __future__ import annotations
 
 import json
@@ -14,22 +15,27 @@ transformers = pytest.importorskip("transformers")
 
 from mmoe_core.adapter import load_adapter  # noqa: E402
 from mmoe_core.families.hf_moe import HFMoEAdapter, recognises  # noqa: E402
-from mmoe_core.families.hf_moe.build import (build_vl_processor, build_word_tokenizer, text_moe_config,  # noqa: E402
-                                             vl_moe_config)
+from mmoe_core.families.hf_moe.build import build_vl_processor, build_word_tokenizer, text_moe_config, vl_moe_config  # noqa: E402
 from mmoe_core.families.hf_moe.routing import GATES, TESTED  # noqa: E402
 from mmoe_core.registry import family_for_checkpoint  # noqa: E402
 from mmoe_core.routing_record import flatten_call  # noqa: E402
 from mmoe_core.spec import ModelSpec  # noqa: E402
 
-TEXTS = ["the red bag is made of leather .", "12 + 7 = 19 . 19 - 4 = 15 .", "for i in range ( 4 ) : x = x + i",
-         "Polaris is a British metal band formed in the 1960s .", "what colour is the mug ? answer : blue"]
+TEXTS = [
+    "the red bag is made of leather .",
+    "12 + 7 = 19 . 19 - 4 = 15 .",
+    "for i in range ( 4 ) : x = x + i",
+    "Polaris is a British metal band formed in the 1960s .",
+    "what colour is the mug ? answer : blue",
+]
 TEXT_ARCHS = ("mixtral", "olmoe", "qwen3_moe", "qwen2_moe", "deepseek_v3")
 SIZES = dict(hidden=32, layers=2, heads=4, experts=12, top_k=3, expert_hidden=16)
 
 
 def _examples(n: int = 4) -> list[dict]:
-    return [{"index": i, "id": f"e{i}", "text": TEXTS[i % len(TEXTS)], "labels": {"domain": f"d{i % 2}"}}
-            for i in range(n)]
+    return [
+        {"index": i, "id": f"e{i}", "text": TEXTS[i % len(TEXTS)], "labels": {"domain": f"d{i % 2}"}} for i in range(n)
+    ]
 
 
 def _special(tok) -> dict:
@@ -39,6 +45,7 @@ def _special(tok) -> dict:
 @pytest.fixture(scope="module")
 def text_dirs(tmp_path_factory) -> dict[str, Path]:
     from transformers import AutoModelForCausalLM
+
     tok = build_word_tokenizer(TEXTS)
     out = {}
     for arch in TEXT_ARCHS:
@@ -59,6 +66,7 @@ def text_dirs(tmp_path_factory) -> dict[str, Path]:
 def vl_dir(tmp_path_factory) -> Path:
     from PIL import Image
     from transformers import AutoModelForImageTextToText
+
     tok = build_word_tokenizer(TEXTS + ["question answer"], vision=True)
     processor = build_vl_processor(tok, image_size=32, patch_size=8)
     torch.manual_seed(0)
@@ -72,20 +80,45 @@ def vl_dir(tmp_path_factory) -> Path:
 
 
 def _vl_examples(path: Path) -> list[dict]:
-    return [{"index": 0, "id": "q0", "text": TEXTS[0], "question": "what colour is the bag ?", "answer": "red",
-             "image_path": str(path / "pic0.png"), "labels": {"answer_source": "image"}},
-            {"index": 1, "id": "q1", "text": TEXTS[4], "question": "what is it made of ?", "answer": "leather",
-             "image_path": str(path / "pic1.png"), "labels": {"answer_source": "context"}},
-            {"index": 2, "id": "q2", "text": TEXTS[2], "question": "which loop ?", "answer": "for",
-             "labels": {"answer_source": "context"}}]
+    return [
+        {
+            "index": 0,
+            "id": "q0",
+            "text": TEXTS[0],
+            "question": "what colour is the bag ?",
+            "answer": "red",
+            "image_path": str(path / "pic0.png"),
+            "labels": {"answer_source": "image"},
+        },
+        {
+            "index": 1,
+            "id": "q1",
+            "text": TEXTS[4],
+            "question": "what is it made of ?",
+            "answer": "leather",
+            "image_path": str(path / "pic1.png"),
+            "labels": {"answer_source": "context"},
+        },
+        {
+            "index": 2,
+            "id": "q2",
+            "text": TEXTS[2],
+            "question": "which loop ?",
+            "answer": "for",
+            "labels": {"answer_source": "context"},
+        },
+    ]
 
 
 def _gate_outputs(adapter: HFMoEAdapter):
     """Hooks of the test's own on every gate module: what each forward really returned."""
     seen: dict[str, list] = {}
-    hooks = [h.module.register_forward_hook(
-        lambda m, a, o, name=h.name: seen.setdefault(name, []).append((o[1].detach().float(), o[2].detach())))
-        for h in adapter.handles]
+    hooks = [
+        h.module.register_forward_hook(
+            lambda m, a, o, name=h.name: seen.setdefault(name, []).append((o[1].detach().float(), o[2].detach()))
+        )
+        for h in adapter.handles
+    ]
     return seen, hooks
 
 
@@ -127,8 +160,12 @@ def test_text_routing_is_the_gates_own(text_dirs, arch):
     assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     gate = spec.routed_layers[0].gate
     if arch == "deepseek_v3":
-        assert (gate.score, gate.normalisation, gate.shared_experts, gate.score_correction_bias) == \
-            ("sigmoid", "topk_scaled", 1, True) and gate.group_limited == "4 groups, top-2 groups"
+        assert (gate.score, gate.normalisation, gate.shared_experts, gate.score_correction_bias) == (
+            "sigmoid",
+            "topk_scaled",
+            1,
+            True,
+        ) and gate.group_limited == "4 groups, top-2 groups"
         # the weights carry routed_scaling_factor (2.5) over renormalised sigmoid scores
         combine = out.recorder.calls[0].router.combine.reshape(-1, SIZES["experts"])
         valid = combine.sum(-1) > 0
@@ -150,7 +187,7 @@ def test_deepseek_choice_follows_bias_and_groups(text_dirs):
     naive = torch.sigmoid(router.logits.reshape(-1, e)).topk(k, -1).indices.sort(-1).values
     chosen = router.topk_ids.reshape(-1, k).sort(-1).values
     assert not torch.equal(naive, chosen)
-    groups = (chosen // (e // 4))  # every chosen expert lies in at most topk_group = 2 groups
+    groups = chosen // (e // 4)  # every chosen expert lies in at most topk_group = 2 groups
     assert all(len(set(row.tolist())) <= 2 for row in groups)
 
 
@@ -203,8 +240,11 @@ def test_vision_language_routing_modality_and_knockout(vl_dir):
     rows = flatten_call(out.recorder.calls[0])
     for example in examples[:2]:  # one placeholder token per merged 2x2 patch cell, with its cell
         grid = adapter.input_grids(example)["image"]
-        cells = [(r, c) for r, c, k, e in zip(rows["grid_row"], rows["grid_col"], rows["position_kind"],
-                                               rows["example_index"]) if k == "image_patch" and e == example["index"]]
+        cells = [
+            (r, c)
+            for r, c, k, e in zip(rows["grid_row"], rows["grid_col"], rows["position_kind"], rows["example_index"])
+            if k == "image_patch" and e == example["index"]
+        ]
         assert sorted(cells) == [(r, c) for r in range(grid.rows // 2) for c in range(grid.cols // 2)]
     kinds_of_2 = {k for k, e in zip(rows["position_kind"], rows["example_index"]) if e == 2}
     assert kinds_of_2 <= {"text_token", "decoder_step"}  # no picture, no image positions
@@ -223,6 +263,7 @@ def test_vision_language_routing_modality_and_knockout(vl_dir):
         flat = flatten_call(run.recorder.by_layer()["layers.1"][0])
         keep = [i for i, k in enumerate(flat["position_kind"]) if k != "decoder_step"]
         return torch.as_tensor(flat["logits"][keep])
+
     assert not torch.allclose(prompt_logits(out), prompt_logits(after))
     spec = adapter.spec()
     assert ModelSpec.from_dict(spec.to_dict()) == spec and [i.name for i in spec.image_inputs()] == ["image"]
@@ -247,15 +288,23 @@ def test_vision_language_attributions(vl_dir):
 
 def test_gate_table_names_real_transformers_classes():
     import importlib
-    for arch, cls in (("mixtral", "MixtralTopKRouter"), ("olmoe", "OlmoeTopKRouter"), ("qwen3_moe", "Qwen3MoeTopKRouter"),
-                      ("deepseek_v3", "DeepseekV3TopkRouter"), ("qwen3_vl_moe", "Qwen3VLMoeTextTopKRouter"),
-                      ("glm4_moe", "Glm4MoeTopkRouter"), ("deepseek_v2", "DeepseekV2TopkRouter")):
+
+    for arch, cls in (
+        ("mixtral", "MixtralTopKRouter"),
+        ("olmoe", "OlmoeTopKRouter"),
+        ("qwen3_moe", "Qwen3MoeTopKRouter"),
+        ("deepseek_v3", "DeepseekV3TopkRouter"),
+        ("qwen3_vl_moe", "Qwen3VLMoeTextTopKRouter"),
+        ("glm4_moe", "Glm4MoeTopkRouter"),
+        ("deepseek_v2", "DeepseekV2TopkRouter"),
+    ):
         module = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
         assert hasattr(module, cls) and cls in GATES
 
 
 def test_folder_checks(tmp_path, text_dirs):
     from mmoe_core.families.hf_moe.loading import HFCheckpointError, check_folder
+
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
     assert recognises(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
@@ -267,7 +316,7 @@ def test_folder_checks(tmp_path, text_dirs):
 
 def test_memory_checked_before_loading(text_dirs, monkeypatch):
     from mmoe_core.errors import ConfigError
+
     monkeypatch.setenv("MOESCOPE_MAX_MODEL_BYTES", "1000")
     with pytest.raises(ConfigError, match="parameters"):
         load_adapter(text_dirs["mixtral"], device="cpu")
-

@@ -19,12 +19,14 @@ outputs are really multiplied by. The model class names its router class in
 
 Off by default: with no recording and no knockout, each hook returns at once.
 """
+
 from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,7 @@ class UnsupportedRouter(ValueError):
 # What each router class does (read from transformers 5.x modeling_<arch>.py)
 # ------------------------------------------------------------------------------------------------
 
+
 def _cfg(router: nn.Module, name: str, default=None):
     return getattr(router, name, default)
 
@@ -49,15 +52,21 @@ def _cfg(router: nn.Module, name: str, default=None):
 def _softmax_topk(renorm_attr: str | None, always: bool = False, note: str = "") -> Callable[[nn.Module], GateSpec]:
     def spec(router: nn.Module) -> GateSpec:
         renorm = always or (bool(_cfg(router, renorm_attr, False)) if renorm_attr else False)
-        return GateSpec(f"hf:{type(router).__name__}", "softmax",
-                        "topk_renormalised" if renorm else "topk_raw", note=note)
+        return GateSpec(
+            f"hf:{type(router).__name__}", "softmax", "topk_renormalised" if renorm else "topk_raw", note=note
+        )
+
     return spec
 
 
 def _topk_logits_softmax(router: nn.Module) -> GateSpec:
-    return GateSpec(f"hf:{type(router).__name__}", "softmax", "topk_renormalised",
-                    note="top-k of the logits, then a softmax over the k chosen logits (the same weights as "
-                         "the softmax over all experts renormalised over the chosen k)")
+    return GateSpec(
+        f"hf:{type(router).__name__}",
+        "softmax",
+        "topk_renormalised",
+        note="top-k of the logits, then a softmax over the k chosen logits (the same weights as "
+        "the softmax over all experts renormalised over the chosen k)",
+    )
 
 
 def _sigmoid_grouped(router: nn.Module) -> GateSpec:
@@ -65,12 +74,18 @@ def _sigmoid_grouped(router: nn.Module) -> GateSpec:
     norm = bool(_cfg(router, "norm_topk_prob", False))
     scale = float(_cfg(router, "routed_scaling_factor", 1.0) or 1.0)
     return GateSpec(
-        f"hf:{type(router).__name__}", "sigmoid", "topk_scaled", score_correction_bias=True,
+        f"hf:{type(router).__name__}",
+        "sigmoid",
+        "topk_scaled",
+        score_correction_bias=True,
         group_limited=f"{groups} groups, top-{top_groups} groups" if groups > 1 else "",
-        note=(f"sigmoid scores; the choice ranks scores + e_score_correction_bias, within the top-{top_groups} "
-              f"of {groups} expert groups (a group scores the sum of its best two); the weights are the "
-              f"chosen sigmoid scores{' renormalised' if norm else ''} times routed_scaling_factor={scale:g}. "
-              "Knockout: the expert's logit and bias are set to -inf (a group of two experts then scores -inf)."))
+        note=(
+            f"sigmoid scores; the choice ranks scores + e_score_correction_bias, within the top-{top_groups} "
+            f"of {groups} expert groups (a group scores the sum of its best two); the weights are the "
+            f"chosen sigmoid scores{' renormalised' if norm else ''} times routed_scaling_factor={scale:g}. "
+            "Knockout: the expert's logit and bias are set to -inf (a group of two experts then scores -inf)."
+        ),
+    )
 
 
 def _softmax_grouped_v2(router: nn.Module) -> GateSpec:
@@ -78,15 +93,24 @@ def _softmax_grouped_v2(router: nn.Module) -> GateSpec:
     groups, top_groups = int(_cfg(router, "num_group", 1) or 1), int(_cfg(router, "topk_group", 1) or 1)
     scale = float(_cfg(router, "routed_scaling_factor", 1.0) or 1.0)
     limited = method == "group_limited_greedy" and groups > 1
-    return GateSpec(f"hf:{type(router).__name__}", "softmax", "topk_scaled",
-                    group_limited=f"{groups} groups, top-{top_groups} groups (best expert per group)" if limited else "",
-                    note=f"softmax top-k ({method}), not renormalised, times routed_scaling_factor={scale:g}")
+    return GateSpec(
+        f"hf:{type(router).__name__}",
+        "softmax",
+        "topk_scaled",
+        group_limited=f"{groups} groups, top-{top_groups} groups (best expert per group)" if limited else "",
+        note=f"softmax top-k ({method}), not renormalised, times routed_scaling_factor={scale:g}",
+    )
 
 
 def _ernie(router: nn.Module) -> GateSpec:
-    return GateSpec(f"hf:{type(router).__name__}", "softmax", "topk_renormalised", score_correction_bias=True,
-                    note="softmax scores; the choice ranks them plus a learned correction bias (moe_statics); the "
-                         "chosen softmax scores are renormalised (the sum clamped at moe_norm_min)")
+    return GateSpec(
+        f"hf:{type(router).__name__}",
+        "softmax",
+        "topk_renormalised",
+        score_correction_bias=True,
+        note="softmax scores; the choice ranks them plus a learned correction bias (moe_statics); the "
+        "chosen softmax scores are renormalised (the sum clamped at moe_norm_min)",
+    )
 
 
 # Router class name -> its gate's description. Every router listed returns (logits, weights, indices).
@@ -94,8 +118,9 @@ GATES: dict[str, Callable[[nn.Module], GateSpec]] = {
     "MixtralTopKRouter": _softmax_topk(None, always=True),
     "MiniMaxTopKRouter": _softmax_topk(None, always=True),
     "OlmoeTopKRouter": _softmax_topk("norm_topk_prob"),
-    "Qwen2MoeTopKRouter": _softmax_topk("norm_topk_prob", note="a shared expert with its own sigmoid gate runs "
-                                                              "beside the routed ones"),
+    "Qwen2MoeTopKRouter": _softmax_topk(
+        "norm_topk_prob", note="a shared expert with its own sigmoid gate runs beside the routed ones"
+    ),
     "Qwen3MoeTopKRouter": _softmax_topk("norm_topk_prob"),
     "Qwen3VLMoeTextTopKRouter": _softmax_topk(None, always=True),
     "GraniteMoeTopKRouter": _topk_logits_softmax,
@@ -107,8 +132,14 @@ GATES: dict[str, Callable[[nn.Module], GateSpec]] = {
     "Ernie4_5_VLMoeMoeTopKRouter": _ernie,
 }
 # The architectures the tests build and check (others listed above are read from the source, not tested).
-TESTED = ("MixtralTopKRouter", "OlmoeTopKRouter", "Qwen3MoeTopKRouter", "Qwen2MoeTopKRouter",
-          "DeepseekV3TopkRouter", "Qwen3VLMoeTextTopKRouter")
+TESTED = (
+    "MixtralTopKRouter",
+    "OlmoeTopKRouter",
+    "Qwen3MoeTopKRouter",
+    "Qwen2MoeTopKRouter",
+    "DeepseekV3TopkRouter",
+    "Qwen3VLMoeTextTopKRouter",
+)
 
 
 def _shared_experts(block: nn.Module | None, config: Any) -> int:
@@ -125,6 +156,7 @@ def _shared_experts(block: nn.Module | None, config: Any) -> int:
 # ------------------------------------------------------------------------------------------------
 # Finding the routers
 # ------------------------------------------------------------------------------------------------
+
 
 def router_classes(model: nn.Module) -> set[type]:
     """The router classes the model's own ``output_router_logits`` records (from _can_record_outputs)."""
@@ -163,6 +195,7 @@ def layer_name(path: str) -> str:
 class RouterHandle:
     """One router of the model, following :class:`mmoe_core.adapter.RoutedModule` (name, num_experts,
     knocked_out): the adapter's default knockout sets ``knocked_out``, the wrapped forward honours it."""
+
     name: str
     path: str
     module: nn.Module
@@ -176,8 +209,10 @@ def find_routers(model: nn.Module) -> list[RouterHandle]:
     """Every router of ``model``, in module order, with its gate description."""
     classes = router_classes(model)
     if not classes:
-        raise UnsupportedRouter(f"{type(model).__name__} does not name a router class in _can_record_outputs "
-                                "(it does not return router logits)")
+        raise UnsupportedRouter(
+            f"{type(model).__name__} does not name a router class in _can_record_outputs "
+            "(it does not return router logits)"
+        )
     modules = dict(model.named_modules())
     handles = []
     for path, module in model.named_modules():
@@ -190,9 +225,13 @@ def find_routers(model: nn.Module) -> list[RouterHandle]:
             raise UnsupportedRouter(f"{cls} at {path}: no num_experts / top_k attributes")
         describe = GATES.get(cls)
         if describe is None:
-            gate = GateSpec(f"hf:{cls}", "softmax", "topk_renormalised",
-                            note=f"{cls} is not one of the routers MoEscope has read; its returned top-k ids and "
-                                 "weights are recorded as they are, its scores shown as softmax(logits)")
+            gate = GateSpec(
+                f"hf:{cls}",
+                "softmax",
+                "topk_renormalised",
+                note=f"{cls} is not one of the routers MoEscope has read; its returned top-k ids and "
+                "weights are recorded as they are, its scores shown as softmax(logits)",
+            )
         else:
             gate = describe(module)
         block = modules.get(path.rsplit(".", 1)[0]) if "." in path else None
@@ -213,13 +252,15 @@ def find_routers(model: nn.Module) -> list[RouterHandle]:
 # Recording
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Captured:
     """What one router returned in one forward (flattened positions N = batch x length)."""
+
     handle: RouterHandle
-    logits: Tensor        # [N, E]
-    probs: Tensor         # [N, E]: the gate's own score function of its logits
-    topk_ids: Tensor      # [N, k] as the gate chose them
+    logits: Tensor  # [N, E]
+    probs: Tensor  # [N, E]: the gate's own score function of its logits
+    topk_ids: Tensor  # [N, k] as the gate chose them
     topk_weights: Tensor  # [N, k] the weights the experts' outputs are multiplied by
     hidden: Tensor | None = None  # [N, D] the router's input (when asked for)
 
@@ -249,12 +290,16 @@ class RoutingCapture:
             if self._active is None:
                 return None
             if not (isinstance(output, tuple) and len(output) >= 3):
-                raise UnsupportedRouter(f"{type(module).__name__} returned {type(output).__name__}, not the "
-                                        "(logits, weights, indices) triple")
+                raise UnsupportedRouter(
+                    f"{type(module).__name__} returned {type(output).__name__}, not the "
+                    "(logits, weights, indices) triple"
+                )
             logits, weights, ids = output[0], output[1], output[2]
             if logits.shape[-1] != handle.num_experts or ids.shape != weights.shape:
-                raise UnsupportedRouter(f"{type(module).__name__}: unexpected shapes logits {tuple(logits.shape)}, "
-                                        f"weights {tuple(weights.shape)}, indices {tuple(ids.shape)}")
+                raise UnsupportedRouter(
+                    f"{type(module).__name__}: unexpected shapes logits {tuple(logits.shape)}, "
+                    f"weights {tuple(weights.shape)}, indices {tuple(ids.shape)}"
+                )
             logits = logits.reshape(-1, handle.num_experts)
             ids, weights = ids.reshape(logits.shape[0], -1), weights.reshape(logits.shape[0], -1)
             hidden = args[0].reshape(logits.shape[0], -1) if handle.name in self._hidden_of else None
@@ -263,10 +308,12 @@ class RoutingCapture:
                 hidden = hidden.detach().float().cpu() if hidden is not None else None
             probs = _scores(handle.gate, logits)
             if not self._keep_graph:
-                logits, probs, weights, ids = (t.float().cpu() if t.is_floating_point() else t.cpu()
-                                               for t in (logits, probs, weights, ids))
+                logits, probs, weights, ids = (
+                    t.float().cpu() if t.is_floating_point() else t.cpu() for t in (logits, probs, weights, ids)
+                )
             self._active.append(Captured(handle, logits, probs, ids, weights, hidden))
             return None
+
         return hook
 
     @contextlib.contextmanager
@@ -289,6 +336,7 @@ class RoutingCapture:
 # Knockout
 # ------------------------------------------------------------------------------------------------
 
+
 class _MaskRouterLogits(TorchFunctionMode):
     """Inside one router forward: the first F.linear with E output columns (the logits) gets -inf in
     the knocked-out columns."""
@@ -299,8 +347,7 @@ class _MaskRouterLogits(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if (not self.done and func is F.linear and isinstance(out, Tensor)
-                and out.shape[-1] == self.num_experts):
+        if not self.done and func is F.linear and isinstance(out, Tensor) and out.shape[-1] == self.num_experts:
             self.done = True
             index = torch.as_tensor(self.experts, device=out.device)
             out = out.index_fill(-1, index, float("-inf"))
@@ -340,8 +387,10 @@ def install_knockout(handle: RouterHandle) -> None:
             for bias, values in saved:
                 bias.data[..., experts] = values
         if not mode.done:
-            raise UnsupportedRouter(f"{type(module).__name__}: no router logits found to knock expert(s) {experts} "
-                                    "out of (the router makes no F.linear with E outputs)")
+            raise UnsupportedRouter(
+                f"{type(module).__name__}: no router logits found to knock expert(s) {experts} "
+                "out of (the router makes no F.linear with E outputs)"
+            )
         return out
 
     module.forward = forward

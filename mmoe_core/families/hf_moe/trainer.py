@@ -149,7 +149,9 @@ def _train_loop(model, batches, recipe: Recipe, ckpt_dir: Path, progress: bool, 
 
 def _finish(model, saver, ckpt_dir: Path, recipe: Recipe, log: list[dict], sidecar: dict, started: float) -> None:
     import pandas as pd
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     model.save_pretrained(ckpt_dir)
     saver.save_pretrained(ckpt_dir)
     pd.DataFrame(log).to_parquet(ckpt_dir / "train_log.parquet", index=False)
