@@ -21,6 +21,7 @@ import importlib
 # summary does not pay for torch (which the live run needs) before its first element.
 _HOMES = {
     "uploads": (
+        "receive_upload",
         "UploadError",
         "check_upload",
         "sniff_image_type",
@@ -39,7 +40,6 @@ _HOMES = {
         "thumbnail",
         "thumbnail_array",
         "UploadedPicture",
-        "receive_upload",
     ),
     "run": (
         "RunInputs",

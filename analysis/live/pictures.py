@@ -5,7 +5,7 @@ and small thumbnails for what a page draws.
   so a 16-bit PNG shows almost white), palette and alpha images composited over white, CMYK and the rest
   converted;
 * :func:`fit_within` / :func:`thumbnail`: a copy whose longer side is at most N pixels (aspect kept);
-* :func:`receive_upload`: an uploaded file checked (:func:`analysis.live.uploads.check_upload`), then kept
+* :class:`UploadedPicture` (made by ``analysis.live.uploads.receive_upload``): an upload kept
   as one copy for the model (longer side <= :data:`MODEL_SIDE`, larger than any model input the
   project serves; the encoder resizes it to its own input size) and one display thumbnail
   (:data:`THUMB_SIDE`): the full-resolution picture is dropped as soon as both exist.
@@ -15,7 +15,6 @@ No Streamlit and no model here.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +27,6 @@ __all__ = [
     "thumbnail",
     "thumbnail_array",
     "UploadedPicture",
-    "receive_upload",
 ]
 
 MODEL_SIDE = 448  # the copy a live run sees: >= CLIP's 224 / 336 and the demo towers' 64
@@ -139,29 +137,3 @@ class UploadedPicture:
         (w, h), (mw, mh) = self.original_size, self.model.size
         kept = "kept as it is" if (w, h) == (mw, mh) else f"kept at {mw} x {mh} for the model"
         return f"{self.name}: {w} x {h} pixels, {kept}"
-
-
-def receive_upload(
-    data: bytes, name: str = "", model_side: int = MODEL_SIDE, thumb_side: int = THUMB_SIDE
-) -> UploadedPicture:
-    """Check an uploaded file (:func:`~analysis.live.uploads.check_upload`: size, type, pixel cap, full
-    decode; :class:`~analysis.live.uploads.UploadError` when refused) and keep it once: a copy for the
-    model and a thumbnail, the decoded full-resolution picture dropped."""
-    from analysis.live.uploads import check_upload
-
-    full = check_upload(data, name)
-    try:
-        size = full.size
-        model = fit_within(full, model_side)
-        if model is full:
-            model = full.copy()
-    finally:
-        full.close()
-        del full
-    return UploadedPicture(
-        name=name or "upload",
-        digest=hashlib.sha256(bytes(data)).hexdigest(),
-        original_size=tuple(size),
-        model=model,
-        thumb=fit_within(model, thumb_side),
-    )

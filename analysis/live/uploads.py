@@ -6,13 +6,14 @@ No Streamlit and no model here.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from analysis.live.pictures import to_rgb
+from analysis.live.pictures import MODEL_SIDE, THUMB_SIDE, UploadedPicture, fit_within, to_rgb
 from mmoe_core.data.images import MAX_IMAGE_PIXELS, sniff_image_type  # shared with the dataset readers
 
 __all__ = [
@@ -180,3 +181,27 @@ def example_picture(example: Mapping[str, Any], image_fields: Sequence[str], siz
             except Exception:  # a missing or unreadable file: the example shows no picture
                 return None
     return None
+
+
+def receive_upload(
+    data: bytes, name: str = "", model_side: int = MODEL_SIDE, thumb_side: int = THUMB_SIDE
+) -> UploadedPicture:
+    """Check an uploaded file (:func:`~analysis.live.uploads.check_upload`: size, type, pixel cap, full
+    decode; :class:`~analysis.live.uploads.UploadError` when refused) and keep it once: a copy for the
+    model and a thumbnail, the decoded full-resolution picture dropped."""
+    full = check_upload(data, name)
+    try:
+        size = full.size
+        model = fit_within(full, model_side)
+        if model is full:
+            model = full.copy()
+    finally:
+        full.close()
+        del full
+    return UploadedPicture(
+        name=name or "upload",
+        digest=hashlib.sha256(bytes(data)).hexdigest(),
+        original_size=tuple(size),
+        model=model,
+        thumb=fit_within(model, thumb_side),
+    )
