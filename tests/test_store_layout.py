@@ -95,6 +95,9 @@ def test_example_routing_same_in_both_layouts(runs, example):
     wide, split = RunStore("wide", root), RunStore("split", root)
     a, b = wide.example_routing(example), split.example_routing(example)
     assert len(a) == len(LAYERS) * POSITIONS
+    # the direct row-group read gives what the SQL query over the whole file gives
+    by_sql = wide.table("routing", where={"example_index": example}, order_by=["layer", "call", "position"])
+    pd.testing.assert_frame_equal(a, by_sql)
     pd.testing.assert_frame_equal(a.drop(columns=["probs", "logits", "combine"]), b)
     one_a, one_b = wide.example_routing(example, layer="blocks.1"), split.example_routing(example, layer="blocks.1")
     pd.testing.assert_frame_equal(one_a[b.columns], one_b)
@@ -156,6 +159,11 @@ def test_one_example_reads_few_row_groups(runs):
         assert stats["row_groups_scanned"] <= len(hit)
     one_layer = split.scan_stats("SELECT * FROM routing WHERE example_index = ? AND layer = ?", [51, "blocks.1"])
     assert one_layer["row_groups_scanned"] <= 2
+    # what example_routing itself reads: the row groups whose example_index range holds the example
+    for table in ("routing", "routing_dense"):
+        read = split.example_read_stats(51, name=table)
+        assert 1 <= read["row_groups_read"] <= 2 and read["row_groups_total"] >= 20
+        assert split.example_read_stats(51, layer="blocks.1", name=table)["row_groups_read"] <= read["row_groups_read"]
 
 
 def test_streamed_sink_matches_one_write(tmp_path, runs):

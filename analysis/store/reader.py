@@ -22,6 +22,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from analysis.store.aggregates import known_experts, loads_sql
@@ -84,6 +85,7 @@ class RunStore:
         self.manifest, _ = _read_manifest(self.dir)
         self._lock = threading.RLock()
         self._schemas: dict[str, pa.Schema] = {}
+        self._row_groups: dict[str, tuple] = {}  # routing tables: footer + per-row-group key ranges
         self._cache: dict[tuple, Any] = {}
         self.tables: list[str] = sorted(p.stem for p in self.dir.glob("*.parquet") if _TABLE_RE.match(p.stem))
         self._con = duckdb.connect(":memory:")
@@ -328,18 +330,15 @@ class RunStore:
         not part of the default columns: ask for them by name or with ``dense=True``; probs and logits are
         then read from ``routing_dense`` (float16, returned as float32) for the same rows, and combine is
         rebuilt from topk_ids / topk_weights (exact in that layout)."""
-        where: dict[str, Any] = {"example_index": int(example_index)}
-        if layer is not None:
-            where["layer"] = layer
+        self._row_group_index("routing")  # parses the footer once (schema included)
         main_cols = self.columns("routing")
-        order = [c for c in ("layer", "call", "position") if c in main_cols]
         if self.routing_layout() == "wide":
-            return self._table("routing", columns=columns, where=where, order_by=order, arrow=True)
+            return self._example_rows("routing", example_index, layer, columns)
         wanted = list(main_cols) if columns is None else list(columns)
         extra = [c for c in DENSE_COLUMNS if c not in wanted] if dense else []
         wanted_dense = [c for c in wanted + extra if c in DENSE_COLUMNS]
         if not wanted_dense:
-            return self._table("routing", columns=columns, where=where, order_by=order, arrow=True)
+            return self._example_rows("routing", example_index, layer, columns)
         keys = [c for c in ROUTING_SORT if c in main_cols]
         need = list(
             dict.fromkeys(
@@ -348,7 +347,7 @@ class RunStore:
                 + (["topk_ids", "topk_weights"] if "combine" in wanted_dense else [])
             )
         )
-        frame = self._table("routing", columns=need, where=where, order_by=order, arrow=True)
+        frame = self._example_rows("routing", example_index, layer, need)
         side = dense_table_name("routing")
         from_side = [c for c in wanted_dense if c != "combine"]
         if from_side:
@@ -358,7 +357,7 @@ class RunStore:
                     "not stored (split layout without the dense side table)"
                 )
             self._check_cols(side, from_side)
-            dense_df = self._table(side, columns=[*keys, *from_side], where=where, order_by=order, arrow=True)
+            dense_df = self._example_rows(side, example_index, layer, [*keys, *from_side])
             if len(dense_df) == len(frame) and all((dense_df[k].to_numpy() == frame[k].to_numpy()).all() for k in keys):
                 for c in from_side:
                     frame[c] = [np.asarray(v, dtype=np.float32) for v in dense_df[c]]
@@ -373,6 +372,87 @@ class RunStore:
                     combine[i] = rows[j]
             frame["combine"] = combine
         return frame[[c for c in wanted + extra if c in frame.columns]].reset_index(drop=True)
+
+    def _row_group_index(self, name: str) -> tuple:
+        """(footer, example_index min/max, layer min/max per row group) of a routing table, read once per
+        store: one example's rows are found from these ranges (the file is sorted by example_index), not by
+        a query engine walking every row group's statistics on each read (~45 us per row group in DuckDB:
+        0.3 s per query at 10^8 positions)."""
+        with self._lock:
+            hit = self._row_groups.get(name)
+            if hit is not None:
+                return hit
+            if name not in self.tables:
+                raise ValueError(f"unknown table {name!r} in run {self.run!r}; available: {', '.join(self.tables)}")
+            pf = pq.ParquetFile(self.dir / f"{name}.parquet")  # one footer parse serves the schema too
+            md = pf.metadata
+            self._schemas.setdefault(name, pf.schema_arrow)
+            col = {md.schema.column(j).path: j for j in range(md.num_columns)}
+            n = md.num_row_groups
+            ex_lo = np.full(n, np.iinfo(np.int64).min, np.int64)
+            ex_hi = np.full(n, np.iinfo(np.int64).max, np.int64)
+            ly_lo: list[str | None] = [None] * n
+            ly_hi: list[str | None] = [None] * n
+            for i in range(n):
+                rg = md.row_group(i)
+                st = rg.column(col["example_index"]).statistics if "example_index" in col else None
+                if st is not None and st.has_min_max:
+                    ex_lo[i], ex_hi[i] = int(st.min), int(st.max)
+                st = rg.column(col["layer"]).statistics if "layer" in col else None
+                if st is not None and st.has_min_max:
+                    ly_lo[i], ly_hi[i] = st.min, st.max
+            hit = self._row_groups[name] = (md, ex_lo, ex_hi, ly_lo, ly_hi)
+            return hit
+
+    def _example_groups(self, name: str, example_index: int, layers: list[str] | None) -> list[int]:
+        """Row groups of ``name`` that may hold rows of the example (and of one of ``layers``)."""
+        _, ex_lo, ex_hi, ly_lo, ly_hi = self._row_group_index(name)
+        ex = int(example_index)
+        groups = np.flatnonzero((ex_lo <= ex) & (ex <= ex_hi)).tolist()
+        if layers is not None:
+            groups = [i for i in groups if ly_lo[i] is None or any(ly_lo[i] <= name_ <= ly_hi[i] for name_ in layers)]
+        return groups
+
+    def _example_rows(
+        self, name: str, example_index: int, layer: str | Sequence[str] | None, columns: Sequence[str] | None
+    ) -> pd.DataFrame:
+        """Rows of one example (and layer(s)) of a routing table, sorted by layer, call, position: the row
+        groups whose key ranges hold it, read directly (Arrow), then filtered."""
+        md = self._row_group_index(name)[0]
+        known = self.columns(name)
+        cols = list(known) if columns is None else self._check_cols(name, columns)
+        layers = None if layer is None else ([layer] if isinstance(layer, str) else [str(x) for x in layer])
+        order = [c for c in ("layer", "call", "position") if c in known]
+        need = list(dict.fromkeys([*cols, *[c for c in ("example_index", "layer") if c in known], *order]))
+        groups = self._example_groups(name, example_index, layers)
+        pf = pq.ParquetFile(self.dir / f"{name}.parquet", metadata=md)  # own reader: thread-safe, no re-parse
+        try:
+            table = pf.read_row_groups(groups, columns=need) if groups else pf.schema_arrow.empty_table().select(need)
+        finally:
+            pf.close()
+        mask = pc.equal(table["example_index"], pa.scalar(int(example_index), table.schema.field("example_index").type))
+        if layers is not None:
+            mask = pc.and_(mask, pc.is_in(table["layer"], value_set=pa.array(layers, table.schema.field("layer").type)))
+        table = table.filter(mask)
+        if order:
+            table = table.sort_by([(c, "ascending") for c in order])
+        return table.select(cols).to_pandas()
+
+    def example_read_stats(
+        self, example_index: int, layer: str | Sequence[str] | None = None, name: str = "routing"
+    ) -> dict[str, int]:
+        """What :meth:`example_routing` reads for one example: ``row_groups_read`` of ``row_groups_total``
+        and their ``bytes_read`` (compressed, all columns)."""
+        layers = None if layer is None else ([layer] if isinstance(layer, str) else list(layer))
+        md = self._row_group_index(name)[0]
+        groups = self._example_groups(name, example_index, layers)
+        return {
+            "row_groups_read": len(groups),
+            "row_groups_total": md.num_row_groups,
+            "bytes_read": int(
+                sum(md.row_group(i).column(j).total_compressed_size for i in groups for j in range(md.num_columns))
+            ),
+        }
 
     def scan_stats(self, query: str, params: Sequence[Any] | None = None) -> dict[str, int]:
         """What a query reads (DuckDB's EXPLAIN ANALYZE profile): ``row_groups_scanned`` of
