@@ -22,6 +22,7 @@ Three measurements, each against the app in ``--repo`` (default: this checkout) 
 
 Numbers are reported, never asserted: the tests check behaviour, this script records timings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,14 +97,21 @@ print("RESULT " + json.dumps({"seconds": seconds, "exceptions": [e.message for e
 
 # ------------------------------------------------------------------------------------------------ AppTest
 
+
 def apptest_page(repo: Path, root: Path, page: str, run: str | None, params: dict) -> dict:
     env = {**os.environ, "MOESCOPE_ARTIFACTS": str(root), "PYTHONPATH": str(repo)}
-    done = subprocess.run([sys.executable, "-c", _APPTEST, page, run or "", json.dumps(params)], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-c", _APPTEST, page, run or "", json.dumps(params)],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         return {"seconds": None, "failed": (done.stderr or done.stdout)[-600:]}
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def bench_apptest(repo: Path, root: Path, runs: list[str]) -> dict:
@@ -113,12 +121,16 @@ def bench_apptest(repo: Path, root: Path, runs: list[str]) -> dict:
             continue
         result = apptest_page(repo, root, page, run, params)
         out[name] = result
-        print(f"[apptest] {name}: {result.get('seconds') and round(result['seconds'], 2)} s"
-              + (f" exceptions {result['exceptions']}" if result.get("exceptions") else ""), file=sys.stderr)
+        print(
+            f"[apptest] {name}: {result.get('seconds') and round(result['seconds'], 2)} s"
+            + (f" exceptions {result['exceptions']}" if result.get("exceptions") else ""),
+            file=sys.stderr,
+        )
     return out
 
 
 # ------------------------------------------------------------------------------------------------ browser
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -132,10 +144,29 @@ class Server:
         env = {**os.environ, "MOESCOPE_ARTIFACTS": str(root), "PYTHONPATH": str(repo)}
         self.log = tempfile.NamedTemporaryFile(prefix="moescope-bench-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-             "--server.port", str(self.port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-             "--server.fileWatcherType", "none"],
-            cwd=repo, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "streamlit",
+                "run",
+                "app.py",
+                "--server.headless",
+                "true",
+                "--server.port",
+                str(self.port),
+                "--server.address",
+                "127.0.0.1",
+                "--browser.gatherUsageStats",
+                "false",
+                "--server.fileWatcherType",
+                "none",
+            ],
+            cwd=repo,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -151,6 +182,7 @@ class Server:
 
     def rss_mb(self) -> float:
         import psutil
+
         return psutil.Process(self.proc.pid).memory_info().rss / 2**20
 
     def stop(self) -> None:
@@ -168,12 +200,22 @@ def browser():
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
+
     profile = tempfile.mkdtemp(prefix="moescope-bench-chromium-")
     options = Options()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run", f"--user-data-dir={profile}", "--window-size=1400,1000"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -181,14 +223,17 @@ def browser():
     return driver
 
 
-BUSY = ('[data-testid="stStatusWidget"], [data-testid="stAppSkeleton"], [data-testid="stSkeleton"], '
-        '[data-testid="stSpinner"]')
+BUSY = (
+    '[data-testid="stStatusWidget"], [data-testid="stAppSkeleton"], [data-testid="stSkeleton"], '
+    '[data-testid="stSpinner"]'
+)
 
 
 def wait_settled(driver, start: float, timeout: float = PAGE_TIMEOUT, must=None) -> tuple[float | None, float | None]:
     """(first paint: seconds until the title is in the DOM, settled: seconds until nothing has run for QUIET_S
     and ``must()`` holds), both from ``start`` (time.monotonic())."""
     from selenium.webdriver.common.by import By
+
     first = None
     quiet_since = None
     while time.monotonic() - start < timeout:
@@ -209,6 +254,7 @@ def wait_settled(driver, start: float, timeout: float = PAGE_TIMEOUT, must=None)
 
 def _present(driver, selector: str | None):
     from selenium.webdriver.common.by import By
+
     if selector is None:
         return None
     return lambda: bool(driver.find_elements(By.CSS_SELECTOR, selector))
@@ -247,11 +293,17 @@ def bench_browser(repo: Path, root: Path, runs: list[str]) -> dict:
             start = time.monotonic()
             driver.get(url)
             first, settled = wait_settled(driver, start, must=_present(driver, SETTLED_WHEN.get(name)))
-            out[name] = {"first_paint_s": first, "settled_s": settled, "outside_requests": outside_requests(driver),
-                         "rss_mb": round(server.rss_mb(), 1)}
-            print(f"[browser] {name}: first paint {first and round(first, 2)} s, settled "
-                  f"{settled and round(settled, 2)} s, outside requests {len(out[name]['outside_requests'])}",
-                  file=sys.stderr)
+            out[name] = {
+                "first_paint_s": first,
+                "settled_s": settled,
+                "outside_requests": outside_requests(driver),
+                "rss_mb": round(server.rss_mb(), 1),
+            }
+            print(
+                f"[browser] {name}: first paint {first and round(first, 2)} s, settled "
+                f"{settled and round(settled, 2)} s, outside requests {len(out[name]['outside_requests'])}",
+                file=sys.stderr,
+            )
     finally:
         driver.quit()
         server.stop()
@@ -260,11 +312,13 @@ def bench_browser(repo: Path, root: Path, runs: list[str]) -> dict:
 
 # ------------------------------------------------------------------------------------------------ uploads
 
+
 def make_uploads(folder: Path) -> dict[str, Path]:
     """A 5000x5000 PNG (simple shapes: compresses to well under 1 MB) and a 4032x3024 JPEG (a phone-size
     photo-like picture: gradients and noise, about 2-4 MB)."""
     import numpy as np
     from PIL import Image, ImageDraw
+
     folder.mkdir(parents=True, exist_ok=True)
     png = folder / "big-5000x5000.png"
     if not png.exists():
@@ -296,6 +350,7 @@ def upload_once(repo: Path, root: Path, run: str, path: Path) -> dict:
     """A fresh server and browser: open the playground, let it settle, pick "upload a picture", send the file,
     time until the page settles showing it; RSS before, peak and after; the browser's errors."""
     from selenium.webdriver.common.by import By
+
     server = Server(repo, root)
     driver = browser()
     try:
@@ -304,8 +359,11 @@ def upload_once(repo: Path, root: Path, run: str, path: Path) -> dict:
         _, settled = wait_settled(driver, start, must=_present(driver, SETTLED_WHEN["playground"]))
         time.sleep(2)
         rss_before = server.rss_mb()
-        radio = next(e for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stRadio"] label')
-                     if "upload a picture" in e.text)
+        radio = next(
+            e
+            for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stRadio"] label')
+            if "upload a picture" in e.text
+        )
         radio.click()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not driver.find_elements(By.CSS_SELECTOR, 'input[type="file"]'):
@@ -325,7 +383,9 @@ def upload_once(repo: Path, root: Path, run: str, path: Path) -> dict:
         def shown() -> bool:  # the live results of the uploaded picture (its caption beside the prediction)
             captions = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stImageCaption"]')
             return any(f"uploaded: {path.name}" in c.text for c in captions) and bool(
-                driver.find_elements(By.CSS_SELECTOR, '[data-testid="stMetric"]'))
+                driver.find_elements(By.CSS_SELECTOR, '[data-testid="stMetric"]')
+            )
+
         _, upload_settled = wait_settled(driver, start, timeout=300, must=shown)
         stop.set()
         sampler.join(timeout=2)
@@ -333,27 +393,44 @@ def upload_once(repo: Path, root: Path, run: str, path: Path) -> dict:
         time.sleep(10)
         rss_later = server.rss_mb()
         errors = [e["message"][:300] for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
-        alerts = [a.text[:300] for a in driver.find_elements(
-            By.CSS_SELECTOR, '[data-testid="stException"], [data-testid="stAlertContentError"]')]
+        alerts = [
+            a.text[:300]
+            for a in driver.find_elements(
+                By.CSS_SELECTOR, '[data-testid="stException"], [data-testid="stAlertContentError"]'
+            )
+        ]
         # the reference: the same live rerun with the example's own picture again
-        back = next(e for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stRadio"] label')
-                    if "the example's picture" in e.text)
+        back = next(
+            e
+            for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stRadio"] label')
+            if "the example's picture" in e.text
+        )
         start = time.monotonic()
         back.click()
 
         def own() -> bool:
             captions = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stImageCaption"]')
             return not any("uploaded:" in c.text for c in captions) and bool(
-                driver.find_elements(By.CSS_SELECTOR, '[data-testid="stMetric"]'))
+                driver.find_elements(By.CSS_SELECTOR, '[data-testid="stMetric"]')
+            )
+
         busy_deadline = time.monotonic() + 30
         while time.monotonic() < busy_deadline and not driver.find_elements(By.CSS_SELECTOR, BUSY):
             time.sleep(0.05)
         _, reference = wait_settled(driver, start, timeout=300, must=own)
-        return {"file": path.name, "bytes": path.stat().st_size, "page_settled_s": settled,
-                "upload_settled_s": upload_settled, "own_picture_settled_s": reference,
-                "rss_before_mb": round(rss_before, 1),
-                "rss_peak_mb": round(peak[0], 1), "rss_after_mb": round(rss_after, 1),
-                "rss_10s_later_mb": round(rss_later, 1), "browser_errors": errors, "error_boxes": alerts}
+        return {
+            "file": path.name,
+            "bytes": path.stat().st_size,
+            "page_settled_s": settled,
+            "upload_settled_s": upload_settled,
+            "own_picture_settled_s": reference,
+            "rss_before_mb": round(rss_before, 1),
+            "rss_peak_mb": round(peak[0], 1),
+            "rss_after_mb": round(rss_after, 1),
+            "rss_10s_later_mb": round(rss_later, 1),
+            "browser_errors": errors,
+            "error_boxes": alerts,
+        }
     finally:
         driver.quit()
         server.stop()
@@ -365,13 +442,17 @@ def bench_uploads(repo: Path, root: Path, run: str) -> dict:
     for name, path in files.items():
         out[name] = upload_once(repo, root, run, path)
         r = out[name]
-        print(f"[uploads] {name}: settled {r['upload_settled_s'] and round(r['upload_settled_s'], 2)} s, RSS "
-              f"{r['rss_before_mb']} -> peak {r['rss_peak_mb']} -> {r['rss_after_mb']} MB "
-              f"({r['rss_10s_later_mb']} MB 10 s later), browser errors {len(r['browser_errors'])}", file=sys.stderr)
+        print(
+            f"[uploads] {name}: settled {r['upload_settled_s'] and round(r['upload_settled_s'], 2)} s, RSS "
+            f"{r['rss_before_mb']} -> peak {r['rss_peak_mb']} -> {r['rss_after_mb']} MB "
+            f"({r['rss_10s_later_mb']} MB 10 s later), browser errors {len(r['browser_errors'])}",
+            file=sys.stderr,
+        )
     return out
 
 
 # ------------------------------------------------------------------------------------------------ report
+
 
 def _s(x) -> str:
     return "–" if x is None else f"{x:.2f}"
@@ -381,32 +462,41 @@ def markdown(results: dict) -> str:
     lines = []
     label = results.get("label") or ""
     if "apptest" in results or "browser" in results:
-        lines += [f"**Per-page first paint{f' ({label})' if label else ''}** (target {TARGET_S:g} s)", "",
-                  "| page | AppTest first run s | browser first paint s | browser settled s "
-                  "| requests off this machine |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [
+            f"**Per-page first paint{f' ({label})' if label else ''}** (target {TARGET_S:g} s)",
+            "",
+            "| page | AppTest first run s | browser first paint s | browser settled s | requests off this machine |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for name, *_ in PAGES:
             a = results.get("apptest", {}).get(name, {})
             b = results.get("browser", {}).get(name, {})
             if not a and not b:
                 continue
-            lines.append(f"| {name} | {_s(a.get('seconds'))} | {_s(b.get('first_paint_s'))} | "
-                         f"{_s(b.get('settled_s'))} | {len(b.get('outside_requests') or []) if b else '–'} |")
+            lines.append(
+                f"| {name} | {_s(a.get('seconds'))} | {_s(b.get('first_paint_s'))} | "
+                f"{_s(b.get('settled_s'))} | {len(b.get('outside_requests') or []) if b else '–'} |"
+            )
         outside = sorted({u for b in results.get("browser", {}).values() for u in b.get("outside_requests") or []})
         if outside:
             lines += ["", "Requests to hosts off this machine: " + ", ".join(f"`{u}`" for u in outside[:8])]
         lines.append("")
     if "uploads" in results:
-        lines += [f"**One upload on the live playground{f' ({label})' if label else ''}**", "",
-                  "| upload | bytes | settled s | same rerun, example's own picture s | server RSS before MB "
-                  "| peak MB | after MB | 10 s later MB | browser errors |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            f"**One upload on the live playground{f' ({label})' if label else ''}**",
+            "",
+            "| upload | bytes | settled s | same rerun, example's own picture s | server RSS before MB "
+            "| peak MB | after MB | 10 s later MB | browser errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
         for name, r in results["uploads"].items():
             found = {m.group(0) for e in r["browser_errors"] for m in [re.search(r"\w+Error: [\w ]+", e)] if m}
             errs = "; ".join(sorted(found)) or ("none" if not r["browser_errors"] else "other console errors")
-            lines.append(f"| {name} | {r['bytes']:,} | {_s(r['upload_settled_s'])} | "
-                         f"{_s(r.get('own_picture_settled_s'))} | {r['rss_before_mb']} | "
-                         f"{r['rss_peak_mb']} | {r['rss_after_mb']} | {r['rss_10s_later_mb']} | {errs} |")
+            lines.append(
+                f"| {name} | {r['bytes']:,} | {_s(r['upload_settled_s'])} | "
+                f"{_s(r.get('own_picture_settled_s'))} | {r['rss_before_mb']} | "
+                f"{r['rss_peak_mb']} | {r['rss_after_mb']} | {r['rss_10s_later_mb']} | {errs} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -415,8 +505,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repo", type=Path, default=REPO, help="the checkout whose app is measured")
     p.add_argument("--root", type=Path, default=None, help="artifacts root (default MOESCOPE_ARTIFACTS or artifacts/)")
-    p.add_argument("--only", nargs="+", choices=("apptest", "browser", "uploads"),
-                   default=["apptest", "browser", "uploads"])
+    p.add_argument(
+        "--only", nargs="+", choices=("apptest", "browser", "uploads"), default=["apptest", "browser", "uploads"]
+    )
     p.add_argument("--upload-run", default="mmoe-balanced")
     p.add_argument("--label", default="", help="a word for the tables, e.g. before / after")
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
