@@ -366,14 +366,19 @@ def synced_example(
         st.session_state[key] = wanted
     if st.session_state.get(key) not in options:
         st.session_state[key] = options[0]
+    # the message stays until the person picks an example (the playground reruns itself once after its
+    # first paint, and by then the URL holds the example shown instead)
+    notice_key = f"{key}__bad_link"
     if raw is not None and wanted not in options and warn:
         shown = st.session_state[key]
-        st.warning(
-            bad_example_message(raw, options, f"example {literal(format_func(shown))}", among),
-            icon=":material/link_off:",
-        )
+        message = bad_example_message(raw, options, f"example {literal(format_func(shown))}", among)
+        st.session_state[notice_key] = (shown, message)
+    notice = st.session_state.get(notice_key)
+    if notice is not None and notice[0] == st.session_state[key]:
+        st.warning(notice[1], icon=":material/link_off:")
 
     def on_change() -> None:
+        st.session_state.pop(notice_key, None)
         st.query_params[EXAMPLE_PARAM] = str(st.session_state[key])
 
     value = int(container.selectbox(label, options, key=key, format_func=format_func, on_change=on_change, **kwargs))

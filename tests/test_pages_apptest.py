@@ -220,6 +220,8 @@ def test_explorer_shows_k_experts_per_routed_position(root, run):
 
 @pytest.mark.parametrize("run", ["mmoe-balanced", "moemoe-qa"])
 def test_explorer_shows_the_example_fields_and_the_prediction_by_name(root, run):
+    from pages.state import escape_markdown
+
     _need(root, run)
     store = _store(root, run)
     spec = store.spec()
@@ -230,10 +232,12 @@ def test_explorer_shows_the_example_fields_and_the_prediction_by_name(root, run)
     text = markdown_text(at)
     example = store.examples(filters={"example_index": int(row["example_index"])}).iloc[0]
     title = spec.title_field()
-    assert f"**{title.label}:** {example[title.name]}" in text  # declared fields, under their labels
+    # declared fields under their labels; data text escaped (it cannot render as Markdown)
+    assert f"**{title.label}:** {escape_markdown(example[title.name])}" in text
     line = next(m.value for m in at.markdown if str(m.value).startswith("Prediction · "))
     item = spec.prediction.item
-    assert f"{item}: **{row['prediction']}**" in line and f"gold: **{row['gold']}**" in line, line
+    assert f"{item}: **{escape_markdown(row['prediction'])}**" in line, line
+    assert f"gold: **{escape_markdown(row['gold'])}**" in line, line
     if "gold_id" in pred and pd.notna(row.get("gold_id")) and str(row["gold_id"]) != str(row["gold"]):
         assert f"**{int(row['gold_id'])}**" not in line  # names, never the KB row number
 

@@ -288,6 +288,9 @@ def test_bad_example_param_gives_one_clear_message(root, page, run, value):
     assert warnings, [w.value for w in at.warning]
     assert value.strip("*") in warnings[0] and "`" in warnings[0]
     assert "Traceback" not in warnings[0] and "/" not in warnings[0].split("Showing")[0]
+    if page == "playground":  # the run after the first paint (the live results) still says so
+        _ok(at.run())
+        assert [str(w.value) for w in at.warning if "The link asks for example" in str(w.value)] == warnings
 
 
 def test_a_refused_model_config_is_one_message_without_a_traceback(root, monkeypatch):
