@@ -31,7 +31,10 @@ def test_vl_run_artifacts(demo_artifacts):
     assert manifest["family"] == "hf_moe" and manifest["spec"]["prediction"]["kind"] == "answer"
     routing = pd.read_parquet(run_dir / "routing.parquet")
     kinds = set(routing["position_kind"])
-    assert {"image_patch", "text_token", "decoder_step"} <= kinds
+    assert {"image_patch", "text_token"} <= kinds
+    answered = pd.read_parquet(run_dir / "predictions.parquet")["prediction"].astype(str).str.len().gt(0).any()
+    # the tiny run may answer every question with end-of-text at once: then no decoder step is routed
+    assert ("decoder_step" in kinds) == bool(answered)
     images = routing[routing["position_kind"] == "image_patch"]
     assert (images["routed_modality"] == "image").all() and (images["grid_row"] >= 0).all()
     assert (routing.loc[routing["position_kind"] != "image_patch", "grid_row"] == -1).all()
