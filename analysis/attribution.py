@@ -530,7 +530,7 @@ def attribution_table(
     has any), and IG of one router logit chosen by ``router_target`` (default
     :func:`default_router_target`; None to skip). Columns: :data:`TABLE_COLUMNS`, ``example_id`` and
     one column per example label. The sample is stratified by ``example["labels"][stratify_by]`` (the
-    precompute passes the spec's decisive label, ``spec.decisive_label()``; None: uniform) and is never
+    precompute passes the spec's deciding label, ``spec.deciding_label()``; None: uniform) and is never
     simply the head of ``examples``.
     ``shard`` = (rank, world) keeps that rank's contiguous block of the sample (precompute under torchrun).
     """

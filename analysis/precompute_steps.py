@@ -42,8 +42,8 @@ def attribution_label(spec: ModelSpec) -> str | None:
     """The label that stratifies the attribution sample: the ground-truth label naming which input
     decides each example (so every value is explained and the explanation checks can be scored), else
     the first declared label."""
-    decisive = spec.decisive_label()
-    return decisive.name if decisive is not None else slice_label(spec)
+    deciding = spec.deciding_label()
+    return deciding.name if deciding is not None else slice_label(spec)
 
 
 def measures_batch_dependence(spec: ModelSpec) -> bool:

@@ -196,7 +196,7 @@ class ModelSpec:
     def ground_truth_labels(self) -> list[LabelSpec]:
         return [lab for lab in self.labels if lab.ground_truth]
 
-    def decisive_label(self) -> LabelSpec | None:
+    def deciding_label(self) -> LabelSpec | None:
         """The ground-truth label that names which input decides each example, if the family has one."""
         return next((lab for lab in self.labels if lab.ground_truth and lab.decides), None)
 

@@ -176,10 +176,10 @@ def share_by_label(attributions: pd.DataFrame, spec: ModelSpec) -> None:
         "Mean share of each input in an example's total |attribution| of the prediction, per value of a "
         "label: e.g. the picture's share where the label says the picture decides, against the rest."
     )
-    decisive = spec.decisive_label()
+    deciding = spec.deciding_label()
     names = [lab.name for lab in spec.labels]
-    if decisive is not None:  # the label that says which input decides comes first
-        names = [decisive.name, *[n for n in names if n != decisive.name]]
+    if deciding is not None:  # the label that says which input decides comes first
+        names = [deciding.name, *[n for n in names if n != deciding.name]]
     options = [n for n in names if n in attributions.columns]
     if not options:
         st.info("The attributions table carries no example labels to compare by.")

@@ -39,15 +39,15 @@ def _open_in_explorer(run: str, index: int) -> None:
 
 
 def colour_options(spec: ModelSpec) -> dict[str, str]:
-    """{choice in words: frame column}: expert, the decisive label first, the other labels, correctness."""
+    """{choice in words: frame column}: expert, the deciding label first, the other labels, correctness."""
     options = {}
     if spec.routed_layers:
         options["expert (top-1 of a layer)"] = "expert"
-    decisive = spec.decisive_label()
-    if decisive is not None:
-        options[f"deciding input ({decisive.name})"] = decisive.name
+    deciding = spec.deciding_label()
+    if deciding is not None:
+        options[f"deciding input ({deciding.name})"] = deciding.name
     for label in spec.labels:
-        if decisive is None or label.name != decisive.name:
+        if deciding is None or label.name != deciding.name:
             options[f"label: {label.name}"] = label.name
     options["correctness"] = "correct"
     return options

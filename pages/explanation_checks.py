@@ -59,8 +59,8 @@ def _no_checks(run: str) -> None:
 
 
 def attribution_agreement(checks: pd.DataFrame, summary: dict) -> None:
-    rows = _rows(checks, "attr_decisive_share")
-    st.markdown("**Attributions: mass on the decisive input**")
+    rows = _rows(checks, "attr_deciding_share")
+    st.markdown("**Attributions: mass on the deciding input**")
     if rows.empty:
         st.caption("No attribution sample, or the model declares no label saying which input decides an example.")
         return
@@ -76,7 +76,7 @@ def attribution_agreement(checks: pd.DataFrame, summary: dict) -> None:
             {
                 "method": "method",
                 "slice": label,
-                "value": "share on decisive inputs",
+                "value": "share on deciding inputs",
                 "baseline": "share elsewhere",
                 "n": "examples",
                 "p_value": "p",

@@ -255,7 +255,7 @@ def test_batch_dependent_forward_warns(adapter):
         integrated_gradients(BatchNormalised(adapter.model, {}), make_example(9), n_steps=4)
 
 
-def test_table_stratified_sample_and_image_share_by_decisive_label(adapter):
+def test_table_stratified_sample_and_image_share_by_deciding_label(adapter):
     u = adapter.model.u
     # Ordered by stratum: the head of the data is all "text".
     examples = [make_example(i, kind, u=u) for i, kind in enumerate(["text"] * 12 + ["image"] * 12 + ["both"] * 6)]

@@ -263,28 +263,28 @@ def _attribution_table(mass: dict[int, dict[str, float]], method: str = "ig") ->
     return pd.DataFrame(rows)
 
 
-def test_decisive_share_is_the_mass_on_the_decided_inputs():
+def test_deciding_share_is_the_mass_on_the_decided_inputs():
     masses = pd.DataFrame({"left": [3.0, 0.0, 1.0], "right": [1.0, 0.0, 1.0]})
-    share = X.decisive_share(masses, ["left"])
+    share = X.deciding_share(masses, ["left"])
     assert share.iloc[0] == pytest.approx(0.75) and math.isnan(share.iloc[1]) and share.iloc[2] == 0.5
 
 
-def test_decisive_share_rows_score_each_label_value_against_the_other_examples():
+def test_deciding_share_rows_score_each_label_value_against_the_other_examples():
     examples = pd.DataFrame({"example_index": range(8), "side": ["left"] * 4 + ["right"] * 4})
     good = {i: ({"left": 0.9, "right": 0.1} if i < 4 else {"left": 0.2, "right": 0.8}) for i in range(8)}
-    rows = {r["slice"]: r for r in X.decisive_share_rows(_attribution_table(good), examples, _spec())}
+    rows = {r["slice"]: r for r in X.deciding_share_rows(_attribution_table(good), examples, _spec())}
     assert rows["left"]["value"] == pytest.approx(0.9) and rows["left"]["baseline"] == pytest.approx(0.2)
     assert rows["right"]["value"] == pytest.approx(0.8) and rows["right"]["baseline"] == pytest.approx(0.1)
     assert not rows["left"]["flagged"] and rows["left"]["p_value"] < 0.05  # Mann-Whitney, 4 vs 4, all above
     backwards = {i: {"left": 0.1, "right": 0.9} if i < 4 else {"left": 0.9, "right": 0.1} for i in range(8)}
-    rows = {r["slice"]: r for r in X.decisive_share_rows(_attribution_table(backwards), examples, _spec())}
+    rows = {r["slice"]: r for r in X.deciding_share_rows(_attribution_table(backwards), examples, _spec())}
     assert rows["left"]["flagged"] and rows["right"]["flagged"] and rows["left"]["p_value"] > 0.5
 
 
 def test_a_method_that_attributes_only_the_decided_input_is_not_scored():
     examples = pd.DataFrame({"example_index": range(4), "side": ["left", "right"] * 2})
     only_left = _attribution_table({i: {"left": 1.0} for i in range(4)}, "occlusion")
-    (row,) = X.decisive_share_rows(only_left, examples, _spec())
+    (row,) = X.deciding_share_rows(only_left, examples, _spec())
     assert row["slice"] == "left" and "by construction" in row["detail"] and not row["flagged"]
 
 
@@ -544,7 +544,7 @@ def test_the_precompute_step_writes_every_table_and_the_json(trained):
     checks = out["tables"]["explanation_checks"]
     assert list(checks.columns) == list(X.CHECK_COLUMNS)
     assert {
-        "attr_decisive_share",
+        "attr_deciding_share",
         "source_agreement",
         "routing_specialisation",
         "randomisation_spearman",
@@ -553,14 +553,14 @@ def test_the_precompute_step_writes_every_table_and_the_json(trained):
         "infidelity",
         "sensitivity_max",
     } <= set(checks["check"])
-    ig = checks[(checks["check"] == "attr_decisive_share") & (checks["method"] == "ig")].set_index("slice")
+    ig = checks[(checks["check"] == "attr_deciding_share") & (checks["method"] == "ig")].set_index("slice")
     assert ig.loc["left", "value"] > ig.loc["left", "baseline"]
     assert ig.loc["right", "value"] > ig.loc["right", "baseline"]
     assert set(out["tables"]["knockout_effects"]["layer"]) == {"moe", "sieve"}
     assert len(out["tables"]["detector_suite"])
     summary = out["json"]
     for key in (
-        "attr_decisive_share",
+        "attr_deciding_share",
         "qga_agreement",
         "randomisation_spearman",
         "deletion_auc",

@@ -489,7 +489,7 @@ def test_spec_round_trips_through_the_manifest(tmp_path):
     s = RunStore("demo", tmp_path)
     assert s.status.state == "ready", s.status.message
     assert s.spec() == SPEC  # every nested piece comes back typed
-    assert s.spec().layer("l0").gate.score == "sigmoid" and s.spec().decisive_label().name == "src"
+    assert s.spec().layer("l0").gate.score == "sigmoid" and s.spec().deciding_label().name == "src"
     assert s.spec().image_inputs()[0].grid == ImageGrid(2, 3, 1)
     assert json.loads((s.dir / "manifest.json").read_text())["spec"] == SPEC.to_dict()
 

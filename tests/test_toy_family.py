@@ -167,7 +167,7 @@ def test_precompute_stores_the_declared_spec_and_tables(toy_runs):
     spec = store.spec()
     assert spec.family == toy.FAMILY
     assert [f.name for f in spec.editable_fields()] == ["chant", "sigil"]
-    assert spec.decisive_label().name == "witness"
+    assert spec.deciding_label().name == "witness"
     assert spec.layer("sieve").gate.score == "sigmoid" and spec.layer("weave").top_k == 2
     assert [i.grid.rows for i in spec.image_inputs()] == [toy.GRID]
     routing = store.table("routing")

@@ -1,13 +1,13 @@
 """Explanations that check themselves: ground-truth agreement, sanity checks and causal expert knockout.
 
 Everything is read from the run's declaration (:class:`mmoe_core.spec.ModelSpec`): which label decides an
-example and which inputs each of its values points at (``spec.decisive_label().decides``), the source-weight
+example and which inputs each of its values points at (``spec.deciding_label().decides``), the source-weight
 outputs and their truth label, the ground-truth labels, the routed layers and the headline metrics. No family
 is named here.
 
 Checks (one row each in the ``explanation_checks`` table, columns :data:`CHECK_COLUMNS`)
 ------------------------------------------------------------------------------------------
-``attr_decisive_share``   attributions: share of attribution mass sum|a| on the inputs a label value decides,
+``attr_deciding_share``   attributions: share of attribution mass sum|a| on the inputs a label value decides,
                           per method and label value, against the same share over the other examples
                           (one-sided Mann-Whitney U, scipy). Flagged when the share is not higher there.
 ``source_agreement``      source weights: share of examples whose dominant source is the truth label's source
@@ -58,8 +58,8 @@ permutations of the routing MI (positions of one example are not exchangeable wi
 """
 
 from analysis.explanation_checks.agreement import (
-    decisive_share,
-    decisive_share_rows,
+    deciding_share,
+    deciding_share_rows,
     grouped_permutation_mi,
     routing_specialisation_rows,
     source_agreement_rows,
@@ -94,8 +94,8 @@ __all__ = [
     "THRESHOLDS",
     "METHODS",
     "SANITY_METHODS",
-    "decisive_share",
-    "decisive_share_rows",
+    "deciding_share",
+    "deciding_share_rows",
     "source_agreement_rows",
     "grouped_permutation_mi",
     "routing_specialisation_rows",

@@ -1,4 +1,4 @@
-"""Ground-truth agreement: attribution mass on the decisive inputs, dominant source vs truth, routing
+"""Ground-truth agreement: attribution mass on the deciding inputs, dominant source vs truth, routing
 specialisation against grouped permutations.
 
 Part of :mod:`analysis.explanation_checks` (see its docstring for the whole).
@@ -19,7 +19,7 @@ from analysis.routing import mutual_information_of_codes, specialisation
 from mmoe_core.spec import ModelSpec, OutputSpec
 
 
-def decisive_share(masses: pd.DataFrame, inputs: Sequence[str]) -> pd.Series:
+def deciding_share(masses: pd.DataFrame, inputs: Sequence[str]) -> pd.Series:
     """Per example (rows of ``masses``: one column of sum|a| per input), the share of mass on ``inputs``:
     share = sum_{i in inputs} m_i / sum_i m_i (NaN when an example has no mass at all)."""
     total = masses.sum(axis=1)
@@ -40,12 +40,12 @@ def _mann_whitney_greater(a: np.ndarray, b: np.ndarray) -> float:
     return float(stats.mannwhitneyu(a, b, alternative="greater").pvalue)
 
 
-def decisive_share_rows(attributions: pd.DataFrame, examples: pd.DataFrame, spec: ModelSpec) -> list[dict]:
-    """``attr_decisive_share`` rows: per method and value v of the decisive label, the mean share of |a| on
+def deciding_share_rows(attributions: pd.DataFrame, examples: pd.DataFrame, spec: ModelSpec) -> list[dict]:
+    """``attr_deciding_share`` rows: per method and value v of the deciding label, the mean share of |a| on
     the inputs v decides (value), over the n examples labelled v; baseline: the mean share on the same inputs
     over the other examples; p: one-sided Mann-Whitney U (share higher where those inputs decide). A method
     that attributes only the decided inputs (share 1 by construction) is reported, not scored."""
-    label = spec.decisive_label()
+    label = spec.deciding_label()
     if label is None or attributions is None or not len(attributions) or label.name not in examples:
         return []
     label_of = examples.set_index(KEY)[label.name].astype(str)
@@ -64,7 +64,7 @@ def decisive_share_rows(attributions: pd.DataFrame, examples: pd.DataFrame, spec
             if set(inputs) == set(masses.columns):
                 rows.append(
                     _row(
-                        "attr_decisive_share",
+                        "attr_deciding_share",
                         method,
                         label=label.name,
                         slice=value,
@@ -75,14 +75,14 @@ def decisive_share_rows(attributions: pd.DataFrame, examples: pd.DataFrame, spec
                     )
                 )
                 continue
-            share = decisive_share(masses, inputs)
+            share = deciding_share(masses, inputs)
             mine, others = share[own].to_numpy(float), share[~own].to_numpy(float)
             value_mean = float(np.nanmean(mine)) if n else math.nan
             base = float(np.nanmean(others)) if len(others) else math.nan
             flagged = bool(n and len(others) and not _above(value_mean, base))
             rows.append(
                 _row(
-                    "attr_decisive_share",
+                    "attr_deciding_share",
                     method,
                     label=label.name,
                     slice=value,

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.explanation_checks.agreement import (
-    decisive_share_rows,
+    deciding_share_rows,
     routing_specialisation_rows,
     source_agreement_rows,
 )
@@ -65,11 +65,11 @@ def explanation_checks_step(
     seed = int(params.get("seed", 0))
     batch_size = int(params.get("batch_size", 32))
     sizes = check_samples(params, len(examples))
-    decisive = spec.decisive_label()
-    label = decisive.name if decisive is not None else (spec.slice_labels() or [None])[0]
+    deciding = spec.deciding_label()
+    label = deciding.name if deciding is not None else (spec.slice_labels() or [None])[0]
     labels = spec.slice_labels()
 
-    rows = decisive_share_rows(attributions, examples_df, spec) if attributions is not None else []
+    rows = deciding_share_rows(attributions, examples_df, spec) if attributions is not None else []
     for output in spec.output("source_weights"):
         rows += source_agreement_rows(extras.get(output.name), examples_df, output, labels, thresholds, seed)
     rows += routing_specialisation_rows(routing, examples_df, spec, thresholds, seed)
@@ -125,7 +125,7 @@ def summary_json(
 ) -> dict:
     """``explanation_checks.json``: the tables' headline numbers by name (NaN written as null).
 
-    attr_decisive_share {method: {label value: {share, elsewhere, n, p_value, flagged}}}; qga_agreement {output:
+    attr_deciding_share {method: {label value: {share, elsewhere, n, p_value, flagged}}}; qga_agreement {output:
     {slice label: {value: {agreement, chance, n, p_value}}}}; routing_specialisation {layer: {label: {mi,
     baseline, p_value}}}; randomisation_spearman {method: {stage: rho}}; deletion_auc / insertion_auc /
     infidelity {method: {value, random}}; sensitivity_max {method: value}; knockout {layer: {expert: {metric:
@@ -136,9 +136,9 @@ def summary_json(
         return checks[checks["check"] == check] if len(checks) else checks
 
     out: dict = {"samples": dict(sizes), "thresholds": asdict(thresholds)}
-    out["attr_decisive_share"] = {}
-    for r in pick("attr_decisive_share").itertuples():
-        out["attr_decisive_share"].setdefault(r.method, {})[r.slice] = {
+    out["attr_deciding_share"] = {}
+    for r in pick("attr_deciding_share").itertuples():
+        out["attr_deciding_share"].setdefault(r.method, {})[r.slice] = {
             "share": _clean(r.value),
             "elsewhere": _clean(r.baseline),
             "n": r.n,
