@@ -113,7 +113,16 @@ def token_strip(rows: pd.DataFrame, title: str, num_experts: int | None = None, 
         z[r, c] = int(row["top1"]) if routed[i] else E
         text[r][c] = _short(_token_label(row)) + ("" if routed[i] else "<br><i>not routed</i>")
         hover[r][c] = _hover(row, bool(routed[i]), k_label)
-    fig = go.Figure(
+    fig = _expert_cells(z, text, hover, E, gap=3)
+    _legend_swatches(fig, E, not_routed=not routed.all(), used=rows.loc[routed, "top1"].unique())
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, autorange="reversed")
+    return _layout(fig, title, height=90 + 46 * nrows, legend_below=True, below=45, margin=dict(t=50, b=45, l=10, r=10))
+
+
+def _expert_cells(z: np.ndarray, text, hover, E: int, gap: int) -> go.Figure:
+    """Cells coloured by top-1 expert (value E: not routed), labelled with ``text``, hover ``hover``."""
+    return go.Figure(
         go.Heatmap(
             z=z,
             text=text,
@@ -124,15 +133,11 @@ def token_strip(rows: pd.DataFrame, title: str, num_experts: int | None = None, 
             zmin=-0.5,
             zmax=E + 0.5,
             showscale=False,
-            xgap=3,
-            ygap=3,
+            xgap=gap,
+            ygap=gap,
             textfont=dict(size=12),
         )
     )
-    _legend_swatches(fig, E, not_routed=not routed.all(), used=rows.loc[routed, "top1"].unique())
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False, autorange="reversed")
-    return _layout(fig, title, height=90 + 46 * nrows, legend_below=True, below=45, margin=dict(t=50, b=45, l=10, r=10))
 
 
 def _is_patch(rows: pd.DataFrame) -> pd.Series:
@@ -177,22 +182,7 @@ def patch_grid(rows: pd.DataFrame, title: str, num_experts: int | None = None, h
         z[r, c] = int(row["top1"]) if routed[i] else E
         text[r][c] = f"E{int(row['top1'])}" if routed[i] else "\u2205"
         hover[r][c] = _hover(row, bool(routed[i]), k_label)
-    fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            text=text,
-            hovertext=hover,
-            texttemplate="%{text}",
-            hoverinfo="text",
-            colorscale=_discrete_scale(E),
-            zmin=-0.5,
-            zmax=E + 0.5,
-            showscale=False,
-            xgap=2,
-            ygap=2,
-            textfont=dict(size=12),
-        )
-    )
+    fig = _expert_cells(z, text, hover, E, gap=2)
     _legend_swatches(fig, E, not_routed=not routed.all(), used=patches.loc[routed, "top1"].unique())
     fig.update_xaxes(visible=False, constrain="domain")
     fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x", constrain="domain")
