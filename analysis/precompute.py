@@ -53,7 +53,7 @@ from analysis.precompute_steps import (
 )
 from analysis.run_tables import KEY, examples_frame, predictions_frame
 from analysis.sharding import distributed, gather_to_main
-from analysis.store import RunWriter, inputs_manifest, needs_rebuild, rebuild_reasons
+from analysis.store import RunWriter, inputs_manifest, needs_rebuild, rebuild_reasons, write_routing
 from analysis.store.layout import _RUN_RE as RUN_NAME
 from analysis.store.publish import precompute_lock
 from analysis.store.status import check_inputs_unchanged
@@ -235,7 +235,7 @@ def write_run(run, root, adapter, ckpt, data_dir, examples, merged, params, inpu
     ) as w:
         w.write_table("examples", examples_df)
         w.write_table("predictions", predictions_frame(merged["predictions"]))
-        w.write_table("routing", routing)
+        write_routing(w, routing)  # wide, or split above 16 experts per layer (analysis.store.sink)
         if len(merged["kb_routing"]):
             w.write_table("kb_routing", merged["kb_routing"])
         w.write_table("layer_metrics", layer_metrics_frame(routing, batch_dep))
