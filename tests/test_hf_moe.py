@@ -209,6 +209,31 @@ def test_knockout_remakes_the_choice(text_dirs, arch):
     assert torch.equal(again.recorder.calls[0].router.topk_ids, before.recorder.calls[0].router.topk_ids)
 
 
+@pytest.mark.parametrize("arch", TEXT_ARCHS)
+def test_ablate_layer_removes_the_moe_output(text_dirs, arch):
+    """The whole routed layer removed: the MoE block's output is zero (the block's own output read by a
+    hook of the test), the routing is still recorded, the loss changes, and all is restored after."""
+    adapter = load_adapter(text_dirs[arch], device="cpu")
+    examples = _examples()
+    layer = adapter.routed_layers()[0].name
+    block = adapter.routed_modules()[layer].block
+    outputs = []
+    hook = block.register_forward_hook(lambda m, a, o: outputs.append(o))  # runs before the ablation hook
+    before = adapter.run(examples, batch_size=4)
+    hook.remove()
+    seen = []
+    with adapter.ablate_layer(layer):
+        probe = block.register_forward_hook(lambda m, a, o: seen.append(o))  # after: sees the ablated output
+        after = adapter.run(examples, batch_size=4)
+        probe.remove()
+    assert outputs and outputs[0].abs().sum() > 0
+    assert seen and all(float(o.abs().sum()) == 0.0 for o in seen)
+    assert layer in after.recorder.by_layer()  # the gate still ran and was recorded
+    assert any(abs(a["loss"] - b["loss"]) > 1e-6 for a, b in zip(before.predictions, after.predictions))
+    again = adapter.run(examples, batch_size=4)
+    assert [p["loss"] for p in again.predictions] == pytest.approx([p["loss"] for p in before.predictions])
+
+
 def test_text_attribution_forward(text_dirs):
     adapter = load_adapter(text_dirs["qwen3_moe"], device="cpu")
     example = _examples(1)[0]

@@ -16,6 +16,8 @@ outputs are really multiplied by. The model class names its router class in
   ``F.linear`` the router makes whose output has E columns: its logits) and any score-correction
   bias of e set to -inf, so softmax gives e no probability, sigmoid-plus-bias never ranks it, and
   the gate's own top-k / renormalisation / scaling re-make the choice over the other experts.
+* **Ablation** of a whole routed layer: a forward hook on the MoE block that owns the router returns
+  zeros (routed and shared experts alike), so the decoder layer's residual carries its input on.
 
 Off by default: with no recording and no knockout, each hook returns at once.
 """
@@ -194,7 +196,8 @@ def layer_name(path: str) -> str:
 @dataclass(eq=False)
 class RouterHandle:
     """One router of the model, following :class:`mmoe_core.adapter.RoutedModule` (name, num_experts,
-    knocked_out): the adapter's default knockout sets ``knocked_out``, the wrapped forward honours it."""
+    knocked_out, ablated): the adapter's default knockout sets ``knocked_out``, the wrapped forward
+    honours it; ``ablated`` zeroes the output of ``block``, the MoE block that owns the router."""
 
     name: str
     path: str
@@ -203,6 +206,8 @@ class RouterHandle:
     top_k: int
     gate: GateSpec
     knocked_out: frozenset = field(default_factory=frozenset)
+    block: nn.Module | None = None  # the MoE block whose output is the layer's MoE output
+    ablated: bool = False
 
 
 def find_routers(model: nn.Module) -> list[RouterHandle]:
@@ -240,7 +245,7 @@ def find_routers(model: nn.Module) -> list[RouterHandle]:
         shared = _shared_experts(block, text_config)
         if shared:
             gate = GateSpec(**{**gate.__dict__, "shared_experts": shared})
-        handles.append(RouterHandle(layer_name(path), path, module, int(num_experts), int(top_k), gate))
+        handles.append(RouterHandle(layer_name(path), path, module, int(num_experts), int(top_k), gate, block=block))
     names = [h.name for h in handles]
     if len(set(names)) != len(names):  # two stacks with the same layer numbers: keep the full paths
         for h in handles:
@@ -395,3 +400,20 @@ def install_knockout(handle: RouterHandle) -> None:
 
     module.forward = forward
     module._moescope_knockout = True
+    if handle.block is not None:
+        handle.block.register_forward_hook(_ablation_hook(handle))
+
+
+def _ablation_hook(handle: RouterHandle):
+    """While ``handle.ablated``: the MoE block returns zeros (routed and any shared experts: the whole
+    MoE output, so the decoder layer's residual passes its input on unchanged). The router inside
+    still runs, so the routing is recorded as usual."""
+
+    def hook(module, args, output):
+        if not handle.ablated:
+            return None
+        if isinstance(output, tuple):  # (hidden, router logits ...) in some architectures
+            return (torch.zeros_like(output[0]), *output[1:])
+        return torch.zeros_like(output)
+
+    return hook
