@@ -51,6 +51,7 @@ from analysis.precompute_steps import (
     stratified_sample,
     trigger_step,
 )
+from analysis.routing_measure_tables import routing_measures_frame
 from analysis.run_tables import KEY, examples_frame, predictions_frame
 from analysis.sharding import distributed, gather_to_main
 from analysis.store import RunWriter, inputs_manifest, needs_rebuild, rebuild_reasons, write_routing
@@ -242,6 +243,7 @@ def write_run(run, root, adapter, ckpt, data_dir, examples, merged, params, inpu
         w.write_table("slice_metrics", slice_metrics_frame(routing, examples_df, labels))
         w.write_table("specialisation", specialisation_frame(routing, examples_df, labels, seed))
         w.write_table("coselection", coselection_frame(routing))
+        w.write_table("routing_measures", routing_measures_frame(routing, [x.name for x in spec.routed_layers]))
         if len(merged["dynamics"]):
             w.write_table("dynamics", merged["dynamics"])
         for name, frame in merged["extras"].items():

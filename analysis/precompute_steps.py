@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from analysis.indicator_tables import batch_dependence_of, summarise
 from analysis.routing import verdict
+from analysis.routing_measure_tables import saturation_by_layer
 from analysis.routing_table import routing_frame
 from analysis.run_tables import KEY, output_frames
 from analysis.sampling import stratified_indices
@@ -141,16 +142,22 @@ def dynamics_frame(
 ) -> pd.DataFrame:
     """Routing indicators of a fixed example sample at every training snapshot (and the final model).
 
+    Besides the indicators, each row carries the router saturation of the snapshot against the final
+    model on the same positions (:func:`analysis.routing_measure_tables.saturation_by_layer`, OLMoE):
+    ``router_saturation``, ``router_saturation_top1`` and ``saturation_positions``.
+
     ``shard`` = (rank, world): this rank's contiguous block of the snapshots only."""
     steps = contiguous_share(list_snapshots(ckpt), *shard)
     if not steps or not examples:
         return pd.DataFrame()
     final_state = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    final_routing = routing_frame(adapter.run(list(examples), record=True, batch_size=batch_size).recorder)
     rows = []
     try:
         for step in tqdm(steps, desc="dynamics", disable=not progress, file=sys.stderr):
             adapter.model.load_state_dict(load_state(ckpt, snapshot=step))
             routing = routing_frame(adapter.run(list(examples), record=True, batch_size=batch_size).recorder)
+            saturation = saturation_by_layer(routing, final_routing)
             for layer in sorted(routing["layer"].unique()):
                 summary = summarise(routing[routing["layer"] == layer])
                 label, reason = verdict(summary)
@@ -163,6 +170,7 @@ def dynamics_frame(
                         **{k: v for k, v in summary.items() if not isinstance(v, list)},
                         "dead_experts": len(summary["dead_experts"]),
                         "load": summary["load"],
+                        **saturation[layer],
                     }
                 )
     finally:
