@@ -8,6 +8,12 @@ fsyncs files and dirs, then, holding ``.locks/<run>.lock``: renames the staging 
 publishers). A reader (:class:`~analysis.store.reader.RunStore`) holds a shared ``flock`` on its version's
 ``.readers`` file for as long as it is open (:func:`hold_version`), so a republish while a page renders
 leaves the old version readable; it is deleted by the first publish after its last reader closed.
+A hold has a maximum age, :data:`MAX_HOLD_SECONDS` (30 minutes) after the version was superseded (the
+stamp of the next version published): past it the collector reclaims the version even though a hold is
+on it, so a stuck reader, or a store left open in a cache, cannot keep an old version forever. It removes
+the manifest first; a :class:`~analysis.store.reader.RunStore` on a reclaimed version checks for it
+before every read and raises :class:`VersionReclaimed` (reopen the run) instead of reading a
+half-deleted version or failing with a DuckDB I/O error.
 :func:`precompute_lock` keeps two precomputes of one run apart.
 A real directory at ``runs/<run>`` (older, non-atomic layout) is first moved into ``.versions``.
 A writer killed at any point leaves either the old symlink (old run intact) or the new one (new run
@@ -24,6 +30,7 @@ When a run has a routing table, the writer adds its aggregates at commit (:mod:`
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import fcntl
 import json
 import os
@@ -428,6 +435,16 @@ def _new_version_id(run: str) -> str:
 
 READERS = ".readers"  # in every version dir: readers hold a shared flock on it, the collector an exclusive one
 
+# How long a reader may hold a superseded version: a page renders in seconds, so a hold this long after
+# a newer version was published is a stuck reader or a leaked store, and the collector reclaims anyway.
+MAX_HOLD_SECONDS = 30 * 60
+
+
+class VersionReclaimed(FileNotFoundError):
+    """The version a reader holds was reclaimed (held longer than :data:`MAX_HOLD_SECONDS` after it was
+    superseded): reopen the run to read the current version. A ``FileNotFoundError``, so the pages show
+    it as an expected failure (a message, no traceback)."""
+
 
 def hold_version(version_dir: Path) -> int | None:
     """Take a shared hold on a published version so that no publisher deletes it while it is read; the
@@ -453,8 +470,8 @@ def release_version(fd: int | None) -> None:
             pass
 
 
-def _collect(entry: Path) -> bool:
-    """Delete one superseded version unless a reader holds it; True when it was deleted."""
+def _collect(entry: Path, reclaim: bool = False) -> bool:
+    """Delete one superseded version unless a reader holds it (``reclaim``: even then); True when deleted."""
     try:
         fd = os.open(entry / READERS, os.O_RDONLY)
     except FileNotFoundError:
@@ -463,28 +480,54 @@ def _collect(entry: Path) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
-        return False  # read right now: the next publish (or collect_versions) deletes it
+        if not reclaim:
+            os.close(fd)
+            return False  # read right now: the next publish (or collect_versions) deletes it
     try:
-        (entry / MANIFEST).unlink(missing_ok=True)  # first: a reader that opens it now sees it gone
+        (entry / MANIFEST).unlink(missing_ok=True)  # first: a reader that opens or reads it now sees it gone
         _rmtree(entry)
     finally:
         os.close(fd)
     return True
 
 
-def collect_versions(run: str, versions: Path, keep: str | None = None) -> list[str]:
-    """Delete the versions of ``run`` under ``versions`` other than ``keep`` that no reader holds; returns
-    the names kept because a reader holds them."""
+def _stamp(name: str) -> _dt.datetime:
+    m = _VERSION_RE.match(name)
+    return _dt.datetime.strptime(m.group("stamp"), "%Y%m%dT%H%M%S%fZ").replace(tzinfo=_dt.UTC)
+
+
+def superseded_at(name: str, names: list[str]) -> _dt.datetime | None:
+    """When version ``name`` stopped being current: the stamp of the next version of its run among
+    ``names`` (versions of one run, stamps taken under the publish lock). None for the newest. A version
+    deleted in between only makes this later, so the hold's age is never overestimated."""
+    later = sorted(s for s in map(_stamp, names) if s > _stamp(name))
+    return later[0] if later else None
+
+
+def collect_versions(
+    run: str,
+    versions: Path,
+    keep: str | None = None,
+    now: _dt.datetime | None = None,
+    max_hold_s: float = MAX_HOLD_SECONDS,
+) -> list[str]:
+    """Delete the versions of ``run`` under ``versions`` other than ``keep`` that no reader holds, and
+    those superseded more than ``max_hold_s`` before ``now`` even if held (see :data:`MAX_HOLD_SECONDS`);
+    returns the names kept because a reader holds them."""
     held = []
     try:
-        entries = list(versions.iterdir())
+        names = [e.name for e in versions.iterdir()]
     except FileNotFoundError:
         return held
-    for entry in entries:
-        m = _VERSION_RE.match(entry.name)
-        if m and m.group("run") == run and entry.name != keep and not _collect(entry):
-            held.append(entry.name)
+    mine = [n for n in names if (m := _VERSION_RE.match(n)) and m.group("run") == run]
+    now = now or _utc_now()
+    for name in mine:
+        if name == keep:
+            continue
+        since = superseded_at(name, mine)
+        reclaim = since is not None and (now - since).total_seconds() > max_hold_s
+        if not _collect(versions / name, reclaim=reclaim):
+            held.append(name)
     return held
 
 

@@ -3,13 +3,17 @@
 No Streamlit and no torch here. Readers resolve ``runs/<run>`` once (a :class:`RunStore` keeps the
 resolved version dir), so a publish in the middle of a page render never mixes versions. An open store
 holds its version (a shared flock, :func:`analysis.store.publish.hold_version`): a republish leaves it
-readable until the store is closed (or garbage-collected); a long-lived reader should still check
-:meth:`RunStore.is_current` (one ``readlink``) and reopen to see the new version.
+readable until the store is closed (or garbage-collected), for at most
+:data:`~analysis.store.publish.MAX_HOLD_SECONDS` after the republish: then the version may be reclaimed,
+and every read of its files raises :class:`~analysis.store.publish.VersionReclaimed` (reopen the run).
+A long-lived reader should still check :meth:`RunStore.is_current` (one ``readlink``) and reopen to see
+the new version.
 :meth:`RunStore.spec` is the model's declaration (:class:`mmoe_core.spec.ModelSpec`) as precompute stored it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -30,6 +34,7 @@ from analysis.store.layout import (
     _TABLE_RE,
     DENSE_COLUMNS,
     EXAMPLE_KEY,
+    MANIFEST,
     ROUTING_GROUPS,
     ROUTING_SORT,
     _check_file_name,
@@ -42,7 +47,7 @@ from analysis.store.layout import (
     rebuild_command,
     resolve_root,
 )
-from analysis.store.publish import hold_version, release_version
+from analysis.store.publish import MAX_HOLD_SECONDS, VersionReclaimed, hold_version, release_version
 from analysis.store.status import RunStatus, _read_manifest, _status_of_dir, read_spec
 from mmoe_core.spec import ModelSpec
 
@@ -58,7 +63,9 @@ def _open_version(link: Path, run: str) -> tuple[str | None, Path, int | None]:
         target = os.readlink(link) if link.is_symlink() else None
         version = Path(os.path.realpath(link))
         hold = hold_version(version)
-        if hold is not None or version.is_dir():
+        # Unheld: a plain run directory, or a version built before holds (it has a manifest); a version
+        # dir without its manifest is being collected, so resolve the link again.
+        if hold is not None or (version.is_dir() and (target is None or (version / MANIFEST).is_file())):
             return target, version, hold
     raise FileNotFoundError(f"run {run!r} points to a missing directory {version}")
 
@@ -83,6 +90,7 @@ class RunStore:
         self._link_target, self.dir, hold = _open_version(link, run)
         self._release = weakref.finalize(self, release_version, hold)  # the version stays while this is open
         self.manifest, _ = _read_manifest(self.dir)
+        self._published = self.manifest is not None  # only a version with a manifest can be reclaimed
         self._lock = threading.RLock()
         self._schemas: dict[str, pa.Schema] = {}
         self._row_groups: dict[str, tuple] = {}  # routing tables: footer + per-row-group key ranges
@@ -94,6 +102,33 @@ class RunStore:
         self._con.execute("SET GLOBAL parquet_metadata_cache = true")
         self._views: set[str] = set()  # created on first use, so opening a store stays cheap
         self._spec: ModelSpec | None = None
+
+    def reclaimed(self) -> bool:
+        """True once this store's version was reclaimed under it (its manifest is gone: held longer than
+        :data:`~analysis.store.publish.MAX_HOLD_SECONDS` after a republish); one ``stat``."""
+        return self._published and not (self.dir / MANIFEST).is_file()
+
+    def _reclaimed_error(self) -> VersionReclaimed:
+        return VersionReclaimed(
+            f"run {self.run!r} was republished and the version this page was reading ({self.dir.name}) was "
+            f"reclaimed after being held more than {MAX_HOLD_SECONDS // 60} minutes; reload the page to "
+            "read the current version"
+        )
+
+    @contextlib.contextmanager
+    def _reading(self):
+        """Around every read of the version's files: a reclaimed version raises
+        :class:`~analysis.store.publish.VersionReclaimed` before the read, and a read that fails because
+        the version was reclaimed meanwhile raises it too (not DuckDB's or pyarrow's I/O error). A read
+        that succeeds read whole files: the collector unlinks files, an open one stays readable."""
+        if self.reclaimed():
+            raise self._reclaimed_error()
+        try:
+            yield
+        except (duckdb.Error, OSError) as exc:
+            if self.reclaimed():
+                raise self._reclaimed_error() from exc
+            raise
 
     def _ensure_views(self, names: Iterable[str]) -> None:
         with self._lock:
@@ -159,7 +194,8 @@ class RunStore:
         with self._lock:
             s = self._schemas.get(name)
             if s is None:
-                s = self._schemas[name] = pq.read_schema(self.dir / f"{name}.parquet")
+                with self._reading():
+                    s = self._schemas[name] = pq.read_schema(self.dir / f"{name}.parquet")
         return s
 
     def columns(self, name: str) -> list[str]:
@@ -227,26 +263,28 @@ class RunStore:
     def _run(self, sql: str, params: Sequence[Any] | None, *tables: str, arrow: bool = False) -> pd.DataFrame:
         """Run generated SQL that reads ``tables`` (their views are created if needed). ``arrow``: fetch
         through Arrow (same frame; 2-3x faster for many rows with list and string columns)."""
-        self._ensure_views(tables)
-        with self._lock:
-            cur = self._con.cursor()
-        try:
-            if arrow:
-                return cur.sql(sql, params=list(params or [])).to_arrow_table().to_pandas()
-            return cur.execute(sql, list(params or [])).df()
-        finally:
-            cur.close()
+        with self._reading():
+            self._ensure_views(tables)
+            with self._lock:
+                cur = self._con.cursor()
+            try:
+                if arrow:
+                    return cur.sql(sql, params=list(params or [])).to_arrow_table().to_pandas()
+                return cur.execute(sql, list(params or [])).df()
+            finally:
+                cur.close()
 
     def sql(self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pd.DataFrame:
         """Run a code-authored query over the run's tables (each is a view named like the table).
         Pass values through ``params`` (``?`` or ``$name`` placeholders), never by formatting them in."""
-        self._ensure_views(self.tables)
-        with self._lock:
-            cur = self._con.cursor()
-        try:
-            return cur.execute(query, params if params is not None else []).df()
-        finally:
-            cur.close()
+        with self._reading():
+            self._ensure_views(self.tables)
+            with self._lock:
+                cur = self._con.cursor()
+            try:
+                return cur.execute(query, params if params is not None else []).df()
+            finally:
+                cur.close()
 
     def table(
         self,
@@ -284,13 +322,16 @@ class RunStore:
     def read_json(self, name: str) -> Any:
         """Parse ``<name>.json`` (``name`` may include the suffix)."""
         filename = name if name.endswith(".json") else f"{name}.json"
-        return json.loads(self.path(filename).read_text())
+        with self._reading():
+            return json.loads(self.path(filename).read_text())
 
     def path(self, name: str) -> Path:
-        """Path of a file of this run version (e.g. ``projection_model.npz``); FileNotFoundError if absent."""
+        """Path of a file of this run version (e.g. ``projection_model.npz``); FileNotFoundError if absent
+        (:class:`~analysis.store.publish.VersionReclaimed` when the whole version was reclaimed)."""
         p = self.dir / _check_file_name(name)
-        if not p.is_file():
-            raise FileNotFoundError(f"run {self.run!r} has no file {name!r}")
+        with self._reading():
+            if not p.is_file():
+                raise FileNotFoundError(f"run {self.run!r} has no file {name!r}")
         return p
 
     # -- page queries
@@ -384,7 +425,8 @@ class RunStore:
                 return hit
             if name not in self.tables:
                 raise ValueError(f"unknown table {name!r} in run {self.run!r}; available: {', '.join(self.tables)}")
-            pf = pq.ParquetFile(self.dir / f"{name}.parquet")  # one footer parse serves the schema too
+            with self._reading():
+                pf = pq.ParquetFile(self.dir / f"{name}.parquet")  # one footer parse serves the schema too
             md = pf.metadata
             self._schemas.setdefault(name, pf.schema_arrow)
             col = {md.schema.column(j).path: j for j in range(md.num_columns)}
@@ -425,11 +467,13 @@ class RunStore:
         order = [c for c in ("layer", "call", "position") if c in known]
         need = list(dict.fromkeys([*cols, *[c for c in ("example_index", "layer") if c in known], *order]))
         groups = self._example_groups(name, example_index, layers)
-        pf = pq.ParquetFile(self.dir / f"{name}.parquet", metadata=md)  # own reader: thread-safe, no re-parse
-        try:
-            table = pf.read_row_groups(groups, columns=need) if groups else pf.schema_arrow.empty_table().select(need)
-        finally:
-            pf.close()
+        with self._reading():
+            pf = pq.ParquetFile(self.dir / f"{name}.parquet", metadata=md)  # own reader: thread-safe, no re-parse
+            try:
+                empty = pf.schema_arrow.empty_table().select(need)
+                table = pf.read_row_groups(groups, columns=need) if groups else empty
+            finally:
+                pf.close()
         mask = pc.equal(table["example_index"], pa.scalar(int(example_index), table.schema.field("example_index").type))
         if layers is not None:
             mask = pc.and_(mask, pc.is_in(table["layer"], value_set=pa.array(layers, table.schema.field("layer").type)))
@@ -457,15 +501,16 @@ class RunStore:
     def scan_stats(self, query: str, params: Sequence[Any] | None = None) -> dict[str, int]:
         """What a query reads (DuckDB's EXPLAIN ANALYZE profile): ``row_groups_scanned`` of
         ``row_groups_total``, ``rows_scanned`` and ``bytes_read``. For benchmarks and tests of the layout."""
-        self._ensure_views(self.tables)
-        with self._lock:
-            cur = self._con.cursor()
-        try:
-            cur.execute("SET enable_profiling = 'json'")
-            cur.execute("SET profiling_coverage = 'ALL'")
-            out = cur.execute("EXPLAIN ANALYZE " + query, list(params or [])).fetchall()
-        finally:
-            cur.close()
+        with self._reading():
+            self._ensure_views(self.tables)
+            with self._lock:
+                cur = self._con.cursor()
+            try:
+                cur.execute("SET enable_profiling = 'json'")
+                cur.execute("SET profiling_coverage = 'ALL'")
+                out = cur.execute("EXPLAIN ANALYZE " + query, list(params or [])).fetchall()
+            finally:
+                cur.close()
         prof = json.loads(out[0][1])
         q, io = prof.get("query", {}), prof.get("io", {})
         return {
