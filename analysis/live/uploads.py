@@ -21,6 +21,7 @@ __all__ = [
     "check_upload",
     "sniff_image_type",
     "MAX_UPLOAD_BYTES",
+    "MAX_UPLOAD_MB",
     "MAX_UPLOAD_PIXELS",
     "drawing_options",
     "draw_image",
@@ -28,7 +29,10 @@ __all__ = [
     "picture_keys",
 ]
 
-MAX_UPLOAD_BYTES = 5 * 1024 * 1024  # 5 MB
+# In Streamlit's unit (MiB): the widget's max_upload_size and .streamlit/config.toml's server.maxUploadSize
+# (the server's own cap, which the widget's cannot raise) are both this number.
+MAX_UPLOAD_MB = 5
+MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
 MAX_UPLOAD_PIXELS = MAX_IMAGE_PIXELS  # 25 megapixels: the one pixel cap, dataset pictures too
 
 
