@@ -461,14 +461,20 @@ def layer_verdict(r: Routing, thresholds: FindingThresholds = FINDING_THRESHOLDS
 def _validate_routing(r: Routing, kinds: Sequence[str], batch_size: int, thresholds: FindingThresholds) -> list[dict]:
     records = []
     base = layer_verdict(r, thresholds)
+    # A layer the detector already flags is no healthy host: its untouched row states that verdict and is
+    # not scored (it is the run's finding, not a false alarm); the injected rows are still scored.
+    healthy_host = base["verdict"] == "healthy"
+    untouched = _row(base)
+    if not healthy_host:
+        untouched["reason"] = f"not a healthy host (the run's own verdict): {untouched['reason']}"
     records.append(
         {
             "layer": r.layer,
             "pathology": "none",
-            "expected": "healthy",
-            **_row(base),
-            "detected": base["verdict"] != "healthy",
-            "passed": base["verdict"] == "healthy",
+            "expected": "healthy" if healthy_host else base["verdict"],
+            **untouched,
+            "detected": not healthy_host,
+            "passed": True if healthy_host else None,
         }
     )
     for kind in kinds:
@@ -522,8 +528,9 @@ def validate(
     """Inject each pathology into ``healthy`` and judge it; one row per (layer, pathology).
 
     Columns: layer, pathology ("none" = untouched), expected (the least verdict that catches it;
-    "healthy" for "none"), verdict, reason, detected (verdict is not healthy; None when not
-    applicable), passed (detected at the expected level, or healthy left healthy), caught_by (which
+    "healthy" for "none" on a healthy layer, else that layer's own verdict), verdict, reason, detected
+    (verdict is not healthy; None when not applicable), passed (detected at the expected level, or
+    healthy left healthy; None for a layer that is no healthy host, untouched), caught_by (which
     rules fired: routing.verdict, weight_collapse, position_dependence, batch_dependence),
     routing_verdict (routing's own label, before the newer rules).
     """

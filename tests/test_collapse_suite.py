@@ -304,3 +304,17 @@ def test_expected_levels_follow_routings_thresholds():
     h = healthy(3, 1)
     row = cs.validate(h, kinds=["two_expert"]).iloc[1]
     assert row["expected"] == "warning" and row["passed"]
+
+
+def test_a_layer_already_flagged_is_no_healthy_host():
+    """A host the detector flags untouched (a real run's warning layer): its 'none' row states that
+    verdict and is not scored, so it reads neither as a false alarm nor as a pass; injections still are."""
+    host = issue_layer()  # weight collapse under top-k: warning untouched
+    table = cs.validate(host)
+    untouched = table[table["pathology"] == "none"].iloc[0]
+    assert untouched["expected"] == "warning" and untouched["verdict"] == "warning"
+    assert pd.isna(untouched["passed"]) and untouched["reason"].startswith("not a healthy host")
+    injected = table[table["pathology"] != "none"]
+    assert injected["passed"].dropna().astype(bool).all()
+    fine = cs.validate(healthy())
+    assert fine[fine["pathology"] == "none"]["passed"].tolist() == [True]
