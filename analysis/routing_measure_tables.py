@@ -23,7 +23,8 @@ call) is never paired with this one: ``consistency_next`` is NaN where no positi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -57,6 +58,65 @@ COLUMNS = [
     "consistency_next",
     "consistency_positions",
 ]
+
+# What each measure means, in one sentence with its source: (label, meaning). The pages and the report
+# show these beside the numbers.
+MEASURES: dict[str, tuple[str, str]] = {
+    "local_entropy": (
+        "local entropy",
+        "mean over positions of H(p(x)) in nats: how undecided the router is for a single token (LIMoE).",
+    ),
+    "global_entropy": (
+        "global entropy",
+        "H(mean of p(x)) in nats: how evenly the positions use the experts together (LIMoE).",
+    ),
+    "expert_token_mi": (
+        "expert-token MI",
+        "global minus local entropy, the mutual information between token and expert: 0 when every token "
+        "routes alike, log E when each commits to one expert and the experts are used evenly (LIMoE).",
+    ),
+    "top_n_share": (
+        "top-k coverage",
+        "share of the top-k slots held by the k busiest experts, against the uniform k / E "
+        "(Megatron-LM's concentration measure).",
+    ),
+    "top_n_uniform": ("uniform k / E", "the top-k coverage of a perfectly balanced layer."),
+    "expert_diversity": (
+        "diversity (slots)",
+        "exp(H(slot load)) / E: 1 when the slots are spread evenly, 1 / E when one expert takes them all (NeMo).",
+    ),
+    "expert_diversity_by_weight": (
+        "diversity (weight)",
+        "the same on the share of combine weight: well below the slot diversity when top-k spreads the slots "
+        "but the weight sits on one or two experts.",
+    ),
+    "dead_expert_fraction": ("dead fraction", "share of the experts that get no slot at all (NeMo)."),
+    "consistency_next": (
+        "consistency with next layer",
+        "mean Jaccard index of a position's expert sets here and in the next routed layer, over the positions "
+        "both layers route (OLMoE); empty when they route different positions.",
+    ),
+    "router_saturation": (
+        "router saturation",
+        "share of a token's final top-k already chosen by the router at this snapshot, on the same positions "
+        "(OLMoE): 1 at the final model.",
+    ),
+    "router_saturation_top1": (
+        "top-1 saturation",
+        "share of positions whose final top-1 expert is already the top-1 at this snapshot.",
+    ),
+}
+TABLE_MEASURES = (
+    "local_entropy",
+    "global_entropy",
+    "expert_token_mi",
+    "top_n_share",
+    "top_n_uniform",
+    "expert_diversity",
+    "expert_diversity_by_weight",
+    "dead_expert_fraction",
+    "consistency_next",
+)
 
 
 # --------------------------------------------------------------------------------------------- one group
@@ -199,3 +259,52 @@ def saturation_by_layer(snapshot_routing: pd.DataFrame, final_routing: pd.DataFr
             "saturation_positions": int(len(final)),
         }
     return out
+
+
+# --------------------------------------------------------------------------------------------- display
+
+
+def format_load(load) -> str:
+    """A per-expert share vector as text: ``0.29 / 0.23 / 0.24 / 0.24`` ("" when absent)."""
+    if load is None or (isinstance(load, float) and math.isnan(load)):
+        return ""
+    return " / ".join(f"{float(v):.2f}" for v in np.asarray(load, dtype=float).ravel())
+
+
+def measures_display(frame: pd.DataFrame, measures: Sequence[str] = TABLE_MEASURES) -> pd.DataFrame:
+    """The ``routing_measures`` rows as a table to show: layer, group, positions, the ``measures`` under
+    their labels (:data:`MEASURES`), the next layer, and the loads by slots and by weight as text."""
+    cols = [m for m in measures if m in frame]
+    out = frame[["layer", "group", "positions", *cols]].rename(columns={m: MEASURES[m][0] for m in cols})
+    out["next layer"] = frame["next_layer"].to_numpy() if "next_layer" in frame else ""
+    out["load by slots"] = [format_load(v) for v in frame["load_slots"]] if "load_slots" in frame else ""
+    out["load by weight"] = [format_load(v) for v in frame["load_weight"]] if "load_weight" in frame else ""
+    return out.reset_index(drop=True)
+
+
+def measures_side_by_side(
+    frames: Mapping[str, pd.DataFrame | None], group: str = ALL, measures: Sequence[str] = TABLE_MEASURES
+) -> pd.DataFrame:
+    """One row per (layer, measure) with one column per run (its ``routing_measures`` value for ``group``;
+    NaN where the run has no such layer, group or table). Layers in the order the runs list them."""
+    long = []
+    for run, frame in frames.items():
+        if frame is None or frame.empty:
+            continue
+        part = frame[frame["group"] == group]
+        for m in measures:
+            if m in part:
+                long.append(pd.DataFrame({"layer": part["layer"], "measure": MEASURES[m][0], "run": run, "v": part[m]}))
+    runs = list(frames)
+    if not long:
+        return pd.DataFrame(columns=["layer", "measure", *runs])
+    stacked = pd.concat(long, ignore_index=True)
+    layers = list(dict.fromkeys(stacked["layer"]))
+    labels = [MEASURES[m][0] for m in measures]
+    wide = stacked.pivot_table(index=["layer", "measure"], columns="run", values="v", aggfunc="first", dropna=False)
+    wide = wide.reindex(columns=runs).reset_index()
+    wide["_l"] = wide["layer"].map({name: i for i, name in enumerate(layers)})
+    wide["_m"] = wide["measure"].map({name: i for i, name in enumerate(labels)})
+    wide = wide.sort_values(["_l", "_m"]).drop(columns=["_l", "_m"]).reset_index(drop=True)
+    wide.columns.name = None
+    return wide

@@ -1,4 +1,5 @@
-"""Compare two runs side by side: headline metrics, per-layer verdicts, expert loads, and the same
+"""Compare two runs side by side: headline metrics, per-layer verdicts, the routing measures of the
+literature per layer (``routing_measures``), expert loads by slots and by combine weight, and the same
 example routed by both (the routing explorer's figures for each run).
 
 Run A is the run picked in the sidebar; run B is picked here and kept in the URL as ``?compare=NAME``.
@@ -12,6 +13,7 @@ import streamlit as st
 
 from analysis import figures as F
 from analysis.report import format_metric, headline_tables
+from analysis.routing_measure_tables import ALL, MEASURES, TABLE_MEASURES, measures_side_by_side
 from pages import reads, state, widgets
 
 COMPARE_PARAM = "compare"
@@ -170,12 +172,39 @@ def same_example(a: str, b: str) -> None:
             state.example_link(run, idx, label=f"Open in the routing explorer ({run})")
 
 
+def measures_of_both(a: str, b: str) -> None:
+    frames = {run: reads.table(run, "routing_measures") for run in (a, b)}
+    for run, frame in frames.items():
+        if frame is None or frame.empty:
+            st.info(
+                f"Run `{run}` has no routing_measures table (built before they existed): {state.rebuild_hint(run)}."
+            )
+    present = [f for f in frames.values() if f is not None and not f.empty]
+    if not present:
+        return
+    groups = list(dict.fromkeys([ALL, *sorted({g for f in present for g in f["group"] if g != ALL})]))
+    group = st.selectbox(
+        "Positions",
+        groups,
+        key="compare_measures_group",
+        format_func=lambda g: "all routed positions" if g == ALL else f"routed modality {g}",
+    )
+    table = measures_side_by_side(frames, group)
+    st.dataframe(table.round(3), hide_index=True)
+    with st.expander("What the measures mean"):
+        st.markdown("\n".join(f"- **{MEASURES[m][0]}**: {MEASURES[m][1]}" for m in TABLE_MEASURES))
+
+
+LOAD_VIEWS = {"slot_fraction": "share of top-k slots", "weight_fraction": "share of combine weight"}
+
+
 def loads_side_by_side(a: str, b: str) -> None:
+    value = st.radio("Load by", list(LOAD_VIEWS), horizontal=True, key="compare_load_value", format_func=LOAD_VIEWS.get)
     left, right = st.columns(2)
     for column, name in ((left, a), (right, b)):
         with column:
             st.plotly_chart(
-                F.load_heatmap(reads.layer_loads(name), title=f"{name}: share of top-k slots"),
+                F.load_heatmap(reads.layer_loads(name), value, title=f"{name}: {LOAD_VIEWS[value]}"),
                 key=f"compare_loads_{name}",
             )
 
@@ -195,6 +224,9 @@ def render() -> None:
     metrics_side_by_side(run, other)
     st.subheader("Per-layer verdicts")
     verdicts_side_by_side(run, other)
+
+    st.subheader("Routing measures")
+    measures_of_both(run, other)
 
     st.subheader("Expert loads")
     loads_side_by_side(run, other)

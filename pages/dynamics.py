@@ -3,7 +3,8 @@
 Effective experts, token entropy, max-load ratio and balance loss per layer against the step, with the
 step the entropy-triggered two-stage schedule switched marked (manifest ``trigger_step``), and the steps where
 the training schedule changes phase as the model declares them (``spec.training_phases``); the per-expert
-load of one layer over training; the verdict at every snapshot; and the training log when the run carries
+load of one layer over training; router saturation (share of a position's final top-k already chosen at
+each snapshot, OLMoE) per layer; the verdict at every snapshot; and the training log when the run carries
 one (``train_log`` table). Layout only: the precompute measured everything (``dynamics`` table).
 """
 
@@ -13,6 +14,7 @@ import streamlit as st
 
 from analysis import figures as F
 from analysis.report import training_phases, trigger_step
+from analysis.routing_measure_tables import MEASURES
 from pages import reads, state
 
 LOG_GROUPS = {
@@ -61,6 +63,7 @@ def snapshots(run: str, trigger: int | None, phases: list[tuple[int, str]]) -> N
             F.dynamics_lines(dyn, trigger, title="Routing indicators per layer over training snapshots", phases=phases),
             key="dynamics_lines",
         )
+        saturation(run, dyn, trigger, phases)
         layers = list(dict.fromkeys(dyn["layer"]))
         layer = st.radio("Layer for the per-expert load", layers, horizontal=True, key="dyn_layer")
         st.plotly_chart(F.dynamics_load_area(dyn, layer, trigger, phases), key="dynamics_load")
@@ -77,6 +80,24 @@ def snapshots(run: str, trigger: int | None, phases: list[tuple[int, str]]) -> N
                 hide_index=True,
                 column_config={"reason": st.column_config.TextColumn(width="large")},
             )
+
+
+def saturation(run: str, dyn, trigger: int | None, phases: list[tuple[int, str]]) -> None:
+    """Router saturation per snapshot, one line per layer (columns of the ``dynamics`` table)."""
+    st.markdown("**Router saturation**")
+    if "router_saturation" not in dyn or dyn["router_saturation"].isna().all():
+        st.info(
+            "This run's dynamics table has no router saturation (built before it was measured): "
+            f"{state.rebuild_hint(run)}."
+        )
+        return
+    names = ("router_saturation", "router_saturation_top1")
+    indicators = {m: f"{MEASURES[m][0]} (vs the final model)" for m in names if m in dyn}
+    st.plotly_chart(
+        F.dynamics_lines(dyn, trigger, indicators, title="Router saturation per layer over training", phases=phases),
+        key="dynamics_saturation",
+    )
+    st.caption(" ".join(f"{MEASURES[m][0].capitalize()}: {MEASURES[m][1]}" for m in indicators))
 
 
 def training_log(run: str, trigger: int | None, phases: list[tuple[int, str]]) -> None:

@@ -1,9 +1,11 @@
 """Utilization and collapse: how the work is spread over the experts of every routed layer.
 
 Per-layer load bars (share of the top-k slots and of the combine weight), a layers x experts heatmap,
-router token-entropy histograms, co-selection, specialisation against labels (mutual information vs
-shuffled labels), metrics per slice, and the verdict reasons with their numbers. Layout only: every
-number is precomputed in the run's tables and read through pages.reads.
+the routing measures of the literature for one layer, per modality (``routing_measures`` table: LIMoE's
+entropies and MI, top-k coverage, diversity and dead fraction, consistency with the next layer, loads by
+slots and by weight), router token-entropy histograms, co-selection, specialisation against labels
+(mutual information vs shuffled labels), metrics per slice, and the verdict reasons with their numbers.
+Layout only: every number is precomputed in the run's tables and read through pages.reads.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import streamlit as st
 
 from analysis import figures as F
 from analysis.report import verdict_frame
+from analysis.routing_measure_tables import MEASURES, TABLE_MEASURES, measures_display
 from pages import reads, state, widgets
 
 SLICE_COLUMNS = [
@@ -82,6 +85,30 @@ def loads_section(run: str):
                 wide.columns = [f"expert {int(c)}" for c in wide.columns]
                 st.dataframe(wide.reset_index(), hide_index=True)
     return loads
+
+
+def measures_section(run: str) -> None:
+    st.subheader("Routing measures")
+    measures = reads.table(run, "routing_measures")
+    if measures is None or measures.empty:
+        st.info(
+            f"This run has no routing_measures table (it was built before they existed): {state.rebuild_hint(run)}."
+        )
+        return
+    layers = list(dict.fromkeys(measures["layer"]))
+    layer = st.selectbox("Layer", layers, key="util_measures_layer")
+    part = measures[measures["layer"] == layer]
+    first = part.iloc[0]
+    st.caption(
+        f"`{layer}`: top-{int(first['top_k'])} of {int(first['num_experts'])} experts. One row for all its routed "
+        "positions, then one per modality of the routed input; entropies in nats."
+    )
+    st.dataframe(measures_display(part).drop(columns=["layer"]).round(3), hide_index=True)
+    st.markdown(
+        "\n".join(f"- **{MEASURES[m][0]}**: {MEASURES[m][1]}" for m in TABLE_MEASURES)
+        + "\n- **load by slots / load by weight**: each expert's share of the top-k slots, and of the combine "
+        "weight the layer really applied (expert 0 first)."
+    )
 
 
 def entropy_section(run: str, loads) -> None:
@@ -176,6 +203,7 @@ def render() -> None:
     )
     verdicts(run)
     loads = loads_section(run)
+    measures_section(run)
     entropy_section(run, loads)
     coselection_section(run)
     specialisation_section(run)

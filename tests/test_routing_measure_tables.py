@@ -4,6 +4,7 @@ precompute's dynamics step); and precompute writing the table (the fake adapter 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -20,6 +21,19 @@ from analysis import routing_measures as M
 from mmoe_core.adapter import RunOutput
 from mmoe_core.checkpoint import save_snapshot
 from mmoe_core.routing_record import PositionMeta, RouterOutput, RoutingRecorder
+from tests.test_pages_apptest import (  # the page tests' fixtures and helpers
+    _array,
+    _clear_caches,
+    _copy_run,
+    _need,
+    _store,
+    frames,
+    markdown_text,
+    no_exceptions,
+    render,
+    root,  # noqa: F401
+    runs_root,  # noqa: F401
+)
 
 LOG2 = math.log(2)
 
@@ -298,3 +312,140 @@ def test_precompute_writes_the_routing_measures_table(tmp_path):
         np.testing.assert_allclose(stored[column].astype(float), again[column].astype(float), err_msg=column)
     np.testing.assert_allclose(np.stack(stored["load_slots"]), np.stack(again["load_slots"]))
     assert stored["top_n"].iloc[0] == 2 and stored["positions"].iloc[0] == len(store.table("routing"))
+
+
+# --------------------------------------------------------------------------------------------- display
+
+
+def test_display_names_the_measures_and_writes_the_loads():
+    probs = one_hot([0, 0, 1, 1], 2)
+    frame = T.routing_measures_frame(rows("l", probs, [[0], [0], [1], [1]], modality=["a", "a", "b", "b"]))
+    shown = T.measures_display(frame)
+    assert list(shown["group"]) == ["all", "a", "b"]
+    assert {"expert-token MI", "top-k coverage", "diversity (weight)", "load by slots", "load by weight"} <= set(shown)
+    assert list(shown["load by slots"]) == ["0.50 / 0.50", "1.00 / 0.00", "0.00 / 1.00"]
+    assert T.format_load(None) == "" and T.format_load(np.array([0.25, 0.75])) == "0.25 / 0.75"
+    assert all(m in T.MEASURES and T.MEASURES[m][1].endswith(".") for m in T.TABLE_MEASURES)
+
+
+def test_side_by_side_puts_each_run_in_a_column_and_keeps_missing_ones_empty():
+    probs = np.full((4, 2), 0.5)
+    balanced = T.routing_measures_frame(rows("l", probs, [[0], [1], [0], [1]]))
+    collapsed = T.routing_measures_frame(
+        pd.concat([rows("l", probs, [[0]] * 4), rows("m", probs, [[1]] * 4)], ignore_index=True), ["l", "m"]
+    )
+    table = T.measures_side_by_side({"A": balanced, "B": collapsed, "old": None})
+    assert list(table.columns) == ["layer", "measure", "A", "B", "old"]
+    assert list(dict.fromkeys(table["layer"])) == ["l", "m"]
+    dead = table[(table["layer"] == "l") & (table["measure"] == "dead fraction")].iloc[0]
+    assert dead["A"] == pytest.approx(0.0) and dead["B"] == pytest.approx(0.5) and math.isnan(dead["old"])
+    only_b = table[(table["layer"] == "m") & (table["measure"] == "diversity (slots)")].iloc[0]
+    assert math.isnan(only_b["A"]) and only_b["B"] == pytest.approx(0.5)
+    assert list(table.loc[table["layer"] == "l", "measure"]) == [T.MEASURES[m][0] for m in T.TABLE_MEASURES]
+    text_only = T.measures_side_by_side({"A": balanced}, group="text")
+    assert len(text_only) == len(T.TABLE_MEASURES) and (text_only["layer"] == "l").all()
+
+
+# --------------------------------------------------------------------------------------------- pages (e2e)
+
+
+def _chart(at, title: str) -> dict:
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    found = [c for c in charts if c["layout"].get("title", {}).get("text") == title]
+    assert found, [c["layout"].get("title", {}).get("text") for c in charts]
+    return found[0]
+
+
+@pytest.mark.parametrize("run", ["mmoe-reference-gate", "moemoe-qa"])
+def test_utilization_page_shows_the_measures_of_the_first_layer_per_modality(root, run):  # noqa: F811
+    _need(root, run)
+    at = render("utilization", run)
+    no_exceptions(at)
+    stored = _store(root, run).table("routing_measures")
+    first = stored[stored["layer"] == stored["layer"].iloc[0]]
+    shown = next(t for t in frames(at) if "top-k coverage" in t.columns)
+    assert list(shown["group"]) == list(first["group"])
+    np.testing.assert_allclose(shown["expert-token MI"], first["expert_token_mi"].round(3))
+    np.testing.assert_allclose(shown["diversity (slots)"], first["expert_diversity"].round(3))
+    assert list(shown["load by weight"]) == [T.format_load(v) for v in first["load_weight"]]
+    assert list(shown["load by slots"]) == [T.format_load(v) for v in first["load_slots"]]
+    text = markdown_text(at)
+    assert all(source in text for source in ("LIMoE", "Megatron", "NeMo")), text[-2000:]
+    assert "load by slots / load by weight" in text
+
+
+def test_reference_gate_weight_load_shows_the_expert_it_never_weights(root):  # noqa: F811
+    _need(root, "mmoe-reference-gate")
+    stored = _store(root, "mmoe-reference-gate").table("routing_measures")
+    # the published SwitchGate never weights experts with id >= k (top-3 of 4): expert 3 gets slots, no weight
+    assert (np.stack(stored["load_weight"])[:, 3] == 0).all() and (np.stack(stored["load_slots"])[:, 3] > 0).all()
+    assert (stored["expert_diversity_by_weight"] < stored["expert_diversity"]).all()
+
+
+def test_dynamics_page_draws_router_saturation_per_layer(root):  # noqa: F811
+    _need(root, "mmoe-balanced")
+    at = render("dynamics", "mmoe-balanced")
+    no_exceptions(at)
+    dyn = _store(root, "mmoe-balanced").table("dynamics")
+    chart = _chart(at, "Router saturation per layer over training")
+    lines = [t for t in chart["data"] if t.get("xaxis", "x") == "x" and t.get("name") in set(dyn["layer"])]
+    assert {t["name"] for t in lines} == set(dyn["layer"])
+    for trace in lines:
+        part = dyn[dyn["layer"] == trace["name"]].sort_values("step")
+        np.testing.assert_allclose(_array(trace["y"]), part["router_saturation"], rtol=1e-6)
+        assert _array(trace["y"])[-1] == pytest.approx(1.0)  # the last snapshot is the final model here
+    assert "OLMoE" in markdown_text(at)
+
+
+def test_compare_page_puts_the_measures_of_both_runs_side_by_side(root):  # noqa: F811
+    a, b = "mmoe-balanced", "mmoe-collapsing"
+    _need(root, a, b)
+    at = render("compare", a, compare=b)
+    no_exceptions(at)
+    table = next(t for t in frames(at) if {"layer", "measure", a, b} <= set(t.columns))
+    dead = table[(table["layer"] == "text_intra") & (table["measure"] == "dead fraction")].iloc[0]
+    stored = {run: _store(root, run).table("routing_measures") for run in (a, b)}
+    for run in (a, b):
+        want = stored[run].query("layer == 'text_intra' and group == 'all'")["dead_expert_fraction"].iloc[0]
+        assert dead[run] == pytest.approx(round(want, 3))
+    assert set(table["measure"]) == {T.MEASURES[m][0] for m in T.TABLE_MEASURES}
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+    assert f"{a}: share of top-k slots" in titles
+
+
+def _as_older_run(run_dir: Path) -> None:
+    """Make a copied run look published before the routing measures: no routing_measures table, no
+    saturation columns in dynamics (manifest updated to match, so the run is not partial)."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    (run_dir / "routing_measures.parquet").unlink()
+    manifest["files"].pop("routing_measures.parquet")
+    dyn_path = run_dir / "dynamics.parquet"
+    if dyn_path.is_file():
+        table = pq.read_table(dyn_path)
+        table = table.drop([c for c in table.column_names if "saturation" in c])
+        pq.write_table(table, dyn_path)
+        data = dyn_path.read_bytes()
+        manifest["files"]["dynamics.parquet"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_an_older_run_without_the_measures_still_renders_with_the_rebuild_command(root, tmp_path, monkeypatch):  # noqa: F811
+    a, b = "mmoe-balanced", "mmoe-collapsing"
+    _need(root, a, b)
+    _as_older_run(_copy_run(root, tmp_path, a))
+    _copy_run(root, tmp_path, b)
+    monkeypatch.setenv("MOESCOPE_ARTIFACTS", str(tmp_path))
+    _clear_caches()
+    hint = f"python -m analysis.precompute --run {a}"
+    for page, params in (("utilization", {}), ("dynamics", {}), ("compare", {"compare": b})):
+        at = render(page, a, **params)
+        no_exceptions(at)
+        assert not any("partial" in str(w.value).lower() for w in at.warning), page
+        infos = " ".join(str(i.value) for i in at.info)
+        assert hint in infos and ("routing_measures" in infos or "saturation" in infos), (page, infos)
+    table = next(t for t in frames(at) if {"layer", "measure", a, b} <= set(t.columns))  # B's column still shown
+    assert table[a].isna().all() and table[b].notna().any()
