@@ -703,3 +703,19 @@ def test_code_version_never_fails(monkeypatch):
         assert code_version() == v.split("+")[0]
     finally:
         code_version.cache_clear()
+
+
+def test_stores_left_open_are_closed_at_exit(tmp_path):
+    """A store a cache keeps until the process ends (Streamlit's resource cache does) is closed and its
+    DuckDB connection dropped by the exit hook: a DuckDB object alive at interpreter exit made the binding
+    library print 'nanobind: leaked ...' after pytest's summary line."""
+    from analysis.store import reader
+
+    publish(tmp_path)
+    store = reader.RunStore("demo", tmp_path)
+    assert len(store.table("examples")) == 3 and store in reader._OPEN_STORES
+    reader.close_open_stores()
+    assert store._con is None and store not in reader._OPEN_STORES
+    with pytest.raises(RuntimeError, match="closed"):
+        store.table("examples")
+    store.close()  # closing twice is harmless

@@ -13,6 +13,7 @@ the new version.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -70,6 +71,18 @@ def _open_version(link: Path, run: str) -> tuple[str | None, Path, int | None]:
     raise FileNotFoundError(f"run {run!r} points to a missing directory {version}")
 
 
+# Every RunStore not yet closed (weakly: a store nobody holds is collected as usual). Streamlit's resource
+# cache keeps stores until the process ends, so they are closed at exit, before the interpreter tears
+# its modules down.
+_OPEN_STORES: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def close_open_stores() -> None:
+    for store in list(_OPEN_STORES):
+        store.close()
+
+
 class RunStore:
     """Read API over one published run (DuckDB over its Parquet files).
 
@@ -97,6 +110,7 @@ class RunStore:
         self._cache: dict[tuple, Any] = {}
         self.tables: list[str] = sorted(p.stem for p in self.dir.glob("*.parquet") if _TABLE_RE.match(p.stem))
         self._con = duckdb.connect(":memory:")
+        _OPEN_STORES.add(self)
         # GLOBAL: queries run on cursors (own sessions); a session-local SET would not reach them, and
         # without the cache every query re-parses routing.parquet's footer (~10x slower per example).
         self._con.execute("SET GLOBAL parquet_metadata_cache = true")
@@ -130,19 +144,30 @@ class RunStore:
                 raise self._reclaimed_error() from exc
             raise
 
+    def _open_connection(self) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            raise RuntimeError(f"{self!r} is closed")
+        return self._con
+
     def _ensure_views(self, names: Iterable[str]) -> None:
         with self._lock:
             for t in names:
                 if t in self._views:
                     continue
                 path = str(self.dir / f"{t}.parquet")
-                self._con.execute(f"CREATE VIEW {_qi(t)} AS SELECT * FROM read_parquet({_sql_str(path)})")
+                self._open_connection().execute(f"CREATE VIEW {_qi(t)} AS SELECT * FROM read_parquet({_sql_str(path)})")
                 self._views.add(t)
 
     # -- housekeeping
     def close(self) -> None:
         with self._lock:
-            self._con.close()
+            if self._con is not None:
+                self._con.close()
+                # dropped, not only closed: a DuckDB object alive at interpreter exit makes the binding
+                # library print "nanobind: leaked ..." after the program's own last line
+                self._con = None
+            self._views.clear()
+        _OPEN_STORES.discard(self)
         self._release()
 
     def __enter__(self):
@@ -266,7 +291,7 @@ class RunStore:
         with self._reading():
             self._ensure_views(tables)
             with self._lock:
-                cur = self._con.cursor()
+                cur = self._open_connection().cursor()
             try:
                 if arrow:
                     return cur.sql(sql, params=list(params or [])).to_arrow_table().to_pandas()
@@ -280,7 +305,7 @@ class RunStore:
         with self._reading():
             self._ensure_views(self.tables)
             with self._lock:
-                cur = self._con.cursor()
+                cur = self._open_connection().cursor()
             try:
                 return cur.execute(query, params if params is not None else []).df()
             finally:
@@ -504,7 +529,7 @@ class RunStore:
         with self._reading():
             self._ensure_views(self.tables)
             with self._lock:
-                cur = self._con.cursor()
+                cur = self._open_connection().cursor()
             try:
                 cur.execute("SET enable_profiling = 'json'")
                 cur.execute("SET profiling_coverage = 'ALL'")
