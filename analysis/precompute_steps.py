@@ -125,10 +125,8 @@ def batch_dependence_by_layer(adapter: ModelAdapter, examples: Sequence[dict], b
     """Mean |change| of combine weights when each example runs alone vs in its batch (per layer)."""
     if not examples:
         return {}
-    in_batch = routing_frame(adapter.run(list(examples), record=True, batch_size=batch_size).recorder)
-    alone = pd.concat(
-        [routing_frame(adapter.run([ex], record=True, batch_size=1).recorder) for ex in examples], ignore_index=True
-    )
+    in_batch = routing_frame(adapter.route(list(examples), batch_size=batch_size))
+    alone = pd.concat([routing_frame(adapter.route([ex], batch_size=1)) for ex in examples], ignore_index=True)
     return batch_dependence_of(in_batch, alone)
 
 
@@ -151,12 +149,12 @@ def dynamics_frame(
     if not steps or not examples:
         return pd.DataFrame()
     final_state = {k: v.clone() for k, v in adapter.model.state_dict().items()}
-    final_routing = routing_frame(adapter.run(list(examples), record=True, batch_size=batch_size).recorder)
+    final_routing = routing_frame(adapter.route(list(examples), batch_size=batch_size))
     rows = []
     try:
         for step in tqdm(steps, desc="dynamics", disable=not progress, file=sys.stderr):
             adapter.model.load_state_dict(load_state(ckpt, snapshot=step))
-            routing = routing_frame(adapter.run(list(examples), record=True, batch_size=batch_size).recorder)
+            routing = routing_frame(adapter.route(list(examples), batch_size=batch_size))
             saturation = saturation_by_layer(routing, final_routing)
             for layer in sorted(routing["layer"].unique()):
                 summary = summarise(routing[routing["layer"] == layer])

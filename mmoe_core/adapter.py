@@ -135,6 +135,13 @@ class ModelAdapter(ABC):
         """Forward the examples (in batches), returning predictions and, if asked, routing records.
         PositionMeta.example_ids must be the examples' ``index`` values."""
 
+    def route(self, examples: Sequence[dict], batch_size: int = 32) -> RoutingRecorder:
+        """The routing of the examples' own positions (subject "example") when only the routing is wanted
+        (training dynamics, batch dependence): by default :meth:`run`'s recorder. A family whose
+        predictions cost far more than its routing (MMoE scores every mention against the whole knowledge
+        base) overrides it to skip them; it must record the same example calls ``run`` records."""
+        return self.run(examples, record=True, batch_size=batch_size).recorder
+
     @abstractmethod
     def summarize(self, predictions: Sequence[dict], examples: Sequence[dict]) -> dict:
         """Headline metrics of a run: {"overall": {...}, "by_<label>": {value: {...}}} (MMoE: MRR, MR,

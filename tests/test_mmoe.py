@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -278,6 +279,20 @@ def test_run_ranks_over_the_whole_kb(adapter, examples):
     summary = adapter.summarize(out.predictions, examples)
     assert {"MRR", "MR", "Hits@1", "Hits@3", "Hits@5", "Hits@10", "Hits@20"} <= set(summary["overall"])
     assert set(summary["by_decisive"]) <= {"text", "image", "both"}
+
+
+def test_route_records_what_run_records_on_the_examples(adapter, examples):
+    """route() (dynamics, batch dependence) skips the knowledge-base matching, not the routing: the
+    examples' routing table equals run()'s, cell for cell; with a knockout too."""
+    from analysis.routing_table import routing_frame
+
+    def same(a, b):
+        pd.testing.assert_frame_equal(routing_frame(a), routing_frame(b))
+
+    same(adapter.run(examples, record=True, batch_size=5).recorder, adapter.route(examples, batch_size=5))
+    with adapter.knockout("text_intra", 0):
+        same(adapter.run(examples, record=True, batch_size=5).recorder, adapter.route(examples, batch_size=5))
+    assert all(c.meta.subject == "example" for c in adapter.route(examples[:2]).calls)
 
 
 def test_knockout_changes_routing(adapter, examples):

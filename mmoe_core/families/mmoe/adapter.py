@@ -283,6 +283,18 @@ class MMoEAdapter(ModelAdapter):
         representations = torch.cat(reps) if reps else None
         return RunOutput(predictions, recorder, {"modalities": list(self.modalities)}, representations)
 
+    def route(self, examples: Sequence[dict], batch_size: int = 32) -> RoutingRecorder:
+        """The mentions' routing alone: the mention side is encoded as :meth:`run` does, without matching
+        it against the knowledge base (most of a run's time) and without the KB side's own calls."""
+        recorder = RoutingRecorder()
+        texts = self.example_texts(examples)
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                batch = examples[start : start + batch_size]
+                ids, pixels = self._inputs(batch, texts[start : start + batch_size])
+                self.model.encode_mentions(ids, pixels, [ex["index"] for ex in batch], recorder)
+        return recorder
+
     def _predictions(self, batch: Sequence[dict], scores: UnitScores, kb: KBInputs) -> list[dict]:
         overall = scores.overall.float()
         top_ids, top_scores = top_k(overall, min(5, overall.shape[1]))
