@@ -143,3 +143,38 @@ def test_training_rows_start_with_the_inference_prompt(tmp_path, pack):
     batch = qa_batch([row, qa_row(processor, group, order, short)], tok.pad_token_id, prompt_labels=True)
     assert batch["pixel_values"].shape[0] == 2 * int(batch["image_grid_thw"][0].prod())
     assert ((batch["labels"] != -100) & (batch["prompt_labels"] != -100)).sum() == 0
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_curriculum_rows_spliced_equal_the_processors(tmp_path, pack):
+    """The curriculum's shortened contexts are spliced into the cached rows (no processor call per step):
+    every spliced row equals the processor's own row for that text, token for token, pixels included."""
+    import numpy as np
+    import torch
+
+    from mmoe_core.data.generate import generate_qa_world
+    from mmoe_core.families.hf_moe import encoding as enc
+    from mmoe_core.families.hf_moe.build import build_vl_processor, build_word_tokenizer
+    from mmoe_core.families.hf_moe.trainer import _qa_texts, qa_groups, qa_row, short_context, with_context
+
+    root = generate_qa_world(tmp_path / "qa", seed=0, scale="tiny", progress=False)
+    examples, _ = load_examples(root, "train")
+    tok = build_word_tokenizer(_qa_texts(examples), vision=True)
+    processor = build_vl_processor(tok)
+    order = enc.QUESTION_LAST if pack else enc.QUESTION_FIRST
+    rng = np.random.default_rng(0)
+    groups = qa_groups(examples, pack, rng)[:12]
+    checked = 0
+    for g in groups:
+        group = [examples[i] for i in g]
+        row = qa_row(processor, group, order)
+        for share in (0.0, 0.5, 1.0):
+            text = short_context(group[0]["text"], [e["answer"] for e in group], share, rng)
+            spliced = with_context(row, tok, group[0]["text"], text)
+            assert spliced is not None
+            expected = qa_row(processor, group, order, text)
+            assert {k: spliced[k] for k in ("ids", "label", "mm")} == {k: expected[k] for k in ("ids", "label", "mm")}
+            assert torch.equal(spliced["pixels"], expected["pixels"]) if expected["pixels"] is not None else True
+            checked += 1
+    assert checked == 3 * len(groups)
+    assert with_context(row, tok, "words that are not in the row at all", "x") is None

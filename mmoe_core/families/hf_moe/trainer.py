@@ -289,6 +289,37 @@ def qa_row(processor, group: list[dict], order: str, text: str | None = None) ->
     }
 
 
+def _find(seq: list[int], part: list[int]) -> int:
+    """Index of the first occurrence of ``part`` in ``seq`` (-1 if none)."""
+    n = len(part)
+    if not n:
+        return -1
+    first = part[0]
+    for i in range(len(seq) - n + 1):
+        if seq[i] == first and seq[i : i + n] == part:
+            return i
+    return -1
+
+
+def with_context(row: dict, tokenizer, full_text: str, text: str) -> dict | None:
+    """``row`` (from :func:`qa_row`) with its context ``full_text`` replaced by ``text``, by splicing the
+    tokens: the processor (chat template, picture preprocessing, placeholder expansion) is not run again
+    for the curriculum's shortened contexts, whose picture and question stay the same. None when the
+    context's tokens are not found as one run in the row (then the caller runs the processor)."""
+    full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    short = tokenizer(text, add_special_tokens=False)["input_ids"]
+    at = _find(row["ids"], full)
+    if at < 0 or any(row["label"][at : at + len(full)]) or any(row["mm"][at : at + len(full)]):
+        return None
+    cut = slice(at, at + len(full))
+
+    def splice(values: list[int], fill: int) -> list[int]:
+        return values[: cut.start] + [fill] * len(short) + values[cut.stop :]
+
+    ids = row["ids"][: cut.start] + short + row["ids"][cut.stop :]
+    return {**row, "ids": ids, "label": splice(row["label"], 0), "mm": splice(row["mm"], 0)}
+
+
 def qa_groups(examples: list[dict], pack: bool, rng: np.random.Generator) -> list[list[int]]:
     """Questions grouped by product (same picture and text) when packing, else one question a group."""
     if not pack:
@@ -360,7 +391,8 @@ def train_vl_qa(data_dir: Path, ckpt_dir: Path, recipe: Recipe, progress: bool =
                         text = short_context(
                             group[0].get("text") or "", [e.get("answer") or "" for e in group], share, rng
                         )
-                        chosen.append(qa_row(processor, group, order, text))
+                        spliced = with_context(rows[g], tokenizer, group[0].get("text") or "", text)
+                        chosen.append(spliced or qa_row(processor, group, order, text))
                 else:
                     chosen = [rows[g] for g in picked]
                 step += 1
