@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from mmoe_core import registry
+from mmoe_core.allocator import keep_freed_memory
 from mmoe_core.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from mmoe_core.errors import ConfigError, cli_entry
 from mmoe_core.factory import SCALES
@@ -130,6 +131,7 @@ def build_run(
     """Train one run unless up to date, then precompute it; ``threads`` > 0 caps torch's threads.
 
     Takes the run's name (not the DemoRun) so that a spawned worker looks it up in its own registry."""
+    keep_freed_memory()  # large tensors freed and allocated again: no page faults each time
     if threads:
         import torch
 

@@ -59,6 +59,7 @@ from analysis.store.layout import _RUN_RE as RUN_NAME
 from analysis.store.publish import precompute_lock
 from analysis.store.status import check_inputs_unchanged
 from mmoe_core.adapter import load_adapter
+from mmoe_core.allocator import keep_freed_memory
 from mmoe_core.checkpoint import CheckpointError, load_config, load_train_log
 from mmoe_core.data.readers import DatasetError
 from mmoe_core.errors import cli_entry
@@ -135,6 +136,7 @@ def precompute(
 
     The inputs' hashes are taken first and compared again just before publishing (a change meanwhile
     refuses the run); a second precompute of the same run refuses, or with ``wait`` waits its turn."""
+    keep_freed_memory()  # large tensors freed and allocated again: no page faults each time
     root = Path(root) if root else artifacts_root()
     params = {**DEFAULT_PARAMS, **{k: v for k, v in overrides.items() if v is not None}}
     ckpt, data_dir = resolve_inputs(run, checkpoint, data, root)

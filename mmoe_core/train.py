@@ -16,6 +16,7 @@ import json
 import sys
 
 from mmoe_core import factory
+from mmoe_core.allocator import keep_freed_memory
 from mmoe_core.checkpoint import check_replaceable
 from mmoe_core.errors import ConfigError, UserError, cli_entry
 from mmoe_core.training import TrainOptions, check_options, get_trainer, train, trainer_families
@@ -143,6 +144,7 @@ def build_trainer(family: str, options: TrainOptions):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     if args.list_model_configs:
         for name in factory.list_model_configs(args.family):
             print(f"{name}  ({factory.get_model_config(name)['family']})")

@@ -295,6 +295,22 @@ def test_route_records_what_run_records_on_the_examples(adapter, examples):
     assert all(c.meta.subject == "example" for c in adapter.route(examples[:2]).calls)
 
 
+def test_kb_encodings_per_knockout_are_bounded(adapter, examples):
+    """A run-wide knockout visits every (layer, expert): the adapter keeps the trained model's whole-KB
+    encoding and the latest few, not one per knockout state."""
+    from mmoe_core.families.mmoe.adapter import KB_CACHE_ENTRIES
+
+    trained = adapter.knockout_state()
+    adapter.entity_features()
+    for layer in ("text_intra", "image_intra"):
+        for expert in range(adapter.model.cfg.num_experts):
+            with adapter.knockout(layer, expert):
+                adapter.entity_features()
+                adapter.entity_routing_calls()
+    assert len(adapter._entity_cache) <= KB_CACHE_ENTRIES and len(adapter._entity_calls) <= KB_CACHE_ENTRIES
+    assert trained in adapter._entity_cache
+
+
 def test_knockout_changes_routing(adapter, examples):
     def chosen(out):
         return torch.cat(

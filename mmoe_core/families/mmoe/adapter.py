@@ -38,6 +38,16 @@ from mmoe_core.spec import (
     RoutedLayerSpec,
 )
 
+KB_CACHE_ENTRIES = 3  # whole-KB encodings kept per adapter: the first (trained) state and the latest two
+
+
+def _remember(cache: dict, key, value) -> None:
+    """Insert ``key``; beyond :data:`KB_CACHE_ENTRIES` drop the oldest entry after the first one (the first
+    is the trained model's, the one every page and the base run ask for)."""
+    cache[key] = value
+    while len(cache) > KB_CACHE_ENTRIES:
+        del cache[list(cache)[1]]
+
 
 class MMoEAdapter(ModelAdapter):
     """MMoE for the dashboard: ranks each mention against the whole KB.
@@ -54,6 +64,8 @@ class MMoEAdapter(ModelAdapter):
         self.modalities: tuple[str, ...] = MODALITIES
         self.dataset = None
         self._kb: KBInputs | None = None
+        # per knockout state, bounded: a run-wide knockout visits every (layer, expert) once, so only the
+        # trained model's entry and the latest few are worth a whole-KB copy each
         self._entity_cache: dict[tuple, EntityFeatures] = {}
         self._entity_calls: dict[tuple, list] = {}
         self.dme_chooser = None  # optional chooser(mention_text, candidate_descs) -> index (e.g. an LLM)
@@ -216,9 +228,10 @@ class MMoEAdapter(ModelAdapter):
         if key not in self._entity_cache:
             kb = self.kb()
             with torch.no_grad():
-                self._entity_cache[key] = self.model.encode_entities(
+                features = self.model.encode_entities(
                     kb.ids.to(self.device), kb.first_pixels.to(self.device), recorder=None
                 )
+            _remember(self._entity_cache, key, features)
         return self._entity_cache[key]
 
     def entity_routing_calls(self) -> list:
@@ -234,8 +247,9 @@ class MMoEAdapter(ModelAdapter):
                 features = self.model.encode_entities(
                     kb.ids.to(self.device), kb.first_pixels.to(self.device), recorder=recorder
                 )
-            self._entity_cache.setdefault(key, features)
-            self._entity_calls[key] = list(recorder.calls)
+            if key not in self._entity_cache:
+                _remember(self._entity_cache, key, features)
+            _remember(self._entity_calls, key, list(recorder.calls))
         return self._entity_calls[key]
 
     def example_texts(self, examples: Sequence[dict]) -> list[str]:
