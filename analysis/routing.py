@@ -32,8 +32,9 @@ import math
 import numpy as np
 from scipy.special import logsumexp
 from scipy.special import softmax as _scipy_softmax
-from scipy.stats import entropy as _entropy
-from sklearn.metrics import mutual_info_score, normalized_mutual_info_score
+
+from analysis.lazy_stats import entropy as _entropy
+from analysis.lazy_stats import mutual_info_score, normalized_mutual_info_score
 
 # The verdict and its thresholds live in analysis.verdict; re-exported here, where callers look first.
 from analysis.verdict import THRESHOLDS, Thresholds, verdict

@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import entropy as _entropy
 
+from analysis.lazy_stats import entropy as _entropy
 from analysis.routing_measures import (
     NEARLY_DEAD_SHARE,
     _as_ids,

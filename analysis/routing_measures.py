@@ -13,7 +13,8 @@ Entropies and mutual information are in nats.  Where a measure is hand-written i
 maintained library computes it); otherwise it calls scipy or scikit-learn.
 
 The verdict rules that read these measures live in ``analysis.routing_findings``. This module
-imports nothing from ``analysis``, so the rules and the verdict can import it without a cycle.
+imports nothing from ``analysis`` but the leaf :mod:`analysis.lazy_stats`, so the rules and the verdict
+can import it without a cycle.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy.stats import entropy as _entropy
-from sklearn.metrics import jaccard_score
+
+from analysis.lazy_stats import entropy as _entropy
+from analysis.lazy_stats import jaccard_score
 
 __all__ = [
     "co_activation",

@@ -17,12 +17,15 @@ The routing distribution is the gate's scores normalised over the experts, p = p
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from analysis.routing import routing_distribution, token_entropy
-from mmoe_core.routing_record import LayerCall, flatten_call
+
+if TYPE_CHECKING:  # the records are torch tensors: pages that only read stored tables must not import torch
+    from mmoe_core.routing_record import LayerCall
 
 ROUTING_COLUMNS = [
     "layer",
@@ -96,6 +99,8 @@ def routing_frame(
 
 def call_frame(call: LayerCall) -> pd.DataFrame:
     """One layer call's rows (without ``example_id``), via :func:`flatten_call`."""
+    from mmoe_core.routing_record import flatten_call
+
     flat = flatten_call(call)
     if len(flat["position"]) == 0:
         return pd.DataFrame()

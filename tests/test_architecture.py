@@ -255,3 +255,30 @@ def test_analysis_knows_nothing_of_pages_or_streamlit():
 def test_analysis_and_pages_reach_families_only_through_the_contract(layer):
     bad = offending(layer, ("mmoe_core.families",))
     assert not bad, f"{layer} imports a family package (use mmoe_core.adapter / registry / spec):\n  " + _format(bad)
+
+
+def test_pages_import_no_heavy_library_before_their_first_paint():
+    """A page paints its title only after its module-level imports: the modules app.py and the pages import at
+    their top must not pull in torch, scipy.stats or sklearn.metrics (~1.5 s, 1.0 s and 0.3 s on the demo
+    machine); those load inside the functions that run a model or compute a measure."""
+    import subprocess
+    import sys
+
+    files = [REPO / "app.py", *sorted((REPO / "pages").glob("*.py"))]
+    imported = set()
+    for path in files:
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module)
+    assert "pages.state" in imported and "analysis.routing_measure_tables" in imported
+    heavy = ("torch", "scipy.stats", "sklearn.metrics", "transformers")
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+        + "".join(f"import {name}\n" for name in sorted(imported))
+        + f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
