@@ -59,7 +59,7 @@ def _no_checks(run: str) -> None:
 
 
 def attribution_agreement(checks: pd.DataFrame, summary: dict) -> None:
-    rows = _rows(checks, "attr_deciding_share")
+    rows = _rows(checks, "attr_decisive_share")
     st.markdown("**Attributions: mass on the deciding input**")
     if rows.empty:
         st.caption("No attribution sample, or the model declares no label saying which input decides an example.")

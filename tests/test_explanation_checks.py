@@ -544,7 +544,7 @@ def test_the_precompute_step_writes_every_table_and_the_json(trained):
     checks = out["tables"]["explanation_checks"]
     assert list(checks.columns) == list(X.CHECK_COLUMNS)
     assert {
-        "attr_deciding_share",
+        "attr_decisive_share",
         "source_agreement",
         "routing_specialisation",
         "randomisation_spearman",
@@ -553,14 +553,14 @@ def test_the_precompute_step_writes_every_table_and_the_json(trained):
         "infidelity",
         "sensitivity_max",
     } <= set(checks["check"])
-    ig = checks[(checks["check"] == "attr_deciding_share") & (checks["method"] == "ig")].set_index("slice")
+    ig = checks[(checks["check"] == "attr_decisive_share") & (checks["method"] == "ig")].set_index("slice")
     assert ig.loc["left", "value"] > ig.loc["left", "baseline"]
     assert ig.loc["right", "value"] > ig.loc["right", "baseline"]
     assert set(out["tables"]["knockout_effects"]["layer"]) == {"moe", "sieve"}
     assert len(out["tables"]["detector_suite"])
     summary = out["json"]
     for key in (
-        "attr_deciding_share",
+        "attr_decisive_share",
         "qga_agreement",
         "randomisation_spearman",
         "deletion_auc",

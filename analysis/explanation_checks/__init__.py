@@ -7,7 +7,7 @@ is named here.
 
 Checks (one row each in the ``explanation_checks`` table, columns :data:`CHECK_COLUMNS`)
 ------------------------------------------------------------------------------------------
-``attr_deciding_share``   attributions: share of attribution mass sum|a| on the inputs a label value decides,
+``attr_decisive_share``   attributions: share of attribution mass sum|a| on the inputs a label value decides,
                           per method and label value, against the same share over the other examples
                           (one-sided Mann-Whitney U, scipy). Flagged when the share is not higher there.
 ``source_agreement``      source weights: share of examples whose dominant source is the truth label's source

@@ -41,7 +41,7 @@ def _mann_whitney_greater(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def deciding_share_rows(attributions: pd.DataFrame, examples: pd.DataFrame, spec: ModelSpec) -> list[dict]:
-    """``attr_deciding_share`` rows: per method and value v of the deciding label, the mean share of |a| on
+    """``attr_decisive_share`` rows: per method and value v of the deciding label, the mean share of |a| on
     the inputs v decides (value), over the n examples labelled v; baseline: the mean share on the same inputs
     over the other examples; p: one-sided Mann-Whitney U (share higher where those inputs decide). A method
     that attributes only the decided inputs (share 1 by construction) is reported, not scored."""
@@ -64,7 +64,7 @@ def deciding_share_rows(attributions: pd.DataFrame, examples: pd.DataFrame, spec
             if set(inputs) == set(masses.columns):
                 rows.append(
                     _row(
-                        "attr_deciding_share",
+                        "attr_decisive_share",
                         method,
                         label=label.name,
                         slice=value,
@@ -82,7 +82,7 @@ def deciding_share_rows(attributions: pd.DataFrame, examples: pd.DataFrame, spec
             flagged = bool(n and len(others) and not _above(value_mean, base))
             rows.append(
                 _row(
-                    "attr_deciding_share",
+                    "attr_decisive_share",
                     method,
                     label=label.name,
                     slice=value,

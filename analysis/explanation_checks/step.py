@@ -125,7 +125,7 @@ def summary_json(
 ) -> dict:
     """``explanation_checks.json``: the tables' headline numbers by name (NaN written as null).
 
-    attr_deciding_share {method: {label value: {share, elsewhere, n, p_value, flagged}}}; qga_agreement {output:
+    attr_decisive_share {method: {label value: {share, elsewhere, n, p_value, flagged}}}; qga_agreement {output:
     {slice label: {value: {agreement, chance, n, p_value}}}}; routing_specialisation {layer: {label: {mi,
     baseline, p_value}}}; randomisation_spearman {method: {stage: rho}}; deletion_auc / insertion_auc /
     infidelity {method: {value, random}}; sensitivity_max {method: value}; knockout {layer: {expert: {metric:
@@ -136,9 +136,10 @@ def summary_json(
         return checks[checks["check"] == check] if len(checks) else checks
 
     out: dict = {"samples": dict(sizes), "thresholds": asdict(thresholds)}
-    out["attr_deciding_share"] = {}
-    for r in pick("attr_deciding_share").itertuples():
-        out["attr_deciding_share"].setdefault(r.method, {})[r.slice] = {
+    # the key the issue and DESIGN name ("decisive" = deciding input, whatever the family calls its label)
+    out["attr_decisive_share"] = {}
+    for r in pick("attr_decisive_share").itertuples():
+        out["attr_decisive_share"].setdefault(r.method, {})[r.slice] = {
             "share": _clean(r.value),
             "elsewhere": _clean(r.baseline),
             "n": r.n,
