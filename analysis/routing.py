@@ -11,10 +11,10 @@ Shapes, for one layer and T routed positions over E experts with top-k routing:
 * ``combine``  float [T, E]  weights actually applied to each expert's output (0 where unused)
 
 ``topk_ids`` says what the router chose; ``combine`` says what the layer really did with it.
-They agree for the standard gate (softmax, top-k, renormalise over the k) but not for the
-published MMoE ``SwitchGate`` (``gate="mmoe_reference"``), whose ``scatter_`` along the sequence
-axis leaves many positions with no weight at all, puts weight on experts outside the top-k and never
-weights the experts whose id is >= k.  Both views are reported so that this stays visible.
+They agree for the standard gate (softmax, top-k, renormalise over the k) but not for every gate: one
+that normalises each expert over the batch and scatters its mask along the sequence axis (a published
+``SwitchGate`` does) leaves many positions with no weight at all, puts weight on experts outside the
+top-k and never weights the experts whose id is >= k.  Both views are reported so that this stays visible.
 
 Indicators that need a distribution over experts (importance, entropies, confidence) use the
 *routing distribution* p = probs / sum_e probs (``routing_distribution``): the softmax itself for a

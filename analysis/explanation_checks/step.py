@@ -136,7 +136,7 @@ def summary_json(
         return checks[checks["check"] == check] if len(checks) else checks
 
     out: dict = {"samples": dict(sizes), "thresholds": asdict(thresholds)}
-    # the key the issue and DESIGN name ("decisive" = deciding input, whatever the family calls its label)
+    # the key the explanation-checks contract names: the share of attribution on the deciding input
     out["attr_decisive_share"] = {}
     for r in pick("attr_decisive_share").itertuples():
         out["attr_decisive_share"].setdefault(r.method, {})[r.slice] = {
