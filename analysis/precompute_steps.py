@@ -121,21 +121,12 @@ def merge_parts(parts: list[dict]) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def routing_of(adapter, examples: Sequence[dict], batch_size: int):
-    """The examples' routing alone (:meth:`ModelAdapter.route`); an adapter that only duck-types the
-    contract without ``route`` gets its ``run``'s recorder."""
-    route = getattr(adapter, "route", None)
-    if route is not None:
-        return route(examples, batch_size=batch_size)
-    return adapter.run(examples, record=True, batch_size=batch_size).recorder
-
-
 def batch_dependence_by_layer(adapter: ModelAdapter, examples: Sequence[dict], batch_size: int) -> dict[str, float]:
     """Mean |change| of combine weights when each example runs alone vs in its batch (per layer)."""
     if not examples:
         return {}
-    in_batch = routing_frame(routing_of(adapter, list(examples), batch_size=batch_size))
-    alone = pd.concat([routing_frame(routing_of(adapter, [ex], batch_size=1)) for ex in examples], ignore_index=True)
+    in_batch = routing_frame(adapter.route(list(examples), batch_size=batch_size))
+    alone = pd.concat([routing_frame(adapter.route([ex], batch_size=1)) for ex in examples], ignore_index=True)
     return batch_dependence_of(in_batch, alone)
 
 
@@ -158,12 +149,12 @@ def dynamics_frame(
     if not steps or not examples:
         return pd.DataFrame()
     final_state = {k: v.clone() for k, v in adapter.model.state_dict().items()}
-    final_routing = routing_frame(routing_of(adapter, list(examples), batch_size=batch_size))
+    final_routing = routing_frame(adapter.route(list(examples), batch_size=batch_size))
     rows = []
     try:
         for step in tqdm(steps, desc="dynamics", disable=not progress, file=sys.stderr):
             adapter.model.load_state_dict(load_state(ckpt, snapshot=step))
-            routing = routing_frame(routing_of(adapter, list(examples), batch_size=batch_size))
+            routing = routing_frame(adapter.route(list(examples), batch_size=batch_size))
             saturation = saturation_by_layer(routing, final_routing)
             for layer in sorted(routing["layer"].unique()):
                 summary = summarise(routing[routing["layer"] == layer])

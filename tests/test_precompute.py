@@ -19,7 +19,7 @@ from analysis import precompute_steps as S
 from analysis.run_tables import named_scores_frame, predictions_frame, source_weights_frame
 from analysis.sharding import Dist
 from analysis.store import RunStore, run_status
-from mmoe_core.adapter import RunOutput
+from mmoe_core.adapter import ModelAdapter, RunOutput
 from mmoe_core.routing_record import PositionMeta, RouterOutput, RoutingRecorder
 from mmoe_core.spec import GateSpec, LabelSpec, ModelSpec, OutputSpec, PredictionSpec, RoutedLayerSpec, SourceSpec
 
@@ -151,6 +151,7 @@ class FakeAdapter:
     says it is batch dependent (the gate's *kind* is a made-up name: only the declaration counts)."""
 
     family = "fake"
+    route = ModelAdapter.route  # the contract's default: run()'s recorder
 
     def __init__(self, batch_dependent: bool):
         self.gate = GateSpec("whatever_gate", "sigmoid", "topk_raw", batch_dependent=batch_dependent)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from analysis import precompute_steps as S
 from analysis import routing_measure_tables as T
 from analysis import routing_measures as M
-from mmoe_core.adapter import RunOutput
+from mmoe_core.adapter import ModelAdapter, RunOutput
 from mmoe_core.checkpoint import save_snapshot
 from mmoe_core.routing_record import PositionMeta, RouterOutput, RoutingRecorder
 from tests.test_pages_apptest import (  # the page tests' fixtures and helpers
@@ -255,6 +255,8 @@ class _Router(torch.nn.Module):
 
 class SnapshotAdapter:
     """Duck-typed adapter with one routed layer driven by ``_Router`` (what dynamics_frame needs)."""
+
+    route = ModelAdapter.route  # the contract's default: run()'s recorder
 
     def __init__(self):
         self.model = _Router()
