@@ -311,13 +311,18 @@ def with_context(row: dict, tokenizer, full_text: str, text: str) -> dict | None
     at = _find(row["ids"], full)
     if at < 0 or any(row["label"][at : at + len(full)]) or any(row["mm"][at : at + len(full)]):
         return None
-    cut = slice(at, at + len(full))
+    end = at + len(full)
 
-    def splice(values: list[int], fill: int) -> list[int]:
-        return values[: cut.start] + [fill] * len(short) + values[cut.stop :]
+    def splice(values: list[int], middle: list[int]) -> list[int]:
+        return values[:at] + middle + values[end:]
 
-    ids = row["ids"][: cut.start] + short + row["ids"][cut.stop :]
-    return {**row, "ids": ids, "label": splice(row["label"], 0), "mm": splice(row["mm"], 0)}
+    text_only = [0] * len(short)  # the context is text and carries no answer label
+    return {
+        **row,
+        "ids": splice(row["ids"], short),
+        "label": splice(row["label"], text_only),
+        "mm": splice(row["mm"], text_only),
+    }
 
 
 def qa_groups(examples: list[dict], pack: bool, rng: np.random.Generator) -> list[list[int]]:
