@@ -54,6 +54,7 @@ from analysis.precompute_steps import (
 from analysis.routing_measure_tables import routing_measures_frame
 from analysis.run_tables import KEY, examples_frame, predictions_frame
 from analysis.sharding import distributed, gather_to_main
+from analysis.stage_timer import StageTimer
 from analysis.store import RunWriter, inputs_manifest, needs_rebuild, rebuild_reasons, write_routing
 from analysis.store.layout import _RUN_RE as RUN_NAME
 from analysis.store.publish import precompute_lock
@@ -163,12 +164,14 @@ def precompute(
                 return None
         if params["max_examples"]:
             examples = stratified_sample(examples, int(params["max_examples"]), slice_label(spec), params["seed"])
-        part = run_examples(adapter, spec, examples, int(params["batch_size"]), d, progress)
-        part.update(sampled_extras(adapter, spec, ckpt, examples, params, d, progress))
+        timer = StageTimer(log=(lambda m: print(f"{run}: {m}", file=sys.stderr)) if progress and d.is_main else None)
+        with timer("forward and routing"):
+            part = run_examples(adapter, spec, examples, int(params["batch_size"]), d, progress)
+        part.update(sampled_extras(adapter, spec, ckpt, examples, params, d, progress, timer))
         parts = gather_to_main(part, d)
         if not d.is_main:
             return None
-        return write_run(run, root, adapter, ckpt, data_dir, examples, merge_parts(parts), params, inputs)
+        return write_run(run, root, adapter, ckpt, data_dir, examples, merge_parts(parts), params, inputs, timer)
 
 
 def projection_table(merged: dict, examples_df: pd.DataFrame, label: str | None, params: dict):
@@ -190,9 +193,11 @@ def projection_table(merged: dict, examples_df: pd.DataFrame, label: str | None,
     return frame, projection
 
 
-def write_run(run, root, adapter, ckpt, data_dir, examples, merged, params, inputs=None) -> Path:
+def write_run(run, root, adapter, ckpt, data_dir, examples, merged, params, inputs=None, timer=None) -> Path:
     """Rank 0: everything computed from the merged parts, written and published as one run version.
-    ``inputs``: the input hashes taken before the run (:func:`hashed_inputs`; taken now when None)."""
+    ``inputs``: the input hashes taken before the run (:func:`hashed_inputs`; taken now when None);
+    ``timer``: the :class:`StageTimer` of the stages so far (their seconds are stored as timings.json)."""
+    timer = timer if timer is not None else StageTimer()
     spec = adapter.spec()
     labels = spec.slice_labels()
     seed = int(params["seed"])
@@ -201,8 +206,10 @@ def write_run(run, root, adapter, ckpt, data_dir, examples, merged, params, inpu
     batch_dep = {}
     if measures_batch_dependence(spec):
         sample = stratified_sample(examples, int(params["batch_dependence_sample"]), slice_label(spec), seed)
-        batch_dep = batch_dependence_by_layer(adapter, sample, int(params["batch_size"]))
-    projection_df, projection = projection_table(merged, examples_df, slice_label(spec), params)
+        with timer("batch dependence"):
+            batch_dep = batch_dependence_by_layer(adapter, sample, int(params["batch_size"]))
+    with timer("projection"):
+        projection_df, projection = projection_table(merged, examples_df, slice_label(spec), params)
     summary = adapter.summarize(merged["predictions"], examples)
     checks = None
     if params.get("checks", True):
@@ -217,6 +224,7 @@ def write_run(run, root, adapter, ckpt, data_dir, examples, merged, params, inpu
             attributions=merged["attributions"],
             extras=merged["extras"],
             params=params,
+            timer=timer,
         )
     inputs = inputs if inputs is not None else hashed_inputs(ckpt, data_dir, params)
     manifest = {
@@ -233,9 +241,15 @@ def write_run(run, root, adapter, ckpt, data_dir, examples, merged, params, inpu
             attribution_label=attribution_label(spec),
         ),
     }
-    with RunWriter(
-        run, root=root, manifest_base=manifest, before_publish=lambda: check_inputs_unchanged(inputs, ckpt, data_dir)
-    ) as w:
+    with (
+        timer("tables and publish"),
+        RunWriter(
+            run,
+            root=root,
+            manifest_base=manifest,
+            before_publish=lambda: check_inputs_unchanged(inputs, ckpt, data_dir),
+        ) as w,
+    ):
         w.write_table("examples", examples_df)
         w.write_table("predictions", predictions_frame(merged["predictions"]))
         write_routing(w, routing)  # wide, or split above 16 experts per layer (analysis.store.sink)
@@ -265,6 +279,8 @@ def write_run(run, root, adapter, ckpt, data_dir, examples, merged, params, inpu
                 if len(frame):
                     w.write_table(name, frame)
             w.write_json("explanation_checks", checks["json"])
+        # the stages up to here (publishing itself is in the log line only)
+        w.write_json("timings", {"stage_seconds": timer.rounded()})
     print(
         f"{run}: published {root / 'runs' / run} ({len(routing)} routed positions, {len(examples)} examples)",
         file=sys.stderr,

@@ -23,6 +23,7 @@ from analysis.routing_table import routing_frame
 from analysis.run_tables import KEY, output_frames
 from analysis.sampling import stratified_indices
 from analysis.sharding import Dist, contiguous_share, shard_batches
+from analysis.stage_timer import StageTimer
 from mmoe_core.adapter import ModelAdapter
 from mmoe_core.checkpoint import list_snapshots, load_config, load_state, load_train_log
 from mmoe_core.spec import ModelSpec
@@ -177,28 +178,38 @@ def dynamics_frame(
 
 
 def sampled_extras(
-    adapter: ModelAdapter, spec: ModelSpec, ckpt: Path, examples: list[dict], params: dict, d: Dist, progress: bool
+    adapter: ModelAdapter,
+    spec: ModelSpec,
+    ckpt: Path,
+    examples: list[dict],
+    params: dict,
+    d: Dist,
+    progress: bool,
+    timer: StageTimer | None = None,
 ) -> dict:
     """This rank's share of the sampled, model-heavy tables: training dynamics (a block of the snapshots)
     and attributions (a block of the attribution sample). Blocks are contiguous, so rank 0 rebuilds
     the one-process tables by concatenating them in rank order."""
     from analysis.attribution import attribution_table
 
+    timer = timer if timer is not None else StageTimer()
     seed, batch_size = int(params["seed"]), int(params["batch_size"])
     show = progress and d.is_main
     dyn_sample = stratified_sample(examples, int(params["dynamics_sample"]), slice_label(spec), seed)
-    dynamics = dynamics_frame(adapter, ckpt, dyn_sample, batch_size, show, shard=(d.rank, d.world))
+    with timer("training dynamics"):
+        dynamics = dynamics_frame(adapter, ckpt, dyn_sample, batch_size, show, shard=(d.rank, d.world))
     attributions = pd.DataFrame()
     if int(params["attribution_sample"]) > 0:
-        attributions = attribution_table(
-            adapter,
-            examples,
-            sample_size=int(params["attribution_sample"]),
-            stratify_by=attribution_label(spec),
-            seed=seed,
-            progress=show,
-            shard=(d.rank, d.world),
-        )
+        with timer("attributions"):
+            attributions = attribution_table(
+                adapter,
+                examples,
+                sample_size=int(params["attribution_sample"]),
+                stratify_by=attribution_label(spec),
+                seed=seed,
+                progress=show,
+                shard=(d.rank, d.world),
+            )
     return {"dynamics": dynamics, "attributions": attributions}
 
 

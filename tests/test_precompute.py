@@ -263,6 +263,8 @@ def test_precompute_stores_the_spec_and_keys_every_table_by_example_index(tmp_pa
     parts = store.table("parts")
     assert list(parts.columns) == ["example_index", "name", "score"] and len(parts) == 48
     assert "batch_dependence" not in store.layer_metrics()  # the gate does not declare it
+    stages = store.read_json("timings")["stage_seconds"]  # where precompute's time went, per stage
+    assert {"projection", "checks: knockout"} <= set(stages) and all(s >= 0 for s in stages.values())
 
 
 def test_batch_dependence_is_measured_when_a_gate_declares_it(tmp_path):

@@ -21,6 +21,7 @@ from analysis.explanation_checks.common import CHECK_COLUMNS, KEY, KNOCKOUT_COLU
 from analysis.explanation_checks.knockout import detector_suite, knockout_effects
 from analysis.explanation_checks.sanity import faithfulness_rows, randomisation_rows
 from analysis.sampling import stratified_indices
+from analysis.stage_timer import StageTimer
 from mmoe_core.adapter import ModelAdapter
 from mmoe_core.spec import ModelSpec
 
@@ -59,9 +60,12 @@ def explanation_checks_step(
     params: Mapping,
     progress: bool = False,
     thresholds: CheckThresholds = THRESHOLDS,
+    timer: StageTimer | None = None,
 ) -> dict:
     """Every check of one run: ``{"tables": {explanation_checks, knockout_effects, detector_suite},
-    "json": summary}`` (see :func:`summary_json`). ``extras`` are the stored declared-output tables."""
+    "json": summary}`` (see :func:`summary_json`). ``extras`` are the stored declared-output tables;
+    ``timer`` times the model-heavy checks (sanity, knockout) as stages."""
+    timer = timer if timer is not None else StageTimer()
     seed = int(params.get("seed", 0))
     batch_size = int(params.get("batch_size", 32))
     sizes = check_samples(params, len(examples))
@@ -69,37 +73,42 @@ def explanation_checks_step(
     label = deciding.name if deciding is not None else (spec.slice_labels() or [None])[0]
     labels = spec.slice_labels()
 
-    rows = deciding_share_rows(attributions, examples_df, spec) if attributions is not None else []
-    for output in spec.output("source_weights"):
-        rows += source_agreement_rows(extras.get(output.name), examples_df, output, labels, thresholds, seed)
-    rows += routing_specialisation_rows(routing, examples_df, spec, thresholds, seed)
+    with timer("checks: agreement and specialisation"):
+        rows = deciding_share_rows(attributions, examples_df, spec) if attributions is not None else []
+        for output in spec.output("source_weights"):
+            rows += source_agreement_rows(extras.get(output.name), examples_df, output, labels, thresholds, seed)
+        rows += routing_specialisation_rows(routing, examples_df, spec, thresholds, seed)
 
     if sizes["sanity"] and spec.attribution_targets and any(not t.needs_layer for t in spec.attribution_targets):
         attributed = set(attributions[KEY].unique()) if attributions is not None and len(attributions) else None
         pool = [ex for ex in examples if attributed is None or int(ex["index"]) in attributed] or list(examples)
         sanity = _sample(pool, sizes["sanity"], label, seed)
         n_steps = int(params.get("sanity_ig_steps", 16))
-        rows += randomisation_rows(
-            adapter,
-            spec,
-            sanity,
-            n_stages=int(params.get("randomisation_stages", 4)),
-            n_steps=n_steps,
-            thresholds=thresholds,
-            seed=seed,
-            progress=progress,
-        )
-        rows += faithfulness_rows(
-            adapter, spec, sanity, n_steps=n_steps, thresholds=thresholds, seed=seed, progress=progress
-        )
+        with timer("checks: randomisation"):
+            rows += randomisation_rows(
+                adapter,
+                spec,
+                sanity,
+                n_stages=int(params.get("randomisation_stages", 4)),
+                n_steps=n_steps,
+                thresholds=thresholds,
+                seed=seed,
+                progress=progress,
+            )
+        with timer("checks: faithfulness"):
+            rows += faithfulness_rows(
+                adapter, spec, sanity, n_steps=n_steps, thresholds=thresholds, seed=seed, progress=progress
+            )
 
     knock_sample = _sample(list(examples), sizes["knockout"], label, seed) if sizes["knockout"] else []
-    knockout, notes = (
-        knockout_effects(adapter, spec, knock_sample, batch_size, routing, progress)
-        if knock_sample
-        else (_frame([], KNOCKOUT_COLUMNS), {})
-    )
-    suite = detector_suite(routing, [int(ex["index"]) for ex in knock_sample] if knock_sample else None)
+    with timer("checks: knockout"):
+        knockout, notes = (
+            knockout_effects(adapter, spec, knock_sample, batch_size, routing, progress)
+            if knock_sample
+            else (_frame([], KNOCKOUT_COLUMNS), {})
+        )
+    with timer("checks: detector suite"):
+        suite = detector_suite(routing, [int(ex["index"]) for ex in knock_sample] if knock_sample else None)
     checks = _frame(rows, CHECK_COLUMNS)
     return {
         "tables": {"explanation_checks": checks, "knockout_effects": knockout, "detector_suite": suite},
