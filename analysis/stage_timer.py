@@ -36,7 +36,3 @@ class StageTimer:
     def rounded(self, digits: int = 2) -> dict[str, float]:
         return {stage: round(s, digits) for stage, s in self.seconds.items()}
 
-
-def no_timer() -> StageTimer:
-    """A timer that records but does not log (the default where a caller passes none)."""
-    return StageTimer()
