@@ -35,4 +35,3 @@ class StageTimer:
 
     def rounded(self, digits: int = 2) -> dict[str, float]:
         return {stage: round(s, digits) for stage, s in self.seconds.items()}
-
