@@ -149,7 +149,8 @@ class Server:
                 "-m",
                 "streamlit",
                 "run",
-                "app.py",
+                # what `make serve` runs (serve.py warms the pages' imports); app.py in older checkouts
+                "serve.py" if (repo / "serve.py").is_file() else "app.py",
                 "--server.headless",
                 "true",
                 "--server.port",

@@ -1,6 +1,6 @@
 """The house's arrows, read off the import statements (``ast``, nothing is imported).
 
-``pages -> analysis -> mmoe_core``, with ``app.py`` above pages and ``demo_build.py`` above analysis and
+``pages -> analysis -> mmoe_core``, with ``app.py`` and ``serve.py`` above pages and ``demo_build.py`` above analysis and
 mmoe_core; no import cycle among modules; pages and analysis reach the families only through the
 adapter contract, the registry and the spec (never ``mmoe_core.families``).
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("app.py", "demo_build.py", "pages", "analysis", "mmoe_core")
+SOURCES = ("app.py", "serve.py", "demo_build.py", "pages", "analysis", "mmoe_core")
 
 
 @dataclass
@@ -217,7 +217,7 @@ def test_no_import_cycle_in_mmoe_core_and_the_demo_build():
 
 
 def test_mmoe_core_knows_nothing_above_it():
-    bad = offending("mmoe_core", ("analysis", "pages", "streamlit", "demo_build", "app"))
+    bad = offending("mmoe_core", ("analysis", "pages", "streamlit", "demo_build", "app", "serve"))
     assert not bad, "mmoe_core imports a layer above it:\n  " + _format(bad)
 
 
@@ -247,11 +247,11 @@ def test_no_import_cycle_anywhere():
 
 
 def test_analysis_knows_nothing_of_pages_or_streamlit():
-    bad = offending("analysis", ("pages", "streamlit", "app", "demo_build"))
+    bad = offending("analysis", ("pages", "streamlit", "app", "serve", "demo_build"))
     assert not bad, "analysis imports a layer above it:\n  " + _format(bad)
 
 
-@pytest.mark.parametrize("layer", ["analysis", "pages", "app"])
+@pytest.mark.parametrize("layer", ["analysis", "pages", "app", "serve"])
 def test_analysis_and_pages_reach_families_only_through_the_contract(layer):
     bad = offending(layer, ("mmoe_core.families",))
     assert not bad, f"{layer} imports a family package (use mmoe_core.adapter / registry / spec):\n  " + _format(bad)
