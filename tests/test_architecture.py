@@ -1,7 +1,7 @@
 """The house's arrows, read off the import statements (``ast``, nothing is imported).
 
-``pages -> analysis -> mmoe_core``, with ``app.py`` and ``serve.py`` above pages and ``demo_build.py`` above analysis and
-mmoe_core; no import cycle among modules; pages and analysis reach the families only through the
+``pages -> analysis -> mmoe_core``, with ``app.py`` and ``serve.py`` above pages and ``demo_build.py`` above
+analysis and mmoe_core; no import cycle among modules; pages and analysis reach the families only through the
 adapter contract, the registry and the spec (never ``mmoe_core.families``).
 
 Every ``import`` / ``from ... import`` counts, at module level or inside a function (a lazy import is

@@ -6,9 +6,9 @@ URL parameters shown as text, and a picture at the upload limit settling without
 Time to first paint and to idle per page go to ``test-output/browser_timings.json`` (never asserted).
 
 Needs /usr/bin/chromium and /usr/bin/chromedriver (skipped, saying so, when either is absent) and selenium.
-The server runs ``python -m streamlit run serve.py`` (what ``make serve`` runs) on a free port with MOESCOPE_ARTIFACTS pointing at the
-tiny demo runs (the ``runs_root`` fixture of tests/test_pages_apptest.py: conftest's ``demo_artifacts``
-when present). Every wait is bounded; the server is stopped at the end.
+The server runs ``python -m streamlit run serve.py`` (what ``make serve`` runs) on a free port with
+MOESCOPE_ARTIFACTS pointing at the tiny demo runs (the ``runs_root`` fixture of tests/test_pages_apptest.py:
+conftest's ``demo_artifacts`` when present). Every wait is bounded; the server is stopped at the end.
 ``MOESCOPE_SCREENSHOT_HEIGHT`` makes the window taller (to review whole pages by eye).
 """
 
