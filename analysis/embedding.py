@@ -41,9 +41,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,6 +219,24 @@ def _fit_pca(X_fit: np.ndarray, n_components: int, seed: int) -> dict[str, np.nd
     return {"components": pca.components_, "mean": pca.mean_, "explained_variance_ratio": pca.explained_variance_ratio_}
 
 
+@contextmanager
+def openmp_threads_kept() -> Iterator[None]:
+    """Keep torch's thread count across a numba call (UMAP).
+
+    numba's OpenMP threading layer shares libgomp with torch and sets the process-wide OpenMP thread
+    count to its own (every core) when it first runs a parallel function: torch's parallel regions after
+    a projection then ran on two threads in a process that had asked for one. Beside another process on
+    two cores, the precompute stages after the projection ran 20-25x slower (moemoe-qa's randomisation
+    check: 67.7 s against 2.9 s alone). Torch's count is put back afterwards (when torch is loaded)."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            torch.set_num_threads(before)
+
+
 def _fit_umap(
     X_fit: np.ndarray, n_components: int, n_neighbors: int, metric: str, seed: int, n_epochs: int, min_dist: float
 ) -> dict[str, np.ndarray]:
@@ -236,7 +256,7 @@ def _fit_umap(
         n_jobs=1,
         precomputed_knn=(knn_index, knn_dist, None),
     )
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), openmp_threads_kept():
         warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state.*")
         warnings.filterwarnings("ignore", message=".*precomputed_knn.*")
         coords = reducer.fit_transform(X_fit)

@@ -22,7 +22,9 @@ shared bases, not runs)::
      "extends": "_base",                       # optional: a base file of the same folder, merged under this one
      "options": {...TrainOptions fields...},   # at the default scale
      "precompute": {...analysis.precompute options...},
-     "scales": {"tiny": {"options": {...overrides...}, "precompute": {...overrides...}}}}
+     "scales": {"tiny": {"options": {...overrides...}, "precompute": {...overrides...}}},
+     "build_seconds": 230}                     # optional: measured train + precompute seconds (one core),
+                                               # the parallel demo build's scheduling weight
 
 Merging (``extends`` and scale overrides) is recursive for objects, replacement for everything else.
 :func:`family_demo_runs` turns a family's recipes into :class:`mmoe_core.registry.DemoRun` entries. A
@@ -166,6 +168,14 @@ class Recipe:
     precompute: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     source: str = ""  # the JSON file it was read from
+    build_seconds: float | None = None  # measured train + precompute seconds on one core, default scale
+
+    def cost(self, scale: str) -> float:
+        """The demo build's scheduling weight: the measured seconds at the default scale (runs of one
+        family can cost very differently per step), the step count at other scales and when unmeasured."""
+        if scale == "default" and self.build_seconds:
+            return float(self.build_seconds)
+        return float(self.resolved(scale).get("steps") or 0)
 
     @property
     def family(self) -> str:
@@ -214,7 +224,7 @@ def _load_recipe_dict(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return deep_merge(_load_recipe_dict(base_path, (*seen, path)), data)
 
 
-_RECIPE_KEYS = {"run", "world", "options", "scales", "precompute", "description", "notes"}
+_RECIPE_KEYS = {"run", "world", "options", "scales", "precompute", "description", "notes", "build_seconds"}
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -233,6 +243,9 @@ def load_recipe(path: str | Path) -> Recipe:
         )
     if not data["options"].get("family"):
         raise FactoryError(f"{path}: options.family is missing")
+    seconds = data.get("build_seconds")
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0):
+        raise FactoryError(f"{path}: build_seconds must be a positive number of seconds, got {seconds!r}")
     bad_scales = sorted(set(data.get("scales", {})) - set(SCALES))
     if bad_scales:
         raise FactoryError(f"{path}: unknown scales {bad_scales}; scales: {', '.join(SCALES)}")
@@ -244,6 +257,7 @@ def load_recipe(path: str | Path) -> Recipe:
         precompute=data.get("precompute", {}),
         description=data.get("description", ""),
         source=str(path),
+        build_seconds=data.get("build_seconds"),
     )
 
 
@@ -309,7 +323,7 @@ def demo_run(recipe: Recipe, scale: str):
         train=functools.partial(_train_demo_run, recipe),
         precompute=recipe.precompute_options(scale),
         description=recipe.description,
-        cost=float(recipe.resolved(scale).get("steps") or 0),
+        cost=recipe.cost(scale),
     )
 
 

@@ -35,7 +35,7 @@ class DemoRun:
     train: Callable[[Path, Path, str, bool], None]  # (data_dir, ckpt_dir, scale, progress) -> writes ckpt_dir
     precompute: Mapping[str, Any] = field(default_factory=dict)  # analysis.precompute options (split, ...)
     description: str = ""
-    cost: float = 0.0  # relative build time (e.g. steps): parallel builds start the costliest
+    cost: float = 0.0  # relative build time (seconds or steps): parallel builds start the costliest
 
 
 @dataclass(frozen=True)

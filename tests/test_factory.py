@@ -122,6 +122,26 @@ def test_bad_recipes_say_which_file(tmp_path):
         factory.train_options(factory.load_recipe(tmp_path / "a.json"), "default", tmp_path, tmp_path)
 
 
+def test_build_seconds_weigh_the_default_scale_and_steps_the_others(tmp_path):
+    _write(tmp_path, "a", {"run": "a", "world": "w", "options": {"family": "mmoe", "steps": 200}, "build_seconds": 170})
+    _write(tmp_path, "b", {"run": "b", "world": "w", "options": {"family": "mmoe", "steps": 400}})
+    a, b = factory.load_recipes(tmp_path)
+    assert a.cost("default") == 170.0 and a.cost("tiny") == 200.0  # measured seconds only where measured
+    assert b.cost("default") == 400.0
+    for bad in (0, -3, "fast", True):
+        _write(tmp_path, "a", {"run": "a", "world": "w", "options": {"family": "mmoe"}, "build_seconds": bad})
+        with pytest.raises(FactoryError, match="build_seconds must be a positive number"):
+            factory.load_recipe(tmp_path / "a.json")
+
+
+def test_every_demo_recipe_carries_its_measured_build_seconds():
+    """The parallel demo build starts the costliest run first; its weight is measured seconds, not steps
+    (the MMoE runs take 200 steps and ~170 s, the OLMoE run 400 steps and ~130 s)."""
+    for family in ("mmoe", "moemoe", "hf_moe"):
+        for recipe in factory.family_recipes(family):
+            assert recipe.build_seconds, f"{recipe.source}: no build_seconds"
+
+
 # The MMoE demo runs' model sections as the recipes wrote them before they became JSON data (numbers
 # must not change: the same sizes, hence the same initialisation and training).
 BEFORE_JSON = {
