@@ -22,6 +22,7 @@ BUILD_COMMAND = "python -m demo_build"
 THUMB = 128  # px; pictures are 64x64
 CARD_THUMB = 96
 GALLERY_LIMIT = 24
+TAB_KEY = "dataset_browser_tab"  # the open tab: only its table is read and drawn
 
 
 @st.cache_data(show_spinner="Reading the world…", max_entries=16)
@@ -117,12 +118,17 @@ def table_tab(dataset: DatasetView, view: TableView, root: Path) -> None:
 def render() -> None:
     st.title("Dataset browser")
     declared = views()
-    tabs = st.tabs([f"{d.title} · {t.name}" for d in declared for t in d.tables])
+    # Lazy tabs: reading a world checks every picture file (type, size, pixel count), about 1 s per world
+    # of the demo; only the open tab's world is read, the others when opened.
+    tabs = st.tabs([f"{d.title} · {t.name}" for d in declared for t in d.tables], key=TAB_KEY, on_change="rerun")
     slots = iter(tabs)
     for dataset in declared:
         root = demo_world_dir(dataset.world)
         for view in dataset.tables:
-            with next(slots):
+            tab = next(slots)
+            if not tab.open:
+                continue
+            with tab:
                 if root.is_dir():
                     table_tab(dataset, view, root)
                 else:

@@ -315,5 +315,10 @@ def test_dataset_browser_shows_every_declared_world(root):
     from mmoe_core.data.views import views
 
     at = _ok(AppTest.from_file(str(REPO / "pages" / "dataset_browser.py"), default_timeout=TIMEOUT).run())
-    assert [t.label for t in at.tabs] == [f"{v.title} · {t.name}" for v in views() for t in v.tables]
-    assert len(at.dataframe) >= len(at.tabs)
+    labels = [f"{v.title} · {t.name}" for v in views() for t in v.tables]
+    assert [t.label for t in at.tabs] == labels
+    assert len(at.dataframe) == 1, "only the open tab's table is read and drawn"
+    for label in labels:  # each tab, opened, shows its table
+        at.session_state["dataset_browser_tab"] = label
+        at = _ok(at.run())
+        assert len(at.dataframe) == 1, label

@@ -227,6 +227,9 @@ def test_the_dataset_browser_shows_the_registered_world(toy_root):
     at = _render(browser)
     _no_exception(at)
     assert "Rune world · Tablets" in [t.label for t in at.tabs]
+    at.session_state["dataset_browser_tab"] = "Rune world · Tablets"  # tabs are lazy: open it
+    at.run()
+    _no_exception(at)
     tablets = [d.value for d in at.dataframe if isinstance(d.value, pd.DataFrame) and "witness" in d.value]
     assert tablets and len(tablets[0]) == toy.WORLD_SIZES["tiny"][1]  # the test split, picked first
 
