@@ -192,3 +192,53 @@ register_view(
         ),
     )
 )
+
+
+CORPUS_SPLITS = ("train", "dev", "test")
+
+
+def _corpus_rows(root: Path) -> pd.DataFrame:
+    """The documents of the corpus world (``corpus_<split>.jsonl``, plain JSONL records), labels as columns."""
+    from mmoe_core.data.jsonl_records import read_jsonl
+
+    rows = []
+    for split in CORPUS_SPLITS:
+        path = Path(root) / f"corpus_{split}.jsonl"
+        if path.is_file():
+            for ex in read_jsonl(path, check_images=False):
+                rows.append(
+                    {
+                        "id": ex["id"],
+                        "split": split,
+                        **ex["labels"],
+                        "words": len(ex["text"].split()),
+                        "text": ex["text"],
+                    }
+                )
+    if not rows:
+        from mmoe_core.data.readers import DatasetError
+
+        raise DatasetError(f"{root}: no corpus_<split>.jsonl files")
+    return pd.DataFrame(rows)
+
+
+register_view(
+    DatasetView(
+        "corpus",
+        "Corpus world",
+        "Documents of four known domains (entity sentences, product descriptions, arithmetic, code-like lines) "
+        "for a text MoE language model; the domain is the ground truth for expert specialisation.",
+        (
+            TableView(
+                "Documents",
+                "plain JSONL records, the format a user's own text data takes",
+                _corpus_rows,
+                filters=("domain",),
+                split="split",
+                title="text",
+                details=("id", "domain", "words"),
+                long_text="text",
+            ),
+        ),
+    )
+)
