@@ -22,7 +22,7 @@ BUILD_COMMAND = "python -m demo_build"
 THUMB = 128  # px; pictures are 64x64
 CARD_THUMB = 96
 GALLERY_LIMIT = 24
-TAB_KEY = "dataset_browser_tab"  # the open tab: only its table is read and drawn
+TAB_KEY = "table"  # the open tab, kept in the URL (?table=...): only its table is read and drawn
 
 
 @st.cache_data(show_spinner="Reading the world…", max_entries=16)
@@ -78,12 +78,13 @@ def one_row(view: TableView, root: Path, shown: pd.DataFrame, key: str) -> None:
     )
     picked = st.selectbox("Row", list(titles), key=f"{key}_row", format_func=lambda k: f"{k} · {titles[k][:90]}")
     row = shown[shown[view.key].astype(str) == picked].iloc[0].to_dict()
-    picture, text = st.columns([1, 3])
-    with picture:
-        if view.image and isinstance(row.get(view.image), str):
-            st.image(row[view.image], width=THUMB * 2)
-        elif view.image:
-            st.caption("no picture")
+    picture, text = st.columns([1, 3]) if view.image else (None, st.container())  # text-only: full width
+    if picture is not None:
+        with picture:
+            if isinstance(row.get(view.image), str):
+                st.image(row[view.image], width=THUMB * 2)
+            else:
+                st.caption("no picture")
     with text:
         if view.long_text and isinstance(row.get(view.long_text), str):
             st.markdown(f"> {esc(row[view.long_text])}")
@@ -120,7 +121,12 @@ def render() -> None:
     declared = views()
     # Lazy tabs: reading a world checks every picture file (type, size, pixel count), about 1 s per world
     # of the demo; only the open tab's world is read, the others when opened.
-    tabs = st.tabs([f"{d.title} · {t.name}" for d in declared for t in d.tables], key=TAB_KEY, on_change="rerun")
+    tabs = st.tabs(
+        [f"{d.title} · {t.name}" for d in declared for t in d.tables],
+        key=TAB_KEY,
+        on_change="rerun",
+        bind="query-params",
+    )
     slots = iter(tabs)
     for dataset in declared:
         root = demo_world_dir(dataset.world)

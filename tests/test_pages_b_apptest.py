@@ -319,6 +319,6 @@ def test_dataset_browser_shows_every_declared_world(root):
     assert [t.label for t in at.tabs] == labels
     assert len(at.dataframe) == 1, "only the open tab's table is read and drawn"
     for label in labels:  # each tab, opened, shows its table
-        at.session_state["dataset_browser_tab"] = label
+        at.query_params["table"] = label  # the open tab is kept in the URL
         at = _ok(at.run())
         assert len(at.dataframe) == 1, label

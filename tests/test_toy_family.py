@@ -227,7 +227,7 @@ def test_the_dataset_browser_shows_the_registered_world(toy_root):
     at = _render(browser)
     _no_exception(at)
     assert "Rune world · Tablets" in [t.label for t in at.tabs]
-    at.session_state["dataset_browser_tab"] = "Rune world · Tablets"  # tabs are lazy: open it
+    at.query_params["table"] = "Rune world · Tablets"  # tabs are lazy: open it (kept in the URL)
     at.run()
     _no_exception(at)
     tablets = [d.value for d in at.dataframe if isinstance(d.value, pd.DataFrame) and "witness" in d.value]
