@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from analysis.embedding import FittedProjection, fit_projection, knn_membership_weights, stratified_indices
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.fresh_python import printed_lines
 
 
 def clustered(n: int, dim: int = 16, n_clusters: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -103,9 +101,6 @@ def test_rejects_wrong_dimension_and_unknown_method():
 def test_a_umap_fit_leaves_torchs_thread_count_as_it_was():
     """numba's OpenMP layer (UMAP) shares libgomp with torch and used to leave torch on every core after a
     projection, which made the demo build's later precompute stages 20-25x slower beside another process."""
-    import subprocess
-    import sys
-
     code = (
         "import numpy as np, torch\n"
         "torch.set_num_threads(1)\n"
@@ -115,6 +110,4 @@ def test_a_umap_fit_leaves_torchs_thread_count_as_it_was():
         "torch.randn(10**6).exp()\n"
         "print(torch.get_num_threads())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "1"
+    assert printed_lines(code)[-1] == "1"

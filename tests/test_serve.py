@@ -4,11 +4,10 @@ Unit tier: nothing is served here (tests/test_browser.py serves serve.py and vis
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from pages.warmup import page_modules, top_level_imports
+from tests.fresh_python import printed_lines
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +41,5 @@ def test_warm_up_imports_the_page_modules_and_no_model_library():
         "print(sorted(set(page_modules()) - set(seconds)))\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stderr[-2000:]
-    not_imported, heavy = out.stdout.strip().splitlines()[-2:]
+    not_imported, heavy = printed_lines(code)[-2:]
     assert not_imported == "[]" and heavy == "[]"
