@@ -226,7 +226,7 @@ def openmp_threads_kept() -> Iterator[None]:
     numba's OpenMP threading layer shares libgomp with torch and sets the process-wide OpenMP thread
     count to its own (every core) when it first runs a parallel function: torch's parallel regions after
     a projection then ran on two threads in a process that had asked for one. Beside another process on
-    two cores, the precompute stages after the projection ran 20-25x slower (moemoe-qa's randomisation
+    two cores, the precompute stages after the projection ran 20-25x slower (a QA demo run's randomisation
     check: 67.7 s against 2.9 s alone). Torch's count is put back afterwards (when torch is loaded)."""
     torch = sys.modules.get("torch")
     before = torch.get_num_threads() if torch is not None else None

@@ -1,10 +1,11 @@
 """Warm a fresh server before its first visitor: import what the pages import at their top.
 
 A Streamlit server imports a page's modules on the first script run that needs them, so the first
-visitor of a fresh server waited for pandas, plotly, DuckDB and the store (measured: 3.3 s to the first
-page's title instead of 1.4 s on the second page). ``serve.py`` calls :func:`warm_up` in its lifespan,
-before the server accepts connections. The list is read from the sources (``app.py`` and ``pages/*.py``,
-their module-level imports), so a new page or import is warmed without editing anything here.
+visitor of a fresh server waited for pandas, plotly, DuckDB and the store (measured on the demo build: a
+fresh server's first page painted in 2.0-2.1 s without this warm-up, 1.2-1.5 s with it; BENCHMARKS.md).
+``serve.py`` calls :func:`warm_up` in its lifespan, before the server accepts connections. The list is
+read from the sources (``app.py`` and ``pages/*.py``, their module-level imports), so a new page or
+import is warmed without editing anything here.
 """
 
 from __future__ import annotations

@@ -315,10 +315,10 @@ def test_dataset_browser_shows_every_declared_world(root):
     from mmoe_core.data.views import views
 
     at = _ok(AppTest.from_file(str(REPO / "pages" / "dataset_browser.py"), default_timeout=TIMEOUT).run())
-    labels = [f"{v.title} · {t.name}" for v in views() for t in v.tables]
-    assert [t.label for t in at.tabs] == labels
+    tables = {f"{v.title} · {t.name}": f"{v.title}: {t.description}." for v in views() for t in v.tables}
+    assert [t.label for t in at.tabs] == list(tables)
     assert len(at.dataframe) == 1, "only the open tab's table is read and drawn"
-    for label in labels:  # each tab, opened, shows its table
+    for label, caption in tables.items():  # each tab, opened, shows its own table
         at.query_params["table"] = label  # the open tab is kept in the URL
         at = _ok(at.run())
-        assert len(at.dataframe) == 1, label
+        assert len(at.dataframe) == 1 and caption in [c.value for c in at.caption], label
