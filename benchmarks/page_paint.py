@@ -49,6 +49,15 @@ QUIET_S = 1.5
 PAGE_TIMEOUT = 180.0
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
 
+# app.py's default page: st.navigation serves it at "/", and "/overview" is Streamlit's "Page not found"
+DEFAULT_PAGE = "overview"
+
+
+def url_path(page: str) -> str:
+    """The URL path of a page file's name (pages/<page>.py)."""
+    return "" if page == DEFAULT_PAGE else page
+
+
 # what must be on a page before it counts as settled (beside its title and no running indicator)
 SETTLED_WHEN = {"playground": '[data-testid="stMetric"]'}  # the live results, not only the first paint
 
@@ -288,7 +297,7 @@ def bench_browser(repo: Path, root: Path, runs: list[str]) -> dict:
             if run is not None and run not in runs:
                 continue
             query = {**({"run": run} if run else {}), **params}
-            url = f"{server.url}/{page}" + (f"?{urlencode(query)}" if query else "")
+            url = f"{server.url}/{url_path(page)}" + (f"?{urlencode(query)}" if query else "")
             driver.get("about:blank")
             driver.get_log("performance")
             start = time.monotonic()

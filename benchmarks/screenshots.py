@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlencode
 
-from page_paint import REPO, Server, browser, wait_settled
+from page_paint import REPO, Server, browser, url_path, wait_settled
 
 
 def parse_page(spec: str) -> tuple[str, str, dict[str, str]]:
@@ -53,7 +53,7 @@ def main() -> None:
     try:
         for spec in args.pages:
             page, run, params = parse_page(spec)
-            url = f"{server.url}/{page}?{urlencode({'run': run, **params})}"
+            url = f"{server.url}/{url_path(page)}?{urlencode({'run': run, **params})}"
             path = args.out / f"{page}_{run}.png"
             first, settled = shoot(driver, url, path)
             print(

@@ -49,7 +49,7 @@ pytestmark = pytest.mark.skipif(
 PLOT = '[data-testid="stPlotlyChart"] .main-svg'
 TABLE = '[data-testid="stDataFrame"]'
 PAGES = [
-    ("overview", "overview", "mmoe-collapsing", {}, [PLOT, TABLE]),
+    ("overview", "", "mmoe-collapsing", {}, [PLOT, TABLE]),  # the default page's URL is "/"
     ("routing_explorer", "routing_explorer", "mmoe-reference-gate", {"example": "1"}, [PLOT, TABLE]),
     (
         "routing_explorer_patches",
@@ -316,6 +316,8 @@ def test_every_page_renders_in_the_browser(server, browser, runs_root):  # noqa:
             problems.append(f"{name}: exception box: {box.text[:600]}")
         for box in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stAlertContentError"]'):
             problems.append(f"{name}: error alert: {box.text[:600]}")
+        if "Page not found" in browser.find_element(By.TAG_NAME, "body").text:  # Streamlit's dialog for a bad URL
+            problems.append(f"{name}: {url} is not a page of the app (Streamlit's 'Page not found')")
         problems += [f"{name}: request off this machine: {u}" for u in _outside_requests(browser)]
         problems += [
             f"{name}: page icon not inline or local: {h}"
@@ -336,7 +338,7 @@ def test_crafted_url_params_show_as_text(server, browser):  # noqa: F811
 
     browser.get("about:blank")
     browser.get_log("performance")
-    browser.get(f"{server}/overview?{urlencode({'run': CRAFTED_RUN})}")
+    browser.get(f"{server}/?{urlencode({'run': CRAFTED_RUN})}")
     _, missing = _wait_idle(browser, ['[data-testid="stAlertContentWarning"]'], PAGE_TIMEOUT)
     assert not missing, missing
     alert = next(
@@ -413,7 +415,7 @@ def test_example_row_opens_the_routing_explorer(server, browser, runs_root):  # 
     from selenium.webdriver.common.by import By
 
     examples = '.st-key-overview_examples_mmoe-balanced [data-testid="stDataFrame"]'  # the element's key class
-    browser.get(f"{server}/overview?run=mmoe-balanced")
+    browser.get(f"{server}/?run=mmoe-balanced")
     _, missing = _wait_idle(browser, [TABLE, examples], PAGE_TIMEOUT)
     assert not missing, missing
     table = browser.find_element(By.CSS_SELECTOR, examples)
