@@ -100,15 +100,22 @@ class RunStore:
         if not os.path.lexists(link):
             raise FileNotFoundError(f"run {run!r} not found under {link.parent}; build it with: {rebuild_command(run)}")
         self._link = link
-        self._link_target, self.dir, hold = _open_version(link, run)
+        for _ in range(5):
+            self._link_target, self.dir, hold = _open_version(link, run)
+            self.manifest, _ = _read_manifest(self.dir)
+            self.tables: list[str] = sorted(p.stem for p in self.dir.glob("*.parquet") if _TABLE_RE.match(p.stem))
+            # A reclaim deletes a held version too, manifest first: a held version whose manifest is still
+            # there after its tables were listed was whole when listed; otherwise resolve the link again.
+            if hold is None or (self.dir / MANIFEST).is_file():
+                break
+            release_version(hold)
         self._release = weakref.finalize(self, release_version, hold)  # the version stays while this is open
-        self.manifest, _ = _read_manifest(self.dir)
-        self._published = self.manifest is not None  # only a version with a manifest can be reclaimed
+        # only a published version (a manifest, or a hold on one) can be reclaimed
+        self._published = self.manifest is not None or hold is not None
         self._lock = threading.RLock()
         self._schemas: dict[str, pa.Schema] = {}
         self._row_groups: dict[str, tuple] = {}  # routing tables: footer + per-row-group key ranges
         self._cache: dict[tuple, Any] = {}
-        self.tables: list[str] = sorted(p.stem for p in self.dir.glob("*.parquet") if _TABLE_RE.match(p.stem))
         self._con = duckdb.connect(":memory:")
         _OPEN_STORES.add(self)
         # GLOBAL: queries run on cursors (own sessions); a session-local SET would not reach them, and
